@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine: `make test` and `make prune-and-bench`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PROFILE ?= default
+ARGS   ?=
+
+export NM_DISABLE_ANALYTICS := 1
+
+.PHONY: install test prune-and-bench lint clean
+
+install: $(STAMP)
+
+# Re-installs only when the project's requirements change; the stamp makes it idempotent.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q $(ARGS)
+
+prune-and-bench: install
+	$(BIN)/vitsparse prune-and-bench --profile $(PROFILE) $(ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

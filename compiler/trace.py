@@ -1,0 +1,104 @@
+"""Trace a timm ViT to a torch.fx GraphModule that keeps module and parameter names."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import TraceFailure
+
+INPUT_SHAPE_KEY = "vitsparse_input_shape"
+
+# Modules kept as single call_module nodes even when a library subclasses them (timm's LayerNorm
+# subclasses nn.LayerNorm and would otherwise be traced into F.layer_norm, losing its name).
+LEAF_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv2d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.Dropout,
+    nn.Identity,
+    nn.GELU,
+    nn.SiLU,
+    nn.ReLU,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+class ViTTracer(fx.Tracer):
+    """fx tracer that keeps the layers passes rewrite (linears, norms, convs) as named leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, LEAF_TYPES) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _concrete_defaults(model: nn.Module) -> dict[str, object]:
+    """Pin every forward argument after the image to its default (timm's attn_mask=None, ...)."""
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    return {
+        p.name: p.default
+        for p in params
+        if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD
+    }
+
+
+def infer_input_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) a timm ViT was built for, read from its patch embedding."""
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    proj = getattr(patch_embed, "proj", None)
+    if img_size is None or not isinstance(proj, nn.Conv2d):
+        raise TraceFailure(
+            f"cannot tell the input size of {type(model).__name__}: expected a timm-style "
+            "`patch_embed` with `img_size` and a Conv2d `proj`; pass input_shape=(C, H, W)"
+        )
+    height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    return (proj.in_channels, int(height), int(width))
+
+
+def input_shape_of(gm: fx.GraphModule) -> tuple[int, int, int]:
+    """The (C, H, W) input shape recorded on a traced graph."""
+    try:
+        return tuple(gm.meta[INPUT_SHAPE_KEY])
+    except KeyError:
+        raise TraceFailure("graph carries no input shape: build it with vitsparse.compiler.trace()") from None
+
+
+def trace(model: nn.Module, input_shape: Sequence[int] | None = None) -> fx.GraphModule:
+    """Symbolically trace `model` (in eval mode) to a GraphModule with the model's own names.
+
+    Submodules keep their qualified names (`blocks.0.attn.qkv`) and loose parameters stay
+    `get_attr` nodes (`cls_token`, `blocks.0.ls1.gamma`), so a state dict of the graph has the
+    same keys as the model's.
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceFailure(f"expected a torch.nn.Module, got {type(model).__name__}")
+    shape = tuple(int(s) for s in input_shape) if input_shape is not None else infer_input_shape(model)
+    if len(shape) != 3:
+        raise TraceFailure(f"input_shape must be (C, H, W), got {shape}")
+    was_training = model.training
+    model.eval()
+    try:
+        tracer = ViTTracer()
+        graph = tracer.trace(model, concrete_args=_concrete_defaults(model))
+    except Exception as err:  # fx raises many types; the user needs one clear message
+        raise TraceFailure(
+            f"torch.fx could not trace {type(model).__name__}: {type(err).__name__}: {err}"
+        ) from err
+    finally:
+        model.train(was_training)
+    gm = fx.GraphModule(tracer.root, graph, class_name=f"{type(model).__name__}Graph")
+    gm.meta[INPUT_SHAPE_KEY] = shape
+    gm.eval()
+    return gm
+
+
+def example_input(gm: fx.GraphModule, batch_size: int = 1, seed: int = 0) -> torch.Tensor:
+    """A seeded random image batch of the graph's input shape, on the graph's device."""
+    generator = torch.Generator().manual_seed(seed)
+    tensor = torch.randn((batch_size, *input_shape_of(gm)), generator=generator)
+    first = next(gm.parameters(), None)
+    return tensor.to(first.device) if first is not None else tensor
