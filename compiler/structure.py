@@ -109,9 +109,10 @@ class ViTStructure:
         for b in self.blocks:
             a, m = b.attn, b.mlp
             extras = [n for n in (a.q_norm and "qk-norm", b.layer_scale1 and "layer-scale") if n]
+            kind = "fused" if a.fused else "explicit"
             lines.append(
-                f"block {b.index}: {a.num_heads} heads x {a.head_dim} ({'fused' if a.fused else 'explicit'}, "
-                f"scale {a.scale:.4g}), mlp hidden {m.hidden_dim}" + (f", {', '.join(extras)}" if extras else "")
+                f"block {b.index}: {a.num_heads} heads x {a.head_dim} ({kind}, scale {a.scale:.4g}), "
+                f"mlp hidden {m.hidden_dim}" + (f", {', '.join(extras)}" if extras else "")
             )
         return "\n".join(lines)
 
@@ -302,7 +303,8 @@ def _embedding(gm: fx.GraphModule, first_input: fx.Node) -> dict:
     convs = [n for n in upstream if gu.is_module(gm, n, nn.Conv2d)]
     tokens_shape, conv_shape = shape_of(first_input), shape_of(convs[0]) if convs else None
     if len(convs) != 1 or tokens_shape is None or len(tokens_shape) != 3 or conv_shape is None:
-        raise _not_a_vit(gm, f"expected one Conv2d patch embedding before the first block, found {len(convs)}")
+        raise _not_a_vit(gm, f"expected one Conv2d patch embedding before the first block, "
+                             f"found {len(convs)}")
     num_patches = conv_shape[-1] * conv_shape[-2]
     seq_len, embed_dim = tokens_shape[1], tokens_shape[2]
     params = [n for n in upstream if n.op == "get_attr" and len(shape_of(n) or ()) == 3]
@@ -350,7 +352,7 @@ def find_vit_structure(gm: fx.GraphModule) -> ViTStructure:
         raise _not_a_vit(gm, "no self-attention found (neither scaled_dot_product_attention nor "
                              "matmul → softmax → matmul)")
     blocks = tuple(_find_block(gm, core, i) for i, core in enumerate(cores))
-    for prev, nxt in zip(blocks, blocks[1:]):
+    for prev, nxt in zip(blocks, blocks[1:], strict=False):
         if prev.output_node != nxt.input_node:
             raise _not_a_vit(gm, f"block {nxt.index} does not take block {prev.index}'s output as its "
                                  "input: the blocks are not one residual stream")
