@@ -1,0 +1,127 @@
+"""The `vitsparse` command line: one sub-command per job, kept in a registry."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Handler
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None] = lambda p: None
+            ) -> Callable[[Handler], Handler]:
+    """Register a sub-command: `configure` adds its flags, the decorated function runs it."""
+    def decorate(fn: Handler) -> Handler:
+        COMMANDS[name] = Command(help, configure, fn)
+        return fn
+    return decorate
+
+
+def parse_assignment(text: str) -> tuple[str, object]:
+    """`key=value` with a Python literal value (numbers, booleans, tuples), else the raw string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected key=value with a Python identifier key, got {text!r}")
+    try:
+        return key, ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return key, raw
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="timm ViT name (e.g. deit_small_patch16_224) or a built-in (digits-vit)")
+    parser.add_argument("--set", dest="model_kwargs", type=parse_assignment, action="append", default=[],
+                        metavar="KEY=VALUE", help="timm keyword argument, repeatable (e.g. --set img_size=224)")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="load pretrained weights (timm: needs network; digits-vit: trains once, cached)")
+    parser.add_argument("--checkpoint", help="local state dict (.safetensors, .pth) to load")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+@command("info", "trace a model and print its ViT structure, MACs and parameters", _model_flags)
+def _info(args: argparse.Namespace) -> int:
+    from vitsparse.compiler import count_costs, find_vit_structure, trace
+    from vitsparse.models import build_model
+
+    model = build_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                        **dict(args.model_kwargs))
+    gm = trace(model)
+    structure, costs = find_vit_structure(gm), count_costs(gm)
+    if args.json:
+        print(json.dumps({"model": args.model, "depth": structure.depth, "embed_dim": structure.embed_dim,
+                          "num_prefix_tokens": structure.num_prefix_tokens, "pool": structure.pool,
+                          **costs.as_dict()}, indent=2))
+    else:
+        print(structure.describe())
+        print(f"MACs per image: {costs.macs / 1e9:.3f} G (multiply-accumulates; DeiT/timm call these "
+              f"FLOPs)\nparameters: {costs.params / 1e6:.3f} M ({costs.nonzero_params / 1e6:.3f} M non-zero)")
+    return 0
+
+
+@command("env", "print library versions and which CPU engines can run here")
+def _env(args: argparse.Namespace) -> int:
+    import platform
+    from importlib import metadata
+
+    from vitsparse.runtime import ENGINES, default_engine, engine_status
+
+    print(f"python {platform.python_version()} on {platform.machine()}")
+    for package in ("torch", "timm", "onnx", "onnxruntime", "deepsparse", "numpy"):
+        try:
+            print(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            print(f"{package} not installed")
+    for name in ENGINES:
+        status = engine_status(name)
+        print(f"engine {name}: {'available' if status.available else 'unavailable'} ({status.reason})")
+    print(f"default engine: {default_engine()}")
+    return 0
+
+
+def _bench_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", choices=("default", "full"), default="default")
+
+
+@command("prune-and-bench", "prune the built-in model with every landed method and benchmark it", _bench_flags)
+def _prune_and_bench(args: argparse.Namespace) -> int:
+    from vitsparse.bench.workflow import run_prune_and_bench
+
+    return run_prune_and_bench(profile=args.profile)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitsparse", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        cmd.configure(sub.add_parser(name, help=cmd.help, description=cmd.help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command].run(args)
+    except (ValueError, FileNotFoundError) as err:  # user mistakes: one line, no traceback
+        print(f"vitsparse {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

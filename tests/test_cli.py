@@ -1,0 +1,44 @@
+"""The `vitsparse` command line, run in-process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vitsparse.bench.cli import main, parse_assignment
+
+
+def test_info_prints_structure_and_costs_as_json(capsys) -> None:
+    code = main(["info", "deit_tiny_patch16_224", "--set", "img_size=32", "--set", "depth=2", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["depth"] == 2 and report["embed_dim"] == 192 and report["num_prefix_tokens"] == 1
+    assert report["macs"] > 0 and report["params"] == report["nonzero_params"]
+
+
+def test_info_text_names_the_blocks(capsys) -> None:
+    assert main(["info", "deit_tiny_patch16_224", "--set", "img_size=32", "--set", "depth=1"]) == 0
+    out = capsys.readouterr().out
+    assert "block 0: 3 heads x 64" in out and "MACs per image" in out
+
+
+@pytest.mark.parametrize("name,message", [("resnet18", "VisionTransformer"), ("deit_tinny", "deit_tiny")])
+def test_info_reports_user_mistakes_in_one_line(capsys, name: str, message: str) -> None:
+    assert main(["info", name]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vitsparse info: error:") and message in err and "Traceback" not in err
+
+
+def test_env_lists_engines(capsys) -> None:
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "engine onnxruntime: available" in out and "default engine:" in out
+
+
+def test_parse_assignment_reads_literals() -> None:
+    assert parse_assignment("img_size=224") == ("img_size", 224)
+    assert parse_assignment("qk_norm=True") == ("qk_norm", True)
+    assert parse_assignment("global_pool=avg") == ("global_pool", "avg")
+    with pytest.raises(Exception, match="key=value"):
+        parse_assignment("no-equals")
