@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Sequence
 
@@ -67,12 +68,14 @@ def input_shape_of(gm: fx.GraphModule) -> tuple[int, int, int]:
         raise TraceFailure("graph carries no input shape: build it with vitsparse.compiler.trace()") from None
 
 
-def trace(model: nn.Module, input_shape: Sequence[int] | None = None) -> fx.GraphModule:
+def trace(model: nn.Module, input_shape: Sequence[int] | None = None, *, copy_weights: bool = True
+          ) -> fx.GraphModule:
     """Symbolically trace `model` (in eval mode) to a GraphModule with the model's own names.
 
     Submodules keep their qualified names (`blocks.0.attn.qkv`) and loose parameters stay
     `get_attr` nodes (`cls_token`, `blocks.0.ls1.gamma`), so a state dict of the graph has the
-    same keys as the model's.
+    same keys as the model's. The graph owns a copy of the weights unless `copy_weights=False`,
+    so pruning and fine-tuning it never changes `model` (often the distillation teacher).
     """
     if not isinstance(model, nn.Module):
         raise TraceFailure(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -80,6 +83,8 @@ def trace(model: nn.Module, input_shape: Sequence[int] | None = None) -> fx.Grap
     if len(shape) != 3:
         raise TraceFailure(f"input_shape must be (C, H, W), got {shape}")
     was_training = model.training
+    if copy_weights:
+        model = copy.deepcopy(model)
     model.eval()
     try:
         tracer = ViTTracer()
@@ -89,7 +94,8 @@ def trace(model: nn.Module, input_shape: Sequence[int] | None = None) -> fx.Grap
             f"torch.fx could not trace {type(model).__name__}: {type(err).__name__}: {err}"
         ) from err
     finally:
-        model.train(was_training)
+        if not copy_weights:
+            model.train(was_training)
     gm = fx.GraphModule(tracer.root, graph, class_name=f"{type(model).__name__}Graph")
     gm.meta[INPUT_SHAPE_KEY] = shape
     gm.eval()

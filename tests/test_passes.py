@@ -119,6 +119,18 @@ def test_weights_that_do_not_fit_the_recipe_are_refused(tmp_path) -> None:
         load_weights(unpruned, tmp_path / "bad.safetensors")
 
 
+def test_trace_copies_weights_so_the_model_is_never_changed() -> None:
+    model = small_vit(depth=1)
+    reference = model(X)
+    gm = trace(model)
+    with torch.no_grad():
+        for p in gm.parameters():
+            p.zero_()
+    assert torch.equal(model(X), reference)
+    shared = trace(model, copy_weights=False)
+    assert shared.get_submodule("blocks.0.attn.qkv") is model.blocks[0].attn.qkv
+
+
 def test_slice_linear_keeps_selected_rows_and_columns() -> None:
     gm = trace(small_vit(depth=1))
     old = gm.get_submodule("blocks.0.mlp.fc1")

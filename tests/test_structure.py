@@ -64,8 +64,8 @@ def test_structure_matrix(name: str, kwargs: dict, expected: dict, fused: bool) 
         assert (attn.num_heads, attn.head_dim) == (expected["heads"], expected["embed"] // expected["heads"])
         assert attn.fused is fused
         assert attn.scale == pytest.approx(timm_block.attn.scale)
-        assert gm.get_submodule(attn.qkv) is timm_block.attn.qkv  # found by pattern, same module
-        assert gm.get_submodule(block.mlp.fc2) is timm_block.mlp.fc2
+        assert torch.equal(gm.get_submodule(attn.qkv).weight, timm_block.attn.qkv.weight)
+        assert torch.equal(gm.get_submodule(block.mlp.fc2).weight, timm_block.mlp.fc2.weight)
         assert (block.layer_scale1 is not None) == expected.get("layer_scale", False)
         assert (attn.q_norm is not None) == (attn.k_norm is not None) == expected.get("qk_norm", False)
         assert block.mlp.hidden_dim == timm_block.mlp.fc1.out_features
