@@ -27,7 +27,6 @@ prune-and-bench: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
