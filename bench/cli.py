@@ -43,9 +43,9 @@ def parse_assignment(text: str) -> tuple[str, object]:
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="timm ViT name (e.g. deit_small_patch16_224) or a built-in (digits-vit)")
+    parser.add_argument("model", help="timm ViT name (deit_small_patch16_224, ...) or built-in (digits-vit)")
     parser.add_argument("--set", dest="model_kwargs", type=parse_assignment, action="append", default=[],
-                        metavar="KEY=VALUE", help="timm keyword argument, repeatable (e.g. --set img_size=224)")
+                        metavar="KEY=VALUE", help="timm keyword argument, repeatable (--set img_size=224)")
     parser.add_argument("--pretrained", action="store_true",
                         help="load pretrained weights (timm: needs network; digits-vit: trains once, cached)")
     parser.add_argument("--checkpoint", help="local state dict (.safetensors, .pth) to load")
@@ -96,7 +96,8 @@ def _bench_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=("default", "full"), default="default")
 
 
-@command("prune-and-bench", "prune the built-in model with every landed method and benchmark it", _bench_flags)
+@command("prune-and-bench", "prune the built-in model with every landed method, benchmark it",
+         _bench_flags)
 def _prune_and_bench(args: argparse.Namespace) -> int:
     from vitsparse.bench.workflow import run_prune_and_bench
 

@@ -7,9 +7,11 @@ safetensors file. No module is ever pickled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +72,9 @@ class Recipe:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the recipe as JSON atomically (temp file in the same folder, then rename)."""
-        return atomic_write_text(Path(path), self.to_json() + "\n")
+        with atomic_path(path) as tmp:
+            tmp.write_text(self.to_json() + "\n", encoding="utf-8")
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Recipe:
@@ -80,18 +84,23 @@ class Recipe:
         return cls.from_json(path.read_text(encoding="utf-8"))
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write `text` to `path` so that readers see the old file or the whole new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `path` and move it over `path` only if the block succeeds.
+
+    Readers see the old file or the whole new one, never a part; on error or Ctrl-C the temp
+    file is removed.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def replay(base_model: nn.Module, recipe: Recipe) -> fx.GraphModule:
@@ -105,18 +114,10 @@ def replay(base_model: nn.Module, recipe: Recipe) -> fx.GraphModule:
 
 def save_weights(gm: nn.Module, path: str | os.PathLike) -> Path:
     """Save a graph's state dict to safetensors atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in gm.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+    return Path(path)
 
 
 def load_weights(gm: nn.Module, path: str | os.PathLike) -> nn.Module:

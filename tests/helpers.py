@@ -5,6 +5,7 @@ from __future__ import annotations
 import timm
 import torch
 import torch.fx as fx
+
 from vitsparse.compiler import (
     GraphPass,
     PassRecord,

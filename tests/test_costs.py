@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import timm
-from helpers import small_vit
+
 from vitsparse.compiler import count_costs, find_vit_structure, trace
+
+from helpers import small_vit
 
 
 def test_deit_small_macs_match_the_published_4_6_g() -> None:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from helpers import MlpHiddenSlice, small_vit, zero_mlp_channels
 from torch import nn
+
 from vitsparse.compiler import (
     IdentityPass,
     PassError,
@@ -27,6 +27,8 @@ from vitsparse.compiler import (
     trace,
 )
 from vitsparse.compiler.graph_utils import node_by_name
+
+from helpers import MlpHiddenSlice, small_vit, zero_mlp_channels
 
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from helpers import small_vit
 from torch import nn
+
 from vitsparse.compiler import NotAViTError, TraceFailure, find_vit_structure, trace
+
+from helpers import small_vit
 
 # (timm name, timm kwargs, what the structure must report); depth 4 keeps the matrix fast
 VARIANTS = [
