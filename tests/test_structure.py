@@ -112,3 +112,12 @@ def test_untraceable_model_gives_one_clear_error() -> None:
 
     with pytest.raises(TraceFailure, match="torch.fx could not trace DataDependent"):
         trace(DataDependent(), input_shape=(3, 8, 8))
+
+
+def test_builtin_digits_vit_is_found() -> None:
+    from vitsparse.models import build_model
+
+    s = find_vit_structure(trace(build_model("digits-vit", pretrained=False)))
+    found = (s.input_shape, s.depth, s.embed_dim, s.num_patches, s.num_prefix_tokens)
+    assert found == ((1, 8, 8), 6, 64, 16, 1)
+    assert {(b.attn.num_heads, b.attn.head_dim) for b in s.blocks} == {(4, 16)}
