@@ -43,32 +43,36 @@ def replace_module(gm: fx.GraphModule, target: str, new_module: nn.Module) -> No
     setattr(parent, child, new_module)
 
 
+def _sliced_weight_and_bias(old: nn.Linear | nn.Conv2d, target: str, out_keep: Indices | None,
+                            in_keep: Indices | None) -> tuple[nn.Parameter, nn.Parameter | None]:
+    """Weight rows/columns (dims 0/1) and bias entries kept by a Linear or Conv2d slice."""
+    weight, bias = old.weight, old.bias
+    if out_keep is not None:
+        out_index = _as_index(out_keep, weight.shape[0], f"{target} outputs")
+        weight = _sliced(weight, 0, out_index)
+        bias = _sliced(bias, 0, out_index) if bias is not None else None
+    if in_keep is not None:
+        weight = _sliced(weight, 1, _as_index(in_keep, weight.shape[1], f"{target} inputs"))
+    return weight, bias
+
+
+def _install(gm: fx.GraphModule, target: str, old: nn.Module, new: nn.Module, weight: nn.Parameter,
+             bias: nn.Parameter | None) -> None:
+    new.weight, new.bias = weight, bias
+    new.train(old.training)
+    replace_module(gm, target, new)
+
+
 def slice_linear(gm: fx.GraphModule, target: str, *, in_keep: Indices | None = None,
                  out_keep: Indices | None = None) -> nn.Linear:
     """Replace Linear `target` by one holding only the kept input columns and output rows."""
     old = gm.get_submodule(target)
     if not isinstance(old, nn.Linear):
         raise PassError(f"{target!r} is a {type(old).__name__}, not a Linear")
-    weight, bias = old.weight, old.bias
-    if out_keep is not None:
-        out_index = _as_index(out_keep, old.out_features, f"{target} outputs")
-        weight = _sliced(weight, 0, out_index)
-        bias = _sliced(bias, 0, out_index) if bias is not None else None
-    if in_keep is not None:
-        weight = _sliced(weight, 1, _as_index(in_keep, old.in_features, f"{target} inputs"))
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                    device=weight.device, dtype=weight.dtype)
-    new.weight, new.training = _as_param(weight, old.weight), old.training
-    if bias is not None:
-        new.bias = _as_param(bias, old.bias)
-    replace_module(gm, target, new)
+    weight, bias = _sliced_weight_and_bias(old, target, out_keep, in_keep)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    _install(gm, target, old, new, weight, bias)
     return new
-
-
-def _as_param(value: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
-    if isinstance(value, nn.Parameter):
-        return value
-    return nn.Parameter(value.detach().clone(), requires_grad=like.requires_grad)
 
 
 def slice_conv2d(gm: fx.GraphModule, target: str, *, out_keep: Indices | None = None,
@@ -77,20 +81,10 @@ def slice_conv2d(gm: fx.GraphModule, target: str, *, out_keep: Indices | None = 
     old = gm.get_submodule(target)
     if not isinstance(old, nn.Conv2d) or old.groups != 1:
         raise PassError(f"{target!r}: expected an ungrouped Conv2d, found {type(old).__name__}")
-    weight, bias = old.weight, old.bias
-    if out_keep is not None:
-        out_index = _as_index(out_keep, old.out_channels, f"{target} outputs")
-        weight = _sliced(weight, 0, out_index)
-        bias = _sliced(bias, 0, out_index) if bias is not None else None
-    if in_keep is not None:
-        weight = _sliced(weight, 1, _as_index(in_keep, old.in_channels, f"{target} inputs"))
+    weight, bias = _sliced_weight_and_bias(old, target, out_keep, in_keep)
     new = nn.Conv2d(weight.shape[1], weight.shape[0], old.kernel_size, old.stride, old.padding,
-                    old.dilation, bias=bias is not None, padding_mode=old.padding_mode,
-                    device=weight.device, dtype=weight.dtype)
-    new.weight = _as_param(weight, old.weight)
-    if bias is not None:
-        new.bias = _as_param(bias, old.bias)
-    replace_module(gm, target, new)
+                    old.dilation, bias=bias is not None, padding_mode=old.padding_mode, device="meta")
+    _install(gm, target, old, new, weight, bias)
     return new
 
 
