@@ -18,7 +18,7 @@ import torch.fx as fx
 from .errors import PassError, RecipeError
 from .flops import count_costs
 from .structure import ViTStructure, find_vit_structure
-from .trace import INPUT_SHAPE_KEY
+from .trace import INPUT_SHAPE_KEY, input_shape_of
 
 
 @dataclass
@@ -118,6 +118,8 @@ class PassManager:
         self.graph_module = gm
         self.structure = find_vit_structure(gm)
         self.recipe = recipe if recipe is not None else Recipe()
+        if self.recipe.input_shape is None:  # replay must trace at the size this graph was traced at
+            self.recipe.input_shape = input_shape_of(gm)
         self._on_pass = on_pass
 
     def run(self, graph_pass: GraphPass) -> fx.GraphModule:

@@ -41,6 +41,7 @@ def test_identity_pass_keeps_outputs_and_is_recorded() -> None:
     (record,) = manager.recipe.passes
     assert record.name == "identity"
     assert record.stats["before"] == record.stats["after"]
+    assert manager.recipe.input_shape == (3, 32, 32)
 
 
 def test_removing_zero_channels_keeps_outputs_and_shrinks_costs() -> None:
