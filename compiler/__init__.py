@@ -1,6 +1,7 @@
 """The fx compiler core: tracing, ViT structure, passes, recipes, cost counting, rewrite helpers."""
 
 from .errors import CompilerError, NotAViTError, PassError, RecipeError, TraceFailure
+from .export import ExportConfig, ExportError, ExportResult, export_artifact, fold_for_export
 from .flops import CostReport, count_costs, count_params
 from .passes import (
     PASS_REGISTRY,
@@ -35,6 +36,7 @@ from .structure import (
 from .trace import example_input, input_shape_of, trace
 
 __all__ = [
+    "ExportConfig", "ExportError", "ExportResult", "export_artifact", "fold_for_export",
     "AttentionStructure", "BlockStructure", "CompilerError", "CostReport", "CoupledParam", "GraphPass",
     "IdentityPass", "MlpStructure", "NotAViTError", "PASS_REGISTRY", "PassError", "PassManager",
     "PassRecord", "PassResult", "Recipe", "RecipeError", "TraceFailure", "ViTStructure", "count_costs",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -44,6 +45,40 @@ def _concrete_defaults(model: nn.Module) -> dict[str, object]:
         for p in params
         if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD
     }
+
+
+def _drop_pinned_placeholders(graph: fx.Graph) -> None:
+    """Remove the placeholders fx keeps for pinned arguments, and the asserts that guard them.
+
+    After pinning `attn_mask=None` the graph still takes that argument and asserts its value;
+    dropping both leaves a graph of one input, the image, which is what export and engines want.
+    """
+    image, *pinned = [n for n in graph.nodes if n.op == "placeholder"]
+    for placeholder in pinned:
+        guards = list(_descendants_in_order(placeholder))
+        if all(_is_guard(n) for n in guards):
+            for node in reversed(guards):
+                graph.erase_node(node)
+            graph.erase_node(placeholder)
+
+
+def _is_guard(node: fx.Node) -> bool:
+    """An assert fx inserted (torch._assert, fx's _assert_is_none) or the comparison feeding one."""
+    if node.op != "call_function":
+        return False
+    return node.target in (operator.eq, operator.is_, operator.is_not) or getattr(
+        node.target, "__name__", ""
+    ).startswith("_assert")
+
+
+def _descendants_in_order(node: fx.Node) -> list[fx.Node]:
+    found, frontier = {}, [node]
+    while frontier:
+        for user in frontier.pop().users:
+            if user not in found:
+                found[user] = None
+                frontier.append(user)
+    return [n for n in node.graph.nodes if n in found]
 
 
 def infer_input_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -96,6 +131,7 @@ def trace(model: nn.Module, input_shape: Sequence[int] | None = None, *, copy_we
     finally:
         if not copy_weights:
             model.train(was_training)
+    _drop_pinned_placeholders(graph)
     gm = fx.GraphModule(tracer.root, graph, class_name=f"{type(model).__name__}Graph")
     gm.meta[INPUT_SHAPE_KEY] = shape
     gm.eval()

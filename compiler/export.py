@@ -1,0 +1,189 @@
+"""The export pass: fold training-time modules away, write ONNX, verify it, write one artifact dir.
+
+ONNX is written with the TorchScript exporter (`dynamo=False`) at a static batch size and opset
+14 by default: opset 17 turns LayerNorm into `LayerNormalization`, which DeepSparse 1.8 does not
+run natively (its fraction_of_supported_ops drops from 1.0 to ~0.94 on DeiT-S). Verification
+runs the file with onnx's reference evaluator, so the compiler needs no inference engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import CompilerError
+from .flops import count_costs
+from .recipe import Recipe, save_weights
+from .trace import INPUT_SHAPE_KEY, example_input, input_shape_of
+
+SUPPORTED_OPSETS = range(14, 18)
+ARTIFACT_FILES = ("model.onnx", "recipe.json", "weights.safetensors", "meta.json")
+
+
+class ExportError(CompilerError):
+    """Export failed or the exported model does not match the torch model."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    batch_size: int = 1
+    opset: int = 14
+    atol: float = 1e-3  # the export fails above this max abs difference
+    verify_batches: int = 1
+
+    def __post_init__(self) -> None:
+        if self.opset not in SUPPORTED_OPSETS:
+            raise ExportError(f"opset {self.opset} is not supported; use 14–17 (14 runs fully on DeepSparse)")
+        if self.batch_size < 1:
+            raise ExportError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def fold_for_export(gm: fx.GraphModule) -> fx.GraphModule:
+    """A CPU float32 copy where every module offering `export_module()` (masked layers, gates) is
+    replaced by the plain module it computes, and fx's input-size asserts are dropped."""
+    folded = copy.deepcopy(gm).cpu().float().eval()
+    for name, module in list(folded.named_modules()):
+        if name and hasattr(module, "export_module"):
+            parent, _, child = name.rpartition(".")
+            setattr(folded.get_submodule(parent) if parent else folded, child, module.export_module())
+    for node in reversed(list(folded.graph.nodes)):
+        if node.op == "call_function" and getattr(node.target, "__name__", "").startswith("_assert"):
+            folded.graph.erase_node(node)
+    folded.graph.eliminate_dead_code()
+    folded.graph.lint()
+    folded.recompile()
+    folded.meta[INPUT_SHAPE_KEY] = input_shape_of(gm)
+    return folded
+
+
+def write_onnx(gm: fx.GraphModule, path: Path, config: ExportConfig) -> None:
+    """Export a folded graph to ONNX at a static batch size."""
+    sample = example_input(gm, config.batch_size)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TracerWarnings about shape-derived Python ints are expected
+        try:
+            torch.onnx.export(gm, (sample,), str(path), dynamo=False, opset_version=config.opset,
+                              input_names=["input"], output_names=["logits"], do_constant_folding=True)
+        except Exception as err:
+            raise ExportError(f"torch.onnx.export failed: {type(err).__name__}: {err}") from err
+
+
+def verify_onnx(path: Path, gm: fx.GraphModule, config: ExportConfig) -> float:
+    """Max abs difference between the ONNX file (reference evaluator) and the torch graph."""
+    from onnx.reference import ReferenceEvaluator
+
+    evaluator = ReferenceEvaluator(str(path))
+    worst = 0.0
+    for seed in range(config.verify_batches):
+        sample = example_input(gm, config.batch_size, seed=100 + seed)
+        with torch.no_grad():
+            expected = gm(sample).numpy()
+        (got,) = evaluator.run(None, {"input": sample.numpy()})
+        if got.shape != expected.shape:
+            raise ExportError(f"ONNX output shape {got.shape} differs from torch {expected.shape}")
+        worst = max(worst, float(np.abs(got - expected).max()))
+    return worst
+
+
+def layer_sparsity(gm: nn.Module) -> dict[str, dict[str, float | int]]:
+    """Per weight matrix/kernel of a folded graph: shape, non-zeros and sparsity."""
+    layers = {}
+    for name, module in gm.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and weight is not None:
+            nonzero = int(weight.count_nonzero())
+            layers[name] = {"shape": list(weight.shape), "nonzero": nonzero,
+                            "sparsity": 1.0 - nonzero / weight.numel()}
+    return layers
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for package in ("vitsparse", "torch", "timm", "onnx", "numpy"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    return versions
+
+
+@dataclass
+class ExportResult:
+    """Where the artifact landed and what export measured."""
+
+    directory: Path
+    max_abs_diff: float
+    meta: dict[str, Any] = field(repr=False)
+
+
+@contextlib.contextmanager
+def _staging_dir(target: Path) -> Iterator[Path]:
+    """A temp folder beside `target`, removed on any error or Ctrl-C."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: Path, target: Path, overwrite: bool) -> None:
+    """Move a finished staging folder into place; an old artifact is replaced only when asked."""
+    if target.exists():
+        if not overwrite:
+            raise ExportError(f"{target} already exists; pass overwrite=True to replace it")
+        trash = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, trash)
+        os.replace(staging, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+
+
+def export_artifact(gm: fx.GraphModule, recipe: Recipe, directory: str | os.PathLike,
+                    config: ExportConfig | None = None, *, overwrite: bool = False,
+                    extra_meta: dict[str, Any] | None = None) -> ExportResult:
+    """Write model.onnx, recipe.json, weights.safetensors and meta.json to `directory`, all or nothing.
+
+    Fails, leaving nothing behind, when the ONNX output differs from torch by more than `config.atol`.
+    """
+    config = config or ExportConfig()
+    target = Path(directory)
+    folded = fold_for_export(gm)
+    costs = count_costs(folded)
+    with _staging_dir(target) as staging:
+        write_onnx(folded, staging / "model.onnx", config)
+        error = verify_onnx(staging / "model.onnx", folded, config)
+        if not error <= config.atol:
+            raise ExportError(f"exported ONNX differs from the torch model by {error:.3g} "
+                              f"(limit {config.atol})")
+        recipe.save(staging / "recipe.json")
+        save_weights(gm, staging / "weights.safetensors")
+        meta = {
+            "base": recipe.base, "input_shape": [config.batch_size, *input_shape_of(gm)],
+            "batch_size": config.batch_size, "opset": config.opset, "passes": [p.name for p in recipe.passes],
+            **costs.as_dict(), "layers": layer_sparsity(folded), "verification_max_abs_diff": error,
+            "versions": library_versions(), **(extra_meta or {}),
+        }
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        onnx.checker.check_model(str(staging / "model.onnx"))
+        _publish(staging, target, overwrite)
+    return ExportResult(target, error, meta)
+
+
+__all__ = ["ARTIFACT_FILES", "ExportConfig", "ExportError", "ExportResult", "export_artifact",
+           "fold_for_export", "layer_sparsity", "verify_onnx", "write_onnx"]

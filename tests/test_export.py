@@ -1,0 +1,94 @@
+"""The export pass: ONNX matches torch, artifacts are written all or nothing."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from vitsparse.compiler import PassManager, Recipe, replace_module, trace
+from vitsparse.compiler import export as export_module
+from vitsparse.compiler.export import ARTIFACT_FILES, ExportConfig, ExportError, export_artifact
+
+from helpers import small_vit
+
+
+def _graph(depth: int = 2):
+    recipe = Recipe(base={"model": "deit_tiny_patch16_224"})
+    manager = PassManager(trace(small_vit(depth=depth)), recipe=recipe)
+    return manager.graph_module, manager.recipe
+
+
+def test_export_writes_a_verified_artifact(tmp_path) -> None:
+    gm, recipe = _graph()
+    result = export_artifact(gm, recipe, tmp_path / "art", ExportConfig(batch_size=2))
+    assert sorted(p.name for p in (tmp_path / "art").iterdir()) == sorted(ARTIFACT_FILES)
+    assert result.max_abs_diff < 1e-4
+    meta = json.loads((tmp_path / "art" / "meta.json").read_text())
+    assert meta["input_shape"] == [2, 3, 32, 32] and meta["opset"] == 14
+    assert meta["macs"] > 0 and meta["params"] >= meta["nonzero_params"] > 0
+    assert set(meta["layers"]) >= {"blocks.0.attn.qkv", "blocks.1.mlp.fc2", "head"}
+    assert {"torch", "onnx", "timm"} <= set(meta["versions"])
+    model = onnx.load(str(tmp_path / "art" / "model.onnx"))
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [2, 3, 32, 32]  # static batch size, as DeepSparse compiles it
+    assert [p.name for p in tmp_path.iterdir()] == ["art"], "no staging folders left"
+
+
+def test_export_folds_modules_that_offer_a_plain_equivalent(tmp_path) -> None:
+    class DoubledLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+        def export_module(self) -> nn.Linear:
+            plain = nn.Linear(self.in_features, self.out_features)
+            with torch.no_grad():
+                plain.weight.copy_(self.weight * 2)
+                plain.bias.copy_(self.bias * 2)
+            return plain
+
+    gm, recipe = _graph(depth=1)
+    old = gm.get_submodule("blocks.0.mlp.fc2")
+    doubled = DoubledLinear(old.in_features, old.out_features)
+    doubled.load_state_dict(old.state_dict())
+    replace_module(gm, "blocks.0.mlp.fc2", doubled)
+    folded = export_module.fold_for_export(gm)
+    assert type(folded.get_submodule("blocks.0.mlp.fc2")) is nn.Linear
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.allclose(folded(x), gm(x), atol=1e-5)
+    assert export_artifact(gm, recipe, tmp_path / "art").max_abs_diff < 1e-4
+
+
+@pytest.mark.parametrize("failure", ["mismatch", "interrupt"])
+def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch, failure: str) -> None:
+    gm, recipe = _graph(depth=1)
+    if failure == "mismatch":
+        monkeypatch.setattr(export_module, "verify_onnx", lambda *a: 0.5)
+        expected: type[BaseException] = ExportError
+    else:
+        def interrupted(*args):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(export_module, "save_weights", interrupted)
+        expected = KeyboardInterrupt
+    with pytest.raises(expected):
+        export_artifact(gm, recipe, tmp_path / "art")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_artifact_is_replaced_only_when_asked(tmp_path) -> None:
+    gm, recipe = _graph(depth=1)
+    export_artifact(gm, recipe, tmp_path / "art")
+    with pytest.raises(ExportError, match="already exists"):
+        export_artifact(gm, recipe, tmp_path / "art")
+    export_artifact(gm, recipe, tmp_path / "art", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_bad_export_settings_are_clear_errors() -> None:
+    with pytest.raises(ExportError, match="opset 18 is not supported"):
+        ExportConfig(opset=18)
+    with pytest.raises(ExportError, match="batch_size must be"):
+        ExportConfig(batch_size=0)
