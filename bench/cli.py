@@ -8,6 +8,7 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -22,12 +23,15 @@ class Command:
 COMMANDS: dict[str, Command] = {}
 
 
-def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None] = lambda p: None
-            ) -> Callable[[Handler], Handler]:
+def command(
+    name: str, help: str, configure: Callable[[argparse.ArgumentParser], None] = lambda p: None
+) -> Callable[[Handler], Handler]:
     """Register a sub-command: `configure` adds its flags, the decorated function runs it."""
+
     def decorate(fn: Handler) -> Handler:
         COMMANDS[name] = Command(help, configure, fn)
         return fn
+
     return decorate
 
 
@@ -44,10 +48,20 @@ def parse_assignment(text: str) -> tuple[str, object]:
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="timm ViT name (deit_small_patch16_224, ...) or built-in (digits-vit)")
-    parser.add_argument("--set", dest="model_kwargs", type=parse_assignment, action="append", default=[],
-                        metavar="KEY=VALUE", help="timm keyword argument, repeatable (--set img_size=224)")
-    parser.add_argument("--pretrained", action="store_true",
-                        help="load pretrained weights (timm: needs network; digits-vit: trains once, cached)")
+    parser.add_argument(
+        "--set",
+        dest="model_kwargs",
+        type=parse_assignment,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="timm keyword argument, repeatable (--set img_size=224)",
+    )
+    parser.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="load pretrained weights (timm: needs network; digits-vit: trains once, cached)",
+    )
     parser.add_argument("--checkpoint", help="local state dict (.safetensors, .pth) to load")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -57,18 +71,31 @@ def _info(args: argparse.Namespace) -> int:
     from vitsparse.compiler import count_costs, find_vit_structure, trace
     from vitsparse.models import build_model
 
-    model = build_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                        **dict(args.model_kwargs))
+    model = build_model(
+        args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **dict(args.model_kwargs)
+    )
     gm = trace(model)
     structure, costs = find_vit_structure(gm), count_costs(gm)
     if args.json:
-        print(json.dumps({"model": args.model, "depth": structure.depth, "embed_dim": structure.embed_dim,
-                          "num_prefix_tokens": structure.num_prefix_tokens, "pool": structure.pool,
-                          **costs.as_dict()}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "depth": structure.depth,
+                    "embed_dim": structure.embed_dim,
+                    "num_prefix_tokens": structure.num_prefix_tokens,
+                    "pool": structure.pool,
+                    **costs.as_dict(),
+                },
+                indent=2,
+            )
+        )
     else:
         print(structure.describe())
-        print(f"MACs per image: {costs.macs / 1e9:.3f} G (multiply-accumulates; DeiT/timm call these "
-              f"FLOPs)\nparameters: {costs.params / 1e6:.3f} M ({costs.nonzero_params / 1e6:.3f} M non-zero)")
+        print(
+            f"MACs per image: {costs.macs / 1e9:.3f} G (multiply-accumulates; DeiT/timm call these "
+            f"FLOPs)\nparameters: {costs.params / 1e6:.3f} M ({costs.nonzero_params / 1e6:.3f} M non-zero)"
+        )
     return 0
 
 
@@ -92,16 +119,85 @@ def _env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(cast: Callable[[str], object]) -> Callable[[str], tuple]:
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(cast(part) for part in text.split(",") if part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+
+    return parse
+
+
 def _bench_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", choices=("default", "full"), default="default")
+    parser.add_argument(
+        "--profile",
+        choices=("default", "full"),
+        default="default",
+        help="default: one setting per method (≤ 15 min); full: every row the issues ask for",
+    )
+    parser.add_argument("--model", default="deit_small_patch16_224", help="ViT timed for speed")
+    parser.add_argument(
+        "--set",
+        dest="model_kwargs",
+        type=parse_assignment,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="timm keyword argument for the speed model, repeatable",
+    )
+    parser.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs network)")
+    parser.add_argument("--checkpoint", help="local weights for the speed model")
+    parser.add_argument("--methods", type=_csv(str), default=("magnitude",), help="comma-separated methods")
+    parser.add_argument("--sparsities", type=_csv(float), help="speed settings, e.g. 0.5,0.9")
+    parser.add_argument("-b", "--batch-sizes", type=_csv(int), help="e.g. 1,16")
+    parser.add_argument("-e", "--engines", type=_csv(str), default=("deepsparse", "onnxruntime", "torch"))
+    parser.add_argument("-t", "--time", type=float, dest="seconds_per_block", help="seconds per timing block")
+    parser.add_argument("--rounds", type=int, help="alternating timing rounds")
+    parser.add_argument("-ncores", "--num-cores", type=int, help="cores for every engine")
+    parser.add_argument("-o", "--output-dir", type=Path, default=Path("bench/results"))
+    parser.add_argument("--skip-accuracy", action="store_true", help="only the speed rows")
 
 
-@command("prune-and-bench", "prune the built-in model with every landed method, benchmark it",
-         _bench_flags)
+@command(
+    "prune-and-bench", "prune with every landed method, export, and benchmark on CPU engines", _bench_flags
+)
 def _prune_and_bench(args: argparse.Namespace) -> int:
-    from vitsparse.bench.workflow import run_prune_and_bench
+    from vitsparse.bench.workflow import BenchOptions, run_prune_and_bench
 
-    return run_prune_and_bench(profile=args.profile)
+    run_prune_and_bench(
+        BenchOptions(
+            profile=args.profile,
+            model=args.model,
+            model_kwargs=dict(args.model_kwargs),
+            pretrained=args.pretrained,
+            checkpoint=args.checkpoint,
+            methods=args.methods,
+            sparsities=args.sparsities,
+            batch_sizes=args.batch_sizes,
+            engines=args.engines,
+            seconds_per_block=args.seconds_per_block,
+            rounds=args.rounds,
+            num_cores=args.num_cores,
+            output_dir=args.output_dir,
+            accuracy=not args.skip_accuracy,
+            progress=sys.stderr.isatty(),
+        )
+    )
+    return 0
+
+
+def _bench_engine_flags(parser: argparse.ArgumentParser) -> None:
+    from vitsparse.runtime.cli import configure_bench_parser
+
+    configure_bench_parser(parser)
+
+
+@command("bench", "benchmark one ONNX file on a CPU engine (DeepSparse's flags)", _bench_engine_flags)
+def _bench(args: argparse.Namespace) -> int:
+    from vitsparse.runtime.cli import run_bench
+
+    return run_bench(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,8 @@ import os
 import sys
 from dataclasses import dataclass
 
+from .errors import UnknownEngineError
+
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")  # before anything can import deepsparse
 
 ENGINES = ("deepsparse", "onnxruntime")
@@ -49,7 +51,7 @@ def engine_status(name: str) -> EngineStatus:
     try:
         return _STATUS[name]()
     except KeyError:
-        raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}") from None
+        raise UnknownEngineError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}") from None
 
 
 def default_engine() -> str:

@@ -1,0 +1,50 @@
+"""results.json: the versioned record of one prune-and-bench run (documented in README).
+
+{"schema": 1, "meta": {...}, "rows": [{"model", "method", "settings", "top1", "top1_oneshot", "macs",
+ "params", "nonzero_params", "artifact", "speed": [{"engine", "batch", "items_per_sec",
+ "latency_ms": {"mean", "p50", "p90", "p99"}, "speedup_vs_dense_torch", "speedup_vs_dense_same_engine"}]}]}
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class SpeedEntry:
+    """One engine at one batch size, measured in the same run as the dense baselines."""
+
+    engine: str
+    batch: int
+    items_per_sec: float
+    latency_ms: dict[str, float]
+    speedup_vs_dense_torch: float | None = None
+    speedup_vs_dense_same_engine: float | None = None
+    fraction_of_supported_ops: float | None = None
+
+
+@dataclass
+class Row:
+    """One model under one method and settings; `top1` is None where a row measures speed only."""
+
+    model: str
+    method: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    top1: float | None = None
+    top1_oneshot: float | None = None
+    macs: int | None = None
+    params: int | None = None
+    nonzero_params: int | None = None
+    artifact: str | None = None
+    speed: list[SpeedEntry] = field(default_factory=list)
+
+    def label(self) -> str:
+        settings = ", ".join(f"{k}={v}" for k, v in sorted(self.settings.items()))
+        return f"{self.method}({settings})" if settings else self.method
+
+
+def results_document(meta: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
+    return {"schema": SCHEMA_VERSION, "meta": meta, "rows": [asdict(r) for r in rows]}

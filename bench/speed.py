@@ -1,0 +1,125 @@
+"""Speed rows: export each pruned model, then time dense PyTorch and every CPU engine side by side."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+from vitsparse.compiler import ExportConfig, Recipe, export_artifact, fold_for_export
+from vitsparse.compiler.trace import example_input
+from vitsparse.runtime import compare_side_by_side, create_engine, engine_status
+
+from .schema import Row, SpeedEntry
+
+TORCH = "torch"
+
+
+@dataclass
+class SpeedCandidate:
+    """A row to time and the pruned graph (with its recipe) that produces it."""
+
+    row: Row
+    graph: fx.GraphModule
+    recipe: Recipe
+
+
+@dataclass(frozen=True)
+class TimingPlan:
+    batch_sizes: tuple[int, ...]
+    engines: tuple[str, ...]
+    rounds: int
+    seconds_per_block: float
+    num_cores: int | None
+
+
+def _slug(row: Row, batch: int) -> str:
+    settings = "-".join(f"{v}" for _, v in sorted(row.settings.items()))
+    return "-".join(p for p in (row.model, row.method, settings, f"b{batch}") if p)
+
+
+def _torch_runner(graph: fx.GraphModule, batch: int) -> Callable[[], object]:
+    folded = fold_for_export(graph)
+    sample = example_input(folded, batch)
+
+    def run() -> object:
+        with torch.inference_mode():
+            return folded(sample)
+
+    return run
+
+
+def _engine_runner(name: str, onnx_path: Path, batch: int, num_cores: int | None, graph: fx.GraphModule):
+    engine = create_engine(name, onnx_path, batch_size=batch, num_cores=num_cores)
+    inputs = [example_input(graph, batch).numpy()]
+    return engine, (lambda: engine.run(inputs))
+
+
+def _runners_for_batch(
+    candidates: list[SpeedCandidate], batch: int, plan: TimingPlan, artifacts: Path
+) -> tuple[dict[tuple[int, str], Callable[[], object]], dict[tuple[int, str], float]]:
+    """Export every candidate at `batch` and build one runner per (candidate, engine)."""
+    runners, fractions = {}, {}
+    for index, cand in enumerate(candidates):
+        result = export_artifact(
+            cand.graph,
+            cand.recipe,
+            artifacts / _slug(cand.row, batch),
+            ExportConfig(batch_size=batch),
+            overwrite=True,
+        )
+        if batch == plan.batch_sizes[0]:
+            cand.row.artifact = str(result.directory)
+        if TORCH in plan.engines:
+            runners[(index, TORCH)] = _torch_runner(cand.graph, batch)
+        for name in (e for e in plan.engines if e != TORCH):
+            engine, runner = _engine_runner(
+                name, result.directory / "model.onnx", batch, plan.num_cores, cand.graph
+            )
+            runners[(index, name)] = runner
+            fractions[(index, name)] = engine.fraction_of_supported_ops
+    return runners, fractions
+
+
+def measure_speed(candidates: list[SpeedCandidate], plan: TimingPlan, artifacts: Path) -> None:
+    """Fill each candidate row's `speed`; the first candidate must be the dense baseline."""
+    for name in plan.engines:
+        if name != TORCH and not engine_status(name).available:
+            raise ValueError(f"engine {name} cannot run here: {engine_status(name).reason}")
+    if plan.num_cores:
+        torch.set_num_threads(plan.num_cores)
+    for batch in plan.batch_sizes:
+        runners, fractions = _runners_for_batch(candidates, batch, plan, artifacts)
+        labels = {key: f"{candidates[key[0]].row.label()} on {key[1]}" for key in runners}
+        timed = compare_side_by_side(
+            {labels[k]: fn for k, fn in runners.items()},
+            batch_size=batch,
+            rounds=plan.rounds,
+            seconds_per_block=plan.seconds_per_block,
+        )
+        for (index, engine), label in labels.items():
+            result = timed[label]
+            candidates[index].row.speed.append(
+                SpeedEntry(
+                    engine=engine,
+                    batch=batch,
+                    items_per_sec=result.items_per_sec,
+                    latency_ms=dict(result.latency_ms),
+                    fraction_of_supported_ops=fractions.get((index, engine)),
+                )
+            )
+        del runners
+    _fill_speedups([c.row for c in candidates])
+
+
+def _fill_speedups(rows: list[Row]) -> None:
+    dense = {(s.engine, s.batch): s.items_per_sec for s in rows[0].speed}
+    for row in rows:
+        for entry in row.speed:
+            torch_dense = dense.get((TORCH, entry.batch))
+            same_engine = dense.get((entry.engine, entry.batch))
+            entry.speedup_vs_dense_torch = entry.items_per_sec / torch_dense if torch_dense else None
+            entry.speedup_vs_dense_same_engine = entry.items_per_sec / same_engine if same_engine else None

@@ -1,0 +1,44 @@
+"""`vitsparse bench MODEL.onnx`: benchmark one engine with DeepSparse's benchmark flag names (torch-free).
+
+bench/cli.py registers `configure_bench_parser` and `run_bench`; every user mistake raises a
+ValueError or FileNotFoundError subclass, which that command line prints in one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .availability import ENGINES, default_engine
+from .benchmark import SCENARIOS, benchmark_model
+from .jsonio import write_json_atomic
+
+
+def configure_bench_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the bench flags: the same short and long names as `deepsparse.benchmark`."""
+    parser.add_argument("model_path", metavar="MODEL.onnx", help="ONNX file to benchmark")
+    parser.add_argument("-e", "--engine", choices=ENGINES, default=None,
+                        help="engine to run (default: deepsparse where it is available, else onnxruntime)")
+    parser.add_argument("-b", "--batch_size", type=int, default=1, help="items per call (default 1)")
+    parser.add_argument("-ncores", "--num_cores", type=int, default=None,
+                        help="cores to run on (default: all physical cores)")
+    parser.add_argument("-s", "--scenario", choices=tuple(SCENARIOS), default="sync",
+                        help="sync: one stream, calls in sequence; async: several streams at once")
+    parser.add_argument("-nstreams", "--num_streams", type=int, default=None,
+                        help="concurrent streams for async (default: the number of cores)")
+    parser.add_argument("-t", "--time", type=float, default=10.0, help="seconds to time (default 10)")
+    parser.add_argument("-w", "--warmup_time", type=float, default=2.0, help="warm-up seconds (default 2)")
+    parser.add_argument("-x", "--export_path", default=None, help="write the result as JSON to this file")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Build the engine, time it, print a short summary and optionally write JSON; exit status 0."""
+    engine = args.engine or default_engine()
+    result = benchmark_model(args.model_path, engine, batch_size=args.batch_size, num_cores=args.num_cores,
+                             scenario=args.scenario, num_streams=args.num_streams, seconds=args.time,
+                             warmup_seconds=args.warmup_time)
+    print(f"model: {args.model_path}")
+    print(result.summary())
+    if args.export_path:
+        path = write_json_atomic(args.export_path, result.to_dict())
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,70 @@
+"""prune-and-bench end to end on a tiny model: rows, schema, artifacts, report files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vitsparse.bench.cli import main
+from vitsparse.bench.workflow import BenchOptions, run_prune_and_bench
+from vitsparse.compiler.export import ARTIFACT_FILES
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    opts = BenchOptions(
+        model="deit_tiny_patch16_224", model_kwargs={"img_size": 32, "depth": 2}, sparsities=(0.9,),
+        accuracy_sparsities=(0.5,), finetune_epochs=1, batch_sizes=(1, 2), seconds_per_block=0.05,
+        rounds=1, num_cores=1, output_dir=tmp_path_factory.mktemp("runs"), progress=False,
+    )
+    return run_prune_and_bench(opts)
+
+
+def test_results_follow_the_schema(run_dir: Path) -> None:
+    doc = json.loads((run_dir / "results.json").read_text())
+    assert doc["schema"] == 1 and doc["meta"]["profile"] == "default"
+    assert doc["meta"]["speed_weights"] == "random"
+    keys = {"model", "method", "settings", "top1", "top1_oneshot", "macs", "params", "nonzero_params",
+            "artifact", "speed"}
+    assert all(keys <= set(row) for row in doc["rows"])
+    digits = [r for r in doc["rows"] if r["model"] == "digits-vit"]
+    assert [(r["method"], r["settings"]) for r in digits] == [("dense", {}), ("magnitude", {"sparsity": 0.5})]
+    assert all(0 <= r["top1"] <= 1 and 0 <= r["top1_oneshot"] <= 1 for r in digits)
+    assert digits[1]["nonzero_params"] < digits[0]["nonzero_params"]
+
+
+def test_speed_rows_time_every_engine_against_the_dense_baseline(run_dir: Path) -> None:
+    all_rows = json.loads((run_dir / "results.json").read_text())["rows"]
+    rows = [r for r in all_rows if r["model"] != "digits-vit"]
+    assert [r["method"] for r in rows] == ["dense", "magnitude"] and rows[0]["top1"] is None
+    for row in rows:
+        assert {(s["engine"], s["batch"]) for s in row["speed"]} == {
+            (e, b) for e in ("deepsparse", "onnxruntime", "torch") for b in (1, 2)}
+        for entry in row["speed"]:
+            assert entry["items_per_sec"] > 0
+            assert entry["latency_ms"]["p50"] <= entry["latency_ms"]["p99"]
+            assert entry["speedup_vs_dense_torch"] > 0
+            if entry["engine"] == "deepsparse":
+                assert entry["fraction_of_supported_ops"] == 1.0
+    assert all(s["speedup_vs_dense_same_engine"] == 1.0 for s in rows[0]["speed"])
+
+
+def test_every_row_keeps_its_artifact(run_dir: Path) -> None:
+    rows = json.loads((run_dir / "results.json").read_text())["rows"]
+    for row in rows:
+        assert sorted(p.name for p in Path(row["artifact"]).iterdir()) == sorted(ARTIFACT_FILES)
+
+
+def test_report_and_plot_are_written(run_dir: Path) -> None:
+    report = (run_dir / "report.md").read_text()
+    assert "## Accuracy" in report and "## Speed" in report and "magnitude(sparsity=0.9)" in report
+    assert (run_dir / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_bench_options_are_clear_errors(capsys) -> None:
+    assert main(["prune-and-bench", "--methods", "pixie-dust"]) == 2
+    assert "unknown methods/engines ['pixie-dust']" in capsys.readouterr().err
+    assert main(["prune-and-bench", "--sparsities", "1.5"]) == 2
+    assert "sparsities must lie in [0, 1)" in capsys.readouterr().err
