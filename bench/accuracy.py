@@ -48,7 +48,7 @@ def digits_rows(
         manager = PassManager(trace(dense), recipe=Recipe(base=base))
         graph = manager.run(MagnitudePass(sparsity=sparsity))
         oneshot = evaluate(graph, loaders.test).top1
-        config = FinetuneConfig(epochs=finetune_epochs)
+        config = FinetuneConfig(epochs=finetune_epochs, lr=1e-3, warmup_steps=5)  # digits-vit is tiny
         tuned = finetune(graph, loaders.train, loaders.val, config, teacher=dense, progress=progress).model
         row = _row("magnitude", {"sparsity": sparsity}, tuned, evaluate(tuned, loaders.test).top1, oneshot)
         _export(tuned, manager.recipe, row, artifacts)

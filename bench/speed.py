@@ -116,10 +116,13 @@ def measure_speed(candidates: list[SpeedCandidate], plan: TimingPlan, artifacts:
 
 
 def _fill_speedups(rows: list[Row]) -> None:
-    dense = {(s.engine, s.batch): s.items_per_sec for s in rows[0].speed}
+    """Speed-ups as ratios of median latency at the same batch size: on a shared, noisy machine the
+    median of hundreds of calls is steadier than the mean that items/sec reflects."""
+    dense = {(s.engine, s.batch): s.latency_ms["p50"] for s in rows[0].speed}
     for row in rows:
         for entry in row.speed:
             torch_dense = dense.get((TORCH, entry.batch))
             same_engine = dense.get((entry.engine, entry.batch))
-            entry.speedup_vs_dense_torch = entry.items_per_sec / torch_dense if torch_dense else None
-            entry.speedup_vs_dense_same_engine = entry.items_per_sec / same_engine if same_engine else None
+            median = entry.latency_ms["p50"]
+            entry.speedup_vs_dense_torch = torch_dense / median if torch_dense else None
+            entry.speedup_vs_dense_same_engine = same_engine / median if same_engine else None
