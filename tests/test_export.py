@@ -92,3 +92,22 @@ def test_bad_export_settings_are_clear_errors() -> None:
         ExportConfig(opset=18)
     with pytest.raises(ExportError, match="batch_size must be"):
         ExportConfig(batch_size=0)
+
+
+def test_inspect_of_an_exported_masked_model_matches_its_masks(tmp_path) -> None:
+    from vitsparse.compiler import count_costs, fold_for_export
+    from vitsparse.pruners import MagnitudePass, mask_sparsity
+    from vitsparse.runtime import inspect_onnx
+
+    manager = PassManager(trace(small_vit(depth=2)), recipe=Recipe(base={"model": "deit_tiny"}))
+    masked = manager.run(MagnitudePass(sparsity=0.75))
+    export_artifact(masked, manager.recipe, tmp_path / "art")
+    report = inspect_onnx(tmp_path / "art" / "model.onnx")
+    folded = fold_for_export(masked)
+    layers = [m for m in folded.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert report.prunable_params == sum(m.weight.numel() for m in layers)
+    assert report.prunable_nonzeros == sum(int(m.weight.count_nonzero()) for m in layers)
+    for name in mask_sparsity(masked):  # every masked layer reached the ONNX file with its zeros
+        weight = folded.get_submodule(name).weight
+        assert weight.numel() - int(weight.count_nonzero()) == round(0.75 * weight.numel())
+    assert report.macs == count_costs(folded).macs
