@@ -46,17 +46,14 @@ def parse_assignment(text: str) -> tuple[str, object]:
         return key, raw
 
 
+def _model_kwargs_flag(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--set", dest="model_kwargs", type=parse_assignment, action="append", default=[],
+                        metavar="KEY=VALUE", help=help)
+
+
 def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="timm ViT name (deit_small_patch16_224, ...) or built-in (digits-vit)")
-    parser.add_argument(
-        "--set",
-        dest="model_kwargs",
-        type=parse_assignment,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="timm keyword argument, repeatable (--set img_size=224)",
-    )
+    _model_kwargs_flag(parser, "timm keyword argument, repeatable (--set img_size=224)")
     parser.add_argument(
         "--pretrained",
         action="store_true",
@@ -137,15 +134,7 @@ def _bench_flags(parser: argparse.ArgumentParser) -> None:
         help="default: one setting per method (≤ 15 min); full: every row the issues ask for",
     )
     parser.add_argument("--model", default="deit_small_patch16_224", help="ViT timed for speed")
-    parser.add_argument(
-        "--set",
-        dest="model_kwargs",
-        type=parse_assignment,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="timm keyword argument for the speed model, repeatable",
-    )
+    _model_kwargs_flag(parser, "timm keyword argument for the speed model, repeatable")
     parser.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs network)")
     parser.add_argument("--checkpoint", help="local weights for the speed model")
     parser.add_argument("--methods", type=_csv(str), default=("magnitude",), help="comma-separated methods")
