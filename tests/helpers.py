@@ -56,3 +56,14 @@ def zero_mlp_channels(model: torch.nn.Module, block: int, channels: list[int]) -
         mlp.fc1.weight[channels] = 0
         mlp.fc1.bias[channels] = 0
         mlp.fc2.weight[:, channels] = 0
+
+
+# Python source that makes `import torch` fail, run first in a subprocess: a CPU server without torch.
+BLOCK_TORCH = """
+import importlib.abc, sys
+class BlockTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError("No module named 'torch'")
+sys.meta_path.insert(0, BlockTorch())
+"""

@@ -9,13 +9,9 @@ import pytest
 
 from vitsparse.runtime import default_engine, engine_status
 
-BLOCK_TORCH = """
-import importlib.abc, sys
-class BlockTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked in this test")
-sys.meta_path.insert(0, BlockTorch())
+from helpers import BLOCK_TORCH
+
+IMPORT_RUNTIME_WITHOUT_TORCH = BLOCK_TORCH + """
 import vitsparse.runtime as runtime
 print(runtime.default_engine())
 assert "torch" not in sys.modules
@@ -23,7 +19,8 @@ assert "torch" not in sys.modules
 
 
 def test_runtime_imports_without_torch() -> None:
-    done = subprocess.run([sys.executable, "-c", BLOCK_TORCH], capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-c", IMPORT_RUNTIME_WITHOUT_TORCH]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() in {"deepsparse", "onnxruntime"}
 

@@ -28,6 +28,8 @@ from vitsparse.runtime import (
 )
 from vitsparse.runtime.timing import Budget, concurrent_calls, timed_calls
 
+from helpers import BLOCK_TORCH
+
 TINY = {"seconds": 0.15, "warmup_seconds": 0.05}
 
 
@@ -160,13 +162,7 @@ def test_atomic_json_leaves_the_old_file_on_failure(tmp_path) -> None:
     assert json.loads(target.read_text()) == {"ok": 1} and [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
 
-RUN_WITHOUT_TORCH = """
-import importlib.abc, sys
-class BlockTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ModuleNotFoundError("No module named 'torch'")
-sys.meta_path.insert(0, BlockTorch())
+RUN_WITHOUT_TORCH = BLOCK_TORCH + """
 from vitsparse.runtime import benchmark, create_engine, engine_status, inspect_onnx
 for name in ("deepsparse", "onnxruntime"):
     if engine_status(name).available:
