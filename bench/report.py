@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -72,14 +71,10 @@ def _method_key(row: Row) -> tuple[str, str]:
     return row.method, json.dumps(row.settings, sort_keys=True)
 
 
-def plot_speedup(rows: list[Row], path: Path, engine: str = "deepsparse", batch: int = 1) -> bool:
-    """speed-up vs top-1: accuracy from the accuracy rows, speed from the speed rows of the same
-    method and settings. Returns False when there is nothing to pair (then no file is written)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def speedup_points(rows: list[Row], engine: str = "deepsparse", batch: int = 1
+                   ) -> dict[str, list[tuple[float, float, str]]]:
+    """(top-1 %, speed-up vs dense torch, settings label) per method: accuracy from the accuracy rows,
+    speed from the speed rows with the same method and settings."""
     accuracy = {_method_key(r): r.top1 for r in rows if r.top1 is not None}
     points: dict[str, list[tuple[float, float, str]]] = {}
     for r in rows:
@@ -88,8 +83,17 @@ def plot_speedup(rows: list[Row], path: Path, engine: str = "deepsparse", batch:
         if top1 is not None and entry is not None and entry.speedup_vs_dense_torch is not None:
             label = ", ".join(str(v) for v in r.settings.values())
             points.setdefault(r.method, []).append((100 * top1, entry.speedup_vs_dense_torch, label))
-    if not points:
-        return False
+    return points
+
+
+def plot_speedup(points: dict[str, list[tuple[float, float, str]]], path: Path, engine: str = "deepsparse",
+                 batch: int = 1) -> None:
+    """Draw speed-up vs top-1, one line per method, as a PNG at `path` (any file name)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for method, pts in sorted(points.items()):
         xs, ys, labels = zip(*sorted(pts), strict=True)
@@ -102,9 +106,8 @@ def plot_speedup(rows: list[Row], path: Path, engine: str = "deepsparse", batch:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
-    return True
 
 
 def write_report(directory: Path, meta: dict[str, Any], rows: list[Row]) -> dict[str, Path]:
@@ -119,11 +122,9 @@ def write_report(directory: Path, meta: dict[str, Any], rows: list[Row]) -> dict
     with atomic_path(directory / "report.md") as tmp:
         tmp.write_text(markdown_report(meta, rows), encoding="utf-8")
     written["report"] = directory / "report.md"
-    plot_tmp = directory / ".speedup.tmp.png"  # matplotlib picks the format from the suffix
-    try:
-        if plot_speedup(rows, plot_tmp):
-            os.replace(plot_tmp, directory / "speedup.png")
-            written["plot"] = directory / "speedup.png"
-    finally:
-        plot_tmp.unlink(missing_ok=True)
+    points = speedup_points(rows)
+    if points:  # nothing to pair when accuracy or speed rows were skipped
+        with atomic_path(directory / "speedup.png") as tmp:
+            plot_speedup(points, tmp)
+        written["plot"] = directory / "speedup.png"
     return written

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vitsparse.compiler import GraphPass, PassManager, Recipe, count_costs, trace
+from vitsparse.compiler import GraphPass, PassManager, Recipe, trace
 from vitsparse.compiler.export import library_versions
 from vitsparse.models import build_model
 from vitsparse.pruners import MagnitudePass
@@ -77,7 +77,7 @@ def _speed_candidates(opts: BenchOptions, sparsities: tuple[float, ...]) -> list
         manager = PassManager(trace(model), recipe=Recipe(base=base))
         if graph_pass is not None:
             manager.run(graph_pass)
-        costs = count_costs(manager.graph_module)
+        costs = manager.costs
         row = Row(
             model=opts.model,
             method=method,

@@ -120,11 +120,12 @@ class PassManager:
         self.recipe = recipe if recipe is not None else Recipe()
         if self.recipe.input_shape is None:  # replay must trace at the size this graph was traced at
             self.recipe.input_shape = input_shape_of(gm)
+        self.costs = count_costs(gm)  # kept current so each pass's "before" costs nothing to get
         self._on_pass = on_pass
 
     def run(self, graph_pass: GraphPass) -> fx.GraphModule:
         """Apply one pass, check the new graph, and append the pass's record to the recipe."""
-        before = count_costs(self.graph_module)
+        before = self.costs
         result = graph_pass(self.graph_module, self.structure)
         gm = result.graph_module
         gm.meta.setdefault(INPUT_SHAPE_KEY, self.graph_module.meta[INPUT_SHAPE_KEY])
@@ -132,8 +133,8 @@ class PassManager:
         gm.graph.lint()
         gm.recompile()
         self.structure = find_vit_structure(gm)
-        after = count_costs(gm)
-        result.record.stats = {"before": before.as_dict(), "after": after.as_dict()}
+        self.costs = count_costs(gm)
+        result.record.stats = {"before": before.as_dict(), "after": self.costs.as_dict()}
         self.graph_module = gm
         self.recipe.passes.append(result.record)
         if self._on_pass is not None:
