@@ -9,7 +9,6 @@ from .masked import (
     MaskedConv2d,
     MaskedLinear,
     apply_masks_,
-    fold_masks,
     install_mask,
     mask_digest,
     mask_sparsity,
@@ -20,6 +19,6 @@ from .targets import DEFAULT_TARGETS, TARGET_KINDS, select_targets
 __all__ = [
     "DEFAULT_TARGETS", "FinetuneConfig", "FinetuneResult", "MagnitudeConfig", "MagnitudePass", "MaskPass",
     "MaskedConv2d", "MaskedLinear", "SCOPES", "TARGET_KINDS", "apply_masks_", "check_sparsity",
-    "decode_mask", "distillation_loss", "encode_mask", "finetune", "fold_masks", "install_mask",
+    "decode_mask", "distillation_loss", "encode_mask", "finetune", "install_mask",
     "mask_digest", "mask_sparsity", "masked_modules", "select_targets",
 ]

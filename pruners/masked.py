@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -151,15 +150,6 @@ def apply_masks_(module: nn.Module) -> int:
             apply()
             count += 1
     return count
-
-
-def fold_masks(gm: nn.Module) -> nn.Module:
-    """Replace every masked layer by its plain dense layer with zeros where the mask was (in place)."""
-    for name, module in masked_modules(gm).items():
-        replace_module(gm, name, module.to_dense())
-    if isinstance(gm, fx.GraphModule):
-        gm.recompile()
-    return gm
 
 
 def mask_sparsity(gm: nn.Module) -> dict[str, float]:

@@ -20,6 +20,7 @@ from vitsparse.compiler import (
     Recipe,
     RecipeError,
     find_vit_structure,
+    fold_for_export,
     load_weights,
     replay,
     save_weights,
@@ -34,7 +35,6 @@ from vitsparse.pruners import (
     MaskedLinear,
     distillation_loss,
     finetune,
-    fold_masks,
     install_mask,
     mask_digest,
     mask_sparsity,
@@ -221,12 +221,12 @@ def test_replay_onto_another_architecture_names_the_layer() -> None:
         replay(wider, manager.recipe)
 
 
-def test_fold_masks_gives_plain_linears_with_identical_outputs(digits_base, loaders) -> None:
+def test_export_folding_gives_plain_layers_with_identical_outputs(digits_base, loaders) -> None:
     _, gm = _masked(digits_base, sparsity=0.5, targets=["qkv", "fc2", "patch_embed"])
     images = next(iter(loaders.test))[0]
     expected = gm(images)
     zeros = sum(int((p == 0).sum()) for p in gm.parameters())
-    folded = fold_masks(gm)
+    folded = fold_for_export(gm)  # the compiler swaps each masked layer for its export_module()
     assert not masked_modules(folded) and mask_sparsity(folded) == {}
     assert {type(m) for m in folded.modules()} & {MaskedLinear, MaskedConv2d} == set()
     assert not [k for k in folded.state_dict() if k.endswith("weight_mask")]
