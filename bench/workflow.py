@@ -17,15 +17,16 @@ from vitsparse.compiler import GraphPass, PassManager, Recipe, trace
 from vitsparse.compiler.export import library_versions
 from vitsparse.models import build_model
 from vitsparse.pruners import MagnitudePass
+from vitsparse.runtime import ENGINES as RUNTIME_ENGINES
 
 from .accuracy import digits_rows
 from .profiles import get_profile
 from .report import speed_table, write_report
 from .schema import Row
-from .speed import SpeedCandidate, TimingPlan, measure_speed
+from .speed import TORCH, SpeedCandidate, TimingPlan, measure_speed
 
 METHODS: dict[str, Callable[[float], GraphPass]] = {"magnitude": lambda s: MagnitudePass(sparsity=s)}
-ENGINES = ("deepsparse", "onnxruntime", "torch")
+ENGINES = (*RUNTIME_ENGINES, TORCH)  # the CPU engines plus dense PyTorch as the baseline
 
 
 @dataclass
