@@ -8,6 +8,7 @@ trace without looking at weights or data again.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -108,6 +109,9 @@ class IdentityPass(GraphPass):
 class PassManager:
     """Runs passes over one graph: lint and recompile after each, re-derive the structure, record it.
 
+Each record's `stats` holds the costs before and after and the seconds the pass took; a pass may
+add stats of its own (e.g. how many calibration images it used).
+
     `on_pass` (optional) is called with each new record, e.g. to log progress.
     """
 
@@ -126,7 +130,9 @@ class PassManager:
     def run(self, graph_pass: GraphPass) -> fx.GraphModule:
         """Apply one pass, check the new graph, and append the pass's record to the recipe."""
         before = self.costs
+        started = time.perf_counter()
         result = graph_pass(self.graph_module, self.structure)
+        seconds = time.perf_counter() - started
         gm = result.graph_module
         gm.meta.setdefault(INPUT_SHAPE_KEY, self.graph_module.meta[INPUT_SHAPE_KEY])
         gm.graph.eliminate_dead_code()
@@ -134,7 +140,8 @@ class PassManager:
         gm.recompile()
         self.structure = find_vit_structure(gm)
         self.costs = count_costs(gm)
-        result.record.stats = {"before": before.as_dict(), "after": self.costs.as_dict()}
+        result.record.stats = {**result.record.stats, "before": before.as_dict(),
+                               "after": self.costs.as_dict(), "seconds": round(seconds, 3)}
         self.graph_module = gm
         self.recipe.passes.append(result.record)
         if self._on_pass is not None:

@@ -1,8 +1,9 @@
 """Pruning methods as graph passes, plus what they need while training (masks, fine-tuning, distillation)."""
 
+from .calibration import Calibration, make_calibration
 from .finetune import FinetuneConfig, FinetuneResult, finetune
 from .losses import distillation_loss
-from .magnitude import SCOPES, MagnitudeConfig, MagnitudePass, check_sparsity
+from .magnitude import MagnitudePass
 from .mask_codec import decode_mask, encode_mask
 from .mask_pass import MaskPass
 from .masked import (
@@ -14,11 +15,16 @@ from .masked import (
     mask_sparsity,
     masked_modules,
 )
+from .patterns import Pattern, check_mask_pattern, parse_pattern
+from .saliency import SALIENCIES, SCOPE_NAMES, SaliencyRequest, check_sparsity, register_saliency
+from .sparsity_pass import SparsityConfig, SparsityPass
 from .targets import DEFAULT_TARGETS, TARGET_KINDS, select_targets
 
 __all__ = [
-    "DEFAULT_TARGETS", "FinetuneConfig", "FinetuneResult", "MagnitudeConfig", "MagnitudePass", "MaskPass",
-    "MaskedConv2d", "MaskedLinear", "SCOPES", "TARGET_KINDS", "apply_masks_", "check_sparsity",
-    "decode_mask", "distillation_loss", "encode_mask", "finetune", "install_mask",
-    "mask_digest", "mask_sparsity", "masked_modules", "select_targets",
+    "Calibration", "DEFAULT_TARGETS", "FinetuneConfig", "FinetuneResult", "MagnitudePass", "MaskPass",
+    "MaskedConv2d", "MaskedLinear", "Pattern", "SALIENCIES", "SCOPE_NAMES", "SaliencyRequest",
+    "SparsityConfig", "SparsityPass", "TARGET_KINDS", "apply_masks_", "check_mask_pattern",
+    "check_sparsity", "decode_mask", "distillation_loss", "encode_mask", "finetune", "install_mask",
+    "make_calibration", "mask_digest", "mask_sparsity", "masked_modules", "parse_pattern",
+    "register_saliency", "select_targets",
 ]

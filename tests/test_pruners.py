@@ -29,10 +29,10 @@ from vitsparse.compiler import (
 from vitsparse.models import build_model, digits_loaders, evaluate
 from vitsparse.pruners import (
     FinetuneConfig,
-    MagnitudeConfig,
     MagnitudePass,
     MaskedConv2d,
     MaskedLinear,
+    SparsityConfig,
     distillation_loss,
     finetune,
     install_mask,
@@ -143,9 +143,9 @@ def test_bad_finetune_settings_raise_clear_errors(settings: dict, message: str) 
 
 
 def test_pass_takes_a_config_not_a_bare_number() -> None:
-    with pytest.raises(ValueError, match="takes a MagnitudeConfig"):
+    with pytest.raises(ValueError, match="takes a SparsityConfig"):
         MagnitudePass(0.5)
-    assert MagnitudePass(MagnitudeConfig(sparsity=0.5)).config.sparsity == 0.5
+    assert MagnitudePass(SparsityConfig(sparsity=0.5)).config.sparsity == 0.5
 
 
 def test_masks_stay_exactly_zero_through_finetuning(digits_base, loaders) -> None:
