@@ -52,6 +52,8 @@ class SparsityConfig:
         if self.sparsity is None and fixed is None:
             raise ValueError(f"give a sparsity in [0, 1) for pattern {pattern.spec}")
         sparsity = check_sparsity(fixed if self.sparsity is None else self.sparsity)
+        if fixed is not None and self.scope != "layer":
+            raise ValueError(f"pattern {pattern.spec} fixes the sparsity of every group; use scope 'layer'")
         if fixed is not None and abs(sparsity - fixed) > 1e-9:
             raise ValueError(f"pattern {pattern.spec} fixes the sparsity at {fixed:g}; got {sparsity:g}")
         object.__setattr__(self, "sparsity", sparsity)
