@@ -82,6 +82,7 @@ class FinetuneResult:
     train_loss: float
     world_size: int = 1
     rank: int = 0
+    device: str = "cpu"  # where it trained
 
 
 @dataclass
@@ -197,12 +198,18 @@ def _seeded(seed: int, device: torch.device) -> contextlib.AbstractContextManage
     return stack
 
 
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters(), torch.empty(0)).device
+
+
 def finetune(model: nn.Module, train_loader: DataLoader, val_loader: Iterable | None = None,
              config: FinetuneConfig | None = None, teacher: nn.Module | None = None,
              progress: bool = True) -> FinetuneResult:
     """Fine-tune `model` in place (DDP under torchrun) keeping its masks, then evaluate on `val_loader`.
 
-    With a `teacher`, the loss mixes label CE with KL to the teacher's softened logits.
+    Training runs on the GPU when there is one; the model (and teacher) go back to the device they
+    came on, so the caller's next step (evaluate, export) finds them where it left them. With a
+    `teacher`, the loss mixes label CE with KL to the teacher's softened logits.
     """
     config = config if config is not None else FinetuneConfig()
     if not isinstance(config, FinetuneConfig):
@@ -221,6 +228,8 @@ def finetune(model: nn.Module, train_loader: DataLoader, val_loader: Iterable | 
 def _run(model: nn.Module, train_loader: DataLoader, val_loader: Iterable | None, config: FinetuneConfig,
          teacher: nn.Module | None, progress: bool, device: torch.device,
          ctx: dist_utils.DistContext) -> FinetuneResult:
+    home = _device_of(model)
+    teacher_home = _device_of(teacher) if teacher is not None else None
     model.to(device)
     apply_masks_(model)
     loader = dist_utils.shard_loader(train_loader, ctx, config.seed)
@@ -234,4 +243,7 @@ def _run(model: nn.Module, train_loader: DataLoader, val_loader: Iterable | None
     if not dist_utils.all_equal(mask_digest(model), ctx):
         raise RuntimeError("masks differ between ranks after fine-tuning; DDP should have broadcast rank 0's")
     val = evaluate(model, val_loader, device=device) if val_loader is not None and ctx.is_main else None
-    return FinetuneResult(model, val, steps, round(seconds, 3), loss, ctx.world_size, ctx.rank)
+    model.to(home)  # trained on the GPU, handed back where the caller keeps it
+    if teacher is not None:
+        teacher.to(teacher_home)
+    return FinetuneResult(model, val, steps, round(seconds, 3), loss, ctx.world_size, ctx.rank, str(device))
