@@ -146,3 +146,26 @@ def test_bad_schedules_raise_clear_errors(steps, message: str) -> None:
         cubic_schedule(0.5, 3, initial=0.7)
     with pytest.raises(ValueError, match="cannot be reached in 3 steps"):
         gradual_prune(_manager(1), SparsityConfig(pattern="2:4"), GradualConfig(steps=3))
+
+
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.75), ("2:4", None), ("1x4", 0.75)])
+def test_the_exported_onnx_holds_exactly_the_masks_and_sparsity(tmp_path, pattern, sparsity) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    from vitsparse.compiler import export_artifact
+    from vitsparse.runtime import inspect_onnx
+
+    manager = _manager(depth=1)
+    gm = manager.run(MagnitudePass(sparsity=sparsity, pattern=pattern))
+    export_artifact(gm, manager.recipe, tmp_path / "art")
+    report = inspect_onnx(tmp_path / "art" / "model.onnx")
+    graph = onnx.load(tmp_path / "art" / "model.onnx").graph
+    stored = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    requested = parse_pattern(pattern).fixed_sparsity() if sparsity is None else sparsity
+    for name, module in masked_modules(gm).items():
+        keep = module.weight_mask.numpy().T  # MatMul weights are stored (in, out)
+        found = [w for w in report.weights if w.layer_op == "MatMul" and stored[w.name].shape == keep.shape
+                 and ((stored[w.name] != 0) == keep).all()]
+        assert len(found) == 1, name
+        assert found[0].numel - found[0].nonzeros == round(requested * keep.size)
