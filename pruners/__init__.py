@@ -15,6 +15,7 @@ from .masked import (
     mask_sparsity,
     masked_modules,
 )
+from .obs_fisher import FisherObsSettings
 from .obs_layerwise import LayerwiseObsSettings
 from .patterns import Pattern, check_mask_pattern, parse_pattern
 from .saliency import SALIENCIES, SCOPE_NAMES, SaliencyRequest, check_sparsity, register_saliency
@@ -22,7 +23,8 @@ from .sparsity_pass import SparsityConfig, SparsityPass
 from .targets import DEFAULT_TARGETS, TARGET_KINDS, select_targets
 
 __all__ = [
-    "Calibration", "DEFAULT_TARGETS", "FinetuneConfig", "FinetuneResult", "LayerwiseObsSettings",
+    "Calibration", "DEFAULT_TARGETS", "FinetuneConfig", "FinetuneResult", "FisherObsSettings",
+    "LayerwiseObsSettings",
     "MagnitudePass", "MaskPass", "MaskedConv2d", "MaskedLinear", "Pattern", "SALIENCIES", "SCOPE_NAMES",
     "SaliencyRequest", "SparsityConfig", "SparsityPass", "TARGET_KINDS", "apply_masks_",
     "check_mask_pattern", "check_sparsity", "decode_mask", "distillation_loss", "encode_mask", "finetune",
