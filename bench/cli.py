@@ -47,8 +47,15 @@ def parse_assignment(text: str) -> tuple[str, object]:
 
 
 def _model_kwargs_flag(parser: argparse.ArgumentParser, help: str) -> None:
-    parser.add_argument("--set", dest="model_kwargs", type=parse_assignment, action="append", default=[],
-                        metavar="KEY=VALUE", help=help)
+    parser.add_argument(
+        "--set",
+        dest="model_kwargs",
+        type=parse_assignment,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=help,
+    )
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
@@ -126,6 +133,15 @@ def _csv(cast: Callable[[str], object]) -> Callable[[str], tuple]:
     return parse
 
 
+def _speed_setting(text: str):
+    from vitsparse.bench.methods import parse_speed_setting
+
+    try:
+        return parse_speed_setting(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _bench_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile",
@@ -137,8 +153,31 @@ def _bench_flags(parser: argparse.ArgumentParser) -> None:
     _model_kwargs_flag(parser, "timm keyword argument for the speed model, repeatable")
     parser.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs network)")
     parser.add_argument("--checkpoint", help="local weights for the speed model")
-    parser.add_argument("--methods", type=_csv(str), default=("magnitude",), help="comma-separated methods")
-    parser.add_argument("--sparsities", type=_csv(float), help="speed settings, e.g. 0.5,0.9")
+    parser.add_argument(
+        "--methods",
+        type=_csv(str),
+        help="methods compared on digits-vit and timed as "
+        "solvers (default: all: magnitude, obs-layerwise, obs-fisher)",
+    )
+    parser.add_argument("--sparsities", type=_csv(float), help="digits-vit sparsities, e.g. 0.5,0.7,0.9")
+    parser.add_argument(
+        "--speed-settings",
+        type=_csv(_speed_setting),
+        help="masks timed on the speed model: SPARSITY (unstructured), N:M, or "
+        "SPARSITY@1xK, e.g. 0.75,0.9,2:4,0.75@1x4",
+    )
+    parser.add_argument("--speed-method", default="magnitude", help="method choosing the timed masks")
+    parser.add_argument(
+        "--solver-timing-samples",
+        type=int,
+        help="calibration images when timing each solver on the speed model (0 skips)",
+    )
+    parser.add_argument(
+        "--calibration-data",
+        type=Path,
+        help="ImageFolder of calibration images for the speed model (default: random images)",
+    )
+    parser.add_argument("--finetune-epochs", type=int, help="epochs of the digits-vit fine-tune")
     parser.add_argument("-b", "--batch-sizes", type=_csv(int), help="e.g. 1,16")
     parser.add_argument("-e", "--engines", type=_csv(str), default=("deepsparse", "onnxruntime", "torch"))
     parser.add_argument("-t", "--time", type=float, dest="seconds_per_block", help="seconds per timing block")
@@ -161,8 +200,13 @@ def _prune_and_bench(args: argparse.Namespace) -> int:
             model_kwargs=dict(args.model_kwargs),
             pretrained=args.pretrained,
             checkpoint=args.checkpoint,
-            methods=args.methods,
-            sparsities=args.sparsities,
+            **({"methods": args.methods} if args.methods else {}),
+            accuracy_sparsities=args.sparsities,
+            speed_settings=args.speed_settings,
+            speed_method=args.speed_method,
+            solver_timing_samples=args.solver_timing_samples,
+            calibration_data=args.calibration_data,
+            finetune_epochs=args.finetune_epochs,
             batch_sizes=args.batch_sizes,
             engines=args.engines,
             seconds_per_block=args.seconds_per_block,

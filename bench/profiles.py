@@ -4,36 +4,48 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .methods import SpeedSetting
+
+UNSTRUCTURED_AND_PATTERNS = (
+    SpeedSetting(0.75),
+    SpeedSetting(0.9),
+    SpeedSetting(0.5, "2:4"),
+    SpeedSetting(0.75, "1x4"),
+)
+
 
 @dataclass(frozen=True)
 class Profile:
     name: str
-    accuracy_sparsities: tuple[float, ...]  # magnitude settings trained and evaluated on digits-vit
-    speed_sparsities: tuple[float, ...]  # magnitude settings timed on the speed model
+    accuracy_sparsities: tuple[float, ...]  # every method, one-shot and fine-tuned, on digits-vit
+    speed_settings: tuple[SpeedSetting, ...]  # masks timed on the speed model
     batch_sizes: tuple[int, ...]
     rounds: int  # alternating timing rounds per batch size
     seconds_per_block: float  # consecutive calls per runner per round
     finetune_epochs: int
+    solver_timing_samples: int  # calibration images when timing each solver on the speed model; 0 skips
 
 
 PROFILES: dict[str, Profile] = {
     "default": Profile(
         "default",
-        accuracy_sparsities=(0.5, 0.75, 0.9),
-        speed_sparsities=(0.9,),
+        accuracy_sparsities=(0.5, 0.6, 0.7, 0.75, 0.8, 0.9),
+        speed_settings=UNSTRUCTURED_AND_PATTERNS,
         batch_sizes=(1, 16),
-        rounds=4,
-        seconds_per_block=3.0,
+        rounds=3,
+        seconds_per_block=2.0,
         finetune_epochs=4,
+        solver_timing_samples=128,
     ),
     "full": Profile(
         "full",
-        accuracy_sparsities=(0.5, 0.75, 0.9),
-        speed_sparsities=(0.5, 0.75, 0.9),
+        accuracy_sparsities=(0.5, 0.6, 0.7, 0.75, 0.8, 0.9),
+        speed_settings=(SpeedSetting(0.5), *UNSTRUCTURED_AND_PATTERNS),
         batch_sizes=(1, 16),
         rounds=5,
         seconds_per_block=4.0,
         finetune_epochs=10,
+        solver_timing_samples=128,
     ),
 }
 

@@ -1,4 +1,4 @@
-"""Turn measured rows into report.md, results.json and speedup.png."""
+"""Turn measured rows into report.md, results.json, accuracy.png and speedup.png."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from .schema import Row, results_document
+
+DENSE = "dense"
 
 
 def _pct(value: float | None) -> str:
@@ -17,19 +19,70 @@ def _x(value: float | None) -> str:
     return f"{value:.2f}×" if value is not None else "–"
 
 
+def _accuracy_rows(rows: list[Row]) -> list[Row]:
+    return [r for r in rows if r.top1 is not None or r.top1_oneshot is not None]
+
+
 def accuracy_table(rows: list[Row]) -> str:
     lines = [
-        "| model | method | top-1 one-shot | top-1 fine-tuned | MACs | params | non-zero |",
-        "|---|---|---|---|---|---|---|",
+        "| model | method | top-1 one-shot | top-1 fine-tuned | MACs | params | non-zero | prune s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        if r.top1 is None and r.top1_oneshot is None:
-            continue
+    for r in _accuracy_rows(rows):
+        seconds = f"{r.prune_seconds:.1f}" if r.prune_seconds is not None else "–"
         lines.append(
             f"| {r.model} | {r.label()} | {_pct(r.top1_oneshot)} | {_pct(r.top1)} | "
             f"{(r.macs or 0) / 1e6:.2f} M | {(r.params or 0) / 1e6:.3f} M | "
-            f"{(r.nonzero_params or 0) / 1e6:.3f} M |"
+            f"{(r.nonzero_params or 0) / 1e6:.3f} M | {seconds} |"
         )
+    return "\n".join(lines)
+
+
+def sparsity_curves(rows: list[Row], key: str) -> dict[str, list[tuple[float, float]]]:
+    """(sparsity, top-1) per method for `key` "top1" or "top1_oneshot", unstructured rows only."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for r in _accuracy_rows(rows):
+        value = getattr(r, key)
+        if (
+            r.method != DENSE
+            and value is not None
+            and r.settings.get("pattern", "unstructured") == "unstructured"
+        ):
+            curves.setdefault(r.method, []).append((r.settings["sparsity"], value))
+    return {m: sorted(points) for m, points in curves.items()}
+
+
+def sparsity_table(rows: list[Row]) -> str:
+    """Top-1 by sparsity (rows) and method (columns), one-shot / fine-tuned, plus the dense line."""
+    oneshot, tuned = sparsity_curves(rows, "top1_oneshot"), sparsity_curves(rows, "top1")
+    methods = list(tuned or oneshot)
+    if not methods:
+        return ""
+    dense = next((r.top1 for r in rows if r.method == DENSE and r.top1 is not None), None)
+    lines = [
+        "| sparsity | " + " | ".join(f"{m} one-shot | {m} fine-tuned" for m in methods) + " |",
+        "|---|" + "---|---|" * len(methods),
+    ]
+    for sparsity in sorted({s for points in tuned.values() for s, _ in points}):
+        cells = []
+        for m in methods:
+            cells += [
+                _pct(dict(oneshot.get(m, [])).get(sparsity)),
+                _pct(dict(tuned.get(m, [])).get(sparsity)),
+            ]
+        lines.append(f"| {sparsity:.0%} | " + " | ".join(cells) + " |")
+    if dense is not None:
+        lines.append(f"\nDense top-1: {_pct(dense)}.")
+    return "\n".join(lines)
+
+
+def solver_table(rows: list[Row]) -> str:
+    """How long each data-aware solver took on the speed model (rows without accuracy or speed)."""
+    timed = [r for r in rows if r.prune_seconds is not None and r.top1 is None and not r.speed]
+    if not timed:
+        return ""
+    lines = ["| model | method | calibration images | seconds |", "|---|---|---|---|"]
+    lines += [f"| {r.model} | {r.label()} | {r.calibration_samples} | {r.prune_seconds:.1f} |" for r in timed]
     return "\n".join(lines)
 
 
@@ -51,80 +104,136 @@ def speed_table(rows: list[Row]) -> str:
 
 def markdown_report(meta: dict[str, Any], rows: list[Row]) -> str:
     weights = meta.get("speed_weights", "random")
-    return (
-        "\n\n".join(
-            [
-                f"# prune-and-bench, profile `{meta['profile']}`",
-                f"Run {meta['date']} on {meta['machine']} ({meta['cpu_cores']} cores), "
-                f"{meta['duration_s']:.0f} s. Speed model weights: {weights}. All speeds come from this "
-                "one run, engines timed in alternating blocks.",
-                "## Accuracy\n\n" + accuracy_table(rows),
-                "## Speed\n\n" + speed_table(rows),
-                "MACs are multiply-accumulates per image (what DeiT/timm call FLOPs).",
-            ]
+    sections = [
+        f"# prune-and-bench, profile `{meta['profile']}`",
+        f"Run {meta['date']} on {meta['machine']} ({meta['cpu_cores']} cores), {meta['duration_s']:.0f} s. "
+        f"Speed model weights: {weights}; its masks chosen by {meta.get('speed_method', 'magnitude')}. "
+        "All speeds come from this one run, engines timed in alternating blocks.",
+        "## Accuracy on digits-vit\n\nTop-1 on the held-out test split, one-shot (no fine-tune) and after "
+        "the standard short distilled fine-tune with the masks fixed.\n\n" + sparsity_table(rows),
+        "### Every accuracy row\n\n" + accuracy_table(rows),
+    ]
+    solvers = solver_table(rows)
+    if solvers:
+        sections.append(
+            f"## Solver time\n\nChoosing the masks once, calibration: "
+            f"{meta.get('calibration', 'random images')}.\n\n" + solvers
         )
-        + "\n"
-    )
+    sections += [
+        "## Speed\n\n" + speed_table(rows),
+        "MACs are multiply-accumulates per image (what DeiT/timm call FLOPs).",
+    ]
+    return "\n\n".join(s for s in sections if s) + "\n"
 
 
-def _method_key(row: Row) -> tuple[str, str]:
-    return row.method, json.dumps(row.settings, sort_keys=True)
+def plot_accuracy(rows: list[Row], path: Path) -> None:
+    """Top-1 vs sparsity, one colour per method: solid after fine-tuning, dashed one-shot."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    dense = next((r.top1 for r in rows if r.method == DENSE and r.top1 is not None), None)
+    oneshot = sparsity_curves(rows, "top1_oneshot")
+    for index, (method, points) in enumerate(sorted(sparsity_curves(rows, "top1").items())):
+        colour = f"C{index}"
+        xs, ys = zip(*points, strict=True)
+        ax.plot(
+            [100 * x for x in xs],
+            [100 * y for y in ys],
+            marker="o",
+            color=colour,
+            label=f"{method}, fine-tuned",
+        )
+        if oneshot.get(method):
+            xs, ys = zip(*oneshot[method], strict=True)
+            ax.plot(
+                [100 * x for x in xs],
+                [100 * y for y in ys],
+                marker="x",
+                linestyle="--",
+                color=colour,
+                label=f"{method}, one-shot",
+            )
+    if dense is not None:
+        ax.axhline(100 * dense, color="grey", linewidth=1, label="dense")
+    ax.set_xlabel("sparsity (%)")
+    ax.set_ylabel("top-1 on digits-vit test (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
 
 
-def speedup_points(rows: list[Row], engine: str = "deepsparse", batch: int = 1
-                   ) -> dict[str, list[tuple[float, float, str]]]:
-    """(top-1 %, speed-up vs dense torch, settings label) per method: accuracy from the accuracy rows,
-    speed from the speed rows with the same method and settings."""
-    accuracy = {_method_key(r): r.top1 for r in rows if r.top1 is not None}
-    points: dict[str, list[tuple[float, float, str]]] = {}
-    for r in rows:
-        top1 = accuracy.get(_method_key(r))
-        entry = next((s for s in r.speed if s.engine == engine and s.batch == batch), None)
-        if top1 is not None and entry is not None and entry.speedup_vs_dense_torch is not None:
-            label = ", ".join(str(v) for v in r.settings.values())
-            points.setdefault(r.method, []).append((100 * top1, entry.speedup_vs_dense_torch, label))
-    return points
+def plot_speedup(rows: list[Row], path: Path) -> None:
+    """Speed-up over dense PyTorch per timed row (dense first), one bar per engine, one panel per batch."""
+    plt = _pyplot()
+    pruned = [r for r in rows if r.speed]
+    batches = sorted({s.batch for r in pruned for s in r.speed})
+    engines = sorted({s.engine for r in pruned for s in r.speed})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.8 * len(batches), 4.4), squeeze=False)
+    width = 0.8 / max(len(engines), 1)
+    for ax, batch in zip(axes[0], batches, strict=True):
+        for e_index, engine in enumerate(engines):
+            values = [
+                next(
+                    (
+                        s.speedup_vs_dense_torch or 0
+                        for s in r.speed
+                        if s.engine == engine and s.batch == batch
+                    ),
+                    0,
+                )
+                for r in pruned
+            ]
+            ax.bar([i + e_index * width for i in range(len(pruned))], values, width, label=engine)
+        ax.set_xticks([i + width * (len(engines) - 1) / 2 for i in range(len(pruned))])
+        ax.set_xticklabels(
+            [", ".join(str(v) for v in r.settings.values()) for r in pruned],
+            rotation=30,
+            ha="right",
+            fontsize=8,
+        )
+        ax.axhline(1.0, color="grey", linewidth=1)
+        ax.set_title(f"batch {batch}")
+        ax.set_ylabel("speed-up vs dense PyTorch (median latency)")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].legend(fontsize=8)
+    _save(fig, path)
 
 
-def plot_speedup(points: dict[str, list[tuple[float, float, str]]], path: Path, engine: str = "deepsparse",
-                 batch: int = 1) -> None:
-    """Draw speed-up vs top-1, one line per method, as a PNG at `path` (any file name)."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for method, pts in sorted(points.items()):
-        xs, ys, labels = zip(*sorted(pts), strict=True)
-        ax.plot(xs, ys, marker="o", label=method)
-        for x, y, text in zip(xs, ys, labels, strict=True):
-            if text:
-                ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("top-1 on digits-vit (%)")
-    ax.set_ylabel(f"speed-up vs dense PyTorch ({engine}, batch {batch})")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    return plt
+
+
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def write_report(directory: Path, meta: dict[str, Any], rows: list[Row]) -> dict[str, Path]:
-    """Write the three report files into `directory` (each via a temp file and rename)."""
+    """Write the report files into `directory` (each via a temp file and rename)."""
     from vitsparse.compiler.recipe import atomic_path
 
     directory.mkdir(parents=True, exist_ok=True)
+    files: dict[str, tuple[str, Any]] = {
+        "results": (
+            "results.json",
+            lambda p: p.write_text(
+                json.dumps(results_document(meta, rows), indent=2) + "\n", encoding="utf-8"
+            ),
+        ),
+        "report": ("report.md", lambda p: p.write_text(markdown_report(meta, rows), encoding="utf-8")),
+    }
+    if sparsity_curves(rows, "top1"):
+        files["accuracy_plot"] = ("accuracy.png", lambda p: plot_accuracy(rows, p))
+    if any(r.speed and r.method != DENSE for r in rows):
+        files["speed_plot"] = ("speedup.png", lambda p: plot_speedup(rows, p))
     written = {}
-    with atomic_path(directory / "results.json") as tmp:
-        tmp.write_text(json.dumps(results_document(meta, rows), indent=2) + "\n", encoding="utf-8")
-    written["results"] = directory / "results.json"
-    with atomic_path(directory / "report.md") as tmp:
-        tmp.write_text(markdown_report(meta, rows), encoding="utf-8")
-    written["report"] = directory / "report.md"
-    points = speedup_points(rows)
-    if points:  # nothing to pair when accuracy or speed rows were skipped
-        with atomic_path(directory / "speedup.png") as tmp:
-            plot_speedup(points, tmp)
-        written["plot"] = directory / "speedup.png"
+    for key, (name, write) in files.items():
+        with atomic_path(directory / name) as tmp:
+            write(tmp)
+        written[key] = directory / name
     return written

@@ -1,8 +1,11 @@
 """results.json: the versioned record of one prune-and-bench run (documented in README).
 
-{"schema": 1, "meta": {...}, "rows": [{"model", "method", "settings", "top1", "top1_oneshot", "macs",
- "params", "nonzero_params", "artifact", "speed": [{"engine", "batch", "items_per_sec",
- "latency_ms": {"mean", "p50", "p90", "p99"}, "speedup_vs_dense_torch", "speedup_vs_dense_same_engine"}]}]}
+{"schema": 2, "meta": {...}, "rows": [{"model", "method", "settings", "top1", "top1_oneshot", "macs",
+ "params", "nonzero_params", "prune_seconds", "calibration_samples", "artifact", "speed": [{"engine",
+ "batch", "items_per_sec", "latency_ms": {"mean", "p50", "p90", "p99"}, "speedup_vs_dense_torch",
+ "speedup_vs_dense_same_engine", "fraction_of_supported_ops"}]}]}
+
+Schema 2 added `prune_seconds` (how long choosing the masks took) and `calibration_samples`.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -38,6 +41,8 @@ class Row:
     macs: int | None = None
     params: int | None = None
     nonzero_params: int | None = None
+    prune_seconds: float | None = None
+    calibration_samples: int | None = None
     artifact: str | None = None
     speed: list[SpeedEntry] = field(default_factory=list)
 

@@ -1,6 +1,6 @@
 """The prune-and-bench workflow: accuracy on the built-in digits-vit, speed on a real-size ViT.
 
-Methods join through METHODS (name → pass factory); today: magnitude masks.
+Methods join through `methods.METHODS` (name → saliency and scope of the shared sparsity pass).
 """
 
 from __future__ import annotations
@@ -9,24 +9,27 @@ import datetime as dt
 import os
 import platform
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from vitsparse.compiler import GraphPass, PassManager, Recipe, trace
 from vitsparse.compiler.export import library_versions
-from vitsparse.models import build_model
-from vitsparse.pruners import MagnitudePass
+from vitsparse.compiler.trace import example_input
+from vitsparse.models import build_model, imagefolder_loader
+from vitsparse.pruners import make_calibration
 from vitsparse.runtime import ENGINES as RUNTIME_ENGINES
 
 from .accuracy import digits_rows
+from .methods import METHODS, SpeedSetting
 from .profiles import get_profile
 from .report import speed_table, write_report
 from .schema import Row
 from .speed import TORCH, SpeedCandidate, TimingPlan, measure_speed
 
-METHODS: dict[str, Callable[[float], GraphPass]] = {"magnitude": lambda s: MagnitudePass(sparsity=s)}
 ENGINES = (*RUNTIME_ENGINES, TORCH)  # the CPU engines plus dense PyTorch as the baseline
+SOLVER_TIMING_SPARSITY = 0.75
 
 
 @dataclass
@@ -36,10 +39,13 @@ class BenchOptions:
     model_kwargs: dict = field(default_factory=dict)
     pretrained: bool = False
     checkpoint: str | None = None
-    methods: tuple[str, ...] = ("magnitude",)
-    sparsities: tuple[float, ...] | None = None  # overrides the profile's speed settings
+    methods: tuple[str, ...] = tuple(METHODS)  # compared on digits-vit (and timed as solvers)
+    speed_method: str = "magnitude"  # chooses the masks timed on the speed model
+    speed_settings: tuple[SpeedSetting, ...] | None = None  # overrides the profile's
     accuracy_sparsities: tuple[float, ...] | None = None  # overrides the profile's digits settings
     finetune_epochs: int | None = None
+    solver_timing_samples: int | None = None  # overrides the profile's; 0 skips solver timing
+    calibration_data: Path | None = None  # ImageFolder for solver timing; random images otherwise
     batch_sizes: tuple[int, ...] | None = None
     engines: tuple[str, ...] = ENGINES
     seconds_per_block: float | None = None
@@ -51,44 +57,88 @@ class BenchOptions:
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.methods) - set(METHODS)) + sorted(set(self.engines) - set(ENGINES))
+        unknown += [self.speed_method] if self.speed_method not in METHODS else []
         if unknown:
             raise ValueError(
                 f"unknown methods/engines {unknown}; methods: {', '.join(METHODS)}; "
                 f"engines: {', '.join(ENGINES)}"
             )
-        if any(not 0 <= s < 1 for s in self.sparsities or ()):
-            raise ValueError(f"sparsities must lie in [0, 1), got {self.sparsities}")
+        if any(not 0 <= s < 1 for s in self.accuracy_sparsities or ()):
+            raise ValueError(f"sparsities must lie in [0, 1), got {self.accuracy_sparsities}")
+        if self.solver_timing_samples is not None and self.solver_timing_samples < 0:
+            raise ValueError(f"solver timing samples must be >= 0, got {self.solver_timing_samples}")
 
 
-def _speed_candidates(opts: BenchOptions, sparsities: tuple[float, ...]) -> list[SpeedCandidate]:
-    """The dense speed model first, then every method at every setting."""
-    model = build_model(
-        opts.model, pretrained=opts.pretrained, checkpoint=opts.checkpoint, **opts.model_kwargs
-    )
-    base = {
+def _base(opts: BenchOptions) -> dict:
+    return {
         "model": opts.model,
         "kwargs": opts.model_kwargs,
         "pretrained": opts.pretrained,
         "checkpoint": opts.checkpoint,
     }
+
+
+def _costed_row(opts: BenchOptions, method: str, settings: dict, manager: PassManager) -> Row:
+    costs = manager.costs
+    return Row(
+        model=opts.model,
+        method=method,
+        settings=settings,
+        macs=costs.macs,
+        params=costs.params,
+        nonzero_params=costs.nonzero_params,
+    )
+
+
+def _speed_model(opts: BenchOptions) -> torch.nn.Module:
+    return build_model(
+        opts.model, pretrained=opts.pretrained, checkpoint=opts.checkpoint, **opts.model_kwargs
+    )
+
+
+def _speed_candidates(
+    opts: BenchOptions, model: torch.nn.Module, settings: tuple[SpeedSetting, ...], calibration
+) -> list[SpeedCandidate]:
+    """The dense speed model first, then the speed method at every mask setting."""
+    method = METHODS[opts.speed_method]
     runs: list[tuple[str, dict, GraphPass | None]] = [("dense", {}, None)]
-    runs += [(m, {"sparsity": s}, METHODS[m](s)) for m in opts.methods for s in sparsities]
+    runs += [
+        (opts.speed_method, s.settings(), method.make_pass(s.sparsity, s.pattern, calibration))
+        for s in settings
+    ]
     candidates = []
-    for method, settings, graph_pass in runs:
-        manager = PassManager(trace(model), recipe=Recipe(base=base))
+    for name, row_settings, graph_pass in runs:
+        manager = PassManager(trace(model), recipe=Recipe(base=_base(opts)))
         if graph_pass is not None:
             manager.run(graph_pass)
-        costs = manager.costs
-        row = Row(
-            model=opts.model,
-            method=method,
-            settings=settings,
-            macs=costs.macs,
-            params=costs.params,
-            nonzero_params=costs.nonzero_params,
-        )
+        row = _costed_row(opts, name, row_settings, manager)
         candidates.append(SpeedCandidate(row, manager.graph_module, manager.recipe))
     return candidates
+
+
+def _calibration_images(opts: BenchOptions, model: torch.nn.Module, samples: int):
+    """Images for the data-aware solvers on the speed model: the user's folder, else seeded noise
+    (enough to time a solver; labels are dropped, so the Fisher uses the model's own predictions)."""
+    if opts.calibration_data is not None:
+        loader = imagefolder_loader(opts.calibration_data, model, batch_size=32)
+        return make_calibration((images for images, _ in loader), samples)
+    return example_input(trace(model), samples)
+
+
+def _solver_rows(opts: BenchOptions, model: torch.nn.Module, calibration, samples: int) -> list[Row]:
+    """Each data-aware method, one-shot on the speed model: how long choosing the masks takes."""
+    rows = []
+    for name in (m for m in opts.methods if METHODS[m].needs_calibration):
+        print(f"      {name} at {SOLVER_TIMING_SPARSITY:.0%}", flush=True)
+        manager = PassManager(trace(model), recipe=Recipe(base=_base(opts)))
+        manager.run(METHODS[name].make_pass(SOLVER_TIMING_SPARSITY, calibration=calibration, samples=samples))
+        row = _costed_row(
+            opts, name, {"sparsity": SOLVER_TIMING_SPARSITY, "pattern": "unstructured"}, manager
+        )
+        row.prune_seconds = manager.recipe.passes[-1].stats["seconds"]
+        row.calibration_samples = manager.recipe.passes[-1].stats.get("calibration_samples")
+        rows.append(row)
+    return rows
 
 
 def _meta(opts: BenchOptions, plan: TimingPlan, started: float) -> dict:
@@ -101,6 +151,8 @@ def _meta(opts: BenchOptions, plan: TimingPlan, started: float) -> dict:
         "num_cores": plan.num_cores,
         "speed_model": opts.model,
         "speed_weights": weights,
+        "speed_method": opts.speed_method,
+        "calibration": str(opts.calibration_data) if opts.calibration_data else "seeded random images",
         "batch_sizes": list(plan.batch_sizes),
         "engines": list(plan.engines),
         "timing": {
@@ -115,34 +167,45 @@ def _meta(opts: BenchOptions, plan: TimingPlan, started: float) -> dict:
     }
 
 
-def run_prune_and_bench(opts: BenchOptions) -> Path:
-    """Run the whole path and write report.md, results.json and speedup.png; returns the run folder."""
-    started = time.perf_counter()
-    profile = get_profile(opts.profile)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = opts.output_dir / f"{stamp}-{profile.name}"
-    artifacts = run_dir / "artifacts"
-    plan = TimingPlan(
+def _timing_plan(opts: BenchOptions, profile) -> TimingPlan:
+    return TimingPlan(
         batch_sizes=opts.batch_sizes or profile.batch_sizes,
         engines=opts.engines,
         rounds=opts.rounds or profile.rounds,
         seconds_per_block=opts.seconds_per_block or profile.seconds_per_block,
         num_cores=opts.num_cores,
     )
+
+
+def run_prune_and_bench(opts: BenchOptions) -> Path:
+    """Run the whole path and write report.md, results.json and the plots; returns the run folder."""
+    started = time.perf_counter()
+    profile = get_profile(opts.profile)
+    run_dir = opts.output_dir / f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{profile.name}"
+    artifacts = run_dir / "artifacts"
+    plan = _timing_plan(opts, profile)
     rows: list[Row] = []
     if opts.accuracy:
-        settings = opts.accuracy_sparsities or profile.accuracy_sparsities
-        print(f"[1/2] accuracy on digits-vit: magnitude at {settings}", flush=True)
-        rows += digits_rows(
-            settings, opts.finetune_epochs or profile.finetune_epochs, artifacts, opts.progress
-        )
-    sparsities = opts.sparsities or profile.speed_sparsities
+        sparsities = opts.accuracy_sparsities or profile.accuracy_sparsities
+        print(f"[1/3] accuracy on digits-vit: {', '.join(opts.methods)} at {sparsities}", flush=True)
+        epochs = opts.finetune_epochs or profile.finetune_epochs
+        rows += digits_rows(opts.methods, sparsities, epochs, artifacts, opts.progress)
+    model = _speed_model(opts)
+    samples = (
+        profile.solver_timing_samples if opts.solver_timing_samples is None else opts.solver_timing_samples
+    )
+    calibration = _calibration_images(opts, model, max(samples, 1))
+    if samples:
+        print(f"[2/3] solver time on {opts.model}, {samples} calibration images", flush=True)
+        rows += _solver_rows(opts, model, calibration, samples)
+    settings = opts.speed_settings or profile.speed_settings
     print(
-        f"[2/2] speed on {opts.model}: {', '.join(opts.methods)} at {sparsities}, batch sizes "
-        f"{plan.batch_sizes}, engines {', '.join(plan.engines)}",
+        f"[3/3] speed on {opts.model}: {opts.speed_method} masks at "
+        f"{', '.join(f'{s.sparsity:g} {s.pattern}' for s in settings)}, batch sizes {plan.batch_sizes}, "
+        f"engines {', '.join(plan.engines)}",
         flush=True,
     )
-    candidates = _speed_candidates(opts, sparsities)
+    candidates = _speed_candidates(opts, model, settings, calibration)
     measure_speed(candidates, plan, artifacts)
     rows += [c.row for c in candidates]
     written = write_report(run_dir, _meta(opts, plan, started), rows)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from vitsparse.bench.cli import main
+from vitsparse.bench.methods import SpeedSetting, parse_speed_setting
 from vitsparse.bench.workflow import BenchOptions, run_prune_and_bench
 from vitsparse.compiler.export import ARTIFACT_FILES
 
@@ -15,30 +16,45 @@ from vitsparse.compiler.export import ARTIFACT_FILES
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     opts = BenchOptions(
-        model="deit_tiny_patch16_224", model_kwargs={"img_size": 32, "depth": 2}, sparsities=(0.9,),
-        accuracy_sparsities=(0.5,), finetune_epochs=1, batch_sizes=(1, 2), seconds_per_block=0.05,
-        rounds=1, num_cores=1, output_dir=tmp_path_factory.mktemp("runs"), progress=False,
+        model="deit_tiny_patch16_224", model_kwargs={"img_size": 32, "depth": 2},
+        speed_settings=(SpeedSetting(0.9), SpeedSetting(0.5, "2:4"), SpeedSetting(0.5, "1x4")),
+        accuracy_sparsities=(0.5,), finetune_epochs=1, solver_timing_samples=8, batch_sizes=(1, 2),
+        seconds_per_block=0.05, rounds=1, num_cores=1, output_dir=tmp_path_factory.mktemp("runs"),
+        progress=False,
     )
     return run_prune_and_bench(opts)
 
 
 def test_results_follow_the_schema(run_dir: Path) -> None:
     doc = json.loads((run_dir / "results.json").read_text())
-    assert doc["schema"] == 1 and doc["meta"]["profile"] == "default"
+    assert doc["schema"] == 2 and doc["meta"]["profile"] == "default"
     assert doc["meta"]["speed_weights"] == "random"
     keys = {"model", "method", "settings", "top1", "top1_oneshot", "macs", "params", "nonzero_params",
-            "artifact", "speed"}
+            "prune_seconds", "calibration_samples", "artifact", "speed"}
     assert all(keys <= set(row) for row in doc["rows"])
     digits = [r for r in doc["rows"] if r["model"] == "digits-vit"]
-    assert [(r["method"], r["settings"]) for r in digits] == [("dense", {}), ("magnitude", {"sparsity": 0.5})]
+    methods = ("magnitude", "obs-layerwise", "obs-fisher")
+    assert [(r["method"], r["settings"]) for r in digits] == [("dense", {})] + [
+        (m, {"sparsity": 0.5, "pattern": "unstructured"}) for m in methods]
     assert all(0 <= r["top1"] <= 1 and 0 <= r["top1_oneshot"] <= 1 for r in digits)
-    assert digits[1]["nonzero_params"] < digits[0]["nonzero_params"]
+    assert all(r["nonzero_params"] < digits[0]["nonzero_params"] for r in digits[1:])
+    assert [r["calibration_samples"] for r in digits[1:]] == [None, 256, 256]
+
+
+def test_each_solver_is_timed_on_the_speed_model(run_dir: Path) -> None:
+    rows = json.loads((run_dir / "results.json").read_text())["rows"]
+    timed = [r for r in rows if r["model"] != "digits-vit" and r["prune_seconds"] is not None]
+    assert [(r["method"], r["calibration_samples"]) for r in timed] == [
+        ("obs-layerwise", 8), ("obs-fisher", 8)]
+    assert all(r["prune_seconds"] > 0 and not r["speed"] for r in timed)
 
 
 def test_speed_rows_time_every_engine_against_the_dense_baseline(run_dir: Path) -> None:
     all_rows = json.loads((run_dir / "results.json").read_text())["rows"]
-    rows = [r for r in all_rows if r["model"] != "digits-vit"]
-    assert [r["method"] for r in rows] == ["dense", "magnitude"] and rows[0]["top1"] is None
+    rows = [r for r in all_rows if r["model"] != "digits-vit" and r["speed"]]
+    assert [(r["method"], r["settings"].get("pattern")) for r in rows] == [
+        ("dense", None), ("magnitude", "unstructured"), ("magnitude", "2:4"), ("magnitude", "1x4")]
+    assert rows[0]["top1"] is None
     for row in rows:
         assert {(s["engine"], s["batch"]) for s in row["speed"]} == {
             (e, b) for e in ("deepsparse", "onnxruntime", "torch") for b in (1, 2)}
@@ -54,13 +70,19 @@ def test_speed_rows_time_every_engine_against_the_dense_baseline(run_dir: Path) 
 def test_every_row_keeps_its_artifact(run_dir: Path) -> None:
     rows = json.loads((run_dir / "results.json").read_text())["rows"]
     for row in rows:
-        assert sorted(p.name for p in Path(row["artifact"]).iterdir()) == sorted(ARTIFACT_FILES)
+        if row["model"] != "digits-vit" and not row["speed"]:  # a solver-timing row exports nothing
+            assert row["artifact"] is None and row["prune_seconds"] > 0
+        else:
+            assert sorted(p.name for p in Path(row["artifact"]).iterdir()) == sorted(ARTIFACT_FILES)
 
 
 def test_report_and_plot_are_written(run_dir: Path) -> None:
     report = (run_dir / "report.md").read_text()
-    assert "## Accuracy" in report and "## Speed" in report and "magnitude(sparsity=0.9)" in report
-    assert (run_dir / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Accuracy" in report and "## Speed" in report and "## Solver time" in report
+    assert "magnitude(pattern=2:4, sparsity=0.5)" in report
+    assert "| 50% | " in report  # the sparsity-by-method table
+    for plot in ("speedup.png", "accuracy.png"):
+        assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_bench_options_are_clear_errors(capsys) -> None:
@@ -68,3 +90,20 @@ def test_bad_bench_options_are_clear_errors(capsys) -> None:
     assert "unknown methods/engines ['pixie-dust']" in capsys.readouterr().err
     assert main(["prune-and-bench", "--sparsities", "1.5"]) == 2
     assert "sparsities must lie in [0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["prune-and-bench", "--speed-settings", "0.75@2:4"])
+    assert "fixes the sparsity at 0.5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("0.9", SpeedSetting(0.9)), ("2:4", SpeedSetting(0.5, "2:4")), ("0.75@1x4", SpeedSetting(0.75, "1x4")),
+])
+def test_speed_settings_parse(text: str, expected: SpeedSetting) -> None:
+    assert parse_speed_setting(text) == expected
+
+
+@pytest.mark.parametrize("text,message", [("1x4", "needs a sparsity|give a sparsity"), ("1.2", r"\[0, 1\)"),
+                                          ("0.5@blocks", "unknown sparsity pattern")])
+def test_bad_speed_settings_say_what_is_wrong(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_speed_setting(text)
