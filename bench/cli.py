@@ -179,7 +179,8 @@ def _bench_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--finetune-epochs", type=int, help="epochs of the digits-vit fine-tune")
     parser.add_argument("-b", "--batch-sizes", type=_csv(int), help="e.g. 1,16")
-    parser.add_argument("-e", "--engines", type=_csv(str), default=("deepsparse", "onnxruntime", "torch"))
+    parser.add_argument("-e", "--engines", type=_csv(str),
+                        help="engines to time (default: every one that can run here, plus torch)")
     parser.add_argument("-t", "--time", type=float, dest="seconds_per_block", help="seconds per timing block")
     parser.add_argument("--rounds", type=int, help="alternating timing rounds")
     parser.add_argument("-ncores", "--num-cores", type=int, help="cores for every engine")
@@ -208,7 +209,7 @@ def _prune_and_bench(args: argparse.Namespace) -> int:
             calibration_data=args.calibration_data,
             finetune_epochs=args.finetune_epochs,
             batch_sizes=args.batch_sizes,
-            engines=args.engines,
+            **({"engines": args.engines} if args.engines else {}),
             seconds_per_block=args.seconds_per_block,
             rounds=args.rounds,
             num_cores=args.num_cores,

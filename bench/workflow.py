@@ -20,6 +20,7 @@ from vitsparse.compiler.trace import example_input
 from vitsparse.models import build_model, imagefolder_loader
 from vitsparse.pruners import make_calibration
 from vitsparse.runtime import ENGINES as RUNTIME_ENGINES
+from vitsparse.runtime import engine_status
 
 from .accuracy import digits_rows
 from .methods import METHODS, SpeedSetting
@@ -29,6 +30,11 @@ from .schema import Row
 from .speed import TORCH, SpeedCandidate, TimingPlan, measure_speed
 
 ENGINES = (*RUNTIME_ENGINES, TORCH)  # the CPU engines plus dense PyTorch as the baseline
+
+
+def available_engines() -> tuple[str, ...]:
+    """The engines that can run here (DeepSparse needs Python < 3.12), plus PyTorch."""
+    return (*(e for e in RUNTIME_ENGINES if engine_status(e).available), TORCH)
 SOLVER_TIMING_SPARSITY = 0.75
 
 
@@ -47,7 +53,7 @@ class BenchOptions:
     solver_timing_samples: int | None = None  # overrides the profile's; 0 skips solver timing
     calibration_data: Path | None = None  # ImageFolder for solver timing; random images otherwise
     batch_sizes: tuple[int, ...] | None = None
-    engines: tuple[str, ...] = ENGINES
+    engines: tuple[str, ...] = field(default_factory=available_engines)
     seconds_per_block: float | None = None
     rounds: int | None = None
     num_cores: int | None = None

@@ -33,10 +33,12 @@ def evaluate(
 ) -> EvalResult:
     """Accuracy of ``model`` over ``(images, labels)`` batches, in eval mode under ``torch.inference_mode``.
 
-    The model is moved to ``device`` (default: CUDA if available) and its train/eval mode restored afterwards.
+    It runs on ``device`` (default: CUDA if available); the model's device and train/eval mode are restored
+    afterwards, so evaluating on a GPU never leaves a CPU model (bound for export) on the GPU.
     """
     device = torch.device(device) if device is not None else default_device()
     was_training = model.training
+    home = next(model.parameters(), torch.empty(0)).device
     model.to(device).eval()
     correct1 = correct5 = seen = 0
     num_classes = 0
@@ -56,6 +58,7 @@ def evaluate(
                 seen += len(labels)
     finally:
         model.train(was_training)
+        model.to(home)
     if seen == 0:
         raise ValueError("evaluate() got an empty loader; expected at least one (images, labels) batch")
     top5 = correct5 / seen if num_classes > 5 else None

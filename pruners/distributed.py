@@ -68,7 +68,12 @@ def process_device(requested: str | torch.device | None) -> torch.device:
     if requested is not None:
         return torch.device(requested)
     if torch.cuda.is_available():
-        device = torch.device("cuda", _env_int("LOCAL_RANK", 0))
+        local_rank = _env_int("LOCAL_RANK", 0)
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"this process has LOCAL_RANK {local_rank} but the machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s): start at most that many processes "
+                             f"per node, or pass FinetuneConfig(device='cpu')")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")

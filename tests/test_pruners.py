@@ -267,7 +267,8 @@ def _free_port() -> int:
 
 def test_ddp_finetune_under_torchrun_keeps_masks_identical_on_every_rank(digits_base, tmp_path: Path) -> None:
     script = Path(__file__).with_name("ddp_finetune_check.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # digits-vit is cached by the fixture before launching
+    # digits-vit is cached by the fixture before launching; the check is CPU/gloo even on a GPU machine
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", str(_free_port()), str(script), str(tmp_path)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
