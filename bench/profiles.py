@@ -6,12 +6,7 @@ from dataclasses import dataclass
 
 from .methods import SpeedSetting
 
-UNSTRUCTURED_AND_PATTERNS = (
-    SpeedSetting(0.75),
-    SpeedSetting(0.9),
-    SpeedSetting(0.5, "2:4"),
-    SpeedSetting(0.75, "1x4"),
-)
+PATTERNS = (SpeedSetting(0.9), SpeedSetting(0.5, "2:4"), SpeedSetting(0.75, "1x4"))
 
 
 @dataclass(frozen=True)
@@ -30,7 +25,7 @@ PROFILES: dict[str, Profile] = {
     "default": Profile(
         "default",
         accuracy_sparsities=(0.5, 0.6, 0.7, 0.75, 0.8, 0.9),
-        speed_settings=UNSTRUCTURED_AND_PATTERNS,
+        speed_settings=PATTERNS,
         batch_sizes=(1, 16),
         rounds=3,
         seconds_per_block=2.0,
@@ -40,7 +35,7 @@ PROFILES: dict[str, Profile] = {
     "full": Profile(
         "full",
         accuracy_sparsities=(0.5, 0.6, 0.7, 0.75, 0.8, 0.9),
-        speed_settings=(SpeedSetting(0.5), *UNSTRUCTURED_AND_PATTERNS),
+        speed_settings=(SpeedSetting(0.5), SpeedSetting(0.75), *PATTERNS),
         batch_sizes=(1, 16),
         rounds=5,
         seconds_per_block=4.0,

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from .calibration import Calibration
 from .patterns import NOfM, weight_view
 from .saliency import Masks, SaliencyRequest, register_saliency
+from .solver_settings import check_counts, check_damp, check_device, resolve_device
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
 
@@ -69,23 +70,9 @@ class FisherObsSettings:
     device: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "num_grads", "grad_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"obs-fisher {name} must be an integer >= 1, got {value!r}")
-        damp = self.damp
-        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) \
-                or damp <= 0:
-            raise ValueError(f"obs-fisher damp must be a finite number > 0 (a fraction of the mean Fisher "
-                             f"diagonal, e.g. 0.01), got {damp!r}")
-        if self.device is not None:
-            if not isinstance(self.device, str):
-                raise ValueError(f"obs-fisher device must be a string such as 'cpu' or 'cuda', or None, "
-                                 f"got {self.device!r}")
-            try:
-                torch.device(self.device)
-            except RuntimeError as err:
-                raise ValueError(f"obs-fisher device {self.device!r} is not a torch device: {err}") from None
+        check_counts("obs-fisher", self, ("block_size", "num_grads", "grad_batch_size"))
+        check_damp("obs-fisher", self.damp, "Fisher")
+        check_device("obs-fisher", self.device)
 
 
 @dataclass
@@ -402,13 +389,6 @@ def _final_weights(request: SaliencyRequest, fishers: dict[str, tuple[torch.Tens
     return masks
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """The device to work on: `device`, or CUDA when available, else the CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _solve(request: SaliencyRequest, settings: FisherObsSettings, device: torch.device) -> Masks:
     """The whole solver on a model already on `device` and in eval mode."""
     batches = _gradient_batches(request.calibration, settings)
@@ -437,7 +417,7 @@ def fisher_obs_masks(request: SaliencyRequest, settings: FisherObsSettings) -> M
         raise ValueError(f"pattern {request.pattern.spec} fixes the sparsity of every group; "
                          f"use scope 'layer'")
     _check_layers(request, settings)
-    gm, device = request.gm, resolve_device(settings.device)
+    gm, device = request.gm, resolve_device("obs-fisher", settings.device)
     first = next(gm.parameters(), None)
     home = first.device if first is not None else torch.device("cpu")
     modes = {m: m.training for m in gm.modules()}

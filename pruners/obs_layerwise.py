@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .calibration import Calibration
 from .patterns import NOfM, Pattern, weight_view
 from .saliency import Masks, SaliencyRequest, register_saliency
+from .solver_settings import check_counts, check_damp, check_device, resolve_device
 
 logger = logging.getLogger(__name__)
 CHOLESKY_RETRIES = 4  # each retry multiplies the damping by 10
@@ -42,6 +43,9 @@ class LayerwiseObsSettings:
     Hessians; `damp` is the fraction of the mean Hessian diagonal added to its diagonal (keeps the
     inverse well conditioned); `block_size` columns share one lazy update (a multiple of the
     pattern's unit, or of M for N:M); `device` runs the work there (None: CUDA when available).
+    `sequential` gathers each layer's Hessian after the layers before it in the same block are
+    pruned (SparseGPT's "true sequential"): more accurate at high sparsity, about 4× the forward
+    passes (digits-vit one-shot at 80 %: 95.6 % top-1 against 93.3 % block by block).
     """
 
     samples: int = 128
@@ -49,41 +53,18 @@ class LayerwiseObsSettings:
     damp: float = 0.01
     block_size: int = 128
     device: str | None = None
+    sequential: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("samples", "batch_size", "block_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"obs-layerwise {name} must be an integer >= 1, got {value!r}")
-        damp = self.damp
-        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) \
-                or damp <= 0:
-            raise ValueError(f"obs-layerwise damp must be a finite number > 0 (a fraction of the mean "
-                             f"Hessian diagonal, e.g. 0.01), got {damp!r}")
-        if self.device is not None:
-            if not isinstance(self.device, str):
-                raise ValueError(f"obs-layerwise device must be a string such as 'cpu' or 'cuda', or None, "
-                                 f"got {self.device!r}")
-            try:
-                torch.device(self.device)
-            except RuntimeError as err:
-                raise ValueError(f"obs-layerwise device {self.device!r} is not a torch device: "
-                                 f"{err}") from None
+        check_counts("obs-layerwise", self, ("samples", "batch_size", "block_size"))
+        check_damp("obs-layerwise", self.damp, "Hessian")
+        check_device("obs-layerwise", self.device)
+        if not isinstance(self.sequential, bool):
+            raise ValueError(f"obs-layerwise sequential must be True or False, got {self.sequential!r}")
 
 
 class _StageDone(Exception):
     """Raised by the stage's last layer once its input is seen: the rest of the network is not needed."""
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """The device to work on: `device`, or CUDA when available, else the CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"obs-layerwise device {device!r} asked for CUDA, which is not available here; "
-                         f"use device='cpu' or leave it unset")
-    return resolved
 
 
 def check_layer(name: str, module: nn.Module) -> None:
@@ -122,8 +103,9 @@ def graph_order(gm: fx.GraphModule) -> dict[str, int]:
     return order
 
 
-def make_stages(request: SaliencyRequest) -> list[list[str]]:
-    """Target names grouped into patch embedding / each block / heads, stages and layers in graph order."""
+def make_stages(request: SaliencyRequest, sequential: bool = False) -> list[list[str]]:
+    """Target names grouped into patch embedding / each block / heads (or one layer a stage when
+    `sequential`), stages and layers in graph order."""
     s = request.structure
     stage_of = {s.patch_embed: -1, **{h: len(s.blocks) for h in s.heads}}
     for block in s.blocks:
@@ -136,7 +118,8 @@ def make_stages(request: SaliencyRequest) -> list[list[str]]:
     stages: dict[object, list[str]] = {}
     for name in sorted(request.names, key=order.__getitem__):
         stages.setdefault(stage_of.get(name, name), []).append(name)
-    return sorted(stages.values(), key=lambda names: order[names[0]])
+    grouped = sorted(stages.values(), key=lambda names: order[names[0]])
+    return [[name] for names in grouped for name in names] if sequential else grouped
 
 
 def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -339,8 +322,8 @@ def layerwise_obs_masks(request: SaliencyRequest, settings: LayerwiseObsSettings
     """
     _check_request(request, settings)
     batches = calibration_batches(request.calibration, settings)
-    stages = make_stages(request)
-    device = resolve_device(settings.device)
+    stages = make_stages(request, settings.sequential)
+    device = resolve_device("obs-layerwise", settings.device)
     gm = request.gm
     home, was_training = next(gm.parameters()).device, gm.training
     masks: dict[str, torch.Tensor] = {}

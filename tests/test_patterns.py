@@ -9,6 +9,7 @@ from vitsparse.compiler import PassManager, Recipe, trace
 from vitsparse.pruners import (
     MagnitudePass,
     SparsityConfig,
+    SparsityPass,
     check_mask_pattern,
     mask_sparsity,
     masked_modules,
@@ -148,8 +149,11 @@ def test_bad_schedules_raise_clear_errors(steps, message: str) -> None:
         gradual_prune(_manager(1), SparsityConfig(pattern="2:4"), GradualConfig(steps=3))
 
 
-@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.75), ("2:4", None), ("1x4", 0.75)])
-def test_the_exported_onnx_holds_exactly_the_masks_and_sparsity(tmp_path, pattern, sparsity) -> None:
+@pytest.mark.parametrize("saliency,pattern,sparsity", [
+    ("magnitude", "unstructured", 0.75), ("magnitude", "2:4", None), ("magnitude", "1x4", 0.75),
+    ("obs-layerwise", "unstructured", 0.75), ("obs-layerwise", "1x4", 0.5), ("obs-fisher", "2:4", None),
+])
+def test_the_exported_onnx_holds_exactly_the_masks(tmp_path, saliency, pattern, sparsity) -> None:
     import onnx
     from onnx import numpy_helper
 
@@ -157,7 +161,10 @@ def test_the_exported_onnx_holds_exactly_the_masks_and_sparsity(tmp_path, patter
     from vitsparse.runtime import inspect_onnx
 
     manager = _manager(depth=1)
-    gm = manager.run(MagnitudePass(sparsity=sparsity, pattern=pattern))
+    calibration = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    solver = {"num_grads": 16} if saliency == "obs-fisher" else {}
+    gm = manager.run(SparsityPass(saliency=saliency, sparsity=sparsity, pattern=pattern, solver=solver,
+                                  calibration=None if saliency == "magnitude" else calibration))
     export_artifact(gm, manager.recipe, tmp_path / "art")
     report = inspect_onnx(tmp_path / "art" / "model.onnx")
     graph = onnx.load(tmp_path / "art" / "model.onnx").graph

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from vitsparse.compiler.export import ARTIFACT_FILES
@@ -32,3 +33,28 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys) -> None:
                            "digits-75/weights.safetensors")
     sample = next(iter(namespace["data"].test))[0]
     assert torch.equal(rebuilt(sample), namespace["pruned"](sample))
+
+
+def test_readme_second_order_and_gradual_examples_run(monkeypatch) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    assert len(blocks) == 3, "the API example, second-order pruning, gradual pruning"
+    namespace: dict = {}
+    first = blocks[0].split("manager = PassManager")[0]  # imports, the dense model and the data
+    from vitsparse.pruners import finetune as real_finetune
+
+    def short_finetune(model, train, val=None, config=None, teacher=None, progress=True):  # keeps CI quick
+        from dataclasses import replace
+
+        return real_finetune(model, train, val, replace(config, max_steps=2), teacher, progress=False)
+
+    exec(compile(first + "from vitsparse.compiler import PassManager\n", str(README), "exec"), namespace)
+    exec(compile(blocks[1], str(README), "exec"), namespace)  # noqa: S102 - our own documentation
+    sparsity = namespace["manager"].recipe.passes[-1].decisions["sparsity"]
+    assert sparsity == pytest.approx(0.8, abs=1e-4)
+    assert namespace["manager"].recipe.passes[-1].params["saliency"] == "obs-fisher"
+    namespace["manager"] = namespace["PassManager"](namespace["trace"](namespace["dense"]))
+    namespace["finetune"] = short_finetune
+    exec(compile(blocks[2], str(README), "exec"), namespace)  # noqa: S102
+    passes = namespace["manager"].recipe.passes
+    assert [p.params["saliency"] for p in passes] == ["obs-layerwise"] * 4
+    assert passes[-1].decisions["sparsity"] == pytest.approx(0.9, abs=1e-4)
