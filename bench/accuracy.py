@@ -13,6 +13,7 @@ from vitsparse.pruners import FinetuneConfig, finetune, make_calibration
 
 from .methods import METHODS
 from .schema import Row
+from .speed import artifact_slug
 
 MODEL = "digits-vit"
 CALIBRATION_IMAGES = 256  # training images the data-aware solvers see
@@ -33,8 +34,7 @@ def _row(method: str, settings: dict, graph, top1: float, top1_oneshot: float) -
 
 
 def _export(graph, recipe: Recipe, row: Row, artifacts: Path) -> None:
-    settings = "-".join(str(v).replace(":", "of") for v in row.settings.values())
-    target = artifacts / "-".join(p for p in (MODEL, row.method, settings) if p)
+    target = artifacts / artifact_slug(row)
     row.artifact = str(export_artifact(graph, recipe, target, ExportConfig(), overwrite=True).directory)
 
 

@@ -179,8 +179,12 @@ def _bench_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--finetune-epochs", type=int, help="epochs of the digits-vit fine-tune")
     parser.add_argument("-b", "--batch-sizes", type=_csv(int), help="e.g. 1,16")
-    parser.add_argument("-e", "--engines", type=_csv(str),
-                        help="engines to time (default: every one that can run here, plus torch)")
+    parser.add_argument(
+        "-e",
+        "--engines",
+        type=_csv(str),
+        help="engines to time (default: every one that can run here, plus torch)",
+    )
     parser.add_argument("-t", "--time", type=float, dest="seconds_per_block", help="seconds per timing block")
     parser.add_argument("--rounds", type=int, help="alternating timing rounds")
     parser.add_argument("-ncores", "--num-cores", type=int, help="cores for every engine")

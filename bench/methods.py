@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from vitsparse.pruners import SALIENCIES, SparsityConfig, SparsityPass
+from vitsparse.pruners import SALIENCIES, SparsityConfig, SparsityPass, parse_pattern
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Method:
             saliency=self.saliency,
             sparsity=sparsity,
             pattern=pattern,
-            scope=self.scope,
+            scope="layer" if parse_pattern(pattern).fixed_sparsity() is not None else self.scope,  # N:M
             solver=solver,
             calibration=calibration if self.needs_calibration else None,
         )

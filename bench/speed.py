@@ -36,9 +36,10 @@ class TimingPlan:
     num_cores: int | None
 
 
-def _slug(row: Row, batch: int) -> str:
-    settings = "-".join(f"{v}" for _, v in sorted(row.settings.items()))
-    return "-".join(p for p in (row.model, row.method, settings, f"b{batch}") if p)
+def artifact_slug(row: Row, suffix: str = "") -> str:
+    """A folder name for a row's artifact: model, method, settings values (':' spelled 'of'), suffix."""
+    settings = "-".join(str(v).replace(":", "of") for _, v in sorted(row.settings.items()))
+    return "-".join(p for p in (row.model, row.method, settings, suffix) if p)
 
 
 def _torch_runner(graph: fx.GraphModule, batch: int) -> Callable[[], object]:
@@ -67,7 +68,7 @@ def _runners_for_batch(
         result = export_artifact(
             cand.graph,
             cand.recipe,
-            artifacts / _slug(cand.row, batch),
+            artifacts / artifact_slug(cand.row, f"b{batch}"),
             ExportConfig(batch_size=batch),
             overwrite=True,
         )

@@ -30,12 +30,12 @@ from .schema import Row
 from .speed import TORCH, SpeedCandidate, TimingPlan, measure_speed
 
 ENGINES = (*RUNTIME_ENGINES, TORCH)  # the CPU engines plus dense PyTorch as the baseline
+SOLVER_TIMING_SPARSITY = 0.75
 
 
 def available_engines() -> tuple[str, ...]:
     """The engines that can run here (DeepSparse needs Python < 3.12), plus PyTorch."""
     return (*(e for e in RUNTIME_ENGINES if engine_status(e).available), TORCH)
-SOLVER_TIMING_SPARSITY = 0.75
 
 
 @dataclass
@@ -200,7 +200,7 @@ def run_prune_and_bench(opts: BenchOptions) -> Path:
     samples = (
         profile.solver_timing_samples if opts.solver_timing_samples is None else opts.solver_timing_samples
     )
-    calibration = _calibration_images(opts, model, max(samples, 1))
+    calibration = _calibration_images(opts, model, samples or get_profile("default").solver_timing_samples)
     if samples:
         print(f"[2/3] solver time on {opts.model}, {samples} calibration images", flush=True)
         rows += _solver_rows(opts, model, calibration, samples)

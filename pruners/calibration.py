@@ -39,6 +39,9 @@ def _split_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor | None]:
         return batch, None
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         labels = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        if labels is not None and labels.shape[:1] != batch[0].shape[:1]:
+            raise ValueError(f"calibration batch has {batch[0].shape[0]} images but labels of shape "
+                             f"{tuple(labels.shape)}")
         return batch[0], labels
     raise ValueError(f"calibration batches must be image tensors or (images, labels) pairs, got "
                      f"{type(batch).__name__}")

@@ -228,8 +228,22 @@ def finetune(model: nn.Module, train_loader: DataLoader, val_loader: Iterable | 
 def _run(model: nn.Module, train_loader: DataLoader, val_loader: Iterable | None, config: FinetuneConfig,
          teacher: nn.Module | None, progress: bool, device: torch.device,
          ctx: dist_utils.DistContext) -> FinetuneResult:
-    home = _device_of(model)
+    home, was_training = _device_of(model), model.training
     teacher_home = _device_of(teacher) if teacher is not None else None
+    try:
+        return _train_and_evaluate(model, train_loader, val_loader, config, teacher, progress, device, ctx)
+    except BaseException:
+        model.train(was_training)
+        raise
+    finally:  # trained on the GPU, handed back where the caller keeps it
+        model.to(home)
+        if teacher is not None:
+            teacher.to(teacher_home)
+
+
+def _train_and_evaluate(model: nn.Module, train_loader: DataLoader, val_loader: Iterable | None,
+                        config: FinetuneConfig, teacher: nn.Module | None, progress: bool,
+                        device: torch.device, ctx: dist_utils.DistContext) -> FinetuneResult:
     model.to(device)
     apply_masks_(model)
     loader = dist_utils.shard_loader(train_loader, ctx, config.seed)
@@ -243,7 +257,4 @@ def _run(model: nn.Module, train_loader: DataLoader, val_loader: Iterable | None
     if not dist_utils.all_equal(mask_digest(model), ctx):
         raise RuntimeError("masks differ between ranks after fine-tuning; DDP should have broadcast rank 0's")
     val = evaluate(model, val_loader, device=device) if val_loader is not None and ctx.is_main else None
-    model.to(home)  # trained on the GPU, handed back where the caller keeps it
-    if teacher is not None:
-        teacher.to(teacher_home)
     return FinetuneResult(model, val, steps, round(seconds, 3), loss, ctx.world_size, ctx.rank, str(device))

@@ -69,6 +69,11 @@ class FisherObsSettings:
     damp: float = 1e-2
     device: str | None = None
 
+    @property
+    def calibration_images(self) -> int:
+        """How many calibration images this solver reads: one batch per gradient."""
+        return self.num_grads * self.grad_batch_size
+
     def __post_init__(self) -> None:
         check_counts("obs-fisher", self, ("block_size", "num_grads", "grad_batch_size"))
         check_damp("obs-fisher", self.damp, "Fisher")

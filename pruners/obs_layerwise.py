@@ -55,6 +55,11 @@ class LayerwiseObsSettings:
     device: str | None = None
     sequential: bool = False
 
+    @property
+    def calibration_images(self) -> int:
+        """How many calibration images this solver reads at most."""
+        return self.samples
+
     def __post_init__(self) -> None:
         check_counts("obs-layerwise", self, ("samples", "batch_size", "block_size"))
         check_damp("obs-layerwise", self.damp, "Hessian")
@@ -274,7 +279,7 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, pru
     if prior_keep is None:
         prior_keep = torch.ones_like(W, dtype=torch.bool)
     prior_keep = prior_keep.to(device=W.device, dtype=torch.bool).reshape(rows, cols)
-    dead = H.diagonal() == 0  # inputs that are always zero: their weights do nothing
+    dead = H.diagonal() == 0  # inputs that are always zero: their weights do nothing, so they go first
     H.diagonal()[dead] = 1.0
     W[:, dead] = 0.0
     hinv = inverse_cholesky(H, damp, name)
@@ -325,7 +330,7 @@ def layerwise_obs_masks(request: SaliencyRequest, settings: LayerwiseObsSettings
     stages = make_stages(request, settings.sequential)
     device = resolve_device("obs-layerwise", settings.device)
     gm = request.gm
-    home, was_training = next(gm.parameters()).device, gm.training
+    home, modes = next(gm.parameters()).device, {m: m.training for m in gm.modules()}
     masks: dict[str, torch.Tensor] = {}
     gather_s = solve_s = 0.0
     try:
@@ -340,7 +345,8 @@ def layerwise_obs_masks(request: SaliencyRequest, settings: LayerwiseObsSettings
             gather_s, solve_s = gather_s + gathered - started, solve_s + time.perf_counter() - gathered
     finally:
         gm.to(home)
-        gm.train(was_training)
+        for module, training in modes.items():
+            module.train(training)
     logger.info("obs-layerwise: %d layers in %d stages, %d images: gathering %.1f s, solving %.1f s",
                 len(masks), len(stages), sum(b.shape[0] for b in batches), gather_s, solve_s)
     return {name: masks[name].to(home) for name in request.names}

@@ -105,7 +105,7 @@ class NOfM(Pattern):
         return shape[0] * shape[1] // self.m * (self.m - self.n)
 
     def select(self, scores: torch.Tensor, prune_units: int | None = None) -> torch.Tensor:
-        """Keep the N best of every M; `prune_units` is implied by the pattern and only checked."""
+        """Keep the N best of every M; `prune_units` is ignored (the pattern fixes the count)."""
         self.check_shape("scores", tuple(scores.shape))
         rows, cols = scores.shape
         groups = scores.reshape(rows, cols // self.m, self.m)

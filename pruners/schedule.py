@@ -19,7 +19,7 @@ from vitsparse.compiler import PassManager
 from .masked import mask_sparsity
 from .patterns import parse_pattern
 from .saliency import check_sparsity
-from .sparsity_pass import SparsityConfig, SparsityPass
+from .sparsity_pass import SparsityConfig, SparsityPass, calibration_for
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ def gradual_prune(manager: PassManager, config: SparsityConfig, schedule: Gradua
         raise ValueError(f"pattern {config.pattern} fixes the sparsity, so it cannot be reached in "
                          f"{schedule.steps} steps; use steps=1 (one-shot)")
     targets = cubic_schedule(config.sparsity, schedule.steps, schedule.initial_sparsity)
+    calibration = calibration_for(config, calibration)  # read once: a generator would be empty at step 2
     history = []
     for step, target in enumerate(targets, start=1):
         gm = manager.run(SparsityPass(replace(config, sparsity=target), calibration=calibration))

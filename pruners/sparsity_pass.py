@@ -14,12 +14,19 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from vitsparse.compiler import PassRecord, PassResult, RecipeError, ViTStructure, register_pass
+from vitsparse.compiler import (
+    PassRecord,
+    PassResult,
+    RecipeError,
+    ViTStructure,
+    input_shape_of,
+    register_pass,
+)
 
 from .calibration import Calibration, make_calibration
 from .mask_codec import masks_from_decisions
 from .mask_pass import MaskPass
-from .patterns import parse_pattern
+from .patterns import Pattern, check_mask_pattern, parse_pattern, weight_view
 from .saliency import SCOPE_NAMES, SaliencyRequest, check_sparsity, get_saliency, make_settings
 from .targets import DEFAULT_TARGETS, check_target_kinds, select_targets
 
@@ -79,7 +86,7 @@ class SparsityPass(MaskPass):
         if masks is None and saliency.needs_calibration and calibration is None:
             raise ValueError(f"saliency {saliency.name} needs calibration data: pass calibration=<images "
                              f"tensor, DataLoader or iterable of batches>")
-        self.calibration: Calibration | None = None if calibration is None else make_calibration(calibration)
+        self.calibration = None if masks is not None else calibration_for(self.config, calibration)
         super().__init__(masks)
 
     @classmethod
@@ -87,11 +94,22 @@ class SparsityPass(MaskPass):
         return SparsityConfig(**settings)
 
     def choose_masks(self, gm: fx.GraphModule, structure: ViTStructure) -> dict[str, torch.Tensor]:
+        """Run the saliency; if it fails half-way, the weights it already corrected are put back."""
         saliency = get_saliency(self.config.saliency)
-        request = SaliencyRequest(gm, structure, select_targets(structure, self.config.targets),
-                                  self.config.sparsity, parse_pattern(self.config.pattern), self.config.scope,
+        names = select_targets(structure, self.config.targets)
+        pattern = parse_pattern(self.config.pattern)
+        _check_earlier_masks(gm, names, pattern)
+        _check_images(gm, self.calibration)
+        request = SaliencyRequest(gm, structure, names, self.config.sparsity, pattern, self.config.scope,
                                   self.calibration)
-        return saliency.choose(request, make_settings(saliency, self.config.solver))
+        saved = {name: gm.get_submodule(name).weight.detach().clone() for name in names}
+        try:
+            return saliency.choose(request, make_settings(saliency, self.config.solver))
+        except BaseException:
+            with torch.no_grad():
+                for name, weight in saved.items():
+                    gm.get_submodule(name).weight.copy_(weight)
+            raise
 
     def params(self) -> dict:
         settings = asdict(self.config)
@@ -111,3 +129,40 @@ class SparsityPass(MaskPass):
         except (TypeError, ValueError) as err:
             raise RecipeError(f"{record.name} record has bad params {record.params}: {err}") from None
         return cls(config, masks=masks_from_decisions(record.decisions))
+
+
+def calibration_for(config: SparsityConfig, data: Any) -> Calibration | None:
+    """The calibration images `config`'s saliency will use, read once and no more than it needs
+    (a solver's `calibration_images`), so a large DataLoader is not read to its end."""
+    if data is None:
+        return None
+    saliency = get_saliency(config.saliency)
+    needed = getattr(make_settings(saliency, config.solver), "calibration_images", None)
+    return make_calibration(data, needed)
+
+
+def _check_earlier_masks(gm: fx.GraphModule, names: list[str], pattern: Pattern) -> None:
+    """Masks only grow, so a layer masked weight by weight cannot become a 1xK block pattern (an N:M
+    pattern can: removing more weights keeps every group at most N non-zeros)."""
+    if pattern.unit == 1:
+        return
+    for name in names:
+        mask = getattr(gm.get_submodule(name), "weight_mask", None)
+        if mask is None:
+            continue
+        pattern.check_shape(name, tuple(weight_view(mask).shape))
+        if not check_mask_pattern(mask, pattern):
+            raise ValueError(f"{name} already has a mask that is not a {pattern.spec} pattern, and masks "
+                             f"only grow; prune with {pattern.spec} from the start (or keep the earlier "
+                             f"pattern)")
+
+
+def _check_images(gm: fx.GraphModule, calibration: Calibration | None) -> None:
+    """ValueError when the calibration images do not have the (C, H, W) the graph was traced at."""
+    if calibration is None:
+        return
+    expected = tuple(input_shape_of(gm))
+    for images, _ in calibration:
+        if tuple(images.shape[1:]) != expected:
+            raise ValueError(f"calibration images have shape {tuple(images.shape[1:])} (C, H, W); the model "
+                             f"was traced for {expected}")
