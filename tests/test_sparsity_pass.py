@@ -109,7 +109,8 @@ def test_finetune_that_fails_hands_the_model_back_as_it_came() -> None:
     model = small_vit(depth=1, num_classes=4).eval()
     bad = DataLoader(TensorDataset(IMAGES[:4], torch.tensor([0, 1, 2, 99])), batch_size=4)  # 99: no class
     with pytest.raises((IndexError, RuntimeError)):
-        finetune(model, bad, None, FinetuneConfig(max_steps=1), progress=False)
+        # on the CPU: a device-side assert would poison the CUDA context for every later test
+        finetune(model, bad, None, FinetuneConfig(max_steps=1, device="cpu"), progress=False)
     assert not model.training
 
 
