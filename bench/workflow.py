@@ -31,6 +31,7 @@ from .speed import TORCH, SpeedCandidate, TimingPlan, measure_speed
 
 ENGINES = (*RUNTIME_ENGINES, TORCH)  # the CPU engines plus dense PyTorch as the baseline
 SOLVER_TIMING_SPARSITY = 0.75
+SPEED_CALIBRATION_IMAGES = 128  # for a data-aware --speed-method when solver timing is skipped
 
 
 def available_engines() -> tuple[str, ...]:
@@ -200,7 +201,7 @@ def run_prune_and_bench(opts: BenchOptions) -> Path:
     samples = (
         profile.solver_timing_samples if opts.solver_timing_samples is None else opts.solver_timing_samples
     )
-    calibration = _calibration_images(opts, model, samples or get_profile("default").solver_timing_samples)
+    calibration = _calibration_images(opts, model, samples or SPEED_CALIBRATION_IMAGES)
     if samples:
         print(f"[2/3] solver time on {opts.model}, {samples} calibration images", flush=True)
         rows += _solver_rows(opts, model, calibration, samples)
