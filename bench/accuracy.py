@@ -19,7 +19,8 @@ MODEL = "digits-vit"
 CALIBRATION_IMAGES = 256  # training images the data-aware solvers see
 
 
-def _row(method: str, settings: dict, graph, top1: float, top1_oneshot: float) -> Row:
+def make_row(method: str, settings: dict, graph, top1: float, top1_oneshot: float) -> Row:
+    """A digits-vit row with the graph's MACs and parameters."""
     costs = count_costs(graph)
     return Row(
         model=MODEL,
@@ -33,7 +34,12 @@ def _row(method: str, settings: dict, graph, top1: float, top1_oneshot: float) -
     )
 
 
-def _export(graph, recipe: Recipe, row: Row, artifacts: Path) -> None:
+def digits_finetune_config(epochs: int) -> FinetuneConfig:
+    """The short fine-tune every digits-vit row gets (digits-vit is tiny: a higher lr, short warmup)."""
+    return FinetuneConfig(epochs=epochs, lr=1e-3, warmup_steps=5)
+
+
+def export_row(graph, recipe: Recipe, row: Row, artifacts: Path) -> None:
     target = artifacts / artifact_slug(row)
     row.artifact = str(export_artifact(graph, recipe, target, ExportConfig(), overwrite=True).directory)
 
@@ -52,8 +58,8 @@ def digits_rows(
     base = {"model": MODEL, "kwargs": {}, "pretrained": True}
     dense_top1 = evaluate(dense, loaders.test).top1
     dense_graph = trace(dense)
-    rows = [_row("dense", {}, dense_graph, dense_top1, dense_top1)]
-    _export(dense_graph, Recipe(base=base), rows[0], artifacts)
+    rows = [make_row("dense", {}, dense_graph, dense_top1, dense_top1)]
+    export_row(dense_graph, Recipe(base=base), rows[0], artifacts)
     runs = [(m, s) for m in methods for s in sparsities]
     for method, sparsity in tqdm(runs, desc="digits-vit methods", unit="setting", disable=not progress):
         manager = PassManager(trace(dense), recipe=Recipe(base=base))
@@ -61,12 +67,12 @@ def digits_rows(
             METHODS[method].make_pass(sparsity, calibration=calibration, samples=CALIBRATION_IMAGES)
         )
         oneshot = evaluate(graph, loaders.test).top1
-        config = FinetuneConfig(epochs=finetune_epochs, lr=1e-3, warmup_steps=5)  # digits-vit is tiny
+        config = digits_finetune_config(finetune_epochs)
         tuned = finetune(graph, loaders.train, loaders.val, config, teacher=dense, progress=False).model
         settings = {"sparsity": sparsity, "pattern": "unstructured"}
-        row = _row(method, settings, tuned, evaluate(tuned, loaders.test).top1, oneshot)
+        row = make_row(method, settings, tuned, evaluate(tuned, loaders.test).top1, oneshot)
         row.prune_seconds = manager.recipe.passes[-1].stats["seconds"]
         row.calibration_samples = manager.recipe.passes[-1].stats.get("calibration_samples")
-        _export(tuned, manager.recipe, row, artifacts)
+        export_row(tuned, manager.recipe, row, artifacts)
         rows.append(row)
     return rows

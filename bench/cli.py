@@ -142,6 +142,10 @@ def _speed_setting(text: str):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _rates_or_none(text: str) -> tuple[float, ...]:
+    return () if text.strip().lower() == "none" else _csv(float)(text)
+
+
 def _bench_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile",
@@ -160,6 +164,12 @@ def _bench_flags(parser: argparse.ArgumentParser) -> None:
         "solvers (default: all: magnitude, obs-layerwise, obs-fisher)",
     )
     parser.add_argument("--sparsities", type=_csv(float), help="digits-vit sparsities, e.g. 0.5,0.7,0.9")
+    parser.add_argument(
+        "--vtp-rates",
+        type=_rates_or_none,
+        help="VTP dimension-slicing rates, on digits-vit and timed on the speed model, e.g. 0.2,0.4 "
+        "('none' skips VTP)",
+    )
     parser.add_argument(
         "--speed-settings",
         type=_csv(_speed_setting),
@@ -207,6 +217,7 @@ def _prune_and_bench(args: argparse.Namespace) -> int:
             checkpoint=args.checkpoint,
             **({"methods": args.methods} if args.methods else {}),
             accuracy_sparsities=args.sparsities,
+            vtp_rates=args.vtp_rates,
             speed_settings=args.speed_settings,
             speed_method=args.speed_method,
             solver_timing_samples=args.solver_timing_samples,

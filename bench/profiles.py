@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .methods import SpeedSetting
+from .vtp import VtpSetting
 
 PATTERNS = (SpeedSetting(0.9), SpeedSetting(0.5, "2:4"), SpeedSetting(0.75, "1x4"))
 
@@ -19,6 +20,8 @@ class Profile:
     seconds_per_block: float  # consecutive calls per runner per round
     finetune_epochs: int
     solver_timing_samples: int  # calibration images when timing each solver on the speed model; 0 skips
+    vtp_rates: tuple[float, ...] = (0.2, 0.4)  # VTP on digits-vit (trained scores)
+    vtp_speed: tuple[VtpSetting, ...] = (VtpSetting(0.2), VtpSetting(0.4))  # VTP shapes timed
 
 
 PROFILES: dict[str, Profile] = {
@@ -41,6 +44,8 @@ PROFILES: dict[str, Profile] = {
         seconds_per_block=4.0,
         finetune_epochs=10,
         solver_timing_samples=128,
+        # multiple 1: what rounding kept counts to 8 costs or buys in speed
+        vtp_speed=(VtpSetting(0.2), VtpSetting(0.4), VtpSetting(0.4, multiple=1)),
     ),
 }
 

@@ -45,6 +45,7 @@ def sparsity_curves(rows: list[Row], key: str) -> dict[str, list[tuple[float, fl
         value = getattr(r, key)
         if (
             r.method != DENSE
+            and "sparsity" in r.settings
             and value is not None
             and r.settings.get("pattern", "unstructured") == "unstructured"
         ):
@@ -73,6 +74,29 @@ def sparsity_table(rows: list[Row]) -> str:
         lines.append(f"| {sparsity:.0%} | " + " | ".join(cells) + " |")
     if dense is not None:
         lines.append(f"\nDense top-1: {_pct(dense)}.")
+    return "\n".join(lines)
+
+
+def vtp_table(rows: list[Row], method: str = "vtp") -> str:
+    """Dimension slicing per model and rate: size, MACs and their reduction vs that model's dense row,
+    and top-1 after sparse training, after slicing and after fine-tuning where measured."""
+    sliced = [r for r in rows if r.method == method]
+    if not sliced:
+        return ""
+    dense = {r.model: r for r in rows if r.method == DENSE and r.macs}
+    lines = [
+        "| model | settings | params | MACs | fewer MACs | top-1 sparse-trained | top-1 sliced | "
+        "top-1 fine-tuned |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sliced:
+        base = dense.get(r.model)
+        fewer = _pct(1 - r.macs / base.macs) if base and r.macs else "–"
+        settings = ", ".join(f"{k}={v}" for k, v in sorted(r.settings.items()))
+        lines.append(
+            f"| {r.model} | {settings} | {(r.params or 0) / 1e6:.3f} M | {(r.macs or 0) / 1e6:.1f} M | "
+            f"{fewer} | {_pct(r.top1_sparse_trained)} | {_pct(r.top1_oneshot)} | {_pct(r.top1)} |"
+        )
     return "\n".join(lines)
 
 
@@ -110,9 +134,18 @@ def markdown_report(meta: dict[str, Any], rows: list[Row]) -> str:
         f"Speed model weights: {weights}; its masks chosen by {meta.get('speed_method', 'magnitude')}. "
         "All speeds come from this one run, engines timed in alternating blocks.",
         "## Accuracy on digits-vit\n\nTop-1 on the held-out test split, one-shot (no fine-tune) and after "
-        "the standard short distilled fine-tune with the masks fixed.\n\n" + sparsity_table(rows),
+        "the standard short distilled fine-tune with the masks fixed.\n\n" + sparsity_table(rows)
+        if sparsity_table(rows)
+        else "",
         "### Every accuracy row\n\n" + accuracy_table(rows),
     ]
+    vtp = vtp_table(rows)
+    if vtp:
+        sections.append(
+            "## Dimension slicing (VTP)\n\nScores trained with λ·‖â‖₁ on digits-vit, then sliced at the "
+            "rate and fine-tuned. The speed model's scores come from weight norms (random weights, "
+            "nothing to train): its rows measure the sliced shapes.\n\n" + vtp
+        )
     solvers = solver_table(rows)
     if solvers:
         sections.append(

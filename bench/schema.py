@@ -1,11 +1,14 @@
 """results.json: the versioned record of one prune-and-bench run (documented in README).
 
-{"schema": 2, "meta": {...}, "rows": [{"model", "method", "settings", "top1", "top1_oneshot", "macs",
- "params", "nonzero_params", "prune_seconds", "calibration_samples", "artifact", "speed": [{"engine",
+{"schema": 3, "meta": {...}, "rows": [{"model", "method", "settings", "top1", "top1_oneshot",
+ "top1_sparse_trained", "macs", "params", "nonzero_params", "prune_seconds", "calibration_samples",
+ "artifact", "speed": [{"engine",
  "batch", "items_per_sec", "latency_ms": {"mean", "p50", "p90", "p99"}, "speedup_vs_dense_torch",
  "speedup_vs_dense_same_engine", "fraction_of_supported_ops"}]}]}
 
-Schema 2 added `prune_seconds` (how long choosing the masks took) and `calibration_samples`.
+Schema 2 added `prune_seconds` (how long choosing the masks took) and `calibration_samples`;
+schema 3 added `top1_sparse_trained` (VTP: top-1 of the gated model after sparse training, before
+slicing; `top1_oneshot` is then the sliced model before fine-tuning).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Row:
     settings: dict[str, Any] = field(default_factory=dict)
     top1: float | None = None
     top1_oneshot: float | None = None
+    top1_sparse_trained: float | None = None
     macs: int | None = None
     params: int | None = None
     nonzero_params: int | None = None

@@ -9,13 +9,16 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
-from vitsparse.compiler import ExportConfig, Recipe, export_artifact, fold_for_export
+from vitsparse.compiler import ExportConfig, Recipe, SelectFeatures, export_artifact, fold_for_export
 from vitsparse.compiler.trace import example_input
 from vitsparse.runtime import compare_side_by_side, create_engine, engine_status
 
 from .schema import Row, SpeedEntry
 
 TORCH = "torch"
+# how each engine wants a graph written when the default ONNX form does not suit it: DeepSparse has
+# no Gather, so VTP's feature selections go to it as one-hot products (which it runs sparse)
+ENGINE_EXPORT: dict[str, dict] = {"deepsparse": {"feature_select": "matmul"}}
 
 
 @dataclass
@@ -59,6 +62,17 @@ def _engine_runner(name: str, onnx_path: Path, batch: int, num_cores: int | None
     return engine, (lambda: engine.run(inputs))
 
 
+def _engine_onnx(cand: SpeedCandidate, engine: str, batch: int, default: Path, artifacts: Path) -> Path:
+    """The ONNX file `engine` runs: the default export, or one written in the engine's own form when
+    the graph holds something that form changes (a feature selection)."""
+    overrides = ENGINE_EXPORT.get(engine)
+    if not overrides or not any(isinstance(m, SelectFeatures) for m in cand.graph.modules()):
+        return default
+    config = ExportConfig(batch_size=batch, **overrides)
+    target = artifacts / artifact_slug(cand.row, f"b{batch}-{engine}")
+    return export_artifact(cand.graph, cand.recipe, target, config, overwrite=True).directory / "model.onnx"
+
+
 def _runners_for_batch(
     candidates: list[SpeedCandidate], batch: int, plan: TimingPlan, artifacts: Path
 ) -> tuple[dict[tuple[int, str], Callable[[], object]], dict[tuple[int, str], float]]:
@@ -77,9 +91,8 @@ def _runners_for_batch(
         if TORCH in plan.engines:
             runners[(index, TORCH)] = _torch_runner(cand.graph, batch)
         for name in (e for e in plan.engines if e != TORCH):
-            engine, runner = _engine_runner(
-                name, result.directory / "model.onnx", batch, plan.num_cores, cand.graph
-            )
+            onnx_path = _engine_onnx(cand, name, batch, result.directory / "model.onnx", artifacts)
+            engine, runner = _engine_runner(name, onnx_path, batch, plan.num_cores, cand.graph)
             runners[(index, name)] = runner
             fractions[(index, name)] = engine.fraction_of_supported_ops
     return runners, fractions

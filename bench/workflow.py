@@ -28,6 +28,8 @@ from .profiles import get_profile
 from .report import speed_table, write_report
 from .schema import Row
 from .speed import TORCH, SpeedCandidate, TimingPlan, measure_speed
+from .vtp import METHOD as VTP
+from .vtp import VtpSetting, vtp_digits_rows, vtp_speed_graph
 
 ENGINES = (*RUNTIME_ENGINES, TORCH)  # the CPU engines plus dense PyTorch as the baseline
 SOLVER_TIMING_SPARSITY = 0.75
@@ -50,6 +52,7 @@ class BenchOptions:
     speed_method: str = "magnitude"  # chooses the masks timed on the speed model
     speed_settings: tuple[SpeedSetting, ...] | None = None  # overrides the profile's
     accuracy_sparsities: tuple[float, ...] | None = None  # overrides the profile's digits settings
+    vtp_rates: tuple[float, ...] | None = None  # overrides the profile's VTP rates (digits, speed); () skips
     finetune_epochs: int | None = None
     solver_timing_samples: int | None = None  # overrides the profile's; 0 skips solver timing
     calibration_data: Path | None = None  # ImageFolder for solver timing; random images otherwise
@@ -72,6 +75,8 @@ class BenchOptions:
             )
         if any(not 0 <= s < 1 for s in self.accuracy_sparsities or ()):
             raise ValueError(f"sparsities must lie in [0, 1), got {self.accuracy_sparsities}")
+        if any(not 0 <= r < 1 for r in self.vtp_rates or ()):
+            raise ValueError(f"VTP rates must lie in [0, 1), got {self.vtp_rates}")
         if self.solver_timing_samples is not None and self.solver_timing_samples < 0:
             raise ValueError(f"solver timing samples must be >= 0, got {self.solver_timing_samples}")
 
@@ -104,9 +109,13 @@ def _speed_model(opts: BenchOptions) -> torch.nn.Module:
 
 
 def _speed_candidates(
-    opts: BenchOptions, model: torch.nn.Module, settings: tuple[SpeedSetting, ...], calibration
+    opts: BenchOptions,
+    model: torch.nn.Module,
+    settings: tuple[SpeedSetting, ...],
+    calibration,
+    vtp_settings: tuple[VtpSetting, ...] = (),
 ) -> list[SpeedCandidate]:
-    """The dense speed model first, then the speed method at every mask setting."""
+    """The dense speed model first, then the speed method at every mask setting, then VTP's shapes."""
     method = METHODS[opts.speed_method]
     runs: list[tuple[str, dict, GraphPass | None]] = [("dense", {}, None)]
     runs += [
@@ -119,6 +128,11 @@ def _speed_candidates(
         if graph_pass is not None:
             manager.run(graph_pass)
         row = _costed_row(opts, name, row_settings, manager)
+        candidates.append(SpeedCandidate(row, manager.graph_module, manager.recipe))
+    for setting in vtp_settings:
+        manager = vtp_speed_graph(model, setting, Recipe(base=_base(opts)))
+        row = _costed_row(opts, VTP, setting.settings(), manager)
+        row.prune_seconds = manager.recipe.passes[-1].stats["seconds"]
         candidates.append(SpeedCandidate(row, manager.graph_module, manager.recipe))
     return candidates
 
@@ -197,6 +211,10 @@ def run_prune_and_bench(opts: BenchOptions) -> Path:
         print(f"[1/3] accuracy on digits-vit: {', '.join(opts.methods)} at {sparsities}", flush=True)
         epochs = opts.finetune_epochs or profile.finetune_epochs
         rows += digits_rows(opts.methods, sparsities, epochs, artifacts, opts.progress)
+        vtp_rates = profile.vtp_rates if opts.vtp_rates is None else opts.vtp_rates
+        if vtp_rates:
+            print(f"      vtp (dimension slicing) at rates {vtp_rates}", flush=True)
+            rows += vtp_digits_rows(vtp_rates, epochs, artifacts, progress=opts.progress)
     model = _speed_model(opts)
     samples = (
         profile.solver_timing_samples if opts.solver_timing_samples is None else opts.solver_timing_samples
@@ -206,13 +224,15 @@ def run_prune_and_bench(opts: BenchOptions) -> Path:
         print(f"[2/3] solver time on {opts.model}, {samples} calibration images", flush=True)
         rows += _solver_rows(opts, model, calibration, samples)
     settings = opts.speed_settings or profile.speed_settings
+    vtp_speed = profile.vtp_speed if opts.vtp_rates is None else tuple(VtpSetting(r) for r in opts.vtp_rates)
     print(
         f"[3/3] speed on {opts.model}: {opts.speed_method} masks at "
-        f"{', '.join(f'{s.sparsity:g} {s.pattern}' for s in settings)}, batch sizes {plan.batch_sizes}, "
-        f"engines {', '.join(plan.engines)}",
+        f"{', '.join(f'{s.sparsity:g} {s.pattern}' for s in settings)}; vtp at "
+        f"{', '.join(f'{v.rate:g} (multiple {v.multiple})' for v in vtp_speed) or 'none'}; "
+        f"batch sizes {plan.batch_sizes}, engines {', '.join(plan.engines)}",
         flush=True,
     )
-    candidates = _speed_candidates(opts, model, settings, calibration)
+    candidates = _speed_candidates(opts, model, settings, calibration, vtp_speed)
     measure_speed(candidates, plan, artifacts)
     rows += [c.row for c in candidates]
     written = write_report(run_dir, _meta(opts, plan, started), rows)

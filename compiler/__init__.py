@@ -15,14 +15,18 @@ from .passes import (
 )
 from .recipe import Recipe, load_weights, replay, save_weights
 from .rewrite import (
+    SelectFeatures,
     insert_module_after,
+    insert_module_before,
     replace_module,
+    select_input_features,
     set_reshape_dims,
     slice_conv2d,
     slice_coupled,
     slice_linear,
     slice_norm,
     slice_parameter,
+    slice_value_heads,
 )
 from .shapes import propagate_shapes, shape_of
 from .structure import (
@@ -41,6 +45,7 @@ __all__ = [
     "IdentityPass", "MlpStructure", "NotAViTError", "PASS_REGISTRY", "PassError", "PassManager",
     "PassRecord", "PassResult", "Recipe", "RecipeError", "TraceFailure", "ViTStructure", "count_costs",
     "count_params", "example_input", "find_vit_structure", "input_shape_of", "insert_module_after",
+    "insert_module_before", "SelectFeatures", "select_input_features", "slice_value_heads",
     "load_weights", "pass_from_record", "propagate_shapes", "register_pass", "replace_module", "replay",
     "save_weights", "set_reshape_dims", "shape_of", "slice_conv2d", "slice_coupled", "slice_linear",
     "slice_norm", "slice_parameter", "trace",

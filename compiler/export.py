@@ -30,9 +30,11 @@ from torch import nn
 from .errors import CompilerError
 from .flops import count_costs
 from .recipe import Recipe, save_weights
+from .rewrite import SelectFeatures
 from .trace import INPUT_SHAPE_KEY, example_input, input_shape_of
 
 SUPPORTED_OPSETS = range(14, 18)
+FEATURE_SELECT_FORMS = ("gather", "matmul")
 ARTIFACT_FILES = ("model.onnx", "recipe.json", "weights.safetensors", "meta.json")
 
 
@@ -46,20 +48,32 @@ class ExportConfig:
     opset: int = 14
     atol: float = 1e-3  # the export fails above this max abs difference
     verify_batches: int = 1
+    # how a feature selection (VTP's sliced qkv/fc1 inputs) is written: "gather" (fast on ONNX
+    # Runtime) or "matmul" by a constant one-hot matrix (DeepSparse runs it sparse; it has no Gather)
+    feature_select: str = "gather"
 
     def __post_init__(self) -> None:
+        if self.feature_select not in FEATURE_SELECT_FORMS:
+            raise ExportError(f"feature_select must be one of {FEATURE_SELECT_FORMS}, "
+                              f"got {self.feature_select!r}")
         if self.opset not in SUPPORTED_OPSETS:
             raise ExportError(f"opset {self.opset} is not supported; use 14–17 (14 runs fully on DeepSparse)")
         if self.batch_size < 1:
             raise ExportError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-def fold_for_export(gm: fx.GraphModule) -> fx.GraphModule:
+def fold_for_export(gm: fx.GraphModule, feature_select: str = "gather") -> fx.GraphModule:
     """A CPU float32 copy where every module offering `export_module()` (masked layers, gates) is
-    replaced by the plain module it computes, and fx's input-size asserts are dropped."""
+    replaced by the plain module it computes, and fx's input-size asserts are dropped.
+
+    `feature_select="matmul"` writes each feature selection as a product with a one-hot matrix.
+    """
     folded = copy.deepcopy(gm).cpu().float().eval()
     for name, module in list(folded.named_modules()):
-        if name and hasattr(module, "export_module"):
+        if isinstance(module, SelectFeatures) and feature_select == "matmul":
+            parent, _, child = name.rpartition(".")
+            setattr(folded.get_submodule(parent) if parent else folded, child, module.as_matmul())
+        elif name and hasattr(module, "export_module"):
             parent, _, child = name.rpartition(".")
             setattr(folded.get_submodule(parent) if parent else folded, child, module.export_module())
     for node in reversed(list(folded.graph.nodes)):
@@ -163,7 +177,7 @@ def export_artifact(gm: fx.GraphModule, recipe: Recipe, directory: str | os.Path
     """
     config = config or ExportConfig()
     target = Path(directory)
-    folded = fold_for_export(gm)
+    folded = fold_for_export(gm, config.feature_select)
     costs = count_costs(folded)
     with _staging_dir(target) as staging:
         write_onnx(folded, staging / "model.onnx", config)
@@ -175,7 +189,8 @@ def export_artifact(gm: fx.GraphModule, recipe: Recipe, directory: str | os.Path
         save_weights(gm, staging / "weights.safetensors")
         meta = {
             "base": recipe.base, "input_shape": [config.batch_size, *input_shape_of(gm)],
-            "batch_size": config.batch_size, "opset": config.opset, "passes": [p.name for p in recipe.passes],
+            "batch_size": config.batch_size, "opset": config.opset, "feature_select": config.feature_select,
+            "passes": [p.name for p in recipe.passes],
             **costs.as_dict(), "layers": layer_sparsity(folded), "verification_max_abs_diff": error,
             "versions": library_versions(), **(extra_meta or {}),
         }

@@ -15,6 +15,7 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 )
 PASSTHROUGH_TYPES: tuple[type[nn.Module], ...] = (nn.Dropout, nn.Identity)
+_TRANSPARENT_TYPES: list[type[nn.Module]] = []  # see register_transparent
 
 ADD_TARGETS = {operator.add, operator.iadd, torch.add}
 MUL_TARGETS = {operator.mul, operator.imul, torch.mul}
@@ -42,9 +43,20 @@ def is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
     return is_module(gm, node, NORM_TYPES)
 
 
+def register_transparent(module_type: type[nn.Module]) -> type[nn.Module]:
+    """Let structure finding look through `module_type` as it does through Dropout.
+
+    For modules passes insert in front of a Linear that keep the block's wiring: a per-feature
+    gate, a selection of features. Usable as a class decorator.
+    """
+    if module_type not in _TRANSPARENT_TYPES:
+        _TRANSPARENT_TYPES.append(module_type)
+    return module_type
+
+
 def is_passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Dropout and Identity: nodes that forward their only input unchanged at inference."""
-    return is_module(gm, node, PASSTHROUGH_TYPES)
+    """Dropout, Identity and registered transparent modules: one input in, the same wiring out."""
+    return is_module(gm, node, (*PASSTHROUGH_TYPES, *_TRANSPARENT_TYPES))
 
 
 def is_add(node: fx.Node) -> bool:

@@ -38,7 +38,8 @@ class AttentionStructure:
     q_norm: str | None
     k_norm: str | None
     num_heads: int
-    head_dim: int
+    head_dim: int  # of q and k
+    v_head_dim: int  # of v (and the attention output per head); smaller than head_dim once sliced
     scale: float
     fused: bool
     core_node: str
@@ -47,7 +48,8 @@ class AttentionStructure:
 
     @property
     def attn_dim(self) -> int:
-        return self.num_heads * self.head_dim
+        """Width of the attention output that `proj` reads."""
+        return self.num_heads * self.v_head_dim
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,9 @@ class ViTStructure:
             a, m = b.attn, b.mlp
             extras = [n for n in (a.q_norm and "qk-norm", b.layer_scale1 and "layer-scale") if n]
             kind = "fused" if a.fused else "explicit"
+            width = f"{a.head_dim}" if a.v_head_dim == a.head_dim else f"{a.head_dim} (v {a.v_head_dim})"
             lines.append(
-                f"block {b.index}: {a.num_heads} heads x {a.head_dim} ({kind}, scale {a.scale:.4g}), "
+                f"block {b.index}: {a.num_heads} heads x {width} ({kind}, scale {a.scale:.4g}), "
                 f"mlp hidden {m.hidden_dim}" + (f", {', '.join(extras)}" if extras else "")
             )
         return "\n".join(lines)
@@ -188,8 +191,9 @@ def _find_attention(gm: fx.GraphModule, core: fx.Node) -> tuple[AttentionStructu
     proj = gu.walk_down(out, lambda n: gu.is_linear(gm, n))
     qkv_reshape = gu.walk_down(qkv, gu.is_reshape, 4)
     out_reshape = gu.walk_up(proj, gu.is_reshape, 6) if proj is not None else None
-    q_shape = shape_of(q_in)
-    if proj is None or qkv_reshape is None or out_reshape is None or q_shape is None or len(q_shape) != 4:
+    q_shape, v_shape = shape_of(q_in), shape_of(v_in)
+    if (proj is None or qkv_reshape is None or out_reshape is None or q_shape is None or len(q_shape) != 4
+            or v_shape is None):
         raise NotAViTError(
             f"attention at node {core.name!r}: expected qkv → reshape to heads → attention → "
             "reshape → proj Linear"
@@ -200,7 +204,7 @@ def _find_attention(gm: fx.GraphModule, core: fx.Node) -> tuple[AttentionStructu
     _, num_heads, _, head_dim = q_shape
     attention = AttentionStructure(
         qkv=qkv.target, proj=proj.target, q_norm=q_norm, k_norm=k_norm,
-        num_heads=int(num_heads), head_dim=int(head_dim),
+        num_heads=int(num_heads), head_dim=int(head_dim), v_head_dim=int(v_shape[-1]),
         scale=_attention_scale(core, q_chain, int(head_dim)), fused=gu.is_sdpa(core),
         core_node=core.name, qkv_reshape_node=qkv_reshape.name, out_reshape_node=out_reshape.name,
     )

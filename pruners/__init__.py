@@ -21,6 +21,15 @@ from .patterns import Pattern, check_mask_pattern, parse_pattern
 from .saliency import SALIENCIES, SCOPE_NAMES, SaliencyRequest, check_sparsity, register_saliency
 from .sparsity_pass import SparsityConfig, SparsityPass
 from .targets import DEFAULT_TARGETS, TARGET_KINDS, select_targets
+from .vtp import (
+    DimensionSlicePass,
+    ScoreGate,
+    ScoreGatePass,
+    score_l1,
+    scores_from_weight_norms,
+    sparse_train,
+)
+from .vtp_sites import SITE_NAMES, SITES, Site, register_site
 
 __all__ = [
     "Calibration", "DEFAULT_TARGETS", "FinetuneConfig", "FinetuneResult", "FisherObsSettings",
@@ -30,4 +39,6 @@ __all__ = [
     "check_mask_pattern", "check_sparsity", "decode_mask", "distillation_loss", "encode_mask", "finetune",
     "install_mask", "make_calibration", "mask_digest", "mask_sparsity", "masked_modules", "parse_pattern",
     "register_saliency", "select_targets",
+    "DimensionSlicePass", "SITES", "SITE_NAMES", "ScoreGate", "ScoreGatePass", "Site", "register_site",
+    "score_l1", "scores_from_weight_norms", "sparse_train",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +97,7 @@ class _Trainer:
     amp_dtype: torch.dtype | None
     device: torch.device
     config: FinetuneConfig
+    regularizer: Callable[[], torch.Tensor] | None = None
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -126,7 +127,7 @@ def _total_steps(loader: Iterable, config: FinetuneConfig) -> int:
 
 
 def _make_trainer(model: nn.Module, teacher: nn.Module | None, config: FinetuneConfig, device: torch.device,
-                  total_steps: int) -> _Trainer:
+                  total_steps: int, regularizer: Callable[[], torch.Tensor] | None = None) -> _Trainer:
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, config.warmup_steps))
     dtype = amp_dtype_for(config, device)
@@ -135,7 +136,7 @@ def _make_trainer(model: nn.Module, teacher: nn.Module | None, config: FinetuneC
         teacher = teacher.to(device).eval()
     else:
         teacher = None
-    return _Trainer(model, teacher, optimizer, scheduler, scaler, dtype, device, config)
+    return _Trainer(model, teacher, optimizer, scheduler, scaler, dtype, device, config, regularizer)
 
 
 def _autocast(trainer: _Trainer) -> contextlib.AbstractContextManager:
@@ -158,6 +159,8 @@ def _step(trainer: _Trainer, images: torch.Tensor, labels: torch.Tensor) -> floa
     alpha = config.distill_alpha if teacher is not None else 0.0
     loss = distillation_loss(student, teacher, labels, alpha=alpha, temperature=config.distill_temperature,
                              label_smoothing=config.label_smoothing)
+    if trainer.regularizer is not None:
+        loss = loss + trainer.regularizer()
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.scaler.scale(loss).backward()
     if config.grad_clip is not None:
@@ -204,12 +207,13 @@ def _device_of(module: nn.Module) -> torch.device:
 
 def finetune(model: nn.Module, train_loader: DataLoader, val_loader: Iterable | None = None,
              config: FinetuneConfig | None = None, teacher: nn.Module | None = None,
-             progress: bool = True) -> FinetuneResult:
+             progress: bool = True, regularizer: Callable[[], torch.Tensor] | None = None) -> FinetuneResult:
     """Fine-tune `model` in place (DDP under torchrun) keeping its masks, then evaluate on `val_loader`.
 
     Training runs on the GPU when there is one; the model (and teacher) go back to the device they
     came on, so the caller's next step (evaluate, export) finds them where it left them. With a
-    `teacher`, the loss mixes label CE with KL to the teacher's softened logits.
+    `teacher`, the loss mixes label CE with KL to the teacher's softened logits; `regularizer()`, when
+    given, is added to every step's loss (e.g. VTP's λ·‖â‖₁ over the model's own parameters).
     """
     config = config if config is not None else FinetuneConfig()
     if not isinstance(config, FinetuneConfig):
@@ -217,7 +221,7 @@ def finetune(model: nn.Module, train_loader: DataLoader, val_loader: Iterable | 
     device = dist_utils.process_device(config.device)
     ctx = dist_utils.start(device)
     try:
-        result = _run(model, train_loader, val_loader, config, teacher, progress, device, ctx)
+        result = _run(model, train_loader, val_loader, config, teacher, progress, device, ctx, regularizer)
     except BaseException:
         dist_utils.stop(ctx, wait=False)
         raise
@@ -226,12 +230,13 @@ def finetune(model: nn.Module, train_loader: DataLoader, val_loader: Iterable | 
 
 
 def _run(model: nn.Module, train_loader: DataLoader, val_loader: Iterable | None, config: FinetuneConfig,
-         teacher: nn.Module | None, progress: bool, device: torch.device,
-         ctx: dist_utils.DistContext) -> FinetuneResult:
+         teacher: nn.Module | None, progress: bool, device: torch.device, ctx: dist_utils.DistContext,
+         regularizer: Callable[[], torch.Tensor] | None = None) -> FinetuneResult:
     home, was_training = _device_of(model), model.training
     teacher_home = _device_of(teacher) if teacher is not None else None
     try:
-        return _train_and_evaluate(model, train_loader, val_loader, config, teacher, progress, device, ctx)
+        return _train_and_evaluate(model, train_loader, val_loader, config, teacher, progress, device, ctx,
+                                   regularizer)
     except BaseException:
         model.train(was_training)
         raise
@@ -243,12 +248,13 @@ def _run(model: nn.Module, train_loader: DataLoader, val_loader: Iterable | None
 
 def _train_and_evaluate(model: nn.Module, train_loader: DataLoader, val_loader: Iterable | None,
                         config: FinetuneConfig, teacher: nn.Module | None, progress: bool,
-                        device: torch.device, ctx: dist_utils.DistContext) -> FinetuneResult:
+                        device: torch.device, ctx: dist_utils.DistContext,
+                        regularizer: Callable[[], torch.Tensor] | None) -> FinetuneResult:
     model.to(device)
     apply_masks_(model)
     loader = dist_utils.shard_loader(train_loader, ctx, config.seed)
     total = _total_steps(loader, config)
-    trainer = _make_trainer(dist_utils.wrap(model, ctx, device), teacher, config, device, total)
+    trainer = _make_trainer(dist_utils.wrap(model, ctx, device), teacher, config, device, total, regularizer)
     start = time.perf_counter()
     with _seeded(config.seed + ctx.rank, device):
         steps, loss = _train(trainer, loader, total, progress and ctx.is_main)
