@@ -132,7 +132,6 @@ def _speed_candidates(
     for setting in vtp_settings:
         manager = vtp_speed_graph(model, setting, Recipe(base=_base(opts)))
         row = _costed_row(opts, VTP, setting.settings(), manager)
-        row.prune_seconds = manager.recipe.passes[-1].stats["seconds"]
         candidates.append(SpeedCandidate(row, manager.graph_module, manager.recipe))
     return candidates
 

@@ -102,7 +102,9 @@ def verify_onnx(path: Path, gm: fx.GraphModule, config: ExportConfig) -> float:
     """Max abs difference between the ONNX file (reference evaluator) and the torch graph."""
     from onnx.reference import ReferenceEvaluator
 
-    evaluator = ReferenceEvaluator(str(path))
+    from .reference_ops import FAST_REFERENCE_OPS
+
+    evaluator = ReferenceEvaluator(str(path), new_ops=FAST_REFERENCE_OPS)
     worst = 0.0
     for seed in range(config.verify_batches):
         sample = example_input(gm, config.batch_size, seed=100 + seed)

@@ -96,17 +96,18 @@ class ScoreGatePass(GraphPass):
         self.sites = check_sites(sites)
 
     def __call__(self, gm: fx.GraphModule, structure: ViTStructure) -> PassResult:
-        for block in structure.blocks:
-            for site in (SITES[n] for n in self.sites):
-                reason = site.unsupported(gm, block)
-                if reason:
-                    raise PassError(f"VTP site {site.name} in block {block.index}: {reason}; slicing it "
-                                    f"would change that norm's statistics. Leave {site.name} out of sites")
-                if gate_of(gm, block, site) is not None:
-                    raise PassError(f"block {block.index} already has a score gate at {site.name}")
-                consumer = consumer_node(gm, site.consumer(block))
-                features = gm.get_submodule(site.consumer(block)).in_features
-                insert_module_before(gm, consumer, f"vtp_gate_{block.index}_{site.name}", ScoreGate(features))
+        places = [(block, SITES[n]) for block in structure.blocks for n in self.sites]
+        for block, site in places:  # every place checked before the graph changes
+            reason = site.unsupported(gm, block)
+            if reason:
+                raise PassError(f"VTP site {site.name} in block {block.index}: {reason}; slicing it "
+                                f"would change that norm's statistics. Leave {site.name} out of sites")
+            if gate_of(gm, block, site) is not None:
+                raise PassError(f"block {block.index} already has a score gate at {site.name}")
+        for block, site in places:
+            consumer = consumer_node(gm, site.consumer(block))
+            features = gm.get_submodule(site.consumer(block)).in_features
+            insert_module_before(gm, consumer, f"vtp_gate_{block.index}_{site.name}", ScoreGate(features))
         return PassResult(gm, PassRecord(self.name, params={"sites": list(self.sites)}))
 
     @classmethod
@@ -228,8 +229,9 @@ def choose_kept(gated: list[tuple[BlockStructure, Site, ScoreGate]], rate: float
             moved.append(key)
         kept[key] = _kept_indices(gate.score, groups, per_group)
     if floored:
-        warnings.warn(f"VTP rate {rate:g} would remove every dimension of sites {floored}; each keeps one "
-                      f"step ({multiple} in total, equal per head) instead", stacklevel=3)
+        warnings.warn(f"VTP rate {rate:g} would remove every dimension of sites {floored}; each keeps the "
+                      f"smallest count allowed instead (a multiple of {multiple}, equal per head)",
+                      stacklevel=3)
     return kept, {"threshold": threshold, "floored_sites": floored, "engine_safe_moved": moved}
 
 

@@ -18,7 +18,8 @@ def run_dir(tmp_path_factory) -> Path:
     opts = BenchOptions(
         model="deit_tiny_patch16_224", model_kwargs={"img_size": 32, "depth": 2},
         speed_settings=(SpeedSetting(0.9), SpeedSetting(0.5, "2:4"), SpeedSetting(0.5, "1x4")),
-        accuracy_sparsities=(0.5,), finetune_epochs=1, solver_timing_samples=8, batch_sizes=(1, 2),
+        accuracy_sparsities=(0.5,), vtp_rates=(0.4,), finetune_epochs=1, solver_timing_samples=8,
+        batch_sizes=(1, 2),
         seconds_per_block=0.05, rounds=1, num_cores=1, output_dir=tmp_path_factory.mktemp("runs"),
         progress=False,
     )
@@ -27,18 +28,22 @@ def run_dir(tmp_path_factory) -> Path:
 
 def test_results_follow_the_schema(run_dir: Path) -> None:
     doc = json.loads((run_dir / "results.json").read_text())
-    assert doc["schema"] == 2 and doc["meta"]["profile"] == "default"
+    assert doc["schema"] == 3 and doc["meta"]["profile"] == "default"
     assert doc["meta"]["speed_weights"] == "random"
-    keys = {"model", "method", "settings", "top1", "top1_oneshot", "macs", "params", "nonzero_params",
-            "prune_seconds", "calibration_samples", "artifact", "speed"}
+    keys = {"model", "method", "settings", "top1", "top1_oneshot", "top1_sparse_trained", "macs", "params",
+            "nonzero_params", "prune_seconds", "calibration_samples", "artifact", "speed"}
     assert all(keys <= set(row) for row in doc["rows"])
     digits = [r for r in doc["rows"] if r["model"] == "digits-vit"]
     methods = ("magnitude", "obs-layerwise", "obs-fisher")
     assert [(r["method"], r["settings"]) for r in digits] == [("dense", {})] + [
-        (m, {"sparsity": 0.5, "pattern": "unstructured"}) for m in methods]
+        (m, {"sparsity": 0.5, "pattern": "unstructured"}) for m in methods] + [
+        ("vtp", {"rate": 0.4, "multiple": 8})]
     assert all(0 <= r["top1"] <= 1 and 0 <= r["top1_oneshot"] <= 1 for r in digits)
     assert all(r["nonzero_params"] < digits[0]["nonzero_params"] for r in digits[1:])
-    assert [r["calibration_samples"] for r in digits[1:]] == [None, 256, 256]
+    assert [r["calibration_samples"] for r in digits[1:]] == [None, 256, 256, None]
+    vtp = digits[-1]  # sliced: fewer MACs and parameters, all of them non-zero; three top-1 stages
+    assert vtp["macs"] < 0.75 * digits[0]["macs"] and vtp["params"] < digits[0]["params"]
+    assert 0 <= vtp["top1_sparse_trained"] <= 1 and all(r["top1_sparse_trained"] is None for r in digits[:-1])
 
 
 def test_each_solver_is_timed_on_the_speed_model(run_dir: Path) -> None:
@@ -53,7 +58,9 @@ def test_speed_rows_time_every_engine_against_the_dense_baseline(run_dir: Path) 
     all_rows = json.loads((run_dir / "results.json").read_text())["rows"]
     rows = [r for r in all_rows if r["model"] != "digits-vit" and r["speed"]]
     assert [(r["method"], r["settings"].get("pattern")) for r in rows] == [
-        ("dense", None), ("magnitude", "unstructured"), ("magnitude", "2:4"), ("magnitude", "1x4")]
+        ("dense", None), ("magnitude", "unstructured"), ("magnitude", "2:4"), ("magnitude", "1x4"),
+        ("vtp", None)]
+    assert rows[-1]["settings"] == {"rate": 0.4, "multiple": 8} and rows[-1]["macs"] < rows[0]["macs"]
     assert rows[0]["top1"] is None
     for row in rows:
         assert {(s["engine"], s["batch"]) for s in row["speed"]} == {
@@ -81,6 +88,7 @@ def test_report_and_plot_are_written(run_dir: Path) -> None:
     assert "## Accuracy" in report and "## Speed" in report and "## Solver time" in report
     assert "magnitude(pattern=2:4, sparsity=0.5)" in report
     assert "| 50% | " in report  # the sparsity-by-method table
+    assert "## Dimension slicing (VTP)" in report and "| digits-vit | multiple=8, rate=0.4 |" in report
     for plot in ("speedup.png", "accuracy.png"):
         assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -90,6 +98,8 @@ def test_bad_bench_options_are_clear_errors(capsys) -> None:
     assert "unknown methods/engines ['pixie-dust']" in capsys.readouterr().err
     assert main(["prune-and-bench", "--sparsities", "1.5"]) == 2
     assert "sparsities must lie in [0, 1)" in capsys.readouterr().err
+    assert main(["prune-and-bench", "--vtp-rates", "0.2,1"]) == 2
+    assert "VTP rates must lie in [0, 1), got (0.2, 1.0)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["prune-and-bench", "--speed-settings", "0.75@2:4"])
     assert "fixes the sparsity at 0.5" in capsys.readouterr().err

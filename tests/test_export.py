@@ -111,3 +111,20 @@ def test_inspect_of_an_exported_masked_model_matches_its_masks(tmp_path) -> None
         weight = folded.get_submodule(name).weight
         assert weight.numel() - int(weight.count_nonzero()) == round(0.75 * weight.numel())
     assert report.macs == count_costs(folded).macs
+
+
+@pytest.mark.parametrize("stride,padding", [(4, 0), (2, 1)], ids=["patches", "overlapping-falls-back"])
+def test_fast_reference_ops_match_onnx_own(tmp_path, stride: int, padding: int) -> None:
+    """The verifier's numpy Conv and Erf give onnx's reference results (the fast path and the fallback)."""
+    from onnx.reference import ReferenceEvaluator
+
+    from vitsparse.compiler.reference_ops import FAST_REFERENCE_OPS
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=stride, padding=padding), torch.nn.GELU())
+    x = torch.randn(2, 3, 16, 16)
+    torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=False, opset_version=14,
+                      input_names=["input"])
+    own = ReferenceEvaluator(str(tmp_path / "m.onnx")).run(None, {"input": x.numpy()})[0]
+    fast_evaluator = ReferenceEvaluator(str(tmp_path / "m.onnx"), new_ops=FAST_REFERENCE_OPS)
+    fast = fast_evaluator.run(None, {"input": x.numpy()})[0]
+    assert fast.shape == own.shape and abs(fast - own).max() < 1e-5

@@ -37,7 +37,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys) -> None:
 
 def test_readme_second_order_and_gradual_examples_run(monkeypatch) -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
-    assert len(blocks) == 3, "the API example, second-order pruning, gradual pruning"
+    assert len(blocks) == 4, "the API example, second-order pruning, gradual pruning, VTP"
     namespace: dict = {}
     first = blocks[0].split("manager = PassManager")[0]  # imports, the dense model and the data
     from vitsparse.pruners import finetune as real_finetune
@@ -58,3 +58,18 @@ def test_readme_second_order_and_gradual_examples_run(monkeypatch) -> None:
     passes = namespace["manager"].recipe.passes
     assert [p.params["saliency"] for p in passes] == ["obs-layerwise"] * 4
     assert passes[-1].decisions["sparsity"] == pytest.approx(0.9, abs=1e-4)
+
+
+def test_readme_vtp_example_runs() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    namespace: dict = {}
+    first = blocks[0].split("manager = PassManager")[0]
+    imports = "from vitsparse.compiler import PassManager\nfrom vitsparse.pruners import finetune\n"
+    exec(compile(first + imports, str(README), "exec"), namespace)  # noqa: S102 - our own documentation
+    exec(compile(blocks[3], str(README), "exec"), namespace)  # noqa: S102
+    passes = namespace["manager"].recipe.passes
+    assert [p.name for p in passes] == ["vtp-gates", "vtp-slice"]
+    assert passes[-1].stats["removed_fraction"] == pytest.approx(0.4, abs=0.05)
+    from vitsparse.models import evaluate
+
+    assert evaluate(namespace["sliced"], namespace["data"].test).top1 >= 0.95
