@@ -286,7 +286,8 @@ def test_deepsparse_refuses_sparse_weights_at_widths_it_gets_wrong(tmp_path) -> 
         create_engine("deepsparse", result.directory / "model.onnx", batch_size=1, num_cores=1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CI has no GPU)")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: CI and dev machines have none; runs on a lent GPU machine")
 def test_sparse_training_runs_on_cuda() -> None:
     loaders = digits_loaders()
     manager = PassManager(trace(build_model("digits-vit")))
