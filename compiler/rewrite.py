@@ -230,7 +230,7 @@ def select_input_features(gm: fx.GraphModule, linear: str, keep: Indices) -> nn.
     if isinstance(existing, SelectFeatures):
         existing.index = existing.index[index.to(existing.index.device)]
     else:
-        selection = SelectFeatures(index, in_features)
+        selection = SelectFeatures(index.to(new.weight.device), in_features)
         insert_module_before(gm, node, f"{linear.replace('.', '_')}_select", selection)
     return new
 

@@ -34,6 +34,7 @@ from vitsparse.compiler import (
     PassResult,
     RecipeError,
     ViTStructure,
+    find_vit_structure,
     insert_module_before,
     register_pass,
 )
@@ -119,6 +120,7 @@ class ScoreGatePass(GraphPass):
 
 
 def score_gates(gm: nn.Module) -> dict[str, ScoreGate]:
+    """Every score gate in `gm`, by qualified name."""
     return {name: m for name, m in gm.named_modules() if isinstance(m, ScoreGate)}
 
 
@@ -134,8 +136,7 @@ def score_l1(gm: nn.Module) -> torch.Tensor:
 def scores_from_weight_norms(gm: fx.GraphModule) -> None:
     """Set every gate's scores to its Linear's column norms over their site mean: a data-free stand-in
     for trained scores (speed rows on random weights), which keeps roughly the same rate per site."""
-    structure_blocks = _gated_sites(gm)
-    for block, site, gate in structure_blocks:
+    for block, site, gate in _gated_sites(gm):
         norms = gm.get_submodule(site.consumer(block)).weight.norm(dim=0)
         gate.score.copy_(norms / norms.mean().clamp_min(1e-12))
 
@@ -152,8 +153,6 @@ def sparse_train(gm: fx.GraphModule, train_loader, config: FinetuneConfig, *, l1
 
 def _gated_sites(gm: fx.GraphModule, structure: ViTStructure | None = None
                  ) -> list[tuple[BlockStructure, Site, ScoreGate]]:
-    from vitsparse.compiler import find_vit_structure
-
     structure = structure if structure is not None else find_vit_structure(gm)
     found = [(b, s, gate_of(gm, b, s)) for b in structure.blocks for s in SITES.values()]
     return [(b, s, g) for b, s, g in found if g is not None]
@@ -197,7 +196,7 @@ def engine_safe_count(per_group: int, groups: int, group_size: int, step: int,
 
 def _kept_indices(scores: torch.Tensor, groups: int, per_group: int) -> torch.Tensor:
     """The `per_group` highest |score| features of each equal-sized group, sorted."""
-    magnitude = scores.detach().abs().float().view(groups, -1)
+    magnitude = scores.detach().abs().float().cpu().view(groups, -1)
     top = magnitude.topk(per_group, dim=1).indices.sort(dim=1).values
     return (top + torch.arange(groups).unsqueeze(1) * magnitude.shape[1]).flatten()
 
@@ -239,7 +238,7 @@ def choose_kept(gated: list[tuple[BlockStructure, Site, ScoreGate]], rate: float
 def _fold_and_remove_gate(gm: fx.GraphModule, block: BlockStructure, site: Site, gate: ScoreGate) -> None:
     """Multiply the scores into the consumer's columns, then route the gate's input straight to it."""
     linear = gm.get_submodule(site.consumer(block))
-    linear.weight.mul_(gate.score.to(linear.weight.dtype).unsqueeze(0))
+    linear.weight.mul_(gate.score.to(linear.weight.device, linear.weight.dtype).unsqueeze(0))
     gate_node = consumer_node(gm, site.consumer(block)).args[0]
     gate_node.replace_all_uses_with(gate_node.args[0])
     gm.graph.erase_node(gate_node)

@@ -76,7 +76,7 @@ def _zero_removed_scores(gated: torch.nn.Module, record) -> None:
         block, name = key.split(".")
         gate = gated.get_submodule(f"vtp_gate_{block}_{name}")
         with torch.no_grad():
-            gate.score.mul_(decode_mask(site["mask"], [site["size"]], key).float())
+            gate.score.mul_(decode_mask(site["mask"], [site["size"]], key).to(gate.score))
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
@@ -294,4 +294,9 @@ def test_sparse_training_runs_on_cuda() -> None:
     gated = manager.run(ScoreGatePass())
     result = sparse_train(gated, loaders.train, FinetuneConfig(max_steps=3), l1=1e-4, progress=False)
     assert result.device.startswith("cuda") and next(gated.parameters()).device.type == "cpu"
+    reference = copy.deepcopy(gated.cuda())  # slicing a model that lives on the GPU
     manager.run(DimensionSlicePass(0.4))
+    _zero_removed_scores(reference, manager.recipe.passes[-1])
+    x = next(iter(loaders.test))[0].cuda()
+    with torch.no_grad():
+        assert (manager.graph_module(x) - reference(x)).abs().max() < 1e-4
