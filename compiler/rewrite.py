@@ -178,7 +178,7 @@ def insert_module_before(gm: fx.GraphModule, consumer: fx.Node, target: str, mod
 
 @gu.register_transparent
 class SelectFeatures(nn.Module):
-    """Keep the given features of the last dimension (exports as one ONNX Gather).
+    """Keep the given features of the last dimension (exports as Transpose, Gather, Transpose).
 
     Sits between a norm whose statistics need every feature and a Linear that reads only some.
     """
@@ -276,8 +276,8 @@ def _split_value_from_qkv(gm: fx.GraphModule, attention: AttentionStructure) -> 
 
 
 def slice_value_heads(gm: fx.GraphModule, attention: AttentionStructure, kept_per_head: torch.Tensor) -> None:
-    """Keep the same value channels count in every head: qkv's v rows, the attention output reshape
-    and proj's columns shrink together. `kept_per_head` is (heads, kept) channel indices per head.
+    """Keep the same number of value channels in every head: qkv's v rows, the attention output
+    reshape and proj's columns shrink together. `kept_per_head` is (heads, kept) channel indices per head.
 
     q and k keep their width, so the attention scale is untouched.
     """
