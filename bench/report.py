@@ -128,14 +128,15 @@ def speed_table(rows: list[Row]) -> str:
 
 def markdown_report(meta: dict[str, Any], rows: list[Row]) -> str:
     weights = meta.get("speed_weights", "random")
+    sparsities = sparsity_table(rows)
     sections = [
         f"# prune-and-bench, profile `{meta['profile']}`",
         f"Run {meta['date']} on {meta['machine']} ({meta['cpu_cores']} cores), {meta['duration_s']:.0f} s. "
         f"Speed model weights: {weights}; its masks chosen by {meta.get('speed_method', 'magnitude')}. "
         "All speeds come from this one run, engines timed in alternating blocks.",
         "## Accuracy on digits-vit\n\nTop-1 on the held-out test split, one-shot (no fine-tune) and after "
-        "the standard short distilled fine-tune with the masks fixed.\n\n" + sparsity_table(rows)
-        if sparsity_table(rows)
+        "the standard short distilled fine-tune with the masks fixed.\n\n" + sparsities
+        if sparsities
         else "",
         "### Every accuracy row\n\n" + accuracy_table(rows),
     ]

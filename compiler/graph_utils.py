@@ -11,6 +11,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import PassError
+
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 )
@@ -147,6 +149,14 @@ def descendants(node: fx.Node) -> Iterator[fx.Node]:
         seen.add(current)
         yield current
         stack.extend(current.users)
+
+
+def module_call(gm: fx.GraphModule, target: str) -> fx.Node:
+    """The node that calls submodule `target`; PassError names it when the graph never calls it."""
+    node = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == target), None)
+    if node is None:
+        raise PassError(f"graph does not call module {target!r}")
+    return node
 
 
 def node_by_name(gm: fx.GraphModule, name: str) -> fx.Node:

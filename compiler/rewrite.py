@@ -219,9 +219,7 @@ def select_input_features(gm: fx.GraphModule, linear: str, keep: Indices) -> nn.
 
     When its input is already a SelectFeatures the two selections compose into one.
     """
-    node = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == linear), None)
-    if node is None:
-        raise PassError(f"graph does not call Linear {linear!r}")
+    node = gu.module_call(gm, linear)
     in_features = gm.get_submodule(linear).in_features
     index = _as_index(keep, in_features, f"{linear} inputs")
     new = slice_linear(gm, linear, in_keep=index)
@@ -253,7 +251,7 @@ def _split_value_from_qkv(gm: fx.GraphModule, attention: AttentionStructure) -> 
     """Rewrite qkv → reshape(B, N, 3, H, d) into a q/k part (B, N, 2, H, d) and a v part of its own
     (B, N, H, d_v), so v's head width can differ from q/k's. Returns the new v reshape node."""
     graph = gm.graph
-    qkv = next(n for n in graph.nodes if n.op == "call_module" and n.target == attention.qkv)
+    qkv = gu.module_call(gm, attention.qkv)
     reshape = gu.node_by_name(gm, attention.qkv_reshape_node)
     packed, sizes = _reshape_sizes(reshape)
     if len(sizes) != 5 or sizes[2] != 3 or reshape.args[0] is not qkv:

@@ -42,7 +42,7 @@ from vitsparse.compiler import graph_utils as gu
 
 from .finetune import FinetuneConfig, FinetuneResult, finetune
 from .mask_codec import decode_mask, encode_mask
-from .vtp_sites import SITE_NAMES, SITES, Site, check_sites, consumer_node
+from .vtp_sites import SITE_NAMES, SITES, Site, check_sites
 
 DEFAULT_L1 = 1e-4  # the paper's λ
 DEFAULT_MULTIPLE = 8
@@ -78,7 +78,7 @@ def check_multiple(multiple: int) -> int:
 
 def gate_of(gm: fx.GraphModule, block: BlockStructure, site: Site) -> ScoreGate | None:
     """The score gate right in front of `site`'s Linear in `block`, if there is one."""
-    source = consumer_node(gm, site.consumer(block)).args[0]
+    source = gu.module_call(gm, site.consumer(block)).args[0]
     module = gu.module_of(gm, source) if isinstance(source, fx.Node) else None
     return module if isinstance(module, ScoreGate) else None
 
@@ -106,7 +106,7 @@ class ScoreGatePass(GraphPass):
             if gate_of(gm, block, site) is not None:
                 raise PassError(f"block {block.index} already has a score gate at {site.name}")
         for block, site in places:
-            consumer = consumer_node(gm, site.consumer(block))
+            consumer = gu.module_call(gm, site.consumer(block))
             features = gm.get_submodule(site.consumer(block)).in_features
             insert_module_before(gm, consumer, f"vtp_gate_{block.index}_{site.name}", ScoreGate(features))
         return PassResult(gm, PassRecord(self.name, params={"sites": list(self.sites)}))
@@ -239,7 +239,7 @@ def _fold_and_remove_gate(gm: fx.GraphModule, block: BlockStructure, site: Site,
     """Multiply the scores into the consumer's columns, then route the gate's input straight to it."""
     linear = gm.get_submodule(site.consumer(block))
     linear.weight.mul_(gate.score.to(linear.weight.device, linear.weight.dtype).unsqueeze(0))
-    gate_node = consumer_node(gm, site.consumer(block)).args[0]
+    gate_node = gu.module_call(gm, site.consumer(block)).args[0]
     gate_node.replace_all_uses_with(gate_node.args[0])
     gm.graph.erase_node(gate_node)
     gm.delete_submodule(gate_node.target)

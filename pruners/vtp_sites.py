@@ -16,7 +16,6 @@ import torch.fx as fx
 
 from vitsparse.compiler import (
     BlockStructure,
-    PassError,
     select_input_features,
     slice_linear,
     slice_value_heads,
@@ -58,7 +57,7 @@ def check_sites(names: tuple[str, ...] | list[str]) -> tuple[str, ...]:
 def _norm_between(gm: fx.GraphModule, consumer: str, stop: str) -> str | None:
     """A norm on the path from node `stop` down to Linear `consumer` (its statistics would change if
     the features it normalises were sliced), else None."""
-    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == consumer).args[0]
+    node = gu.module_call(gm, consumer).args[0]
     while isinstance(node, fx.Node) and node.name != stop:
         if gu.is_norm(gm, node):
             return node.target
@@ -99,21 +98,20 @@ def _one_group(block: BlockStructure) -> int:
     return 1
 
 
-register_site(Site(
-    "qkv_in", "input features of the qkv projection (the norm still sees every feature)",
-    consumer=lambda b: b.attn.qkv, groups=_one_group,
-    slice=lambda gm, b, kept: select_input_features(gm, b.attn.qkv, kept),
-))
+def _input_site(name: str, layer: str, linear: Callable[[BlockStructure], str]) -> Site:
+    """A site of a Linear's input features, read from a norm that keeps normalising all of them."""
+    return Site(name, f"input features of {layer} (the norm still sees every feature)",
+                consumer=linear, groups=_one_group,
+                slice=lambda gm, b, kept: select_input_features(gm, linear(b), kept))
+
+
+register_site(_input_site("qkv_in", "the qkv projection", lambda b: b.attn.qkv))
 register_site(Site(
     "attn_out", "attention output feeding proj: v rows and proj columns, equal per head",
     consumer=lambda b: b.attn.proj, groups=lambda b: b.attn.num_heads,
     slice=_slice_value_heads, unsupported=_attn_out_unsupported,
 ))
-register_site(Site(
-    "mlp_in", "input features of fc1 (the norm still sees every feature)",
-    consumer=lambda b: b.mlp.fc1, groups=_one_group,
-    slice=lambda gm, b, kept: select_input_features(gm, b.mlp.fc1, kept),
-))
+register_site(_input_site("mlp_in", "fc1", lambda b: b.mlp.fc1))
 register_site(Site(
     "mlp_hidden", "MLP hidden features: fc1 rows and bias, fc2 columns",
     consumer=lambda b: b.mlp.fc2, groups=_one_group,
@@ -121,10 +119,3 @@ register_site(Site(
 ))
 
 SITE_NAMES: tuple[str, ...] = tuple(SITES)
-
-
-def consumer_node(gm: fx.GraphModule, target: str) -> fx.Node:
-    node = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == target), None)
-    if node is None:
-        raise PassError(f"graph does not call {target!r}")
-    return node

@@ -29,6 +29,8 @@ def misaligned_sparse_weights(model: onnx.ModelProto) -> list[str]:
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in initializers:
             continue
+        if initializers[node.input[1]].data_location == onnx.TensorProto.EXTERNAL:
+            continue  # weights kept outside the file are not loaded here; DeepSparse reads them itself
         weight = numpy_helper.to_array(initializers[node.input[1]])
         if weight.ndim != 2 or weight.size == 0:
             continue
