@@ -1,5 +1,12 @@
 """The fx compiler core: tracing, ViT structure, passes, recipes, cost counting, rewrite helpers."""
 
+from .attention_rewrite import (
+    pin_attention_scale,
+    scale_query_channels,
+    scale_value_channels,
+    slice_qk_heads,
+    slice_value_heads,
+)
 from .errors import CompilerError, NotAViTError, PassError, RecipeError, TraceFailure
 from .export import ExportConfig, ExportError, ExportResult, export_artifact, fold_for_export
 from .flops import CostReport, count_costs, count_params
@@ -26,7 +33,6 @@ from .rewrite import (
     slice_linear,
     slice_norm,
     slice_parameter,
-    slice_value_heads,
 )
 from .shapes import propagate_shapes, shape_of
 from .structure import (
@@ -46,6 +52,7 @@ __all__ = [
     "PassRecord", "PassResult", "Recipe", "RecipeError", "TraceFailure", "ViTStructure", "count_costs",
     "count_params", "example_input", "find_vit_structure", "input_shape_of", "insert_module_after",
     "insert_module_before", "SelectFeatures", "select_input_features", "slice_value_heads",
+    "pin_attention_scale", "scale_query_channels", "scale_value_channels", "slice_qk_heads",
     "load_weights", "pass_from_record", "propagate_shapes", "register_pass", "replace_module", "replay",
     "save_weights", "set_reshape_dims", "shape_of", "slice_conv2d", "slice_coupled", "slice_linear",
     "slice_norm", "slice_parameter", "trace",

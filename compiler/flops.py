@@ -17,6 +17,7 @@ from torch import nn
 
 from . import graph_utils as gu
 from .shapes import propagate_shapes, shape_of
+from .structure import ViTStructure
 
 MacCounter = Callable[[fx.GraphModule, fx.Node], int]
 _MODULE_COUNTERS: dict[type[nn.Module], MacCounter] = {}
@@ -106,3 +107,15 @@ def count_costs(gm: fx.GraphModule) -> CostReport:
     per_node = {n.name: m for n in gm.graph.nodes if (m := node_macs(gm, n))}
     params, nonzero = count_params(gm)
     return CostReport(macs=sum(per_node.values()), params=params, nonzero_params=nonzero, per_node=per_node)
+
+
+def attention_macs(gm: fx.GraphModule, structure: ViTStructure, costs: CostReport | None = None) -> int:
+    """MACs per image of every block's attention: qkv, the attention matmuls and proj (what head-channel
+    pruning budgets against)."""
+    costs = costs if costs is not None else count_costs(gm)
+    total = 0
+    for block in structure.blocks:
+        qkv, proj = gu.module_call(gm, block.attn.qkv), gu.module_call(gm, block.attn.proj)
+        inside = set(gu.descendants(qkv)) & set(gu.ancestors(proj))
+        total += sum(costs.per_node.get(n.name, 0) for n in (qkv, proj, *inside))
+    return total

@@ -6,7 +6,6 @@ tensors it replaces. Index arguments are the positions to *keep*, in the order t
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -15,12 +14,13 @@ from torch import nn
 
 from . import graph_utils as gu
 from .errors import PassError
-from .structure import AttentionStructure, CoupledParam
+from .structure import CoupledParam
 
 Indices = Sequence[int] | torch.Tensor
 
 
-def _as_index(keep: Indices, size: int, what: str) -> torch.Tensor:
+def as_index(keep: Indices, size: int, what: str) -> torch.Tensor:
+    """`keep` as a long tensor of distinct positions in [0, size); PassError names `what` otherwise."""
     index = torch.as_tensor(keep, dtype=torch.long).flatten()
     if index.numel() == 0:
         raise PassError(f"{what}: refusing to remove every channel (keep at least one)")
@@ -49,11 +49,11 @@ def _sliced_weight_and_bias(old: nn.Linear | nn.Conv2d, target: str, out_keep: I
     """Weight rows/columns (dims 0/1) and bias entries kept by a Linear or Conv2d slice."""
     weight, bias = old.weight, old.bias
     if out_keep is not None:
-        out_index = _as_index(out_keep, weight.shape[0], f"{target} outputs")
+        out_index = as_index(out_keep, weight.shape[0], f"{target} outputs")
         weight = _sliced(weight, 0, out_index)
         bias = _sliced(bias, 0, out_index) if bias is not None else None
     if in_keep is not None:
-        weight = _sliced(weight, 1, _as_index(in_keep, weight.shape[1], f"{target} inputs"))
+        weight = _sliced(weight, 1, as_index(in_keep, weight.shape[1], f"{target} inputs"))
     return weight, bias
 
 
@@ -95,7 +95,7 @@ def slice_norm(gm: fx.GraphModule, target: str, keep: Indices) -> nn.Module:
     shape = getattr(norm, "normalized_shape", None)
     if shape is None or len(shape) != 1:
         raise PassError(f"{target!r}: expected a norm over the last dimension, found {type(norm).__name__}")
-    index = _as_index(keep, shape[0], f"{target} features")
+    index = as_index(keep, shape[0], f"{target} features")
     for name in ("weight", "bias"):
         param = getattr(norm, name, None)
         if param is not None:
@@ -111,7 +111,7 @@ def slice_parameter(gm: fx.GraphModule, qualname: str, dim: int, keep: Indices) 
     param = getattr(owner, attr, None)
     if not isinstance(param, torch.Tensor):
         raise PassError(f"graph has no parameter {qualname!r}")
-    new = _sliced(param, dim, _as_index(keep, param.shape[dim], qualname))
+    new = _sliced(param, dim, as_index(keep, param.shape[dim], qualname))
     setattr(owner, attr, new)
     return new
 
@@ -221,7 +221,7 @@ def select_input_features(gm: fx.GraphModule, linear: str, keep: Indices) -> nn.
     """
     node = gu.module_call(gm, linear)
     in_features = gm.get_submodule(linear).in_features
-    index = _as_index(keep, in_features, f"{linear} inputs")
+    index = as_index(keep, in_features, f"{linear} inputs")
     new = slice_linear(gm, linear, in_keep=index)
     source = node.args[0]
     existing = gu.module_of(gm, source) if isinstance(source, fx.Node) else None
@@ -231,68 +231,3 @@ def select_input_features(gm: fx.GraphModule, linear: str, keep: Indices) -> nn.
         selection = SelectFeatures(index.to(new.weight.device), in_features)
         insert_module_before(gm, node, f"{linear.replace('.', '_')}_select", selection)
     return new
-
-
-def _reshape_sizes(node: fx.Node) -> tuple[bool, list]:
-    packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
-    return packed, list(node.args[1] if packed else node.args[1:])
-
-
-def _value_input(gm: fx.GraphModule, attention: AttentionStructure) -> fx.Node:
-    """The node feeding v into the attention core (fused: its third input; explicit: the second
-    input of the matmul after the softmax)."""
-    core = gu.node_by_name(gm, attention.core_node)
-    if gu.is_sdpa(core):
-        return core.args[2] if len(core.args) > 2 else core.kwargs["value"]
-    return gu.walk_down(core, gu.is_matmul, 8).args[1]
-
-
-def _split_value_from_qkv(gm: fx.GraphModule, attention: AttentionStructure) -> fx.Node:
-    """Rewrite qkv → reshape(B, N, 3, H, d) into a q/k part (B, N, 2, H, d) and a v part of its own
-    (B, N, H, d_v), so v's head width can differ from q/k's. Returns the new v reshape node."""
-    graph = gm.graph
-    qkv = gu.module_call(gm, attention.qkv)
-    reshape = gu.node_by_name(gm, attention.qkv_reshape_node)
-    packed, sizes = _reshape_sizes(reshape)
-    if len(sizes) != 5 or sizes[2] != 3 or reshape.args[0] is not qkv:
-        raise PassError(f"{attention.qkv}: expected qkv output reshaped to (B, N, 3, heads, head_dim)")
-    value = _value_input(gm, attention)
-    qk_width = 2 * attention.num_heads * attention.head_dim
-    with graph.inserting_after(qkv):
-        qk_part = graph.call_function(operator.getitem, (qkv, (Ellipsis, slice(None, qk_width))))
-    with graph.inserting_after(qk_part):
-        v_part = graph.call_function(operator.getitem, (qkv, (Ellipsis, slice(qk_width, None))))
-    with graph.inserting_after(v_part):
-        v_heads = graph.call_method("reshape", (v_part, sizes[0], sizes[1], sizes[3], attention.v_head_dim))
-    with graph.inserting_after(v_heads):
-        v_new = graph.call_method("permute", (v_heads, 0, 2, 1, 3))
-    sizes[2] = 2
-    reshape.args = (qk_part, tuple(sizes)) if packed else (qk_part, *sizes)
-    for user in list(value.users):
-        user.replace_input_with(value, v_new)
-    return v_heads
-
-
-def slice_value_heads(gm: fx.GraphModule, attention: AttentionStructure, kept_per_head: torch.Tensor) -> None:
-    """Keep the same number of value channels in every head: qkv's v rows, the attention output
-    reshape and proj's columns shrink together. `kept_per_head` is (heads, kept) channel indices per head.
-
-    q and k keep their width, so the attention scale is untouched.
-    """
-    heads, v_dim = attention.num_heads, attention.v_head_dim
-    kept = torch.as_tensor(kept_per_head, dtype=torch.long)
-    if kept.ndim != 2 or kept.shape[0] != heads:
-        raise PassError(f"{attention.qkv}: expected kept value channels of shape ({heads}, k), "
-                        f"got {tuple(kept.shape)}")
-    columns = (torch.arange(heads).unsqueeze(1) * v_dim + kept).flatten()
-    _as_index(columns, heads * v_dim, f"{attention.proj} inputs")  # validates range and duplicates
-    v_reshape = gu.walk_up(_value_input(gm, attention), gu.is_reshape, 8)
-    if v_reshape is None or v_reshape.name == attention.qkv_reshape_node:
-        v_reshape = _split_value_from_qkv(gm, attention)
-    qk_rows = torch.arange(2 * heads * attention.head_dim)
-    slice_linear(gm, attention.qkv, out_keep=torch.cat([qk_rows, qk_rows.numel() + columns]))
-    slice_linear(gm, attention.proj, in_keep=columns)
-    packed, sizes = _reshape_sizes(v_reshape)
-    set_reshape_dims(gm, v_reshape.name, {len(sizes) - 1: kept.shape[1]})
-    out_sizes = _reshape_sizes(gu.node_by_name(gm, attention.out_reshape_node))[1]
-    set_reshape_dims(gm, attention.out_reshape_node, {len(out_sizes) - 1: kept.numel()})

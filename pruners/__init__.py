@@ -2,6 +2,15 @@
 
 from .calibration import Calibration, make_calibration
 from .finetune import FinetuneConfig, FinetuneResult, finetune
+from .head_channels import (
+    VARIANTS as HEAD_CHANNEL_VARIANTS,
+)
+from .head_channels import (
+    HeadChannelSlicePass,
+    indicators_from_weights,
+    search_head_channels,
+)
+from .head_gates import HeadChannelGate, HeadGatePass
 from .losses import distillation_loss
 from .magnitude import MagnitudePass
 from .mask_codec import decode_mask, encode_mask
@@ -41,4 +50,6 @@ __all__ = [
     "register_saliency", "select_targets",
     "DimensionSlicePass", "SITES", "SITE_NAMES", "ScoreGate", "ScoreGatePass", "Site", "register_site",
     "score_l1", "scores_from_weight_norms", "sparse_train",
+    "HEAD_CHANNEL_VARIANTS", "HeadChannelGate", "HeadChannelSlicePass", "HeadGatePass",
+    "indicators_from_weights", "search_head_channels",
 ]

@@ -97,7 +97,17 @@ class _Trainer:
     amp_dtype: torch.dtype | None
     device: torch.device
     config: FinetuneConfig
+    hooks: TrainHooks
+
+
+@dataclass(frozen=True)
+class TrainHooks:
+    """What a pruner adds to the shared loop: `regularizer()` is added to every step's loss (e.g. an L1
+    penalty on its scores); `before_step(step, total)` runs before each step's forward (e.g. to update
+    masks that follow a ramped budget)."""
+
     regularizer: Callable[[], torch.Tensor] | None = None
+    before_step: Callable[[int, int], None] | None = None
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -127,7 +137,7 @@ def _total_steps(loader: Iterable, config: FinetuneConfig) -> int:
 
 
 def _make_trainer(model: nn.Module, teacher: nn.Module | None, config: FinetuneConfig, device: torch.device,
-                  total_steps: int, regularizer: Callable[[], torch.Tensor] | None = None) -> _Trainer:
+                  total_steps: int, hooks: TrainHooks) -> _Trainer:
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, config.warmup_steps))
     dtype = amp_dtype_for(config, device)
@@ -136,7 +146,7 @@ def _make_trainer(model: nn.Module, teacher: nn.Module | None, config: FinetuneC
         teacher = teacher.to(device).eval()
     else:
         teacher = None
-    return _Trainer(model, teacher, optimizer, scheduler, scaler, dtype, device, config, regularizer)
+    return _Trainer(model, teacher, optimizer, scheduler, scaler, dtype, device, config, hooks)
 
 
 def _autocast(trainer: _Trainer) -> contextlib.AbstractContextManager:
@@ -159,8 +169,8 @@ def _step(trainer: _Trainer, images: torch.Tensor, labels: torch.Tensor) -> floa
     alpha = config.distill_alpha if teacher is not None else 0.0
     loss = distillation_loss(student, teacher, labels, alpha=alpha, temperature=config.distill_temperature,
                              label_smoothing=config.label_smoothing)
-    if trainer.regularizer is not None:
-        loss = loss + trainer.regularizer()
+    if trainer.hooks.regularizer is not None:
+        loss = loss + trainer.hooks.regularizer()
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.scaler.scale(loss).backward()
     if config.grad_clip is not None:
@@ -183,6 +193,8 @@ def _train(trainer: _Trainer, loader: DataLoader, total_steps: int, show: bool) 
             if hasattr(loader.sampler, "set_epoch"):
                 loader.sampler.set_epoch(epoch)
             for images, labels in loader:
+                if trainer.hooks.before_step is not None:
+                    trainer.hooks.before_step(steps, total_steps)
                 loss = _step(trainer, images, labels)
                 steps, loss_sum = steps + 1, loss_sum + loss
                 bar.update(1)
@@ -207,21 +219,24 @@ def _device_of(module: nn.Module) -> torch.device:
 
 def finetune(model: nn.Module, train_loader: DataLoader, val_loader: Iterable | None = None,
              config: FinetuneConfig | None = None, teacher: nn.Module | None = None,
-             progress: bool = True, regularizer: Callable[[], torch.Tensor] | None = None) -> FinetuneResult:
+             progress: bool = True, regularizer: Callable[[], torch.Tensor] | None = None,
+             before_step: Callable[[int, int], None] | None = None) -> FinetuneResult:
     """Fine-tune `model` in place (DDP under torchrun) keeping its masks, then evaluate on `val_loader`.
 
     Training runs on the GPU when there is one; the model (and teacher) go back to the device they
     came on, so the caller's next step (evaluate, export) finds them where it left them. With a
     `teacher`, the loss mixes label CE with KL to the teacher's softened logits; `regularizer()`, when
-    given, is added to every step's loss (e.g. VTP's λ·‖â‖₁ over the model's own parameters).
+    given, is added to every step's loss (e.g. VTP's λ·‖â‖₁ over the model's own parameters) and
+    `before_step(step, total_steps)` runs before every step (see TrainHooks).
     """
+    hooks = TrainHooks(regularizer, before_step)
     config = config if config is not None else FinetuneConfig()
     if not isinstance(config, FinetuneConfig):
         raise ValueError(f"config must be a FinetuneConfig, got {type(config).__name__}")
     device = dist_utils.process_device(config.device)
     ctx = dist_utils.start(device)
     try:
-        result = _run(model, train_loader, val_loader, config, teacher, progress, device, ctx, regularizer)
+        result = _run(model, train_loader, val_loader, config, teacher, progress, device, ctx, hooks)
     except BaseException:
         dist_utils.stop(ctx, wait=False)
         raise
@@ -231,12 +246,12 @@ def finetune(model: nn.Module, train_loader: DataLoader, val_loader: Iterable | 
 
 def _run(model: nn.Module, train_loader: DataLoader, val_loader: Iterable | None, config: FinetuneConfig,
          teacher: nn.Module | None, progress: bool, device: torch.device, ctx: dist_utils.DistContext,
-         regularizer: Callable[[], torch.Tensor] | None = None) -> FinetuneResult:
+         hooks: TrainHooks) -> FinetuneResult:
     home, was_training = _device_of(model), model.training
     teacher_home = _device_of(teacher) if teacher is not None else None
     try:
         return _train_and_evaluate(model, train_loader, val_loader, config, teacher, progress, device, ctx,
-                                   regularizer)
+                                   hooks)
     except BaseException:
         model.train(was_training)
         raise
@@ -249,12 +264,12 @@ def _run(model: nn.Module, train_loader: DataLoader, val_loader: Iterable | None
 def _train_and_evaluate(model: nn.Module, train_loader: DataLoader, val_loader: Iterable | None,
                         config: FinetuneConfig, teacher: nn.Module | None, progress: bool,
                         device: torch.device, ctx: dist_utils.DistContext,
-                        regularizer: Callable[[], torch.Tensor] | None) -> FinetuneResult:
+                        hooks: TrainHooks) -> FinetuneResult:
     model.to(device)
     apply_masks_(model)
     loader = dist_utils.shard_loader(train_loader, ctx, config.seed)
     total = _total_steps(loader, config)
-    trainer = _make_trainer(dist_utils.wrap(model, ctx, device), teacher, config, device, total, regularizer)
+    trainer = _make_trainer(dist_utils.wrap(model, ctx, device), teacher, config, device, total, hooks)
     start = time.perf_counter()
     with _seeded(config.seed + ctx.rank, device):
         steps, loss = _train(trainer, loader, total, progress and ctx.is_main)
