@@ -7,7 +7,16 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from vitsparse.compiler import ExportConfig, PassManager, Recipe, count_costs, export_artifact, trace
+from vitsparse.compiler import (
+    ExportConfig,
+    PassManager,
+    Recipe,
+    attention_macs,
+    count_costs,
+    export_artifact,
+    find_vit_structure,
+    trace,
+)
 from vitsparse.models import build_model, digits_loaders, evaluate
 from vitsparse.pruners import FinetuneConfig, finetune, make_calibration
 
@@ -29,6 +38,7 @@ def make_row(method: str, settings: dict, graph, top1: float, top1_oneshot: floa
         top1=top1,
         top1_oneshot=top1_oneshot,
         macs=costs.macs,
+        attention_macs=attention_macs(graph, find_vit_structure(graph), costs),
         params=costs.params,
         nonzero_params=costs.nonzero_params,
     )

@@ -171,6 +171,20 @@ def _bench_flags(parser: argparse.ArgumentParser) -> None:
         "('none' skips VTP)",
     )
     parser.add_argument(
+        "--head-channel-budgets",
+        type=_rates_or_none,
+        help="head-equal channel removal: fractions of attention MACs to remove, on digits-vit and timed on "
+        "the speed model, e.g. 0.3,0.5 ('none' skips it)",
+    )
+    parser.add_argument(
+        "--head-channel-variants",
+        type=_csv(str),
+        help="head-equal channel variants on digits-vit: full, l1, no-similarity, no-reweight, no-init",
+    )
+    parser.add_argument(
+        "--head-channel-seeds", type=int, help="seeds averaged per digits-vit head-channel row"
+    )
+    parser.add_argument(
         "--speed-settings",
         type=_csv(_speed_setting),
         help="masks timed on the speed model: SPARSITY (unstructured), N:M, or "
@@ -218,6 +232,9 @@ def _prune_and_bench(args: argparse.Namespace) -> int:
             **({"methods": args.methods} if args.methods else {}),
             accuracy_sparsities=args.sparsities,
             vtp_rates=args.vtp_rates,
+            head_channel_budgets=args.head_channel_budgets,
+            head_channel_variants=args.head_channel_variants,
+            head_channel_seeds=args.head_channel_seeds,
             speed_settings=args.speed_settings,
             speed_method=args.speed_method,
             solver_timing_samples=args.solver_timing_samples,

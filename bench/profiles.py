@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vitsparse.pruners import HEAD_CHANNEL_VARIANTS
+
 from .methods import SpeedSetting
 from .vtp import VtpSetting
 
@@ -22,6 +24,11 @@ class Profile:
     solver_timing_samples: int  # calibration images when timing each solver on the speed model; 0 skips
     vtp_rates: tuple[float, ...] = (0.2, 0.4)  # VTP on digits-vit (trained scores)
     vtp_speed: tuple[VtpSetting, ...] = (VtpSetting(0.2), VtpSetting(0.4))  # VTP shapes timed
+    # head-equal channel removal: budgets (fewer attention MACs) on digits-vit and timed, the variants
+    # run on digits-vit and the seeds each is averaged over
+    head_channel_budgets: tuple[float, ...] = (0.3, 0.5)
+    head_channel_variants: tuple[str, ...] = ("full", "l1")
+    head_channel_seeds: int = 2
 
 
 PROFILES: dict[str, Profile] = {
@@ -46,6 +53,8 @@ PROFILES: dict[str, Profile] = {
         solver_timing_samples=128,
         # multiple 1: what rounding kept counts to 8 costs or buys in speed
         vtp_speed=(VtpSetting(0.2), VtpSetting(0.4), VtpSetting(0.4, multiple=1)),
+        head_channel_variants=tuple(HEAD_CHANNEL_VARIANTS),  # the full method and every ablation
+        head_channel_seeds=3,
     ),
 }
 

@@ -1,4 +1,4 @@
-"""Turn measured rows into report.md, results.json, accuracy.png and speedup.png."""
+"""Turn measured rows into report.md, results.json, accuracy.png, head_channels.png and speedup.png."""
 
 from __future__ import annotations
 
@@ -100,6 +100,69 @@ def vtp_table(rows: list[Row], method: str = "vtp") -> str:
     return "\n".join(lines)
 
 
+HEAD_CHANNELS = "head-channels"
+
+
+def _head_channel_rows(rows: list[Row]) -> list[Row]:
+    return [r for r in rows if r.method == HEAD_CHANNELS and r.top1 is not None]
+
+
+def head_channel_table(rows: list[Row]) -> str:
+    """The head-equal channel method and its ablations per budget: fewer attention MACs vs the model's
+    dense row, and mean top-1 after the search, the slice and the fine-tune (per-seed figures last)."""
+    measured = _head_channel_rows(rows)
+    if not measured:
+        return ""
+    dense = {r.model: r for r in rows if r.method == DENSE and r.attention_macs}
+    lines = [
+        "| budget | variant | fewer attention MACs | fewer MACs | top-1 searched | top-1 sliced | "
+        "top-1 fine-tuned | vs dense | fine-tuned per seed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(measured, key=lambda r: (r.settings.get("budget", 0), r.model)):
+        base = dense.get(r.model)
+        fewer_attention = (_pct(1 - r.attention_macs / base.attention_macs)
+                           if base and r.attention_macs else "–")
+        fewer = _pct(1 - r.macs / base.macs) if base and r.macs else "–"
+        versus = f"{100 * (r.top1 - base.top1):+.2f} pt" if base and base.top1 is not None else "–"
+        seeds = ", ".join(f"{100 * t:.2f}" for t in r.top1_seeds or ())
+        lines.append(
+            f"| {r.settings.get('budget', 0):.0%} | {r.settings.get('variant', '–')} | {fewer_attention} | "
+            f"{fewer} | {_pct(r.top1_sparse_trained)} | {_pct(r.top1_oneshot)} | {_pct(r.top1)} | {versus} | "
+            f"{seeds} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_head_channels(rows: list[Row], path: Path) -> None:
+    """Fine-tuned top-1 per variant, one group of bars per budget (mean), each seed as a dot."""
+    plt = _pyplot()
+    measured = _head_channel_rows(rows)
+    budgets = sorted({r.settings["budget"] for r in measured})
+    variants = list(dict.fromkeys(r.settings["variant"] for r in measured))
+    dense = next((r.top1 for r in rows if r.method == DENSE and r.model == measured[0].model), None)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    width = 0.8 / len(variants)
+    for v_index, variant in enumerate(variants):
+        for b_index, budget in enumerate(budgets):
+            row = next((r for r in measured if r.settings == {"budget": budget, "variant": variant}), None)
+            if row is None:
+                continue
+            x = b_index + v_index * width
+            ax.bar(x, 100 * row.top1, width, color=f"C{v_index}", label=variant if b_index == 0 else None)
+            seeds = row.top1_seeds or ()
+            ax.scatter([x] * len(seeds), [100 * t for t in seeds], color="black", s=10, zorder=3)
+    if dense is not None:
+        ax.axhline(100 * dense, color="grey", linewidth=1, label="dense")
+        ax.set_ylim(max(0.0, 100 * dense - 6), min(100.0, 100 * dense + 2))
+    ax.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(budgets))])
+    ax.set_xticklabels([f"{b:.0%} fewer attention MACs" for b in budgets])
+    ax.set_ylabel(f"top-1 on {measured[0].model} test after fine-tuning (%)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 def solver_table(rows: list[Row]) -> str:
     """How long each data-aware solver took on the speed model (rows without accuracy or speed)."""
     timed = [r for r in rows if r.prune_seconds is not None and r.top1 is None and not r.speed]
@@ -146,6 +209,16 @@ def markdown_report(meta: dict[str, Any], rows: list[Row]) -> str:
             "## Dimension slicing (VTP)\n\nScores trained with λ·‖â‖₁ on digits-vit, then sliced at the "
             "rate and fine-tuned. The speed model's scores come from weight norms (random weights, "
             "nothing to train): its rows measure the sliced shapes.\n\n" + vtp
+        )
+    heads = head_channel_table(rows)
+    if heads:
+        sections.append(
+            "## Head-equal channel removal\n\nThe same q/k and v channel counts removed from every head at a "
+            "budget of fewer attention MACs (qkv, attention matmuls, proj), then fine-tuned; each row is the "
+            "mean over its seeds. Variants: `full` (similarity-weighted indicators initialised from the "
+            "attention difference, trained toward the budget, with reweighting), `l1` (a plain L1-trained "
+            "indicator), and `full` without one of its parts. The speed model's indicators come from "
+            "weight norms (random weights): its rows measure the sliced shapes.\n\n" + heads
         )
     solvers = solver_table(rows)
     if solvers:
@@ -263,6 +336,8 @@ def write_report(directory: Path, meta: dict[str, Any], rows: list[Row]) -> dict
     }
     if sparsity_curves(rows, "top1"):
         files["accuracy_plot"] = ("accuracy.png", lambda p: plot_accuracy(rows, p))
+    if _head_channel_rows(rows):
+        files["head_channels_plot"] = ("head_channels.png", lambda p: plot_head_channels(rows, p))
     if any(r.speed and r.method != DENSE for r in rows):
         files["speed_plot"] = ("speedup.png", lambda p: plot_speedup(rows, p))
     written = {}

@@ -1,14 +1,16 @@
 """results.json: the versioned record of one prune-and-bench run (documented in README).
 
-{"schema": 3, "meta": {...}, "rows": [{"model", "method", "settings", "top1", "top1_oneshot",
- "top1_sparse_trained", "macs", "params", "nonzero_params", "prune_seconds", "calibration_samples",
- "artifact", "speed": [{"engine",
+{"schema": 4, "meta": {...}, "rows": [{"model", "method", "settings", "top1", "top1_oneshot",
+ "top1_sparse_trained", "top1_seeds", "macs", "attention_macs", "params", "nonzero_params",
+ "prune_seconds", "calibration_samples", "artifact", "speed": [{"engine",
  "batch", "items_per_sec", "latency_ms": {"mean", "p50", "p90", "p99"}, "speedup_vs_dense_torch",
  "speedup_vs_dense_same_engine", "fraction_of_supported_ops"}]}]}
 
 Schema 2 added `prune_seconds` (how long choosing the masks took) and `calibration_samples`;
 schema 3 added `top1_sparse_trained` (VTP: top-1 of the gated model after sparse training, before
-slicing; `top1_oneshot` is then the sliced model before fine-tuning).
+slicing; `top1_oneshot` is then the sliced model before fine-tuning); schema 4 added `attention_macs`
+(qkv, attention matmuls and proj of every block, per image) and `top1_seeds` (the fine-tuned top-1 of
+each seed where a row's top-1 figures are means over seeds: head-channels).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 @dataclass
@@ -42,7 +44,9 @@ class Row:
     top1: float | None = None
     top1_oneshot: float | None = None
     top1_sparse_trained: float | None = None
+    top1_seeds: list[float] | None = None
     macs: int | None = None
+    attention_macs: int | None = None
     params: int | None = None
     nonzero_params: int | None = None
     prune_seconds: float | None = None

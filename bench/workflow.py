@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vitsparse.compiler import GraphPass, PassManager, Recipe, trace
+from vitsparse.compiler import GraphPass, PassManager, Recipe, attention_macs, trace
 from vitsparse.compiler.export import library_versions
 from vitsparse.compiler.trace import example_input
 from vitsparse.models import build_model, imagefolder_loader
@@ -23,6 +23,13 @@ from vitsparse.runtime import ENGINES as RUNTIME_ENGINES
 from vitsparse.runtime import engine_status
 
 from .accuracy import digits_rows
+from .head_channels import METHOD as HEAD_CHANNELS
+from .head_channels import (
+    HeadChannelSetting,
+    check_settings,
+    head_channel_digits_rows,
+    head_channel_speed_graph,
+)
 from .methods import METHODS, SpeedSetting
 from .profiles import get_profile
 from .report import speed_table, write_report
@@ -53,6 +60,9 @@ class BenchOptions:
     speed_settings: tuple[SpeedSetting, ...] | None = None  # overrides the profile's
     accuracy_sparsities: tuple[float, ...] | None = None  # overrides the profile's digits settings
     vtp_rates: tuple[float, ...] | None = None  # overrides the profile's VTP rates (digits, speed); () skips
+    head_channel_budgets: tuple[float, ...] | None = None  # overrides the profile's (digits, speed); () skips
+    head_channel_variants: tuple[str, ...] | None = None  # overrides the profile's digits-vit variants
+    head_channel_seeds: int | None = None  # overrides the profile's seeds per digits-vit setting
     finetune_epochs: int | None = None
     solver_timing_samples: int | None = None  # overrides the profile's; 0 skips solver timing
     calibration_data: Path | None = None  # ImageFolder for solver timing; random images otherwise
@@ -77,6 +87,9 @@ class BenchOptions:
             raise ValueError(f"sparsities must lie in [0, 1), got {self.accuracy_sparsities}")
         if any(not 0 <= r < 1 for r in self.vtp_rates or ()):
             raise ValueError(f"VTP rates must lie in [0, 1), got {self.vtp_rates}")
+        check_settings(self.head_channel_budgets or (), self.head_channel_variants or ())
+        if self.head_channel_seeds is not None and self.head_channel_seeds < 1:
+            raise ValueError(f"head-channel seeds must be >= 1, got {self.head_channel_seeds}")
         if self.solver_timing_samples is not None and self.solver_timing_samples < 0:
             raise ValueError(f"solver timing samples must be >= 0, got {self.solver_timing_samples}")
 
@@ -97,6 +110,7 @@ def _costed_row(opts: BenchOptions, method: str, settings: dict, manager: PassMa
         method=method,
         settings=settings,
         macs=costs.macs,
+        attention_macs=attention_macs(manager.graph_module, manager.structure, costs),
         params=costs.params,
         nonzero_params=costs.nonzero_params,
     )
@@ -114,8 +128,10 @@ def _speed_candidates(
     settings: tuple[SpeedSetting, ...],
     calibration,
     vtp_settings: tuple[VtpSetting, ...] = (),
+    head_channel_budgets: tuple[float, ...] = (),
 ) -> list[SpeedCandidate]:
-    """The dense speed model first, then the speed method at every mask setting, then VTP's shapes."""
+    """The dense speed model first, then the speed method at every mask setting, then VTP's and the
+    head-equal channel shapes."""
     method = METHODS[opts.speed_method]
     runs: list[tuple[str, dict, GraphPass | None]] = [("dense", {}, None)]
     runs += [
@@ -132,6 +148,11 @@ def _speed_candidates(
     for setting in vtp_settings:
         manager = vtp_speed_graph(model, setting, Recipe(base=_base(opts)))
         row = _costed_row(opts, VTP, setting.settings(), manager)
+        candidates.append(SpeedCandidate(row, manager.graph_module, manager.recipe))
+    for budget in head_channel_budgets:
+        manager = head_channel_speed_graph(model, budget, Recipe(base=_base(opts)))
+        settings = {"budget": budget, "multiple": manager.recipe.passes[-1].params["multiple"]}
+        row = _costed_row(opts, HEAD_CHANNELS, settings, manager)
         candidates.append(SpeedCandidate(row, manager.graph_module, manager.recipe))
     return candidates
 
@@ -197,6 +218,23 @@ def _timing_plan(opts: BenchOptions, profile) -> TimingPlan:
     )
 
 
+def _head_channel_budgets(opts: BenchOptions, profile) -> tuple[float, ...]:
+    return profile.head_channel_budgets if opts.head_channel_budgets is None else opts.head_channel_budgets
+
+
+def _head_channel_rows(opts: BenchOptions, profile, epochs: int, artifacts: Path) -> list[Row]:
+    """Head-equal channel removal on digits-vit: every budget × variant, averaged over seeds."""
+    budgets = _head_channel_budgets(opts, profile)
+    variants = opts.head_channel_variants or profile.head_channel_variants
+    seeds = opts.head_channel_seeds or profile.head_channel_seeds
+    if not budgets:
+        return []
+    print(f"      head-channels at budgets {budgets}, variants {', '.join(variants)}, {seeds} seed(s) each",
+          flush=True)
+    settings = tuple(HeadChannelSetting(b, v) for b in budgets for v in variants)
+    return head_channel_digits_rows(settings, epochs, seeds, artifacts, progress=opts.progress)
+
+
 def run_prune_and_bench(opts: BenchOptions) -> Path:
     """Run the whole path and write report.md, results.json and the plots; returns the run folder."""
     started = time.perf_counter()
@@ -214,6 +252,7 @@ def run_prune_and_bench(opts: BenchOptions) -> Path:
         if vtp_rates:
             print(f"      vtp (dimension slicing) at rates {vtp_rates}", flush=True)
             rows += vtp_digits_rows(vtp_rates, epochs, artifacts, progress=opts.progress)
+        rows += _head_channel_rows(opts, profile, epochs, artifacts)
     model = _speed_model(opts)
     samples = (
         profile.solver_timing_samples if opts.solver_timing_samples is None else opts.solver_timing_samples
@@ -224,14 +263,16 @@ def run_prune_and_bench(opts: BenchOptions) -> Path:
         rows += _solver_rows(opts, model, calibration, samples)
     settings = opts.speed_settings or profile.speed_settings
     vtp_speed = profile.vtp_speed if opts.vtp_rates is None else tuple(VtpSetting(r) for r in opts.vtp_rates)
+    head_budgets = _head_channel_budgets(opts, profile)
     print(
         f"[3/3] speed on {opts.model}: {opts.speed_method} masks at "
         f"{', '.join(f'{s.sparsity:g} {s.pattern}' for s in settings)}; vtp at "
         f"{', '.join(f'{v.rate:g} (multiple {v.multiple})' for v in vtp_speed) or 'none'}; "
+        f"head-channels at {', '.join(f'{b:g}' for b in head_budgets) or 'none'}; "
         f"batch sizes {plan.batch_sizes}, engines {', '.join(plan.engines)}",
         flush=True,
     )
-    candidates = _speed_candidates(opts, model, settings, calibration, vtp_speed)
+    candidates = _speed_candidates(opts, model, settings, calibration, vtp_speed, head_budgets)
     measure_speed(candidates, plan, artifacts)
     rows += [c.row for c in candidates]
     written = write_report(run_dir, _meta(opts, plan, started), rows)

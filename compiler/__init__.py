@@ -9,7 +9,7 @@ from .attention_rewrite import (
 )
 from .errors import CompilerError, NotAViTError, PassError, RecipeError, TraceFailure
 from .export import ExportConfig, ExportError, ExportResult, export_artifact, fold_for_export
-from .flops import CostReport, count_costs, count_params
+from .flops import CostReport, attention_macs, count_costs, count_params
 from .passes import (
     PASS_REGISTRY,
     GraphPass,
@@ -47,6 +47,7 @@ from .trace import example_input, input_shape_of, trace
 
 __all__ = [
     "ExportConfig", "ExportError", "ExportResult", "export_artifact", "fold_for_export",
+    "attention_macs",
     "AttentionStructure", "BlockStructure", "CompilerError", "CostReport", "CoupledParam", "GraphPass",
     "IdentityPass", "MlpStructure", "NotAViTError", "PASS_REGISTRY", "PassError", "PassManager",
     "PassRecord", "PassResult", "Recipe", "RecipeError", "TraceFailure", "ViTStructure", "count_costs",

@@ -19,6 +19,7 @@ def run_dir(tmp_path_factory) -> Path:
         model="deit_tiny_patch16_224", model_kwargs={"img_size": 32, "depth": 2},
         speed_settings=(SpeedSetting(0.9), SpeedSetting(0.5, "2:4"), SpeedSetting(0.5, "1x4")),
         accuracy_sparsities=(0.5,), vtp_rates=(0.4,), finetune_epochs=1, solver_timing_samples=8,
+        head_channel_budgets=(0.3,), head_channel_variants=("full", "l1"), head_channel_seeds=2,
         batch_sizes=(1, 2),
         seconds_per_block=0.05, rounds=1, num_cores=1, output_dir=tmp_path_factory.mktemp("runs"),
         progress=False,
@@ -28,22 +29,28 @@ def run_dir(tmp_path_factory) -> Path:
 
 def test_results_follow_the_schema(run_dir: Path) -> None:
     doc = json.loads((run_dir / "results.json").read_text())
-    assert doc["schema"] == 3 and doc["meta"]["profile"] == "default"
+    assert doc["schema"] == 4 and doc["meta"]["profile"] == "default"
     assert doc["meta"]["speed_weights"] == "random"
-    keys = {"model", "method", "settings", "top1", "top1_oneshot", "top1_sparse_trained", "macs", "params",
-            "nonzero_params", "prune_seconds", "calibration_samples", "artifact", "speed"}
+    keys = {"model", "method", "settings", "top1", "top1_oneshot", "top1_sparse_trained", "top1_seeds",
+            "macs", "attention_macs", "params", "nonzero_params", "prune_seconds", "calibration_samples",
+            "artifact", "speed"}
     assert all(keys <= set(row) for row in doc["rows"])
     digits = [r for r in doc["rows"] if r["model"] == "digits-vit"]
     methods = ("magnitude", "obs-layerwise", "obs-fisher")
     assert [(r["method"], r["settings"]) for r in digits] == [("dense", {})] + [
         (m, {"sparsity": 0.5, "pattern": "unstructured"}) for m in methods] + [
-        ("vtp", {"rate": 0.4, "multiple": 8})]
+        ("vtp", {"rate": 0.4, "multiple": 8})] + [
+        ("head-channels", {"budget": 0.3, "variant": v}) for v in ("full", "l1")]
     assert all(0 <= r["top1"] <= 1 and 0 <= r["top1_oneshot"] <= 1 for r in digits)
     assert all(r["nonzero_params"] < digits[0]["nonzero_params"] for r in digits[1:])
-    assert [r["calibration_samples"] for r in digits[1:]] == [None, 256, 256, None]
-    vtp = digits[-1]  # sliced: fewer MACs and parameters, all of them non-zero; three top-1 stages
+    assert [r["calibration_samples"] for r in digits[1:]] == [None, 256, 256, None, None, None]
+    vtp = digits[4]  # sliced: fewer MACs and parameters, all of them non-zero; three top-1 stages
     assert vtp["macs"] < 0.75 * digits[0]["macs"] and vtp["params"] < digits[0]["params"]
-    assert 0 <= vtp["top1_sparse_trained"] <= 1 and all(r["top1_sparse_trained"] is None for r in digits[:-1])
+    assert 0 <= vtp["top1_sparse_trained"] <= 1 and all(r["top1_sparse_trained"] is None for r in digits[:4])
+    for heads in digits[5:]:  # 30 % fewer attention MACs, top-1 the mean over two seeds
+        assert 0.3 <= 1 - heads["attention_macs"] / digits[0]["attention_macs"] < 0.35
+        assert len(heads["top1_seeds"]) == 2 and heads["top1"] == pytest.approx(sum(heads["top1_seeds"]) / 2)
+        assert 0 <= heads["top1_sparse_trained"] <= 1 and heads["params"] < digits[0]["params"]
 
 
 def test_each_solver_is_timed_on_the_speed_model(run_dir: Path) -> None:
@@ -59,8 +66,10 @@ def test_speed_rows_time_every_engine_against_the_dense_baseline(run_dir: Path) 
     rows = [r for r in all_rows if r["model"] != "digits-vit" and r["speed"]]
     assert [(r["method"], r["settings"].get("pattern")) for r in rows] == [
         ("dense", None), ("magnitude", "unstructured"), ("magnitude", "2:4"), ("magnitude", "1x4"),
-        ("vtp", None)]
-    assert rows[-1]["settings"] == {"rate": 0.4, "multiple": 8} and rows[-1]["macs"] < rows[0]["macs"]
+        ("vtp", None), ("head-channels", None)]
+    assert rows[-2]["settings"] == {"rate": 0.4, "multiple": 8} and rows[-2]["macs"] < rows[0]["macs"]
+    assert rows[-1]["settings"] == {"budget": 0.3, "multiple": 8}
+    assert 0.3 <= 1 - rows[-1]["attention_macs"] / rows[0]["attention_macs"] < 0.35
     assert rows[0]["top1"] is None
     for row in rows:
         assert {(s["engine"], s["batch"]) for s in row["speed"]} == {
@@ -89,7 +98,9 @@ def test_report_and_plot_are_written(run_dir: Path) -> None:
     assert "magnitude(pattern=2:4, sparsity=0.5)" in report
     assert "| 50% | " in report  # the sparsity-by-method table
     assert "## Dimension slicing (VTP)" in report and "| digits-vit | multiple=8, rate=0.4 |" in report
-    for plot in ("speedup.png", "accuracy.png"):
+    assert "## Head-equal channel removal" in report
+    assert "| 30% | full | 3" in report and "| 30% | l1 | 3" in report
+    for plot in ("speedup.png", "accuracy.png", "head_channels.png"):
         assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -100,6 +111,10 @@ def test_bad_bench_options_are_clear_errors(capsys) -> None:
     assert "sparsities must lie in [0, 1)" in capsys.readouterr().err
     assert main(["prune-and-bench", "--vtp-rates", "0.2,1"]) == 2
     assert "VTP rates must lie in [0, 1), got (0.2, 1.0)" in capsys.readouterr().err
+    assert main(["prune-and-bench", "--head-channel-budgets", "1.2"]) == 2
+    assert "head-channel budgets must lie in [0, 1), got (1.2,)" in capsys.readouterr().err
+    assert main(["prune-and-bench", "--head-channel-variants", "full,magic"]) == 2
+    assert "unknown head-channel variants ['magic']; choose from full, l1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["prune-and-bench", "--speed-settings", "0.75@2:4"])
     assert "fixes the sparsity at 0.5" in capsys.readouterr().err

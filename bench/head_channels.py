@@ -1,0 +1,104 @@
+"""Head-equal channel rows: the method and its ablations on digits-vit, its shapes timed on the speed model.
+
+On digits-vit every (budget, variant) is run with several seeds (the test split has 270 images: one
+image is 0.37 points, and seeds move the fine-tuned top-1 by about a point), each searched,
+sliced and fine-tuned with distillation from the dense model; the row holds the mean top-1 of each
+stage and the per-seed figures. The speed model has random weights and nothing to train on, so its
+indicators come from weight norms (`indicators_from_weights`): those rows time the shapes a budget
+yields, they claim nothing about accuracy.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vitsparse.compiler import PassManager, Recipe, trace
+from vitsparse.models import build_model, digits_loaders, evaluate
+from vitsparse.pruners import (
+    HEAD_CHANNEL_VARIANTS,
+    HeadChannelSlicePass,
+    HeadGatePass,
+    finetune,
+    indicators_from_weights,
+    search_head_channels,
+)
+from vitsparse.pruners.head_channels import DEFAULT_MULTIPLE
+
+from .accuracy import MODEL, digits_finetune_config, export_row, make_row
+from .schema import Row
+
+METHOD = "head-channels"
+
+
+@dataclass(frozen=True)
+class HeadChannelSetting:
+    """A budget (fraction of attention MACs removed) and the variant of the method."""
+
+    budget: float
+    variant: str = "full"
+
+    def settings(self) -> dict:
+        return {"budget": self.budget, "variant": self.variant}
+
+
+def check_settings(budgets: tuple[float, ...], variants: tuple[str, ...]) -> None:
+    """ValueError for a budget outside [0, 1) or an unknown variant, before any work starts."""
+    if any(isinstance(b, bool) or not 0 <= b < 1 for b in budgets):
+        raise ValueError(f"head-channel budgets must lie in [0, 1), got {budgets}")
+    unknown = [v for v in variants if v not in HEAD_CHANNEL_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown head-channel variants {unknown}; choose from "
+                         f"{', '.join(HEAD_CHANNEL_VARIANTS)}")
+
+
+def _one_seed(dense: torch.nn.Module, loaders, setting: HeadChannelSetting, epochs: int, seed: int
+              ) -> tuple[PassManager, torch.nn.Module, tuple[float, float, float]]:
+    """Search, slice and fine-tune once; returns the manager, the tuned model and the three top-1s."""
+    config = replace(digits_finetune_config(epochs), seed=seed)
+    base = {"model": MODEL, "kwargs": {}, "pretrained": True}
+    manager = PassManager(trace(dense), recipe=Recipe(base=base))
+    gated = manager.run(HeadGatePass(HEAD_CHANNEL_VARIANTS[setting.variant].gate_mode))
+    search_head_channels(gated, loaders.train, config, setting.budget, variant=setting.variant,
+                         calibration=loaders.train, teacher=dense, progress=False)
+    searched = evaluate(gated, loaders.test).top1
+    sliced = manager.run(HeadChannelSlicePass(setting.budget))
+    oneshot = evaluate(sliced, loaders.test).top1
+    tuned = finetune(sliced, loaders.train, loaders.val, config, teacher=dense, progress=False).model
+    return manager, tuned, (searched, oneshot, evaluate(tuned, loaders.test).top1)
+
+
+def head_channel_digits_rows(settings: tuple[HeadChannelSetting, ...], epochs: int, seeds: int,
+                             artifacts: Path, progress: bool = True) -> list[Row]:
+    """digits-vit at each setting: mean top-1 over `seeds` after the search, the slice and the fine-tune."""
+    dense = build_model(MODEL, pretrained=True)
+    loaders = digits_loaders()
+    rows = []
+    runs = [(s, seed) for s in settings for seed in range(seeds)]
+    results: dict[HeadChannelSetting, list] = {}
+    for setting, seed in tqdm(runs, desc="digits-vit head-channels", unit="run", disable=not progress):
+        results.setdefault(setting, []).append(_one_seed(dense, loaders, setting, epochs, seed))
+    for setting, runs_of_setting in results.items():
+        manager, tuned, _ = runs_of_setting[0]
+        searched, oneshot, top1 = ([r[2][stage] for r in runs_of_setting] for stage in range(3))
+        row = make_row(METHOD, setting.settings(), tuned, statistics.fmean(top1), statistics.fmean(oneshot))
+        row.top1_sparse_trained = statistics.fmean(searched)
+        row.top1_seeds = top1
+        row.prune_seconds = manager.recipe.passes[-1].stats["seconds"]
+        export_row(tuned, manager.recipe, row, artifacts)
+        rows.append(row)
+    return rows
+
+
+def head_channel_speed_graph(model: torch.nn.Module, budget: float, recipe: Recipe,
+                             multiple: int = DEFAULT_MULTIPLE) -> PassManager:
+    """The speed model with `budget` fewer attention MACs, its indicators from weight norms."""
+    manager = PassManager(trace(model), recipe=recipe)
+    gated = manager.run(HeadGatePass())
+    indicators_from_weights(gated)
+    manager.run(HeadChannelSlicePass(budget, multiple))
+    return manager
