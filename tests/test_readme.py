@@ -37,7 +37,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys) -> None:
 
 def test_readme_second_order_and_gradual_examples_run(monkeypatch) -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
-    assert len(blocks) == 4, "the API example, second-order pruning, gradual pruning, VTP"
+    assert len(blocks) == 5, "the API example, second-order pruning, gradual pruning, VTP, head channels"
     namespace: dict = {}
     first = blocks[0].split("manager = PassManager")[0]  # imports, the dense model and the data
     from vitsparse.pruners import finetune as real_finetune
@@ -70,6 +70,20 @@ def test_readme_vtp_example_runs() -> None:
     passes = namespace["manager"].recipe.passes
     assert [p.name for p in passes] == ["vtp-gates", "vtp-slice"]
     assert passes[-1].stats["removed_fraction"] == pytest.approx(0.4, abs=0.05)
+    from vitsparse.models import evaluate
+
+    assert evaluate(namespace["sliced"], namespace["data"].test).top1 >= 0.95
+
+
+def test_readme_head_channel_example_runs() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    namespace: dict = {}
+    first = blocks[0].split("manager = PassManager")[0]
+    exec(compile(first + "from vitsparse.compiler import PassManager\n", str(README), "exec"), namespace)
+    exec(compile(blocks[4], str(README), "exec"), namespace)  # noqa: S102
+    passes = namespace["manager"].recipe.passes
+    assert [p.name for p in passes] == ["head-channel-gates", "head-channel-slice"]
+    assert 0.3 <= passes[-1].stats["attention_removed_fraction"] < 0.35
     from vitsparse.models import evaluate
 
     assert evaluate(namespace["sliced"], namespace["data"].test).top1 >= 0.95
