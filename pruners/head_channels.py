@@ -42,7 +42,7 @@ from vitsparse.compiler.flops import attention_macs, count_costs
 from .calibration import make_calibration
 from .finetune import FinetuneConfig, FinetuneResult, finetune
 from .head_gates import all_gates, gate_key, gates_of
-from .head_select import check_budget, choose_head_channels, gate_nodes, head_step, set_keep_masks
+from .head_select import check_budget, choose_head_channels, gate_nodes, set_keep_masks
 from .head_signals import (
     attention_difference,
     channel_similarity,
@@ -50,7 +50,8 @@ from .head_signals import (
     record_attention,
     weight_importance,
 )
-from .mask_codec import decode_mask, encode_mask
+from .mask_codec import encode_mask, record_masks
+from .vtp import check_multiple
 
 DEFAULT_MULTIPLE = 8
 DEFAULT_L1 = 1e-4  # the plain-L1 ablation's λ (as VTP's)
@@ -129,9 +130,7 @@ class HeadChannelSlicePass(GraphPass):
 
     def __init__(self, budget: float, multiple: int = DEFAULT_MULTIPLE,
                  kept: dict[str, torch.Tensor] | None = None) -> None:
-        self.budget = check_budget(budget)
-        head_step(multiple, 1, 1)  # validates the multiple
-        self.multiple = multiple
+        self.budget, self.multiple = check_budget(budget), check_multiple(multiple)
         self.replay_kept = kept
 
     def __call__(self, gm: fx.GraphModule, structure: ViTStructure) -> PassResult:
@@ -158,14 +157,8 @@ class HeadChannelSlicePass(GraphPass):
 
     @classmethod
     def from_record(cls, record: PassRecord) -> HeadChannelSlicePass:
-        gates = record.decisions.get("gates")
-        if not isinstance(gates, dict):
-            raise RecipeError(f"{record.name} record needs decisions.gates")
         kept = {}
-        for key, entry in gates.items():
-            if not isinstance(entry, dict) or "shape" not in entry or "mask" not in entry:
-                raise RecipeError(f"{record.name} record of gate {key!r} needs 'shape' and 'mask'")
-            mask = decode_mask(entry["mask"], entry["shape"], key)
+        for key, mask in record_masks(record, "gates", "shape").items():
             counts = mask.sum(dim=1)
             if counts.numel() == 0 or bool((counts != counts[0]).any()) or int(counts[0]) == 0:
                 raise RecipeError(f"{record.name} record of gate {key!r} keeps unequal or no channels "

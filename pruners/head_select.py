@@ -12,7 +12,6 @@ one step.
 from __future__ import annotations
 
 import heapq
-import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,7 @@ from vitsparse.compiler import graph_utils as gu
 from vitsparse.compiler.shapes import shape_of
 
 from .head_gates import HeadChannelGate, all_gates, gate_inputs, gate_key
+from .vtp import keep_step
 
 
 def check_budget(budget: float) -> float:
@@ -30,13 +30,6 @@ def check_budget(budget: float) -> float:
         raise ValueError(f"budget must lie in [0, 1) (the fraction of attention MACs to remove), "
                          f"got {budget!r}")
     return float(budget)
-
-
-def head_step(multiple: int, heads: int, width: int) -> int:
-    """Channels per head per step, so the total width (heads × kept) stays a multiple of `multiple`."""
-    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-        raise ValueError(f"multiple must be an integer >= 1, got {multiple!r}")
-    return min(multiple // math.gcd(multiple, heads), width)
 
 
 @dataclass
@@ -87,7 +80,7 @@ def channel_groups(gm: fx.GraphModule, structure: ViTStructure, multiple: int,
         for kind in ("qk", "v"):
             gate = gates[gate_key(block.index, kind)]
             importance = gate.importance().float().cpu()
-            step = head_step(multiple, attn.num_heads, gate.width)
+            step = keep_step(multiple, attn.num_heads, gate.width)  # equal per head, total in multiples
             groups.append(ChannelGroup(gate_key(block.index, kind), attn.num_heads, importance, cost[kind],
                                        step, gate.width))
     return groups

@@ -66,3 +66,18 @@ def masks_from_decisions(decisions: dict[str, Any]) -> dict[str, torch.Tensor]:
             raise RecipeError(f"mask record of {name!r} needs 'shape' and 'mask'")
         masks[name] = decode_mask(layer["mask"], layer["shape"], name)
     return masks
+
+
+def record_masks(record: Any, field: str, shape_key: str) -> dict[str, torch.Tensor]:
+    """The boolean masks a pass record keeps as decisions[field] = {key: {shape_key: shape or size,
+    "mask": encoded}}; RecipeError names what is missing."""
+    entries = record.decisions.get(field)
+    if not isinstance(entries, dict):
+        raise RecipeError(f"{record.name} record needs decisions.{field}")
+    masks = {}
+    for key, entry in entries.items():
+        if not isinstance(entry, dict) or shape_key not in entry or "mask" not in entry:
+            raise RecipeError(f"{record.name} record of {key!r} needs '{shape_key}' and 'mask'")
+        shape = entry[shape_key]
+        masks[key] = decode_mask(entry["mask"], [shape] if isinstance(shape, int) else shape, key)
+    return masks

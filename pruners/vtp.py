@@ -41,7 +41,7 @@ from vitsparse.compiler import (
 from vitsparse.compiler import graph_utils as gu
 
 from .finetune import FinetuneConfig, FinetuneResult, finetune
-from .mask_codec import decode_mask, encode_mask
+from .mask_codec import encode_mask, record_masks
 from .vtp_sites import SITE_NAMES, SITES, Site, check_sites
 
 DEFAULT_L1 = 1e-4  # the paper's λ
@@ -289,14 +289,7 @@ class DimensionSlicePass(GraphPass):
 
     @classmethod
     def from_record(cls, record: PassRecord) -> DimensionSlicePass:
-        sites = record.decisions.get("sites")
-        if not isinstance(sites, dict):
-            raise RecipeError(f"{record.name} record needs decisions.sites")
-        kept = {}
-        for key, site in sites.items():
-            if not isinstance(site, dict) or "size" not in site or "mask" not in site:
-                raise RecipeError(f"{record.name} record of site {key!r} needs 'size' and 'mask'")
-            kept[key] = decode_mask(site["mask"], [site["size"]], key).nonzero().flatten()
+        kept = {key: mask.nonzero().flatten() for key, mask in record_masks(record, "sites", "size").items()}
         try:
             return cls(record.params.get("rate", 0.0), record.params.get("multiple", DEFAULT_MULTIPLE),
                        record.params.get("engine_safe", True), kept)
