@@ -27,7 +27,8 @@ from vitsparse.pruners import (
     indicators_from_weights,
     search_head_channels,
 )
-from vitsparse.pruners.head_channels import DEFAULT_MULTIPLE
+from vitsparse.pruners.head_channels import CALIBRATION_IMAGES, DEFAULT_MULTIPLE
+from vitsparse.pruners.head_select import choose_head_channels
 
 from .accuracy import MODEL, digits_finetune_config, export_row, make_row
 from .schema import Row
@@ -56,20 +57,49 @@ def check_settings(budgets: tuple[float, ...], variants: tuple[str, ...]) -> Non
                          f"{', '.join(HEAD_CHANNEL_VARIANTS)}")
 
 
-def _one_seed(dense: torch.nn.Module, loaders, setting: HeadChannelSetting, epochs: int, seed: int
-              ) -> tuple[PassManager, torch.nn.Module, tuple[float, float, float]]:
-    """Search, slice and fine-tune once; returns the manager, the tuned model and the three top-1s."""
+@dataclass
+class SeedRun:
+    """One seed of a setting: its recipe and fine-tuned model, top-1 after each stage, seconds spent
+    choosing the channels (search and slice)."""
+
+    manager: PassManager
+    tuned: torch.nn.Module
+    searched: float
+    sliced: float
+    finetuned: float
+    choose_seconds: float
+
+
+def _one_seed(dense: torch.nn.Module, loaders, setting: HeadChannelSetting, epochs: int,
+              seed: int) -> SeedRun:
+    """Search, slice and fine-tune once."""
     config = replace(digits_finetune_config(epochs), seed=seed)
     base = {"model": MODEL, "kwargs": {}, "pretrained": True}
     manager = PassManager(trace(dense), recipe=Recipe(base=base))
     gated = manager.run(HeadGatePass(HEAD_CHANNEL_VARIANTS[setting.variant].gate_mode))
-    search_head_channels(gated, loaders.train, config, setting.budget, variant=setting.variant,
-                         calibration=loaders.train, teacher=dense, progress=False)
+    search = search_head_channels(gated, loaders.train, config, setting.budget, variant=setting.variant,
+                                  calibration=loaders.train, teacher=dense, progress=False)
     searched = evaluate(gated, loaders.test).top1
     sliced = manager.run(HeadChannelSlicePass(setting.budget))
     oneshot = evaluate(sliced, loaders.test).top1
     tuned = finetune(sliced, loaders.train, loaders.val, config, teacher=dense, progress=False).model
-    return manager, tuned, (searched, oneshot, evaluate(tuned, loaders.test).top1)
+    seconds = search.seconds + manager.recipe.passes[-1].stats["seconds"]
+    return SeedRun(manager, tuned, searched, oneshot, evaluate(tuned, loaders.test).top1, seconds)
+
+
+def _row(setting: HeadChannelSetting, runs: list[SeedRun], artifacts: Path) -> Row:
+    """Mean top-1 of each stage over the seeds; shapes, MACs and the artifact are the first seed's (each
+    seed selects its own channels, at the same budget)."""
+    first = runs[0]
+    row = make_row(METHOD, setting.settings(), first.tuned, statistics.fmean(r.finetuned for r in runs),
+                   statistics.fmean(r.sliced for r in runs))
+    row.top1_sparse_trained = statistics.fmean(r.searched for r in runs)
+    row.top1_seeds = [r.finetuned for r in runs]
+    row.prune_seconds = round(statistics.fmean(r.choose_seconds for r in runs), 3)
+    variant = HEAD_CHANNEL_VARIANTS[setting.variant]
+    row.calibration_samples = CALIBRATION_IMAGES if variant.similarity or variant.init else None
+    export_row(first.tuned, first.manager.recipe, row, artifacts)
+    return row
 
 
 def head_channel_digits_rows(settings: tuple[HeadChannelSetting, ...], epochs: int, seeds: int,
@@ -77,21 +107,22 @@ def head_channel_digits_rows(settings: tuple[HeadChannelSetting, ...], epochs: i
     """digits-vit at each setting: mean top-1 over `seeds` after the search, the slice and the fine-tune."""
     dense = build_model(MODEL, pretrained=True)
     loaders = digits_loaders()
-    rows = []
     runs = [(s, seed) for s in settings for seed in range(seeds)]
-    results: dict[HeadChannelSetting, list] = {}
+    results: dict[HeadChannelSetting, list[SeedRun]] = {}
     for setting, seed in tqdm(runs, desc="digits-vit head-channels", unit="run", disable=not progress):
         results.setdefault(setting, []).append(_one_seed(dense, loaders, setting, epochs, seed))
-    for setting, runs_of_setting in results.items():
-        manager, tuned, _ = runs_of_setting[0]
-        searched, oneshot, top1 = ([r[2][stage] for r in runs_of_setting] for stage in range(3))
-        row = make_row(METHOD, setting.settings(), tuned, statistics.fmean(top1), statistics.fmean(oneshot))
-        row.top1_sparse_trained = statistics.fmean(searched)
-        row.top1_seeds = top1
-        row.prune_seconds = manager.recipe.passes[-1].stats["seconds"]
-        export_row(tuned, manager.recipe, row, artifacts)
-        rows.append(row)
-    return rows
+    return [_row(setting, seed_runs, artifacts) for setting, seed_runs in results.items()]
+
+
+def check_budgets_fit(model: torch.nn.Module, budgets: tuple[float, ...], multiple: int = DEFAULT_MULTIPLE
+                      ) -> None:
+    """PassError before any work when a budget would empty a head of `model` (shapes only, no data)."""
+    if not budgets:
+        return
+    manager = PassManager(trace(model))
+    gated = manager.run(HeadGatePass())
+    for budget in budgets:
+        choose_head_channels(gated, manager.structure, budget, multiple)
 
 
 def head_channel_speed_graph(model: torch.nn.Module, budget: float, recipe: Recipe,

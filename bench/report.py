@@ -141,7 +141,7 @@ def plot_head_channels(rows: list[Row], path: Path) -> None:
     budgets = sorted({r.settings["budget"] for r in measured})
     variants = list(dict.fromkeys(r.settings["variant"] for r in measured))
     dense = next((r.top1 for r in rows if r.method == DENSE and r.model == measured[0].model), None)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(7.6, 4.4))
     width = 0.8 / len(variants)
     for v_index, variant in enumerate(variants):
         for b_index, budget in enumerate(budgets):
@@ -159,7 +159,7 @@ def plot_head_channels(rows: list[Row], path: Path) -> None:
     ax.set_xticklabels([f"{b:.0%} fewer attention MACs" for b in budgets])
     ax.set_ylabel(f"top-1 on {measured[0].model} test after fine-tuning (%)")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(fig, path)
 
 
@@ -218,7 +218,10 @@ def markdown_report(meta: dict[str, Any], rows: list[Row]) -> str:
             "mean over its seeds. Variants: `full` (similarity-weighted indicators initialised from the "
             "attention difference, trained toward the budget, with reweighting), `l1` (a plain L1-trained "
             "indicator), and `full` without one of its parts. The speed model's indicators come from "
-            "weight norms (random weights): its rows measure the sliced shapes.\n\n" + heads
+            "weight norms (random weights): its rows measure the sliced shapes. Top-1 searched is the "
+            "gated model with its keep masks at the final selection (`l1`: its scales times the masks); "
+            "MACs and the artifact are the first seed's (each seed selects its own channels at the same "
+            "budget).\n\n" + heads
         )
     solvers = solver_table(rows)
     if solvers:

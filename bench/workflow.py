@@ -22,10 +22,12 @@ from vitsparse.pruners import make_calibration
 from vitsparse.runtime import ENGINES as RUNTIME_ENGINES
 from vitsparse.runtime import engine_status
 
+from .accuracy import MODEL as DIGITS
 from .accuracy import digits_rows
 from .head_channels import METHOD as HEAD_CHANNELS
 from .head_channels import (
     HeadChannelSetting,
+    check_budgets_fit,
     check_settings,
     head_channel_digits_rows,
     head_channel_speed_graph,
@@ -242,6 +244,11 @@ def run_prune_and_bench(opts: BenchOptions) -> Path:
     run_dir = opts.output_dir / f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{profile.name}"
     artifacts = run_dir / "artifacts"
     plan = _timing_plan(opts, profile)
+    model = _speed_model(opts)
+    head_budgets = _head_channel_budgets(opts, profile)
+    check_budgets_fit(model, head_budgets)  # fail now, not after the accuracy stage
+    if opts.accuracy:
+        check_budgets_fit(build_model(DIGITS), head_budgets)
     rows: list[Row] = []
     if opts.accuracy:
         sparsities = opts.accuracy_sparsities or profile.accuracy_sparsities
@@ -253,7 +260,6 @@ def run_prune_and_bench(opts: BenchOptions) -> Path:
             print(f"      vtp (dimension slicing) at rates {vtp_rates}", flush=True)
             rows += vtp_digits_rows(vtp_rates, epochs, artifacts, progress=opts.progress)
         rows += _head_channel_rows(opts, profile, epochs, artifacts)
-    model = _speed_model(opts)
     samples = (
         profile.solver_timing_samples if opts.solver_timing_samples is None else opts.solver_timing_samples
     )
@@ -263,7 +269,6 @@ def run_prune_and_bench(opts: BenchOptions) -> Path:
         rows += _solver_rows(opts, model, calibration, samples)
     settings = opts.speed_settings or profile.speed_settings
     vtp_speed = profile.vtp_speed if opts.vtp_rates is None else tuple(VtpSetting(r) for r in opts.vtp_rates)
-    head_budgets = _head_channel_budgets(opts, profile)
     print(
         f"[3/3] speed on {opts.model}: {opts.speed_method} masks at "
         f"{', '.join(f'{s.sparsity:g} {s.pattern}' for s in settings)}; vtp at "

@@ -92,9 +92,12 @@ def _value_reshape(gm: fx.GraphModule, attention: AttentionStructure) -> fx.Node
 
 def _head_channels(kept_per_head: torch.Tensor, heads: int, width: int, what: str) -> torch.Tensor:
     """Flat row/column positions of (heads, kept) per-head channel indices, validated."""
-    kept = torch.as_tensor(kept_per_head, dtype=torch.long)
+    kept = torch.as_tensor(kept_per_head, dtype=torch.long).cpu()
     if kept.ndim != 2 or kept.shape[0] != heads:
         raise PassError(f"{what}: expected kept channels of shape ({heads}, k), got {tuple(kept.shape)}")
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= width):
+        raise PassError(f"{what}: channel indices must lie in [0, {width}) in every head, got values in "
+                        f"[{int(kept.min())}, {int(kept.max())}]")
     columns = (torch.arange(heads).unsqueeze(1) * width + kept).flatten()
     as_index(columns, heads * width, what)  # validates range and duplicates
     return columns
@@ -154,7 +157,7 @@ def slice_qk_heads(gm: fx.GraphModule, attention: AttentionStructure, kept_per_h
     reshape and q/k norm parameters shrink; v is split out of the shared reshape when it must keep its
     width; the attention scale stays the original's. `kept_per_head` is (heads, kept)."""
     heads, width = attention.num_heads, attention.head_dim
-    kept = torch.as_tensor(kept_per_head, dtype=torch.long)
+    kept = torch.as_tensor(kept_per_head, dtype=torch.long).cpu()
     q_rows = _head_channels(kept, heads, width, f"{attention.qkv} q/k rows")
     norm_channels = _shared_norm_channels(attention, kept)
     pin_attention_scale(gm, attention)

@@ -41,15 +41,9 @@ from vitsparse.compiler.flops import attention_macs, count_costs
 
 from .calibration import make_calibration
 from .finetune import FinetuneConfig, FinetuneResult, finetune
-from .head_gates import all_gates, gate_key, gates_of
+from .head_gates import HeadChannelGate, all_gates, gate_key, gates_of
 from .head_select import check_budget, choose_head_channels, gate_nodes, set_keep_masks
-from .head_signals import (
-    attention_difference,
-    channel_similarity,
-    indicators_from,
-    record_attention,
-    weight_importance,
-)
+from .head_signals import indicators_from, measure_signals, weight_importance
 from .mask_codec import encode_mask, record_masks
 from .vtp import check_multiple
 
@@ -57,6 +51,7 @@ DEFAULT_MULTIPLE = 8
 DEFAULT_L1 = 1e-4  # the plain-L1 ablation's λ (as VTP's)
 DEFAULT_RAMP = 0.5  # fraction of the search over which the removed share ramps up to the budget
 CALIBRATION_IMAGES = 128  # images the similarity weights and the initialisation see
+SIGNAL_BATCH = 16  # images per forward while measuring them (spelled-out attention keeps (B, H, N, N) twice)
 INIT_RANGE = (1.0, 4.0)  # indicators from the attention difference: σ from 0.73 (least) to 0.98 (most)
 
 
@@ -122,6 +117,22 @@ def _decisions(gm: fx.GraphModule, structure: ViTStructure, kept: dict[str, torc
 
 
 
+def _checked_replay(kept: dict[str, torch.Tensor], gates: dict[str, HeadChannelGate]
+                    ) -> dict[str, torch.Tensor]:
+    """Recorded selections that fit the gates: the same keys, one row per gate group, channels in range."""
+    if set(kept) != set(gates):
+        raise RecipeError(f"head-channel-slice record does not match the gated blocks: "
+                          f"{sorted(set(kept) ^ set(gates))[:6]}")
+    for key, gate in gates.items():
+        index = torch.as_tensor(kept[key], dtype=torch.long).cpu()
+        if index.ndim != 2 or index.shape[0] != gate.groups or not 0 < index.shape[1] <= gate.width or (
+                int(index.min()) < 0 or int(index.max()) >= gate.width):
+            raise RecipeError(f"head-channel-slice record of {key!r} keeps channels of shape "
+                              f"{tuple(index.shape)}, the gate there has {gate.groups} group(s) of "
+                              f"{gate.width} channels")
+    return {key: torch.as_tensor(index, dtype=torch.long).cpu() for key, index in kept.items()}
+
+
 @register_pass
 class HeadChannelSlicePass(GraphPass):
     """Select head-equal channels at `budget` fewer attention MACs, fold the gates' scales, slice."""
@@ -136,10 +147,7 @@ class HeadChannelSlicePass(GraphPass):
     def __call__(self, gm: fx.GraphModule, structure: ViTStructure) -> PassResult:
         gates = all_gates(gm, structure)
         if self.replay_kept is not None:
-            kept = self.replay_kept
-            if set(kept) != set(gates):
-                raise RecipeError(f"head-channel-slice record does not match the gated blocks: "
-                                  f"{sorted(set(kept) ^ set(gates))[:6]}")
+            kept = _checked_replay(self.replay_kept, gates)
             removed = None
         else:
             kept, removed = choose_head_channels(gm, structure, self.budget, self.multiple)
@@ -187,19 +195,13 @@ def _prepare(gm: fx.GraphModule, structure: ViTStructure, spec: Variant, calibra
     if calibration is None:
         raise ValueError("the similarity weights and the indicator initialisation need calibration images "
                          "(pass calibration=, e.g. a DataLoader of training images)")
-    images = make_calibration(calibration, CALIBRATION_IMAGES).images(64)
-    recorded = record_attention(gm, structure, images)
-    differences = {}
-    for block in structure.blocks:
-        values = recorded[block.index]
-        if spec.similarity:
-            for kind, weights in channel_similarity(values, block.attn).items():
-                gates[gate_key(block.index, kind)].similarity.copy_(weights)
-        if spec.init:
-            for kind, difference in attention_difference(values, block.attn).items():
-                differences[gate_key(block.index, kind)] = difference
-    if differences:
-        for key, indicator in indicators_from(differences, *INIT_RANGE).items():
+    batches = make_calibration(calibration, CALIBRATION_IMAGES).images(SIGNAL_BATCH)
+    signals = measure_signals(gm, structure, batches)
+    if spec.similarity:
+        for key, weights in signals.similarity.items():
+            gates[key].similarity.copy_(weights)
+    if spec.init:
+        for key, indicator in indicators_from(signals.difference, *INIT_RANGE).items():
             gates[key].set_indicator(indicator)
 
 
@@ -229,8 +231,8 @@ def search_head_channels(gm: fx.GraphModule, train_loader: Iterable, config: Fin
     """Initialise and train a gated model's indicators toward `budget` fewer attention MACs (see module doc).
 
     `calibration` (images or a loader) feeds the similarity weights and the initialisation; `variant`
-    names the ablation. Afterwards the keep masks are the selection at the full budget, so the gated
-    model computes what `HeadChannelSlicePass(budget, multiple)` will keep.
+    names the ablation. Afterwards the keep masks are the selection at the full budget (every variant),
+    so the gated model computes what `HeadChannelSlicePass(budget, multiple)` will keep.
     """
     spec, budget = check_variant(variant), check_budget(budget)
     if l1 < 0 or not 0 < ramp <= 1:
@@ -244,9 +246,10 @@ def search_head_channels(gm: fx.GraphModule, train_loader: Iterable, config: Fin
     _prepare(gm, structure, spec, calibration)
     if spec.gate_mode == "scale":
         gates = list(all_gates(gm, structure).values())
-        return finetune(gm, train_loader, None, config, teacher=teacher, progress=progress,
-                        regularizer=lambda: l1 * sum(g.indicator.abs().sum() for g in gates))
-    result = finetune(gm, train_loader, None, config, teacher=teacher, progress=progress,
-                      before_step=_budget_follower(gm, structure, budget, multiple, ramp))
+        result = finetune(gm, train_loader, None, config, teacher=teacher, progress=progress,
+                          regularizer=lambda: l1 * sum(g.indicator.abs().sum() for g in gates))
+    else:
+        result = finetune(gm, train_loader, None, config, teacher=teacher, progress=progress,
+                          before_step=_budget_follower(gm, structure, budget, multiple, ramp))
     set_keep_masks(gm, choose_head_channels(gm, structure, budget, multiple)[0], structure)
     return result

@@ -7,7 +7,8 @@ across heads):
 
 - `indicator`: the learnable pruning indicator. In `mask` mode the forward multiplies by a hard keep
   mask (set by the budgeted selection) whose gradient flows straight through σ(indicator); in `scale`
-  mode (the plain-L1 ablation) it multiplies by the indicator itself, as VTP's scores do.
+  mode (the plain-L1 ablation) it multiplies by the indicator itself, as VTP's scores do (and by the
+  keep mask, all ones until a selection is set).
 - `reweight`: a learnable scale on the kept channels (the reweight module), folded into the weights
   when the pass slices, so it costs nothing at inference.
 - `similarity`: channel-similarity weights from calibration activations; a channel much like the
@@ -72,7 +73,7 @@ class HeadChannelGate(nn.Module):
     def factors(self) -> torch.Tensor:
         """What the forward multiplies by, per (group, channel)."""
         if self.mode == "scale":
-            return self.indicator
+            return self.indicator * self.keep
         soft = torch.sigmoid(self.indicator)
         return (self.keep + soft - soft.detach()) * self.reweight.view(self.groups, self.width)
 

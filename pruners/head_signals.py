@@ -16,6 +16,7 @@ The first two read calibration activations at the gates (q, k and v as the atten
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -24,7 +25,7 @@ from vitsparse.compiler import AttentionStructure, ViTStructure
 from vitsparse.compiler import graph_utils as gu
 from vitsparse.compiler.attention_rewrite import key_input
 
-from .head_gates import gate_inputs, qk_groups
+from .head_gates import HeadChannelGate, gate_inputs, gate_key, qk_groups
 
 SIMILARITY_STRENGTH = 0.25  # weights^0.25 (0.6–2.3 → 0.88–1.23): they tilt the indicators, not replace them
 
@@ -32,14 +33,14 @@ SIMILARITY_STRENGTH = 0.25  # weights^0.25 (0.6–2.3 → 0.88–1.23): they til
 class _Recorder(fx.Interpreter):
     """Runs the graph and keeps the values of the named nodes."""
 
-    def __init__(self, gm: fx.GraphModule, names: set[str], store: dict[str, list[torch.Tensor]]) -> None:
+    def __init__(self, gm: fx.GraphModule, names: set[str]) -> None:
         super().__init__(gm)
-        self.names, self.store = names, store
+        self.names, self.values = names, {}
 
     def run_node(self, node: fx.Node):
         value = super().run_node(node)
         if node.name in self.names:
-            self.store.setdefault(node.name, []).append(value.detach().float().cpu())
+            self.values[node.name] = value.detach().float().cpu()
         return value
 
 
@@ -52,11 +53,17 @@ def _explicit_score_nodes(gm: fx.GraphModule, attention: AttentionStructure
     return gu.walk_up(core, gu.is_matmul, 8), core.args[0]
 
 
+def _ungated(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """What a head-channel gate multiplies (the node itself where there is no gate)."""
+    return node.args[0] if isinstance(gu.module_of(gm, node), HeadChannelGate) else node
+
+
 def _nodes_to_record(gm: fx.GraphModule, structure: ViTStructure) -> dict[int, dict[str, fx.Node]]:
     nodes = {}
     for block in structure.blocks:
         inputs = gate_inputs(gm, block.attn)
-        found = {"q": inputs["qk"], "k": key_input(gm, block.attn), "v": inputs["v"]}
+        found = {"q": _ungated(gm, inputs["qk"]), "k": key_input(gm, block.attn),
+                 "v": _ungated(gm, inputs["v"])}
         explicit = _explicit_score_nodes(gm, block.attn)
         if explicit is not None:
             found["product"], found["scores"] = explicit
@@ -65,23 +72,19 @@ def _nodes_to_record(gm: fx.GraphModule, structure: ViTStructure) -> dict[int, d
 
 
 @torch.no_grad()
-def record_attention(gm: fx.GraphModule, structure: ViTStructure, images: Iterable[torch.Tensor]
+def record_attention(gm: fx.GraphModule, structure: ViTStructure, images: torch.Tensor
                      ) -> dict[int, dict[str, torch.Tensor]]:
-    """Per block: q, kᵀ-or-k, v at the attention core (and the scores of spelled-out attention)."""
+    """Per block, for one batch: q, k (kᵀ in spelled-out attention) and v as the attention core sees
+    them before any gate (and the scores of spelled-out attention)."""
     nodes = _nodes_to_record(gm, structure)
-    names = {n.name for found in nodes.values() for n in found.values()}
-    store: dict[str, list[torch.Tensor]] = {}
-    device = next(gm.parameters()).device
+    recorder = _Recorder(gm, {n.name for found in nodes.values() for n in found.values()})
     was_training = gm.training
     gm.eval()
     try:
-        for batch in images:
-            _Recorder(gm, names, store).run(batch.to(device))
+        recorder.run(images.to(next(gm.parameters()).device))
     finally:
         gm.train(was_training)
-    if not store:
-        raise ValueError("no calibration images to measure the attention with")
-    return {i: {k: torch.cat(store[n.name]) for k, n in found.items()} for i, found in nodes.items()}
+    return {i: {k: recorder.values[n.name] for k, n in found.items()} for i, found in nodes.items()}
 
 
 def _scores(values: dict[str, torch.Tensor], attention: AttentionStructure
@@ -98,7 +101,7 @@ def _scores(values: dict[str, torch.Tensor], attention: AttentionStructure
 def attention_difference(values: dict[str, torch.Tensor], attention: AttentionStructure
                          ) -> dict[str, torch.Tensor]:
     """How much each q–k channel changes the attention map and each v channel the attention output,
-    as (groups, width) for the block's two gates."""
+    as (groups, width) means over one batch, for the block's two gates."""
     q, key_t, factor = _scores(values, attention)
     scores = factor * (q @ key_t)
     probs = scores.softmax(dim=-1)
@@ -112,35 +115,67 @@ def attention_difference(values: dict[str, torch.Tensor], attention: AttentionSt
     return {"qk": qk, "v": v}
 
 
-def _mean_abs_cosine(activations: torch.Tensor) -> torch.Tensor:
-    """(groups, tokens, width) → (groups, width, width) |cosine| between channels."""
-    unit = torch.nn.functional.normalize(activations, dim=1)
-    return (unit.transpose(1, 2) @ unit).abs()
-
-
-def _similarity_weights(*activations: torch.Tensor) -> torch.Tensor:
-    """(groups, tokens, width) tensors → (groups, width): 1 − mean |cos| to the head's other channels
-    (averaged over the tensors given, e.g. a pair's q and k), normalised to mean 1 per group."""
-    cosine = sum(_mean_abs_cosine(a) for a in activations) / len(activations)
-    width = cosine.shape[-1]
-    mean_other = (cosine.sum(dim=-1) - cosine.diagonal(dim1=1, dim2=2)) / max(width - 1, 1)
-    weights = (1 - mean_other).clamp_min(1e-3) ** SIMILARITY_STRENGTH
-    return weights / weights.mean(dim=1, keepdim=True)
-
-
 def _per_group(activations: torch.Tensor, groups: int) -> torch.Tensor:
     """(B, H, N, width) → (groups, B·N·H/groups, width): each head's tokens, or all heads' when shared."""
     heads = activations.permute(1, 0, 2, 3).flatten(1, 2)
     return heads.flatten(0, 1).unsqueeze(0) if groups == 1 else heads
 
 
-def channel_similarity(values: dict[str, torch.Tensor], attention: AttentionStructure
-                       ) -> dict[str, torch.Tensor]:
-    """Similarity weights (groups, width) for the block's q–k and v gates."""
+def channel_grams(values: dict[str, torch.Tensor], attention: AttentionStructure
+                  ) -> dict[str, list[torch.Tensor]]:
+    """Per gate, the (groups, width, width) Gram matrices of one batch's channel activations (a q–k
+    pair's q and k separately), summed over batches for the similarity weights."""
     key = values["k"] if "product" not in values else values["k"].transpose(-1, -2)
     groups = qk_groups(attention)
-    qk = _similarity_weights(_per_group(values["q"], groups), _per_group(key, groups))
-    return {"qk": qk, "v": _similarity_weights(_per_group(values["v"], attention.num_heads))}
+    gram = [(a.transpose(1, 2) @ a) for a in (_per_group(values["q"], groups), _per_group(key, groups))]
+    v = _per_group(values["v"], attention.num_heads)
+    return {"qk": gram, "v": [v.transpose(1, 2) @ v]}
+
+
+def similarity_weights(grams: list[torch.Tensor]) -> torch.Tensor:
+    """(groups, width): 1 − the mean |cosine| to the group's other channels (averaged over the Gram
+    matrices given, e.g. a pair's q and k), softened and normalised to mean 1 per group."""
+    cosines = []
+    for gram in grams:
+        norms = gram.diagonal(dim1=1, dim2=2).clamp_min(1e-30).sqrt()
+        cosines.append((gram / (norms.unsqueeze(2) * norms.unsqueeze(1))).abs())
+    cosine = sum(cosines) / len(cosines)
+    width = cosine.shape[-1]
+    mean_other = (cosine.sum(dim=-1) - cosine.diagonal(dim1=1, dim2=2)) / max(width - 1, 1)
+    weights = (1 - mean_other).clamp_min(1e-3) ** SIMILARITY_STRENGTH
+    return weights / weights.mean(dim=1, keepdim=True)
+
+
+@dataclass
+class AttentionSignals:
+    """Per gate key: the attention difference (mean over the images) and the similarity weights."""
+
+    difference: dict[str, torch.Tensor]
+    similarity: dict[str, torch.Tensor]
+
+
+def measure_signals(gm: fx.GraphModule, structure: ViTStructure, batches: Iterable[torch.Tensor]
+                    ) -> AttentionSignals:
+    """Stream calibration batches through a gated graph, one at a time (memory stays one batch's)."""
+    differences: dict[str, torch.Tensor] = {}
+    grams: dict[str, list[torch.Tensor]] = {}
+    images = 0
+    for batch in batches:
+        recorded = record_attention(gm, structure, batch)
+        for block in structure.blocks:
+            values = recorded[block.index]
+            for kind, difference in attention_difference(values, block.attn).items():
+                key = gate_key(block.index, kind)
+                differences[key] = differences.get(key, 0) + difference * batch.shape[0]
+            for kind, found in channel_grams(values, block.attn).items():
+                key = gate_key(block.index, kind)
+                summed = grams.get(key)
+                grams[key] = found if summed is None else [g + f for g, f in zip(summed, found, strict=True)]
+        images += batch.shape[0]
+    if not images:
+        raise ValueError("no calibration images to measure the attention with")
+    return AttentionSignals({k: d / images for k, d in differences.items()},
+                            {k: similarity_weights(g) for k, g in grams.items()})
 
 
 @torch.no_grad()

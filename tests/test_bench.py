@@ -43,7 +43,7 @@ def test_results_follow_the_schema(run_dir: Path) -> None:
         ("head-channels", {"budget": 0.3, "variant": v}) for v in ("full", "l1")]
     assert all(0 <= r["top1"] <= 1 and 0 <= r["top1_oneshot"] <= 1 for r in digits)
     assert all(r["nonzero_params"] < digits[0]["nonzero_params"] for r in digits[1:])
-    assert [r["calibration_samples"] for r in digits[1:]] == [None, 256, 256, None, None, None]
+    assert [r["calibration_samples"] for r in digits[1:]] == [None, 256, 256, None, 128, None]
     vtp = digits[4]  # sliced: fewer MACs and parameters, all of them non-zero; three top-1 stages
     assert vtp["macs"] < 0.75 * digits[0]["macs"] and vtp["params"] < digits[0]["params"]
     assert 0 <= vtp["top1_sparse_trained"] <= 1 and all(r["top1_sparse_trained"] is None for r in digits[:4])
@@ -51,6 +51,7 @@ def test_results_follow_the_schema(run_dir: Path) -> None:
         assert 0.3 <= 1 - heads["attention_macs"] / digits[0]["attention_macs"] < 0.35
         assert len(heads["top1_seeds"]) == 2 and heads["top1"] == pytest.approx(sum(heads["top1_seeds"]) / 2)
         assert 0 <= heads["top1_sparse_trained"] <= 1 and heads["params"] < digits[0]["params"]
+        assert heads["prune_seconds"] > 0
 
 
 def test_each_solver_is_timed_on_the_speed_model(run_dir: Path) -> None:
@@ -113,6 +114,9 @@ def test_bad_bench_options_are_clear_errors(capsys) -> None:
     assert "VTP rates must lie in [0, 1), got (0.2, 1.0)" in capsys.readouterr().err
     assert main(["prune-and-bench", "--head-channel-budgets", "1.2"]) == 2
     assert "head-channel budgets must lie in [0, 1), got (1.2,)" in capsys.readouterr().err
+    assert main(["prune-and-bench", "--head-channel-budgets", "0.97", "--model", "deit_tiny_patch16_224",
+                 "--set", "img_size=32"]) == 2
+    assert "budget of 97% fewer attention MACs would empty heads" in capsys.readouterr().err
     assert main(["prune-and-bench", "--head-channel-variants", "full,magic"]) == 2
     assert "unknown head-channel variants ['magic']; choose from full, l1" in capsys.readouterr().err
     with pytest.raises(SystemExit):

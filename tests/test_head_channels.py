@@ -37,7 +37,8 @@ from vitsparse.pruners import (
 from vitsparse.pruners.head_channels import attention_macs_of
 from vitsparse.pruners.head_gates import all_gates
 from vitsparse.pruners.head_select import choose_head_channels, set_keep_masks
-from vitsparse.pruners.head_signals import attention_difference, channel_similarity, record_attention
+from vitsparse.pruners.head_signals import measure_signals
+from vitsparse.pruners.mask_codec import record_masks
 from vitsparse.pruners.vtp import scores_from_weight_norms
 from vitsparse.runtime import ENGINES, create_engine, engine_status
 
@@ -56,13 +57,13 @@ IDS = [f"{n}-{'-'.join(k) or 'plain'}" for n, k in VARIANTS]
 
 
 def _gated(model: nn.Module, seed: int = 0, mode: str = "mask") -> PassManager:
-    """Traced and gated; indicators from weight norms, reweight scales drawn from [0.5, 1.5)."""
+    """Traced and gated; indicators drawn from N(0, 1), reweight scales from [0.5, 1.5)."""
     manager = PassManager(trace(model), recipe=Recipe(base={"model": "test"}))
     manager.run(HeadGatePass(mode))
-    indicators_from_weights(manager.graph_module)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for gate in all_gates(manager.graph_module, manager.structure).values():
+            gate.set_indicator(torch.randn(gate.groups, gate.width, generator=generator))
             gate.reweight.copy_(torch.rand(gate.reweight.shape, generator=generator) + 0.5)
     return manager
 
@@ -116,9 +117,40 @@ def test_slicing_reproduces_the_gated_model_with_equal_heads(name: str, kwargs: 
         assert sliced.get_submodule(attn.qkv).out_features == heads * (2 * attn.head_dim + attn.v_head_dim)
         assert (heads * attn.head_dim) % 8 == 0 and (heads * attn.v_head_dim) % 8 == 0
         assert attn.scale == original.scale  # the original attention scale, whatever the new width
-        if qk_norm:
-            assert sliced.get_submodule(attn.q_norm).normalized_shape == (attn.head_dim,)
+        if qk_norm:  # the shared norm keeps the selected channels, the reweight scales folded into it
+            channels = kept[f"{block.index}.qk"][0]
+            assert channels.numel() < original.head_dim
+            gate = reference.get_submodule(f"head_gate_{block.index}_qk")
+            norm = reference.get_submodule(attn.q_norm)
+            expected_weight = (norm.weight * gate.reweight)[channels]
+            assert torch.allclose(sliced.get_submodule(attn.q_norm).weight, expected_weight)
+            assert torch.equal(sliced.get_submodule(attn.k_norm).weight,
+                               reference.get_submodule(attn.k_norm).weight[channels])
+            rows = (torch.arange(heads).unsqueeze(1) * original.head_dim + channels).flatten()
+            assert torch.equal(sliced.get_submodule(attn.qkv).weight[:rows.numel()],
+                               reference.get_submodule(attn.qkv).weight[rows])
     assert all(torch.isfinite(t).all() for t in _outputs(sliced, x))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
+def test_slicing_a_sliced_model_again_reproduces_the_gated_model(fused: bool) -> None:
+    """After VTP (v already narrower than q/k, qkv's v split out) and after a first head-channel slice,
+    another round still computes what its gated model computes."""
+    manager = PassManager(trace(small_vit(depth=2, fused=fused)))
+    manager.run(ScoreGatePass())
+    scores_from_weight_norms(manager.graph_module)
+    manager.run(DimensionSlicePass(0.3, multiple=16))
+    x = torch.randn(2, 3, 32, 32)
+    for _ in range(2):
+        gm = manager.run(HeadGatePass())
+        indicators_from_weights(gm)
+        kept, _ = choose_head_channels(gm, manager.structure, 0.3, 8)
+        set_keep_masks(gm, kept, manager.structure)
+        reference = copy.deepcopy(gm)
+        manager.run(HeadChannelSlicePass(0.3))
+        assert _max_diff(reference, manager.graph_module, x) < 1e-5
+    widths = [(b.attn.head_dim, b.attn.v_head_dim) for b in manager.structure.blocks]
+    assert all(qk < 64 and v < 64 for qk, v in widths)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
@@ -177,10 +209,11 @@ def test_replayed_recipe_with_weights_is_bit_exact(tmp_path) -> None:
 @pytest.mark.parametrize("name,kwargs", [VARIANTS[0], VARIANTS[2]], ids=[IDS[0], IDS[2]])
 def test_signals_agree_between_fused_and_explicit_attention(name: str, kwargs: dict) -> None:
     """The attention difference and similarity read the same numbers whether attention is fused (the
-    scores recomputed from q and k) or spelled out (read from the graph); a q–k channel whose q weights
-    are zero changes nothing."""
+    scores recomputed from q and k) or spelled out (read from the graph), streamed in one batch or two;
+    a q–k channel whose q weights are zero changes nothing."""
     signals = {}
-    for fused in (True, False):
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for fused, batches in ((True, [images]), (False, images.split(2))):
         model = small_vit(name, depth=1, fused=fused, **kwargs)
         if "qk_norm" not in kwargs:
             with torch.no_grad():
@@ -188,18 +221,16 @@ def test_signals_agree_between_fused_and_explicit_attention(name: str, kwargs: d
                 model.blocks[0].attn.qkv.bias[[3, 64 + 3, 128 + 3]] = 0
         manager = PassManager(trace(model))
         gm = manager.run(HeadGatePass())
-        images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-        values = record_attention(gm, manager.structure, [images])[0]
-        attn = manager.structure.blocks[0].attn
-        signals[fused] = {**attention_difference(values, attn),
-                          **{f"sim-{k}": v for k, v in channel_similarity(values, attn).items()}}
+        measured = measure_signals(gm, manager.structure, batches)
+        signals[fused] = {**measured.difference, **{f"sim-{k}": v for k, v in measured.similarity.items()}}
     for key, value in signals[True].items():
         assert torch.allclose(value, signals[False][key], atol=1e-5, rtol=1e-4), key
+    assert signals[True]["sim-0.v"].mean(dim=1).allclose(torch.tensor(1.0))
     if "qk_norm" not in kwargs:
-        assert float(signals[True]["qk"][:, 3].abs().max()) < 1e-7
-        assert float(signals[True]["qk"].max()) > 0
+        assert float(signals[True]["0.qk"][:, 3].abs().max()) < 1e-7
+        assert float(signals[True]["0.qk"].max()) > 0
     else:
-        assert signals[True]["qk"].shape == (1, 64)  # one set of q/k channels shared by every head
+        assert signals[True]["0.qk"].shape == (1, 64)  # one set of q/k channels shared by every head
 
 
 def test_search_follows_the_budget_and_trains_the_indicators() -> None:
@@ -215,13 +246,14 @@ def test_search_follows_the_budget_and_trains_the_indicators() -> None:
     assert any(not torch.equal(before[k], g.raw_indicator) for k, g in gates.items())
     assert any(float(g.similarity.std()) > 0 for g in gates.values())
     assert any(not torch.equal(g.reweight, torch.ones_like(g.reweight)) for g in gates.values())
-    kept_after_search = {k: g.keep.clone() for k, g in gates.items()}
+    kept_after_search = {k: g.keep.bool() for k, g in gates.items()}
     reference = copy.deepcopy(gm)
     manager.run(HeadChannelSlicePass(0.3))
     record = manager.recipe.passes[-1]
     assert 0.3 <= record.stats["attention_removed_fraction"] < 0.35
+    masks = record_masks(record, "gates", "shape")
     for key, keep in kept_after_search.items():  # the search ended on the selection the slice keeps
-        assert int(keep.sum(dim=1)[0]) == record.decisions["gates"][key]["kept"]
+        assert torch.equal(keep.cpu(), masks[key])
     x = next(iter(loaders.test))[0]
     assert _max_diff(reference, manager.graph_module, x) < 1e-4
 
