@@ -116,7 +116,6 @@ def _decisions(gm: fx.GraphModule, structure: ViTStructure, kept: dict[str, torc
     return decisions
 
 
-
 def _checked_replay(kept: dict[str, torch.Tensor], gates: dict[str, HeadChannelGate]
                     ) -> dict[str, torch.Tensor]:
     """Recorded selections that fit the gates: the same keys, one row per gate group, channels in range."""
@@ -206,10 +205,14 @@ def _prepare(gm: fx.GraphModule, structure: ViTStructure, spec: Variant, calibra
 
 
 def indicators_from_weights(gm: fx.GraphModule) -> None:
-    """Data-free indicators from weight norms (a random-weight speed model has nothing to train on)."""
+    """Data-free indicators from weight norms (a random-weight speed model has nothing to train on).
+
+    Each gate's norms are taken relative to their own mean, so the budget is spread over q–k and v of
+    every block about evenly (random weights say nothing about which block matters more), and within
+    a gate the weaker channels go first."""
     structure = find_vit_structure(gm)
     gates = all_gates(gm, structure)
-    signals = {gate_key(b.index, kind): value for b in structure.blocks
+    signals = {gate_key(b.index, kind): value / value.mean().clamp_min(1e-12) for b in structure.blocks
                for kind, value in weight_importance(gm, b.attn).items()}
     for key, indicator in indicators_from(signals, *INIT_RANGE).items():
         gates[key].set_indicator(indicator if gates[key].mode == "mask" else indicator / INIT_RANGE[1])
