@@ -15,6 +15,18 @@ from vitsparse.compiler import (
     slice_linear,
 )
 
+# the structure matrix (at depth 2 in the tests): plain, layer scale, q/k norm, distilled, registers,
+# average pooling without a class token
+STRUCTURE_VARIANTS: list[tuple[str, dict]] = [
+    ("deit_tiny_patch16_224", {}),
+    ("deit3_small_patch16_224", {}),
+    ("vit_small_patch16_224", {"qk_norm": True}),
+    ("deit_small_distilled_patch16_224", {}),
+    ("vit_small_patch16_224", {"reg_tokens": 4}),
+    ("vit_small_patch16_224", {"class_token": False, "global_pool": "avg"}),
+]
+STRUCTURE_IDS = [f"{name}-{'-'.join(kwargs) or 'plain'}" for name, kwargs in STRUCTURE_VARIANTS]
+
 
 def small_vit(name: str = "deit_tiny_patch16_224", *, fused: bool = True, seed: int = 0,
               **kwargs) -> torch.nn.Module:

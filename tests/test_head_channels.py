@@ -42,18 +42,11 @@ from vitsparse.pruners.mask_codec import record_masks
 from vitsparse.pruners.vtp import scores_from_weight_norms
 from vitsparse.runtime import ENGINES, create_engine, engine_status
 
-from helpers import small_vit
+from helpers import STRUCTURE_IDS, STRUCTURE_VARIANTS, small_vit
 
 AVAILABLE = [name for name in ENGINES if engine_status(name).available]
-VARIANTS = [  # the structure matrix, depth 2: layer scale, q/k norm, distilled, registers, avg pooling
-    ("deit_tiny_patch16_224", {}),
-    ("deit3_small_patch16_224", {}),
-    ("vit_small_patch16_224", {"qk_norm": True}),
-    ("deit_small_distilled_patch16_224", {}),
-    ("vit_small_patch16_224", {"reg_tokens": 4}),
-    ("vit_small_patch16_224", {"class_token": False, "global_pool": "avg"}),
-]
-IDS = [f"{n}-{'-'.join(k) or 'plain'}" for n, k in VARIANTS]
+VARIANTS = STRUCTURE_VARIANTS
+IDS = STRUCTURE_IDS
 
 
 def _gated(model: nn.Module, seed: int = 0, mode: str = "mask") -> PassManager:

@@ -45,18 +45,10 @@ from vitsparse.pruners.vtp_sites import deepsparse_rejects_hidden
 from vitsparse.runtime import ENGINES, create_engine, engine_status
 from vitsparse.runtime.errors import EngineLoadError
 
-from helpers import small_vit
+from helpers import STRUCTURE_IDS, STRUCTURE_VARIANTS, small_vit
 
 AVAILABLE = [name for name in ENGINES if engine_status(name).available]
-# the structure matrix's variants, depth 2: layer scale, q/k norm, distilled, registers, avg pooling
-VARIANTS = [
-    ("deit_tiny_patch16_224", {}),
-    ("deit3_small_patch16_224", {}),
-    ("vit_small_patch16_224", {"qk_norm": True}),
-    ("deit_small_distilled_patch16_224", {}),
-    ("vit_small_patch16_224", {"reg_tokens": 4}),
-    ("vit_small_patch16_224", {"class_token": False, "global_pool": "avg"}),
-]
+VARIANTS = STRUCTURE_VARIANTS
 
 
 def _gated(model: torch.nn.Module, sites=SITE_NAMES, seed: int = 0) -> PassManager:
@@ -94,7 +86,7 @@ def test_rate_zero_with_unit_scores_is_the_identity(fused: bool) -> None:
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
-@pytest.mark.parametrize("name,kwargs", VARIANTS, ids=[f"{n}-{'-'.join(k) or 'plain'}" for n, k in VARIANTS])
+@pytest.mark.parametrize("name,kwargs", VARIANTS, ids=STRUCTURE_IDS)
 def test_slicing_after_folding_reproduces_the_gated_model(name: str, kwargs: dict, fused: bool) -> None:
     model = small_vit(name, depth=2, fused=fused, **kwargs)
     manager = _gated(model)
