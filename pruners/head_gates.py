@@ -166,10 +166,11 @@ class HeadGatePass(GraphPass):
             attn = block.attn
             shapes = {"qk": (qk_groups(attn), attn.head_dim), "v": (attn.num_heads, attn.v_head_dim)}
             core = gu.node_by_name(gm, attn.core_node)
+            device = gm.get_submodule(attn.qkv).weight.device  # a model on the GPU gets its gates there
             for kind, source in gate_inputs(gm, attn).items():
                 consumer = next(u for u in source.users if u is core or gu.is_matmul(u))
                 target = f"head_gate_{block.index}_{kind}"
-                gm.add_submodule(target, HeadChannelGate(*shapes[kind], self.mode))
+                gm.add_submodule(target, HeadChannelGate(*shapes[kind], self.mode).to(device))
                 with gm.graph.inserting_before(consumer):
                     gate_node = gm.graph.call_module(target, (source,))
                 consumer.replace_input_with(source, gate_node)
