@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vitsparse.compiler import PassManager, Recipe, trace
@@ -72,8 +73,12 @@ class SeedRun:
 
 def _one_seed(dense: torch.nn.Module, loaders, setting: HeadChannelSetting, epochs: int,
               seed: int) -> SeedRun:
-    """Search, slice and fine-tune once."""
+    """Search, slice and fine-tune once; the training data's order follows `seed` alone, not the runs
+    before this one."""
     config = replace(digits_finetune_config(epochs), seed=seed)
+    train = DataLoader(loaders.train.dataset, batch_size=loaders.train.batch_size, shuffle=True,
+                       generator=torch.Generator().manual_seed(seed))
+    loaders = replace(loaders, train=train)
     base = {"model": MODEL, "kwargs": {}, "pretrained": True}
     manager = PassManager(trace(dense), recipe=Recipe(base=base))
     gated = manager.run(HeadGatePass(HEAD_CHANNEL_VARIANTS[setting.variant].gate_mode))
