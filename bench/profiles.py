@@ -1,4 +1,4 @@
-"""What each prune-and-bench profile runs: `default` (≤ 15 min on 2 cores) and `full` (≤ 1 h)."""
+"""What each prune-and-bench profile runs: `default` (about 22 min on 2 cores) and `full` (longer)."""
 
 from __future__ import annotations
 
