@@ -17,7 +17,7 @@ from torch import nn
 
 from . import graph_utils as gu
 from .shapes import propagate_shapes, shape_of
-from .structure import ViTStructure
+from .structure import ViTStructure, find_vit_structure
 
 MacCounter = Callable[[fx.GraphModule, fx.Node], int]
 _MODULE_COUNTERS: dict[type[nn.Module], MacCounter] = {}
@@ -109,10 +109,12 @@ def count_costs(gm: fx.GraphModule) -> CostReport:
     return CostReport(macs=sum(per_node.values()), params=params, nonzero_params=nonzero, per_node=per_node)
 
 
-def attention_macs(gm: fx.GraphModule, structure: ViTStructure, costs: CostReport | None = None) -> int:
+def attention_macs(gm: fx.GraphModule, structure: ViTStructure | None = None,
+                   costs: CostReport | None = None) -> int:
     """MACs per image of every block's attention: qkv, the attention matmuls and proj (what head-channel
-    pruning budgets against)."""
+    pruning budgets against). Structure and costs are found when not given."""
     costs = costs if costs is not None else count_costs(gm)
+    structure = structure if structure is not None else find_vit_structure(gm)
     total = 0
     for block in structure.blocks:
         qkv, proj = gu.module_call(gm, block.attn.qkv), gu.module_call(gm, block.attn.proj)

@@ -37,7 +37,7 @@ from vitsparse.compiler import (
     slice_qk_heads,
     slice_value_heads,
 )
-from vitsparse.compiler.flops import attention_macs, count_costs
+from vitsparse.compiler.flops import attention_macs
 
 from .calibration import make_calibration
 from .finetune import FinetuneConfig, FinetuneResult, finetune
@@ -176,11 +176,6 @@ class HeadChannelSlicePass(GraphPass):
             return cls(params.get("budget", 0.0), params.get("multiple", DEFAULT_MULTIPLE), kept)
         except ValueError as err:
             raise RecipeError(f"{record.name} record: {err}") from None
-
-
-def attention_macs_of(gm: fx.GraphModule) -> int:
-    """Attention MACs per image of a traced ViT (qkv, attention matmuls, proj of every block)."""
-    return attention_macs(gm, find_vit_structure(gm), count_costs(gm))
 
 
 @torch.no_grad()

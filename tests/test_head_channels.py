@@ -16,6 +16,7 @@ from vitsparse.compiler import (
     PassManager,
     Recipe,
     RecipeError,
+    attention_macs,
     export_artifact,
     find_vit_structure,
     load_weights,
@@ -34,7 +35,6 @@ from vitsparse.pruners import (
     indicators_from_weights,
     search_head_channels,
 )
-from vitsparse.pruners.head_channels import attention_macs_of
 from vitsparse.pruners.head_gates import all_gates
 from vitsparse.pruners.head_select import choose_head_channels, set_keep_masks
 from vitsparse.pruners.head_signals import measure_signals
@@ -94,14 +94,14 @@ def test_slicing_reproduces_the_gated_model_with_equal_heads(name: str, kwargs: 
     gm = manager.graph_module
     kept, removed = choose_head_channels(gm, manager.structure, 0.4, 8)
     set_keep_masks(gm, kept, manager.structure)
-    reference, before = copy.deepcopy(gm), attention_macs_of(gm)
+    reference, before = copy.deepcopy(gm), attention_macs(gm)
     manager.run(HeadChannelSlicePass(0.4))
     sliced = manager.graph_module
     x = torch.randn(2, 3, 32, 32)
     qk_norm = kwargs.get("qk_norm", False)
     if not qk_norm:  # a q/k norm's statistics change with its width: only shapes are exact there
         assert _max_diff(reference, sliced, x) < 1e-5
-    assert 1 - attention_macs_of(sliced) / before == pytest.approx(removed)
+    assert 1 - attention_macs(sliced) / before == pytest.approx(removed)
     assert 0.4 <= removed < 0.45
     original = find_vit_structure(trace(model)).blocks[0].attn
     for block in find_vit_structure(sliced).blocks:
