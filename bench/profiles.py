@@ -28,7 +28,7 @@ class Profile:
     # run on digits-vit and the seeds each is averaged over
     head_channel_budgets: tuple[float, ...] = (0.3, 0.5)
     head_channel_variants: tuple[str, ...] = ("full", "l1")
-    head_channel_seeds: int = 2
+    head_channel_seeds: int = 8  # seeds move the fine-tuned top-1 by ±0.4 pt; 8 resolve about ±0.15
 
 
 PROFILES: dict[str, Profile] = {
@@ -54,7 +54,6 @@ PROFILES: dict[str, Profile] = {
         # multiple 1: what rounding kept counts to 8 costs or buys in speed
         vtp_speed=(VtpSetting(0.2), VtpSetting(0.4), VtpSetting(0.4, multiple=1)),
         head_channel_variants=tuple(HEAD_CHANNEL_VARIANTS),  # the full method and every ablation
-        head_channel_seeds=3,
     ),
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -107,17 +108,41 @@ def _head_channel_rows(rows: list[Row]) -> list[Row]:
     return [r for r in rows if r.method == HEAD_CHANNELS and r.top1 is not None]
 
 
+def _mean_and_error(values: list[float]) -> tuple[float, float | None]:
+    """Mean and its standard error (None from a single value)."""
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None)
+
+
+def _points(value: float, error: float | None, sign: bool = False) -> str:
+    text = f"{100 * value:+.2f}" if sign else f"{100 * value:.2f}"
+    return text + (f" ± {100 * error:.2f}" if error is not None else "")
+
+
+def paired_difference(row: Row, reference: Row | None) -> str:
+    """`row` − `reference` fine-tuned top-1 seed by seed (the same seeds and data orders), mean ± its
+    standard error, in points; "–" without per-seed figures for both."""
+    if reference is None or row is reference or not row.top1_seeds or not reference.top1_seeds:
+        return "–"
+    if len(row.top1_seeds) != len(reference.top1_seeds):
+        return "–"
+    mean, error = _mean_and_error([a - b for a, b in zip(row.top1_seeds, reference.top1_seeds, strict=True)])
+    return _points(mean, error, sign=True) + " pt"
+
+
 def head_channel_table(rows: list[Row]) -> str:
     """The head-equal channel method and its ablations per budget: fewer attention MACs vs the model's
-    dense row, and mean top-1 after the search, the slice and the fine-tune (per-seed figures last)."""
+    dense row, mean top-1 after the search, the slice and the fine-tune (± the standard error over
+    seeds), and the fine-tuned difference to the plain-L1 ablation, paired seed by seed."""
     measured = _head_channel_rows(rows)
     if not measured:
         return ""
     dense = {r.model: r for r in rows if r.method == DENSE and r.attention_macs}
+    plain_l1 = {(r.model, r.settings.get("budget")): r for r in measured if r.settings.get("variant") == "l1"}
     lines = [
         "| budget | variant | fewer attention MACs | fewer MACs | top-1 searched | top-1 sliced | "
-        "top-1 fine-tuned | vs dense | fine-tuned per seed |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "top-1 fine-tuned | vs dense | vs l1, paired | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(measured, key=lambda r: (r.settings.get("budget", 0), r.model)):
         base = dense.get(r.model)
@@ -125,11 +150,12 @@ def head_channel_table(rows: list[Row]) -> str:
                            if base and r.attention_macs else "–")
         fewer = _pct(1 - r.macs / base.macs) if base and r.macs else "–"
         versus = f"{100 * (r.top1 - base.top1):+.2f} pt" if base and base.top1 is not None else "–"
-        seeds = ", ".join(f"{100 * t:.2f}" for t in r.top1_seeds or ())
+        tuned = _points(*_mean_and_error(r.top1_seeds)) + " %" if r.top1_seeds else _pct(r.top1)
+        versus_l1 = paired_difference(r, plain_l1.get((r.model, r.settings.get("budget"))))
         lines.append(
             f"| {r.settings.get('budget', 0):.0%} | {r.settings.get('variant', '–')} | {fewer_attention} | "
-            f"{fewer} | {_pct(r.top1_sparse_trained)} | {_pct(r.top1_oneshot)} | {_pct(r.top1)} | {versus} | "
-            f"{seeds} |"
+            f"{fewer} | {_pct(r.top1_sparse_trained)} | {_pct(r.top1_oneshot)} | {tuned} | {versus} | "
+            f"{versus_l1} | {len(r.top1_seeds or ()) or 1} |"
         )
     return "\n".join(lines)
 

@@ -9,6 +9,8 @@ import pytest
 
 from vitsparse.bench.cli import main
 from vitsparse.bench.methods import SpeedSetting, parse_speed_setting
+from vitsparse.bench.report import head_channel_table, paired_difference
+from vitsparse.bench.schema import Row
 from vitsparse.bench.workflow import BenchOptions, available_engines, run_prune_and_bench
 from vitsparse.compiler.export import ARTIFACT_FILES
 
@@ -101,6 +103,7 @@ def test_report_and_plot_are_written(run_dir: Path) -> None:
     assert "## Dimension slicing (VTP)" in report and "| digits-vit | multiple=8, rate=0.4 |" in report
     assert "## Head-equal channel removal" in report
     assert "| 30% | full | 3" in report and "| 30% | l1 | 3" in report
+    assert "| vs l1, paired | seeds |" in report
     for plot in ("speedup.png", "accuracy.png", "head_channels.png"):
         assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -136,3 +139,18 @@ def test_speed_settings_parse(text: str, expected: SpeedSetting) -> None:
 def test_bad_speed_settings_say_what_is_wrong(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_speed_setting(text)
+
+
+def test_head_channel_table_pairs_each_variant_with_l1_seed_by_seed() -> None:
+    def row(variant: str, seeds: list[float]) -> Row:
+        return Row("digits-vit", "head-channels", {"budget": 0.3, "variant": variant},
+                   top1=sum(seeds) / len(seeds), top1_seeds=seeds, attention_macs=70, macs=90)
+    dense = Row("digits-vit", "dense", top1=0.98, attention_macs=100, macs=100)
+    full, l1 = row("full", [0.99, 0.98, 0.97]), row("l1", [0.98, 0.98, 0.98])
+    assert paired_difference(full, l1) == "+0.00 ± 0.58 pt"  # differences +1, 0, −1 points
+    assert paired_difference(l1, l1) == "–" and paired_difference(full, None) == "–"
+    assert paired_difference(full, row("l1", [0.98, 0.98])) == "–"  # not the same seeds
+    table = head_channel_table([dense, full, l1])
+    assert "| 30% | full | 30.00 % | 10.00 % |" in table
+    assert "| 98.00 ± 0.58 % | +0.00 pt | +0.00 ± 0.58 pt | 3 |" in table
+    assert "| 98.00 ± 0.00 % | +0.00 pt | – | 3 |" in table
