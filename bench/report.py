@@ -247,7 +247,9 @@ def markdown_report(meta: dict[str, Any], rows: list[Row]) -> str:
             "weight norms (random weights): its rows measure the sliced shapes. Top-1 searched is the "
             "gated model with its keep masks at the final selection (`l1`: its scales times the masks); "
             "MACs and the artifact are the first seed's (each seed selects its own channels at the same "
-            "budget).\n\n" + heads
+            "budget). Fine-tuned top-1 is the mean ± its standard error over the seeds; `vs l1, paired` is "
+            "the fine-tuned difference to the `l1` row seed by seed (a seed gives every variant the same "
+            "data order), mean ± standard error.\n\n" + heads
         )
     solvers = solver_table(rows)
     if solvers:
