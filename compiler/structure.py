@@ -357,7 +357,8 @@ def find_vit_structure(gm: fx.GraphModule) -> ViTStructure:
                              "matmul → softmax → matmul)")
     blocks = tuple(_find_block(gm, core, i) for i, core in enumerate(cores))
     for prev, nxt in zip(blocks, blocks[1:], strict=False):
-        if prev.output_node != nxt.input_node:
+        # a registered transparent module (e.g. a token selection) may sit between two blocks
+        if prev.output_node != _skip_passthrough(gm, gu.node_by_name(gm, nxt.input_node)).name:
             raise _not_a_vit(gm, f"block {nxt.index} does not take block {prev.index}'s output as its "
                                  "input: the blocks are not one residual stream")
     embed = _embedding(gm, gu.node_by_name(gm, blocks[0].input_node))

@@ -30,6 +30,7 @@ from .patterns import Pattern, check_mask_pattern, parse_pattern
 from .saliency import SALIENCIES, SCOPE_NAMES, SaliencyRequest, check_sparsity, register_saliency
 from .sparsity_pass import SparsityConfig, SparsityPass
 from .targets import DEFAULT_TARGETS, TARGET_KINDS, select_targets
+from .token_drop import ClassAttentionScore, TokenDropPass, TokenSelect
 from .vtp import (
     DimensionSlicePass,
     ScoreGate,
@@ -52,4 +53,5 @@ __all__ = [
     "score_l1", "scores_from_weight_norms", "sparse_train",
     "HEAD_CHANNEL_VARIANTS", "HeadChannelGate", "HeadChannelSlicePass", "HeadGatePass",
     "indicators_from_weights", "search_head_channels",
+    "ClassAttentionScore", "TokenDropPass", "TokenSelect",
 ]

@@ -1,0 +1,184 @@
+"""Token dropping between blocks (Adaptive Sparse ViT, Liu et al. 2022), static keep counts.
+
+Before each chosen block a `TokenSelect` keeps the prefix tokens (class, distillation, registers)
+and the `keep` patch tokens the preceding block scored highest. The score (`ClassAttentionScore`)
+is AS-ViT's: the class token's attention to each token, per head, weighted by the L2 norm of that
+head's output at the token (normalised across heads), summed over heads. Fused attention never
+forms the attention probabilities, so only the class-token row, q_cls·Kᵀ, is recomputed; spelled-
+out attention hands its probabilities over as they are.
+
+Keep counts are constants (`keep_rate` of the tokens reaching each stage), so the selection exports
+as TopK + Gather with a fixed k: batches work and DeepSparse runs it. A model without a class token
+(average pooling) is refused: AS-ViT's score is the class token's attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from vitsparse.compiler import (
+    GraphPass,
+    PassError,
+    PassRecord,
+    PassResult,
+    RecipeError,
+    ViTStructure,
+    register_pass,
+)
+from vitsparse.compiler import graph_utils as gu
+from vitsparse.compiler.attention_rewrite import key_input, query_input
+
+REFERENCE_DEPTH = 12
+REFERENCE_LOCATIONS = (4, 7, 10)  # 0-based: before the 5th, 8th and 11th block of a 12-block model
+
+
+class ClassAttentionScore(nn.Module):
+    """(B, patch tokens) scores from one block's attention: class-token attention × head-output norm."""
+
+    def __init__(self, num_prefix_tokens: int, scale: float, fused: bool) -> None:
+        super().__init__()
+        self.num_prefix_tokens, self.scale, self.fused = num_prefix_tokens, scale, fused
+
+    def class_attention(self, query: torch.Tensor, key_or_probs: torch.Tensor) -> torch.Tensor:
+        """(B, heads, N): the class token's attention probabilities, recomputed when fused."""
+        if not self.fused:  # spelled out: the softmax output itself
+            return key_or_probs[:, :, 0]
+        logits = (query[:, :, :1] @ key_or_probs.transpose(-2, -1)) * self.scale
+        return logits.softmax(dim=-1)[:, :, 0]
+
+    def forward(self, query: torch.Tensor, key_or_probs: torch.Tensor, head_out: torch.Tensor
+                ) -> torch.Tensor:
+        norms = head_out.norm(dim=-1)  # (B, heads, N)
+        weights = norms / norms.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        score = (self.class_attention(query, key_or_probs) * weights).sum(dim=1)
+        return score[:, self.num_prefix_tokens:]
+
+    def extra_repr(self) -> str:
+        return f"prefix={self.num_prefix_tokens}, scale={self.scale:.4g}, fused={self.fused}"
+
+
+@gu.register_transparent
+class TokenSelect(nn.Module):
+    """Keep the prefix tokens and the `keep` highest-scored patch tokens of a (B, N, C) stream."""
+
+    def __init__(self, keep: int, num_prefix_tokens: int) -> None:
+        super().__init__()
+        self.keep, self.num_prefix_tokens = keep, num_prefix_tokens
+
+    def forward(self, tokens: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        prefix, patches = tokens[:, :self.num_prefix_tokens], tokens[:, self.num_prefix_tokens:]
+        if self.keep >= patches.shape[1]:
+            return tokens
+        kept = score.topk(self.keep, dim=1).indices  # (B, keep)
+        batch, count, width = patches.shape
+        offsets = torch.arange(batch, device=kept.device).unsqueeze(1) * count
+        rows = patches.reshape(batch * count, width).index_select(0, (kept + offsets).reshape(-1))
+        return torch.cat([prefix, rows.reshape(batch, self.keep, width)], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"keep={self.keep}, prefix={self.num_prefix_tokens}"
+
+
+def default_locations(depth: int) -> tuple[int, ...]:
+    """AS-ViT's stages (before blocks 4, 7, 10 of 12, 0-based) scaled to `depth` blocks."""
+    scaled = sorted({round(loc * depth / REFERENCE_DEPTH) for loc in REFERENCE_LOCATIONS})
+    return tuple(loc for loc in scaled if 1 <= loc < depth) or ((depth - 1,) if depth > 1 else ())
+
+
+def check_keep_rate(keep_rate: float) -> float:
+    if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)) or not 0 < keep_rate <= 1:
+        raise ValueError(f"keep_rate must lie in (0, 1] (the share of tokens each stage keeps), got "
+                         f"{keep_rate!r}")
+    return float(keep_rate)
+
+
+def check_locations(locations: Sequence[int], depth: int) -> tuple[int, ...]:
+    """Block indices to drop tokens before: increasing, each in [1, depth) (a stage needs a block
+    before it to score the tokens)."""
+    values = tuple(locations)
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        raise ValueError(f"locations must be block indices (ints), got {values!r}")
+    if any(not 1 <= v < depth for v in values):
+        raise ValueError(f"locations {values} lie outside blocks 1..{depth - 1} of this {depth}-block "
+                         "model (0-based; tokens are scored by the block before)")
+    if list(values) != sorted(set(values)):
+        raise ValueError(f"locations must be strictly increasing, got {values}")
+    return values
+
+
+def keep_counts(num_patches: int, keep_rate: float, stages: int) -> tuple[int, ...]:
+    """Patch tokens kept at each stage: `keep_rate` of those reaching it, at least one."""
+    counts, tokens = [], num_patches
+    for _ in range(stages):
+        tokens = max(1, round(keep_rate * tokens))
+        counts.append(tokens)
+    return tuple(counts)
+
+
+def _attention_nodes(gm: fx.GraphModule, block) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """(q, k or the softmax probabilities, per-head output) of a block's attention core."""
+    attention = block.attn
+    core = gu.node_by_name(gm, attention.core_node)
+    if gu.is_sdpa(core):
+        return query_input(gm, attention), key_input(gm, attention), core
+    return query_input(gm, attention), core, gu.walk_down(core, gu.is_matmul, 8)
+
+
+def _insert_stage(gm: fx.GraphModule, structure: ViTStructure, location: int, keep: int) -> None:
+    scored_by = structure.blocks[location - 1]
+    query, key_or_probs, head_out = _attention_nodes(gm, scored_by)
+    score_target, select_target = f"token_score_{location}", f"token_select_{location}"
+    gm.add_submodule(score_target, ClassAttentionScore(structure.num_prefix_tokens, scored_by.attn.scale,
+                                                       scored_by.attn.fused))
+    gm.add_submodule(select_target, TokenSelect(keep, structure.num_prefix_tokens))
+    with gm.graph.inserting_after(head_out):
+        score = gm.graph.call_module(score_target, (query, key_or_probs, head_out))
+    stream = gu.node_by_name(gm, structure.blocks[location].input_node)
+    with gm.graph.inserting_after(stream):
+        selected = gm.graph.call_module(select_target, (stream, score))
+    stream.replace_all_uses_with(selected, delete_user_cb=lambda user: user is not selected)
+
+
+@register_pass
+class TokenDropPass(GraphPass):
+    """Insert static token selection before `locations`, each stage keeping `keep_rate` of its tokens."""
+
+    name = "token-drop"
+
+    def __init__(self, keep_rate: float, locations: Sequence[int] | None = None,
+                 kept: Sequence[int] | None = None) -> None:
+        self.keep_rate = check_keep_rate(keep_rate)
+        self.locations = tuple(locations) if locations is not None else None
+        self.replay_kept = tuple(kept) if kept is not None else None
+
+    def __call__(self, gm: fx.GraphModule, structure: ViTStructure) -> PassResult:
+        if structure.pool != "token" or structure.num_prefix_tokens < 1:
+            raise PassError(f"token dropping scores tokens by the class token's attention; this model pools "
+                            f"{structure.pool!r} with {structure.num_prefix_tokens} prefix tokens (no class "
+                            "token to read)")
+        if any(gu.is_module(gm, n, TokenSelect) for n in gm.graph.nodes):
+            raise PassError("this graph already drops tokens; apply TokenDropPass once")
+        locations = check_locations(self.locations if self.locations is not None
+                                    else default_locations(structure.depth), structure.depth)
+        kept = self.replay_kept or keep_counts(structure.num_patches, self.keep_rate, len(locations))
+        if len(kept) != len(locations) or any(not 0 < k <= structure.num_patches for k in kept):
+            raise PassError(f"keep counts {kept} do not fit locations {locations} of a model with "
+                            f"{structure.num_patches} patch tokens")
+        for location, keep in zip(locations, kept, strict=True):
+            _insert_stage(gm, structure, location, keep)
+        record = PassRecord(self.name, params={"keep_rate": self.keep_rate, "locations": list(locations)},
+                            decisions={"kept_tokens": list(kept)},
+                            stats={"tokens_per_stage": [structure.num_patches, *kept]})
+        return PassResult(gm, record)
+
+    @classmethod
+    def from_record(cls, record: PassRecord) -> TokenDropPass:
+        try:
+            return cls(record.params["keep_rate"], record.params["locations"],
+                       record.decisions["kept_tokens"])
+        except (KeyError, ValueError, TypeError) as err:
+            raise RecipeError(f"{record.name} record: {err}") from None
