@@ -37,7 +37,8 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys) -> None:
 
 def test_readme_second_order_and_gradual_examples_run(monkeypatch) -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
-    assert len(blocks) == 5, "the API example, second-order pruning, gradual pruning, VTP, head channels"
+    assert len(blocks) == 6, ("the API example, second-order pruning, gradual pruning, VTP, head channels, "
+                              "token dropping")
     namespace: dict = {}
     first = blocks[0].split("manager = PassManager")[0]  # imports, the dense model and the data
     from vitsparse.pruners import finetune as real_finetune
@@ -87,3 +88,16 @@ def test_readme_head_channel_example_runs() -> None:
     from vitsparse.models import evaluate
 
     assert evaluate(namespace["sliced"], namespace["data"].test).top1 >= 0.95
+
+
+def test_readme_token_drop_example_runs() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    namespace: dict = {}
+    first = blocks[0].split("manager = PassManager")[0]
+    exec(compile(first + "from vitsparse.compiler import PassManager\n", str(README), "exec"), namespace)
+    exec(compile(blocks[5], str(README), "exec"), namespace)  # noqa: S102
+    record = namespace["manager"].recipe.passes[-1]
+    assert record.name == "token-drop" and record.params["locations"] == [2, 4, 5]  # digits-vit: 6 blocks
+    assert record.decisions["kept_tokens"] == [11, 8, 6]
+    sample = next(iter(namespace["data"].test))[0]
+    assert namespace["dropped"](sample).shape == (sample.shape[0], 10)
