@@ -8,8 +8,9 @@ forms the attention probabilities, so only the class-token row, q_cls·Kᵀ, is 
 out attention hands its probabilities over as they are.
 
 Keep counts are constants (`keep_rate` of the tokens reaching each stage), so the selection exports
-as TopK + Gather with a fixed k: batches work and DeepSparse runs it. A model without a class token
-(average pooling) is refused: AS-ViT's score is the class token's attention.
+as TopK + Gather with a fixed k: batches work and DeepSparse runs it. With `fuse`, the dropped
+tokens are not lost but averaged, weighted by their scores, into one extra token (EViT). A model
+without a class token (average pooling) is refused: AS-ViT's score is the class token's attention.
 """
 
 from __future__ import annotations
@@ -63,24 +64,37 @@ class ClassAttentionScore(nn.Module):
 
 @gu.register_transparent
 class TokenSelect(nn.Module):
-    """Keep the prefix tokens and the `keep` highest-scored patch tokens of a (B, N, C) stream."""
+    """Keep the prefix tokens and the `keep` highest-scored patch tokens of a (B, N, C) stream; with
+    `fuse`, append the dropped tokens' score-weighted mean as one more token (as EViT does)."""
 
-    def __init__(self, keep: int, num_prefix_tokens: int) -> None:
+    def __init__(self, keep: int, num_prefix_tokens: int, fuse: bool = False) -> None:
         super().__init__()
-        self.keep, self.num_prefix_tokens = keep, num_prefix_tokens
+        self.keep, self.num_prefix_tokens, self.fuse = keep, num_prefix_tokens, fuse
 
     def forward(self, tokens: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         prefix, patches = tokens[:, :self.num_prefix_tokens], tokens[:, self.num_prefix_tokens:]
-        if self.keep >= patches.shape[1]:
+        count = patches.shape[1]
+        if self.keep >= count:
             return tokens
-        kept = score.topk(self.keep, dim=1).indices  # (B, keep)
-        batch, count, width = patches.shape
-        offsets = torch.arange(batch, device=kept.device).unsqueeze(1) * count
-        rows = patches.reshape(batch * count, width).index_select(0, (kept + offsets).reshape(-1))
-        return torch.cat([prefix, rows.reshape(batch, self.keep, width)], dim=1)
+        ranked = score.topk(count if self.fuse else self.keep, dim=1)  # (B, count or keep), best first
+        kept = [prefix, _rows(patches, ranked.indices[:, :self.keep])]
+        if self.fuse:
+            dropped = _rows(patches, ranked.indices[:, self.keep:])
+            weights = ranked.values[:, self.keep:]
+            weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
+            kept.append((weights.unsqueeze(-1) * dropped).sum(dim=1, keepdim=True))
+        return torch.cat(kept, dim=1)
 
     def extra_repr(self) -> str:
-        return f"keep={self.keep}, prefix={self.num_prefix_tokens}"
+        return f"keep={self.keep}, prefix={self.num_prefix_tokens}, fuse={self.fuse}"
+
+
+def _rows(patches: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, K, C) rows `index` (B, K) of each image, as one Gather over the flattened batch."""
+    batch, count, width = patches.shape
+    offsets = torch.arange(batch, device=index.device).unsqueeze(1) * count
+    flat = patches.reshape(batch * count, width).index_select(0, (index + offsets).reshape(-1))
+    return flat.reshape(batch, index.shape[1], width)
 
 
 def default_locations(depth: int) -> tuple[int, ...]:
@@ -110,12 +124,14 @@ def check_locations(locations: Sequence[int], depth: int) -> tuple[int, ...]:
     return values
 
 
-def keep_counts(num_patches: int, keep_rate: float, stages: int) -> tuple[int, ...]:
-    """Patch tokens kept at each stage: `keep_rate` of those reaching it, at least one."""
+def keep_counts(num_patches: int, keep_rate: float, stages: int, fuse: bool = False) -> tuple[int, ...]:
+    """Patch tokens kept at each stage: `keep_rate` of those reaching it (with `fuse`, the fused token
+    of the stage before counts as one), at least one."""
     counts, tokens = [], num_patches
     for _ in range(stages):
-        tokens = max(1, round(keep_rate * tokens))
-        counts.append(tokens)
+        kept = max(1, round(keep_rate * tokens))
+        counts.append(kept)
+        tokens = kept + (fuse and kept < tokens)
     return tuple(counts)
 
 
@@ -128,13 +144,14 @@ def _attention_nodes(gm: fx.GraphModule, block) -> tuple[fx.Node, fx.Node, fx.No
     return query_input(gm, attention), core, gu.walk_down(core, gu.is_matmul, 8)
 
 
-def _insert_stage(gm: fx.GraphModule, structure: ViTStructure, location: int, keep: int) -> None:
+def _insert_stage(gm: fx.GraphModule, structure: ViTStructure, location: int, keep: int, fuse: bool
+                  ) -> None:
     scored_by = structure.blocks[location - 1]
     query, key_or_probs, head_out = _attention_nodes(gm, scored_by)
     score_target, select_target = f"token_score_{location}", f"token_select_{location}"
     gm.add_submodule(score_target, ClassAttentionScore(structure.num_prefix_tokens, scored_by.attn.scale,
                                                        scored_by.attn.fused))
-    gm.add_submodule(select_target, TokenSelect(keep, structure.num_prefix_tokens))
+    gm.add_submodule(select_target, TokenSelect(keep, structure.num_prefix_tokens, fuse))
     with gm.graph.inserting_after(head_out):
         score = gm.graph.call_module(score_target, (query, key_or_probs, head_out))
     stream = gu.node_by_name(gm, structure.blocks[location].input_node)
@@ -145,13 +162,14 @@ def _insert_stage(gm: fx.GraphModule, structure: ViTStructure, location: int, ke
 
 @register_pass
 class TokenDropPass(GraphPass):
-    """Insert static token selection before `locations`, each stage keeping `keep_rate` of its tokens."""
+    """Insert static token selection before `locations`, each stage keeping `keep_rate` of its tokens
+    (`fuse`: plus one token fusing those it drops)."""
 
     name = "token-drop"
 
-    def __init__(self, keep_rate: float, locations: Sequence[int] | None = None,
+    def __init__(self, keep_rate: float, locations: Sequence[int] | None = None, *, fuse: bool = False,
                  kept: Sequence[int] | None = None) -> None:
-        self.keep_rate = check_keep_rate(keep_rate)
+        self.keep_rate, self.fuse = check_keep_rate(keep_rate), bool(fuse)
         self.locations = tuple(locations) if locations is not None else None
         self.replay_kept = tuple(kept) if kept is not None else None
 
@@ -164,13 +182,15 @@ class TokenDropPass(GraphPass):
             raise PassError("this graph already drops tokens; apply TokenDropPass once")
         locations = check_locations(self.locations if self.locations is not None
                                     else default_locations(structure.depth), structure.depth)
-        kept = self.replay_kept or keep_counts(structure.num_patches, self.keep_rate, len(locations))
+        kept = self.replay_kept or keep_counts(structure.num_patches, self.keep_rate, len(locations),
+                                                    self.fuse)
         if len(kept) != len(locations) or any(not 0 < k <= structure.num_patches for k in kept):
             raise PassError(f"keep counts {kept} do not fit locations {locations} of a model with "
                             f"{structure.num_patches} patch tokens")
         for location, keep in zip(locations, kept, strict=True):
-            _insert_stage(gm, structure, location, keep)
-        record = PassRecord(self.name, params={"keep_rate": self.keep_rate, "locations": list(locations)},
+            _insert_stage(gm, structure, location, keep, self.fuse)
+        record = PassRecord(self.name, params={"keep_rate": self.keep_rate, "locations": list(locations),
+                                               "fuse": self.fuse},
                             decisions={"kept_tokens": list(kept)},
                             stats={"tokens_per_stage": [structure.num_patches, *kept]})
         return PassResult(gm, record)
@@ -179,6 +199,6 @@ class TokenDropPass(GraphPass):
     def from_record(cls, record: PassRecord) -> TokenDropPass:
         try:
             return cls(record.params["keep_rate"], record.params["locations"],
-                       record.decisions["kept_tokens"])
+                       fuse=record.params.get("fuse", False), kept=record.decisions["kept_tokens"])
         except (KeyError, ValueError, TypeError) as err:
             raise RecipeError(f"{record.name} record: {err}") from None

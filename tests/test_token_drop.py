@@ -96,13 +96,38 @@ def test_dropping_cuts_macs_and_replays_from_the_recipe() -> None:
     model = small_vit(depth=6, img_size=64)
     manager = _dropped(model, 0.7)
     record = manager.recipe.passes[-1]
-    assert record.params == {"keep_rate": 0.7, "locations": [2, 4, 5]} == {
-        "keep_rate": 0.7, "locations": list(default_locations(6))}
+    assert record.params == {"keep_rate": 0.7, "locations": [2, 4, 5], "fuse": False}
+    assert record.params["locations"] == list(default_locations(6))
     assert record.decisions["kept_tokens"] == list(keep_counts(16, 0.7, 3)) == [11, 8, 6]
     assert count_costs(manager.graph_module).macs < 0.8 * count_costs(trace(model)).macs
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(replay(model, manager.recipe)(x), manager.graph_module(x))
+
+
+def test_fusing_appends_the_score_weighted_mean_of_the_dropped_tokens() -> None:
+    tokens = torch.arange(2 * 5 * 2, dtype=torch.float).view(2, 5, 2)
+    score = torch.tensor([[0.1, 0.9, 0.3, 0.6], [0.5, 0.2, 0.1, 0.2]])
+    fused = TokenSelect(2, num_prefix_tokens=1, fuse=True)(tokens, score)
+    assert fused.shape == (2, 4, 2)
+    assert torch.equal(fused[:, :3], TokenSelect(2, num_prefix_tokens=1)(tokens, score))
+    dropped = tokens[0, [1, 3]]  # patches 0 and 2 of image 0 (scores 0.1 and 0.3)
+    assert torch.allclose(fused[0, 3], (0.1 * dropped[0] + 0.3 * dropped[1]) / 0.4)
+    assert keep_counts(16, 0.7, 3, fuse=True) == (11, 8, 6) and keep_counts(10, 0.5, 2, fuse=True) == (5, 3)
+
+
+def test_fused_dropping_replays_and_exports(tmp_path) -> None:
+    model = small_vit(depth=6, img_size=64)
+    manager = PassManager(trace(model), recipe=Recipe())
+    manager.run(TokenDropPass(0.5, fuse=True))
+    assert manager.recipe.passes[-1].decisions["kept_tokens"] == [8, 4, 2]
+    assert sum(isinstance(m, TokenSelect) and m.fuse for m in manager.graph_module.modules()) == 3
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(replay(model, manager.recipe)(x), manager.graph_module(x))
+    result = export_artifact(manager.graph_module, manager.recipe, tmp_path / "fused",
+                             ExportConfig(batch_size=2))
+    assert result.max_abs_diff < 1e-4
 
 
 def test_default_locations_follow_as_vit_and_scale_with_depth() -> None:
