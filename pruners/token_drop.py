@@ -135,6 +135,15 @@ def keep_counts(num_patches: int, keep_rate: float, stages: int, fuse: bool = Fa
     return tuple(counts)
 
 
+def _tokens_per_stage(num_patches: int, kept: Sequence[int], fuse: bool) -> list[int]:
+    """Patch tokens entering the first stage, then leaving each (a fused token counts as one)."""
+    tokens = [num_patches]
+    for count in kept:
+        dropped_any = count < tokens[-1]  # a stage that keeps everything passes its tokens through
+        tokens.append(count + int(fuse) if dropped_any else tokens[-1])
+    return tokens
+
+
 def _attention_nodes(gm: fx.GraphModule, block) -> tuple[fx.Node, fx.Node, fx.Node]:
     """(q, k or the softmax probabilities, per-head output) of a block's attention core."""
     attention = block.attn
@@ -180,6 +189,9 @@ class TokenDropPass(GraphPass):
                             "token to read)")
         if any(gu.is_module(gm, n, TokenSelect) for n in gm.graph.nodes):
             raise PassError("this graph already drops tokens; apply TokenDropPass once")
+        if structure.depth < 2:
+            raise PassError("token dropping needs at least two blocks: the block before a stage scores its "
+                            f"tokens, and this model has {structure.depth}")
         locations = check_locations(self.locations if self.locations is not None
                                     else default_locations(structure.depth), structure.depth)
         kept = self.replay_kept or keep_counts(structure.num_patches, self.keep_rate, len(locations),
@@ -192,7 +204,8 @@ class TokenDropPass(GraphPass):
         record = PassRecord(self.name, params={"keep_rate": self.keep_rate, "locations": list(locations),
                                                "fuse": self.fuse},
                             decisions={"kept_tokens": list(kept)},
-                            stats={"tokens_per_stage": [structure.num_patches, *kept]})
+                            stats={"tokens_per_stage": _tokens_per_stage(structure.num_patches, kept,
+                                                                         self.fuse)})
         return PassResult(gm, record)
 
     @classmethod

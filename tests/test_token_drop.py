@@ -99,6 +99,7 @@ def test_dropping_cuts_macs_and_replays_from_the_recipe() -> None:
     assert record.params == {"keep_rate": 0.7, "locations": [2, 4, 5], "fuse": False}
     assert record.params["locations"] == list(default_locations(6))
     assert record.decisions["kept_tokens"] == list(keep_counts(16, 0.7, 3)) == [11, 8, 6]
+    assert record.stats["tokens_per_stage"] == [16, 11, 8, 6]
     assert count_costs(manager.graph_module).macs < 0.8 * count_costs(trace(model)).macs
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
@@ -121,6 +122,7 @@ def test_fused_dropping_replays_and_exports(tmp_path) -> None:
     manager = PassManager(trace(model), recipe=Recipe())
     manager.run(TokenDropPass(0.5, fuse=True))
     assert manager.recipe.passes[-1].decisions["kept_tokens"] == [8, 4, 2]
+    assert manager.recipe.passes[-1].stats["tokens_per_stage"] == [16, 9, 5, 3]
     assert sum(isinstance(m, TokenSelect) and m.fuse for m in manager.graph_module.modules()) == 3
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -178,6 +180,8 @@ def test_bad_locations_are_clear_errors(locations, message: str) -> None:
 def test_models_without_a_class_token_and_double_dropping_are_refused() -> None:
     with pytest.raises(PassError, match="class token's attention; this model pools 'avg'"):
         _dropped(small_vit("vit_small_patch16_224", depth=2, class_token=False, global_pool="avg"), 0.7)
+    with pytest.raises(PassError, match="needs at least two blocks"):
+        _dropped(small_vit(depth=1), 0.7)
     manager = _dropped(small_vit(depth=3), 0.7, (1,))
     with pytest.raises(PassError, match="already drops tokens"):
         manager.run(TokenDropPass(0.5, (2,)))
