@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import onnx
 import pytest
 import torch
@@ -24,7 +22,6 @@ from vitsparse.runtime import ENGINES, create_engine, engine_status
 
 from helpers import STRUCTURE_IDS, STRUCTURE_VARIANTS, small_vit
 
-os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 AVAILABLE = [name for name in ENGINES if engine_status(name).available]
 WITH_CLASS_TOKEN = [v for v in STRUCTURE_VARIANTS if v[1].get("class_token", True)]
 WITH_CLASS_TOKEN_IDS = [i for v, i in zip(STRUCTURE_VARIANTS, STRUCTURE_IDS, strict=True)
