@@ -31,6 +31,7 @@ from .saliency import SALIENCIES, SCOPE_NAMES, SaliencyRequest, check_sparsity, 
 from .sparsity_pass import SparsityConfig, SparsityPass
 from .targets import DEFAULT_TARGETS, TARGET_KINDS, select_targets
 from .token_drop import ClassAttentionScore, TokenDropPass, TokenSelect
+from .token_thresholds import LearnedThresholds, ThresholdConfig, TokenGate, learn_thresholds
 from .vtp import (
     DimensionSlicePass,
     ScoreGate,
@@ -54,4 +55,5 @@ __all__ = [
     "HEAD_CHANNEL_VARIANTS", "HeadChannelGate", "HeadChannelSlicePass", "HeadGatePass",
     "indicators_from_weights", "search_head_channels",
     "ClassAttentionScore", "TokenDropPass", "TokenSelect",
+    "LearnedThresholds", "ThresholdConfig", "TokenGate", "learn_thresholds",
 ]

@@ -15,7 +15,7 @@ without a class token (average pooling) is refused: AS-ViT's score is the class 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -51,12 +51,15 @@ class ClassAttentionScore(nn.Module):
         logits = (query[:, :, :1] @ key_or_probs.transpose(-2, -1)) * self.scale
         return logits.softmax(dim=-1)[:, :, 0]
 
-    def forward(self, query: torch.Tensor, key_or_probs: torch.Tensor, head_out: torch.Tensor
-                ) -> torch.Tensor:
+    def weigh(self, class_attention: torch.Tensor, head_out: torch.Tensor) -> torch.Tensor:
+        """(B, patches): each head's class-token attention weighted by its output norm share, summed."""
         norms = head_out.norm(dim=-1)  # (B, heads, N)
         weights = norms / norms.sum(dim=1, keepdim=True).clamp_min(1e-12)
-        score = (self.class_attention(query, key_or_probs) * weights).sum(dim=1)
-        return score[:, self.num_prefix_tokens:]
+        return (class_attention * weights).sum(dim=1)[:, self.num_prefix_tokens:]
+
+    def forward(self, query: torch.Tensor, key_or_probs: torch.Tensor, head_out: torch.Tensor
+                ) -> torch.Tensor:
+        return self.weigh(self.class_attention(query, key_or_probs), head_out)
 
     def extra_repr(self) -> str:
         return f"prefix={self.num_prefix_tokens}, scale={self.scale:.4g}, fused={self.fused}"
@@ -144,7 +147,7 @@ def _tokens_per_stage(num_patches: int, kept: Sequence[int], fuse: bool) -> list
     return tokens
 
 
-def _attention_nodes(gm: fx.GraphModule, block) -> tuple[fx.Node, fx.Node, fx.Node]:
+def attention_nodes(gm: fx.GraphModule, block) -> tuple[fx.Node, fx.Node, fx.Node]:
     """(q, k or the softmax probabilities, per-head output) of a block's attention core."""
     attention = block.attn
     core = gu.node_by_name(gm, attention.core_node)
@@ -156,7 +159,7 @@ def _attention_nodes(gm: fx.GraphModule, block) -> tuple[fx.Node, fx.Node, fx.No
 def _insert_stage(gm: fx.GraphModule, structure: ViTStructure, location: int, keep: int, fuse: bool
                   ) -> None:
     scored_by = structure.blocks[location - 1]
-    query, key_or_probs, head_out = _attention_nodes(gm, scored_by)
+    query, key_or_probs, head_out = attention_nodes(gm, scored_by)
     score_target, select_target = f"token_score_{location}", f"token_select_{location}"
     gm.add_submodule(score_target, ClassAttentionScore(structure.num_prefix_tokens, scored_by.attn.scale,
                                                        scored_by.attn.fused))
@@ -171,18 +174,30 @@ def _insert_stage(gm: fx.GraphModule, structure: ViTStructure, location: int, ke
 
 @register_pass
 class TokenDropPass(GraphPass):
-    """Insert static token selection before `locations`, each stage keeping `keep_rate` of its tokens
-    (`fuse`: plus one token fusing those it drops)."""
+    """Insert static token selection before `locations`. Each stage keeps either `keep_rate` of its
+    tokens (fixed) or, given learned `thresholds` and `calibration` images, the mean number of tokens
+    its threshold keeps on them (learned); `fuse` adds one token fusing those a stage drops."""
 
     name = "token-drop"
 
-    def __init__(self, keep_rate: float, locations: Sequence[int] | None = None, *, fuse: bool = False,
+    def __init__(self, keep_rate: float | None = None, locations: Sequence[int] | None = None, *,
+                 fuse: bool = False, thresholds: Sequence[float] | None = None,
+                 calibration: Iterable[torch.Tensor] | torch.Tensor | None = None,
                  kept: Sequence[int] | None = None) -> None:
-        self.keep_rate, self.fuse = check_keep_rate(keep_rate), bool(fuse)
+        if (keep_rate is None) == (thresholds is None) and kept is None:
+            raise ValueError("give TokenDropPass either a keep_rate (fixed) or learned thresholds, not "
+                             f"{'both' if keep_rate is not None else 'neither'}")
+        if thresholds is not None and calibration is None and kept is None:
+            raise ValueError("learned thresholds need calibration images to read the keep counts on")
+        self.keep_rate = check_keep_rate(keep_rate) if keep_rate is not None else None
+        self.fuse = bool(fuse)
         self.locations = tuple(locations) if locations is not None else None
+        self.thresholds = tuple(float(t) for t in thresholds) if thresholds is not None else None
+        self.calibration = [calibration] if isinstance(calibration, torch.Tensor) else calibration
         self.replay_kept = tuple(kept) if kept is not None else None
 
-    def __call__(self, gm: fx.GraphModule, structure: ViTStructure) -> PassResult:
+    def _check_model(self, gm: fx.GraphModule, structure: ViTStructure) -> tuple[int, ...]:
+        """The stages' locations, after refusing a model this pass cannot serve."""
         if structure.pool != "token" or structure.num_prefix_tokens < 1:
             raise PassError(f"token dropping scores tokens by the class token's attention; this model pools "
                             f"{structure.pool!r} with {structure.num_prefix_tokens} prefix tokens (no class "
@@ -194,24 +209,56 @@ class TokenDropPass(GraphPass):
                             f"tokens, and this model has {structure.depth}")
         locations = check_locations(self.locations if self.locations is not None
                                     else default_locations(structure.depth), structure.depth)
-        kept = self.replay_kept or keep_counts(structure.num_patches, self.keep_rate, len(locations),
-                                                    self.fuse)
+        if self.thresholds is not None and len(self.thresholds) != len(locations):
+            raise PassError(f"{len(self.thresholds)} learned thresholds for {len(locations)} token-drop "
+                            f"locations {locations}; give one threshold per stage")
+        return locations
+
+    def _kept(self, gm: fx.GraphModule, structure: ViTStructure, locations: tuple[int, ...]
+              ) -> tuple[int, ...]:
+        if self.replay_kept is not None:
+            return self.replay_kept
+        if self.thresholds is not None:
+            from .token_thresholds import keep_counts_from_thresholds  # it builds on this module
+            return keep_counts_from_thresholds(gm, locations, self.thresholds, self.calibration)
+        return keep_counts(structure.num_patches, self.keep_rate, len(locations), self.fuse)
+
+    def __call__(self, gm: fx.GraphModule, structure: ViTStructure) -> PassResult:
+        locations = self._check_model(gm, structure)
+        kept = self._kept(gm, structure, locations)
         if len(kept) != len(locations) or any(not 0 < k <= structure.num_patches for k in kept):
             raise PassError(f"keep counts {kept} do not fit locations {locations} of a model with "
                             f"{structure.num_patches} patch tokens")
         for location, keep in zip(locations, kept, strict=True):
             _insert_stage(gm, structure, location, keep, self.fuse)
-        record = PassRecord(self.name, params={"keep_rate": self.keep_rate, "locations": list(locations),
-                                               "fuse": self.fuse},
-                            decisions={"kept_tokens": list(kept)},
-                            stats={"tokens_per_stage": _tokens_per_stage(structure.num_patches, kept,
-                                                                         self.fuse)})
-        return PassResult(gm, record)
+        tokens = _tokens_per_stage(structure.num_patches, kept, self.fuse)
+        params = {"keep_rate": self.keep_rate, "locations": list(locations), "fuse": self.fuse,
+                  "mode": "learned" if self.thresholds is not None else "fixed"}
+        stats = {"tokens_per_stage": tokens}
+        if self.thresholds is not None:
+            params["thresholds"] = list(self.thresholds)
+            params["keep_rate"] = round(_mean_keep_rate(tokens, kept), 4)
+            if self.replay_kept is None:
+                stats["calibration_samples"] = _count_images(self.calibration)
+        return PassResult(gm, PassRecord(self.name, params=params, decisions={"kept_tokens": list(kept)},
+                                         stats=stats))
 
     @classmethod
     def from_record(cls, record: PassRecord) -> TokenDropPass:
         try:
-            return cls(record.params["keep_rate"], record.params["locations"],
-                       fuse=record.params.get("fuse", False), kept=record.decisions["kept_tokens"])
+            params = record.params
+            thresholds = params.get("thresholds")
+            return cls(None if thresholds is not None else params["keep_rate"], params["locations"],
+                       fuse=params.get("fuse", False), thresholds=thresholds,
+                       kept=record.decisions["kept_tokens"])
         except (KeyError, ValueError, TypeError) as err:
             raise RecipeError(f"{record.name} record: {err}") from None
+
+
+def _mean_keep_rate(tokens: Sequence[int], kept: Sequence[int]) -> float:
+    """The mean over stages of kept / reaching (what a fixed keep rate would be)."""
+    return sum(k / max(t, 1) for k, t in zip(kept, tokens, strict=False)) / max(len(kept), 1)
+
+
+def _count_images(batches: Iterable[torch.Tensor]) -> int:
+    return sum(batch.shape[0] for batch in batches)

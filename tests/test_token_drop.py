@@ -93,7 +93,7 @@ def test_dropping_cuts_macs_and_replays_from_the_recipe() -> None:
     model = small_vit(depth=6, img_size=64)
     manager = _dropped(model, 0.7)
     record = manager.recipe.passes[-1]
-    assert record.params == {"keep_rate": 0.7, "locations": [2, 4, 5], "fuse": False}
+    assert record.params == {"keep_rate": 0.7, "locations": [2, 4, 5], "fuse": False, "mode": "fixed"}
     assert record.params["locations"] == list(default_locations(6))
     assert record.decisions["kept_tokens"] == list(keep_counts(16, 0.7, 3)) == [11, 8, 6]
     assert record.stats["tokens_per_stage"] == [16, 11, 8, 6]
