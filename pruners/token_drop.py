@@ -92,6 +92,29 @@ class TokenSelect(nn.Module):
         return f"keep={self.keep}, prefix={self.num_prefix_tokens}, fuse={self.fuse}"
 
 
+@gu.register_transparent
+class ThresholdSelect(nn.Module):
+    """Adaptive selection for one image at a time: keep the prefix tokens and every patch token whose
+    score, over the mean score of the patch tokens present, reaches `threshold` (at least the best one).
+    The token count follows the image, so it runs on PyTorch and ONNX Runtime at batch 1."""
+
+    def __init__(self, threshold: float, num_prefix_tokens: int) -> None:
+        super().__init__()
+        self.threshold, self.num_prefix_tokens = float(threshold), num_prefix_tokens
+
+    def forward(self, tokens: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        torch._assert(tokens.shape[0] == 1, "adaptive token dropping keeps a different number of tokens per "
+                      "image, so it runs one image at a time (batch 1); use static keep counts for batches")
+        normalised = score[0] / score[0].mean().clamp_min(1e-12)
+        bar = torch.minimum(normalised.max(), torch.tensor(self.threshold, dtype=normalised.dtype))
+        kept = torch.nonzero(normalised >= bar).reshape(-1)
+        patches = tokens[:, self.num_prefix_tokens:].index_select(1, kept)
+        return torch.cat([tokens[:, :self.num_prefix_tokens], patches], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.threshold:.4g}, prefix={self.num_prefix_tokens}"
+
+
 def _rows(patches: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(B, K, C) rows `index` (B, K) of each image, as one Gather over the flattened batch."""
     batch, count, width = patches.shape
@@ -156,14 +179,13 @@ def attention_nodes(gm: fx.GraphModule, block) -> tuple[fx.Node, fx.Node, fx.Nod
     return query_input(gm, attention), core, gu.walk_down(core, gu.is_matmul, 8)
 
 
-def _insert_stage(gm: fx.GraphModule, structure: ViTStructure, location: int, keep: int, fuse: bool
-                  ) -> None:
+def _insert_stage(gm: fx.GraphModule, structure: ViTStructure, location: int, select: nn.Module) -> None:
     scored_by = structure.blocks[location - 1]
     query, key_or_probs, head_out = attention_nodes(gm, scored_by)
     score_target, select_target = f"token_score_{location}", f"token_select_{location}"
     gm.add_submodule(score_target, ClassAttentionScore(structure.num_prefix_tokens, scored_by.attn.scale,
                                                        scored_by.attn.fused))
-    gm.add_submodule(select_target, TokenSelect(keep, structure.num_prefix_tokens, fuse))
+    gm.add_submodule(select_target, select)
     with gm.graph.inserting_after(head_out):
         score = gm.graph.call_module(score_target, (query, key_or_probs, head_out))
     stream = gu.node_by_name(gm, structure.blocks[location].input_node)
@@ -174,27 +196,35 @@ def _insert_stage(gm: fx.GraphModule, structure: ViTStructure, location: int, ke
 
 @register_pass
 class TokenDropPass(GraphPass):
-    """Insert static token selection before `locations`. Each stage keeps either `keep_rate` of its
-    tokens (fixed) or, given learned `thresholds` and `calibration` images, the mean number of tokens
-    its threshold keeps on them (learned); `fuse` adds one token fusing those a stage drops."""
+    """Insert token selection before `locations`. Each stage keeps `keep_rate` of its tokens (fixed);
+    or, given learned `thresholds`, the mean count its threshold keeps on `calibration` images
+    (learned), or with `adaptive`, every token above its threshold, image by image (batch 1 only).
+    `fuse` adds one token fusing those a static stage drops."""
 
     name = "token-drop"
 
     def __init__(self, keep_rate: float | None = None, locations: Sequence[int] | None = None, *,
                  fuse: bool = False, thresholds: Sequence[float] | None = None,
-                 calibration: Iterable[torch.Tensor] | torch.Tensor | None = None,
+                 calibration: Iterable[torch.Tensor] | torch.Tensor | None = None, adaptive: bool = False,
                  kept: Sequence[int] | None = None) -> None:
         if (keep_rate is None) == (thresholds is None) and kept is None:
             raise ValueError("give TokenDropPass either a keep_rate (fixed) or learned thresholds, not "
                              f"{'both' if keep_rate is not None else 'neither'}")
-        if thresholds is not None and calibration is None and kept is None:
-            raise ValueError("learned thresholds need calibration images to read the keep counts on")
+        if adaptive and (thresholds is None or fuse):
+            raise ValueError("adaptive token dropping needs learned thresholds and cannot fuse tokens")
+        if thresholds is not None and not adaptive and calibration is None and kept is None:
+            raise ValueError("learned thresholds need calibration images to read the keep counts on "
+                             "(or adaptive=True to apply them image by image)")
         self.keep_rate = check_keep_rate(keep_rate) if keep_rate is not None else None
-        self.fuse = bool(fuse)
+        self.fuse, self.adaptive = bool(fuse), bool(adaptive)
         self.locations = tuple(locations) if locations is not None else None
         self.thresholds = tuple(float(t) for t in thresholds) if thresholds is not None else None
         self.calibration = [calibration] if isinstance(calibration, torch.Tensor) else calibration
         self.replay_kept = tuple(kept) if kept is not None else None
+
+    @property
+    def mode(self) -> str:
+        return "adaptive" if self.adaptive else "learned" if self.thresholds is not None else "fixed"
 
     def _check_model(self, gm: fx.GraphModule, structure: ViTStructure) -> tuple[int, ...]:
         """The stages' locations, after refusing a model this pass cannot serve."""
@@ -202,7 +232,7 @@ class TokenDropPass(GraphPass):
             raise PassError(f"token dropping scores tokens by the class token's attention; this model pools "
                             f"{structure.pool!r} with {structure.num_prefix_tokens} prefix tokens (no class "
                             "token to read)")
-        if any(gu.is_module(gm, n, TokenSelect) for n in gm.graph.nodes):
+        if any(gu.is_module(gm, n, (TokenSelect, ThresholdSelect)) for n in gm.graph.nodes):
             raise PassError("this graph already drops tokens; apply TokenDropPass once")
         if structure.depth < 2:
             raise PassError("token dropping needs at least two blocks: the block before a stage scores its "
@@ -217,23 +247,31 @@ class TokenDropPass(GraphPass):
     def _kept(self, gm: fx.GraphModule, structure: ViTStructure, locations: tuple[int, ...]
               ) -> tuple[int, ...]:
         if self.replay_kept is not None:
-            return self.replay_kept
-        if self.thresholds is not None:
+            kept = self.replay_kept
+        elif self.thresholds is not None:
             from .token_thresholds import keep_counts_from_thresholds  # it builds on this module
-            return keep_counts_from_thresholds(gm, locations, self.thresholds, self.calibration)
-        return keep_counts(structure.num_patches, self.keep_rate, len(locations), self.fuse)
-
-    def __call__(self, gm: fx.GraphModule, structure: ViTStructure) -> PassResult:
-        locations = self._check_model(gm, structure)
-        kept = self._kept(gm, structure, locations)
+            kept = keep_counts_from_thresholds(gm, locations, self.thresholds, self.calibration)
+        else:
+            kept = keep_counts(structure.num_patches, self.keep_rate, len(locations), self.fuse)
         if len(kept) != len(locations) or any(not 0 < k <= structure.num_patches for k in kept):
             raise PassError(f"keep counts {kept} do not fit locations {locations} of a model with "
                             f"{structure.num_patches} patch tokens")
-        for location, keep in zip(locations, kept, strict=True):
-            _insert_stage(gm, structure, location, keep, self.fuse)
-        tokens = _tokens_per_stage(structure.num_patches, kept, self.fuse)
+        return kept
+
+    def __call__(self, gm: fx.GraphModule, structure: ViTStructure) -> PassResult:
+        locations = self._check_model(gm, structure)
         params = {"keep_rate": self.keep_rate, "locations": list(locations), "fuse": self.fuse,
-                  "mode": "learned" if self.thresholds is not None else "fixed"}
+                  "mode": self.mode}
+        if self.adaptive:
+            prefix = structure.num_prefix_tokens
+            for location, threshold in zip(locations, self.thresholds, strict=True):
+                _insert_stage(gm, structure, location, ThresholdSelect(threshold, prefix))
+            params["thresholds"] = list(self.thresholds)
+            return PassResult(gm, PassRecord(self.name, params=params))
+        kept = self._kept(gm, structure, locations)
+        for location, keep in zip(locations, kept, strict=True):
+            _insert_stage(gm, structure, location, TokenSelect(keep, structure.num_prefix_tokens, self.fuse))
+        tokens = _tokens_per_stage(structure.num_patches, kept, self.fuse)
         stats = {"tokens_per_stage": tokens}
         if self.thresholds is not None:
             params["thresholds"] = list(self.thresholds)
@@ -248,9 +286,10 @@ class TokenDropPass(GraphPass):
         try:
             params = record.params
             thresholds = params.get("thresholds")
+            adaptive = params.get("mode") == "adaptive"
             return cls(None if thresholds is not None else params["keep_rate"], params["locations"],
-                       fuse=params.get("fuse", False), thresholds=thresholds,
-                       kept=record.decisions["kept_tokens"])
+                       fuse=params.get("fuse", False), thresholds=thresholds, adaptive=adaptive,
+                       kept=None if adaptive else record.decisions["kept_tokens"])
         except (KeyError, ValueError, TypeError) as err:
             raise RecipeError(f"{record.name} record: {err}") from None
 

@@ -133,3 +133,35 @@ def test_bad_threshold_input_is_a_clear_error() -> None:
     dropped.run(TokenDropPass(0.5, LOCATIONS))
     with pytest.raises(PassError, match="already drops tokens"):
         gated_copy(dropped.graph_module, LOCATIONS, (1.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
+def test_adaptive_mode_keeps_each_images_tokens_and_exports_for_onnx_runtime(fused: bool, tmp_path) -> None:
+    """Batch 1: each image keeps what its thresholds keep (as in training), on torch and on ONNX Runtime;
+    a batch is refused with a message saying why."""
+    pytest.importorskip("onnxruntime")
+    from vitsparse.compiler import ExportConfig, export_artifact
+    from vitsparse.runtime import create_engine
+
+    model, thresholds = _model(fused), (0.95, 0.98, 1.0)
+    gated = gated_copy(trace(model), LOCATIONS, thresholds).eval()
+    manager = PassManager(trace(model), recipe=Recipe())
+    manager.run(TokenDropPass(thresholds=thresholds, locations=LOCATIONS, adaptive=True))
+    assert manager.recipe.passes[-1].params["mode"] == "adaptive"
+    artifact = export_artifact(manager.graph_module, manager.recipe, tmp_path / "adaptive", ExportConfig())
+    engine = create_engine("onnxruntime", artifact.directory / "model.onnx", batch_size=1, num_cores=1)
+    counts = set()
+    for seed in range(3):
+        image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            expected, got = gated(image), manager.graph_module(image)
+        counts.add(tuple(int(g.kept.sum()) for g in token_gates(gated)))
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert abs(engine.run([image.numpy()])[0] - got.numpy()).max() < 1e-4
+    assert len(counts) > 1  # the images kept different numbers of tokens
+    with torch.no_grad():
+        assert torch.equal(replay(model, manager.recipe)(image), got)
+    with pytest.raises(AssertionError, match="one image at a time"):
+        manager.graph_module(torch.randn(2, 3, 64, 64))
+    with pytest.raises(ValueError, match="adaptive token dropping needs learned thresholds"):
+        TokenDropPass(0.7, adaptive=True)
