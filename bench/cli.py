@@ -185,6 +185,24 @@ def _bench_flags(parser: argparse.ArgumentParser) -> None:
         "--head-channel-seeds", type=int, help="seeds averaged per digits-vit head-channel row"
     )
     parser.add_argument(
+        "--token-drop-ratios",
+        type=_rates_or_none,
+        help="token dropping on digits-vit: FLOPs ratios to reach (pruned / dense), e.g. 0.65,0.5 ('none' "
+        "skips it)",
+    )
+    parser.add_argument(
+        "--token-drop-modes", type=_csv(str), help="token-drop keep rates on digits-vit: fixed, learned"
+    )
+    parser.add_argument("--token-drop-seeds", type=int, help="seeds averaged per digits-vit token-drop row")
+    parser.add_argument(
+        "--token-drop-keep",
+        type=_rates_or_none,
+        help="static token-drop keep rates timed on the speed model, e.g. 0.7 ('none' skips them)",
+    )
+    parser.add_argument(
+        "--no-combined", action="store_true", help="skip the combined recipe (every method in one recipe)"
+    )
+    parser.add_argument(
         "--speed-settings",
         type=_csv(_speed_setting),
         help="masks timed on the speed model: SPARSITY (unstructured), N:M, or "
@@ -235,6 +253,11 @@ def _prune_and_bench(args: argparse.Namespace) -> int:
             head_channel_budgets=args.head_channel_budgets,
             head_channel_variants=args.head_channel_variants,
             head_channel_seeds=args.head_channel_seeds,
+            token_drop_ratios=args.token_drop_ratios,
+            token_drop_modes=args.token_drop_modes,
+            token_drop_seeds=args.token_drop_seeds,
+            token_drop_speed=args.token_drop_keep,
+            combined=not args.no_combined,
             speed_settings=args.speed_settings,
             speed_method=args.speed_method,
             solver_timing_samples=args.solver_timing_samples,

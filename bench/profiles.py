@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from vitsparse.pruners import HEAD_CHANNEL_VARIANTS
 
+from .combined import CombinedSetting
 from .methods import SpeedSetting
+from .token_drop import MODES as TOKEN_DROP_MODES
 from .vtp import VtpSetting
 
 PATTERNS = (SpeedSetting(0.9), SpeedSetting(0.5, "2:4"), SpeedSetting(0.75, "1x4"))
@@ -29,6 +31,13 @@ class Profile:
     head_channel_budgets: tuple[float, ...] = (0.3, 0.5)
     head_channel_variants: tuple[str, ...] = ("full", "l1")
     head_channel_seeds: int = 8  # seeds move the fine-tuned top-1 by ±0.4 pt; 8 resolve about ±0.15
+    # token dropping: FLOPs ratios (pruned / dense) on digits-vit in each mode, the seeds each is averaged
+    # over, and the static keep rates timed on the speed model
+    token_drop_ratios: tuple[float, ...] = (0.65, 0.5)
+    token_drop_modes: tuple[str, ...] = TOKEN_DROP_MODES
+    token_drop_seeds: int = 3
+    token_drop_speed: tuple[float, ...] = (0.7,)
+    combined: CombinedSetting | None = CombinedSetting()  # every landed method in one recipe
 
 
 PROFILES: dict[str, Profile] = {
@@ -54,6 +63,8 @@ PROFILES: dict[str, Profile] = {
         # multiple 1: what rounding kept counts to 8 costs or buys in speed
         vtp_speed=(VtpSetting(0.2), VtpSetting(0.4), VtpSetting(0.4, multiple=1)),
         head_channel_variants=tuple(HEAD_CHANNEL_VARIANTS),  # the full method and every ablation
+        token_drop_seeds=8,
+        token_drop_speed=(0.5, 0.7),
     ),
 }
 

@@ -160,6 +160,66 @@ def head_channel_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+TOKEN_DROP, COMBINED = "token-drop", "combined"
+
+
+def token_drop_table(rows: list[Row]) -> str:
+    """Token dropping on digits-vit per FLOPs ratio and mode: fewer MACs vs dense, the keep counts, top-1
+    of the learned thresholds image by image, of the static counts, and fine-tuned (± standard error)."""
+    measured = [r for r in rows if r.method == TOKEN_DROP and r.top1 is not None]
+    if not measured:
+        return ""
+    dense = {r.model: r for r in rows if r.method == DENSE and r.macs}
+    lines = [
+        "| FLOPs target | mode | fewer MACs | keep rate | kept tokens | locations | top-1 adaptive | "
+        "top-1 static | top-1 fine-tuned | vs dense | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(measured, key=lambda r: (-r.settings.get("target_ratio", 1), r.settings.get("mode", ""))):
+        base, settings = dense.get(r.model), r.settings
+        fewer = _pct(1 - r.macs / base.macs) if base and r.macs else "–"
+        versus = f"{100 * (r.top1 - base.top1):+.2f} pt" if base and base.top1 is not None else "–"
+        tuned = _points(*_mean_and_error(r.top1_seeds)) + " %" if r.top1_seeds else _pct(r.top1)
+        lines.append(
+            f"| {settings.get('target_ratio', 1):.2f} | {settings.get('mode', '–')} | {fewer} | "
+            f"{settings.get('keep_rate', '–')} | {settings.get('kept_tokens', '–')} | "
+            f"{settings.get('locations', '–')} | {_pct(r.top1_sparse_trained)} | {_pct(r.top1_oneshot)} | "
+            f"{tuned} | {versus} | {len(r.top1_seeds or ()) or 1} |"
+        )
+    return "\n".join(lines)
+
+
+def _best_speedup(row: Row, batch: int) -> str:
+    entries = [s for s in row.speed if s.batch == batch and s.speedup_vs_dense_torch is not None]
+    if not entries:
+        return "–"
+    best = max(entries, key=lambda s: s.speedup_vs_dense_torch)
+    return f"{best.speedup_vs_dense_torch:.2f}× ({best.engine})"
+
+
+def combined_table(rows: list[Row]) -> str:
+    """The combined recipe on each model: its passes, fewer MACs and non-zero weights vs dense, top-1,
+    and the best speed-up over dense PyTorch at each batch size."""
+    combined = [r for r in rows if r.method == COMBINED]
+    if not combined:
+        return ""
+    dense = {r.model: r for r in rows if r.method == DENSE and r.macs}
+    batches = sorted({s.batch for r in combined for s in r.speed})
+    lines = [
+        "| model | passes | fewer MACs | non-zero weights | top-1 before fine-tune | top-1 fine-tuned | "
+        + " | ".join(f"best vs dense torch, batch {b}" for b in batches) + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(batches),
+    ]
+    for r in combined:
+        base = dense.get(r.model)
+        fewer = _pct(1 - r.macs / base.macs) if base and r.macs else "–"
+        nonzero = _pct(r.nonzero_params / base.nonzero_params) if base and base.nonzero_params else "–"
+        speeds = "".join(f" {_best_speedup(r, b)} |" for b in batches)
+        lines.append(f"| {r.model} | {' → '.join(r.settings.get('passes', []))} | {fewer} | {nonzero} | "
+                     f"{_pct(r.top1_oneshot)} | {_pct(r.top1)} |{speeds}")
+    return "\n".join(lines)
+
+
 def plot_head_channels(rows: list[Row], path: Path) -> None:
     """Fine-tuned top-1 per variant, one group of bars per budget (mean), each seed as a dot."""
     plt = _pyplot()
@@ -250,6 +310,25 @@ def markdown_report(meta: dict[str, Any], rows: list[Row]) -> str:
             "budget). Fine-tuned top-1 is the mean ± its standard error over the seeds; `vs l1, paired` is "
             "the fine-tuned difference to the `l1` row seed by seed (a seed gives every variant the same "
             "data order), mean ± standard error.\n\n" + heads
+        )
+    tokens = token_drop_table(rows)
+    if tokens:
+        sections.append(
+            "## Token dropping (AS-ViT)\n\nTokens scored by the class token's attention weighted by each "
+            "head's output norm, dropped before the listed blocks (0-based). Each row aims at a FLOPs "
+            "target (MACs after / dense): `fixed` keeps the same share at every stage, `learned` trains one "
+            "threshold per stage with the weights (cross-entropy + 2.0·|FLOPs ratio − target| + "
+            "distillation), then keeps each stage's mean count on calibration images. Top-1 adaptive is the "
+            "learned thresholds applied image by image before the counts are fixed; static is the exported "
+            "form (TopK + Gather) before fine-tuning; fine-tuned is the mean ± its standard error over the "
+            "seeds. Kept tokens and MACs are the first seed's.\n\n" + tokens
+        )
+    combined = combined_table(rows)
+    if combined:
+        sections.append(
+            "## Combined recipe\n\nEvery landed method in one recipe, in the order listed; digits-vit is "
+            "fine-tuned after the last pass, the speed model (random weights) takes every choice from "
+            "weight norms. Speed-ups are the best engine's over dense PyTorch in this run.\n\n" + combined
         )
     solvers = solver_table(rows)
     if solvers:

@@ -40,9 +40,16 @@ class TimingPlan:
 
 
 def artifact_slug(row: Row, suffix: str = "") -> str:
-    """A folder name for a row's artifact: model, method, settings values (':' spelled 'of'), suffix."""
-    settings = "-".join(str(v).replace(":", "of") for _, v in sorted(row.settings.items()))
+    """A folder name for a row's artifact: model, method, settings values (':' spelled 'of', a list's
+    items joined by '_'), suffix."""
+    settings = "-".join(_slug_value(v) for _, v in sorted(row.settings.items()))
     return "-".join(p for p in (row.model, row.method, settings, suffix) if p)
+
+
+def _slug_value(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return "_".join(_slug_value(v) for v in value)
+    return str(value).replace(":", "of")
 
 
 def _torch_runner(graph: fx.GraphModule, batch: int) -> Callable[[], object]:

@@ -24,6 +24,8 @@ from vitsparse.runtime import engine_status
 
 from .accuracy import MODEL as DIGITS
 from .accuracy import digits_rows
+from .combined import METHOD as COMBINED
+from .combined import combined_digits_row, combined_speed_graph
 from .head_channels import METHOD as HEAD_CHANNELS
 from .head_channels import (
     HeadChannelSetting,
@@ -37,6 +39,10 @@ from .profiles import get_profile
 from .report import speed_table, write_report
 from .schema import Row
 from .speed import TORCH, SpeedCandidate, TimingPlan, measure_speed
+from .token_drop import METHOD as TOKEN_DROP
+from .token_drop import TokenDropSetting, token_drop_digits_rows, token_drop_speed_graph
+from .token_drop import check_settings as check_token_drop_settings
+from .token_drop import speed_settings as token_drop_speed_settings
 from .vtp import METHOD as VTP
 from .vtp import VtpSetting, vtp_digits_rows, vtp_speed_graph
 
@@ -65,6 +71,11 @@ class BenchOptions:
     head_channel_budgets: tuple[float, ...] | None = None  # overrides the profile's (digits, speed); () skips
     head_channel_variants: tuple[str, ...] | None = None  # overrides the profile's digits-vit variants
     head_channel_seeds: int | None = None  # overrides the profile's seeds per digits-vit setting
+    token_drop_ratios: tuple[float, ...] | None = None  # overrides the digits FLOPs ratios; () skips
+    token_drop_modes: tuple[str, ...] | None = None  # overrides the profile's (fixed, learned)
+    token_drop_seeds: int | None = None
+    token_drop_speed: tuple[float, ...] | None = None  # overrides the profile's timed keep rates; () skips
+    combined: bool = True  # the combined recipe's rows (when the profile has one)
     finetune_epochs: int | None = None
     solver_timing_samples: int | None = None  # overrides the profile's; 0 skips solver timing
     calibration_data: Path | None = None  # ImageFolder for solver timing; random images otherwise
@@ -90,8 +101,13 @@ class BenchOptions:
         if any(not 0 <= r < 1 for r in self.vtp_rates or ()):
             raise ValueError(f"VTP rates must lie in [0, 1), got {self.vtp_rates}")
         check_settings(self.head_channel_budgets or (), self.head_channel_variants or ())
-        if self.head_channel_seeds is not None and self.head_channel_seeds < 1:
-            raise ValueError(f"head-channel seeds must be >= 1, got {self.head_channel_seeds}")
+        for name in ("head_channel_seeds", "token_drop_seeds"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
+        check_token_drop_settings(tuple(TokenDropSetting(r, m) for r in self.token_drop_ratios or (1.0,)
+                                        for m in self.token_drop_modes or ("fixed",)))
+        if any(isinstance(k, bool) or not 0 < k <= 1 for k in self.token_drop_speed or ()):
+            raise ValueError(f"token-drop keep rates must lie in (0, 1], got {self.token_drop_speed}")
         if self.solver_timing_samples is not None and self.solver_timing_samples < 0:
             raise ValueError(f"solver timing samples must be >= 0, got {self.solver_timing_samples}")
 
@@ -131,9 +147,11 @@ def _speed_candidates(
     calibration,
     vtp_settings: tuple[VtpSetting, ...] = (),
     head_channel_budgets: tuple[float, ...] = (),
+    token_keep_rates: tuple[float, ...] = (),
+    combined=None,
 ) -> list[SpeedCandidate]:
     """The dense speed model first, then the speed method at every mask setting, then VTP's and the
-    head-equal channel shapes."""
+    head-equal channel shapes, static token dropping and the combined recipe."""
     method = METHODS[opts.speed_method]
     runs: list[tuple[str, dict, GraphPass | None]] = [("dense", {}, None)]
     runs += [
@@ -155,6 +173,14 @@ def _speed_candidates(
         manager = head_channel_speed_graph(model, budget, Recipe(base=_base(opts)))
         settings = {"budget": budget, "multiple": manager.recipe.passes[-1].params["multiple"]}
         row = _costed_row(opts, HEAD_CHANNELS, settings, manager)
+        candidates.append(SpeedCandidate(row, manager.graph_module, manager.recipe))
+    for keep_rate in token_keep_rates:
+        manager = token_drop_speed_graph(model, keep_rate, Recipe(base=_base(opts)))
+        row = _costed_row(opts, TOKEN_DROP, token_drop_speed_settings(manager), manager)
+        candidates.append(SpeedCandidate(row, manager.graph_module, manager.recipe))
+    if combined is not None:
+        manager = combined_speed_graph(model, combined, Recipe(base=_base(opts)))
+        row = _costed_row(opts, COMBINED, combined.settings(), manager)
         candidates.append(SpeedCandidate(row, manager.graph_module, manager.recipe))
     return candidates
 
@@ -237,6 +263,22 @@ def _head_channel_rows(opts: BenchOptions, profile, epochs: int, artifacts: Path
     return head_channel_digits_rows(settings, epochs, seeds, artifacts, progress=opts.progress)
 
 
+def _token_drop_rows(opts: BenchOptions, profile, epochs: int, artifacts: Path) -> list[Row]:
+    """Token dropping on digits-vit: every FLOPs ratio in every mode, averaged over seeds."""
+    ratios = profile.token_drop_ratios if opts.token_drop_ratios is None else opts.token_drop_ratios
+    modes = opts.token_drop_modes or profile.token_drop_modes
+    seeds = opts.token_drop_seeds or profile.token_drop_seeds
+    if not ratios:
+        return []
+    print(f"      token-drop at FLOPs ratios {ratios}, {', '.join(modes)}, {seeds} seed(s) each", flush=True)
+    settings = tuple(TokenDropSetting(r, m) for r in ratios for m in modes)
+    return token_drop_digits_rows(settings, epochs, seeds, artifacts, progress=opts.progress)
+
+
+def _combined(opts: BenchOptions, profile):
+    return profile.combined if opts.combined else None
+
+
 def run_prune_and_bench(opts: BenchOptions) -> Path:
     """Run the whole path and write report.md, results.json and the plots; returns the run folder."""
     started = time.perf_counter()
@@ -260,6 +302,10 @@ def run_prune_and_bench(opts: BenchOptions) -> Path:
             print(f"      vtp (dimension slicing) at rates {vtp_rates}", flush=True)
             rows += vtp_digits_rows(vtp_rates, epochs, artifacts, progress=opts.progress)
         rows += _head_channel_rows(opts, profile, epochs, artifacts)
+        rows += _token_drop_rows(opts, profile, epochs, artifacts)
+        if _combined(opts, profile) is not None:
+            print(f"      combined recipe: {', '.join(_combined(opts, profile).passes())}", flush=True)
+            rows.append(combined_digits_row(_combined(opts, profile), epochs, artifacts))
     samples = (
         profile.solver_timing_samples if opts.solver_timing_samples is None else opts.solver_timing_samples
     )
@@ -269,15 +315,19 @@ def run_prune_and_bench(opts: BenchOptions) -> Path:
         rows += _solver_rows(opts, model, calibration, samples)
     settings = opts.speed_settings or profile.speed_settings
     vtp_speed = profile.vtp_speed if opts.vtp_rates is None else tuple(VtpSetting(r) for r in opts.vtp_rates)
+    token_keep = profile.token_drop_speed if opts.token_drop_speed is None else opts.token_drop_speed
     print(
         f"[3/3] speed on {opts.model}: {opts.speed_method} masks at "
         f"{', '.join(f'{s.sparsity:g} {s.pattern}' for s in settings)}; vtp at "
         f"{', '.join(f'{v.rate:g} (multiple {v.multiple})' for v in vtp_speed) or 'none'}; "
         f"head-channels at {', '.join(f'{b:g}' for b in head_budgets) or 'none'}; "
+        f"token-drop keep {', '.join(f'{k:g}' for k in token_keep) or 'none'}; "
+        f"combined {'yes' if _combined(opts, profile) else 'no'}; "
         f"batch sizes {plan.batch_sizes}, engines {', '.join(plan.engines)}",
         flush=True,
     )
-    candidates = _speed_candidates(opts, model, settings, calibration, vtp_speed, head_budgets)
+    candidates = _speed_candidates(opts, model, settings, calibration, vtp_speed, head_budgets, token_keep,
+                                   _combined(opts, profile))
     measure_speed(candidates, plan, artifacts)
     rows += [c.row for c in candidates]
     written = write_report(run_dir, _meta(opts, plan, started), rows)

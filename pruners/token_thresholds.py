@@ -288,7 +288,7 @@ def learn_thresholds(gm: fx.GraphModule, train_loader, config: ThresholdConfig,
     locations = check_locations(config.locations if config.locations is not None
                                 else default_locations(structure.depth), structure.depth)
     costs = token_costs(gm, structure)
-    keep_rate = _uniform_keep_rate(costs, locations, structure.num_prefix_tokens, config.target_ratio)
+    keep_rate = keep_rate_for_ratio(costs, locations, structure.num_prefix_tokens, config.target_ratio)
     initial = initial_thresholds(gm, locations, keep_rate, calibration, config)
     gated = gated_copy(gm, locations, initial, config.temperature, config.lr_scale)
     # finetune mixes CE and KL as (1 − α)·CE + α·KL: the same weights, divided by their sum
@@ -311,8 +311,9 @@ def learn_thresholds(gm: fx.GraphModule, train_loader, config: ThresholdConfig,
     return LearnedThresholds(locations, thresholds, initial, final, result.steps, round(seconds, 3))
 
 
-def _uniform_keep_rate(costs: TokenCosts, locations: Sequence[int], prefix: int, target: float) -> float:
-    """The keep rate that, applied at every stage, reaches `target` FLOPs ratio (bisection)."""
+def keep_rate_for_ratio(costs: TokenCosts, locations: Sequence[int], prefix: int, target: float) -> float:
+    """The keep rate that, applied at every stage, reaches `target` FLOPs ratio (bisection; token counts
+    taken as real numbers, so the rounded counts of a static pass land close to, not on, the ratio)."""
     patches = costs.tokens - prefix
     low, high = 0.0, 1.0
     for _ in range(40):

@@ -22,7 +22,7 @@ def run_dir(tmp_path_factory) -> Path:
         speed_settings=(SpeedSetting(0.9), SpeedSetting(0.5, "2:4"), SpeedSetting(0.5, "1x4")),
         accuracy_sparsities=(0.5,), vtp_rates=(0.4,), finetune_epochs=1, solver_timing_samples=8,
         head_channel_budgets=(0.3,), head_channel_variants=("full", "l1"), head_channel_seeds=2,
-        batch_sizes=(1, 2),
+        token_drop_ratios=(0.65,), token_drop_seeds=1, token_drop_speed=(0.7,), batch_sizes=(1, 2),
         seconds_per_block=0.05, rounds=1, num_cores=1, output_dir=tmp_path_factory.mktemp("runs"),
         progress=False,
     )
@@ -42,18 +42,33 @@ def test_results_follow_the_schema(run_dir: Path) -> None:
     assert [(r["method"], r["settings"]) for r in digits] == [("dense", {})] + [
         (m, {"sparsity": 0.5, "pattern": "unstructured"}) for m in methods] + [
         ("vtp", {"rate": 0.4, "multiple": 8})] + [
-        ("head-channels", {"budget": 0.3, "variant": v}) for v in ("full", "l1")]
+        ("head-channels", {"budget": 0.3, "variant": v}) for v in ("full", "l1")] + [
+        ("token-drop", {"mode": "fixed", "target_ratio": 0.65, "keep_rate": 0.6115, "locations": [2, 4, 5],
+                        "kept_tokens": [10, 6, 4]}),
+        ("token-drop", {"mode": "learned", "target_ratio": 0.65, "locations": [2, 4, 5],
+                        **{k: digits[8]["settings"][k] for k in ("keep_rate", "kept_tokens")}}),
+        ("combined", {"passes": ["vtp", "head-channels", "token-drop", "magnitude"], "vtp_rate": 0.2,
+                      "head_budget": 0.3, "keep_rate": 0.7, "sparsity": 0.8, "multiple": 16})]
     assert all(0 <= r["top1"] <= 1 and 0 <= r["top1_oneshot"] <= 1 for r in digits)
-    assert all(r["nonzero_params"] < digits[0]["nonzero_params"] for r in digits[1:])
-    assert [r["calibration_samples"] for r in digits[1:]] == [None, 256, 256, None, 128, None]
+    assert all(r["nonzero_params"] < digits[0]["nonzero_params"] for r in digits[1:7] + digits[9:])
+    assert all(r["params"] == digits[0]["params"] for r in digits[7:9])  # token drop keeps every weight
+    assert [r["calibration_samples"] for r in digits[1:]] == [
+        None, 256, 256, None, 128, None, None, 256, None]
     vtp = digits[4]  # sliced: fewer MACs and parameters, all of them non-zero; three top-1 stages
     assert vtp["macs"] < 0.75 * digits[0]["macs"] and vtp["params"] < digits[0]["params"]
     assert 0 <= vtp["top1_sparse_trained"] <= 1 and all(r["top1_sparse_trained"] is None for r in digits[:4])
-    for heads in digits[5:]:  # 30 % fewer attention MACs, top-1 the mean over two seeds
+    for heads in digits[5:7]:  # 30 % fewer attention MACs, top-1 the mean over two seeds
         assert 0.3 <= 1 - heads["attention_macs"] / digits[0]["attention_macs"] < 0.35
         assert len(heads["top1_seeds"]) == 2 and heads["top1"] == pytest.approx(sum(heads["top1_seeds"]) / 2)
         assert 0 <= heads["top1_sparse_trained"] <= 1 and heads["params"] < digits[0]["params"]
         assert heads["prune_seconds"] > 0
+    fixed, learned, combined = digits[7:]
+    assert 0.3 < 1 - fixed["macs"] / digits[0]["macs"] < 0.4  # about 35 % fewer MACs
+    assert 0.2 < 1 - learned["macs"] / digits[0]["macs"] < 0.5  # near it after one epoch of learning
+    assert len(fixed["top1_seeds"]) == len(learned["top1_seeds"]) == 1
+    assert fixed["top1_sparse_trained"] is None and 0 < learned["top1_sparse_trained"] <= 1
+    assert combined["macs"] < 0.5 * digits[0]["macs"]
+    assert combined["nonzero_params"] < 0.3 * digits[0]["params"]
 
 
 def test_each_solver_is_timed_on_the_speed_model(run_dir: Path) -> None:
@@ -69,10 +84,13 @@ def test_speed_rows_time_every_engine_against_the_dense_baseline(run_dir: Path) 
     rows = [r for r in all_rows if r["model"] != "digits-vit" and r["speed"]]
     assert [(r["method"], r["settings"].get("pattern")) for r in rows] == [
         ("dense", None), ("magnitude", "unstructured"), ("magnitude", "2:4"), ("magnitude", "1x4"),
-        ("vtp", None), ("head-channels", None)]
-    assert rows[-2]["settings"] == {"rate": 0.4, "multiple": 8} and rows[-2]["macs"] < rows[0]["macs"]
-    assert rows[-1]["settings"] == {"budget": 0.3, "multiple": 8}
-    assert 0.3 <= 1 - rows[-1]["attention_macs"] / rows[0]["attention_macs"] < 0.35
+        ("vtp", None), ("head-channels", None), ("token-drop", None), ("combined", None)]
+    vtp, heads, tokens, combined = rows[-4:]
+    assert vtp["settings"] == {"rate": 0.4, "multiple": 8} and vtp["macs"] < rows[0]["macs"]
+    assert heads["settings"] == {"budget": 0.3, "multiple": 8}
+    assert 0.3 <= 1 - heads["attention_macs"] / rows[0]["attention_macs"] < 0.35
+    assert tokens["settings"] == {"mode": "fixed", "keep_rate": 0.7, "locations": [1], "kept_tokens": [3]}
+    assert tokens["macs"] < rows[0]["macs"] and combined["macs"] < tokens["macs"]
     assert rows[0]["top1"] is None
     for row in rows:
         assert {(s["engine"], s["batch"]) for s in row["speed"]} == {
@@ -81,8 +99,10 @@ def test_speed_rows_time_every_engine_against_the_dense_baseline(run_dir: Path) 
             assert entry["items_per_sec"] > 0
             assert entry["latency_ms"]["p50"] <= entry["latency_ms"]["p99"]
             assert entry["speedup_vs_dense_torch"] > 0
-            if entry["engine"] == "deepsparse":
-                assert entry["fraction_of_supported_ops"] == 1.0
+            if entry["engine"] == "deepsparse":  # token selection's TopK runs outside its kernels
+                tokens = row["method"] in ("token-drop", "combined")
+                assert entry["fraction_of_supported_ops"] >= 0.9 if tokens else entry[
+                    "fraction_of_supported_ops"] == 1.0
     assert all(s["speedup_vs_dense_same_engine"] == 1.0 for s in rows[0]["speed"])
 
 
@@ -104,6 +124,9 @@ def test_report_and_plot_are_written(run_dir: Path) -> None:
     assert "## Head-equal channel removal" in report
     assert "| 30% | full | 3" in report and "| 30% | l1 | 3" in report
     assert "| vs l1, paired | seeds |" in report
+    assert "## Token dropping (AS-ViT)" in report
+    assert "| 0.65 | fixed | " in report and "| 0.65 | learned | " in report
+    assert "## Combined recipe" in report and "| vtp → head-channels → token-drop → magnitude |" in report
     for plot in ("speedup.png", "accuracy.png", "head_channels.png"):
         assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -120,6 +143,12 @@ def test_bad_bench_options_are_clear_errors(capsys) -> None:
     assert main(["prune-and-bench", "--head-channel-budgets", "0.97", "--model", "deit_tiny_patch16_224",
                  "--set", "img_size=32"]) == 2
     assert "budget of 97% fewer attention MACs would empty heads" in capsys.readouterr().err
+    assert main(["prune-and-bench", "--token-drop-ratios", "0.65,1.2"]) == 2
+    assert "token-drop FLOPs ratios must lie in (0, 1], got 1.2" in capsys.readouterr().err
+    assert main(["prune-and-bench", "--token-drop-modes", "guess"]) == 2
+    assert "unknown token-drop mode 'guess'; choose from fixed, learned" in capsys.readouterr().err
+    assert main(["prune-and-bench", "--token-drop-keep", "0"]) == 2
+    assert "token-drop keep rates must lie in (0, 1], got (0.0,)" in capsys.readouterr().err
     assert main(["prune-and-bench", "--head-channel-variants", "full,magic"]) == 2
     assert "unknown head-channel variants ['magic']; choose from full, l1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
