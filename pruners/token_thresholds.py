@@ -16,8 +16,9 @@ TopK + Gather as a fixed keep rate.
 from __future__ import annotations
 
 import copy
+import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -35,6 +36,8 @@ from .token_drop import (
     check_locations,
     default_locations,
 )
+
+CALIBRATION_BATCH = 64  # images per forward when reading scores or keep counts
 
 
 class TokenGate(nn.Module):
@@ -231,8 +234,8 @@ def flops_ratio(gated: nn.Module, costs: TokenCosts, locations: Sequence[int], n
 @dataclass(frozen=True)
 class ThresholdConfig:
     """What threshold learning aims for and how: the FLOPs ratio to reach (pruned / before), the stages,
-    the mask temperature τ, the loss weights (AS-ViT: 1.0 CE, 2.0 FLOPs, 0.5 distillation) and the
-    calibration images the initial thresholds are read from."""
+    the mask temperature τ, the loss weights (AS-ViT: 1.0 CE, 2.0 FLOPs, 0.5 distillation) and how
+    much faster than the weights the thresholds learn."""
 
     target_ratio: float
     locations: tuple[int, ...] | None = None
@@ -243,7 +246,7 @@ class ThresholdConfig:
     lr_scale: float = 50.0  # θ moves lr_scale times faster than the weights
 
     def __post_init__(self) -> None:
-        if not 0 < self.target_ratio <= 1:
+        if isinstance(self.target_ratio, bool) or not 0 < self.target_ratio <= 1:
             raise ValueError(f"target_ratio must lie in (0, 1] (pruned FLOPs / FLOPs before), got "
                              f"{self.target_ratio!r}")
         weights = (self.ce_weight, self.flops_weight, self.distill_weight)
@@ -271,12 +274,19 @@ def initial_thresholds(gm: fx.GraphModule, locations: Sequence[int], keep_rate: 
     thresholds = [0.0] * len(locations)  # 0 keeps every token
     for stage in range(len(locations)):
         gated = gated_copy(gm, locations, thresholds, config.temperature, config.lr_scale).eval()
-        with torch.no_grad():
-            gated(images)
-        gate = token_gates(gated)[stage]
-        alive = gate.normalised[gate.kept > 0]  # tokens the earlier stages kept
+        alive = torch.cat([gates[stage].normalised[gates[stage].kept > 0].cpu()  # kept by earlier stages
+                           for gates in _gates_per_batch(gated, images.split(CALIBRATION_BATCH))])
         thresholds[stage] = float(alive.quantile(1 - keep_rate)) if alive.numel() else 0.0
     return tuple(thresholds)
+
+
+def _gates_per_batch(gated: fx.GraphModule, batches: Iterable[torch.Tensor]) -> Iterator[list[TokenGate]]:
+    """Run the gated copy (no gradients) on each batch, on its own device; yield its gates after each."""
+    device = next(gated.parameters()).device
+    with torch.no_grad():
+        for batch in batches:
+            gated(batch.to(device))
+            yield token_gates(gated)
 
 
 def learn_thresholds(gm: fx.GraphModule, train_loader, config: ThresholdConfig,
@@ -304,9 +314,8 @@ def learn_thresholds(gm: fx.GraphModule, train_loader, config: ThresholdConfig,
     seconds = time.perf_counter() - started
     weights = gated.state_dict()
     gm.load_state_dict({name: weights[name] for name in gm.state_dict()})
-    with torch.no_grad():
-        gated.eval()(calibration)
-    final = float(flops_ratio(gated, costs, locations, structure.num_prefix_tokens))
+    final = statistics.fmean(float(flops_ratio(gated, costs, locations, structure.num_prefix_tokens))
+                             for _ in _gates_per_batch(gated.eval(), calibration.split(CALIBRATION_BATCH)))
     thresholds = tuple(float(g.threshold.detach()) for g in token_gates(gated))
     return LearnedThresholds(locations, thresholds, initial, final, result.steps, round(seconds, 3))
 
@@ -332,11 +341,9 @@ def keep_counts_from_thresholds(gm: fx.GraphModule, locations: Sequence[int], th
     """Each stage's mean number of kept patch tokens over `images`, at least one: the static keep counts."""
     gated = gated_copy(gm, locations, thresholds).eval()
     totals, count = torch.zeros(len(locations)), 0
-    with torch.no_grad():
-        for batch in images:
-            gated(batch)
-            totals += torch.stack([g.kept.sum(dim=1).sum() for g in token_gates(gated)])
-            count += batch.shape[0]
+    for gates in _gates_per_batch(gated, images):
+        totals += torch.stack([g.kept.sum() for g in gates]).cpu()
+        count += gates[0].kept.shape[0]
     if count == 0:
         raise ValueError("no calibration images to read the learned thresholds on")
     return tuple(max(1, round(float(t) / count)) for t in totals)

@@ -37,8 +37,8 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys) -> None:
 
 def test_readme_second_order_and_gradual_examples_run(monkeypatch) -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
-    assert len(blocks) == 6, ("the API example, second-order pruning, gradual pruning, VTP, head channels, "
-                              "token dropping")
+    assert len(blocks) == 7, ("the API example, second-order pruning, gradual pruning, VTP, head channels, "
+                              "token dropping fixed and learned")
     namespace: dict = {}
     first = blocks[0].split("manager = PassManager")[0]  # imports, the dense model and the data
     from vitsparse.pruners import finetune as real_finetune
@@ -77,11 +77,7 @@ def test_readme_vtp_example_runs() -> None:
 
 
 def test_readme_head_channel_example_runs() -> None:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
-    namespace: dict = {}
-    first = blocks[0].split("manager = PassManager")[0]
-    exec(compile(first + "from vitsparse.compiler import PassManager\n", str(README), "exec"), namespace)
-    exec(compile(blocks[4], str(README), "exec"), namespace)  # noqa: S102
+    namespace = _run_after_setup(4)
     passes = namespace["manager"].recipe.passes
     assert [p.name for p in passes] == ["head-channel-gates", "head-channel-slice"]
     assert 0.3 <= passes[-1].stats["attention_removed_fraction"] < 0.35
@@ -90,14 +86,29 @@ def test_readme_head_channel_example_runs() -> None:
     assert evaluate(namespace["sliced"], namespace["data"].test).top1 >= 0.95
 
 
-def test_readme_token_drop_example_runs() -> None:
+def _run_after_setup(index: int) -> dict:
+    """Run README's Python block `index` after the API example's imports, dense model and data."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
     namespace: dict = {}
     first = blocks[0].split("manager = PassManager")[0]
     exec(compile(first + "from vitsparse.compiler import PassManager\n", str(README), "exec"), namespace)
-    exec(compile(blocks[5], str(README), "exec"), namespace)  # noqa: S102
+    exec(compile(blocks[index], str(README), "exec"), namespace)  # noqa: S102 - our own documentation
+    return namespace
+
+
+def test_readme_token_drop_example_runs() -> None:
+    namespace = _run_after_setup(5)
     record = namespace["manager"].recipe.passes[-1]
     assert record.name == "token-drop" and record.params["locations"] == [2, 4, 5]  # digits-vit: 6 blocks
     assert record.decisions["kept_tokens"] == [11, 8, 6]
     sample = next(iter(namespace["data"].test))[0]
     assert namespace["dropped"](sample).shape == (sample.shape[0], 10)
+
+
+def test_readme_learned_token_drop_example_runs() -> None:
+    namespace = _run_after_setup(6)
+    record = namespace["manager"].recipe.passes[-1]
+    assert record.params["mode"] == "learned" and len(record.params["thresholds"]) == 3
+    assert abs(namespace["learned"].final_ratio - 0.65) < 0.1
+    before, after = record.stats["before"]["macs"], record.stats["after"]["macs"]
+    assert 0.2 < 1 - after / before < 0.5
