@@ -3,7 +3,9 @@ after the standard short fine-tune (distilled from the dense model, masks fixed)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -47,6 +49,16 @@ def make_row(method: str, settings: dict, graph, top1: float, top1_oneshot: floa
 def digits_finetune_config(epochs: int) -> FinetuneConfig:
     """The short fine-tune every digits-vit row gets (digits-vit is tiny: a higher lr, short warmup)."""
     return FinetuneConfig(epochs=epochs, lr=1e-3, warmup_steps=5)
+
+
+def over_seeds(settings: tuple, seeds: int, run: Callable[[Any, int], Any], desc: str,
+               progress: bool = True) -> dict[Any, list]:
+    """`run(setting, seed)` for every setting and seed 0..seeds−1, grouped by setting in order."""
+    results: dict[Any, list] = {}
+    jobs = [(setting, seed) for setting in settings for seed in range(seeds)]
+    for setting, seed in tqdm(jobs, desc=desc, unit="run", disable=not progress):
+        results.setdefault(setting, []).append(run(setting, seed))
+    return results
 
 
 def export_row(graph, recipe: Recipe, row: Row, artifacts: Path) -> None:

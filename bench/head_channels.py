@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from vitsparse.compiler import PassManager, Recipe, trace
 from vitsparse.models import build_model, digits_loaders, evaluate
@@ -31,7 +30,7 @@ from vitsparse.pruners import (
 from vitsparse.pruners.head_channels import CALIBRATION_IMAGES, DEFAULT_MULTIPLE
 from vitsparse.pruners.head_select import choose_head_channels
 
-from .accuracy import MODEL, digits_finetune_config, export_row, make_row
+from .accuracy import MODEL, digits_finetune_config, export_row, make_row, over_seeds
 from .schema import Row
 
 METHOD = "head-channels"
@@ -112,10 +111,11 @@ def head_channel_digits_rows(settings: tuple[HeadChannelSetting, ...], epochs: i
     """digits-vit at each setting: mean top-1 over `seeds` after the search, the slice and the fine-tune."""
     dense = build_model(MODEL, pretrained=True)
     loaders = digits_loaders()
-    runs = [(s, seed) for s in settings for seed in range(seeds)]
-    results: dict[HeadChannelSetting, list[SeedRun]] = {}
-    for setting, seed in tqdm(runs, desc="digits-vit head-channels", unit="run", disable=not progress):
-        results.setdefault(setting, []).append(_one_seed(dense, loaders, setting, epochs, seed))
+    def one_seed(setting, seed: int):
+        return _one_seed(dense, loaders, setting, epochs, seed)
+
+    results = over_seeds(settings, seeds, one_seed,
+                         "digits-vit head-channels", progress)
     return [_row(setting, seed_runs, artifacts) for setting, seed_runs in results.items()]
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from vitsparse.compiler import PassManager, Recipe, trace
 from vitsparse.models import build_model, digits_loaders, evaluate
@@ -24,7 +23,7 @@ from vitsparse.pruners import ThresholdConfig, TokenDropPass, finetune, learn_th
 from vitsparse.pruners.token_drop import check_locations, default_locations
 from vitsparse.pruners.token_thresholds import gated_copy, keep_rate_for_ratio, token_costs
 
-from .accuracy import MODEL, digits_finetune_config, export_row, make_row
+from .accuracy import MODEL, digits_finetune_config, export_row, make_row, over_seeds
 from .schema import Row
 
 METHOD = "token-drop"
@@ -126,10 +125,11 @@ def token_drop_digits_rows(settings: tuple[TokenDropSetting, ...], epochs: int, 
     """digits-vit at each setting: top-1 of the static model before and after fine-tuning, over seeds."""
     dense = build_model(MODEL, pretrained=True)
     loaders = digits_loaders()
-    runs = [(s, seed) for s in settings for seed in range(seeds)]
-    results: dict[TokenDropSetting, list[SeedRun]] = {}
-    for setting, seed in tqdm(runs, desc="digits-vit token-drop", unit="run", disable=not progress):
-        results.setdefault(setting, []).append(_one_seed(dense, loaders, setting, epochs, seed))
+    def one_seed(setting, seed: int):
+        return _one_seed(dense, loaders, setting, epochs, seed)
+
+    results = over_seeds(settings, seeds, one_seed,
+                         "digits-vit token-drop", progress)
     return [_row(setting, seed_runs, artifacts) for setting, seed_runs in results.items()]
 
 
