@@ -272,11 +272,12 @@ def initial_thresholds(gm: fx.GraphModule, locations: Sequence[int], keep_rate: 
                        images: torch.Tensor, config: ThresholdConfig) -> tuple[float, ...]:
     """Thresholds that keep `keep_rate` of the tokens reaching each stage on `images`, stage by stage."""
     thresholds = [0.0] * len(locations)  # 0 keeps every token
-    for stage in range(len(locations)):
-        gated = gated_copy(gm, locations, thresholds, config.temperature, config.lr_scale).eval()
+    gated = gated_copy(gm, locations, thresholds, config.temperature, config.lr_scale).eval()
+    for stage in range(len(locations)):  # one copy: each stage's threshold is set before the next is read
         alive = torch.cat([gates[stage].normalised[gates[stage].kept > 0].cpu()  # kept by earlier stages
                            for gates in _gates_per_batch(gated, images.split(CALIBRATION_BATCH))])
         thresholds[stage] = float(alive.quantile(1 - keep_rate)) if alive.numel() else 0.0
+        token_gates(gated)[stage].set_threshold(thresholds[stage])
     return tuple(thresholds)
 
 
