@@ -289,6 +289,19 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _serve_flags(parser: argparse.ArgumentParser) -> None:
+    from vitsparse.runtime.serve_cli import configure_serve_parser
+
+    configure_serve_parser(parser)
+
+
+@command("serve", "serve exported models over HTTP: KServe v2, /classify, /metrics", _serve_flags)
+def _serve(args: argparse.Namespace) -> int:
+    from vitsparse.runtime.serve_cli import run_serve
+
+    return run_serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitsparse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

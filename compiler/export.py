@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -31,7 +33,7 @@ from .errors import CompilerError
 from .flops import count_costs
 from .recipe import Recipe, save_weights
 from .rewrite import SelectFeatures
-from .trace import INPUT_SHAPE_KEY, example_input, input_shape_of
+from .trace import INPUT_SHAPE_KEY, SERVING_KEY, carry_meta, example_input, input_shape_of
 
 SUPPORTED_OPSETS = range(14, 18)
 FEATURE_SELECT_FORMS = ("gather", "matmul")
@@ -51,6 +53,9 @@ class ExportConfig:
     # how a feature selection (VTP's sliced qkv/fc1 inputs) is written: "gather" (fast on ONNX
     # Runtime) or "matmul" by a constant one-hot matrix (DeepSparse runs it sparse; it has no Gather)
     feature_select: str = "gather"
+    # a symbolic batch dimension, so one file runs at any batch size (what a batching server needs);
+    # verified at batch_size and batch_size + 1
+    dynamic_batch: bool = False
 
     def __post_init__(self) -> None:
         if self.feature_select not in FEATURE_SELECT_FORMS:
@@ -83,6 +88,7 @@ def fold_for_export(gm: fx.GraphModule, feature_select: str = "gather") -> fx.Gr
     folded.graph.lint()
     folded.recompile()
     folded.meta[INPUT_SHAPE_KEY] = input_shape_of(gm)
+    carry_meta(gm, folded)
     return folded
 
 
@@ -92,8 +98,10 @@ def write_onnx(gm: fx.GraphModule, path: Path, config: ExportConfig) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings about shape-derived Python ints are expected
         try:
+            dynamic = {"input": {0: "batch"}, "logits": {0: "batch"}} if config.dynamic_batch else None
             torch.onnx.export(gm, (sample,), str(path), dynamo=False, opset_version=config.opset,
-                              input_names=["input"], output_names=["logits"], do_constant_folding=True)
+                              input_names=["input"], output_names=["logits"], do_constant_folding=True,
+                              dynamic_axes=dynamic)
         except Exception as err:
             raise ExportError(f"torch.onnx.export failed: {type(err).__name__}: {err}") from err
 
@@ -106,8 +114,9 @@ def verify_onnx(path: Path, gm: fx.GraphModule, config: ExportConfig) -> float:
 
     evaluator = ReferenceEvaluator(str(path), new_ops=FAST_REFERENCE_OPS)
     worst = 0.0
-    for seed in range(config.verify_batches):
-        sample = example_input(gm, config.batch_size, seed=100 + seed)
+    sizes = (config.batch_size, config.batch_size + 1) if config.dynamic_batch else (config.batch_size,)
+    for seed, batch_size in itertools.product(range(config.verify_batches), sizes):
+        sample = example_input(gm, batch_size, seed=100 + seed)
         with torch.no_grad():
             expected = gm(sample).numpy()
         (got,) = evaluator.run(None, {"input": sample.numpy()})
@@ -144,6 +153,23 @@ class ExportResult:
     directory: Path
     max_abs_diff: float
     meta: dict[str, Any] = field(repr=False)
+
+
+def serving_meta(gm: fx.GraphModule) -> dict[str, Any]:
+    """meta.json's `preprocessing` and `labels`: what a server needs to classify an image file."""
+    info = gm.meta.get(SERVING_KEY) or {}
+    preprocessing = dict(info.get("preprocessing") or {})
+    preprocessing["input_size"] = list(input_shape_of(gm))
+    return {"preprocessing": preprocessing, "labels": info.get("labels")}
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB pieces (a server checks model.onnx against it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for piece in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -191,10 +217,12 @@ def export_artifact(gm: fx.GraphModule, recipe: Recipe, directory: str | os.Path
         save_weights(gm, staging / "weights.safetensors")
         meta = {
             "base": recipe.base, "input_shape": [config.batch_size, *input_shape_of(gm)],
-            "batch_size": config.batch_size, "opset": config.opset, "feature_select": config.feature_select,
+            "batch_size": config.batch_size, "dynamic_batch": config.dynamic_batch,
+            "opset": config.opset, "feature_select": config.feature_select,
             "passes": [p.name for p in recipe.passes],
             **costs.as_dict(), "layers": layer_sparsity(folded), "verification_max_abs_diff": error,
-            "versions": library_versions(), **(extra_meta or {}),
+            "versions": library_versions(), **serving_meta(gm),
+            "onnx_sha256": file_sha256(staging / "model.onnx"), **(extra_meta or {}),
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         onnx.checker.check_model(str(staging / "model.onnx"))

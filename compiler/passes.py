@@ -19,7 +19,7 @@ import torch.fx as fx
 from .errors import PassError, RecipeError
 from .flops import count_costs
 from .structure import ViTStructure, find_vit_structure
-from .trace import INPUT_SHAPE_KEY, input_shape_of
+from .trace import carry_meta, input_shape_of
 
 
 @dataclass
@@ -134,7 +134,7 @@ add stats of its own (e.g. how many calibration images it used).
         result = graph_pass(self.graph_module, self.structure)
         seconds = time.perf_counter() - started
         gm = result.graph_module
-        gm.meta.setdefault(INPUT_SHAPE_KEY, self.graph_module.meta[INPUT_SHAPE_KEY])
+        carry_meta(self.graph_module, gm)
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()

@@ -14,6 +14,9 @@ from torch import nn
 from .errors import TraceFailure
 
 INPUT_SHAPE_KEY = "vitsparse_input_shape"
+SERVING_KEY = "vitsparse_serving"  # how an image becomes the input, and the class names (for servers)
+META_PREFIX = "vitsparse_"  # every graph-level fact vitsparse keeps in GraphModule.meta
+PREPROCESSING_FIELDS = ("interpolation", "crop_pct", "crop_mode", "mean", "std")
 
 # Modules kept as single call_module nodes even when a library subclasses them (timm's LayerNorm
 # subclasses nn.LayerNorm and would otherwise be traced into F.layer_norm, losing its name).
@@ -134,8 +137,35 @@ def trace(model: nn.Module, input_shape: Sequence[int] | None = None, *, copy_we
     _drop_pinned_placeholders(graph)
     gm = fx.GraphModule(tracer.root, graph, class_name=f"{type(model).__name__}Graph")
     gm.meta[INPUT_SHAPE_KEY] = shape
+    gm.meta[SERVING_KEY] = serving_info(model, shape)
     gm.eval()
     return gm
+
+
+def serving_info(model: nn.Module, input_shape: Sequence[int]) -> dict[str, object]:
+    """The model's eval preprocessing (timm `pretrained_cfg` fields) and class names, as plain JSON values.
+
+    A server needs both to classify an image file exactly as the model was evaluated; fields the
+    model's cfg does not carry are left out, and labels are None unless one name per class is known.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    preprocessing: dict[str, object] = {"input_size": [int(d) for d in input_shape]}
+    for field in PREPROCESSING_FIELDS:
+        if cfg.get(field) is not None:
+            value = cfg[field]
+            preprocessing[field] = [float(v) for v in value] if isinstance(value, (tuple, list)) else value
+    labels = cfg.get("label_names")
+    num_classes = getattr(model, "num_classes", None)
+    if labels is not None and len(labels) != num_classes:
+        labels = None
+    return {"preprocessing": preprocessing, "labels": None if labels is None else [str(x) for x in labels]}
+
+
+def carry_meta(source: fx.GraphModule, target: fx.GraphModule) -> None:
+    """Give `target` every vitsparse fact `source` holds in `meta` that it lacks (input shape, serving)."""
+    for key, value in source.meta.items():
+        if key.startswith(META_PREFIX):
+            target.meta.setdefault(key, copy.deepcopy(value))
 
 
 def example_input(gm: fx.GraphModule, batch_size: int = 1, seed: int = 0) -> torch.Tensor:

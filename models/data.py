@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
+from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, resolve_data_config
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
@@ -46,8 +46,31 @@ def sync_pretrained_cfg(model: nn.Module) -> None:
     """Make ``model.pretrained_cfg`` describe the input the model really takes, for downstream consumers."""
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     data_cfg = model_data_config(model)
-    cfg.update(input_size=data_cfg["input_size"], mean=data_cfg["mean"], std=data_cfg["std"])
+    cfg.update(input_size=data_cfg["input_size"], mean=data_cfg["mean"], std=data_cfg["std"],
+               interpolation=data_cfg["interpolation"], crop_pct=data_cfg["crop_pct"],
+               crop_mode=data_cfg.get("crop_mode", "center"))
+    labels = class_label_names(model)
+    if labels is not None:
+        cfg["label_names"] = labels
     model.pretrained_cfg = cfg
+
+
+def class_label_names(model: nn.Module) -> tuple[str, ...] | None:
+    """One readable name per output class: the cfg's own, else ImageNet's for a 1000/21k-class timm head.
+
+    None when the names are unknown or their count differs from the head's (a replaced classifier).
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    num_classes = getattr(model, "num_classes", None)
+    names = cfg.get("label_names")
+    if names is None:
+        subset = infer_imagenet_subset(model) if num_classes else None
+        if subset is None:
+            return None
+        info = ImageNetInfo(subset)
+        names = [info.index_to_description(index).split(",")[0] for index in range(info.num_classes())]
+    names = tuple(str(name) for name in names)
+    return names if len(names) == num_classes else None
 
 
 def imagefolder_loader(

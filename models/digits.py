@@ -170,5 +170,6 @@ def build_digits_architecture(
         "num_classes": config.num_classes,
         **data.data_config(),
         "input_size": (config.in_chans, config.img_size, config.img_size),
+        "label_names": tuple(str(digit) for digit in range(config.num_classes)),
     }
     return model

@@ -128,3 +128,26 @@ def test_fast_reference_ops_match_onnx_own(tmp_path, stride: int, padding: int) 
     fast_evaluator = ReferenceEvaluator(str(tmp_path / "m.onnx"), new_ops=FAST_REFERENCE_OPS)
     fast = fast_evaluator.run(None, {"input": x.numpy()})[0]
     assert fast.shape == own.shape and abs(fast - own).max() < 1e-5
+
+
+def test_artifacts_record_preprocessing_labels_and_checksum_through_passes(tmp_path) -> None:
+    """What a server needs to classify an image file survives tracing, a pass and export."""
+    import hashlib
+
+    from vitsparse.compiler import ExportConfig, PassManager, Recipe, export_artifact, trace
+    from vitsparse.models import build_model
+    from vitsparse.pruners import MagnitudePass
+
+    model = build_model("deit_tiny_patch16_224", img_size=32)
+    manager = PassManager(trace(model), recipe=Recipe(base={"model": "deit_tiny_patch16_224", "kwargs": {}}))
+    manager.run(MagnitudePass(sparsity=0.5))
+    meta = export_artifact(manager.graph_module, manager.recipe, tmp_path / "a",
+                           ExportConfig(dynamic_batch=True)).meta
+    assert meta["preprocessing"] == {"input_size": [3, 32, 32], "interpolation": "bicubic", "crop_pct": 0.9,
+                                     "crop_mode": "center", "mean": [0.485, 0.456, 0.406],
+                                     "std": [0.229, 0.224, 0.225]}
+    assert len(meta["labels"]) == 1000 and meta["labels"][:2] == ["tench", "goldfish"]
+    assert meta["onnx_sha256"] == hashlib.sha256((tmp_path / "a" / "model.onnx").read_bytes()).hexdigest()
+    assert meta["dynamic_batch"] is True
+    replaced_head = trace(build_model("deit_tiny_patch16_224", img_size=32, num_classes=7))
+    assert replaced_head.meta["vitsparse_serving"]["labels"] is None  # 1000 ImageNet names do not fit 7
