@@ -497,3 +497,16 @@ def test_exported_digits_vit_serves_what_torch_computes(tmp_path, engine) -> Non
         expected = torch.softmax(logits.double(), 0).numpy()
         got = {int(p["label"]): p["probability"] for p in reply.json()["predictions"]}
         np.testing.assert_allclose([got[d] for d in range(10)], expected, atol=1e-4)
+
+
+def test_the_asgi_module_builds_its_app_from_the_environment(artifact) -> None:
+    from vitsparse.runtime import asgi
+
+    app = asgi.app_from_environment({"VITSPARSE_ARTIFACTS": f"digits={artifact}",
+                                     "VITSPARSE_ENGINE": "onnxruntime", "VITSPARSE_BATCH_SIZES": "1,2"})
+    with TestClient(app) as client:
+        assert client.get("/v2/models/digits").json()["parameters"]["batch_sizes"] == [1, 2]
+    with pytest.raises(ArtifactError, match="set VITSPARSE_ARTIFACTS"):
+        asgi.app_from_environment({})
+    with pytest.raises(ServeConfigError, match="not a number"):
+        asgi.app_from_environment({"VITSPARSE_ARTIFACTS": str(artifact), "VITSPARSE_MAX_QUEUE": "many"})
