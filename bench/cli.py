@@ -302,6 +302,71 @@ def _serve(args: argparse.Namespace) -> int:
     return run_serve(args)
 
 
+def _load_test_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="deit_small_patch16_224", help="ViT to serve")
+    _model_kwargs_flag(parser, "timm keyword argument for the model, repeatable")
+    parser.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs network)")
+    parser.add_argument("--checkpoint", help="local weights for the model")
+    parser.add_argument("--masks", type=_csv(_speed_setting), default="0,0.9",
+                        help="one artifact per setting: 0 = dense, else magnitude masks, SPARSITY or "
+                             "SPARSITY@PATTERN (default 0,0.9; e.g. 0,0.9,0.9@1x4)")
+    parser.add_argument("--artifacts", nargs="+", metavar="[NAME=]DIR",
+                        help="serve these exported artifacts instead of building them")
+    parser.add_argument("-e", "--engine", help="engine (default: deepsparse where available)")
+    parser.add_argument("-c", "--concurrency", type=int, default=8, help="concurrent clients (default 8)")
+    parser.add_argument("-t", "--time", type=float, default=20.0,
+                        help="seconds measured per setting, over all rounds (default 20)")
+    parser.add_argument("-w", "--warmup-time", type=float, default=2.0,
+                        help="warm-up seconds before each setting's turn (default 2)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="the settings take turns this many times, -t/rounds seconds each (default 4)")
+    parser.add_argument("--batch-sizes", type=_csv(int), default=(1, 2, 3, 4, 5, 6, 7, 8),
+                        help="compiled batch sizes for dynamic batching (default 1-8: no batch is padded)")
+    parser.add_argument("--max-delay-ms", type=float, default=10.0, help="batching delay (default 10)")
+    parser.add_argument("-ncores", "--num-cores", type=int, help="cores per engine")
+    parser.add_argument("-nstreams", "--num-streams", type=int, default=1,
+                        help="batches each server runs at once (default 1)")
+    parser.add_argument("-o", "--output-dir", type=Path, default=Path("bench/results"))
+
+
+@command("load-test", "load-test `vitsparse serve` on loopback: batch-1 vs dynamic batching, dense vs masked",
+         _load_test_flags)
+def _load_test(args: argparse.Namespace) -> int:
+    import datetime as dt
+    import os
+
+    from vitsparse.runtime import default_engine
+    from vitsparse.runtime.artifact import parse_artifact_spec
+
+    from .serve_load import LoadConfig, build_load_artifacts, load_test, summary, write_load_report
+
+    config = LoadConfig(engine=args.engine or default_engine(), concurrency=args.concurrency,
+                        seconds=args.time, warmup_seconds=args.warmup_time,
+                        batch_sizes=tuple(args.batch_sizes), max_delay_ms=args.max_delay_ms,
+                        num_cores=args.num_cores, num_streams=args.num_streams, rounds=args.rounds)
+    started = dt.datetime.now()
+    run_dir = args.output_dir / f"{started.strftime('%Y%m%d-%H%M%S')}-load"
+    if args.artifacts:
+        specs = [parse_artifact_spec(spec) for spec in args.artifacts]
+        artifacts = {name or Path(path).resolve().name: Path(path) for name, path in specs}
+    else:
+        artifacts = build_load_artifacts(args.model, tuple(args.masks), run_dir / "artifacts",
+                                         pretrained=args.pretrained, checkpoint=args.checkpoint,
+                                         model_kwargs=dict(args.model_kwargs or {}))
+    results = load_test(artifacts, config)
+    meta = {"started": started.isoformat(timespec="seconds"), "model": args.model, "engine": config.engine,
+            "concurrency": config.concurrency, "seconds": config.seconds,
+            "warmup_seconds": config.warmup_seconds, "batch_sizes": list(config.batch_sizes),
+            "max_delay_ms": config.max_delay_ms, "num_streams": config.num_streams, "rounds": config.rounds,
+            "cpu_count": os.cpu_count(),
+            "artifacts": {name: str(path) for name, path in artifacts.items()}}
+    files = write_load_report(run_dir, meta, results)
+    print("\n".join(summary(results)))
+    for path in files.values():
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitsparse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

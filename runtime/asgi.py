@@ -4,7 +4,8 @@
 
 `app` is built on first access (importing this module compiles nothing). Settings, each optional
 but the first: VITSPARSE_ARTIFACTS (comma-separated DIR or NAME=DIR), VITSPARSE_ENGINE,
-VITSPARSE_BATCH_SIZES (e.g. 1,8), VITSPARSE_MAX_DELAY_MS, VITSPARSE_NUM_CORES, VITSPARSE_MAX_QUEUE.
+VITSPARSE_BATCH_SIZES (e.g. 1,8), VITSPARSE_MAX_DELAY_MS, VITSPARSE_NUM_CORES, VITSPARSE_NUM_STREAMS,
+VITSPARSE_MAX_QUEUE.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def app_from_environment(env: Mapping[str, str] = os.environ) -> Starlette:
         numbers = {"batch_sizes": tuple(int(b) for b in env.get("VITSPARSE_BATCH_SIZES", "1").split(",")),
                    "max_delay_ms": float(env.get("VITSPARSE_MAX_DELAY_MS", "5")),
                    "num_cores": int(env["VITSPARSE_NUM_CORES"]) if env.get("VITSPARSE_NUM_CORES") else None,
+                   "num_streams": int(env.get("VITSPARSE_NUM_STREAMS", "1")),
                    "max_queue": int(env.get("VITSPARSE_MAX_QUEUE", "64"))}
     except ValueError as exc:
         raise ServeConfigError(f"a VITSPARSE_* setting is not a number: {exc}") from None

@@ -4,7 +4,9 @@ Requests wait at most `max_delay` seconds for others to join them (and not at al
 has been busy that long); a batch holds up to the largest compiled batch size and is padded with
 zeros to the smallest compiled size that fits. The queue is bounded in items: a request that would
 overflow it is refused at once (`QueueFullError`, a 503 for the server) rather than left to wait.
-The engine runs in one worker thread per model, so the event loop keeps answering while it computes.
+The engine runs in worker threads (one per stream), so the event loop keeps answering while it
+computes; with `streams` > 1 that many batches run at once (the engines' multi-stream schedulers
+share the cores out), and the next batch forms while the others compute.
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ class _Request:
 class DynamicBatcher:
     """Serve `submit(items)` calls through engines compiled at each of `engines`' batch sizes."""
 
-    def __init__(self, engines: Mapping[int, Engine], *, max_delay: float, max_queue: int,
+    def __init__(self, engines: Mapping[int, Engine], *, max_delay: float, max_queue: int, streams: int = 1,
                  on_batch: Callable[[int, float], None] | None = None) -> None:
         if not engines:
             raise ValueError("a batcher needs at least one engine")
+        if streams < 1:
+            raise ValueError(f"streams must be >= 1, got {streams}")
         self.engines = dict(sorted(engines.items()))
         self.max_batch = max(self.engines)
         self.max_delay, self.max_queue = max_delay, max_queue
@@ -51,7 +55,10 @@ class DynamicBatcher:
         self._queued_items = 0
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitsparse-engine")
+        self.streams = streams
+        self._slots: asyncio.Semaphore | None = None
+        self._running: set[asyncio.Task] = set()
+        self._executor = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="vitsparse-engine")
         self._closing = False
 
     @property
@@ -62,6 +69,7 @@ class DynamicBatcher:
     def start(self) -> None:
         """Start the worker on the running event loop."""
         self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.streams)
         self._worker = asyncio.get_running_loop().create_task(self._run_forever())
 
     async def submit(self, items: np.ndarray) -> list[np.ndarray]:
@@ -94,12 +102,19 @@ class DynamicBatcher:
         while True:
             while not self._waiting:
                 if self._closing:
+                    await asyncio.gather(*self._running)
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            await self._slots.acquire()  # a stream is free: form the next batch for it
             await self._gather(loop)
-            batch = self._take_batch()
-            await self._run_batch(loop, batch)
+            task = loop.create_task(self._run_batch(loop, self._take_batch()))
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._slots.release()
 
     async def _gather(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait until the batch is full, the oldest request has waited max_delay, or shutdown begins."""

@@ -40,6 +40,8 @@ def configure_serve_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-delay-ms", type=float, default=5.0,
                         help="longest a request waits for others to join its batch (default 5)")
     parser.add_argument("--num-cores", type=int, default=None, help="cores per engine (default: all)")
+    parser.add_argument("--num-streams", type=int, default=1,
+                        help="batches run at once per model, the cores shared among them (default 1)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="items waiting per model before requests get 503 + Retry-After (default 64)")
     parser.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (default 32)")
@@ -56,7 +58,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     if args.max_body_mb <= 0:
         raise ServeConfigError(f"--max-body-mb must be positive, got {args.max_body_mb}")
     return ServeConfig(engine=args.engine or default_engine(), batch_sizes=args.batch_sizes,
-                       max_delay_ms=args.max_delay_ms, num_cores=args.num_cores, max_queue=args.max_queue,
+                       max_delay_ms=args.max_delay_ms, num_cores=args.num_cores,
+                       num_streams=args.num_streams, max_queue=args.max_queue,
                        max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels)
 
 

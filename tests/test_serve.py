@@ -295,6 +295,24 @@ def test_batcher_gathers_pads_and_splits_back() -> None:
     assert engines[4].calls == [4, 4, 4] and engines[1].calls == [1]
 
 
+def test_batcher_runs_as_many_batches_at_once_as_it_has_streams() -> None:
+    meeting = threading.Barrier(2, timeout=10)  # breaks unless two engine calls overlap
+
+    class MeetingEngine(RecordingEngine):
+        def run(self, inputs):
+            meeting.wait()
+            return super().run(inputs)
+
+    async def scenario() -> list:
+        batcher = DynamicBatcher({1: MeetingEngine()}, max_delay=0.0, max_queue=4, streams=2)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(np.ones((1, 1), np.float32)) for _ in range(2)))
+        await batcher.close()
+        return results
+
+    assert [output[0].tolist() for output in asyncio.run(scenario())] == [[[2.0]], [[2.0]]]
+
+
 def test_batcher_refuses_what_would_overflow_its_queue() -> None:
     gate = threading.Event()
 
@@ -510,3 +528,31 @@ def test_the_asgi_module_builds_its_app_from_the_environment(artifact) -> None:
         asgi.app_from_environment({})
     with pytest.raises(ServeConfigError, match="not a number"):
         asgi.app_from_environment({"VITSPARSE_ARTIFACTS": str(artifact), "VITSPARSE_MAX_QUEUE": "many"})
+
+
+# --- the load test ------------------------------------------------------------------------------------------
+
+def test_load_test_counts_every_request_and_writes_its_report(artifact, tmp_path) -> None:
+    from vitsparse.bench.serve_load import (
+        BATCH_ONE,
+        DYNAMIC,
+        LoadConfig,
+        load_test,
+        summary,
+        write_load_report,
+    )
+
+    config = LoadConfig(engine="onnxruntime", concurrency=3, seconds=1.0, warmup_seconds=0.2, rounds=2,
+                        batch_sizes=(1, 2, 3), max_delay_ms=2.0)
+    results = load_test({"tiny": artifact}, config, progress=False)
+    assert [(r.model, r.mode) for r in results] == [("tiny", BATCH_ONE), ("tiny", DYNAMIC)]
+    for result in results:
+        assert result.ok > 0 and result.errors == 0 and result.lost == 0 and result.clean_exit
+        assert result.answered == result.sent and result.p50_ms <= result.p99_ms
+        assert result.requests_per_second == pytest.approx(result.ok / result.seconds)
+    assert results[0].mean_batch == 1.0 and 1.0 <= results[1].mean_batch <= 3.0
+    assert results[1].p99_bound_ms == pytest.approx(2.0 + 2 * results[1].engine_batch_ms["3"])
+    files = write_load_report(tmp_path / "run", {"engine": "onnxruntime", "concurrency": 3}, results)
+    assert json.loads(files["results"].read_text())["results"][1]["mode"] == DYNAMIC
+    assert "| tiny | dynamic | 1,2,3 | 3 |" in files["report"].read_text() and files["plot"].stat().st_size
+    assert any("dynamic batching" in line for line in summary(results))
