@@ -49,6 +49,7 @@ class LoadConfig:
     num_cores: int | None = None
     num_streams: int = 1
     rounds: int = 4  # the settings take turns, `seconds / rounds` each per round
+    engine_seconds: float = 4.0  # each compiled size's engine time, measured alone first
     request_timeout: float = 60.0
 
     def __post_init__(self) -> None:
@@ -255,7 +256,7 @@ def engine_batch_ms(artifact: Path, engine: str, sizes: tuple[int, ...], num_cor
     medians = {}
     for size in sizes:
         result = benchmark_model(artifact / "model.onnx", engine, batch_size=size, num_cores=num_cores,
-                                 seconds=seconds, warmup_seconds=1.0)
+                                 seconds=seconds, warmup_seconds=min(1.0, seconds))
         medians[str(size)] = round(result.latency_ms["p50"], 3)
     return medians
 
@@ -288,8 +289,9 @@ def load_test(artifacts: dict[str, Path], config: LoadConfig, progress: bool = T
     """Every artifact in both modes, each its own server, all started first and then timed in
     alternating rounds (a slow minute on a shared machine then hits every setting alike)."""
     body = sample_jpeg()
-    engine_ms = {name: engine_batch_ms(artifact, config.engine, tuple(sorted({1, *config.batch_sizes})),
-                                       config.num_cores) for name, artifact in artifacts.items()}
+    sizes = tuple(sorted({1, *config.batch_sizes}))
+    engine_ms = {name: engine_batch_ms(artifact, config.engine, sizes, config.num_cores,
+                                       config.engine_seconds) for name, artifact in artifacts.items()}
     modes = ((BATCH_ONE, (1,), 0.0), (DYNAMIC, tuple(config.batch_sizes), config.max_delay_ms))
     settings = [(name, mode, sizes, delay) for name in artifacts for mode, sizes, delay in modes]
     statuses = {setting: {} for setting in settings}

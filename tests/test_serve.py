@@ -543,7 +543,7 @@ def test_load_test_counts_every_request_and_writes_its_report(artifact, tmp_path
     )
 
     config = LoadConfig(engine="onnxruntime", concurrency=3, seconds=1.0, warmup_seconds=0.2, rounds=2,
-                        batch_sizes=(1, 2, 3), max_delay_ms=2.0)
+                        batch_sizes=(1, 2, 3), max_delay_ms=2.0, engine_seconds=0.3)
     results = load_test({"tiny": artifact}, config, progress=False)
     assert [(r.model, r.mode) for r in results] == [("tiny", BATCH_ONE), ("tiny", DYNAMIC)]
     for result in results:
