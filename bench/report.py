@@ -432,8 +432,6 @@ def _save(fig, path: Path) -> None:
 
 def write_report(directory: Path, meta: dict[str, Any], rows: list[Row]) -> dict[str, Path]:
     """Write the report files into `directory` (each via a temp file and rename)."""
-    from vitsparse.compiler.recipe import atomic_path
-
     directory.mkdir(parents=True, exist_ok=True)
     files: dict[str, tuple[str, Any]] = {
         "results": (
@@ -450,6 +448,13 @@ def write_report(directory: Path, meta: dict[str, Any], rows: list[Row]) -> dict
         files["head_channels_plot"] = ("head_channels.png", lambda p: plot_head_channels(rows, p))
     if any(r.speed and r.method != DENSE for r in rows):
         files["speed_plot"] = ("speedup.png", lambda p: plot_speedup(rows, p))
+    return write_files_atomically(directory, files)
+
+
+def write_files_atomically(directory: Path, files: dict[str, tuple[str, Any]]) -> dict[str, Path]:
+    """`files` maps a key to (file name, writer of a path); each is written to a temp file, then renamed."""
+    from vitsparse.compiler.recipe import atomic_path
+
     written = {}
     for key, (name, write) in files.items():
         with atomic_path(directory / name) as tmp:

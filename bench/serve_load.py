@@ -372,7 +372,7 @@ def plot_load(results: list[LoadResult], path: Path) -> None:
 
 def write_load_report(directory: Path, meta: dict, results: list[LoadResult]) -> dict[str, Path]:
     """results.json, report.md and load.png in `directory`, each written to a temp file and renamed."""
-    from vitsparse.compiler.recipe import atomic_path
+    from .report import write_files_atomically
 
     directory.mkdir(parents=True, exist_ok=True)
     document = {"meta": meta, "results": [{**asdict(r), "within_bound": r.within_bound} for r in results]}
@@ -386,12 +386,7 @@ def write_load_report(directory: Path, meta: dict, results: list[LoadResult]) ->
     writers = {"results": ("results.json", lambda p: p.write_text(json.dumps(document, indent=2) + "\n")),
                "report": ("report.md", lambda p: p.write_text(report)),
                "plot": ("load.png", lambda p: plot_load(results, p))}
-    written = {}
-    for key, (filename, write) in writers.items():
-        with atomic_path(directory / filename) as temporary:
-            write(temporary)
-        written[key] = directory / filename
-    return written
+    return write_files_atomically(directory, writers)
 
 
 def summary(results: list[LoadResult]) -> list[str]:
