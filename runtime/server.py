@@ -94,12 +94,21 @@ class ServedModel:
         return self.artifact.name
 
     @property
+    def engine(self) -> Engine:
+        """The engine at the smallest batch size: every size shares its file, inputs and outputs."""
+        return self.engines[min(self.engines)]
+
+    @property
     def input_spec(self):
-        return self.engines[min(self.engines)].inputs[0]
+        return self.engine.inputs[0]
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.engine.output_names
 
     def metadata(self, config: ServeConfig) -> dict:
         """KServe v2 model metadata, with the engine, batching, preprocessing and sparsity as parameters."""
-        engine = self.engines[min(self.engines)]
+        engine = self.engine
         tensors = lambda specs: [{"name": s.name, "datatype": _v2_datatype(s.dtype),  # noqa: E731
                                   "shape": [-1, *(d if d is not None else -1 for d in s.shape[1:])]}
                                  for s in specs]
@@ -208,9 +217,8 @@ def create_app(models: Sequence[ServedModel], config: ServeConfig,
         body = await _read_body(request, config.max_body_bytes)
         request_id, items, wanted = await run_in_threadpool(_parse_infer, body, model)
         outputs = await _submit(model, items)
-        names = [spec.name for spec in model.engines[min(model.engines)].outputs]
         tensors = [{"name": n, "datatype": _v2_datatype(o.dtype), "shape": list(o.shape),
-                    "data": o.reshape(-1).tolist()} for n, o in zip(names, outputs, strict=True)
+                    "data": o.reshape(-1).tolist()} for n, o in zip(model.output_names, outputs, strict=True)
                    if wanted is None or n in wanted]
         reply = {"model_name": model.name, "model_version": "1", "outputs": tensors}
         if request_id is not None:
@@ -330,7 +338,7 @@ def _parse_infer(body: bytes, model: ServedModel) -> tuple[object, np.ndarray, s
     if wanted is not None:
         if not isinstance(wanted, list) or not all(isinstance(o, dict) and "name" in o for o in wanted):
             raise HTTPError(400, '"outputs" must be a list of {"name": ...} objects', "bad_request")
-        names = {spec.name for spec in model.engines[min(model.engines)].outputs}
+        names = set(model.output_names)
         unknown = sorted({o["name"] for o in wanted} - names)
         if unknown:
             raise HTTPError(400, f"unknown output(s) {unknown}; the model has {sorted(names)}", "bad_input")
