@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -206,10 +207,12 @@ def server_process(artifact: Path, name: str, engine: str, batch_sizes: tuple[in
                "--num-streams", str(config.num_streams)]
     if config.num_cores:
         command += ["--num-cores", str(config.num_cores)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    # the server's log goes to a file: a pipe nobody reads during the run would fill and stall it
+    log = tempfile.TemporaryFile(mode="w+")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True,
                                env={**os.environ, "NM_DISABLE_ANALYTICS": "1"})
     try:
-        _wait_ready(port, process)
+        _wait_ready(port, process, log)
         yield port
     finally:
         process.send_signal(signal.SIGTERM)
@@ -218,15 +221,20 @@ def server_process(artifact: Path, name: str, engine: str, batch_sizes: tuple[in
         except subprocess.TimeoutExpired:
             process.kill()
             status["exit_code"] = None
-        status["stderr"] = process.stderr.read() if process.stderr else ""
+        status["stderr"] = _read_log(log)
+        log.close()
 
 
-def _wait_ready(port: int, process: subprocess.Popen, timeout: float = 300) -> None:
+def _read_log(log) -> str:
+    log.seek(0)
+    return log.read()
+
+
+def _wait_ready(port: int, process: subprocess.Popen, log, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            reason = process.stderr.read().strip() if process.stderr else ""
-            raise RuntimeError(f"the server exited with {process.returncode}: {reason}")
+            raise RuntimeError(f"the server exited with {process.returncode}: {_read_log(log).strip()}")
         with contextlib.suppress(OSError, http.client.HTTPException):
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             connection.request("GET", "/v2/health/ready")
