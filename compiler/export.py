@@ -31,12 +31,14 @@ from torch import nn
 
 from .errors import CompilerError
 from .flops import count_costs
+from .quantized_onnx import count_integer_layers, fold_weight_quantizers, to_operator_format
 from .recipe import Recipe, save_weights
 from .rewrite import SelectFeatures
 from .trace import INPUT_SHAPE_KEY, SERVING_KEY, carry_meta, example_input, input_shape_of
 
 SUPPORTED_OPSETS = range(14, 18)
 FEATURE_SELECT_FORMS = ("gather", "matmul")
+QUANT_FORMATS = ("qdq", "operator")
 ARTIFACT_FILES = ("model.onnx", "recipe.json", "weights.safetensors", "meta.json")
 
 
@@ -56,8 +58,15 @@ class ExportConfig:
     # a symbolic batch dimension, so one file runs at any batch size (what a batching server needs);
     # verified at batch_size and batch_size + 1
     dynamic_batch: bool = False
+    # a fake-quantized (INT8) graph: "qdq" (QuantizeLinear/DequantizeLinear, for ONNX Runtime) or
+    # "operator" (MatMulInteger/ConvInteger with the scales folded, for DeepSparse); verified within
+    # quant_atol, since torch rounds x·(1/s) where ONNX rounds x/s and a tie can land one step apart
+    quant_format: str = "qdq"
+    quant_atol: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.quant_format not in QUANT_FORMATS:
+            raise ExportError(f"quant_format must be one of {QUANT_FORMATS}, got {self.quant_format!r}")
         if self.feature_select not in FEATURE_SELECT_FORMS:
             raise ExportError(f"feature_select must be one of {FEATURE_SELECT_FORMS}, "
                               f"got {self.feature_select!r}")
@@ -104,6 +113,20 @@ def write_onnx(gm: fx.GraphModule, path: Path, config: ExportConfig) -> None:
                               dynamic_axes=dynamic)
         except Exception as err:
             raise ExportError(f"torch.onnx.export failed: {type(err).__name__}: {err}") from err
+
+
+def finish_quantized(path: Path, config: ExportConfig) -> dict[str, Any] | None:
+    """Store a fake-quantized export's weights as INT8 codes and write the configured format in
+    place; None (file untouched) when the graph holds no quantized layer."""
+    model = onnx.load(str(path))
+    if not any(node.op_type == "QuantizeLinear" for node in model.graph.node):
+        return None
+    fold_weight_quantizers(model)
+    layers = count_integer_layers(model)["qdq"]
+    if config.quant_format == "operator":
+        to_operator_format(model)
+    onnx.save(model, str(path))
+    return {"format": config.quant_format, "layers": layers}
 
 
 def verify_onnx(path: Path, gm: fx.GraphModule, config: ExportConfig) -> float:
@@ -209,10 +232,11 @@ def export_artifact(gm: fx.GraphModule, recipe: Recipe, directory: str | os.Path
     costs = count_costs(folded)
     with _staging_dir(target) as staging:
         write_onnx(folded, staging / "model.onnx", config)
+        quantization = finish_quantized(staging / "model.onnx", config)
         error = verify_onnx(staging / "model.onnx", folded, config)
-        if not error <= config.atol:
-            raise ExportError(f"exported ONNX differs from the torch model by {error:.3g} "
-                              f"(limit {config.atol})")
+        limit = config.atol if quantization is None else config.quant_atol
+        if not error <= limit:
+            raise ExportError(f"exported ONNX differs from the torch model by {error:.3g} (limit {limit})")
         recipe.save(staging / "recipe.json")
         save_weights(gm, staging / "weights.safetensors")
         meta = {
@@ -222,7 +246,8 @@ def export_artifact(gm: fx.GraphModule, recipe: Recipe, directory: str | os.Path
             "passes": [p.name for p in recipe.passes],
             **costs.as_dict(), "layers": layer_sparsity(folded), "verification_max_abs_diff": error,
             "versions": library_versions(), **serving_meta(gm),
-            "onnx_sha256": file_sha256(staging / "model.onnx"), **(extra_meta or {}),
+            "onnx_sha256": file_sha256(staging / "model.onnx"), "quantization": quantization,
+            **(extra_meta or {}),
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         onnx.checker.check_model(str(staging / "model.onnx"))

@@ -74,5 +74,5 @@ def make_calibration(data: Calibration | torch.Tensor | Iterable, max_samples: i
         batches = tuple(batches)
     calibration = Calibration(tuple(batches))
     if calibration.num_samples == 0:
-        raise ValueError("calibration data holds no samples; second-order pruning needs at least one image")
+        raise ValueError("calibration data holds no images; calibration needs at least one")
     return calibration

@@ -18,6 +18,7 @@ import onnx
 from .batching import check_batch_size, fixed_batch_size
 from .errors import EngineLoadError, InputMismatchError, RuntimeInputError
 from .onnx_file import TensorSpec, graph_inputs, graph_outputs, load_onnx
+from .quantized import check_int8_support
 
 
 class Engine(ABC):
@@ -30,6 +31,7 @@ class Engine(ABC):
         _check_positive(batch_size=batch_size, num_cores=num_cores, num_streams=num_streams)
         model = load_onnx(model_path)
         check_batch_size(model, batch_size, model_path)
+        check_int8_support(self.name, model, model_path)
         self.model_path = Path(model_path)
         self.batch_size = batch_size
         self.num_cores = num_cores

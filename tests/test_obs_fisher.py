@@ -197,7 +197,7 @@ def test_block_size_that_does_not_fit_names_layer_and_setting(pattern: str, solv
 
 
 def test_too_little_calibration_says_how_much_is_needed() -> None:
-    with pytest.raises(ValueError, match="holds no samples"):
+    with pytest.raises(ValueError, match="holds no images"):
         SparsityPass(saliency="obs-fisher", sparsity=0.5, calibration=torch.empty(0, 3, 32, 32))
     with pytest.raises(ValueError, match="needs calibration data"):
         SparsityPass(saliency="obs-fisher", sparsity=0.5)

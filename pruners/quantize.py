@@ -1,0 +1,227 @@
+"""Static INT8 as a pass: the block linears become fake-quantized layers that train and export as QDQ.
+
+`QuantizePass(QuantConfig(observer="percentile"), calibration=images)` calibrates one activation range
+per layer input (asymmetric UINT8) and quantizes each weight symmetrically per output channel (INT8,
+zero point 0), so every pruned zero stays exactly zero. The layers subclass the masked layers:
+masks stay in force through quantization-aware fine-tuning, and `fold_for_export` turns them into
+frozen layers that `torch.onnx.export` writes as QuantizeLinear/DequantizeLinear pairs (the QDQ
+format ONNX Runtime runs); `compiler.quantized_onnx` rewrites that into DeepSparse's operator format.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from vitsparse.compiler import (
+    GraphPass,
+    PassError,
+    PassRecord,
+    PassResult,
+    RecipeError,
+    ViTStructure,
+    register_pass,
+    replace_module,
+)
+
+from .calibration import Calibration, make_calibration
+from .masked import MaskedConv2d, MaskedLinear
+from .quant_observers import NEEDS_HISTOGRAM, OBSERVERS, RangeStats, activation_qparams
+from .targets import DEFAULT_TARGETS, check_target_kinds, select_targets
+
+WEIGHT_QMAX = 127  # symmetric: codes in [-127, 127]; ONNX's INT8 range (-128, 127) is what export declares
+
+
+def weight_scales(weight: torch.Tensor) -> torch.Tensor:
+    """Per output channel max|w| / 127; an all-zero channel gets 1 (its codes are 0 whatever the scale)."""
+    amax = weight.detach().abs().flatten(1).amax(1).float()
+    return torch.where(amax > 0, amax / WEIGHT_QMAX, torch.ones_like(amax))
+
+
+class _QuantMixin:
+    """Fake quantization of the layer input (per tensor, UINT8) and weight (per channel, INT8)."""
+
+    weight: nn.Parameter
+    act_scale: torch.Tensor
+    act_zero_point: torch.Tensor
+    frozen: bool = False
+
+    def _init_quant(self, scale: float, zero_point: int) -> None:
+        device = self.weight.device
+        self.register_buffer("act_scale", torch.tensor(scale, dtype=torch.float32, device=device))
+        self.register_buffer("act_zero_point", torch.tensor(zero_point, dtype=torch.int32, device=device))
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = x if x.dtype == torch.float32 else x.float()  # (a no-op Cast would land in the export)
+        return torch.fake_quantize_per_tensor_affine(x, self.act_scale, self.act_zero_point, 0, 255)
+
+    def quantized_weight(self) -> torch.Tensor:
+        weight = self.weight if self.frozen else self.masked_weight()
+        scales = self.weight_scale if self.frozen else weight_scales(weight)
+        zero_points = torch.zeros(scales.shape, dtype=torch.int32, device=scales.device)
+        return torch.fake_quantize_per_channel_affine(weight, scales, zero_points, 0, -128, 127)
+
+    def export_module(self) -> nn.Module:
+        """A copy with the mask folded into the weight and the weight scales fixed, for ONNX export."""
+        frozen = copy.deepcopy(self)
+        with torch.no_grad():
+            frozen.weight.copy_(self.masked_weight())
+        frozen.register_buffer("weight_scale", weight_scales(frozen.weight))
+        frozen.frozen = True
+        return frozen
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, act_scale={float(self.act_scale):.4g}, "
+                f"act_zero_point={int(self.act_zero_point)}")
+
+
+class QuantLinear(_QuantMixin, MaskedLinear):
+    """A (possibly masked) Linear computing with INT8-rounded weights on UINT8-rounded inputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantConv2d(_QuantMixin, MaskedConv2d):
+    """The Conv2d counterpart (a quantized patch embedding)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+QUANT_TYPES: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
+QUANT_LAYERS = (QuantLinear, QuantConv2d)
+
+
+def quantize_layer(layer: nn.Module, scale: float, zero_point: int) -> nn.Module:
+    """The quantized layer sharing `layer`'s parameters and keeping its mask (all true if it had none)."""
+    base = next((t for t in QUANT_TYPES if isinstance(layer, t)), None)
+    if base is None:
+        raise PassError(f"cannot quantize a {type(layer).__name__}; INT8 supports Linear and Conv2d")
+    new = QUANT_TYPES[base].from_dense(layer)
+    mask = getattr(layer, "weight_mask", None)
+    if mask is not None:
+        new.weight_mask = mask
+    new._init_quant(scale, zero_point)
+    return new
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Which layers to quantize and how their activation ranges are chosen (`OBSERVERS`)."""
+
+    targets: tuple[str, ...] = field(default=DEFAULT_TARGETS)  # add "patch_embed", "head" to widen
+    observer: str = "minmax"
+    percentile: float = 99.99  # the `percentile` observer's clip point, per tail
+    bins: int = 2048  # histogram bins of the `percentile` and `mse` observers
+    calibration_images: int = 256  # read no more than this many images
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", check_target_kinds(self.targets))
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"unknown observer {self.observer!r}; choose from {sorted(OBSERVERS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must lie in (50, 100], got {self.percentile}")
+        if self.bins < 16 or self.calibration_images < 1:
+            raise ValueError(f"bins must be >= 16 and calibration_images >= 1, got {self.bins} and "
+                             f"{self.calibration_images}")
+
+
+@register_pass
+class QuantizePass(GraphPass):
+    """Calibrate and fake-quantize the configured layers; replay installs the recorded ranges."""
+
+    name = "int8"
+
+    def __init__(self, config: QuantConfig | None = None, *, calibration: Any = None,
+                 ranges: dict[str, tuple[float, float]] | None = None) -> None:
+        self.config = config or QuantConfig()
+        if ranges is None and calibration is None:
+            raise ValueError("static INT8 needs calibration images for the activation ranges: pass "
+                             "calibration=<images tensor, DataLoader or iterable of batches>")
+        self.calibration = (None if ranges is not None
+                            else make_calibration(calibration, self.config.calibration_images))
+        self.replay_ranges = ranges
+
+    def __call__(self, gm: fx.GraphModule, structure: ViTStructure) -> PassResult:
+        names = self._targets(gm, structure)
+        ranges = self.replay_ranges if self.replay_ranges is not None else calibrate_ranges(
+            gm, names, self.calibration, self.config)
+        missing = sorted(set(names) - set(ranges))
+        if missing:
+            raise PassError(f"no recorded activation range for {missing}")
+        for name in names:
+            scale, zero_point = activation_qparams(*ranges[name])
+            replace_module(gm, name, quantize_layer(gm.get_submodule(name), scale, zero_point))
+        params = {**asdict(self.config), "targets": list(self.config.targets)}
+        decisions = {"ranges": {name: [float(v) for v in ranges[name]] for name in names}}
+        record = PassRecord(self.name, params=params, decisions=decisions)
+        if self.calibration is not None:
+            record.stats["calibration_samples"] = self.calibration.num_samples
+        return PassResult(gm, record)
+
+    def _targets(self, gm: fx.GraphModule, structure: ViTStructure) -> list[str]:
+        names = select_targets(structure, self.config.targets)
+        if not names:
+            raise PassError(f"no layer to quantize: this model has no {'/'.join(self.config.targets)} "
+                            "layers")
+        already = [n for n in names if isinstance(gm.get_submodule(n), QUANT_LAYERS)]
+        if already:
+            raise PassError(f"{already[0]} is already quantized ({len(already)} layers); apply the INT8 "
+                            "pass once")
+        return names
+
+    @classmethod
+    def from_record(cls, record: PassRecord) -> QuantizePass:
+        try:
+            config = QuantConfig(**{**record.params, "targets": tuple(record.params.get("targets", ()))})
+            ranges = {name: (float(low), float(high)) for name, (low, high)
+                      in record.decisions["ranges"].items()}
+        except (KeyError, TypeError, ValueError) as err:
+            raise RecipeError(f"int8 record is malformed: {err}") from None
+        return cls(config, ranges=ranges)
+
+
+@torch.no_grad()
+def calibrate_ranges(gm: fx.GraphModule, names: list[str], calibration: Calibration,
+                     config: QuantConfig) -> dict[str, tuple[float, float]]:
+    """Each layer input's range: its span over the images, then, for a clipping observer, a histogram."""
+    stats = {name: RangeStats() for name in names}
+    passes = ["span", "histogram"] if config.observer in NEEDS_HISTOGRAM else ["span"]
+    device = next(gm.parameters()).device
+    was_training = gm.training
+    gm.eval()
+    try:
+        for stage in passes:
+            hooks = [gm.get_submodule(name).register_forward_pre_hook(
+                _observer_hook(stats[name], stage, config)) for name in names]
+            try:
+                for images, _ in calibration:
+                    gm(images.to(device))
+            finally:
+                for hook in hooks:
+                    hook.remove()
+    finally:
+        gm.train(was_training)
+    observer = OBSERVERS[config.observer]
+    return {name: observer(stats[name], config.percentile) for name in names}
+
+
+def _observer_hook(stats: RangeStats, stage: str, config: QuantConfig):
+    def hook(module: nn.Module, inputs: tuple) -> None:
+        values = inputs[0].detach()
+        if stage == "span":
+            stats.observe_span(values)
+        else:
+            stats.observe_histogram(values, config.bins)
+    return hook
+
+
+def quantized_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """Every fake-quantized layer in `module`, by qualified name."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, QUANT_LAYERS)}

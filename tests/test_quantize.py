@@ -1,0 +1,177 @@
+"""Static INT8: observers, the fake-quantized pass, the QDQ export and its operator-format rewrite."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
+from torch.utils.data import DataLoader, TensorDataset
+
+from vitsparse.compiler import PassError, PassManager, Recipe, trace
+from vitsparse.compiler.export import ExportConfig, ExportError, export_artifact, fold_for_export, write_onnx
+from vitsparse.compiler.quantized_onnx import (
+    QuantizedOnnxError,
+    count_integer_layers,
+    fold_weight_quantizers,
+    to_operator_format,
+)
+from vitsparse.compiler.reference_ops import FAST_REFERENCE_OPS
+from vitsparse.pruners import FinetuneConfig, MagnitudePass, finetune
+from vitsparse.pruners.quant_observers import OBSERVERS, RangeStats, activation_qparams
+from vitsparse.pruners.quantize import QuantConfig, QuantizePass, quantized_layers
+
+from helpers import small_vit
+
+IMAGES = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _quantized(sparsity: float = 0.0, **config) -> PassManager:
+    manager = PassManager(trace(small_vit(depth=2)), recipe=Recipe(base={"model": "test"}))
+    if sparsity:
+        manager.run(MagnitudePass(sparsity=sparsity))
+    manager.run(QuantizePass(QuantConfig(**config), calibration=IMAGES))
+    return manager
+
+
+def _export_qdq(manager: PassManager, path) -> onnx.ModelProto:
+    write_onnx(fold_for_export(manager.graph_module), path, ExportConfig(batch_size=2))
+    model = fold_weight_quantizers(onnx.load(path))
+    onnx.checker.check_model(model)
+    return model
+
+
+def _run(model: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
+    return ReferenceEvaluator(model, new_ops=FAST_REFERENCE_OPS).run(None, {"input": x.numpy()})[0]
+
+
+def _stats(values: torch.Tensor) -> RangeStats:
+    stats = RangeStats()
+    stats.observe_span(values)
+    stats.observe_histogram(values, 2048)
+    return stats
+
+
+def test_minmax_sees_everything_and_percentile_and_mse_clip_an_outlier() -> None:
+    normal = torch.randn(100_000, generator=torch.Generator().manual_seed(1))
+    values = torch.cat([normal, torch.tensor([60.0])])
+    stats = _stats(values)
+    assert OBSERVERS["minmax"](stats, 99.99) == (float(values.min()), 60.0)
+    low, high = OBSERVERS["percentile"](stats, 99.99)
+    assert 3.0 < high < 6.0 and -6.0 < low < -3.0
+    mse_low, mse_high = OBSERVERS["mse"](stats, 99.99)
+    assert mse_high < 60.0 and mse_low >= float(values.min())
+
+
+def test_activation_ranges_always_hold_zero() -> None:
+    scale, zero_point = activation_qparams(0.5, 2.0)  # a range above zero is widened down to it
+    assert zero_point == 0 and scale == pytest.approx(2.0 / 255)
+    scale, zero_point = activation_qparams(-1.0, 1.0)
+    assert zero_point == 128 and scale == pytest.approx(2.0 / 255)
+    assert activation_qparams(0.0, 0.0) == (1.0, 0)
+
+
+def test_quantized_zeros_stay_zero_through_fine_tuning_export_and_the_rewrite(tmp_path) -> None:
+    manager = _quantized(sparsity=0.75)
+    loader = DataLoader(TensorDataset(IMAGES, torch.randint(0, 1000, (16,))), batch_size=8)
+    tuned = finetune(manager.graph_module, loader, None, FinetuneConfig(epochs=1, lr=1e-2),
+                     progress=False).model
+    layers = quantized_layers(tuned)
+    assert len(layers) == 8
+    for layer in layers.values():
+        assert torch.all(layer.weight[~layer.weight_mask] == 0)
+        assert torch.all(layer.quantized_weight()[~layer.weight_mask] == 0)
+    manager.graph_module = tuned
+    operator = to_operator_format(_export_qdq(manager, tmp_path / "model.onnx"))
+    masks = [layer.weight_mask.numpy() for layer in layers.values()]
+    codes = [numpy_helper.to_array(init) for init in operator.graph.initializer
+             if init.name.endswith(".weight_int8")]
+    assert len(codes) == len(masks)
+    for mask, code in zip(masks, codes, strict=True):  # integer ops read (in, out): the transposed mask
+        assert code.dtype == np.int8 and np.all(code[~mask.T] == 0) and np.count_nonzero(code) <= mask.sum()
+
+
+def test_the_qdq_export_matches_the_fake_quantized_model(tmp_path) -> None:
+    manager = _quantized(observer="percentile")
+    model = _export_qdq(manager, tmp_path / "model.onnx")
+    assert count_integer_layers(model) == {"qdq": 8, "integer": 0}
+    x = IMAGES[:2]
+    with torch.no_grad():
+        expected = manager.graph_module(x).numpy()
+    assert np.abs(_run(model, x) - expected).max() < 1e-4
+
+
+def test_the_operator_format_matches_the_qdq_model(tmp_path) -> None:
+    manager = _quantized(targets=("patch_embed", "qkv", "proj", "fc1", "fc2", "head"))
+    qdq = _export_qdq(manager, tmp_path / "model.onnx")
+    operator = to_operator_format(fold_weight_quantizers(onnx.load(tmp_path / "model.onnx")))
+    onnx.checker.check_model(operator)
+    assert count_integer_layers(operator) == {"qdq": 0, "integer": 10}
+    ops = {node.op_type for node in operator.graph.node}
+    assert {"MatMulInteger", "ConvInteger"} <= ops and "DequantizeLinear" not in ops
+    x = IMAGES[:2]
+    reference, rewritten = _run(qdq, x), _run(operator, x)
+    assert np.abs(rewritten - reference).max() < 1e-4 * max(1.0, np.abs(reference).max())
+    assert np.array_equal(rewritten.argmax(1), reference.argmax(1))
+
+
+def test_replaying_the_recipe_installs_the_recorded_ranges() -> None:
+    manager = _quantized(observer="mse")
+    record = manager.recipe.passes[-1]
+    assert record.name == "int8" and len(record.decisions["ranges"]) == 8
+    assert record.stats["calibration_samples"] == 16
+    replayed = PassManager(trace(small_vit(depth=2)))
+    replayed.run(QuantizePass.from_record(record))
+    with torch.no_grad():
+        assert torch.equal(replayed.graph_module(IMAGES[:2]), manager.graph_module(IMAGES[:2]))
+
+
+def test_bad_input_gives_clear_errors(tmp_path) -> None:
+    with pytest.raises(ValueError, match="calibration images"):
+        QuantizePass()
+    with pytest.raises(ValueError, match="holds no images"):
+        QuantizePass(calibration=torch.empty(0, 3, 32, 32))
+    with pytest.raises(ValueError, match="unknown observer"):
+        QuantConfig(observer="kl")
+    headless = PassManager(trace(small_vit(depth=2, num_classes=0)))
+    with pytest.raises(PassError, match="no layer to quantize"):
+        headless.run(QuantizePass(QuantConfig(targets=("head",)), calibration=IMAGES))
+    manager = _quantized()
+    with pytest.raises(PassError, match="already quantized"):
+        manager.run(QuantizePass(calibration=IMAGES))
+    dense = PassManager(trace(small_vit(depth=2)))
+    write_onnx(fold_for_export(dense.graph_module), tmp_path / "fp32.onnx", ExportConfig())
+    with pytest.raises(QuantizedOnnxError, match="no quantized"):
+        to_operator_format(fold_weight_quantizers(onnx.load(tmp_path / "fp32.onnx")))
+
+
+@pytest.mark.parametrize("quant_format", ["qdq", "operator"])
+def test_export_artifact_writes_either_format_and_says_which(tmp_path, quant_format) -> None:
+    manager = _quantized(sparsity=0.5)
+    result = export_artifact(manager.graph_module, manager.recipe, tmp_path / "int8",
+                             ExportConfig(quant_format=quant_format))
+    assert result.meta["quantization"] == {"format": quant_format, "layers": 8}
+    assert result.max_abs_diff <= ExportConfig().quant_atol
+    ops = {node.op_type for node in onnx.load(tmp_path / "int8" / "model.onnx").graph.node}
+    assert ("MatMulInteger" in ops) == (quant_format == "operator")
+    with pytest.raises(ExportError, match="quant_format"):
+        ExportConfig(quant_format="int4")
+
+
+def test_an_engine_refuses_an_int8_form_it_would_not_run_as_int8(tmp_path) -> None:
+    from vitsparse.runtime.errors import EngineLoadError
+    from vitsparse.runtime.quantized import check_int8_support, quantization_format
+
+    manager = _quantized()
+    qdq = _export_qdq(manager, tmp_path / "model.onnx")
+    assert quantization_format(qdq) == "qdq"
+    operator = to_operator_format(fold_weight_quantizers(onnx.load(tmp_path / "model.onnx")))
+    assert quantization_format(operator) == "operator"
+    check_int8_support("onnxruntime", qdq, "qdq.onnx")
+    check_int8_support("deepsparse", operator, "operator.onnx")
+    with pytest.raises(EngineLoadError, match="quant_format='operator'"):
+        check_int8_support("deepsparse", qdq, "qdq.onnx")
+    with pytest.raises(EngineLoadError, match="saturates"):
+        check_int8_support("onnxruntime", operator, "operator.onnx")
