@@ -1,8 +1,11 @@
 """Static INT8 as a pass: the block linears become fake-quantized layers that train and export as QDQ.
 
-`QuantizePass(QuantConfig(observer="percentile"), calibration=images)` calibrates one activation range
-per layer input (asymmetric UINT8) and quantizes each weight symmetrically per output channel (INT8,
-zero point 0), so every pruned zero stays exactly zero. The layers subclass the masked layers:
+`QuantizePass(QuantConfig(observer="percentile"), calibration=images)` calibrates two activation ranges
+per layer (asymmetric UINT8): its input, and its output before the bias. It quantizes each weight
+symmetrically per output channel (INT8, zero point 0), so every pruned zero stays exactly zero. The
+output is requantized because ONNX Runtime fuses a QDQ MatMul into its integer kernel
+(QLinearMatMul) only when the product is quantized: without it, it dequantizes every weight on every
+call and ran slower than FP32. The layers subclass the masked layers:
 masks stay in force through quantization-aware fine-tuning, and `fold_for_export` turns them into
 frozen layers that `torch.onnx.export` writes as QuantizeLinear/DequantizeLinear pairs (the QDQ
 format ONNX Runtime runs); `compiler.quantized_onnx` rewrites that into DeepSparse's operator format.
@@ -43,22 +46,41 @@ def weight_scales(weight: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, amax / WEIGHT_QMAX, torch.ones_like(amax))
 
 
+def per_channel(values: torch.Tensor, like: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """`values` (one per channel) shaped to broadcast over `like` along `channel_dim`."""
+    shape = [1] * like.ndim
+    shape[channel_dim] = -1
+    return values.view(shape)
+
+
 class _QuantMixin:
     """Fake quantization of the layer input (per tensor, UINT8) and weight (per channel, INT8)."""
 
     weight: nn.Parameter
+    bias: nn.Parameter | None
     act_scale: torch.Tensor
     act_zero_point: torch.Tensor
+    out_scale: torch.Tensor
+    out_zero_point: torch.Tensor
     frozen: bool = False
+    channel_dim: int
 
-    def _init_quant(self, scale: float, zero_point: int) -> None:
+    def _init_quant(self, ranges: LayerRanges) -> None:
         device = self.weight.device
-        self.register_buffer("act_scale", torch.tensor(scale, dtype=torch.float32, device=device))
-        self.register_buffer("act_zero_point", torch.tensor(zero_point, dtype=torch.int32, device=device))
+        for prefix, (low, high) in (("act", ranges.input), ("out", ranges.output)):
+            scale, zero_point = activation_qparams(low, high)
+            self.register_buffer(f"{prefix}_scale", torch.tensor(scale, dtype=torch.float32, device=device))
+            self.register_buffer(f"{prefix}_zero_point", torch.tensor(zero_point, dtype=torch.int32,
+                                                                      device=device))
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         x = x if x.dtype == torch.float32 else x.float()  # (a no-op Cast would land in the export)
         return torch.fake_quantize_per_tensor_affine(x, self.act_scale, self.act_zero_point, 0, 255)
+
+    def requantized_output(self, y: torch.Tensor) -> torch.Tensor:
+        """The product (before the bias) rounded to UINT8 and back, then the float bias added."""
+        y = torch.fake_quantize_per_tensor_affine(y, self.out_scale, self.out_zero_point, 0, 255)
+        return y if self.bias is None else y + per_channel(self.bias, y, self.channel_dim)
 
     def quantized_weight(self) -> torch.Tensor:
         weight = self.weight if self.frozen else self.masked_weight()
@@ -76,29 +98,51 @@ class _QuantMixin:
         return frozen
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, act_scale={float(self.act_scale):.4g}, "
-                f"act_zero_point={int(self.act_zero_point)}")
+        return (f"{super().extra_repr()}, input scale={float(self.act_scale):.4g} "
+                f"zero point={int(self.act_zero_point)}, output scale={float(self.out_scale):.4g} "
+                f"zero point={int(self.out_zero_point)}")
 
 
 class QuantLinear(_QuantMixin, MaskedLinear):
     """A (possibly masked) Linear computing with INT8-rounded weights on UINT8-rounded inputs."""
 
+    channel_dim = -1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return self.requantized_output(nn.functional.linear(self.quantized_input(x), self.quantized_weight()))
 
 
 class QuantConv2d(_QuantMixin, MaskedConv2d):
     """The Conv2d counterpart (a quantized patch embedding)."""
 
+    channel_dim = 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+        product = self._conv_forward(self.quantized_input(x), self.quantized_weight(), None)
+        return self.requantized_output(product)
 
 
 QUANT_TYPES: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
 QUANT_LAYERS = (QuantLinear, QuantConv2d)
 
 
-def quantize_layer(layer: nn.Module, scale: float, zero_point: int) -> nn.Module:
+@dataclass(frozen=True)
+class LayerRanges:
+    """The calibrated ranges of one layer: its input, and its output before the bias."""
+
+    input: tuple[float, float]
+    output: tuple[float, float]
+
+    def to_json(self) -> dict[str, list[float]]:
+        return {"input": [float(v) for v in self.input], "output": [float(v) for v in self.output]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> LayerRanges:
+        (in_low, in_high), (out_low, out_high) = data["input"], data["output"]
+        return cls((float(in_low), float(in_high)), (float(out_low), float(out_high)))
+
+
+def quantize_layer(layer: nn.Module, ranges: LayerRanges) -> nn.Module:
     """The quantized layer sharing `layer`'s parameters and keeping its mask (all true if it had none)."""
     base = next((t for t in QUANT_TYPES if isinstance(layer, t)), None)
     if base is None:
@@ -107,7 +151,7 @@ def quantize_layer(layer: nn.Module, scale: float, zero_point: int) -> nn.Module
     mask = getattr(layer, "weight_mask", None)
     if mask is not None:
         new.weight_mask = mask
-    new._init_quant(scale, zero_point)
+    new._init_quant(ranges)
     return new
 
 
@@ -139,7 +183,7 @@ class QuantizePass(GraphPass):
     name = "int8"
 
     def __init__(self, config: QuantConfig | None = None, *, calibration: Any = None,
-                 ranges: dict[str, tuple[float, float]] | None = None) -> None:
+                 ranges: dict[str, LayerRanges] | None = None) -> None:
         self.config = config or QuantConfig()
         if ranges is None and calibration is None:
             raise ValueError("static INT8 needs calibration images for the activation ranges: pass "
@@ -156,10 +200,9 @@ class QuantizePass(GraphPass):
         if missing:
             raise PassError(f"no recorded activation range for {missing}")
         for name in names:
-            scale, zero_point = activation_qparams(*ranges[name])
-            replace_module(gm, name, quantize_layer(gm.get_submodule(name), scale, zero_point))
+            replace_module(gm, name, quantize_layer(gm.get_submodule(name), ranges[name]))
         params = {**asdict(self.config), "targets": list(self.config.targets)}
-        decisions = {"ranges": {name: [float(v) for v in ranges[name]] for name in names}}
+        decisions = {"ranges": {name: ranges[name].to_json() for name in names}}
         record = PassRecord(self.name, params=params, decisions=decisions)
         if self.calibration is not None:
             record.stats["calibration_samples"] = self.calibration.num_samples
@@ -180,8 +223,7 @@ class QuantizePass(GraphPass):
     def from_record(cls, record: PassRecord) -> QuantizePass:
         try:
             config = QuantConfig(**{**record.params, "targets": tuple(record.params.get("targets", ()))})
-            ranges = {name: (float(low), float(high)) for name, (low, high)
-                      in record.decisions["ranges"].items()}
+            ranges = {name: LayerRanges.from_json(data) for name, data in record.decisions["ranges"].items()}
         except (KeyError, TypeError, ValueError) as err:
             raise RecipeError(f"int8 record is malformed: {err}") from None
         return cls(config, ranges=ranges)
@@ -189,17 +231,18 @@ class QuantizePass(GraphPass):
 
 @torch.no_grad()
 def calibrate_ranges(gm: fx.GraphModule, names: list[str], calibration: Calibration,
-                     config: QuantConfig) -> dict[str, tuple[float, float]]:
-    """Each layer input's range: its span over the images, then, for a clipping observer, a histogram."""
-    stats = {name: RangeStats() for name in names}
+                     config: QuantConfig) -> dict[str, LayerRanges]:
+    """Each layer's input and pre-bias output ranges: their span over the images, then, for a clipping
+    observer, a histogram over that span."""
+    stats = {name: (RangeStats(), RangeStats()) for name in names}
     passes = ["span", "histogram"] if config.observer in NEEDS_HISTOGRAM else ["span"]
     device = next(gm.parameters()).device
     was_training = gm.training
     gm.eval()
     try:
         for stage in passes:
-            hooks = [gm.get_submodule(name).register_forward_pre_hook(
-                _observer_hook(stats[name], stage, config)) for name in names]
+            hooks = [gm.get_submodule(name).register_forward_hook(_observer_hook(*stats[name], stage, config))
+                     for name in names]
             try:
                 for images, _ in calibration:
                     gm(images.to(device))
@@ -209,16 +252,20 @@ def calibrate_ranges(gm: fx.GraphModule, names: list[str], calibration: Calibrat
     finally:
         gm.train(was_training)
     observer = OBSERVERS[config.observer]
-    return {name: observer(stats[name], config.percentile) for name in names}
+    return {name: LayerRanges(observer(inputs, config.percentile), observer(outputs, config.percentile))
+            for name, (inputs, outputs) in stats.items()}
 
 
-def _observer_hook(stats: RangeStats, stage: str, config: QuantConfig):
-    def hook(module: nn.Module, inputs: tuple) -> None:
-        values = inputs[0].detach()
-        if stage == "span":
-            stats.observe_span(values)
-        else:
-            stats.observe_histogram(values, config.bins)
+def _observer_hook(inputs: RangeStats, outputs: RangeStats, stage: str, config: QuantConfig):
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        product = output.detach()
+        if module.bias is not None:
+            product = product - per_channel(module.bias, product, 1 if isinstance(module, nn.Conv2d) else -1)
+        for stats, values in ((inputs, args[0].detach()), (outputs, product)):
+            if stage == "span":
+                stats.observe_span(values)
+            else:
+                stats.observe_histogram(values, config.bins)
     return hook
 
 
