@@ -1,9 +1,11 @@
-"""Faster numpy versions of two onnx reference ops, for verifying exports at real batch sizes.
+"""Faster numpy versions of onnx reference ops, for verifying exports at real batch sizes.
 
 onnx's reference Conv loops in Python and its Erf calls math.erf per element: verifying a batch of
 16 DeiT-S images took 29 s, of which 15 s in the patch-embedding Conv and 8 s in GELU's Erf. These
 keep the reference semantics: the Conv fast path covers only non-overlapping patches (stride equal
 to the kernel, no padding, dilation or groups) and defers everything else to onnx's own code.
+The integer ops (INT8 exports) multiply in float64, which BLAS runs and which holds every
+UINT8×INT8 sum exactly (|sum| < 2^53), where onnx's integer matmul takes minutes for DeiT-S.
 """
 
 from __future__ import annotations
@@ -11,9 +13,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 from onnx.reference.ops.op_conv import Conv as OnnxConv
+from onnx.reference.ops.op_conv_integer import ConvInteger as OnnxConvInteger
 from onnx.reference.ops.op_erf import Erf as OnnxErf
+from onnx.reference.ops.op_matmul_integer import MatMulInteger as OnnxMatMulInteger
 
 # ReferenceEvaluator(new_ops=...) replaces an op by the class named like it, hence these names
+
+
+def _patch_conv(X, W, auto_pad, dilations, group, pads, strides) -> np.ndarray | None:  # noqa: N803
+    """Conv over non-overlapping patches as one einsum; None when the conv is not of that kind."""
+    kernel = tuple(W.shape[2:])
+    plain = (group in (None, 1) and not any(pads or ()) and auto_pad in (None, "NOTSET")
+             and all(d == 1 for d in dilations or (1,)))
+    if (not plain or X.ndim != 4 or tuple(strides or ()) != kernel
+            or X.shape[2] % kernel[0] or X.shape[3] % kernel[1]):
+        return None
+    batch, channels, height, width = X.shape
+    patches = X.reshape(batch, channels, height // kernel[0], kernel[0], width // kernel[1], kernel[1])
+    return np.einsum("bcyixj,ocij->boyx", patches, W, optimize=True)
 
 
 class Conv(OnnxConv):
@@ -21,15 +38,9 @@ class Conv(OnnxConv):
 
     def _run(self, X, W, B=None, auto_pad=None, dilations=None, group=None, kernel_shape=None, pads=None,
              strides=None):  # noqa: N803 - onnx's argument names
-        kernel = tuple(W.shape[2:])
-        plain = (group in (None, 1) and not any(pads or ()) and auto_pad in (None, "NOTSET")
-                 and all(d == 1 for d in dilations or (1,)))
-        if (not plain or X.ndim != 4 or tuple(strides or ()) != kernel
-                or X.shape[2] % kernel[0] or X.shape[3] % kernel[1]):
+        out = _patch_conv(X, W, auto_pad, dilations, group, pads, strides)
+        if out is None:
             return super()._run(X, W, B, auto_pad, dilations, group, kernel_shape, pads, strides)
-        batch, channels, height, width = X.shape
-        patches = X.reshape(batch, channels, height // kernel[0], kernel[0], width // kernel[1], kernel[1])
-        out = np.einsum("bcyixj,ocij->boyx", patches, W, optimize=True)
         if B is not None:
             out = out + B.reshape(1, -1, 1, 1)
         return (out.astype(X.dtype),)
@@ -42,4 +53,38 @@ class Erf(OnnxErf):
         return (torch.special.erf(torch.from_numpy(np.ascontiguousarray(x))).numpy().astype(x.dtype),)
 
 
-FAST_REFERENCE_OPS = [Conv, Erf]
+def _centred(values: np.ndarray, zero_point: np.ndarray | None, axis: int) -> np.ndarray:
+    """values − zero point in float64; a per-channel zero point lies along `axis`."""
+    centred = values.astype(np.float64)
+    if zero_point is None:
+        return centred
+    zero_point = np.asarray(zero_point, dtype=np.float64)
+    if zero_point.ndim == 1 and zero_point.size > 1:
+        shape = [1] * values.ndim
+        shape[axis] = zero_point.size
+        zero_point = zero_point.reshape(shape)
+    return centred - zero_point
+
+
+class MatMulInteger(OnnxMatMulInteger):
+    """(A − a_zero_point) @ (B − b_zero_point) in float64, returned as INT32."""
+
+    def _run(self, A, B, a_zero_point=None, b_zero_point=None):  # type: ignore[override]  # noqa: N803
+        product = np.matmul(_centred(A, a_zero_point, -2), _centred(B, b_zero_point, -1))
+        return (np.rint(product).astype(np.int32),)
+
+
+class ConvInteger(OnnxConvInteger):
+    """The fast Conv on zero-point-centred float64 operands, returned as INT32."""
+
+    def _run(self, X, W, x_zero_point=None, w_zero_point=None, auto_pad=None, dilations=None,  # noqa: N803
+             group=None, kernel_shape=None, pads=None, strides=None):  # type: ignore[override]
+        out = _patch_conv(_centred(X, x_zero_point, 1), _centred(W, w_zero_point, 0), auto_pad, dilations,
+                          group, pads, strides)
+        if out is None:
+            return super()._run(X, W, x_zero_point, w_zero_point, auto_pad, dilations, group, kernel_shape,
+                                pads, strides)
+        return (np.rint(out).astype(np.int32),)
+
+
+FAST_REFERENCE_OPS = [Conv, ConvInteger, Erf, MatMulInteger]

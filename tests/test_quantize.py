@@ -185,3 +185,29 @@ def test_an_engine_refuses_an_int8_form_it_would_not_run_as_int8(tmp_path) -> No
         check_int8_support("deepsparse", qdq, "qdq.onnx")
     with pytest.raises(EngineLoadError, match="saturates"):
         check_int8_support("onnxruntime", operator, "operator.onnx")
+
+
+def test_the_fast_integer_reference_ops_equal_onnx_s_own() -> None:
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (3, 5, 24)).astype(np.uint8)
+    b = rng.integers(-127, 128, (24, 6)).astype(np.int8)
+    x = rng.integers(0, 256, (2, 3, 8, 8)).astype(np.uint8)
+    w = rng.integers(-127, 128, (4, 3, 4, 4)).astype(np.int8)
+    constants = {"azp": np.array(131, np.uint8), "bzp": rng.integers(-3, 3, 6).astype(np.int8),
+                 "xzp": np.array(7, np.uint8), "wzp": np.array(2, np.int8), "b": b, "w": w}
+    nodes = [helper.make_node("MatMulInteger", ["a", "b", "azp", "bzp"], ["y"]),
+             helper.make_node("ConvInteger", ["x", "w", "xzp", "wzp"], ["z"], strides=[4, 4])]
+    graph = helper.make_graph(
+        nodes, "integer",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, a.shape),
+         helper.make_tensor_value_info("x", TensorProto.UINT8, x.shape)],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, None),
+         helper.make_tensor_value_info("z", TensorProto.INT32, None)],
+        [numpy_helper.from_array(v, k) for k, v in constants.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    feeds = {"a": a, "x": x}
+    for fast, slow in zip(ReferenceEvaluator(model, new_ops=FAST_REFERENCE_OPS).run(None, feeds),
+                          ReferenceEvaluator(model).run(None, feeds), strict=True):
+        assert fast.dtype == np.int32 and np.array_equal(fast, slow)
