@@ -142,6 +142,17 @@ def _speed_setting(text: str):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _int8_speed_settings(text: str) -> tuple:
+    from vitsparse.bench.int8 import parse_int8_speed_setting
+
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(parse_int8_speed_setting(part) for part in text.split(",") if part)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _rates_or_none(text: str) -> tuple[float, ...]:
     return () if text.strip().lower() == "none" else _csv(float)(text)
 
@@ -203,6 +214,18 @@ def _bench_flags(parser: argparse.ArgumentParser) -> None:
         "--no-combined", action="store_true", help="skip the combined recipe (every method in one recipe)"
     )
     parser.add_argument(
+        "--int8-sparsities",
+        type=_rates_or_none,
+        help="static INT8 on digits-vit at these sparsities (0: dense; Fisher OBS masks), e.g. 0,0.75,0.9 "
+        "('none' skips it)",
+    )
+    parser.add_argument(
+        "--int8-speed",
+        type=_int8_speed_settings,
+        help="INT8 models timed on the speed model: dense, SPARSITY or SPARSITY@1xK, each in the operator "
+        "format on DeepSparse, or with @qdq on ONNX Runtime, e.g. dense@qdq,dense,0.9 ('none' skips them)",
+    )
+    parser.add_argument(
         "--speed-settings",
         type=_csv(_speed_setting),
         help="masks timed on the speed model: SPARSITY (unstructured), N:M, or "
@@ -258,6 +281,8 @@ def _prune_and_bench(args: argparse.Namespace) -> int:
             token_drop_seeds=args.token_drop_seeds,
             token_drop_speed=args.token_drop_keep,
             combined=not args.no_combined,
+            int8_sparsities=args.int8_sparsities,
+            int8_speed=args.int8_speed,
             speed_settings=args.speed_settings,
             speed_method=args.speed_method,
             solver_timing_samples=args.solver_timing_samples,

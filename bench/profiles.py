@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from vitsparse.pruners import HEAD_CHANNEL_VARIANTS
 
 from .combined import CombinedSetting
+from .int8 import DEFAULT_SPEED as INT8_SPEED
+from .int8 import Int8SpeedSetting
 from .methods import SpeedSetting
 from .token_drop import MODES as TOKEN_DROP_MODES
 from .vtp import VtpSetting
@@ -37,7 +39,11 @@ class Profile:
     token_drop_modes: tuple[str, ...] = TOKEN_DROP_MODES
     token_drop_seeds: int = 3
     token_drop_speed: tuple[float, ...] = (0.7,)
+    token_drop_finetune_epochs: int = 30  # digits-vit's own recipe after dropping (bench/token_drop.py)
     combined: CombinedSetting | None = CombinedSetting()  # every landed method in one recipe
+    # static INT8: digits-vit sparsities (0: dense; Fisher OBS masks) and the INT8 models timed
+    int8_sparsities: tuple[float, ...] = (0.0, 0.75, 0.9)
+    int8_speed: tuple[Int8SpeedSetting, ...] = INT8_SPEED
 
 
 PROFILES: dict[str, Profile] = {

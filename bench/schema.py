@@ -2,7 +2,7 @@
 
 {"schema": 4, "meta": {...}, "rows": [{"model", "method", "settings", "top1", "top1_oneshot",
  "top1_sparse_trained", "top1_seeds", "macs", "attention_macs", "params", "nonzero_params",
- "prune_seconds", "calibration_samples", "artifact", "speed": [{"engine",
+ "prune_seconds", "calibration_samples", "verification", "artifact", "speed": [{"engine",
  "batch", "items_per_sec", "latency_ms": {"mean", "p50", "p90", "p99"}, "speedup_vs_dense_torch",
  "speedup_vs_dense_same_engine", "fraction_of_supported_ops"}]}]}
 
@@ -10,7 +10,9 @@ Schema 2 added `prune_seconds` (how long choosing the masks took) and `calibrati
 schema 3 added `top1_sparse_trained` (VTP: top-1 of the gated model after sparse training, before
 slicing; `top1_oneshot` is then the sliced model before fine-tuning); schema 4 added `attention_macs`
 (qkv, attention matmuls and proj of every block, per image) and `top1_seeds` (the fine-tuned top-1 of
-each seed where a row's top-1 figures are means over seeds: head-channels).
+each seed where a row's top-1 figures are means over seeds: head-channels); schema 5 added
+`verification` (int8 rows on digits-vit: per export format, the engine that ran it, the images, the
+largest logit difference to the float model and the share of images with the same top-1).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Row:
     nonzero_params: int | None = None
     prune_seconds: float | None = None
     calibration_samples: int | None = None
+    verification: dict[str, dict[str, Any]] | None = None
     artifact: str | None = None
     speed: list[SpeedEntry] = field(default_factory=list)
 

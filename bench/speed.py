@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,11 +23,17 @@ ENGINE_EXPORT: dict[str, dict] = {"deepsparse": {"feature_select": "matmul"}}
 
 @dataclass
 class SpeedCandidate:
-    """A row to time and the pruned graph (with its recipe) that produces it."""
+    """A row to time and the pruned graph (with its recipe) that produces it; `engines` limits where it
+    is timed (an INT8 format runs as INT8 on one engine) and `export` adds ExportConfig settings."""
 
     row: Row
     graph: fx.GraphModule
     recipe: Recipe
+    engines: tuple[str, ...] | None = None
+    export: dict = field(default_factory=dict)
+
+    def timed_on(self, engines: tuple[str, ...]) -> list[str]:
+        return [e for e in engines if self.engines is None or e in self.engines]
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,7 @@ def _engine_onnx(cand: SpeedCandidate, engine: str, batch: int, default: Path, a
     overrides = ENGINE_EXPORT.get(engine)
     if not overrides or not any(isinstance(m, SelectFeatures) for m in cand.graph.modules()):
         return default
-    config = ExportConfig(batch_size=batch, **overrides)
+    config = ExportConfig(batch_size=batch, **{**cand.export, **overrides})
     target = artifacts / artifact_slug(cand.row, f"b{batch}-{engine}")
     return export_artifact(cand.graph, cand.recipe, target, config, overwrite=True).directory / "model.onnx"
 
@@ -90,14 +96,15 @@ def _runners_for_batch(
             cand.graph,
             cand.recipe,
             artifacts / artifact_slug(cand.row, f"b{batch}"),
-            ExportConfig(batch_size=batch),
+            ExportConfig(batch_size=batch, **cand.export),
             overwrite=True,
         )
         if batch == plan.batch_sizes[0]:
             cand.row.artifact = str(result.directory)
-        if TORCH in plan.engines:
+        engines = cand.timed_on(plan.engines)
+        if TORCH in engines:
             runners[(index, TORCH)] = _torch_runner(cand.graph, batch)
-        for name in (e for e in plan.engines if e != TORCH):
+        for name in (e for e in engines if e != TORCH):
             onnx_path = _engine_onnx(cand, name, batch, result.directory / "model.onnx", artifacts)
             engine, runner = _engine_runner(name, onnx_path, batch, plan.num_cores, cand.graph)
             runners[(index, name)] = runner

@@ -34,6 +34,9 @@ from .head_channels import (
     head_channel_digits_rows,
     head_channel_speed_graph,
 )
+from .int8 import BASE as BASE_MASKS
+from .int8 import SPEED_CALIBRATION as INT8_CALIBRATION
+from .int8 import int8_digits_rows, int8_speed_candidates
 from .methods import METHODS, SpeedSetting
 from .profiles import get_profile
 from .report import speed_table, write_report
@@ -76,6 +79,8 @@ class BenchOptions:
     token_drop_seeds: int | None = None
     token_drop_speed: tuple[float, ...] | None = None  # overrides the profile's timed keep rates; () skips
     combined: bool = True  # the combined recipe's rows (when the profile has one)
+    int8_sparsities: tuple[float, ...] | None = None  # overrides the profile's digits INT8 rows; () skips
+    int8_speed: tuple | None = None  # overrides the profile's timed INT8 models (Int8SpeedSetting); () skips
     finetune_epochs: int | None = None
     solver_timing_samples: int | None = None  # overrides the profile's; 0 skips solver timing
     calibration_data: Path | None = None  # ImageFolder for solver timing; random images otherwise
@@ -96,7 +101,7 @@ class BenchOptions:
                 f"unknown methods/engines {unknown}; methods: {', '.join(METHODS)}; "
                 f"engines: {', '.join(ENGINES)}"
             )
-        if any(not 0 <= s < 1 for s in self.accuracy_sparsities or ()):
+        if any(not 0 <= s < 1 for s in (*(self.accuracy_sparsities or ()), *(self.int8_sparsities or ()))):
             raise ValueError(f"sparsities must lie in [0, 1), got {self.accuracy_sparsities}")
         if any(not 0 <= r < 1 for r in self.vtp_rates or ()):
             raise ValueError(f"VTP rates must lie in [0, 1), got {self.vtp_rates}")
@@ -272,7 +277,14 @@ def _token_drop_rows(opts: BenchOptions, profile, epochs: int, artifacts: Path) 
         return []
     print(f"      token-drop at FLOPs ratios {ratios}, {', '.join(modes)}, {seeds} seed(s) each", flush=True)
     settings = tuple(TokenDropSetting(r, m) for r in ratios for m in modes)
-    return token_drop_digits_rows(settings, epochs, seeds, artifacts, progress=opts.progress)
+    finetune_epochs = opts.finetune_epochs or profile.token_drop_finetune_epochs
+    return token_drop_digits_rows(settings, epochs, seeds, artifacts, progress=opts.progress,
+                                  finetune_epochs=finetune_epochs)
+
+
+def _int8_label(setting) -> str:
+    masks = "dense" if setting.masks is None else f"{setting.masks.sparsity:g} {setting.masks.pattern}"
+    return f"{masks} {setting.format}"
 
 
 def _combined(opts: BenchOptions, profile):
@@ -306,6 +318,10 @@ def run_prune_and_bench(opts: BenchOptions) -> Path:
         if _combined(opts, profile) is not None:
             print(f"      combined recipe: {', '.join(_combined(opts, profile).passes())}", flush=True)
             rows.append(combined_digits_row(_combined(opts, profile), epochs, artifacts))
+        int8_sparsities = profile.int8_sparsities if opts.int8_sparsities is None else opts.int8_sparsities
+        if int8_sparsities:
+            print(f"      int8 at sparsities {int8_sparsities} ({BASE_MASKS} masks)", flush=True)
+            rows += int8_digits_rows(int8_sparsities, epochs, artifacts)
     samples = (
         profile.solver_timing_samples if opts.solver_timing_samples is None else opts.solver_timing_samples
     )
@@ -316,18 +332,25 @@ def run_prune_and_bench(opts: BenchOptions) -> Path:
     settings = opts.speed_settings or profile.speed_settings
     vtp_speed = profile.vtp_speed if opts.vtp_rates is None else tuple(VtpSetting(r) for r in opts.vtp_rates)
     token_keep = profile.token_drop_speed if opts.token_drop_speed is None else opts.token_drop_speed
+    int8_speed = profile.int8_speed if opts.int8_speed is None else opts.int8_speed
     print(
         f"[3/3] speed on {opts.model}: {opts.speed_method} masks at "
         f"{', '.join(f'{s.sparsity:g} {s.pattern}' for s in settings)}; vtp at "
         f"{', '.join(f'{v.rate:g} (multiple {v.multiple})' for v in vtp_speed) or 'none'}; "
         f"head-channels at {', '.join(f'{b:g}' for b in head_budgets) or 'none'}; "
         f"token-drop keep {', '.join(f'{k:g}' for k in token_keep) or 'none'}; "
-        f"combined {'yes' if _combined(opts, profile) else 'no'}; "
+        f"combined {'yes' if _combined(opts, profile) else 'no'}; int8 "
+        f"{', '.join(_int8_label(s) for s in int8_speed) or 'none'}; "
         f"batch sizes {plan.batch_sizes}, engines {', '.join(plan.engines)}",
         flush=True,
     )
     candidates = _speed_candidates(opts, model, settings, calibration, vtp_speed, head_budgets, token_keep,
                                    _combined(opts, profile))
+    if int8_speed:
+        int8_calibration = _calibration_images(opts, model, INT8_CALIBRATION)
+        candidates += int8_speed_candidates(model, int8_speed, int8_calibration, _base(opts),
+                                            lambda method, settings, manager: _costed_row(
+                                                opts, method, settings, manager))
     measure_speed(candidates, plan, artifacts)
     rows += [c.row for c in candidates]
     written = write_report(run_dir, _meta(opts, plan, started), rows)

@@ -6,7 +6,7 @@ from .digits import DigitsDatasets, DigitsLoaders, DigitsViTConfig, digits_datas
 from .evaluate import EvalResult, evaluate
 from .factory import build_model, list_builtin_models, register_builtin
 from .pretrained import cached_weights_path, digits_vit, read_cached_metrics
-from .train import TrainMetrics, train_digits_vit
+from .train import TrainMetrics, shifted_train_loader, train_digits_vit
 from .weights import load_checkpoint, read_state_dict, save_state_dict
 
 __all__ = [
@@ -30,5 +30,6 @@ __all__ = [
     "read_state_dict",
     "register_builtin",
     "save_state_dict",
+    "shifted_train_loader",
     "train_digits_vit",
 ]

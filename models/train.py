@@ -14,10 +14,16 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
-from .digits import DigitsDatasets, DigitsViTConfig, build_digits_architecture, digits_datasets_for
+from .digits import (
+    DigitsDatasets,
+    DigitsLoaders,
+    DigitsViTConfig,
+    build_digits_architecture,
+    digits_datasets_for,
+)
 from .evaluate import evaluate
 
 CPU = torch.device("cpu")
@@ -78,6 +84,23 @@ def random_shift(
     cols = (dx[:, None] + torch.arange(w))[:, None, :]
     shifted = padded[torch.arange(n)[:, None, None], rows, cols]
     return shifted.permute(0, 3, 1, 2).contiguous()
+
+
+def shifted_train_loader(loaders: DigitsLoaders, seed: int, config: DigitsViTConfig | None = None
+                         ) -> DataLoader:
+    """The digits train split, shuffled by `seed`, each batch shifted as digits-vit was trained
+    (``max_shift``, ``shift_prob`` of `config`): a fine-tune that runs many epochs over 1257 images
+    overfits without it."""
+    config = config or DigitsViTConfig()
+    background = (0.0 - loaders.mean) / loaders.std
+    shifts = torch.Generator().manual_seed(seed + 1)
+
+    def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = default_collate(batch)
+        return random_shift(images, config.max_shift, background, shifts, config.shift_prob), labels
+
+    return DataLoader(loaders.train.dataset, batch_size=loaders.train.batch_size, shuffle=True,
+                      generator=torch.Generator().manual_seed(seed), collate_fn=collate)
 
 
 def _train_epoch(

@@ -54,7 +54,8 @@ def per_channel(values: torch.Tensor, like: torch.Tensor, channel_dim: int) -> t
 
 
 class _QuantMixin:
-    """Fake quantization of the layer input (per tensor, UINT8) and weight (per channel, INT8)."""
+    """Fake quantization of the layer input and its pre-bias product (per tensor, UINT8) and of the
+    weight (per channel, INT8); rounding passes gradients straight through, so the layer trains."""
 
     weight: nn.Parameter
     bias: nn.Parameter | None

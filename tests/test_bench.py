@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from vitsparse.bench.cli import main
+from vitsparse.bench.int8 import Int8SpeedSetting, parse_int8_speed_setting
 from vitsparse.bench.methods import SpeedSetting, parse_speed_setting
 from vitsparse.bench.report import head_channel_table, paired_difference
 from vitsparse.bench.schema import Row
@@ -22,7 +23,8 @@ def run_dir(tmp_path_factory) -> Path:
         speed_settings=(SpeedSetting(0.9), SpeedSetting(0.5, "2:4"), SpeedSetting(0.5, "1x4")),
         accuracy_sparsities=(0.5,), vtp_rates=(0.4,), finetune_epochs=1, solver_timing_samples=8,
         head_channel_budgets=(0.3,), head_channel_variants=("full", "l1"), head_channel_seeds=2,
-        token_drop_ratios=(0.65,), token_drop_seeds=1, token_drop_speed=(0.7,), batch_sizes=(1, 2),
+        token_drop_ratios=(0.65,), token_drop_seeds=1, token_drop_speed=(0.7,), int8_sparsities=(0.5,),
+        int8_speed=(Int8SpeedSetting(None, "qdq"), Int8SpeedSetting(SpeedSetting(0.9))), batch_sizes=(1, 2),
         seconds_per_block=0.05, rounds=1, num_cores=1, output_dir=tmp_path_factory.mktemp("runs"),
         progress=False,
     )
@@ -31,7 +33,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 def test_results_follow_the_schema(run_dir: Path) -> None:
     doc = json.loads((run_dir / "results.json").read_text())
-    assert doc["schema"] == 4 and doc["meta"]["profile"] == "default"
+    assert doc["schema"] == 5 and doc["meta"]["profile"] == "default"
     assert doc["meta"]["speed_weights"] == "random"
     keys = {"model", "method", "settings", "top1", "top1_oneshot", "top1_sparse_trained", "top1_seeds",
             "macs", "attention_macs", "params", "nonzero_params", "prune_seconds", "calibration_samples",
@@ -48,12 +50,14 @@ def test_results_follow_the_schema(run_dir: Path) -> None:
         ("token-drop", {"mode": "learned", "target_ratio": 0.65, "locations": [2, 4, 5],
                         **{k: digits[8]["settings"][k] for k in ("keep_rate", "kept_tokens")}}),
         ("combined", {"passes": ["vtp", "head-channels", "token-drop", "magnitude"], "vtp_rate": 0.2,
-                      "head_budget": 0.3, "keep_rate": 0.7, "sparsity": 0.8, "multiple": 16})]
+                      "head_budget": 0.3, "keep_rate": 0.7, "sparsity": 0.8, "multiple": 16}),
+        ("int8", {"base": "obs-fisher", "sparsity": 0.5, "pattern": "unstructured",
+                  "observer": "percentile"})]
     assert all(0 <= r["top1"] <= 1 and 0 <= r["top1_oneshot"] <= 1 for r in digits)
     assert all(r["nonzero_params"] < digits[0]["nonzero_params"] for r in digits[1:7] + digits[9:])
     assert all(r["params"] == digits[0]["params"] for r in digits[7:9])  # token drop keeps every weight
     assert [r["calibration_samples"] for r in digits[1:]] == [
-        None, 256, 256, None, 128, None, None, 256, None]
+        None, 256, 256, None, 128, None, None, 256, None, 256]
     vtp = digits[4]  # sliced: fewer MACs and parameters, all of them non-zero; three top-1 stages
     assert vtp["macs"] < 0.75 * digits[0]["macs"] and vtp["params"] < digits[0]["params"]
     assert 0 <= vtp["top1_sparse_trained"] <= 1 and all(r["top1_sparse_trained"] is None for r in digits[:4])
@@ -62,13 +66,18 @@ def test_results_follow_the_schema(run_dir: Path) -> None:
         assert len(heads["top1_seeds"]) == 2 and heads["top1"] == pytest.approx(sum(heads["top1_seeds"]) / 2)
         assert 0 <= heads["top1_sparse_trained"] <= 1 and heads["params"] < digits[0]["params"]
         assert heads["prune_seconds"] > 0
-    fixed, learned, combined = digits[7:]
+    fixed, learned, combined, int8 = digits[7:]
     assert 0.3 < 1 - fixed["macs"] / digits[0]["macs"] < 0.4  # about 35 % fewer MACs
     assert 0.2 < 1 - learned["macs"] / digits[0]["macs"] < 0.5  # near it after one epoch of learning
     assert len(fixed["top1_seeds"]) == len(learned["top1_seeds"]) == 1
     assert fixed["top1_sparse_trained"] is None and 0 < learned["top1_sparse_trained"] <= 1
     assert combined["macs"] < 0.5 * digits[0]["macs"]
     assert combined["nonzero_params"] < 0.3 * digits[0]["params"]
+    checked = {"qdq": "onnxruntime", "operator": "deepsparse"}  # each format on the engine running it as INT8
+    assert set(int8["verification"]) == {f for f, e in checked.items() if e in available_engines()}
+    for form, check in int8["verification"].items():
+        assert check["engine"] == checked[form] and check["images"] == 270
+        assert 0 <= check["max_abs_logit_diff"] < 5 and 0.9 <= check["top1_agreement"] <= 1
 
 
 def test_each_solver_is_timed_on_the_speed_model(run_dir: Path) -> None:
@@ -84,17 +93,23 @@ def test_speed_rows_time_every_engine_against_the_dense_baseline(run_dir: Path) 
     rows = [r for r in all_rows if r["model"] != "digits-vit" and r["speed"]]
     assert [(r["method"], r["settings"].get("pattern")) for r in rows] == [
         ("dense", None), ("magnitude", "unstructured"), ("magnitude", "2:4"), ("magnitude", "1x4"),
-        ("vtp", None), ("head-channels", None), ("token-drop", None), ("combined", None)]
-    vtp, heads, tokens, combined = rows[-4:]
+        ("vtp", None), ("head-channels", None), ("token-drop", None), ("combined", None), ("int8", None),
+        ("int8", "unstructured")]
+    vtp, heads, tokens, combined, int8_qdq, int8_operator = rows[-6:]
+    assert int8_qdq["settings"] == {"base": "dense", "format": "qdq"}
+    assert int8_operator["settings"] == {"base": "magnitude", "sparsity": 0.9, "pattern": "unstructured",
+                                         "format": "operator"}
     assert vtp["settings"] == {"rate": 0.4, "multiple": 8} and vtp["macs"] < rows[0]["macs"]
     assert heads["settings"] == {"budget": 0.3, "multiple": 8}
     assert 0.3 <= 1 - heads["attention_macs"] / rows[0]["attention_macs"] < 0.35
     assert tokens["settings"] == {"mode": "fixed", "keep_rate": 0.7, "locations": [1], "kept_tokens": [3]}
     assert tokens["macs"] < rows[0]["macs"] and combined["macs"] < tokens["macs"]
     assert rows[0]["top1"] is None
+    int8_engines = {"qdq": {"onnxruntime"}, "operator": {"deepsparse"}}  # where each runs as INT8
     for row in rows:
+        engines = int8_engines[row["settings"]["format"]] if row["method"] == "int8" else available_engines()
         assert {(s["engine"], s["batch"]) for s in row["speed"]} == {
-            (e, b) for e in available_engines() for b in (1, 2)}
+            (e, b) for e in available_engines() if e in engines for b in (1, 2)}
         for entry in row["speed"]:
             assert entry["items_per_sec"] > 0
             assert entry["latency_ms"]["p50"] <= entry["latency_ms"]["p99"]
@@ -127,6 +142,8 @@ def test_report_and_plot_are_written(run_dir: Path) -> None:
     assert "## Token dropping (AS-ViT)" in report
     assert "| 0.65 | fixed | " in report and "| 0.65 | learned | " in report
     assert "## Combined recipe" in report and "| vtp → head-channels → token-drop → magnitude |" in report
+    assert "## Static INT8 on digits-vit" in report and "| obs-fisher | 50.00 % |" in report
+    assert "## INT8 speed" in report and "| dense | qdq | onnxruntime | 1 |" in report
     for plot in ("speedup.png", "accuracy.png", "head_channels.png"):
         assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -154,6 +171,14 @@ def test_bad_bench_options_are_clear_errors(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["prune-and-bench", "--speed-settings", "0.75@2:4"])
     assert "fixes the sparsity at 0.5" in capsys.readouterr().err
+
+
+def test_int8_speed_settings_parse() -> None:
+    assert parse_int8_speed_setting("dense@qdq") == Int8SpeedSetting(None, "qdq")
+    assert parse_int8_speed_setting("0.75@1x4") == Int8SpeedSetting(SpeedSetting(0.75, "1x4"), "operator")
+    assert parse_int8_speed_setting("0.9@qdq") == Int8SpeedSetting(SpeedSetting(0.9), "qdq")
+    with pytest.raises(ValueError, match="bad speed setting"):
+        parse_int8_speed_setting("dense@int4")
 
 
 @pytest.mark.parametrize("text,expected", [

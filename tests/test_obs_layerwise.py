@@ -181,7 +181,7 @@ def test_block_size_must_hold_whole_units(spec: str, block_size: int) -> None:
 
 
 def test_zero_calibration_samples_are_refused() -> None:
-    with pytest.raises(ValueError, match="no samples"):
+    with pytest.raises(ValueError, match="no images"):
         _obs_pass(sparsity=0.5, calibration=torch.empty(0, 3, 32, 32))
     gm = trace(small_vit(depth=1, num_classes=10))
     structure = find_vit_structure(gm)

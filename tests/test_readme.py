@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -37,8 +38,8 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys) -> None:
 
 def test_readme_second_order_and_gradual_examples_run(monkeypatch) -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
-    assert len(blocks) == 7, ("the API example, second-order pruning, gradual pruning, VTP, head channels, "
-                              "token dropping fixed and learned")
+    assert len(blocks) == 8, ("the API example, second-order pruning, gradual pruning, VTP, head channels, "
+                              "token dropping fixed and learned, INT8")
     namespace: dict = {}
     first = blocks[0].split("manager = PassManager")[0]  # imports, the dense model and the data
     from vitsparse.pruners import finetune as real_finetune
@@ -112,3 +113,14 @@ def test_readme_learned_token_drop_example_runs() -> None:
     assert abs(namespace["learned"].final_ratio - 0.65) < 0.1
     before, after = record.stats["before"]["macs"], record.stats["after"]["macs"]
     assert 0.2 < 1 - after / before < 0.5
+
+
+def test_readme_int8_example_runs(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the example writes its two artifact folders here
+    namespace = _run_after_setup(7)
+    record = namespace["manager"].recipe.passes[-1]
+    assert record.name == "int8" and record.params["observer"] == "percentile"
+    assert len(record.decisions["ranges"]) == 24  # qkv, proj, fc1, fc2 of digits-vit's 6 blocks
+    for folder, form in (("int8-ort", "qdq"), ("int8-ds", "operator")):
+        meta = json.loads((tmp_path / folder / "meta.json").read_text())
+        assert meta["quantization"] == {"format": form, "layers": 24}

@@ -1,0 +1,141 @@
+"""INT8 rows: static INT8 on digits-vit (dense and second-order-sparse), and the speed model's INT8
+candidates, each timed on the engine that runs its format as INT8.
+
+digits-vit: each sparsity's model (Fisher OBS masks, then the standard fine-tune) is quantized after
+calibration on training images (`top1_oneshot`: post-training INT8), then fine-tuned
+quantization-aware with the masks kept (`top1`). Both exports of the fine-tuned model are run on the
+held-out test images and compared with the float model they came from (`verification`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitsparse.compiler import ExportConfig, PassManager, Recipe, export_artifact, trace
+from vitsparse.models import build_model, digits_loaders, evaluate
+from vitsparse.pruners import FinetuneConfig, QuantConfig, QuantizePass, finetune, make_calibration
+from vitsparse.runtime import create_engine, engine_status
+
+from .accuracy import CALIBRATION_IMAGES, MODEL, digits_finetune_config, make_row
+from .methods import METHODS, SpeedSetting
+from .schema import Row
+from .speed import SpeedCandidate, artifact_slug
+
+METHOD = "int8"
+BASE = "obs-fisher"  # the second-order masks the sparse digits rows quantize
+OBSERVER = "percentile"
+QAT = FinetuneConfig(epochs=4, lr=1e-4, warmup_steps=5)  # a gentle lr: the calibrated ranges stay valid
+FORMAT_ENGINE = {"qdq": "onnxruntime", "operator": "deepsparse"}  # where each format runs as INT8
+SPEED_CALIBRATION = 16  # images (random or --calibration-data) the speed model's ranges come from
+
+
+@dataclass(frozen=True)
+class Int8SpeedSetting:
+    """An INT8 model to time: the masks under it (None: dense) and the format (hence the engine)."""
+
+    masks: SpeedSetting | None
+    format: str = "operator"
+
+    def settings(self) -> dict[str, Any]:
+        base = {"base": "dense"} if self.masks is None else {"base": "magnitude", **self.masks.settings()}
+        return {**base, "format": self.format}
+
+
+DEFAULT_SPEED = (Int8SpeedSetting(None, "qdq"), Int8SpeedSetting(None), Int8SpeedSetting(SpeedSetting(0.75)),
+                 Int8SpeedSetting(SpeedSetting(0.9)), Int8SpeedSetting(SpeedSetting(0.75, "1x4")))
+
+
+def _quantize(graph: torch.nn.Module, recipe: Recipe, calibration) -> PassManager:
+    manager = PassManager(copy.deepcopy(graph), recipe=copy.deepcopy(recipe))
+    manager.run(QuantizePass(QuantConfig(observer=OBSERVER), calibration=calibration))
+    return manager
+
+
+def _logits(engine_name: str, directory: Path, images: torch.Tensor) -> np.ndarray:
+    engine = create_engine(engine_name, directory / "model.onnx", batch_size=1)
+    return np.concatenate([engine.run([image[None].numpy()])[0] for image in images])
+
+
+def verify_formats(graph: torch.nn.Module, recipe: Recipe, reference: np.ndarray, images: torch.Tensor,
+                   artifacts: Path, slug: str) -> dict[str, dict[str, float | str]]:
+    """Each format's export run on its engine over `images`, against the float model's logits."""
+    checks = {}
+    for form, engine_name in FORMAT_ENGINE.items():
+        if not engine_status(engine_name).available:
+            continue
+        target = artifacts / f"{slug}-{form}"
+        export_artifact(graph, recipe, target, ExportConfig(quant_format=form), overwrite=True)
+        logits = _logits(engine_name, target, images)
+        checks[form] = {"engine": engine_name, "images": len(images),
+                        "max_abs_logit_diff": float(np.abs(logits - reference).max()),
+                        "top1_agreement": float(np.mean(logits.argmax(1) == reference.argmax(1)))}
+    return checks
+
+
+def int8_digits_rows(sparsities: tuple[float, ...], epochs: int, artifacts: Path) -> list[Row]:
+    """digits-vit at each sparsity: INT8 top-1 after calibration and after quantization-aware training."""
+    os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+    dense = build_model(MODEL, pretrained=True)
+    loaders = digits_loaders()
+    calibration = make_calibration(loaders.train, CALIBRATION_IMAGES)
+    images = torch.cat([x for x, _ in loaders.test])
+    base = {"model": MODEL, "kwargs": {}, "pretrained": True}
+    rows = []
+    for sparsity in sparsities:
+        manager = PassManager(trace(dense), recipe=Recipe(base=base))
+        graph = manager.graph_module
+        if sparsity:
+            manager.run(METHODS[BASE].make_pass(sparsity, calibration=calibration,
+                                                samples=CALIBRATION_IMAGES))
+            graph = finetune(manager.graph_module, loaders.train, loaders.val, digits_finetune_config(epochs),
+                             teacher=dense, progress=False).model
+        with torch.no_grad():
+            reference = graph.eval()(images).numpy()
+        quantized = _quantize(graph, manager.recipe, calibration)
+        post_training = evaluate(quantized.graph_module, loaders.test).top1
+        tuned = finetune(quantized.graph_module, loaders.train, loaders.val, QAT, teacher=dense,
+                         progress=False).model
+        settings = {"base": BASE if sparsity else "dense", "sparsity": sparsity, "pattern": "unstructured",
+                    "observer": OBSERVER}
+        row = make_row(METHOD, settings, tuned, evaluate(tuned, loaders.test).top1, post_training)
+        row.calibration_samples = quantized.recipe.passes[-1].stats["calibration_samples"]
+        row.verification = verify_formats(tuned, quantized.recipe, reference, images, artifacts,
+                                          artifact_slug(row))
+        row.artifact = str(artifacts / f"{artifact_slug(row)}-qdq")
+        rows.append(row)
+    return rows
+
+
+def int8_speed_candidates(model: torch.nn.Module, settings: tuple[Int8SpeedSetting, ...], calibration,
+                          base: dict, make_row_for) -> list[SpeedCandidate]:
+    """The speed model under each setting's masks, quantized, to be timed on its format's engine only."""
+    candidates = []
+    for setting in settings:
+        manager = PassManager(trace(model), recipe=Recipe(base=base))
+        if setting.masks is not None:
+            manager.run(METHODS["magnitude"].make_pass(setting.masks.sparsity, setting.masks.pattern))
+        manager.run(QuantizePass(QuantConfig(observer=OBSERVER), calibration=calibration))
+        row = make_row_for(METHOD, setting.settings(), manager)
+        candidates.append(SpeedCandidate(row, manager.graph_module, manager.recipe,
+                                         engines=(FORMAT_ENGINE[setting.format],),
+                                         export={"quant_format": setting.format}))
+    return candidates
+
+
+def parse_int8_speed_setting(text: str) -> Int8SpeedSetting:
+    """'dense' or 'dense@qdq', '0.9', '0.75@1x4' (the operator format on DeepSparse unless '@qdq' ends it)."""
+    from .methods import parse_speed_setting
+
+    text = text.strip()
+    form = "operator"
+    if text.endswith("@qdq") or text.endswith("@operator"):
+        text, _, form = text.rpartition("@")
+    masks = None if text == "dense" else parse_speed_setting(text)
+    return Int8SpeedSetting(masks, form)
