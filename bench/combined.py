@@ -5,13 +5,14 @@ masks compose as passes of one recipe: shapes shrink first, then the sequence, t
 turn to zeros. On digits-vit VTP's scores are trained (λ·‖â‖₁) and the recipe is fine-tuned with
 distillation; the head-channel indicators come from weight norms on both models (the channel search
 trains for a whole fine-tune of its own), and the speed model, with random weights, gets every
-choice from weight norms: its row measures the shapes and zeros the recipe yields.
+choice from weight norms: its row measures the shapes and zeros the recipe yields. With `int8`, static
+INT8 ends the recipe: on digits-vit after the fine-tune, followed by a quantization-aware one.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -21,16 +22,21 @@ from vitsparse.pruners import (
     DimensionSlicePass,
     HeadChannelSlicePass,
     HeadGatePass,
+    QuantConfig,
+    QuantizePass,
     ScoreGatePass,
     SparsityPass,
     TokenDropPass,
     finetune,
     indicators_from_weights,
+    make_calibration,
     scores_from_weight_norms,
     sparse_train,
 )
 
-from .accuracy import MODEL, digits_finetune_config, export_row, make_row
+from .accuracy import CALIBRATION_IMAGES, MODEL, digits_finetune_config, export_row, make_row
+from .int8 import OBSERVER as INT8_OBSERVER
+from .int8 import QAT
 from .schema import Row
 
 METHOD = "combined"
@@ -47,10 +53,11 @@ class CombinedSetting:
     # sliced widths round to 16: DeepSparse 1.8's sparse kernels give wrong results on masked weights
     # whose input width is not a multiple of 16 (the runtime refuses such a file)
     multiple: int = 16
+    int8: bool = False  # static INT8 last (calibrated; on digits-vit fine-tuned quantization-aware)
 
     def passes(self) -> list[str]:
         chosen = [("vtp", self.vtp_rate > 0), ("head-channels", self.head_budget > 0),
-                  ("token-drop", self.keep_rate < 1), ("magnitude", self.sparsity > 0)]
+                  ("token-drop", self.keep_rate < 1), ("magnitude", self.sparsity > 0), ("int8", self.int8)]
         return [name for name, included in chosen if included]
 
     def settings(self) -> dict:
@@ -58,9 +65,9 @@ class CombinedSetting:
                 "keep_rate": self.keep_rate, "sparsity": self.sparsity, "multiple": self.multiple}
 
 
-def apply_combined(manager: PassManager, setting: CombinedSetting, train_vtp=None) -> None:
+def apply_combined(manager: PassManager, setting: CombinedSetting, train_vtp=None, calibration=None) -> None:
     """Run the recipe's passes on `manager`'s graph; `train_vtp(gated)` trains VTP's scores (None: weight
-    norms stand in)."""
+    norms stand in); INT8 calibrates on `calibration`."""
     if setting.vtp_rate > 0:
         gated = manager.run(ScoreGatePass())
         (train_vtp or scores_from_weight_norms)(gated)
@@ -73,6 +80,8 @@ def apply_combined(manager: PassManager, setting: CombinedSetting, train_vtp=Non
         manager.run(TokenDropPass(setting.keep_rate))
     if setting.sparsity > 0:
         manager.run(SparsityPass(saliency="magnitude", sparsity=setting.sparsity))
+    if setting.int8:
+        manager.run(QuantizePass(QuantConfig(observer=INT8_OBSERVER), calibration=calibration))
 
 
 def combined_digits_row(setting: CombinedSetting, epochs: int, artifacts) -> Row:
@@ -86,18 +95,26 @@ def combined_digits_row(setting: CombinedSetting, epochs: int, artifacts) -> Row
     def train_vtp(gated: torch.fx.GraphModule) -> None:
         sparse_train(gated, loaders.train, config, teacher=dense, progress=False)
 
-    apply_combined(manager, setting, train_vtp)
+    apply_combined(manager, replace(setting, int8=False), train_vtp)
     oneshot = evaluate(manager.graph_module, loaders.test).top1
     tuned = finetune(manager.graph_module, loaders.train, loaders.val, config, teacher=dense,
                      progress=False).model
+    if setting.int8:
+        manager = PassManager(tuned, recipe=manager.recipe)
+        calibration = make_calibration(loaders.train, CALIBRATION_IMAGES)
+        manager.run(QuantizePass(QuantConfig(observer=INT8_OBSERVER), calibration=calibration))
+        tuned = finetune(manager.graph_module, loaders.train, loaders.val, QAT, teacher=dense,
+                         progress=False).model
     row = make_row(METHOD, setting.settings(), tuned, evaluate(tuned, loaders.test).top1, oneshot)
     row.prune_seconds = round(sum(p.stats["seconds"] for p in manager.recipe.passes), 3)
     export_row(tuned, manager.recipe, row, artifacts)
     return row
 
 
-def combined_speed_graph(model: torch.nn.Module, setting: CombinedSetting, recipe: Recipe) -> PassManager:
-    """The speed model through the recipe, every choice from weight norms."""
+def combined_speed_graph(model: torch.nn.Module, setting: CombinedSetting, recipe: Recipe,
+                         calibration=None) -> PassManager:
+    """The speed model through the recipe, every choice from weight norms (INT8 calibrated on
+    `calibration`)."""
     manager = PassManager(trace(model), recipe=recipe)
-    apply_combined(manager, setting)
+    apply_combined(manager, setting, calibration=calibration)
     return manager

@@ -9,7 +9,7 @@ import datetime as dt
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,8 +35,8 @@ from .head_channels import (
     head_channel_speed_graph,
 )
 from .int8 import BASE as BASE_MASKS
+from .int8 import FORMAT_ENGINE, int8_digits_rows, int8_speed_candidates
 from .int8 import SPEED_CALIBRATION as INT8_CALIBRATION
-from .int8 import int8_digits_rows, int8_speed_candidates
 from .methods import METHODS, SpeedSetting
 from .profiles import get_profile
 from .report import speed_table, write_report
@@ -287,6 +287,37 @@ def _int8_label(setting) -> str:
     return f"{masks} {setting.format}"
 
 
+def _int8_digits(opts: BenchOptions, profile, epochs: int, artifacts: Path) -> list[Row]:
+    """INT8 on digits-vit at each sparsity, then the combined recipe with INT8 (when it runs)."""
+    sparsities = profile.int8_sparsities if opts.int8_sparsities is None else opts.int8_sparsities
+    if not sparsities:
+        return []
+    print(f"      int8 at sparsities {sparsities} ({BASE_MASKS} masks)", flush=True)
+    rows = int8_digits_rows(sparsities, epochs, artifacts)
+    if _combined(opts, profile) is not None:
+        print("      combined recipe with int8", flush=True)
+        rows.append(combined_digits_row(replace(_combined(opts, profile), int8=True), epochs, artifacts))
+    return rows
+
+
+def _int8_speed(opts: BenchOptions, profile, model: torch.nn.Module, settings: tuple) -> list[SpeedCandidate]:
+    """The timed INT8 models whose engine is timed, then the combined recipe with INT8 on DeepSparse."""
+    settings = tuple(s for s in settings if FORMAT_ENGINE[s.format] in opts.engines)
+    if not settings:
+        return []
+    calibration = _calibration_images(opts, model, INT8_CALIBRATION)
+    candidates = int8_speed_candidates(model, settings, calibration, _base(opts),
+                                       lambda method, row_settings, manager: _costed_row(
+                                           opts, method, row_settings, manager))
+    if _combined(opts, profile) is not None and "deepsparse" in opts.engines:
+        setting = replace(_combined(opts, profile), int8=True)
+        manager = combined_speed_graph(model, setting, Recipe(base=_base(opts)), calibration)
+        candidates.append(SpeedCandidate(_costed_row(opts, COMBINED, setting.settings(), manager),
+                                         manager.graph_module, manager.recipe, engines=("deepsparse",),
+                                         export={"quant_format": "operator"}))
+    return candidates
+
+
 def _combined(opts: BenchOptions, profile):
     return profile.combined if opts.combined else None
 
@@ -318,10 +349,7 @@ def run_prune_and_bench(opts: BenchOptions) -> Path:
         if _combined(opts, profile) is not None:
             print(f"      combined recipe: {', '.join(_combined(opts, profile).passes())}", flush=True)
             rows.append(combined_digits_row(_combined(opts, profile), epochs, artifacts))
-        int8_sparsities = profile.int8_sparsities if opts.int8_sparsities is None else opts.int8_sparsities
-        if int8_sparsities:
-            print(f"      int8 at sparsities {int8_sparsities} ({BASE_MASKS} masks)", flush=True)
-            rows += int8_digits_rows(int8_sparsities, epochs, artifacts)
+        rows += _int8_digits(opts, profile, epochs, artifacts)
     samples = (
         profile.solver_timing_samples if opts.solver_timing_samples is None else opts.solver_timing_samples
     )
@@ -346,11 +374,7 @@ def run_prune_and_bench(opts: BenchOptions) -> Path:
     )
     candidates = _speed_candidates(opts, model, settings, calibration, vtp_speed, head_budgets, token_keep,
                                    _combined(opts, profile))
-    if int8_speed:
-        int8_calibration = _calibration_images(opts, model, INT8_CALIBRATION)
-        candidates += int8_speed_candidates(model, int8_speed, int8_calibration, _base(opts),
-                                            lambda method, settings, manager: _costed_row(
-                                                opts, method, settings, manager))
+    candidates += _int8_speed(opts, profile, model, int8_speed)
     measure_speed(candidates, plan, artifacts)
     rows += [c.row for c in candidates]
     written = write_report(run_dir, _meta(opts, plan, started), rows)

@@ -52,12 +52,14 @@ def test_results_follow_the_schema(run_dir: Path) -> None:
         ("combined", {"passes": ["vtp", "head-channels", "token-drop", "magnitude"], "vtp_rate": 0.2,
                       "head_budget": 0.3, "keep_rate": 0.7, "sparsity": 0.8, "multiple": 16}),
         ("int8", {"base": "obs-fisher", "sparsity": 0.5, "pattern": "unstructured",
-                  "observer": "percentile"})]
+                  "observer": "percentile"}),
+        ("combined", {"passes": ["vtp", "head-channels", "token-drop", "magnitude", "int8"], "vtp_rate": 0.2,
+                      "head_budget": 0.3, "keep_rate": 0.7, "sparsity": 0.8, "multiple": 16})]
     assert all(0 <= r["top1"] <= 1 and 0 <= r["top1_oneshot"] <= 1 for r in digits)
     assert all(r["nonzero_params"] < digits[0]["nonzero_params"] for r in digits[1:7] + digits[9:])
     assert all(r["params"] == digits[0]["params"] for r in digits[7:9])  # token drop keeps every weight
     assert [r["calibration_samples"] for r in digits[1:]] == [
-        None, 256, 256, None, 128, None, None, 256, None, 256]
+        None, 256, 256, None, 128, None, None, 256, None, 256, None]
     vtp = digits[4]  # sliced: fewer MACs and parameters, all of them non-zero; three top-1 stages
     assert vtp["macs"] < 0.75 * digits[0]["macs"] and vtp["params"] < digits[0]["params"]
     assert 0 <= vtp["top1_sparse_trained"] <= 1 and all(r["top1_sparse_trained"] is None for r in digits[:4])
@@ -66,7 +68,8 @@ def test_results_follow_the_schema(run_dir: Path) -> None:
         assert len(heads["top1_seeds"]) == 2 and heads["top1"] == pytest.approx(sum(heads["top1_seeds"]) / 2)
         assert 0 <= heads["top1_sparse_trained"] <= 1 and heads["params"] < digits[0]["params"]
         assert heads["prune_seconds"] > 0
-    fixed, learned, combined, int8 = digits[7:]
+    fixed, learned, combined, int8, combined_int8 = digits[7:]
+    assert 0 <= combined_int8["top1"] <= 1 and combined_int8["macs"] == combined["macs"]
     assert 0.3 < 1 - fixed["macs"] / digits[0]["macs"] < 0.4  # about 35 % fewer MACs
     assert 0.2 < 1 - learned["macs"] / digits[0]["macs"] < 0.5  # near it after one epoch of learning
     assert len(fixed["top1_seeds"]) == len(learned["top1_seeds"]) == 1
@@ -94,11 +97,13 @@ def test_speed_rows_time_every_engine_against_the_dense_baseline(run_dir: Path) 
     assert [(r["method"], r["settings"].get("pattern")) for r in rows] == [
         ("dense", None), ("magnitude", "unstructured"), ("magnitude", "2:4"), ("magnitude", "1x4"),
         ("vtp", None), ("head-channels", None), ("token-drop", None), ("combined", None), ("int8", None),
-        ("int8", "unstructured")]
-    vtp, heads, tokens, combined, int8_qdq, int8_operator = rows[-6:]
+        ] + [("int8", "unstructured"), ("combined", None)] * ("deepsparse" in available_engines())
+    vtp, heads, tokens, combined, int8_qdq = rows[4:9]
     assert int8_qdq["settings"] == {"base": "dense", "format": "qdq"}
-    assert int8_operator["settings"] == {"base": "magnitude", "sparsity": 0.9, "pattern": "unstructured",
-                                         "format": "operator"}
+    if "deepsparse" in available_engines():  # the operator format and the combined INT8 run there only
+        assert rows[9]["settings"] == {"base": "magnitude", "sparsity": 0.9, "pattern": "unstructured",
+                                       "format": "operator"}
+        assert rows[10]["settings"]["passes"][-1] == "int8" and rows[10]["macs"] == combined["macs"]
     assert vtp["settings"] == {"rate": 0.4, "multiple": 8} and vtp["macs"] < rows[0]["macs"]
     assert heads["settings"] == {"budget": 0.3, "multiple": 8}
     assert 0.3 <= 1 - heads["attention_macs"] / rows[0]["attention_macs"] < 0.35
@@ -107,7 +112,8 @@ def test_speed_rows_time_every_engine_against_the_dense_baseline(run_dir: Path) 
     assert rows[0]["top1"] is None
     int8_engines = {"qdq": {"onnxruntime"}, "operator": {"deepsparse"}}  # where each runs as INT8
     for row in rows:
-        engines = int8_engines[row["settings"]["format"]] if row["method"] == "int8" else available_engines()
+        engines = (int8_engines[row["settings"]["format"]] if row["method"] == "int8" else {"deepsparse"}
+                   if "int8" in row["settings"].get("passes", []) else available_engines())
         assert {(s["engine"], s["batch"]) for s in row["speed"]} == {
             (e, b) for e in available_engines() if e in engines for b in (1, 2)}
         for entry in row["speed"]:
