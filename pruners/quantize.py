@@ -80,6 +80,7 @@ class _QuantMixin:
 
     def requantized_output(self, y: torch.Tensor) -> torch.Tensor:
         """The product (before the bias) rounded to UINT8 and back, then the float bias added."""
+        y = y if y.dtype == torch.float32 else y.float()  # autocast's bf16 product (CUDA fine-tunes)
         y = torch.fake_quantize_per_tensor_affine(y, self.out_scale, self.out_zero_point, 0, 255)
         return y if self.bias is None else y + per_channel(self.bias, y, self.channel_dim)
 
