@@ -216,8 +216,15 @@ def _rewrite(g: _Graph, node: onnx.NodeProto, index: int) -> list[onnx.NodeProto
         attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     else:
         return None
+    out_channels = ops.weight.shape[0] if node.op_type == "Conv" else ops.weight.shape[1]
+    if ops.weight_scale.size not in (1, out_channels):
+        return None  # scaled along another axis than the output channels: no integer op computes that
     integer_op = "ConvInteger" if node.op_type == "Conv" else "MatMulInteger"
-    bias = g.constant(node.input[2]) if node.op_type in ("Gemm", "Conv") and len(node.input) > 2 else None
+    bias = None
+    if node.op_type in ("Gemm", "Conv") and len(node.input) > 2 and node.input[2]:
+        bias = g.constant(node.input[2])
+        if bias is None:
+            return None  # a computed bias: left as it is
     output, removed = node.output[0], [node]
     if bias is None and node.op_type == "MatMul":
         found = _bias_of(g, node.output[0])
