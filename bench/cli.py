@@ -162,7 +162,7 @@ def _bench_flags(parser: argparse.ArgumentParser) -> None:
         "--profile",
         choices=("default", "full"),
         default="default",
-        help="default: a few settings per method (about 33 min on 2 cores); full: every row asked for",
+        help="default: a few settings per method (about an hour on 2 cores); full: every row asked for",
     )
     parser.add_argument("--model", default="deit_small_patch16_224", help="ViT timed for speed")
     _model_kwargs_flag(parser, "timm keyword argument for the speed model, repeatable")

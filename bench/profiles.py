@@ -1,4 +1,4 @@
-"""What each prune-and-bench profile runs: `default` (about 33 min on 2 cores) and `full` (longer)."""
+"""What each prune-and-bench profile runs: `default` (about an hour on 2 cores) and `full` (longer)."""
 
 from __future__ import annotations
 
