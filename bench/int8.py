@@ -24,7 +24,7 @@ from vitsparse.pruners import FinetuneConfig, QuantConfig, QuantizePass, finetun
 from vitsparse.runtime import create_engine, engine_status
 
 from .accuracy import CALIBRATION_IMAGES, MODEL, digits_finetune_config, make_row
-from .methods import METHODS, SpeedSetting
+from .methods import METHODS, SpeedSetting, parse_speed_setting
 from .schema import Row
 from .speed import SpeedCandidate, artifact_slug
 
@@ -131,8 +131,6 @@ def int8_speed_candidates(model: torch.nn.Module, settings: tuple[Int8SpeedSetti
 
 def parse_int8_speed_setting(text: str) -> Int8SpeedSetting:
     """'dense' or 'dense@qdq', '0.9', '0.75@1x4' (the operator format on DeepSparse unless '@qdq' ends it)."""
-    from .methods import parse_speed_setting
-
     text = text.strip()
     form = "operator"
     if text.endswith("@qdq") or text.endswith("@operator"):
