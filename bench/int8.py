@@ -32,7 +32,10 @@ METHOD = "int8"
 BASE = "obs-fisher"  # the second-order masks the sparse digits rows quantize
 OBSERVER = "percentile"
 QAT = FinetuneConfig(epochs=4, lr=1e-4, warmup_steps=5)  # a gentle lr: the calibrated ranges stay valid
-FORMAT_ENGINE = {"qdq": "onnxruntime", "operator": "deepsparse"}  # where each format runs as INT8
+FORMAT_ENGINES = {"qdq": ("onnxruntime", "openvino"), "operator": ("deepsparse",)}  # where each runs as INT8
+# each export checked against the float model: verification key -> (format, engine)
+VERIFICATIONS = {"qdq": ("qdq", "onnxruntime"), "qdq-openvino": ("qdq", "openvino"),
+                 "operator": ("operator", "deepsparse")}
 SPEED_CALIBRATION = 16  # images (random or --calibration-data) the speed model's ranges come from
 
 
@@ -65,15 +68,17 @@ def _logits(engine_name: str, directory: Path, images: torch.Tensor) -> np.ndarr
 
 def verify_formats(graph: torch.nn.Module, recipe: Recipe, reference: np.ndarray, images: torch.Tensor,
                    artifacts: Path, slug: str) -> dict[str, dict[str, float | str]]:
-    """Each format's export run on its engine over `images`, against the float model's logits."""
-    checks = {}
-    for form, engine_name in FORMAT_ENGINE.items():
+    """Each format's export run on every engine that runs it as INT8 over `images`, against the float
+    model's logits."""
+    checks, exported = {}, {}
+    for key, (form, engine_name) in VERIFICATIONS.items():
         if not engine_status(engine_name).available:
             continue
-        target = artifacts / f"{slug}-{form}"
-        export_artifact(graph, recipe, target, ExportConfig(quant_format=form), overwrite=True)
-        logits = _logits(engine_name, target, images)
-        checks[form] = {"engine": engine_name, "images": len(images),
+        if form not in exported:
+            exported[form] = export_artifact(graph, recipe, artifacts / f"{slug}-{form}",
+                                             ExportConfig(quant_format=form), overwrite=True).directory
+        logits = _logits(engine_name, exported[form], images)
+        checks[key] = {"engine": engine_name, "images": len(images),
                         "max_abs_logit_diff": float(np.abs(logits - reference).max()),
                         "top1_agreement": float(np.mean(logits.argmax(1) == reference.argmax(1)))}
     return checks
@@ -115,7 +120,7 @@ def int8_digits_rows(sparsities: tuple[float, ...], epochs: int, artifacts: Path
 
 def int8_speed_candidates(model: torch.nn.Module, settings: tuple[Int8SpeedSetting, ...], calibration,
                           base: dict, make_row_for) -> list[SpeedCandidate]:
-    """The speed model under each setting's masks, quantized, to be timed on its format's engine only."""
+    """The speed model under each setting's masks, quantized, to be timed on its format's engines only."""
     candidates = []
     for setting in settings:
         manager = PassManager(trace(model), recipe=Recipe(base=base))
@@ -124,7 +129,7 @@ def int8_speed_candidates(model: torch.nn.Module, settings: tuple[Int8SpeedSetti
         manager.run(QuantizePass(QuantConfig(observer=OBSERVER), calibration=calibration))
         row = make_row_for(METHOD, setting.settings(), manager)
         candidates.append(SpeedCandidate(row, manager.graph_module, manager.recipe,
-                                         engines=(FORMAT_ENGINE[setting.format],),
+                                         engines=FORMAT_ENGINES[setting.format],
                                          export={"quant_format": setting.format}))
     return candidates
 

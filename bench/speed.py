@@ -11,11 +11,13 @@ import torch.fx as fx
 
 from vitsparse.compiler import ExportConfig, Recipe, SelectFeatures, export_artifact, fold_for_export
 from vitsparse.compiler.trace import example_input
-from vitsparse.runtime import compare_side_by_side, create_engine, engine_status
+from vitsparse.runtime import check_engine_spec, compare_side_by_side, create_engine, parse_engine_spec
 
 from .schema import Row, SpeedEntry
 
 TORCH = "torch"
+INT8 = "int8"
+SPARSE_ENGINE = "deepsparse"  # vitsparse's own engine: never counted as a dense alternative
 # how each engine wants a graph written when the default ONNX form does not suit it: DeepSparse has
 # no Gather, so VTP's feature selections go to it as one-hot products (which it runs sparse)
 ENGINE_EXPORT: dict[str, dict] = {"deepsparse": {"feature_select": "matmul"}}
@@ -33,7 +35,13 @@ class SpeedCandidate:
     export: dict = field(default_factory=dict)
 
     def timed_on(self, engines: tuple[str, ...]) -> list[str]:
-        return [e for e in engines if self.engines is None or e in self.engines]
+        """The engine columns (names, 'openvino:bf16' and the like) this candidate is timed in."""
+        return [e for e in engines if self.engines is None or engine_name(e) in self.engines]
+
+
+def engine_name(column: str) -> str:
+    """The engine behind a speed column: 'openvino:bf16' -> 'openvino'."""
+    return parse_engine_spec(column)[0]
 
 
 @dataclass(frozen=True)
@@ -69,8 +77,11 @@ def _torch_runner(graph: fx.GraphModule, batch: int) -> Callable[[], object]:
     return run
 
 
-def _engine_runner(name: str, onnx_path: Path, batch: int, num_cores: int | None, graph: fx.GraphModule):
-    engine = create_engine(name, onnx_path, batch_size=batch, num_cores=num_cores)
+def _engine_runner(column: str, onnx_path: Path, batch: int, num_cores: int | None, graph: fx.GraphModule):
+    """The engine of a column, its float layers in the column's precision (f32 unless it names one)."""
+    name, precision = parse_engine_spec(column)
+    engine = create_engine(name, onnx_path, batch_size=batch, num_cores=num_cores,
+                           precision=precision or "f32")
     inputs = [example_input(graph, batch).numpy()]
     return engine, (lambda: engine.run(inputs))
 
@@ -78,7 +89,7 @@ def _engine_runner(name: str, onnx_path: Path, batch: int, num_cores: int | None
 def _engine_onnx(cand: SpeedCandidate, engine: str, batch: int, default: Path, artifacts: Path) -> Path:
     """The ONNX file `engine` runs: the default export, or one written in the engine's own form when
     the graph holds something that form changes (a feature selection)."""
-    overrides = ENGINE_EXPORT.get(engine)
+    overrides = ENGINE_EXPORT.get(engine_name(engine))
     if not overrides or not any(isinstance(m, SelectFeatures) for m in cand.graph.modules()):
         return default
     config = ExportConfig(batch_size=batch, **{**cand.export, **overrides})
@@ -114,9 +125,9 @@ def _runners_for_batch(
 
 def measure_speed(candidates: list[SpeedCandidate], plan: TimingPlan, artifacts: Path) -> None:
     """Fill each candidate row's `speed`; the first candidate must be the dense baseline."""
-    for name in plan.engines:
-        if name != TORCH and not engine_status(name).available:
-            raise ValueError(f"engine {name} cannot run here: {engine_status(name).reason}")
+    for column in plan.engines:
+        if column != TORCH:
+            check_engine_spec(column)  # a ValueError saying why the engine or precision cannot run here
     if plan.num_cores:
         torch.set_num_threads(plan.num_cores)
     for batch in plan.batch_sizes:
@@ -143,10 +154,34 @@ def measure_speed(candidates: list[SpeedCandidate], plan: TimingPlan, artifacts:
     _fill_speedups([c.row for c in candidates])
 
 
+def dense_alternative(row: Row, entry: SpeedEntry) -> str | None:
+    """What a user could run instead of vitsparse, named ('openvino int8'), or None: the dense model on
+    any engine but DeepSparse, in float or as a QDQ INT8 file."""
+    if engine_name(entry.engine) == SPARSE_ENGINE:
+        return None
+    if row.method == "dense":
+        return f"{entry.engine} fp32" if ":" not in entry.engine else entry.engine.replace(":", " ")
+    if row.method == INT8 and row.settings.get("base") == "dense" and row.settings.get("format") == "qdq":
+        return f"{engine_name(entry.engine)} int8"
+    return None
+
+
+def best_dense_alternatives(rows: list[Row]) -> dict[int, tuple[str, float]]:
+    """Per batch size: the fastest dense alternative timed (by median latency) and that latency."""
+    best: dict[int, tuple[str, float]] = {}
+    for row in rows:
+        for entry in row.speed:
+            name = dense_alternative(row, entry)
+            if name and (entry.batch not in best or entry.latency_ms["p50"] < best[entry.batch][1]):
+                best[entry.batch] = (name, entry.latency_ms["p50"])
+    return best
+
+
 def _fill_speedups(rows: list[Row]) -> None:
     """Speed-ups as ratios of median latency at the same batch size: on a shared, noisy machine the
     median of hundreds of calls is steadier than the mean that items/sec reflects."""
     dense = {(s.engine, s.batch): s.latency_ms["p50"] for s in rows[0].speed}
+    best = best_dense_alternatives(rows)
     for row in rows:
         for entry in row.speed:
             torch_dense = dense.get((TORCH, entry.batch))
@@ -154,3 +189,6 @@ def _fill_speedups(rows: list[Row]) -> None:
             median = entry.latency_ms["p50"]
             entry.speedup_vs_dense_torch = torch_dense / median if torch_dense else None
             entry.speedup_vs_dense_same_engine = same_engine / median if same_engine else None
+            if entry.batch in best:
+                entry.best_dense, best_latency = best[entry.batch]
+                entry.speedup_vs_best_dense = best_latency / median

@@ -20,7 +20,7 @@ from vitsparse.compiler.trace import example_input
 from vitsparse.models import build_model, imagefolder_loader
 from vitsparse.pruners import make_calibration
 from vitsparse.runtime import ENGINES as RUNTIME_ENGINES
-from vitsparse.runtime import engine_status
+from vitsparse.runtime import RuntimeInputError, check_engine_spec, engine_status
 
 from .accuracy import MODEL as DIGITS
 from .accuracy import digits_rows
@@ -35,13 +35,13 @@ from .head_channels import (
     head_channel_speed_graph,
 )
 from .int8 import BASE as BASE_MASKS
-from .int8 import FORMAT_ENGINE, int8_digits_rows, int8_speed_candidates
+from .int8 import FORMAT_ENGINES, int8_digits_rows, int8_speed_candidates
 from .int8 import SPEED_CALIBRATION as INT8_CALIBRATION
 from .methods import METHODS, SpeedSetting
 from .profiles import get_profile
 from .report import speed_table, write_report
 from .schema import Row
-from .speed import TORCH, SpeedCandidate, TimingPlan, measure_speed
+from .speed import TORCH, SpeedCandidate, TimingPlan, engine_name, measure_speed
 from .token_drop import METHOD as TOKEN_DROP
 from .token_drop import TokenDropSetting, token_drop_digits_rows, token_drop_speed_graph
 from .token_drop import check_settings as check_token_drop_settings
@@ -50,13 +50,25 @@ from .vtp import METHOD as VTP
 from .vtp import VtpSetting, vtp_digits_rows, vtp_speed_graph
 
 ENGINES = (*RUNTIME_ENGINES, TORCH)  # the CPU engines plus dense PyTorch as the baseline
+PRECISION_COLUMNS = ("openvino:bf16",)  # timed beside the f32 columns where the CPU can run them
 SOLVER_TIMING_SPARSITY = 0.75
 SPEED_CALIBRATION_IMAGES = 128  # for a data-aware --speed-method when solver timing is skipped
 
 
 def available_engines() -> tuple[str, ...]:
-    """The engines that can run here (DeepSparse needs Python < 3.12), plus PyTorch."""
-    return (*(e for e in RUNTIME_ENGINES if engine_status(e).available), TORCH)
+    """The engines that can run here (DeepSparse needs Python < 3.12), OpenVINO in bf16 too where the CPU
+    has bf16 instructions, plus PyTorch."""
+    columns = [e for e in RUNTIME_ENGINES if engine_status(e).available]
+    columns += [c for c in PRECISION_COLUMNS if _runs_here(c)]
+    return (*columns, TORCH)
+
+
+def _runs_here(column: str) -> bool:
+    try:
+        check_engine_spec(column)
+    except RuntimeInputError:
+        return False
+    return True
 
 
 @dataclass
@@ -94,13 +106,13 @@ class BenchOptions:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.methods) - set(METHODS)) + sorted(set(self.engines) - set(ENGINES))
+        unknown = sorted(set(self.methods) - set(METHODS))
         unknown += [self.speed_method] if self.speed_method not in METHODS else []
         if unknown:
-            raise ValueError(
-                f"unknown methods/engines {unknown}; methods: {', '.join(METHODS)}; "
-                f"engines: {', '.join(ENGINES)}"
-            )
+            raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        for column in self.engines:
+            if column != TORCH:
+                check_engine_spec(column)  # unknown, not installed, or a precision this CPU lacks
         if any(not 0 <= s < 1 for s in (*(self.accuracy_sparsities or ()), *(self.int8_sparsities or ()))):
             raise ValueError(f"sparsities must lie in [0, 1), got {self.accuracy_sparsities}")
         if any(not 0 <= r < 1 for r in self.vtp_rates or ()):
@@ -302,7 +314,8 @@ def _int8_digits(opts: BenchOptions, profile, epochs: int, artifacts: Path) -> l
 
 def _int8_speed(opts: BenchOptions, profile, model: torch.nn.Module, settings: tuple) -> list[SpeedCandidate]:
     """The timed INT8 models whose engine is timed, then the combined recipe with INT8 on DeepSparse."""
-    settings = tuple(s for s in settings if FORMAT_ENGINE[s.format] in opts.engines)
+    timed = {engine_name(column) for column in opts.engines}
+    settings = tuple(s for s in settings if timed & set(FORMAT_ENGINES[s.format]))
     if not settings:
         return []
     calibration = _calibration_images(opts, model, INT8_CALIBRATION)

@@ -1,6 +1,6 @@
-"""CPU inference runtime. Imports numpy/onnx/deepsparse/onnxruntime only, never torch.
+"""CPU inference runtime. Imports numpy/onnx/deepsparse/onnxruntime/openvino only, never torch.
 
-DeepSparse and ONNX Runtime are imported lazily, when an engine is built, so importing this
+DeepSparse, ONNX Runtime and OpenVINO are imported lazily, when an engine is built, so importing this
 package stays cheap and works where neither is installed.
 """
 
@@ -11,7 +11,7 @@ from .cli import configure_bench_parser, run_bench
 from .compare import compare_side_by_side
 from .deepsparse_engine import DeepSparseEngine
 from .engine import Engine
-from .engines import ENGINE_TYPES, create_engine
+from .engines import ENGINE_TYPES, check_engine_spec, create_engine, parse_engine_spec
 from .errors import (
     BatchSizeError,
     EngineLoadError,
@@ -21,18 +21,22 @@ from .errors import (
     ModelNotFoundError,
     RuntimeInputError,
     UnknownEngineError,
+    UnsupportedPrecisionError,
 )
 from .inspect import LayerMacs, OnnxReport, WeightStats, inspect_onnx
 from .jsonio import write_json_atomic
 from .onnx_file import TensorSpec, load_onnx
 from .onnxruntime_engine import OnnxRuntimeEngine
+from .openvino_engine import OpenVinoEngine
 from .results import BenchmarkResult, latency_summary
 
 __all__ = [
-    "ENGINES", "ENGINE_TYPES", "SCENARIOS", "BatchSizeError", "BenchmarkResult", "DeepSparseEngine", "Engine",
-    "EngineLoadError", "EngineStatus", "EngineUnavailableError", "InputMismatchError", "InvalidModelError",
-    "LayerMacs", "ModelNotFoundError", "OnnxReport", "OnnxRuntimeEngine", "RuntimeInputError", "TensorSpec",
-    "UnknownEngineError", "WeightStats", "benchmark", "benchmark_model", "check_batch_size",
-    "compare_side_by_side", "configure_bench_parser", "create_engine", "default_engine", "engine_status",
-    "inspect_onnx", "latency_summary", "load_onnx", "run_bench", "set_batch_size", "write_json_atomic",
+    "ENGINES", "ENGINE_TYPES", "SCENARIOS", "BatchSizeError", "BenchmarkResult", "DeepSparseEngine",
+    "Engine", "EngineLoadError", "EngineStatus", "EngineUnavailableError", "InputMismatchError",
+    "InvalidModelError", "LayerMacs", "ModelNotFoundError", "OnnxReport", "OnnxRuntimeEngine",
+    "OpenVinoEngine", "RuntimeInputError", "TensorSpec", "UnknownEngineError",
+    "UnsupportedPrecisionError", "WeightStats", "benchmark", "benchmark_model", "check_batch_size",
+    "check_engine_spec", "compare_side_by_side", "configure_bench_parser", "create_engine",
+    "default_engine", "engine_status", "inspect_onnx", "latency_summary", "load_onnx",
+    "parse_engine_spec", "run_bench", "set_batch_size", "write_json_atomic",
 ]

@@ -2,7 +2,8 @@
 
 DeepSparse 1.8.0 (the last real release) installs only on Python < 3.12 with numpy < 2 and
 onnx < 1.15; elsewhere (a GPU training machine on Python 3.12, say) vitsparse still installs
-and falls back to ONNX Runtime, saying so.
+and falls back to ONNX Runtime, saying so. OpenVINO is a dense baseline and an engine for users who
+must not run DeepSparse; it is never the default.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from .errors import UnknownEngineError
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")  # before anything can import deepsparse
 
-ENGINES = ("deepsparse", "onnxruntime")
+ENGINES = ("deepsparse", "onnxruntime", "openvino")
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,13 @@ def _onnxruntime_status() -> EngineStatus:
     return EngineStatus("onnxruntime", True, "installed")
 
 
-_STATUS = {"deepsparse": _deepsparse_status, "onnxruntime": _onnxruntime_status}
+def _openvino_status() -> EngineStatus:
+    if importlib.util.find_spec("openvino") is None:
+        return EngineStatus("openvino", False, "OpenVINO is not installed (pip install openvino)")
+    return EngineStatus("openvino", True, "installed")
+
+
+_STATUS = {"deepsparse": _deepsparse_status, "onnxruntime": _onnxruntime_status, "openvino": _openvino_status}
 
 
 def engine_status(name: str) -> EngineStatus:

@@ -52,17 +52,18 @@ def benchmark(engine: Engine, inputs: Sequence[np.ndarray] | None = None, *, sce
     result.model = str(engine.model_path)
     result.num_cores = engine.num_cores
     result.fraction_of_supported_ops = engine.fraction_of_supported_ops
+    result.precision = engine.effective_precision
     return result
 
 
 def benchmark_model(model_path: str | os.PathLike, engine: str, *, batch_size: int = 1,
                     num_cores: int | None = None, scenario: str = "sync", num_streams: int | None = None,
                     seconds: float | None = None, iterations: int | None = None,
-                    warmup_seconds: float = 1.0) -> BenchmarkResult:
+                    warmup_seconds: float = 1.0, precision: str | None = None) -> BenchmarkResult:
     """Build the engine for the scenario (async: with num_streams streams) and benchmark it."""
     _, streams = _scenario(scenario, num_streams, default_streams=num_cores or os.cpu_count() or 2)
     built = create_engine(engine, model_path, batch_size=batch_size, num_cores=num_cores,
-                          num_streams=streams)
+                          num_streams=streams, precision=precision)
     return benchmark(built, scenario=scenario, num_streams=streams, seconds=seconds, iterations=iterations,
                      warmup_seconds=warmup_seconds)
 

@@ -18,6 +18,9 @@ def configure_bench_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_path", metavar="MODEL.onnx", help="ONNX file to benchmark")
     parser.add_argument("-e", "--engine", choices=ENGINES, default=None,
                         help="engine to run (default: deepsparse where it is available, else onnxruntime)")
+    parser.add_argument("--precision", default=None,
+                        help="precision of the float layers: f32, or bf16 on OpenVINO where the CPU has it "
+                             "(default: the engine's own)")
     parser.add_argument("-b", "--batch_size", type=int, default=1, help="items per call (default 1)")
     parser.add_argument("-ncores", "--num_cores", type=int, default=None,
                         help="cores to run on (default: all physical cores)")
@@ -35,7 +38,7 @@ def run_bench(args: argparse.Namespace) -> int:
     engine = args.engine or default_engine()
     result = benchmark_model(args.model_path, engine, batch_size=args.batch_size, num_cores=args.num_cores,
                              scenario=args.scenario, num_streams=args.num_streams, seconds=args.time,
-                             warmup_seconds=args.warmup_time)
+                             warmup_seconds=args.warmup_time, precision=args.precision)
     print(f"model: {args.model_path}")
     print(result.summary())
     if args.export_path:

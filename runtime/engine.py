@@ -16,19 +16,21 @@ import numpy as np
 import onnx
 
 from .batching import check_batch_size, fixed_batch_size
-from .errors import EngineLoadError, InputMismatchError, RuntimeInputError
+from .errors import EngineLoadError, InputMismatchError, RuntimeInputError, UnsupportedPrecisionError
 from .onnx_file import TensorSpec, graph_inputs, graph_outputs, load_onnx
-from .quantized import check_int8_support
+from .quantized import check_int8_support, quantization_format
 
 
 class Engine(ABC):
     """An ONNX model compiled for `batch_size` items per call on `num_cores` cores (None: all)."""
 
     name: ClassVar[str]
+    precisions: ClassVar[tuple[str, ...]] = ("f32",)  # the precision hints the engine accepts
 
     def __init__(self, model_path: str | os.PathLike, *, batch_size: int = 1, num_cores: int | None = None,
-                 num_streams: int | None = None) -> None:
+                 num_streams: int | None = None, precision: str | None = None) -> None:
         _check_positive(batch_size=batch_size, num_cores=num_cores, num_streams=num_streams)
+        self.check_precision(precision)
         model = load_onnx(model_path)
         check_batch_size(model, batch_size, model_path)
         check_int8_support(self.name, model, model_path)
@@ -36,9 +38,18 @@ class Engine(ABC):
         self.batch_size = batch_size
         self.num_cores = num_cores
         self.num_streams = num_streams or 1
+        self.precision = precision  # None: the engine's own default
+        self.quantization = quantization_format(model)
         self.inputs = [_with_batch(spec, batch_size) for spec in graph_inputs(model)]
         self.outputs = graph_outputs(model)
         self._load_with_hint(model)
+
+    @classmethod
+    def check_precision(cls, precision: str | None) -> None:
+        """UnsupportedPrecisionError for a precision hint the engine does not offer (None: its default)."""
+        if precision is not None and precision not in cls.precisions:
+            raise UnsupportedPrecisionError(f"engine {cls.name!r} runs float layers in "
+                                            f"{' or '.join(cls.precisions)}, not {precision!r}")
 
     def _load_with_hint(self, model: onnx.ModelProto) -> None:
         """`_load`, adding the likely cause when the engine fails at a batch size other than the file's."""
@@ -74,6 +85,11 @@ class Engine(ABC):
         return [spec.name for spec in self.outputs]
 
     @property
+    def effective_precision(self) -> str:
+        """The precision the float layers run in (INT8 layers of a quantized file run in INT8)."""
+        return self.precision or "f32"
+
+    @property
     def fraction_of_supported_ops(self) -> float | None:
         """Share of the graph the engine runs in its own optimised runtime; None if it does not say."""
         return None
@@ -101,6 +117,7 @@ class Engine(ABC):
         """What ran: engine, file, batch size, cores, streams, shapes and supported-op fraction."""
         return {"engine": self.name, "model": str(self.model_path), "batch_size": self.batch_size,
                 "num_cores": self.num_cores, "num_streams": self.num_streams,
+                "precision": self.effective_precision, "quantization": self.quantization,
                 "inputs": {spec.name: spec.describe() for spec in self.inputs},
                 "fraction_of_supported_ops": self.fraction_of_supported_ops}
 

@@ -24,6 +24,10 @@ class EngineUnavailableError(RuntimeInputError):
     """A known engine that cannot run on this machine (not installed, wrong Python)."""
 
 
+class UnsupportedPrecisionError(RuntimeInputError):
+    """A precision hint the engine does not offer, or one this CPU has no instructions for."""
+
+
 class EngineLoadError(RuntimeInputError):
     """The engine rejected a model that passed the ONNX checker."""
 

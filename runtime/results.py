@@ -40,6 +40,7 @@ class BenchmarkResult:
     model: str | None = None
     num_cores: int | None = None
     fraction_of_supported_ops: float | None = None
+    precision: str | None = None  # the float layers' precision the engine compiled for
     block_items_per_sec: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
@@ -50,8 +51,9 @@ class BenchmarkResult:
         lat = self.latency_ms
         fraction = ("" if self.fraction_of_supported_ops is None
                     else f", fraction_of_supported_ops={self.fraction_of_supported_ops:.4f}")
+        precision = f", {self.precision}" if self.precision else ""
         return (f"{self.engine} ({self.scenario}, batch {self.batch_size}, {self.num_streams} stream(s), "
-                f"cores={self.num_cores or 'all'}{fraction})\n"
+                f"cores={self.num_cores or 'all'}{precision}{fraction})\n"
                 f"  {self.items_per_sec:.1f} items/sec over {self.iterations} calls in {self.seconds:.2f} s; "
                 f"latency ms: mean {lat['mean']:.3f}, p50 {lat['p50']:.3f}, p90 {lat['p90']:.3f}, "
                 f"p99 {lat['p99']:.3f}")

@@ -33,6 +33,9 @@ def configure_serve_parser(parser: argparse.ArgumentParser) -> None:
                              "folder name)")
     parser.add_argument("--engine", choices=ENGINES, default=None,
                         help="engine (default: deepsparse where it is available, else onnxruntime)")
+    parser.add_argument("--precision", default=None,
+                        help="precision of the float layers: f32, or bf16 on OpenVINO where the CPU has it "
+                             "(default: the engine's own)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--batch-sizes", type=_batch_sizes, default=(1,),
@@ -59,7 +62,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         raise ServeConfigError(f"--max-body-mb must be positive, got {args.max_body_mb}")
     return ServeConfig(engine=args.engine or default_engine(), batch_sizes=args.batch_sizes,
                        max_delay_ms=args.max_delay_ms, num_cores=args.num_cores,
-                       num_streams=args.num_streams, max_queue=args.max_queue,
+                       num_streams=args.num_streams, precision=args.precision, max_queue=args.max_queue,
                        max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels)
 
 

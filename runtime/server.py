@@ -53,6 +53,7 @@ class ServeConfig:
     max_delay_ms: float = 5.0
     num_cores: int | None = None
     num_streams: int = 1  # batches run at once per model (DeepSparse's multi-stream scheduler)
+    precision: str | None = None  # the float layers' precision hint (OpenVINO: f32 or bf16); None: default
     max_queue: int = 64  # items waiting per model before requests get 503
     max_body_bytes: int = 32 * 2**20
     max_image_pixels: int = DEFAULT_MAX_PIXELS
@@ -156,7 +157,8 @@ def _compile(artifact: Artifact, config: ServeConfig, batch_size: int) -> Engine
     """The artifact's engine at `batch_size`; a file whose batch is baked in says how to re-export it."""
     try:
         return create_engine(config.engine, artifact.onnx_path, batch_size=batch_size,
-                             num_cores=config.num_cores, num_streams=config.num_streams)
+                             num_cores=config.num_cores, num_streams=config.num_streams,
+                             precision=config.precision)
     except (BatchSizeError, EngineLoadError) as exc:
         exported = artifact.meta.get("batch_size")
         if artifact.meta.get("dynamic_batch") or batch_size == exported:

@@ -33,7 +33,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 def test_results_follow_the_schema(run_dir: Path) -> None:
     doc = json.loads((run_dir / "results.json").read_text())
-    assert doc["schema"] == 5 and doc["meta"]["profile"] == "default"
+    assert doc["schema"] == 6 and doc["meta"]["profile"] == "default"
     assert doc["meta"]["speed_weights"] == "random"
     keys = {"model", "method", "settings", "top1", "top1_oneshot", "top1_sparse_trained", "top1_seeds",
             "macs", "attention_macs", "params", "nonzero_params", "prune_seconds", "calibration_samples",
@@ -76,7 +76,8 @@ def test_results_follow_the_schema(run_dir: Path) -> None:
     assert fixed["top1_sparse_trained"] is None and 0 < learned["top1_sparse_trained"] <= 1
     assert combined["macs"] < 0.5 * digits[0]["macs"]
     assert combined["nonzero_params"] < 0.3 * digits[0]["params"]
-    checked = {"qdq": "onnxruntime", "operator": "deepsparse"}  # each format on the engine running it as INT8
+    # each format on every engine that runs it as INT8
+    checked = {"qdq": "onnxruntime", "qdq-openvino": "openvino", "operator": "deepsparse"}
     assert set(int8["verification"]) == {f for f, e in checked.items() if e in available_engines()}
     for form, check in int8["verification"].items():
         assert check["engine"] == checked[form] and check["images"] == 270
@@ -110,7 +111,7 @@ def test_speed_rows_time_every_engine_against_the_dense_baseline(run_dir: Path) 
     assert tokens["settings"] == {"mode": "fixed", "keep_rate": 0.7, "locations": [1], "kept_tokens": [3]}
     assert tokens["macs"] < rows[0]["macs"] and combined["macs"] < tokens["macs"]
     assert rows[0]["top1"] is None
-    int8_engines = {"qdq": {"onnxruntime"}, "operator": {"deepsparse"}}  # where each runs as INT8
+    int8_engines = {"qdq": {"onnxruntime", "openvino"}, "operator": {"deepsparse"}}  # where each runs as INT8
     for row in rows:
         engines = (int8_engines[row["settings"]["format"]] if row["method"] == "int8" else {"deepsparse"}
                    if "int8" in row["settings"].get("passes", []) else available_engines())
@@ -125,6 +126,26 @@ def test_speed_rows_time_every_engine_against_the_dense_baseline(run_dir: Path) 
                 assert entry["fraction_of_supported_ops"] >= 0.9 if tokens else entry[
                     "fraction_of_supported_ops"] == 1.0
     assert all(s["speedup_vs_dense_same_engine"] == 1.0 for s in rows[0]["speed"])
+
+
+def test_every_speed_is_also_measured_against_the_best_dense_alternative(run_dir: Path) -> None:
+    rows = [r for r in json.loads((run_dir / "results.json").read_text())["rows"] if r["speed"]]
+    dense_int8 = next(r for r in rows if r["method"] == "int8" and r["settings"]["base"] == "dense")
+    alternatives = {(f"{s['engine']} fp32", s["batch"]): s["latency_ms"]["p50"] for s in rows[0]["speed"]
+                    if s["engine"] != "deepsparse"}
+    alternatives |= {(f"{s['engine']} int8", s["batch"]): s["latency_ms"]["p50"] for s in dense_int8["speed"]}
+    for batch in (1, 2):
+        name, fastest = min(((n, v) for (n, b), v in alternatives.items() if b == batch), key=lambda p: p[1])
+        for row in rows:
+            for entry in (s for s in row["speed"] if s["batch"] == batch):
+                assert entry["best_dense"] == name
+                assert entry["speedup_vs_best_dense"] == pytest.approx(fastest / entry["latency_ms"]["p50"])
+    report = (run_dir / "report.md").read_text()
+    assert "## Speed-up over the best dense alternative" in report
+    assert "Best dense alternative: batch 1: **" in report
+    assert "## Which engine accelerates which pattern" in report
+    for pattern in ("unstructured", "N:M", "1×4", "structured", "tokens", "INT8", "combined"):
+        assert f"\n| {pattern} | " in report
 
 
 def test_every_row_keeps_its_artifact(run_dir: Path) -> None:
@@ -156,7 +177,9 @@ def test_report_and_plot_are_written(run_dir: Path) -> None:
 
 def test_bad_bench_options_are_clear_errors(capsys) -> None:
     assert main(["prune-and-bench", "--methods", "pixie-dust"]) == 2
-    assert "unknown methods/engines ['pixie-dust']" in capsys.readouterr().err
+    assert "unknown methods ['pixie-dust']" in capsys.readouterr().err
+    assert main(["prune-and-bench", "-e", "torch,tensorrt"]) == 2
+    assert "unknown engine 'tensorrt'; choose from deepsparse, onnxruntime" in capsys.readouterr().err
     assert main(["prune-and-bench", "--sparsities", "1.5"]) == 2
     assert "sparsities must lie in [0, 1)" in capsys.readouterr().err
     assert main(["prune-and-bench", "--vtp-rates", "0.2,1"]) == 2

@@ -1,0 +1,102 @@
+"""The report's speed summaries: each method against the best dense alternative, and which engine
+accelerates which pruning pattern, both from the speed entries of one run."""
+
+from __future__ import annotations
+
+from .schema import Row, SpeedEntry
+
+DENSE = "dense"
+ACCELERATES = 1.1  # a pattern counts as accelerated at this speed-up over the same engine's dense model
+STRUCTURED = ("vtp", "head-channels")
+MASK_PATTERNS = {"unstructured": "unstructured", "2:4": "N:M", "1x4": "1×4"}
+
+
+def _x(value: float | None) -> str:
+    return f"{value:.2f}×" if value is not None else "–"
+
+
+def _batches(rows: list[Row]) -> list[int]:
+    return sorted({s.batch for r in rows for s in r.speed})
+
+
+def _mask_pattern(pattern: str | None) -> str:
+    if pattern is None:
+        return "unstructured"
+    return MASK_PATTERNS.get(pattern, "N:M" if ":" in pattern else pattern)
+
+
+def speed_pattern(row: Row) -> str | None:
+    """The pruning pattern a timed row stands for ('unstructured', 'N:M', '1×4', 'structured', 'tokens',
+    'INT8', 'INT8 + 1×4', 'combined', ...); None for the dense model."""
+    if row.method == DENSE:
+        return None
+    if row.method == "int8":
+        base = row.settings.get("base")
+        return "INT8" if base == DENSE else f"INT8 + {_mask_pattern(row.settings.get('pattern'))}"
+    if row.method in STRUCTURED:
+        return "structured"
+    if row.method == "token-drop":
+        return "tokens"
+    if row.method == "combined":
+        return "combined" + (" + INT8" if "int8" in row.settings.get("passes", []) else "")
+    return _mask_pattern(row.settings.get("pattern"))
+
+
+def _best_over_dense(row: Row, batch: int) -> SpeedEntry | None:
+    entries = [s for s in row.speed if s.batch == batch and s.speedup_vs_best_dense is not None]
+    return max(entries, key=lambda s: s.speedup_vs_best_dense) if entries else None
+
+
+def best_dense_line(rows: list[Row]) -> str:
+    """'batch 1: openvino int8 (12.3 ms); batch 16: …' — what every speed-up below is measured against."""
+    parts = []
+    for batch in _batches(rows):
+        named = next((s for r in rows for s in r.speed if s.batch == batch and s.best_dense), None)
+        if named is None:
+            continue
+        latency = named.latency_ms["p50"] * named.speedup_vs_best_dense
+        parts.append(f"batch {batch}: **{named.best_dense}** ({latency:.2f} ms median)")
+    return "; ".join(parts)
+
+
+def best_dense_table(rows: list[Row]) -> str:
+    """Each timed pruned row: its fastest engine at each batch size and the speed-up over the best dense
+    alternative of the run (dense PyTorch, ONNX Runtime or OpenVINO, float or QDQ INT8)."""
+    timed = [r for r in rows if r.speed and r.method != DENSE]
+    batches = _batches(timed)
+    if not timed or not any(_best_over_dense(r, b) for r in timed for b in batches):
+        return ""
+    header = " | ".join(f"batch {b}: best engine, vs best dense" for b in batches)
+    lines = [f"| model | method | pattern | {header} |", "|---|---|---|" + "---|" * len(batches)]
+    for r in timed:
+        cells = []
+        for batch in batches:
+            best = _best_over_dense(r, batch)
+            cells.append(f"{best.engine}, **{_x(best.speedup_vs_best_dense)}**" if best else "–")
+        lines.append(f"| {r.model} | {r.label()} | {speed_pattern(r)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def engine_pattern_table(rows: list[Row]) -> str:
+    """Pattern × engine: the best speed-up any row of the pattern has over the same engine's dense model,
+    per batch size, ✓ where it reaches ACCELERATES at every batch size timed."""
+    timed = [r for r in rows if r.speed and speed_pattern(r)]
+    if not timed:
+        return ""
+    engines = sorted({s.engine for r in timed for s in r.speed})
+    batches = _batches(timed)
+    patterns = list(dict.fromkeys(speed_pattern(r) for r in timed))
+    lines = ["| pattern | " + " | ".join(engines) + " |", "|---|" + "---|" * len(engines)]
+    for pattern in patterns:
+        cells = []
+        for engine in engines:
+            best = [max((s.speedup_vs_dense_same_engine for r in timed if speed_pattern(r) == pattern
+                         for s in r.speed if s.engine == engine and s.batch == b
+                         and s.speedup_vs_dense_same_engine is not None), default=None) for b in batches]
+            if all(v is None for v in best):
+                cells.append("–")
+                continue
+            mark = " ✓" if all(v is not None and v >= ACCELERATES for v in best) else ""
+            cells.append(" / ".join(_x(v) for v in best) + mark)
+        lines.append(f"| {pattern} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

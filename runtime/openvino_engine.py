@@ -1,0 +1,110 @@
+"""OpenVINO behind the `Engine` interface: the dense CPU engine most users would pick instead of a sparse one.
+
+The model is read from the ONNX file, its batch dimension set to `batch_size`, and compiled for the
+CPU with a precision hint (`f32`; `bf16` where the CPU has bf16 instructions; None: OpenVINO's own
+choice, which is bf16 on such CPUs and f32 elsewhere). An INT8 (QDQ) file runs its quantized layers
+in INT8 whatever the hint: the hint sets the precision of the float parts. One stream is the latency
+mode; num_streams > 1 is the throughput mode with that many streams, each call taking an idle infer
+request, so several threads can run at once.
+"""
+
+from __future__ import annotations
+
+import queue
+
+import numpy as np
+import onnx
+
+from .engine import Engine
+from .errors import EngineLoadError, EngineUnavailableError, UnsupportedPrecisionError, first_line
+
+DEVICE = "CPU"
+# precision name -> (OpenVINO's hint value, the CPU capability it needs, or None)
+PRECISION_HINTS: dict[str, tuple[str, str | None]] = {"f32": ("f32", None), "bf16": ("bf16", "BF16")}
+
+
+def _import_openvino():
+    try:
+        import openvino
+    except ImportError as exc:
+        raise EngineUnavailableError(f"OpenVINO cannot be imported here: {exc}") from exc
+    return openvino
+
+
+def cpu_capabilities() -> tuple[str, ...]:
+    """OpenVINO's OPTIMIZATION_CAPABILITIES of this CPU (e.g. FP32, INT8, BF16)."""
+    return tuple(_import_openvino().Core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
+
+
+def check_cpu_precision(precision: str | None, capabilities: tuple[str, ...]) -> None:
+    """UnsupportedPrecisionError when `precision` needs an instruction set missing from `capabilities`."""
+    needed = PRECISION_HINTS[precision][1] if precision in PRECISION_HINTS else None
+    if needed and needed not in capabilities:
+        raise UnsupportedPrecisionError(f"this CPU cannot run OpenVINO in {precision}: it has no {needed} "
+                                        f"instructions (OpenVINO reports {', '.join(capabilities)}); "
+                                        f"use precision 'f32'")
+
+
+class OpenVinoEngine(Engine):
+    """openvino.Core().compile_model(model, 'CPU', hints) with clear errors."""
+
+    name = "openvino"
+    precisions = tuple(PRECISION_HINTS)
+
+    @classmethod
+    def check_precision(cls, precision: str | None) -> None:
+        """Also refuse a precision this CPU has no instructions for (bf16 without AVX-512 BF16 or AMX)."""
+        super().check_precision(precision)
+        if precision not in (None, "f32"):
+            check_cpu_precision(precision, cpu_capabilities())
+
+    def _load(self, model: onnx.ModelProto) -> None:
+        openvino = _import_openvino()
+        core = openvino.Core()
+        try:
+            network = core.read_model(str(self.model_path))
+            network.reshape({port: _batched(port.get_partial_shape(), self.batch_size)
+                             for port in network.inputs})
+            self._compiled = core.compile_model(network, DEVICE, self._config())
+        except Exception as exc:  # OpenVINO raises RuntimeError with the plugin's message
+            raise EngineLoadError(f"OpenVINO could not compile {self.model_path}: {first_line(exc)}") from exc
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(self.num_streams):
+            self._requests.put(self._compiled.create_infer_request())
+        self._effective = self._compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+    def _config(self) -> dict[str, object]:
+        """The compile hints: precision, latency (one stream) or throughput mode, thread count."""
+        config: dict[str, object] = {}
+        if self.precision is not None:
+            config["INFERENCE_PRECISION_HINT"] = PRECISION_HINTS[self.precision][0]
+        if self.num_streams == 1:
+            config["PERFORMANCE_HINT"] = "LATENCY"
+        else:
+            config.update(PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS=str(self.num_streams))
+        if self.num_cores:
+            config["INFERENCE_NUM_THREADS"] = self.num_cores
+        return config
+
+    @property
+    def effective_precision(self) -> str:
+        """What OpenVINO compiled the float layers for (its own choice when no hint was given)."""
+        return self._effective
+
+    def _run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        request = self._requests.get()  # blocks while every stream's request is busy
+        try:
+            results = request.infer(dict(enumerate(inputs)))
+            return [np.array(results[port]) for port in self._compiled.outputs]
+        finally:
+            self._requests.put(request)
+
+
+def _batched(shape, batch_size: int):
+    """`shape` (an OpenVINO PartialShape) with its leading dimension set to batch_size."""
+    import openvino
+
+    dims = list(shape)
+    if dims:
+        dims[0] = openvino.Dimension(batch_size)
+    return openvino.PartialShape(dims)

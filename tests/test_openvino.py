@@ -1,0 +1,134 @@
+"""runtime/openvino_engine.py: OpenVINO matches torch (f32 to 1e-4, bf16 and INT8 to stated tolerances),
+runs concurrent calls in its throughput mode, and refuses a missing install or a precision the CPU lacks."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from vitsparse.bench.cli import main
+from vitsparse.compiler import ExportConfig, PassManager, Recipe, export_artifact, trace
+from vitsparse.pruners import MagnitudePass, QuantConfig, QuantizePass
+from vitsparse.runtime import (
+    EngineUnavailableError,
+    UnsupportedPrecisionError,
+    availability,
+    check_engine_spec,
+    create_engine,
+    engine_status,
+    openvino_engine,
+)
+
+from helpers import small_vit
+
+pytestmark = pytest.mark.skipif(not engine_status("openvino").available, reason="OpenVINO is not installed")
+
+F32_ATOL = 1e-4
+# bf16 keeps 8 bits of mantissa: logits move by a few per cent of their range
+BF16_RTOL = 0.05
+# a QDQ file's INT8 layers against the fake-quantized torch model they came from: integer rounding
+# differs from torch's float emulation by about a quantization step (ONNX Runtime's QDQ: 0.07 here)
+INT8_ATOL = 0.2
+IMAGES = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _export(tmp_path, sparsity: float = 0.0, quantize: bool = False):
+    """A small ViT (masked and/or quantized) exported at batch 2, and its torch logits on IMAGES[:2]."""
+    manager = PassManager(trace(small_vit(depth=2)), recipe=Recipe(base={"model": "test"}))
+    if sparsity:
+        manager.run(MagnitudePass(sparsity=sparsity))
+    if quantize:
+        manager.run(QuantizePass(QuantConfig(), calibration=IMAGES))
+    directory = export_artifact(manager.graph_module, manager.recipe, tmp_path / "artifact",
+                                ExportConfig(batch_size=2)).directory
+    with torch.no_grad():
+        expected = manager.graph_module(IMAGES[:2]).numpy()
+    return directory / "model.onnx", expected
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.9])
+def test_f32_matches_torch_within_1e4(tmp_path, sparsity: float) -> None:
+    path, expected = _export(tmp_path, sparsity)
+    engine = create_engine("openvino", path, batch_size=2, num_cores=1, precision="f32")
+    (logits,) = engine.run([IMAGES[:2].numpy()])
+    np.testing.assert_allclose(logits, expected, atol=F32_ATOL, rtol=0)
+    described = engine.describe()
+    assert (described["engine"], described["precision"]) == ("openvino", "f32")
+    assert described["quantization"] is None
+
+
+def test_a_qdq_file_runs_in_int8_within_its_tolerance(tmp_path) -> None:
+    path, expected = _export(tmp_path, quantize=True)
+    engine = create_engine("openvino", path, batch_size=2, num_cores=1, precision="f32")
+    (logits,) = engine.run([IMAGES[:2].numpy()])
+    assert engine.describe()["quantization"] == "qdq"
+    assert np.abs(logits - expected).max() < INT8_ATOL and np.abs(logits - expected).max() > 1e-6
+
+
+def test_bf16_where_the_cpu_has_it(tmp_path) -> None:
+    if "BF16" not in openvino_engine.cpu_capabilities():
+        with pytest.raises(UnsupportedPrecisionError, match="cannot run OpenVINO in bf16: it has no BF16"):
+            check_engine_spec("openvino:bf16")
+        pytest.skip("this CPU has no bf16 instructions (refused with a clear error, checked above)")
+    path, expected = _export(tmp_path)
+    engine = create_engine("openvino", path, batch_size=2, precision="bf16")
+    (logits,) = engine.run([IMAGES[:2].numpy()])
+    assert engine.effective_precision == "bf16"
+    assert np.abs(logits - expected).max() <= BF16_RTOL * (np.abs(expected).max() + 1)
+
+
+def test_a_precision_the_cpu_cannot_run_is_a_clear_error(tmp_path, monkeypatch, capsys) -> None:
+    path, _ = _export(tmp_path)
+    monkeypatch.setattr(openvino_engine, "cpu_capabilities", lambda: ("FP32", "INT8"))
+    no_bf16 = r"no BF16 instructions .*FP32, INT8.*precision 'f32'"
+    with pytest.raises(UnsupportedPrecisionError, match=no_bf16):
+        create_engine("openvino", path, batch_size=2, precision="bf16")
+    assert main(["bench", str(path), "-e", "openvino", "--precision", "bf16", "-b", "2", "-t", "0.1"]) == 2
+    assert "cannot run OpenVINO in bf16" in capsys.readouterr().err
+    with pytest.raises(UnsupportedPrecisionError, match="'openvino' runs float layers in f32 or bf16, not"):
+        create_engine("openvino", path, batch_size=2, precision="fp8")
+    for other in ("onnxruntime", "deepsparse"):
+        if engine_status(other).available:
+            with pytest.raises(UnsupportedPrecisionError, match=f"'{other}' runs float layers in f32"):
+                create_engine(other, path, batch_size=2, precision="bf16")
+
+
+def test_throughput_mode_runs_calls_from_several_threads(tmp_path) -> None:
+    path, expected = _export(tmp_path)
+    engine = create_engine("openvino", path, batch_size=2, num_streams=2)
+    results: list[np.ndarray] = []
+
+    def call() -> None:
+        for _ in range(5):
+            results.append(engine.run([IMAGES[:2].numpy()])[0])
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 15 and all(np.abs(r - expected).max() < F32_ATOL for r in results)
+    assert engine.num_streams == 2
+
+
+def test_an_absent_installation_is_a_clear_error(tmp_path, monkeypatch) -> None:
+    path, _ = _export(tmp_path)
+    real_find_spec = availability.importlib.util.find_spec
+    monkeypatch.setattr(availability.importlib.util, "find_spec",
+                        lambda name: None if name == "openvino" else real_find_spec(name))
+    assert engine_status("openvino").reason == "OpenVINO is not installed (pip install openvino)"
+    with pytest.raises(EngineUnavailableError, match="'openvino' is not available here: OpenVINO is not"):
+        create_engine("openvino", path, batch_size=2)
+    with pytest.raises(EngineUnavailableError, match="OpenVINO is not installed"):
+        check_engine_spec("openvino:bf16")
+
+
+def test_a_broken_installation_is_a_clear_error(tmp_path, monkeypatch) -> None:
+    path, _ = _export(tmp_path)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
+    with pytest.raises(EngineUnavailableError, match="OpenVINO cannot be imported here"):
+        openvino_engine.OpenVinoEngine(path, batch_size=2)  # past the install check: a broken wheel
