@@ -111,7 +111,7 @@ def _env(args: argparse.Namespace) -> int:
     from vitsparse.runtime import ENGINES, default_engine, engine_status
 
     print(f"python {platform.python_version()} on {platform.machine()}")
-    for package in ("torch", "timm", "onnx", "onnxruntime", "deepsparse", "numpy"):
+    for package in ("torch", "timm", "onnx", "onnxruntime", "deepsparse", "openvino", "numpy"):
         try:
             print(f"{package} {metadata.version(package)}")
         except metadata.PackageNotFoundError:
@@ -119,6 +119,10 @@ def _env(args: argparse.Namespace) -> int:
     for name in ENGINES:
         status = engine_status(name)
         print(f"engine {name}: {'available' if status.available else 'unavailable'} ({status.reason})")
+    if engine_status("openvino").available:
+        from vitsparse.runtime.openvino_engine import cpu_capabilities
+
+        print(f"openvino CPU capabilities: {', '.join(cpu_capabilities())} (bf16 needs BF16)")
     print(f"default engine: {default_engine()}")
     return 0
 

@@ -20,7 +20,7 @@ from vitsparse.compiler.trace import example_input
 from vitsparse.models import build_model, imagefolder_loader
 from vitsparse.pruners import make_calibration
 from vitsparse.runtime import ENGINES as RUNTIME_ENGINES
-from vitsparse.runtime import RuntimeInputError, check_engine_spec, engine_status
+from vitsparse.runtime import RuntimeInputError, check_engine_spec, engine_status, engine_versions
 
 from .accuracy import MODEL as DIGITS
 from .accuracy import digits_rows
@@ -247,7 +247,7 @@ def _meta(opts: BenchOptions, plan: TimingPlan, started: float) -> dict:
             "method": "each runner timed in consecutive-call blocks after its own warm-up, "
             "runners alternating across rounds",
         },
-        "versions": library_versions(),
+        "versions": {**library_versions(), **engine_versions()},
         "python": platform.python_version(),
         "duration_s": time.perf_counter() - started,
     }

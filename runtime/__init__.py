@@ -4,7 +4,7 @@ DeepSparse, ONNX Runtime and OpenVINO are imported lazily, when an engine is bui
 package stays cheap and works where neither is installed.
 """
 
-from .availability import ENGINES, EngineStatus, default_engine, engine_status
+from .availability import ENGINES, EngineStatus, default_engine, engine_status, engine_versions
 from .batching import check_batch_size, set_batch_size
 from .benchmark import SCENARIOS, benchmark, benchmark_model
 from .cli import configure_bench_parser, run_bench
@@ -37,6 +37,6 @@ __all__ = [
     "OpenVinoEngine", "RuntimeInputError", "TensorSpec", "UnknownEngineError",
     "UnsupportedPrecisionError", "WeightStats", "benchmark", "benchmark_model", "check_batch_size",
     "check_engine_spec", "compare_side_by_side", "configure_bench_parser", "create_engine",
-    "default_engine", "engine_status", "inspect_onnx", "latency_summary", "load_onnx",
+    "default_engine", "engine_status", "engine_versions", "inspect_onnx", "latency_summary", "load_onnx",
     "parse_engine_spec", "run_bench", "set_batch_size", "write_json_atomic",
 ]

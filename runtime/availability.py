@@ -8,10 +8,12 @@ must not run DeepSparse; it is never the default.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
 from dataclasses import dataclass
+from importlib import metadata
 
 from .errors import UnknownEngineError
 
@@ -59,6 +61,15 @@ def engine_status(name: str) -> EngineStatus:
         return _STATUS[name]()
     except KeyError:
         raise UnknownEngineError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}") from None
+
+
+def engine_versions() -> dict[str, str]:
+    """The installed version of each engine's package (those not installed left out)."""
+    versions = {}
+    for name in ENGINES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
 
 
 def default_engine() -> str:
