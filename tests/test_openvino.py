@@ -89,6 +89,9 @@ def test_a_precision_the_cpu_cannot_run_is_a_clear_error(tmp_path, monkeypatch, 
         create_engine("openvino", path, batch_size=2, precision="bf16")
     assert main(["bench", str(path), "-e", "openvino", "--precision", "bf16", "-b", "2", "-t", "0.1"]) == 2
     assert "cannot run OpenVINO in bf16" in capsys.readouterr().err
+    assert main(["serve", str(path.parent), "--engine", "openvino", "--precision", "bf16",
+                 "--batch-sizes", "2"]) == 2
+    assert "cannot run OpenVINO in bf16" in capsys.readouterr().err
     with pytest.raises(UnsupportedPrecisionError, match="'openvino' runs float layers in f32 or bf16, not"):
         create_engine("openvino", path, batch_size=2, precision="fp8")
     for other in ("onnxruntime", "deepsparse"):

@@ -124,3 +124,12 @@ def test_readme_int8_example_runs(tmp_path, monkeypatch) -> None:
     for folder, form in (("int8-ort", "qdq"), ("int8-ds", "operator")):
         meta = json.loads((tmp_path / folder / "meta.json").read_text())
         assert meta["quantization"] == {"format": form, "layers": 24}
+
+
+def test_readme_openvino_example_runs(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)  # it runs the INT8 example's QDQ export
+    namespace = _run_after_setup(7)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    exec(compile(blocks[8], str(README), "exec"), namespace)  # noqa: S102 - our own documentation
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "f32 qdq"
+    assert namespace["logits"].shape == (1, 10)
