@@ -38,8 +38,8 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys) -> None:
 
 def test_readme_second_order_and_gradual_examples_run(monkeypatch) -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
-    assert len(blocks) == 8, ("the API example, second-order pruning, gradual pruning, VTP, head channels, "
-                              "token dropping fixed and learned, INT8")
+    assert len(blocks) == 9, ("the API example, second-order pruning, gradual pruning, VTP, head channels, "
+                              "token dropping fixed and learned, INT8, OpenVINO")
     namespace: dict = {}
     first = blocks[0].split("manager = PassManager")[0]  # imports, the dense model and the data
     from vitsparse.pruners import finetune as real_finetune
