@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +22,9 @@ SPARSE_ENGINE = "deepsparse"  # vitsparse's own engine: never counted as a dense
 # how each engine wants a graph written when the default ONNX form does not suit it: DeepSparse has
 # no Gather, so VTP's feature selections go to it as one-hot products (which it runs sparse)
 ENGINE_EXPORT: dict[str, dict] = {"deepsparse": {"feature_select": "matmul"}}
+# models compiled at once besides the baselines: at batch 16 a deit_small takes about 0.9 GiB on
+# DeepSparse, ONNX Runtime, OpenVINO and PyTorch together
+MODELS_PER_GROUP = 8
 
 
 @dataclass
@@ -51,6 +55,7 @@ class TimingPlan:
     rounds: int
     seconds_per_block: float
     num_cores: int | None
+    models_per_group: int = MODELS_PER_GROUP
 
 
 def artifact_slug(row: Row, suffix: str = "") -> str:
@@ -97,61 +102,98 @@ def _engine_onnx(cand: SpeedCandidate, engine: str, batch: int, default: Path, a
     return export_artifact(cand.graph, cand.recipe, target, config, overwrite=True).directory / "model.onnx"
 
 
-def _runners_for_batch(
-    candidates: list[SpeedCandidate], batch: int, plan: TimingPlan, artifacts: Path
-) -> tuple[dict[tuple[int, str], Callable[[], object]], dict[tuple[int, str], float]]:
-    """Export every candidate at `batch` and build one runner per (candidate, engine)."""
+def is_dense_int8(row: Row) -> bool:
+    """The dense model as a QDQ INT8 file: what ONNX Runtime and OpenVINO run in INT8."""
+    return row.method == INT8 and row.settings.get("base") == "dense" and row.settings.get("format") == "qdq"
+
+
+def is_baseline(row: Row) -> bool:
+    """A row every other is compared with: the dense model, in float or as a QDQ INT8 file."""
+    return row.method == "dense" or is_dense_int8(row)
+
+
+def timing_groups(candidates: list[SpeedCandidate], models_per_group: int) -> list[list[int]]:
+    """Candidate indices timed together: every group holds the baselines (the dense model first) and at
+    most `models_per_group` others, so the engines compiled at once fit in memory (20 models on four
+    engines at batch 16 took 24 GiB) while every ratio is still measured side by side."""
+    baselines = _baseline_indices(candidates)
+    others = [i for i in range(len(candidates)) if i not in baselines]
+    chunks = [others[k:k + models_per_group] for k in range(0, len(others), models_per_group)]
+    return [baselines + chunk for chunk in chunks or [[]]]
+
+
+def _baseline_indices(candidates: list[SpeedCandidate]) -> list[int]:
+    return [i for i, c in enumerate(candidates) if i == 0 or is_baseline(c.row)]
+
+
+def _export_for_batch(cand: SpeedCandidate, batch: int, plan: TimingPlan, artifacts: Path) -> Path:
+    """The candidate's ONNX file at `batch` (the first batch size's becomes the row's artifact)."""
+    result = export_artifact(cand.graph, cand.recipe, artifacts / artifact_slug(cand.row, f"b{batch}"),
+                             ExportConfig(batch_size=batch, **cand.export), overwrite=True)
+    if batch == plan.batch_sizes[0]:
+        cand.row.artifact = str(result.directory)
+    return result.directory / "model.onnx"
+
+
+def _runners_for_group(candidates: list[SpeedCandidate], indices: list[int], batch: int, plan: TimingPlan,
+                       artifacts: Path, exported: dict[int, Path]
+                       ) -> tuple[dict[tuple[int, str], Callable[[], object]], dict[tuple[int, str], float]]:
+    """One runner per (candidate, engine) of the group; each candidate is exported once per batch size."""
     runners, fractions = {}, {}
-    for index, cand in enumerate(candidates):
-        result = export_artifact(
-            cand.graph,
-            cand.recipe,
-            artifacts / artifact_slug(cand.row, f"b{batch}"),
-            ExportConfig(batch_size=batch, **cand.export),
-            overwrite=True,
-        )
-        if batch == plan.batch_sizes[0]:
-            cand.row.artifact = str(result.directory)
+    for index in indices:
+        cand = candidates[index]
+        if index not in exported:
+            exported[index] = _export_for_batch(cand, batch, plan, artifacts)
         engines = cand.timed_on(plan.engines)
         if TORCH in engines:
             runners[(index, TORCH)] = _torch_runner(cand.graph, batch)
         for name in (e for e in engines if e != TORCH):
-            onnx_path = _engine_onnx(cand, name, batch, result.directory / "model.onnx", artifacts)
+            onnx_path = _engine_onnx(cand, name, batch, exported[index], artifacts)
             engine, runner = _engine_runner(name, onnx_path, batch, plan.num_cores, cand.graph)
             runners[(index, name)] = runner
             fractions[(index, name)] = engine.fraction_of_supported_ops
     return runners, fractions
 
 
+def _time_group(candidates: list[SpeedCandidate], indices: list[int], batch: int, plan: TimingPlan,
+                artifacts: Path, exported: dict[int, Path]) -> dict[int, list[SpeedEntry]]:
+    """Compile the group's engines, time them in alternating rounds, free them; entries by candidate."""
+    runners, fractions = _runners_for_group(candidates, indices, batch, plan, artifacts, exported)
+    labels = {key: f"{candidates[key[0]].row.label()} on {key[1]}" for key in runners}
+    timed = compare_side_by_side({labels[k]: fn for k, fn in runners.items()}, batch_size=batch,
+                                 rounds=plan.rounds, seconds_per_block=plan.seconds_per_block)
+    del runners
+    gc.collect()  # an engine in a reference cycle would otherwise hold its memory into the next group
+    entries: dict[int, list[SpeedEntry]] = {index: [] for index in indices}
+    for (index, engine), label in labels.items():
+        result = timed[label]
+        entries[index].append(SpeedEntry(engine=engine, batch=batch, items_per_sec=result.items_per_sec,
+                                         latency_ms=dict(result.latency_ms),
+                                         fraction_of_supported_ops=fractions.get((index, engine))))
+    return entries
+
+
 def measure_speed(candidates: list[SpeedCandidate], plan: TimingPlan, artifacts: Path) -> None:
-    """Fill each candidate row's `speed`; the first candidate must be the dense baseline."""
+    """Fill each candidate row's `speed`; the first candidate must be the dense baseline.
+
+    Candidates are timed in groups (`timing_groups`), each beside its own timing of the baselines;
+    a row's speed-ups are over the baselines timed with it, the baseline rows keep the first group's.
+    """
     for column in plan.engines:
         if column != TORCH:
             check_engine_spec(column)  # a ValueError saying why the engine or precision cannot run here
     if plan.num_cores:
         torch.set_num_threads(plan.num_cores)
+    groups, baselines = timing_groups(candidates, plan.models_per_group), _baseline_indices(candidates)
     for batch in plan.batch_sizes:
-        runners, fractions = _runners_for_batch(candidates, batch, plan, artifacts)
-        labels = {key: f"{candidates[key[0]].row.label()} on {key[1]}" for key in runners}
-        timed = compare_side_by_side(
-            {labels[k]: fn for k, fn in runners.items()},
-            batch_size=batch,
-            rounds=plan.rounds,
-            seconds_per_block=plan.seconds_per_block,
-        )
-        for (index, engine), label in labels.items():
-            result = timed[label]
-            candidates[index].row.speed.append(
-                SpeedEntry(
-                    engine=engine,
-                    batch=batch,
-                    items_per_sec=result.items_per_sec,
-                    latency_ms=dict(result.latency_ms),
-                    fraction_of_supported_ops=fractions.get((index, engine)),
-                )
-            )
-        del runners
-    _fill_speedups([c.row for c in candidates])
+        exported: dict[int, Path] = {}
+        for number, indices in enumerate(groups):
+            entries = _time_group(candidates, indices, batch, plan, artifacts, exported)
+            timed_with = [replace(candidates[i].row, speed=entries[i]) for i in baselines]
+            kept = indices if number == 0 else [i for i in indices if i not in baselines]
+            _fill_speedups(timed_with, [e for i in kept for e in entries[i]])
+            for index in kept:
+                candidates[index].row.speed.extend(entries[index])
 
 
 def dense_alternative(row: Row, entry: SpeedEntry) -> str | None:
@@ -161,7 +203,7 @@ def dense_alternative(row: Row, entry: SpeedEntry) -> str | None:
         return None
     if row.method == "dense":
         return f"{entry.engine} fp32" if ":" not in entry.engine else entry.engine.replace(":", " ")
-    if row.method == INT8 and row.settings.get("base") == "dense" and row.settings.get("format") == "qdq":
+    if is_dense_int8(row):
         return f"{engine_name(entry.engine)} int8"
     return None
 
@@ -177,18 +219,18 @@ def best_dense_alternatives(rows: list[Row]) -> dict[int, tuple[str, float]]:
     return best
 
 
-def _fill_speedups(rows: list[Row]) -> None:
-    """Speed-ups as ratios of median latency at the same batch size: on a shared, noisy machine the
-    median of hundreds of calls is steadier than the mean that items/sec reflects."""
-    dense = {(s.engine, s.batch): s.latency_ms["p50"] for s in rows[0].speed}
-    best = best_dense_alternatives(rows)
-    for row in rows:
-        for entry in row.speed:
-            torch_dense = dense.get((TORCH, entry.batch))
-            same_engine = dense.get((entry.engine, entry.batch))
-            median = entry.latency_ms["p50"]
-            entry.speedup_vs_dense_torch = torch_dense / median if torch_dense else None
-            entry.speedup_vs_dense_same_engine = same_engine / median if same_engine else None
-            if entry.batch in best:
-                entry.best_dense, best_latency = best[entry.batch]
-                entry.speedup_vs_best_dense = best_latency / median
+def _fill_speedups(baselines: list[Row], entries: list[SpeedEntry]) -> None:
+    """Speed-ups of `entries` over the baseline rows timed with them (`baselines[0]`: the dense model), as
+    ratios of median latency at the same batch size: on a shared, noisy machine the median of hundreds
+    of calls is steadier than the mean that items/sec reflects."""
+    dense = {(s.engine, s.batch): s.latency_ms["p50"] for s in baselines[0].speed}
+    best = best_dense_alternatives(baselines)
+    for entry in entries:
+        torch_dense = dense.get((TORCH, entry.batch))
+        same_engine = dense.get((entry.engine, entry.batch))
+        median = entry.latency_ms["p50"]
+        entry.speedup_vs_dense_torch = torch_dense / median if torch_dense else None
+        entry.speedup_vs_dense_same_engine = same_engine / median if same_engine else None
+        if entry.batch in best:
+            entry.best_dense, best_latency = best[entry.batch]
+            entry.speedup_vs_best_dense = best_latency / median

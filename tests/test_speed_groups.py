@@ -1,0 +1,60 @@
+"""Speed rows are timed in memory-bounded groups, each beside its own timing of the baselines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vitsparse.bench import speed
+from vitsparse.bench.schema import Row
+from vitsparse.bench.speed import SpeedCandidate, TimingPlan, measure_speed, timing_groups
+from vitsparse.compiler import Recipe, trace
+from vitsparse.models import build_model
+from vitsparse.runtime import BenchmarkResult
+
+SPARSITIES = (0.5, 0.6, 0.7)
+
+
+def _candidates() -> list[SpeedCandidate]:
+    graph = trace(build_model("digits-vit"))
+    rows = [Row("digits-vit", "dense"), Row("digits-vit", "int8", {"base": "dense", "format": "qdq"}),
+            *(Row("digits-vit", "magnitude", {"sparsity": s}) for s in SPARSITIES)]
+    return [SpeedCandidate(row, graph, Recipe()) for row in rows]
+
+
+def test_every_group_holds_the_baselines_and_at_most_the_given_number_of_others() -> None:
+    candidates = _candidates()
+    assert timing_groups(candidates, 2) == [[0, 1, 2, 3], [0, 1, 4]]
+    assert timing_groups(candidates, 8) == [[0, 1, 2, 3, 4]]
+    assert timing_groups(candidates[:2], 8) == [[0, 1]]
+
+
+def test_each_row_is_compared_with_the_baselines_timed_beside_it(tmp_path: Path, monkeypatch) -> None:
+    groups_timed: list[list[str]] = []
+
+    def fake_compare(runners, *, batch_size, rounds, seconds_per_block):
+        """The n-th group runs at 1/(n+1) of the speed: baselines 10(n+1) ms, the rest 5(n+1) ms."""
+        slowdown = len(groups_timed) + 1
+        groups_timed.append(list(runners))
+        return {label: BenchmarkResult(label, batch_size, "sync", 1, 10, 1.0, 10.0 * batch_size,
+                                       {"p50": (10.0 if label.startswith(("dense", "int8")) else 5.0)
+                                        * slowdown})
+                for label in runners}
+
+    monkeypatch.setattr(speed, "compare_side_by_side", fake_compare)
+    candidates = _candidates()
+    plan = TimingPlan(batch_sizes=(1,), engines=("torch",), rounds=1, seconds_per_block=0.1, num_cores=None,
+                      models_per_group=2)
+    measure_speed(candidates, plan, tmp_path)
+
+    assert len(groups_timed) == 2 and all(len(labels) <= 4 for labels in groups_timed)
+    assert all(any(label.startswith("dense") for label in labels) for labels in groups_timed)
+    dense, dense_int8, *masked = (c.row for c in candidates)
+    assert [s.latency_ms["p50"] for s in dense.speed + dense_int8.speed] == [10.0, 10.0]  # the first group's
+    for row in masked:
+        (entry,) = row.speed
+        assert entry.speedup_vs_dense_torch == pytest.approx(2.0)  # not 1.0: the second group's own dense
+        assert entry.speedup_vs_best_dense == pytest.approx(2.0)
+    assert masked[-1].speed[0].latency_ms["p50"] == 10.0  # timed in the second, slower group
+    assert dense.speed[0].speedup_vs_dense_torch == 1.0 and dense.artifact is not None
