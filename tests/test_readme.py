@@ -14,8 +14,13 @@ from vitsparse.compiler.export import ARTIFACT_FILES
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+def _python_blocks() -> list[str]:
+    """The README's python examples, in order."""
+    return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+
+
 def test_readme_python_example_runs(tmp_path, monkeypatch, capsys) -> None:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    blocks = _python_blocks()
     assert blocks, "README has a Python API example"
     assert len(blocks[0].strip().splitlines()) <= 10
     monkeypatch.chdir(tmp_path)  # the example writes its artifact folder here
@@ -37,7 +42,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys) -> None:
 
 
 def test_readme_second_order_and_gradual_examples_run(monkeypatch) -> None:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    blocks = _python_blocks()
     assert len(blocks) == 9, ("the API example, second-order pruning, gradual pruning, VTP, head channels, "
                               "token dropping fixed and learned, INT8, OpenVINO")
     namespace: dict = {}
@@ -63,7 +68,7 @@ def test_readme_second_order_and_gradual_examples_run(monkeypatch) -> None:
 
 
 def test_readme_vtp_example_runs() -> None:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    blocks = _python_blocks()
     namespace: dict = {}
     first = blocks[0].split("manager = PassManager")[0]
     imports = "from vitsparse.compiler import PassManager\nfrom vitsparse.pruners import finetune\n"
@@ -89,7 +94,7 @@ def test_readme_head_channel_example_runs() -> None:
 
 def _run_after_setup(index: int) -> dict:
     """Run README's Python block `index` after the API example's imports, dense model and data."""
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    blocks = _python_blocks()
     namespace: dict = {}
     first = blocks[0].split("manager = PassManager")[0]
     exec(compile(first + "from vitsparse.compiler import PassManager\n", str(README), "exec"), namespace)
@@ -129,7 +134,7 @@ def test_readme_int8_example_runs(tmp_path, monkeypatch) -> None:
 def test_readme_openvino_example_runs(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)  # it runs the INT8 example's QDQ export
     namespace = _run_after_setup(7)
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    blocks = _python_blocks()
     exec(compile(blocks[8], str(README), "exec"), namespace)  # noqa: S102 - our own documentation
     assert capsys.readouterr().out.strip().splitlines()[-1] == "f32 qdq"
     assert namespace["logits"].shape == (1, 10)
