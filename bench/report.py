@@ -26,11 +26,15 @@ def _accuracy_rows(rows: list[Row]) -> list[Row]:
 
 
 def accuracy_table(rows: list[Row]) -> str:
+    """Every digits-vit accuracy row, one line each; empty when the run measured no accuracy."""
+    measured = _accuracy_rows(rows)
+    if not measured:
+        return ""
     lines = [
         "| model | method | top-1 one-shot | top-1 fine-tuned | MACs | params | non-zero | prune s |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in _accuracy_rows(rows):
+    for r in measured:
         seconds = f"{r.prune_seconds:.1f}" if r.prune_seconds is not None else "–"
         lines.append(
             f"| {r.model} | {r.label()} | {_pct(r.top1_oneshot)} | {_pct(r.top1)} | "
@@ -340,8 +344,10 @@ def markdown_report(meta: dict[str, Any], rows: list[Row]) -> str:
         "the standard short distilled fine-tune with the masks fixed.\n\n" + sparsities
         if sparsities
         else "",
-        "### Every accuracy row\n\n" + accuracy_table(rows),
     ]
+    accuracy = accuracy_table(rows)
+    if accuracy:
+        sections.append("### Every accuracy row\n\n" + accuracy)
     vtp = vtp_table(rows)
     if vtp:
         sections.append(

@@ -10,8 +10,8 @@ import pytest
 from vitsparse.bench.cli import main
 from vitsparse.bench.int8 import Int8SpeedSetting, parse_int8_speed_setting
 from vitsparse.bench.methods import SpeedSetting, parse_speed_setting
-from vitsparse.bench.report import head_channel_table, paired_difference
-from vitsparse.bench.schema import Row
+from vitsparse.bench.report import head_channel_table, markdown_report, paired_difference
+from vitsparse.bench.schema import Row, SpeedEntry
 from vitsparse.bench.speed import MODELS_PER_GROUP
 from vitsparse.bench.workflow import BenchOptions, available_engines, run_prune_and_bench
 from vitsparse.compiler.export import ARTIFACT_FILES
@@ -248,3 +248,14 @@ def test_head_channel_table_pairs_each_variant_with_l1_seed_by_seed() -> None:
     assert "| 30% | full | 30.00 % | 10.00 % |" in table
     assert "| 98.00 ± 0.58 % | +0.00 pt | +0.00 ± 0.58 pt | 3 |" in table
     assert "| 98.00 ± 0.00 % | +0.00 pt | – | 3 |" in table
+
+
+def test_a_speed_only_report_has_no_empty_accuracy_table() -> None:
+    timed = SpeedEntry("torch", 1, 10.0, {"p50": 100.0, "p99": 120.0}, 1.0, 1.0)
+    rows = [Row("deit_small_patch16_224", "dense", speed=[timed])]
+    meta = {"profile": "full", "date": "2026-12-02", "machine": "test", "cpu_cores": 2, "duration_s": 1.0}
+    report = markdown_report(meta, rows)
+    assert "## Speed" in report and "Every accuracy row" not in report
+    with_accuracy = markdown_report(meta, [*rows, Row("digits-vit", "dense", top1=0.98)])
+    assert "### Every accuracy row" in with_accuracy
+    assert "| digits-vit | dense | – | 98.00 % |" in with_accuracy
