@@ -1,11 +1,11 @@
 """results.json: the versioned record of one prune-and-bench run (documented in README).
 
-{"schema": 6, "meta": {...}, "rows": [{"model", "method", "settings", "top1", "top1_oneshot",
+{"schema": 7, "meta": {...}, "rows": [{"model", "method", "settings", "top1", "top1_oneshot",
  "top1_sparse_trained", "top1_seeds", "macs", "attention_macs", "params", "nonzero_params",
  "prune_seconds", "calibration_samples", "verification", "artifact", "speed": [{"engine",
  "batch", "items_per_sec", "latency_ms": {"mean", "p50", "p90", "p99"}, "speedup_vs_dense_torch",
  "speedup_vs_dense_same_engine", "fraction_of_supported_ops", "speedup_vs_best_dense",
- "best_dense"}]}]}
+ "best_dense", "speedup_vs_ort_int8"}]}]}
 
 Schema 2 added `prune_seconds` (how long choosing the masks took) and `calibration_samples`;
 schema 3 added `top1_sparse_trained` (VTP: top-1 of the gated model after sparse training, before
@@ -16,7 +16,9 @@ each seed where a row's top-1 figures are means over seeds: head-channels); sche
 largest logit difference to the float model and the share of images with the same top-1); schema 6
 added `speedup_vs_best_dense` and `best_dense` to speed entries: the speed-up over the fastest dense
 alternative timed in the run at that batch size (dense PyTorch, ONNX Runtime or OpenVINO, in float or
-as a QDQ INT8 file; DeepSparse, vitsparse's own engine, is not one), and which it was.
+as a QDQ INT8 file; DeepSparse, vitsparse's own engine, is not one), and which it was; schema 7
+added `speedup_vs_ort_int8`: the speed-up over dense INT8 (QDQ) on ONNX Runtime in the same timing
+group (the INT8 table had divided by the first group's timing).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 @dataclass
@@ -40,6 +42,7 @@ class SpeedEntry:
     fraction_of_supported_ops: float | None = None
     speedup_vs_best_dense: float | None = None  # over the fastest dense alternative at this batch size
     best_dense: str | None = None  # that alternative, e.g. "openvino int8"
+    speedup_vs_ort_int8: float | None = None  # over dense INT8 (QDQ) on ONNX Runtime timed beside it
 
 
 @dataclass

@@ -19,6 +19,7 @@ from .schema import Row, SpeedEntry
 TORCH = "torch"
 INT8 = "int8"
 SPARSE_ENGINE = "deepsparse"  # vitsparse's own engine: never counted as a dense alternative
+ORT_ENGINE = "onnxruntime"  # dense INT8 (QDQ) here is the alternative the INT8 table is measured against
 # how each engine wants a graph written when the default ONNX form does not suit it: DeepSparse has
 # no Gather, so VTP's feature selections go to it as one-hot products (which it runs sparse)
 ENGINE_EXPORT: dict[str, dict] = {"deepsparse": {"feature_select": "matmul"}}
@@ -225,6 +226,8 @@ def _fill_speedups(baselines: list[Row], entries: list[SpeedEntry]) -> None:
     of calls is steadier than the mean that items/sec reflects."""
     dense = {(s.engine, s.batch): s.latency_ms["p50"] for s in baselines[0].speed}
     best = best_dense_alternatives(baselines)
+    ort_int8 = {s.batch: s.latency_ms["p50"] for row in baselines if is_dense_int8(row) for s in row.speed
+                if s.engine == ORT_ENGINE}
     for entry in entries:
         torch_dense = dense.get((TORCH, entry.batch))
         same_engine = dense.get((entry.engine, entry.batch))
@@ -234,3 +237,5 @@ def _fill_speedups(baselines: list[Row], entries: list[SpeedEntry]) -> None:
         if entry.batch in best:
             entry.best_dense, best_latency = best[entry.batch]
             entry.speedup_vs_best_dense = best_latency / median
+        if entry.batch in ort_int8:
+            entry.speedup_vs_ort_int8 = ort_int8[entry.batch] / median

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from vitsparse.bench import speed
-from vitsparse.bench.schema import Row
+from vitsparse.bench.report import int8_speed_table
+from vitsparse.bench.schema import Row, SpeedEntry
 from vitsparse.bench.speed import SpeedCandidate, TimingPlan, measure_speed, timing_groups
 from vitsparse.compiler import Recipe, trace
 from vitsparse.models import build_model
@@ -58,3 +59,28 @@ def test_each_row_is_compared_with_the_baselines_timed_beside_it(tmp_path: Path,
         assert entry.speedup_vs_best_dense == pytest.approx(2.0)
     assert masked[-1].speed[0].latency_ms["p50"] == 10.0  # timed in the second, slower group
     assert dense.speed[0].speedup_vs_dense_torch == 1.0 and dense.artifact is not None
+
+
+def _entry(engine: str, p50: float) -> SpeedEntry:
+    return SpeedEntry(engine=engine, batch=1, items_per_sec=1000.0 / p50, latency_ms={"p50": p50})
+
+
+def test_int8_speed_ups_are_over_the_dense_int8_timed_in_the_same_group() -> None:
+    """Two groups whose dense INT8 on ONNX Runtime timed 4 ms and 8 ms: a 2 ms entry is 2× or 4×."""
+    sparse = Row("deit", "int8", {"base": "magnitude", "sparsity": 0.9, "format": "operator"})
+    for ort_int8_ms, expected in ((4.0, 2.0), (8.0, 4.0)):
+        baselines = [Row("deit", "dense", speed=[_entry("torch", 20.0)]),
+                     Row("deit", "int8", {"base": "dense", "format": "qdq"},
+                         speed=[_entry("onnxruntime", ort_int8_ms), _entry("deepsparse", 3.0)])]
+        entry = _entry("deepsparse", 2.0)
+        speed._fill_speedups(baselines, [entry])
+        sparse.speed = [entry]
+        assert entry.speedup_vs_ort_int8 == pytest.approx(expected)
+        assert entry.speedup_vs_dense_torch == pytest.approx(10.0)
+        assert f"| 2.00 | 10.00× | {expected:.2f}× |" in int8_speed_table([sparse])
+
+
+def test_without_a_dense_int8_baseline_there_is_no_int8_speed_up() -> None:
+    entry = _entry("deepsparse", 2.0)
+    speed._fill_speedups([Row("deit", "dense", speed=[_entry("torch", 20.0)])], [entry])
+    assert entry.speedup_vs_ort_int8 is None and entry.speedup_vs_dense_torch == pytest.approx(10.0)
