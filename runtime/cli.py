@@ -20,7 +20,7 @@ def configure_bench_parser(parser: argparse.ArgumentParser) -> None:
                         help="engine to run (default: deepsparse where it is available, else onnxruntime)")
     parser.add_argument("--precision", default=None,
                         help="precision of the float layers: f32, or bf16 on OpenVINO where the CPU has it "
-                             "(default: the engine's own)")
+                             "(default: f32)")
     parser.add_argument("-b", "--batch_size", type=int, default=1, help="items per call (default 1)")
     parser.add_argument("-ncores", "--num_cores", type=int, default=None,
                         help="cores to run on (default: all physical cores)")

@@ -1,11 +1,12 @@
 """OpenVINO behind the `Engine` interface: the dense CPU engine most users would pick instead of a sparse one.
 
 The model is read from the ONNX file, its batch dimension set to `batch_size`, and compiled for the
-CPU with a precision hint (`f32`; `bf16` where the CPU has bf16 instructions; None: OpenVINO's own
-choice, which is bf16 on such CPUs and f32 elsewhere). An INT8 (QDQ) file runs its quantized layers
-in INT8 whatever the hint: the hint sets the precision of the float parts. One stream is the latency
-mode; num_streams > 1 is the throughput mode with that many streams, each call taking an idle infer
-request, so several threads can run at once.
+CPU with a precision hint: `f32`, also when None is given, or `bf16` where the CPU has bf16
+instructions, only when asked (OpenVINO's own choice would be bf16 on such CPUs, so one artifact
+would give other numbers on another CPU than the ones its export verified). An INT8 (QDQ) file runs
+its quantized layers in INT8 whatever the hint: the hint sets the precision of the float parts. One
+stream is the latency mode; num_streams > 1 is the throughput mode with that many streams, each call
+taking an idle infer request, so several threads can run at once.
 """
 
 from __future__ import annotations
@@ -76,8 +77,7 @@ class OpenVinoEngine(Engine):
     def _config(self) -> dict[str, object]:
         """The compile hints: precision, latency (one stream) or throughput mode, thread count."""
         config: dict[str, object] = {}
-        if self.precision is not None:
-            config["INFERENCE_PRECISION_HINT"] = PRECISION_HINTS[self.precision][0]
+        config["INFERENCE_PRECISION_HINT"] = PRECISION_HINTS[self.precision or "f32"][0]
         if self.num_streams == 1:
             config["PERFORMANCE_HINT"] = "LATENCY"
         else:
@@ -88,7 +88,7 @@ class OpenVinoEngine(Engine):
 
     @property
     def effective_precision(self) -> str:
-        """What OpenVINO compiled the float layers for (its own choice when no hint was given)."""
+        """What OpenVINO compiled the float layers for."""
         return self._effective
 
     def _run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:

@@ -35,7 +35,7 @@ def configure_serve_parser(parser: argparse.ArgumentParser) -> None:
                         help="engine (default: deepsparse where it is available, else onnxruntime)")
     parser.add_argument("--precision", default=None,
                         help="precision of the float layers: f32, or bf16 on OpenVINO where the CPU has it "
-                             "(default: the engine's own)")
+                             "(default: f32)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--batch-sizes", type=_batch_sizes, default=(1,),

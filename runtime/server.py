@@ -53,7 +53,7 @@ class ServeConfig:
     max_delay_ms: float = 5.0
     num_cores: int | None = None
     num_streams: int = 1  # batches run at once per model (DeepSparse's multi-stream scheduler)
-    precision: str | None = None  # the float layers' precision hint (OpenVINO: f32 or bf16); None: default
+    precision: str | None = None  # the float layers' precision hint (OpenVINO: f32 or bf16); None: f32
     max_queue: int = 64  # items waiting per model before requests get 503
     max_body_bytes: int = 32 * 2**20
     max_image_pixels: int = DEFAULT_MAX_PIXELS

@@ -61,6 +61,14 @@ def test_f32_matches_torch_within_1e4(tmp_path, sparsity: float) -> None:
     assert described["quantization"] is None
 
 
+def test_without_a_precision_it_runs_f32_even_where_the_cpu_has_bf16(tmp_path) -> None:
+    """OpenVINO's own choice is bf16 on such CPUs; an artifact must give the numbers its export verified."""
+    path, expected = _export(tmp_path)
+    engine = create_engine("openvino", path, batch_size=2)
+    assert engine._config()["INFERENCE_PRECISION_HINT"] == "f32" and engine.effective_precision == "f32"
+    np.testing.assert_allclose(engine.run([IMAGES[:2].numpy()])[0], expected, atol=F32_ATOL, rtol=0)
+
+
 def test_a_qdq_file_runs_in_int8_within_its_tolerance(tmp_path) -> None:
     path, expected = _export(tmp_path, quantize=True)
     engine = create_engine("openvino", path, batch_size=2, num_cores=1, precision="f32")
