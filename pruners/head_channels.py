@@ -6,9 +6,10 @@ batched matmul with a smaller head dimension. Three steps:
 
 1. `HeadGatePass` puts indicators on q (one per q–k pair) and v in every head (`head_gates`).
 2. `search_head_channels` initialises them (attention difference, channel similarity) and trains
-   them toward the MAC budget: the hard keep masks follow a budget that ramps up to the target,
-   the task loss (distilled from the dense model) reaches the indicators straight through the masks
-   and trains the reweight scales. Variants switch the parts off for the ablations (`VARIANTS`).
+   them toward the MAC budget: the hard keep masks follow a budget that ramps up to the target
+   after a warm-up at full width (`ramp_share`), the task loss (distilled from the dense model)
+   reaches the indicators straight through the masks and trains the reweight scales. Variants
+   switch the parts off for the ablations (`VARIANTS`).
 3. `HeadChannelSlicePass` selects at the budget (`head_select`), folds the reweight scales into the
    qkv rows (or the q norm), removes the gates and slices qkv rows, q/k/v head widths, proj columns
    and q/k norms; the attention scale stays the original model's.
@@ -49,7 +50,9 @@ from .vtp import check_multiple
 
 DEFAULT_MULTIPLE = 8
 DEFAULT_L1 = 1e-4  # the plain-L1 ablation's λ (as VTP's)
-DEFAULT_RAMP = 0.5  # fraction of the search over which the removed share ramps up to the budget
+# (start, end) fractions of the search steps: full width before start, the removed share ramping linearly
+# to the budget between them, the target budget after end (a warm-up lets the indicators learn first)
+DEFAULT_RAMP = (0.25, 0.75)
 CALIBRATION_IMAGES = 128  # images the similarity weights and the initialisation see
 SIGNAL_BATCH = 16  # images per forward while measuring them (spelled-out attention keeps (B, H, N, N) twice)
 INIT_RANGE = (1.0, 4.0)  # indicators from the attention difference: σ from 0.73 (least) to 0.98 (most)
@@ -213,19 +216,38 @@ def indicators_from_weights(gm: fx.GraphModule) -> None:
         gates[key].set_indicator(indicator if gates[key].mode == "mask" else indicator / INIT_RANGE[1])
 
 
-def _budget_follower(gm: fx.GraphModule, structure: ViTStructure, budget: float, multiple: int, ramp: float):
-    """before_step hook: the keep masks at a budget ramping linearly to `budget` over `ramp` of the steps."""
+def check_ramp(ramp: tuple[float, float]) -> tuple[float, float]:
+    """ValueError unless `ramp` is (start, end) with 0 <= start < end <= 1."""
+    try:
+        start, end = (float(x) for x in ramp)
+    except (TypeError, ValueError):
+        raise ValueError(f"ramp must be (start, end) fractions of the search, got {ramp!r}") from None
+    if not 0 <= start < end <= 1:
+        raise ValueError(f"ramp must be (start, end) with 0 <= start < end <= 1, got {ramp!r}")
+    return start, end
+
+
+def ramp_share(step: int, total: int, ramp: tuple[float, float]) -> float:
+    """The share of the budget removed at `step` (0-based) of `total`: 0 until `ramp[0]` of the steps have
+    run, rising linearly to 1 at `ramp[1]`, 1 after."""
+    start, end = ramp
+    done = (step + 1) / max(1, total)
+    return min(1.0, max(0.0, (done - start) / (end - start)))
+
+
+def _budget_follower(gm: fx.GraphModule, structure: ViTStructure, budget: float, multiple: int,
+                     ramp: tuple[float, float]):
+    """before_step hook: the keep masks at the budget's share `ramp_share` gives the step."""
     def update(step: int, total: int) -> None:
-        share = min(1.0, (step + 1) / max(1.0, ramp * total))
-        kept, _ = choose_head_channels(gm, structure, budget * share, multiple)
+        kept, _ = choose_head_channels(gm, structure, budget * ramp_share(step, total, ramp), multiple)
         set_keep_masks(gm, kept, structure)
     return update
 
 
 def search_head_channels(gm: fx.GraphModule, train_loader: Iterable, config: FinetuneConfig, budget: float, *,
                          variant: str = "full", multiple: int = DEFAULT_MULTIPLE, calibration=None,
-                         teacher: nn.Module | None = None, l1: float = DEFAULT_L1, ramp: float = DEFAULT_RAMP,
-                         progress: bool = True) -> FinetuneResult:
+                         teacher: nn.Module | None = None, l1: float = DEFAULT_L1,
+                         ramp: tuple[float, float] = DEFAULT_RAMP, progress: bool = True) -> FinetuneResult:
     """Initialise and train a gated model's indicators toward `budget` fewer attention MACs (see module doc).
 
     `calibration` (images or a loader) feeds the similarity weights and the initialisation; `variant`
@@ -233,8 +255,9 @@ def search_head_channels(gm: fx.GraphModule, train_loader: Iterable, config: Fin
     so the gated model computes what `HeadChannelSlicePass(budget, multiple)` will keep.
     """
     spec, budget = check_variant(variant), check_budget(budget)
-    if l1 < 0 or not 0 < ramp <= 1:
-        raise ValueError(f"l1 must be >= 0 and ramp in (0, 1], got l1={l1}, ramp={ramp}")
+    if l1 < 0:
+        raise ValueError(f"l1 must be >= 0, got {l1}")
+    ramp = check_ramp(ramp)
     structure = find_vit_structure(gm)
     modes = {gate.mode for gate in all_gates(gm, structure).values()}
     if modes != {spec.gate_mode}:

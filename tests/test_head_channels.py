@@ -35,6 +35,7 @@ from vitsparse.pruners import (
     indicators_from_weights,
     search_head_channels,
 )
+from vitsparse.pruners.head_channels import ramp_share
 from vitsparse.pruners.head_gates import all_gates
 from vitsparse.pruners.head_select import choose_head_channels, set_keep_masks
 from vitsparse.pruners.head_signals import measure_signals
@@ -264,6 +265,17 @@ def test_l1_ablation_trains_scales_with_the_penalty() -> None:
     assert norms[1.0] < norms[0.0]
     with pytest.raises(PassError, match="variant 'full' trains gates in 'mask' mode"):
         search_head_channels(gm, loaders.train, config, 0.3, variant="full", progress=False)
+
+
+def test_the_budget_ramps_in_after_a_warm_up_at_full_width() -> None:
+    shares = [ramp_share(step, 8, (0.25, 0.75)) for step in range(8)]
+    assert shares == pytest.approx([0, 0, 0.25, 0.5, 0.75, 1, 1, 1])
+    assert ramp_share(0, 1, (0.0, 1.0)) == 1.0  # a one-step search ends on the budget
+    gm = _gated(small_vit(depth=1)).graph_module
+    for ramp, message in (((0.75, 0.25), "0 <= start < end <= 1"), ((0.0, 1.5), "0 <= start < end <= 1"),
+                          (0.5, r"ramp must be \(start, end\) fractions")):
+        with pytest.raises(ValueError, match=message):
+            search_head_channels(gm, [], FinetuneConfig(), 0.3, ramp=ramp)
 
 
 @pytest.mark.parametrize("budget", [1.0, -0.1, "0.3", True])
