@@ -38,7 +38,7 @@ class Engine(ABC):
         self.batch_size = batch_size
         self.num_cores = num_cores
         self.num_streams = num_streams or 1
-        self.precision = precision  # None: the engine's own default
+        self.precision = precision  # None: the default, f32 on every engine
         self.quantization = quantization_format(model)
         self.inputs = [_with_batch(spec, batch_size) for spec in graph_inputs(model)]
         self.outputs = graph_outputs(model)
