@@ -79,13 +79,10 @@ class TokenSelect(nn.Module):
         count = patches.shape[1]
         if self.keep >= count:
             return tokens
-        ranked = score.topk(count if self.fuse else self.keep, dim=1)  # (B, count or keep), best first
-        kept = [prefix, _rows(patches, ranked.indices[:, :self.keep])]
+        ranked = score.topk(self.keep, dim=1)  # (B, keep), best first
+        kept = [prefix, _rows(patches, ranked.indices)]
         if self.fuse:
-            dropped = _rows(patches, ranked.indices[:, self.keep:])
-            weights = ranked.values[:, self.keep:]
-            weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
-            kept.append((weights.unsqueeze(-1) * dropped).sum(dim=1, keepdim=True))
+            kept.append(_fused_token(patches, score, ranked.values[:, -1:]))
         return torch.cat(kept, dim=1)
 
     def extra_repr(self) -> str:
@@ -115,6 +112,15 @@ class ThresholdSelect(nn.Module):
         return f"threshold={self.threshold:.4g}, prefix={self.num_prefix_tokens}"
 
 
+def _fused_token(patches: torch.Tensor, score: torch.Tensor, bar: torch.Tensor) -> torch.Tensor:
+    """(B, 1, C): the score-weighted mean of the patch tokens scored below `bar`, the lowest kept score
+    (a token tied with it but not kept is left out). One masked product: ranking every token and
+    gathering the dropped rows crashes DeepSparse 1.8's compiler at batch > 1 (pyramid.cpp:3344)."""
+    weights = score * (score < bar).to(score.dtype)
+    weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    return weights.unsqueeze(1) @ patches
+
+
 def _rows(patches: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(B, K, C) rows `index` (B, K) of each image, as one Gather over the flattened batch."""
     batch, count, width = patches.shape
@@ -123,10 +129,17 @@ def _rows(patches: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return flat.reshape(batch, index.shape[1], width)
 
 
+def scale_locations(reference: Sequence[int], depth: int) -> tuple[int, ...]:
+    """Stage locations given for a 12-block model, moved to the same relative depth of a `depth`-block
+    one: each rounds to the nearest block in [1, depth) and stages that land together merge."""
+    if depth < 2:
+        return ()
+    return tuple(sorted({min(max(round(loc * depth / REFERENCE_DEPTH), 1), depth - 1) for loc in reference}))
+
+
 def default_locations(depth: int) -> tuple[int, ...]:
     """AS-ViT's stages (before blocks 4, 7, 10 of 12, 0-based) scaled to `depth` blocks."""
-    scaled = sorted({round(loc * depth / REFERENCE_DEPTH) for loc in REFERENCE_LOCATIONS})
-    return tuple(loc for loc in scaled if 1 <= loc < depth) or ((depth - 1,) if depth > 1 else ())
+    return scale_locations(REFERENCE_LOCATIONS, depth)
 
 
 def check_keep_rate(keep_rate: float) -> float:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -17,7 +21,7 @@ from vitsparse.compiler import (
     trace,
 )
 from vitsparse.pruners import ClassAttentionScore, TokenDropPass, TokenSelect
-from vitsparse.pruners.token_drop import default_locations, keep_counts
+from vitsparse.pruners.token_drop import default_locations, keep_counts, scale_locations
 from vitsparse.runtime import ENGINES, create_engine, engine_status
 
 from helpers import STRUCTURE_IDS, STRUCTURE_VARIANTS, small_vit
@@ -153,6 +157,44 @@ def test_static_selection_exports_and_matches_torch_on_every_engine(tmp_path) ->
             assert abs(got - expected).max() < 1e-4
             if name == "deepsparse":
                 assert engine.fraction_of_supported_ops >= 0.9
+
+
+CHILD_RUN = """
+import os, sys
+import numpy as np
+os.environ["NM_DISABLE_ANALYTICS"] = "1"
+from vitsparse.runtime import create_engine
+engine = create_engine(sys.argv[1], sys.argv[2], batch_size=2, num_cores=1)
+np.save(sys.argv[4], engine.run([np.load(sys.argv[3])])[0])
+"""
+
+
+def test_fused_dropping_runs_batched_on_every_engine(tmp_path) -> None:
+    """Ranking every token and gathering the dropped rows aborted DeepSparse 1.8's compiler at batch 2
+    (pyramid.cpp:3344); the fused token is one masked product now. Each engine runs in a child process,
+    since such an abort takes its process down."""
+    manager = PassManager(trace(small_vit(depth=2, img_size=32)), recipe=Recipe())
+    manager.run(TokenDropPass(0.4, fuse=True))
+    result = export_artifact(manager.graph_module, manager.recipe, tmp_path / "fused",
+                             ExportConfig(batch_size=2))
+    x = torch.randn(2, 3, 32, 32)
+    np.save(tmp_path / "x.npy", x.numpy())
+    with torch.no_grad():
+        expected = manager.graph_module(x).numpy()
+    for name in AVAILABLE:
+        out = tmp_path / f"{name}.npy"
+        child = subprocess.run([sys.executable, "-c", CHILD_RUN, name, str(result.directory / "model.onnx"),
+                                str(tmp_path / "x.npy"), str(out)], capture_output=True, text=True)
+        output = (child.stdout + child.stderr).splitlines()
+        said = [line for line in output if "Assert" in line or "rror" in line]
+        assert child.returncode == 0, f"{name} failed: {said[:3]}"
+        assert abs(np.load(out) - expected).max() < 1e-4
+
+
+def test_stage_locations_scale_from_twelve_blocks() -> None:
+    assert scale_locations((1, 4, 7), 12) == (1, 4, 7) and scale_locations((1, 4, 7), 6) == (1, 2, 4)
+    assert scale_locations((1, 4, 7), 2) == (1,) and scale_locations((4, 7, 10), 1) == ()
+    assert scale_locations((10, 11), 24) == (20, 22)
 
 
 @pytest.mark.parametrize("keep_rate", [0.0, 1.5, -0.2, True, "0.7"])
