@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from vitsparse.pruners import HEAD_CHANNEL_VARIANTS
 
-from .combined import CombinedSetting
+from .combined import SPEED_RECIPE, CombinedSetting
 from .int8 import DEFAULT_SPEED as INT8_SPEED
 from .int8 import Int8SpeedSetting
 from .methods import SpeedSetting
@@ -41,6 +41,10 @@ class Profile:
     token_drop_speed: tuple[float, ...] = (0.7,)
     token_drop_finetune_epochs: int = 30  # digits-vit's own recipe after dropping (bench/token_drop.py)
     combined: CombinedSetting | None = CombinedSetting()  # every landed method in one recipe
+    # the recipe INT8 is added to: heavier cuts and earlier token drops than `combined`, for speed; its
+    # digits-vit fine-tune runs as long as the token-drop rows' (its drops before block 1 need it)
+    combined_int8: CombinedSetting | None = SPEED_RECIPE
+    combined_int8_epochs: int = 30
     # static INT8: digits-vit sparsities (0: dense; Fisher OBS masks) and the INT8 models timed
     int8_sparsities: tuple[float, ...] = (0.0, 0.75, 0.9)
     int8_speed: tuple[Int8SpeedSetting, ...] = INT8_SPEED

@@ -25,7 +25,7 @@ from vitsparse.runtime import RuntimeInputError, check_engine_spec, engine_statu
 from .accuracy import MODEL as DIGITS
 from .accuracy import digits_rows
 from .combined import METHOD as COMBINED
-from .combined import combined_digits_row, combined_speed_graph
+from .combined import SPEED_MODEL_QUANT_ATOL, combined_digits_row, combined_speed_graph
 from .head_channels import METHOD as HEAD_CHANNELS
 from .head_channels import (
     HeadChannelSetting,
@@ -306,9 +306,11 @@ def _int8_digits(opts: BenchOptions, profile, epochs: int, artifacts: Path) -> l
         return []
     print(f"      int8 at sparsities {sparsities} ({BASE_MASKS} masks)", flush=True)
     rows = int8_digits_rows(sparsities, epochs, artifacts)
-    if _combined(opts, profile) is not None:
-        print("      combined recipe with int8", flush=True)
-        rows.append(combined_digits_row(replace(_combined(opts, profile), int8=True), epochs, artifacts))
+    speed_recipe = _combined_int8(opts, profile)
+    if speed_recipe is not None:
+        print(f"      combined speed recipe with int8: {_recipe_label(speed_recipe)}", flush=True)
+        epochs = opts.finetune_epochs or profile.combined_int8_epochs
+        rows.append(combined_digits_row(speed_recipe, epochs, artifacts))
     return rows
 
 
@@ -322,17 +324,28 @@ def _int8_speed(opts: BenchOptions, profile, model: torch.nn.Module, settings: t
     candidates = int8_speed_candidates(model, settings, calibration, _base(opts),
                                        lambda method, row_settings, manager: _costed_row(
                                            opts, method, row_settings, manager))
-    if _combined(opts, profile) is not None and "deepsparse" in opts.engines:
-        setting = replace(_combined(opts, profile), int8=True)
+    setting = _combined_int8(opts, profile)
+    if setting is not None and "deepsparse" in opts.engines:
         manager = combined_speed_graph(model, setting, Recipe(base=_base(opts)), calibration)
+        export = {"quant_format": "operator", "quant_atol": SPEED_MODEL_QUANT_ATOL}
         candidates.append(SpeedCandidate(_costed_row(opts, COMBINED, setting.settings(), manager),
                                          manager.graph_module, manager.recipe, engines=("deepsparse",),
-                                         export={"quant_format": "operator"}))
+                                         export=export))
     return candidates
 
 
 def _combined(opts: BenchOptions, profile):
     return profile.combined if opts.combined else None
+
+
+def _combined_int8(opts: BenchOptions, profile):
+    """The combined recipe INT8 is timed and fine-tuned with (INT8 on, whatever the profile says)."""
+    setting = profile.combined_int8 if opts.combined else None
+    return None if setting is None else replace(setting, int8=True)
+
+
+def _recipe_label(setting) -> str:
+    return ", ".join(f"{k} {v}" for k, v in setting.settings().items() if k != "passes")
 
 
 def run_prune_and_bench(opts: BenchOptions) -> Path:

@@ -8,9 +8,15 @@ from pathlib import Path
 import pytest
 
 from vitsparse.bench.cli import main
+from vitsparse.bench.combined import SPEED_RECIPE, CombinedSetting
 from vitsparse.bench.int8 import Int8SpeedSetting, parse_int8_speed_setting
 from vitsparse.bench.methods import SpeedSetting, parse_speed_setting
-from vitsparse.bench.report import head_channel_table, markdown_report, paired_difference
+from vitsparse.bench.report import (
+    combined_setting_label,
+    head_channel_table,
+    markdown_report,
+    paired_difference,
+)
 from vitsparse.bench.schema import Row, SpeedEntry
 from vitsparse.bench.speed import MODELS_PER_GROUP, engine_name
 from vitsparse.bench.workflow import BenchOptions, available_engines, run_prune_and_bench
@@ -54,8 +60,7 @@ def test_results_follow_the_schema(run_dir: Path) -> None:
                       "head_budget": 0.3, "keep_rate": 0.7, "sparsity": 0.8, "multiple": 16}),
         ("int8", {"base": "obs-fisher", "sparsity": 0.5, "pattern": "unstructured",
                   "observer": "percentile"}),
-        ("combined", {"passes": ["vtp", "head-channels", "token-drop", "magnitude", "int8"], "vtp_rate": 0.2,
-                      "head_budget": 0.3, "keep_rate": 0.7, "sparsity": 0.8, "multiple": 16})]
+        ("combined", SPEED_RECIPE.settings())]
     assert all(0 <= r["top1"] <= 1 and 0 <= r["top1_oneshot"] <= 1 for r in digits)
     assert all(r["nonzero_params"] < digits[0]["nonzero_params"] for r in digits[1:7] + digits[9:])
     assert all(r["params"] == digits[0]["params"] for r in digits[7:9])  # token drop keeps every weight
@@ -70,7 +75,8 @@ def test_results_follow_the_schema(run_dir: Path) -> None:
         assert 0 <= heads["top1_sparse_trained"] <= 1 and heads["params"] < digits[0]["params"]
         assert heads["prune_seconds"] > 0
     fixed, learned, combined, int8, combined_int8 = digits[7:]
-    assert 0 <= combined_int8["top1"] <= 1 and combined_int8["macs"] == combined["macs"]
+    assert 0 <= combined_int8["top1"] <= 1 and combined_int8["macs"] < combined["macs"]
+    assert combined_int8["settings"]["passes"][-1] == "int8" and combined_int8["settings"]["int8_patch_embed"]
     assert 0.3 < 1 - fixed["macs"] / digits[0]["macs"] < 0.4  # about 35 % fewer MACs
     assert 0.2 < 1 - learned["macs"] / digits[0]["macs"] < 0.5  # near it after one epoch of learning
     assert len(fixed["top1_seeds"]) == len(learned["top1_seeds"]) == 1
@@ -105,7 +111,7 @@ def test_speed_rows_time_every_engine_against_the_dense_baseline(run_dir: Path) 
     if "deepsparse" in available_engines():  # the operator format and the combined INT8 run there only
         assert rows[9]["settings"] == {"base": "magnitude", "sparsity": 0.9, "pattern": "unstructured",
                                        "format": "operator"}
-        assert rows[10]["settings"]["passes"][-1] == "int8" and rows[10]["macs"] == combined["macs"]
+        assert rows[10]["settings"] == SPEED_RECIPE.settings() and rows[10]["macs"] < combined["macs"]
     assert vtp["settings"] == {"rate": 0.4, "multiple": 8} and vtp["macs"] < rows[0]["macs"]
     assert heads["settings"] == {"budget": 0.3, "multiple": 8}
     assert 0.3 <= 1 - heads["attention_macs"] / rows[0]["attention_macs"] < 0.35
@@ -184,6 +190,7 @@ def test_report_and_plot_are_written(run_dir: Path) -> None:
     assert "## Token dropping (AS-ViT)" in report
     assert "| 0.65 | fixed | " in report and "| 0.65 | learned | " in report
     assert "## Combined recipe" in report and "| vtp → head-channels → token-drop → magnitude |" in report
+    assert "| vtp 0.4, heads 0.5, keep 0.4 at 1,4,7 fused, 90 % zeros, int8 + patch embed |" in report
     assert "## Static INT8 on digits-vit" in report and "| obs-fisher | 50.00 % |" in report
     assert "## INT8 speed" in report and "| dense | qdq | onnxruntime | 1 |" in report
     for plot in ("speedup.png", "accuracy.png", "head_channels.png"):
@@ -237,6 +244,18 @@ def test_speed_settings_parse(text: str, expected: SpeedSetting) -> None:
 def test_bad_speed_settings_say_what_is_wrong(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_speed_setting(text)
+
+
+def test_the_int8_recipe_drops_tokens_early_and_quantizes_the_patch_embedding() -> None:
+    drop = SPEED_RECIPE.token_drop_pass(depth=6)  # blocks 1, 4, 7 of 12 land on 1, 2, 4 of 6
+    assert drop.locations == (1, 2, 4) and drop.fuse and drop.keep_rate == 0.4
+    assert CombinedSetting().token_drop_pass(depth=6).locations is None  # AS-ViT's, chosen by the pass
+    assert "patch_embed" in SPEED_RECIPE.quant_config().targets
+    assert "patch_embed" not in CombinedSetting(int8=True).quant_config().targets
+    assert combined_setting_label(CombinedSetting(int8=True).settings()) == (
+        "vtp 0.2, heads 0.3, keep 0.7, 80 % zeros, int8")
+    no_vtp_no_drop = CombinedSetting(vtp_rate=0, keep_rate=1).settings()
+    assert combined_setting_label(no_vtp_no_drop) == "heads 0.3, 80 % zeros"
 
 
 def test_head_channel_table_pairs_each_variant_with_l1_seed_by_seed() -> None:
