@@ -91,7 +91,7 @@ class CombinedSetting:
 
 # every method at a heavier setting, tokens dropped from block 1 on (fused, which costs DeepSparse ~3 %
 # and gains digits-vit ~3 pt), INT8 down to the patch embedding: measured on deit_small at batch 16,
-# ~9x dense PyTorch on DeepSparse where `CombinedSetting(int8=True)` gave ~3x (the first blocks, at
+# 10–11x dense PyTorch on DeepSparse where `CombinedSetting(int8=True)` gave ~3x (the first blocks, at
 # full token count, cost most there: softmax, LayerNorm and shuffles, not the INT8 products)
 SPEED_RECIPE = CombinedSetting(vtp_rate=0.4, head_budget=0.5, keep_rate=0.4, sparsity=0.9, int8=True,
                                token_locations=(1, 4, 7), fuse_tokens=True, int8_patch_embed=True)

@@ -39,7 +39,7 @@ from .int8 import FORMAT_ENGINES, int8_digits_rows, int8_speed_candidates
 from .int8 import SPEED_CALIBRATION as INT8_CALIBRATION
 from .methods import METHODS, SpeedSetting
 from .profiles import get_profile
-from .report import speed_table, write_report
+from .report import combined_setting_label, speed_table, write_report
 from .schema import Row
 from .speed import TORCH, SpeedCandidate, TimingPlan, engine_name, measure_speed
 from .token_drop import METHOD as TOKEN_DROP
@@ -308,7 +308,8 @@ def _int8_digits(opts: BenchOptions, profile, epochs: int, artifacts: Path) -> l
     rows = int8_digits_rows(sparsities, epochs, artifacts)
     speed_recipe = _combined_int8(opts, profile)
     if speed_recipe is not None:
-        print(f"      combined speed recipe with int8: {_recipe_label(speed_recipe)}", flush=True)
+        label = combined_setting_label(speed_recipe.settings())
+        print(f"      combined speed recipe with int8: {label}", flush=True)
         epochs = opts.finetune_epochs or profile.combined_int8_epochs
         rows.append(combined_digits_row(speed_recipe, epochs, artifacts))
     return rows
@@ -342,10 +343,6 @@ def _combined_int8(opts: BenchOptions, profile):
     """The combined recipe INT8 is timed and fine-tuned with (INT8 on, whatever the profile says)."""
     setting = profile.combined_int8 if opts.combined else None
     return None if setting is None else replace(setting, int8=True)
-
-
-def _recipe_label(setting) -> str:
-    return ", ".join(f"{k} {v}" for k, v in setting.settings().items() if k != "passes")
 
 
 def run_prune_and_bench(opts: BenchOptions) -> Path:
