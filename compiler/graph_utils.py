@@ -122,9 +122,19 @@ def walk_up(start: fx.Node, stop: Callable[[fx.Node], bool], limit: int = 64) ->
     return walk(start, tensor_inputs, stop, limit)
 
 
-def walk_down(start: fx.Node, stop: Callable[[fx.Node], bool], limit: int = 64) -> fx.Node | None:
-    """Nearest descendant of `start` for which `stop` holds."""
-    return walk(start, lambda n: list(n.users), stop, limit)
+def walk_down(start: fx.Node, stop: Callable[[fx.Node], bool], limit: int = 64,
+              first_input_only: bool = False) -> fx.Node | None:
+    """Nearest descendant of `start` for which `stop` holds; users are visited in graph order, so the
+    answer does not depend on the order a copy of the graph happens to list them in. With
+    `first_input_only` it follows a tensor only into ops that take it as their first argument (the data
+    path), not into side branches that read it (a token score reading the attention output)."""
+    position = {node: index for index, node in enumerate(start.graph.nodes)}
+
+    def users(node: fx.Node) -> list[fx.Node]:
+        found = [u for u in node.users if not first_input_only or (u.args and u.args[0] is node)]
+        return sorted(found, key=position.__getitem__)
+
+    return walk(start, users, stop, limit)
 
 
 def ancestors(node: fx.Node) -> Iterator[fx.Node]:

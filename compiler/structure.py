@@ -188,7 +188,7 @@ def _find_attention(gm: fx.GraphModule, core: fx.Node) -> tuple[AttentionStructu
             f"attention at node {core.name!r}: expected q, k and v to come from one fused qkv Linear "
             f"(found {qkv.target if qkv is not None else 'none'} for q)"
         )
-    proj = gu.walk_down(out, lambda n: gu.is_linear(gm, n))
+    proj = gu.walk_down(out, lambda n: gu.is_linear(gm, n), first_input_only=True)
     qkv_reshape = gu.walk_down(qkv, gu.is_reshape, 4)
     out_reshape = gu.walk_up(proj, gu.is_reshape, 6) if proj is not None else None
     q_shape, v_shape = shape_of(q_in), shape_of(v_in)

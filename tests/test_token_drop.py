@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -224,3 +225,14 @@ def test_models_without_a_class_token_and_double_dropping_are_refused() -> None:
     manager = _dropped(small_vit(depth=3), 0.7, (1,))
     with pytest.raises(PassError, match="already drops tokens"):
         manager.run(TokenDropPass(0.5, (2,)))
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_a_copy_of_a_dropped_graph_keeps_its_structure(fuse: bool) -> None:
+    """A deep copy lists a node's users in another order; the attention output feeds both the projection
+    and the next token score, and the structure must still find the projection (INT8 quantizes a copy)."""
+    manager = PassManager(trace(small_vit(depth=4)), recipe=Recipe())
+    manager.run(TokenDropPass(0.5, (1, 2), fuse=fuse))
+    copied = PassManager(copy.deepcopy(manager.graph_module))
+    assert [b.attn.proj for b in copied.structure.blocks] == [b.attn.proj for b in manager.structure.blocks]
+    assert copied.costs.macs == manager.costs.macs
