@@ -94,6 +94,11 @@ class Engine(ABC):
         """Share of the graph the engine runs in its own optimised runtime; None if it does not say."""
         return None
 
+    @property
+    def int8_mac_share(self) -> float | None:
+        """Share of the file's MatMul/Gemm/Conv MACs the engine runs in INT8; None if it does not say."""
+        return None
+
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Run one batch: inputs in `input_names` order, outputs in `output_names` order."""
         arrays = check_inputs(self.inputs, inputs)
@@ -119,7 +124,8 @@ class Engine(ABC):
                 "num_cores": self.num_cores, "num_streams": self.num_streams,
                 "precision": self.effective_precision, "quantization": self.quantization,
                 "inputs": {spec.name: spec.describe() for spec in self.inputs},
-                "fraction_of_supported_ops": self.fraction_of_supported_ops}
+                "fraction_of_supported_ops": self.fraction_of_supported_ops,
+                "int8_mac_share": self.int8_mac_share}
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({str(self.model_path)!r}, batch_size={self.batch_size}, "

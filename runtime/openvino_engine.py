@@ -7,6 +7,11 @@ would give other numbers on another CPU than the ones its export verified). An I
 its quantized layers in INT8 whatever the hint: the hint sets the precision of the float parts. One
 stream is the latency mode; num_streams > 1 is the throughput mode with that many streams, each call
 taking an idle infer request, so several threads can run at once.
+
+`int8_mac_share` reads the compiled (executed) graph: each MatMul/Gemm/Conv node of the file is found
+in the `originalLayersNames` of the operation that runs it, and its MACs count as INT8 when that
+operation's `runtimePrecision` is u8 or i8 (a quantized layer whose dequantization OpenVINO could not
+fuse runs as f32 and shows up here).
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ import onnx
 
 from .engine import Engine
 from .errors import EngineLoadError, EngineUnavailableError, UnsupportedPrecisionError, first_line
+from .inspect import LayerMacs, inspect_onnx
 
 DEVICE = "CPU"
+INT8_PRECISIONS = ("u8", "i8")  # runtimePrecision values of an operation computing in 8-bit integers
 # precision name -> (OpenVINO's hint value, the CPU capability it needs, or None)
 PRECISION_HINTS: dict[str, tuple[str, str | None]] = {"f32": ("f32", None), "bf16": ("bf16", "BF16")}
 
@@ -91,6 +98,14 @@ class OpenVinoEngine(Engine):
         """What OpenVINO compiled the float layers for."""
         return self._effective
 
+    @property
+    def int8_mac_share(self) -> float | None:
+        """Share of the file's MatMul/Gemm/Conv MACs (at the compiled batch size) that ran in INT8."""
+        if not hasattr(self, "_int8_share"):
+            layers = inspect_onnx(self.model_path).layers
+            self._int8_share = int8_share(layers, executed_precisions(self._compiled))
+        return self._int8_share
+
     def _run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         request = self._requests.get()  # blocks while every stream's request is busy
         try:
@@ -108,3 +123,28 @@ def _batched(shape, batch_size: int):
     if dims:
         dims[0] = openvino.Dimension(batch_size)
     return openvino.PartialShape(dims)
+
+
+def executed_precisions(compiled) -> dict[str, str]:
+    """Each original layer name (an ONNX node's name) -> the runtimePrecision of the executed operation
+    it was fused into, from a compiled model's runtime graph."""
+    found: dict[str, str] = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if "originalLayersNames" not in info or "runtimePrecision" not in info:
+            continue
+        precision = info["runtimePrecision"].astype(str)
+        for name in info["originalLayersNames"].astype(str).split(","):
+            if name:
+                found[name] = precision
+    return found
+
+
+def int8_share(layers: list[LayerMacs], precisions: dict[str, str]) -> float | None:
+    """MACs of the layers whose executed precision is INT8 over all layers' MACs; a layer missing from
+    `precisions` counts as not INT8. None when no layer has known MACs."""
+    total = sum(layer.macs or 0 for layer in layers)
+    if not total:
+        return None
+    int8 = sum(layer.macs or 0 for layer in layers if precisions.get(layer.name) in INT8_PRECISIONS)
+    return int8 / total

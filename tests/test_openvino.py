@@ -15,11 +15,13 @@ from vitsparse.compiler import ExportConfig, PassManager, Recipe, export_artifac
 from vitsparse.pruners import MagnitudePass, QuantConfig, QuantizePass
 from vitsparse.runtime import (
     EngineUnavailableError,
+    LayerMacs,
     UnsupportedPrecisionError,
     availability,
     check_engine_spec,
     create_engine,
     engine_status,
+    inspect_onnx,
     openvino_engine,
 )
 
@@ -75,6 +77,30 @@ def test_a_qdq_file_runs_in_int8_within_its_tolerance(tmp_path) -> None:
     (logits,) = engine.run([IMAGES[:2].numpy()])
     assert engine.describe()["quantization"] == "qdq"
     assert np.abs(logits - expected).max() < INT8_ATOL and np.abs(logits - expected).max() > 1e-6
+
+
+def test_the_executed_graph_says_which_macs_ran_in_int8(tmp_path) -> None:
+    float_path, _ = _export(tmp_path / "float")
+    assert create_engine("openvino", float_path, batch_size=2).int8_mac_share == 0.0
+    path, _ = _export(tmp_path / "int8", quantize=True)
+    engine = create_engine("openvino", path, batch_size=2)
+    report = inspect_onnx(path)
+    precisions = openvino_engine.executed_precisions(engine._compiled)
+    linears = [layer for layer in report.layers if layer.op_type == "MatMul"
+               and any(kind in layer.name for kind in ("qkv", "proj", "fc1", "fc2"))]  # the quantized ones
+    assert linears and all(precisions[layer.name] in ("u8", "i8") for layer in linears)
+    assert precisions[next(layer.name for layer in report.layers if layer.op_type == "Conv")] == "f32"
+    assert sum(layer.macs for layer in linears) / report.macs <= engine.int8_mac_share < 1
+    assert engine.describe()["int8_mac_share"] == engine.int8_mac_share
+
+
+def test_int8_share_counts_macs_of_layers_that_ran_in_u8_or_i8() -> None:
+    layers = [LayerMacs("a", "MatMul", (1, 4), 300), LayerMacs("b", "MatMul", (1, 4), 100),
+              LayerMacs("c", "Conv", (1, 4), 100), LayerMacs("d", "Gemm", None, None)]
+    share = openvino_engine.int8_share
+    assert share(layers, {"a": "u8", "b": "i8", "c": "f32"}) == pytest.approx(0.8)
+    assert share(layers, {"a": "bf16"}) == 0.0  # a layer missing from the executed graph is not INT8
+    assert share(layers[3:], {"d": "u8"}) is None
 
 
 def test_bf16_where_the_cpu_has_it(tmp_path) -> None:
