@@ -161,6 +161,10 @@ def _rates_or_none(text: str) -> tuple[float, ...]:
     return () if text.strip().lower() == "none" else _csv(float)(text)
 
 
+def _formats_or_none(text: str) -> tuple[str, ...]:
+    return () if text.strip().lower() == "none" else _csv(str)(text)
+
+
 def _bench_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile",
@@ -215,7 +219,10 @@ def _bench_flags(parser: argparse.ArgumentParser) -> None:
         help="static token-drop keep rates timed on the speed model, e.g. 0.7 ('none' skips them)",
     )
     parser.add_argument(
-        "--no-combined", action="store_true", help="skip the combined recipe (every method in one recipe)"
+        "--no-combined", action="store_true", help="skip the combined recipes (every method in one recipe)"
+    )
+    parser.add_argument(
+        "--combined-seeds", type=int, help="seeds each combined recipe's digits-vit top-1 is averaged over"
     )
     parser.add_argument(
         "--int8-sparsities",
@@ -228,6 +235,12 @@ def _bench_flags(parser: argparse.ArgumentParser) -> None:
         type=_int8_speed_settings,
         help="INT8 models timed on the speed model: dense, SPARSITY or SPARSITY@1xK, each in the operator "
         "format on DeepSparse, or with @qdq on ONNX Runtime, e.g. dense@qdq,dense,0.9 ('none' skips them)",
+    )
+    parser.add_argument(
+        "--int8-formats",
+        type=_formats_or_none,
+        help="INT8 formats the structured, token and combined speed rows are also timed in: qdq (ONNX "
+        "Runtime, OpenVINO), operator (DeepSparse); default both ('none' skips them)",
     )
     parser.add_argument(
         "--speed-settings",
@@ -285,8 +298,10 @@ def _prune_and_bench(args: argparse.Namespace) -> int:
             token_drop_seeds=args.token_drop_seeds,
             token_drop_speed=args.token_drop_keep,
             combined=not args.no_combined,
+            combined_seeds=args.combined_seeds,
             int8_sparsities=args.int8_sparsities,
             int8_speed=args.int8_speed,
+            int8_formats=args.int8_formats,
             speed_settings=args.speed_settings,
             speed_method=args.speed_method,
             solver_timing_samples=args.solver_timing_samples,

@@ -1,23 +1,22 @@
-"""The combined recipe: every method that has landed, applied to one model in turn.
+"""The combined recipes: every method that has landed, applied to one model in turn.
 
-Dimension slicing (VTP), head-equal channel removal, static token dropping and unstructured magnitude
-masks compose as passes of one recipe: shapes shrink first, then the sequence, then the weights
-turn to zeros. On digits-vit VTP's scores are trained (λ·‖â‖₁) and the recipe is fine-tuned with
-distillation; the head-channel indicators come from weight norms on both models (the channel search
-trains for a whole fine-tune of its own), and the speed model, with random weights, gets every
-choice from weight norms: its row measures the shapes and zeros the recipe yields. With `int8`, static
-INT8 ends the recipe: on digits-vit after the fine-tune, followed by a quantization-aware one.
+Dimension slicing (VTP), head-equal channel removal, token dropping and unstructured masks compose as
+passes of one recipe: shapes shrink first, then the sequence, then the weights turn to zeros; with
+`int8`, static INT8 ends it. On digits-vit the recipe trains stage by stage (`staged.py`: each pass
+recovers before the next, distilled from the dense model, over several seeds). The speed model, with
+random weights, gets every choice from weight norms (static keep counts, magnitude masks): its rows
+measure the shapes and zeros the recipe yields. `FRONTIER` lists the INT8 recipes from light to heavy.
 """
-
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+import statistics
+from dataclasses import dataclass
 
 import torch
 
 from vitsparse.compiler import PassManager, Recipe, trace
-from vitsparse.models import build_model, digits_loaders, evaluate
+from vitsparse.models import build_model, digits_loaders
 from vitsparse.pruners import (
     DEFAULT_TARGETS,
     DimensionSlicePass,
@@ -28,18 +27,19 @@ from vitsparse.pruners import (
     ScoreGatePass,
     SparsityPass,
     TokenDropPass,
-    finetune,
     indicators_from_weights,
     make_calibration,
     scores_from_weight_norms,
-    sparse_train,
 )
 from vitsparse.pruners.token_drop import scale_locations
 
-from .accuracy import CALIBRATION_IMAGES, MODEL, digits_finetune_config, export_row, make_row
+from .accuracy import CALIBRATION_IMAGES, MODEL, export_row, make_row, over_seeds
 from .int8 import OBSERVER as INT8_OBSERVER
-from .int8 import QAT
+from .int8 import verify_formats
+from .labels import combined_setting_label
 from .schema import Row
+from .speed import artifact_slug
+from .staged import StagedRun, StagedSchedule, run_staged
 
 METHOD = "combined"
 
@@ -96,6 +96,16 @@ class CombinedSetting:
 SPEED_RECIPE = CombinedSetting(vtp_rate=0.4, head_budget=0.5, keep_rate=0.4, sparsity=0.9, int8=True,
                                token_locations=(1, 4, 7), fuse_tokens=True, int8_patch_embed=True)
 
+# the INT8 recipes from light to heavy that the report plots as a frontier (top-1 against speed): the
+# float recipe's setting in INT8, one lighter, one between it and the speed recipe, and the speed recipe
+FRONTIER = (
+    CombinedSetting(vtp_rate=0.1, head_budget=0.2, keep_rate=0.85, sparsity=0.5, int8=True),
+    CombinedSetting(int8=True),
+    CombinedSetting(vtp_rate=0.3, head_budget=0.4, keep_rate=0.55, sparsity=0.85, int8=True,
+                    token_locations=(3, 6, 9), fuse_tokens=True),
+    SPEED_RECIPE,
+)
+
 # the speed model's INT8 export check: with random weights, tokens dropped before block 1 and an INT8
 # patch embedding, torch's and ONNX's rounding (x·(1/s) against x/s) part by 0.13–0.16 in logits within
 # ±1.8 on deit_small, over the export's 0.1 default (the trained digits-vit model exports within it)
@@ -121,30 +131,38 @@ def apply_combined(manager: PassManager, setting: CombinedSetting, train_vtp=Non
         manager.run(QuantizePass(setting.quant_config(), calibration=calibration))
 
 
-def combined_digits_row(setting: CombinedSetting, epochs: int, artifacts) -> Row:
-    """digits-vit through the recipe: top-1 before and after the standard distilled fine-tune."""
+def combined_digits_row(setting: CombinedSetting, schedule: StagedSchedule, seeds: int, artifacts,
+                        progress: bool = False) -> Row:
+    """digits-vit through the recipe's staged schedule (`bench/staged.py`) over `seeds` seeds: the top-1
+    after every stage, the final one as the mean over seeds; MACs and the artifact are seed 0's."""
     dense = build_model(MODEL, pretrained=True)
     loaders = digits_loaders()
-    config = digits_finetune_config(epochs)
-    manager = PassManager(trace(copy.deepcopy(dense)),
-                          recipe=Recipe(base={"model": MODEL, "kwargs": {}, "pretrained": True}))
+    calibration = torch.cat([x for x, _ in make_calibration(loaders.train, CALIBRATION_IMAGES)])
+    base = {"model": MODEL, "kwargs": {}, "pretrained": True}
 
-    def train_vtp(gated: torch.fx.GraphModule) -> None:
-        sparse_train(gated, loaders.train, config, teacher=dense, progress=False)
+    def one_seed(_, seed: int) -> StagedRun:
+        manager = PassManager(trace(copy.deepcopy(dense)), recipe=Recipe(base=base))
+        return run_staged(manager, setting, schedule, dense, loaders, seed, calibration)
 
-    apply_combined(manager, replace(setting, int8=False), train_vtp)
-    oneshot = evaluate(manager.graph_module, loaders.test).top1
-    tuned = finetune(manager.graph_module, loaders.train, loaders.val, config, teacher=dense,
-                     progress=False).model
-    if setting.int8:
-        manager = PassManager(tuned, recipe=manager.recipe)
-        calibration = make_calibration(loaders.train, CALIBRATION_IMAGES)
-        manager.run(QuantizePass(setting.quant_config(), calibration=calibration))
-        tuned = finetune(manager.graph_module, loaders.train, loaders.val, QAT, teacher=dense,
-                         progress=False).model
-    row = make_row(METHOD, setting.settings(), tuned, evaluate(tuned, loaders.test).top1, oneshot)
-    row.prune_seconds = round(sum(p.stats["seconds"] for p in manager.recipe.passes), 3)
-    export_row(tuned, manager.recipe, row, artifacts)
+    runs = over_seeds((setting,), seeds, one_seed, f"digits-vit {combined_setting_label(setting.settings())}",
+                      progress)[setting]
+    first = runs[0].manager
+    finals = [run.stages[-1].top1 for run in runs]
+    row = make_row(METHOD, setting.settings(), first.graph_module, statistics.fmean(finals),
+                   statistics.fmean(run.oneshot for run in runs))
+    row.top1_seeds = finals
+    row.stages = [{"stage": stage.stage, "epochs": stage.epochs,
+                   "top1": statistics.fmean(run.stages[i].top1 for run in runs),
+                   "top1_seeds": [run.stages[i].top1 for run in runs]}
+                  for i, stage in enumerate(runs[0].stages)]
+    row.prune_seconds = round(statistics.fmean(sum(s.seconds for s in run.stages) for run in runs), 3)
+    export_row(first.graph_module, first.recipe, row, artifacts)
+    if setting.int8:  # every INT8 form on every engine that runs it, against the fake-quantized model
+        images = torch.cat([x for x, _ in loaders.test])
+        with torch.no_grad():
+            reference = first.graph_module.eval()(images).numpy()
+        row.verification = verify_formats(first.graph_module, first.recipe, reference, images, artifacts,
+                                          artifact_slug(row))
     return row
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,11 @@ FORMAT_ENGINES = {"qdq": ("onnxruntime", "openvino"), "operator": ("deepsparse",
 VERIFICATIONS = {"qdq": ("qdq", "onnxruntime"), "qdq-openvino": ("qdq", "openvino"),
                  "operator": ("operator", "deepsparse")}
 SPEED_CALIBRATION = 16  # images (random or --calibration-data) the speed model's ranges come from
+# speed rows of these methods are also timed as INT8 (`int8_twins`): shapes in the precision the fastest
+# dense engines run (the combined recipes in INT8 are the profile's frontier, quantized with their own
+# settings)
+TWINNED_METHODS = ("vtp", "head-channels", "token-drop")
+TWIN_FORMATS = tuple(FORMAT_ENGINES)
 
 
 @dataclass(frozen=True)
@@ -55,10 +60,35 @@ DEFAULT_SPEED = (Int8SpeedSetting(None, "qdq"), Int8SpeedSetting(None), Int8Spee
                  Int8SpeedSetting(SpeedSetting(0.9)), Int8SpeedSetting(SpeedSetting(0.75, "1x4")))
 
 
-def _quantize(graph: torch.nn.Module, recipe: Recipe, calibration) -> PassManager:
+def _quantize(graph: torch.nn.Module, recipe: Recipe, calibration, config: QuantConfig | None = None
+              ) -> PassManager:
+    """A quantized copy of `graph` (the standard observer unless `config` says otherwise)."""
     manager = PassManager(copy.deepcopy(graph), recipe=copy.deepcopy(recipe))
-    manager.run(QuantizePass(QuantConfig(observer=OBSERVER), calibration=calibration))
+    manager.run(QuantizePass(config or QuantConfig(observer=OBSERVER), calibration=calibration))
     return manager
+
+
+def int8_twin(candidate: SpeedCandidate, form: str, calibration, config: QuantConfig | None = None,
+              export: dict | None = None) -> SpeedCandidate:
+    """`candidate`'s graph quantized (calibrated on `calibration`), timed on the engines that run `form`
+    as INT8; its row is the candidate's with `int8: form` in its settings (a combined row also lists
+    the pass)."""
+    if form not in FORMAT_ENGINES:
+        raise ValueError(f"unknown INT8 format {form!r}; choose from {', '.join(FORMAT_ENGINES)}")
+    manager = _quantize(candidate.graph, candidate.recipe, calibration, config)
+    settings = {**candidate.row.settings, "int8": form}
+    if "passes" in settings and "int8" not in settings["passes"]:
+        settings["passes"] = [*settings["passes"], "int8"]
+    row = replace(candidate.row, settings=settings, speed=[], artifact=None)
+    return SpeedCandidate(row, manager.graph_module, manager.recipe, engines=FORMAT_ENGINES[form],
+                          export={"quant_format": form, **(export or {})})
+
+
+def int8_twins(candidates: list[SpeedCandidate], formats: tuple[str, ...], calibration
+               ) -> list[SpeedCandidate]:
+    """Every structured and token candidate quantized in each of `formats`."""
+    return [int8_twin(c, form, calibration) for c in candidates if c.row.method in TWINNED_METHODS
+            for form in formats]
 
 
 def _logits(engine_name: str, directory: Path, images: torch.Tensor) -> np.ndarray:
@@ -68,8 +98,8 @@ def _logits(engine_name: str, directory: Path, images: torch.Tensor) -> np.ndarr
 
 def verify_formats(graph: torch.nn.Module, recipe: Recipe, reference: np.ndarray, images: torch.Tensor,
                    artifacts: Path, slug: str) -> dict[str, dict[str, float | str]]:
-    """Each format's export run on every engine that runs it as INT8 over `images`, against the float
-    model's logits."""
+    """Each format's export run on every engine that runs it as INT8 over `images`, against `reference`
+    logits (the float model it came from, or the fake-quantized torch model itself)."""
     checks, exported = {}, {}
     for key, (form, engine_name) in VERIFICATIONS.items():
         if not engine_status(engine_name).available:

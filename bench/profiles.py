@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 from vitsparse.pruners import HEAD_CHANNEL_VARIANTS
 
-from .combined import SPEED_RECIPE, CombinedSetting
+from .combined import FRONTIER, CombinedSetting
 from .int8 import DEFAULT_SPEED as INT8_SPEED
-from .int8 import Int8SpeedSetting
+from .int8 import TWIN_FORMATS, Int8SpeedSetting
 from .methods import SpeedSetting
+from .staged import StagedSchedule
 from .token_drop import MODES as TOKEN_DROP_MODES
 from .vtp import VtpSetting
 
@@ -41,13 +42,16 @@ class Profile:
     token_drop_speed: tuple[float, ...] = (0.7,)
     token_drop_finetune_epochs: int = 30  # digits-vit's own recipe after dropping (bench/token_drop.py)
     combined: CombinedSetting | None = CombinedSetting()  # every landed method in one recipe
-    # the recipe INT8 is added to: heavier cuts and earlier token drops than `combined`, for speed; its
-    # digits-vit fine-tune runs as long as the token-drop rows' (its drops before block 1 need it)
-    combined_int8: CombinedSetting | None = SPEED_RECIPE
-    combined_int8_epochs: int = 30
+    # INT8 recipes from light to heavy, each trained stage by stage on digits-vit and timed in INT8
+    combined_frontier: tuple[CombinedSetting, ...] = FRONTIER
+    combined_schedule: StagedSchedule = StagedSchedule()  # every combined recipe's digits-vit stages
+    combined_seeds: int = 3  # seeds each combined recipe's digits-vit top-1 is averaged over
     # static INT8: digits-vit sparsities (0: dense; Fisher OBS masks) and the INT8 models timed
     int8_sparsities: tuple[float, ...] = (0.0, 0.75, 0.9)
     int8_speed: tuple[Int8SpeedSetting, ...] = INT8_SPEED
+    # the formats every structured, token and combined speed row is also timed in as INT8 (QDQ on ONNX
+    # Runtime and OpenVINO, the operator format on DeepSparse); the combined speed recipe is timed in these
+    int8_formats: tuple[str, ...] = TWIN_FORMATS
 
 
 PROFILES: dict[str, Profile] = {

@@ -7,6 +7,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from .frontier import frontier_table, plot_pareto, top1_text
+from .labels import combined_setting_label
+from .plotting import pyplot, save_figure
 from .schema import Row, results_document
 from .speed_report import best_dense_line, best_dense_table, engine_pattern_table
 
@@ -194,57 +197,45 @@ def token_drop_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def _best_speedup(row: Row, batch: int) -> str:
-    entries = [s for s in row.speed if s.batch == batch and s.speedup_vs_dense_torch is not None]
-    if not entries:
-        return "–"
-    best = max(entries, key=lambda s: s.speedup_vs_dense_torch)
-    return f"{best.speedup_vs_dense_torch:.2f}× ({best.engine})"
-
-
-def combined_setting_label(settings: dict) -> str:
-    """A combined recipe's settings in a few words: 'vtp 0.4, heads 0.5, keep 0.4 at 1,4,7 fused, ...'."""
-    passes = settings.get("passes", [])
-    where = ",".join(map(str, settings.get("token_locations") or []))
-    token_drop = (f"keep {settings.get('keep_rate', 1):g}" + f" at {where}" * bool(where)
-                  + " fused" * bool(settings.get("fuse_tokens")))
-    parts = {
-        "vtp": f"vtp {settings.get('vtp_rate', 0):g}",
-        "head-channels": f"heads {settings.get('head_budget', 0):g}",
-        "token-drop": token_drop,
-        "magnitude": f"{100 * settings.get('sparsity', 0):g} % zeros",
-        "int8": "int8" + (" + patch embed" if settings.get("int8_patch_embed") else ""),
-    }
-    return ", ".join(parts[p] for p in passes if p in parts)
+def _stages_text(row: Row) -> str:
+    """'vtp 97.8 → head-channels 97.4 → ...': the mean top-1 after each stage of a staged recipe."""
+    return " → ".join(f"{stage['stage']} {100 * stage['top1']:.1f}" for stage in row.stages or [])
 
 
 def combined_table(rows: list[Row]) -> str:
-    """The combined recipe on each model: its passes, fewer MACs and non-zero weights vs dense, top-1,
-    and the best speed-up over dense PyTorch at each batch size."""
-    combined = [r for r in rows if r.method == COMBINED]
+    """The combined recipes on digits-vit: the setting, the training budget, top-1 after each stage,
+    the final top-1 (mean ± standard error over seeds) against dense, fewer MACs and non-zero weights."""
+    combined = [r for r in rows if r.method == COMBINED and r.top1 is not None]
     if not combined:
         return ""
     dense = {r.model: r for r in rows if r.method == DENSE and r.macs}
-    batches = sorted({s.batch for r in combined for s in r.speed})
     lines = [
-        "| model | passes | setting | fewer MACs | non-zero weights | top-1 before fine-tune | "
-        "top-1 fine-tuned | " + " | ".join(f"best vs dense torch, batch {b}" for b in batches) + " |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(batches),
+        "| setting | epochs | one-shot | top-1 after each stage | top-1 | vs dense | seeds | fewer MACs | "
+        "non-zero weights | INT8 exports: same top-1 as torch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in combined:
         base = dense.get(r.model)
         fewer = _pct(1 - r.macs / base.macs) if base and r.macs else "–"
         nonzero = _pct(r.nonzero_params / base.nonzero_params) if base and base.nonzero_params else "–"
-        speeds = "".join(f" {_best_speedup(r, b)} |" for b in batches)
-        lines.append(f"| {r.model} | {' → '.join(r.settings.get('passes', []))} | "
-                     f"{combined_setting_label(r.settings)} | {fewer} | {nonzero} | "
-                     f"{_pct(r.top1_oneshot)} | {_pct(r.top1)} |{speeds}")
+        versus = f"{100 * (r.top1 - base.top1):+.2f} pt" if base and base.top1 is not None else "–"
+        epochs = sum(stage["epochs"] for stage in r.stages or [])
+        seeds = len(r.top1_seeds or ()) or 1
+        lines.append(f"| {combined_setting_label(r.settings)} | {epochs or '–'} | {_pct(r.top1_oneshot)} | "
+                     f"{_stages_text(r) or '–'} | {top1_text(r)} | {versus} | {seeds} | {fewer} | "
+                     f"{nonzero} | {_agreements(r)} |")
     return "\n".join(lines)
+
+
+def _agreements(row: Row) -> str:
+    """'onnxruntime 100.00 %, openvino 99.63 %': each INT8 export's top-1 agreement with torch."""
+    checks = (row.verification or {}).values()
+    return ", ".join(f"{c['engine']} {_pct(c['top1_agreement'])}" for c in checks) or "–"
 
 
 def plot_head_channels(rows: list[Row], path: Path) -> None:
     """Fine-tuned top-1 per variant, one group of bars per budget (mean), each seed as a dot."""
-    plt = _pyplot()
+    plt = pyplot()
     measured = _head_channel_rows(rows)
     budgets = sorted({r.settings["budget"] for r in measured})
     variants = list(dict.fromkeys(r.settings["variant"] for r in measured))
@@ -268,7 +259,7 @@ def plot_head_channels(rows: list[Row], path: Path) -> None:
     ax.set_ylabel(f"top-1 on {measured[0].model} test after fine-tuning (%)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 INT8 = "int8"
@@ -300,22 +291,42 @@ def int8_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def is_int8_row(row: Row) -> bool:
+    """A row timed as an INT8 file: the int8 method's, or another method's INT8 twin."""
+    return row.method == INT8 or "int8" in row.settings or "int8" in row.settings.get("passes", [])
+
+
+def _int8_model(row: Row) -> str:
+    """What an INT8 row quantizes, in a few words: 'dense', '90.00 % unstructured', 'vtp 0.4', ..."""
+    if row.method == INT8:
+        return row.settings.get("base") if row.settings.get("base") == "dense" else \
+            f"{_pct(row.settings.get('sparsity'))} {row.settings.get('pattern')}"
+    if row.method == COMBINED:
+        return f"combined: {combined_setting_label(row.settings)}"
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(row.settings.items()) if k != "int8")
+    return f"{row.method} {settings}"
+
+
+def _share(value: float | None) -> str:
+    return f"{100 * value:.1f} %" if value is not None else "–"
+
+
 def int8_speed_table(rows: list[Row]) -> str:
-    """Each timed INT8 model at each batch: its engine, median latency, and its speed-up over dense
-    PyTorch and over dense INT8 on ONNX Runtime (the strongest dense alternative on a CPU), each over
-    the baselines timed in the same group."""
-    timed = [r for r in rows if r.method == INT8 and r.speed]
+    """Each timed INT8 model at each batch: its engine, median latency, its speed-up over dense PyTorch,
+    over dense INT8 on ONNX Runtime and over the best dense alternative (each over the baselines timed
+    in the same group), and the share of its MACs OpenVINO ran in INT8."""
+    timed = [r for r in rows if is_int8_row(r) and r.speed]
     if not timed:
         return ""
-    lines = ["| masks | format | engine | batch | p50 ms | vs dense torch | vs dense INT8 on ONNX Runtime |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | format | engine | batch | p50 ms | vs dense torch | vs dense INT8 on ONNX Runtime | "
+             "vs best dense | MACs in INT8 |", "|---|---|---|---|---|---|---|---|---|"]
     for r in timed:
-        masks = r.settings.get("base") if r.settings.get("base") == "dense" else \
-            f"{_pct(r.settings.get('sparsity'))} {r.settings.get('pattern')}"
-        for s in sorted(r.speed, key=lambda s: s.batch):
-            lines.append(f"| {masks} | {r.settings.get('format')} | {s.engine} | {s.batch} | "
+        form = r.settings.get("format") or r.settings.get("int8") or "operator"
+        for s in sorted(r.speed, key=lambda s: (s.batch, s.engine)):
+            lines.append(f"| {_int8_model(r)} | {form} | {s.engine} | {s.batch} | "
                          f"{s.latency_ms['p50']:.2f} | {_x(s.speedup_vs_dense_torch)} | "
-                         f"{_x(s.speedup_vs_ort_int8)} |")
+                         f"{_x(s.speedup_vs_ort_int8)} | {_x(s.speedup_vs_best_dense)} | "
+                         f"{_share(s.int8_mac_share)} |")
     return "\n".join(lines)
 
 
@@ -401,12 +412,23 @@ def markdown_report(meta: dict[str, Any], rows: list[Row]) -> str:
     combined = combined_table(rows)
     if combined:
         sections.append(
-            "## Combined recipe\n\nEvery landed method in one recipe, in the order listed; digits-vit is "
-            "fine-tuned after the last pass (then quantization-aware with INT8), the speed model (random "
-            "weights) takes every choice from weight norms. Token-drop locations are blocks of a 12-block "
-            "model (scaled to digits-vit's 6). INT8 is added to a heavier recipe than the float one, "
-            "dropping tokens from block 1. Speed-ups are the best engine's over dense PyTorch in this run."
-            "\n\n" + combined
+            "## Combined recipes\n\nEvery landed method in one recipe, trained on digits-vit stage by "
+            "stage, each stage recovering before the next, all distilled from the dense model: VTP scores "
+            "trained, sliced and recovered; head channels sliced and recovered; token thresholds learned "
+            "toward the FLOPs of the setting's keep rate, then a fine-tune; second-order (Fisher OBS) "
+            "masks raised in cubic steps with recovery between them; INT8 calibrated, then fine-tuned "
+            "quantization-aware. `epochs` is the whole training budget; the top-1 after each stage is the "
+            "mean over the seeds, one-shot the first pass before any recovery. Token-drop locations are "
+            "blocks of a 12-block model (scaled to digits-vit's 6).\n\n" + combined
+        )
+    frontier = frontier_table(rows)
+    if frontier:
+        sections.append(
+            "## The frontier: accuracy against speed\n\nEach combined recipe's digits-vit top-1 (mean ± "
+            "standard error over seeds) beside the speed-up of the same setting on the speed model "
+            "(random weights, every choice from weight norms) over the best dense alternative of this run, "
+            "per engine (its fastest precision column) and batch size. `pareto.png` plots every setting "
+            "that has a digits-vit row.\n\n" + frontier
         )
     int8 = int8_table(rows)
     if int8:
@@ -419,9 +441,12 @@ def markdown_report(meta: dict[str, Any], rows: list[Row]) -> str:
             + int8)
     int8_speed = int8_speed_table(rows)
     if int8_speed:
-        sections.append("## INT8 speed\n\nThe operator format runs on DeepSparse, QDQ on ONNX Runtime and "
-                        "OpenVINO (DeepSparse and ONNX Runtime refuse each other's form); median latency, "
-                        "this run.\n\n" + int8_speed)
+        sections.append("## INT8 speed\n\nEvery model timed as INT8: the dense and masked models, and the "
+                        "structured, token and combined rows quantized after their passes. The operator "
+                        "format runs on DeepSparse, QDQ on ONNX Runtime and OpenVINO (DeepSparse and ONNX "
+                        "Runtime refuse each other's form); median latency, this run. MACs in INT8: the "
+                        "share of the file's MatMul, Gemm and Conv MACs that OpenVINO's executed graph "
+                        "runs in u8/i8 (the rest, e.g. an FP32 patch embedding, in float).\n\n" + int8_speed)
     solvers = solver_table(rows)
     if solvers:
         sections.append(
@@ -456,7 +481,7 @@ def _best_dense_section(rows: list[Row]) -> str:
 
 def plot_accuracy(rows: list[Row], path: Path) -> None:
     """Top-1 vs sparsity, one colour per method: solid after fine-tuning, dashed one-shot."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     dense = next((r.top1 for r in rows if r.method == DENSE and r.top1 is not None), None)
     oneshot = sparsity_curves(rows, "top1_oneshot")
@@ -486,13 +511,13 @@ def plot_accuracy(rows: list[Row], path: Path) -> None:
     ax.set_ylabel("top-1 on digits-vit test (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_speedup(rows: list[Row], path: Path) -> None:
     """Speed-up over dense PyTorch per timed row (dense first), one bar per engine, one panel per batch,
     the best dense alternative as a dashed line."""
-    plt = _pyplot()
+    plt = pyplot()
     pruned = [r for r in rows if r.speed]
     batches = sorted({s.batch for r in pruned for s in r.speed})
     engines = sorted({s.engine for r in pruned for s in r.speed})
@@ -529,7 +554,7 @@ def plot_speedup(rows: list[Row], path: Path) -> None:
         ax.set_ylabel("speed-up vs dense PyTorch (median latency)")
         ax.grid(alpha=0.3, axis="y")
     axes[0][0].legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _tick_label(row: Row) -> str:
@@ -546,21 +571,6 @@ def _best_dense_vs_torch(rows: list[Row], batch: int) -> tuple[str, float] | Non
         if entry.best_dense and entry.speedup_vs_dense_torch and entry.speedup_vs_best_dense:
             return entry.best_dense, entry.speedup_vs_dense_torch / entry.speedup_vs_best_dense
     return None
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
-    _pyplot().close(fig)
 
 
 def write_report(directory: Path, meta: dict[str, Any], rows: list[Row]) -> dict[str, Path]:
@@ -581,6 +591,8 @@ def write_report(directory: Path, meta: dict[str, Any], rows: list[Row]) -> dict
         files["head_channels_plot"] = ("head_channels.png", lambda p: plot_head_channels(rows, p))
     if any(r.speed and r.method != DENSE for r in rows):
         files["speed_plot"] = ("speedup.png", lambda p: plot_speedup(rows, p))
+    if frontier_table(rows):
+        files["pareto_plot"] = ("pareto.png", lambda p: plot_pareto(rows, p))
     return write_files_atomically(directory, files)
 
 

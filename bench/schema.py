@@ -1,11 +1,11 @@
 """results.json: the versioned record of one prune-and-bench run (documented in README).
 
-{"schema": 7, "meta": {...}, "rows": [{"model", "method", "settings", "top1", "top1_oneshot",
+{"schema": 8, "meta": {...}, "rows": [{"model", "method", "settings", "top1", "top1_oneshot",
  "top1_sparse_trained", "top1_seeds", "macs", "attention_macs", "params", "nonzero_params",
- "prune_seconds", "calibration_samples", "verification", "artifact", "speed": [{"engine",
+ "prune_seconds", "calibration_samples", "verification", "stages", "artifact", "speed": [{"engine",
  "batch", "items_per_sec", "latency_ms": {"mean", "p50", "p90", "p99"}, "speedup_vs_dense_torch",
  "speedup_vs_dense_same_engine", "fraction_of_supported_ops", "speedup_vs_best_dense",
- "best_dense", "speedup_vs_ort_int8"}]}]}
+ "best_dense", "speedup_vs_ort_int8", "int8_mac_share"}]}]}
 
 Schema 2 added `prune_seconds` (how long choosing the masks took) and `calibration_samples`;
 schema 3 added `top1_sparse_trained` (VTP: top-1 of the gated model after sparse training, before
@@ -18,7 +18,10 @@ added `speedup_vs_best_dense` and `best_dense` to speed entries: the speed-up ov
 alternative timed in the run at that batch size (dense PyTorch, ONNX Runtime or OpenVINO, in float or
 as a QDQ INT8 file; DeepSparse, vitsparse's own engine, is not one), and which it was; schema 7
 added `speedup_vs_ort_int8`: the speed-up over dense INT8 (QDQ) on ONNX Runtime in the same timing
-group (the INT8 table had divided by the first group's timing).
+group (the INT8 table had divided by the first group's timing); schema 8 added `int8_mac_share`: the
+share of the file's MatMul/Gemm/Conv MACs the engine ran in INT8, read from OpenVINO's executed graph
+(None on engines that do not say), and rows `stages`: for a combined recipe trained stage by stage on
+digits-vit, each stage's `stage`, `epochs`, `top1` (mean over seeds) and `top1_seeds`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 @dataclass
@@ -43,6 +46,7 @@ class SpeedEntry:
     speedup_vs_best_dense: float | None = None  # over the fastest dense alternative at this batch size
     best_dense: str | None = None  # that alternative, e.g. "openvino int8"
     speedup_vs_ort_int8: float | None = None  # over dense INT8 (QDQ) on ONNX Runtime timed beside it
+    int8_mac_share: float | None = None  # MACs run in INT8 / all MatMul, Gemm and Conv MACs (OpenVINO)
 
 
 @dataclass
@@ -63,6 +67,7 @@ class Row:
     prune_seconds: float | None = None
     calibration_samples: int | None = None
     verification: dict[str, dict[str, Any]] | None = None
+    stages: list[dict[str, Any]] | None = None  # a staged recipe: each stage's name, epochs and top-1
     artifact: str | None = None
     speed: list[SpeedEntry] = field(default_factory=list)
 

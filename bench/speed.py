@@ -138,9 +138,10 @@ def _export_for_batch(cand: SpeedCandidate, batch: int, plan: TimingPlan, artifa
 
 def _runners_for_group(candidates: list[SpeedCandidate], indices: list[int], batch: int, plan: TimingPlan,
                        artifacts: Path, exported: dict[int, Path]
-                       ) -> tuple[dict[tuple[int, str], Callable[[], object]], dict[tuple[int, str], float]]:
-    """One runner per (candidate, engine) of the group; each candidate is exported once per batch size."""
-    runners, fractions = {}, {}
+                       ) -> tuple[dict[tuple[int, str], Callable[[], object]], dict[str, dict]]:
+    """One runner per (candidate, engine) of the group, and what each engine reports of its compiled
+    graph by (candidate, engine); each candidate is exported once per batch size."""
+    runners, fractions, shares = {}, {}, {}
     for index in indices:
         cand = candidates[index]
         if index not in exported:
@@ -153,13 +154,14 @@ def _runners_for_group(candidates: list[SpeedCandidate], indices: list[int], bat
             engine, runner = _engine_runner(name, onnx_path, batch, plan.num_cores, cand.graph)
             runners[(index, name)] = runner
             fractions[(index, name)] = engine.fraction_of_supported_ops
-    return runners, fractions
+            shares[(index, name)] = engine.int8_mac_share
+    return runners, {"fraction_of_supported_ops": fractions, "int8_mac_share": shares}
 
 
 def _time_group(candidates: list[SpeedCandidate], indices: list[int], batch: int, plan: TimingPlan,
                 artifacts: Path, exported: dict[int, Path]) -> dict[int, list[SpeedEntry]]:
     """Compile the group's engines, time them in alternating rounds, free them; entries by candidate."""
-    runners, fractions = _runners_for_group(candidates, indices, batch, plan, artifacts, exported)
+    runners, reported = _runners_for_group(candidates, indices, batch, plan, artifacts, exported)
     labels = {key: f"{candidates[key[0]].row.label()} on {key[1]}" for key in runners}
     timed = compare_side_by_side({labels[k]: fn for k, fn in runners.items()}, batch_size=batch,
                                  rounds=plan.rounds, seconds_per_block=plan.seconds_per_block)
@@ -170,7 +172,8 @@ def _time_group(candidates: list[SpeedCandidate], indices: list[int], batch: int
         result = timed[label]
         entries[index].append(SpeedEntry(engine=engine, batch=batch, items_per_sec=result.items_per_sec,
                                          latency_ms=dict(result.latency_ms),
-                                         fraction_of_supported_ops=fractions.get((index, engine))))
+                                         **{key: values.get((index, engine))
+                                            for key, values in reported.items()}))
     return entries
 
 

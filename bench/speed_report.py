@@ -3,6 +3,7 @@ accelerates which pruning pattern, both from the speed entries of one run."""
 
 from __future__ import annotations
 
+from .frontier import digits_top1, matching_accuracy, top1_text
 from .schema import Row, SpeedEntry
 
 DENSE = "dense"
@@ -34,9 +35,9 @@ def speed_pattern(row: Row) -> str | None:
         base = row.settings.get("base")
         return "INT8" if base == DENSE else f"INT8 + {_mask_pattern(row.settings.get('pattern'))}"
     if row.method in STRUCTURED:
-        return "structured"
+        return "structured" + (" + INT8" if "int8" in row.settings else "")
     if row.method == "token-drop":
-        return "tokens"
+        return "tokens" + (" + INT8" if "int8" in row.settings else "")
     if row.method == "combined":
         return "combined" + (" + INT8" if "int8" in row.settings.get("passes", []) else "")
     return _mask_pattern(row.settings.get("pattern"))
@@ -61,19 +62,23 @@ def best_dense_line(rows: list[Row]) -> str:
 
 def best_dense_table(rows: list[Row]) -> str:
     """Each timed pruned row: its fastest engine at each batch size and the speed-up over the best dense
-    alternative of the run (dense PyTorch, ONNX Runtime or OpenVINO, float or QDQ INT8)."""
+    alternative of the run (dense PyTorch, ONNX Runtime or OpenVINO, float or QDQ INT8), beside the
+    digits-vit top-1 of the same setting where one was measured."""
     timed = [r for r in rows if r.speed and r.method != DENSE]
     batches = _batches(timed)
     if not timed or not any(_best_over_dense(r, b) for r in timed for b in batches):
         return ""
+    accuracy = digits_top1(rows)
     header = " | ".join(f"batch {b}: best engine, vs best dense" for b in batches)
-    lines = [f"| model | method | pattern | {header} |", "|---|---|---|" + "---|" * len(batches)]
+    lines = [f"| model | method | pattern | digits-vit top-1, same setting | {header} |",
+             "|---|---|---|---|" + "---|" * len(batches)]
     for r in timed:
         cells = []
         for batch in batches:
             best = _best_over_dense(r, batch)
             cells.append(f"{best.engine}, **{_x(best.speedup_vs_best_dense)}**" if best else "–")
-        lines.append(f"| {r.model} | {r.label()} | {speed_pattern(r)} | " + " | ".join(cells) + " |")
+        top1 = top1_text(matching_accuracy(r, accuracy))
+        lines.append(f"| {r.model} | {r.label()} | {speed_pattern(r)} | {top1} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ from vitsparse.runtime import RuntimeInputError, check_engine_spec, engine_statu
 from .accuracy import MODEL as DIGITS
 from .accuracy import digits_rows
 from .combined import METHOD as COMBINED
-from .combined import SPEED_MODEL_QUANT_ATOL, combined_digits_row, combined_speed_graph
+from .combined import SPEED_MODEL_QUANT_ATOL, CombinedSetting, combined_digits_row, combined_speed_graph
 from .head_channels import METHOD as HEAD_CHANNELS
 from .head_channels import (
     HeadChannelSetting,
@@ -35,13 +35,14 @@ from .head_channels import (
     head_channel_speed_graph,
 )
 from .int8 import BASE as BASE_MASKS
-from .int8 import FORMAT_ENGINES, int8_digits_rows, int8_speed_candidates
+from .int8 import FORMAT_ENGINES, int8_digits_rows, int8_speed_candidates, int8_twin, int8_twins
 from .int8 import SPEED_CALIBRATION as INT8_CALIBRATION
 from .methods import METHODS, SpeedSetting
 from .profiles import get_profile
 from .report import combined_setting_label, speed_table, write_report
 from .schema import Row
 from .speed import TORCH, SpeedCandidate, TimingPlan, engine_name, measure_speed
+from .staged import StagedSchedule
 from .token_drop import METHOD as TOKEN_DROP
 from .token_drop import TokenDropSetting, token_drop_digits_rows, token_drop_speed_graph
 from .token_drop import check_settings as check_token_drop_settings
@@ -90,9 +91,13 @@ class BenchOptions:
     token_drop_modes: tuple[str, ...] | None = None  # overrides the profile's (fixed, learned)
     token_drop_seeds: int | None = None
     token_drop_speed: tuple[float, ...] | None = None  # overrides the profile's timed keep rates; () skips
-    combined: bool = True  # the combined recipe's rows (when the profile has one)
+    combined: bool = True  # the combined recipes' rows (when the profile has them)
+    combined_frontier: tuple[CombinedSetting, ...] | None = None  # overrides the profile's INT8 recipes
+    combined_schedule: StagedSchedule | None = None  # overrides the profile's digits-vit stages
+    combined_seeds: int | None = None  # overrides the profile's seeds per combined recipe
     int8_sparsities: tuple[float, ...] | None = None  # overrides the profile's digits INT8 rows; () skips
     int8_speed: tuple | None = None  # overrides the profile's timed INT8 models (Int8SpeedSetting); () skips
+    int8_formats: tuple[str, ...] | None = None  # overrides the profile's INT8 twins' formats; () skips
     finetune_epochs: int | None = None
     solver_timing_samples: int | None = None  # overrides the profile's; 0 skips solver timing
     calibration_data: Path | None = None  # ImageFolder for solver timing; random images otherwise
@@ -118,13 +123,17 @@ class BenchOptions:
         if any(not 0 <= r < 1 for r in self.vtp_rates or ()):
             raise ValueError(f"VTP rates must lie in [0, 1), got {self.vtp_rates}")
         check_settings(self.head_channel_budgets or (), self.head_channel_variants or ())
-        for name in ("head_channel_seeds", "token_drop_seeds"):
+        for name in ("head_channel_seeds", "token_drop_seeds", "combined_seeds"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
         check_token_drop_settings(tuple(TokenDropSetting(r, m) for r in self.token_drop_ratios or (1.0,)
                                         for m in self.token_drop_modes or ("fixed",)))
         if any(isinstance(k, bool) or not 0 < k <= 1 for k in self.token_drop_speed or ()):
             raise ValueError(f"token-drop keep rates must lie in (0, 1], got {self.token_drop_speed}")
+        unknown_formats = sorted(set(self.int8_formats or ()) - set(FORMAT_ENGINES))
+        if unknown_formats:
+            raise ValueError(f"unknown INT8 formats {unknown_formats}; choose from "
+                             f"{', '.join(FORMAT_ENGINES)}")
         if self.solver_timing_samples is not None and self.solver_timing_samples < 0:
             raise ValueError(f"solver timing samples must be >= 0, got {self.solver_timing_samples}")
 
@@ -300,49 +309,66 @@ def _int8_label(setting) -> str:
 
 
 def _int8_digits(opts: BenchOptions, profile, epochs: int, artifacts: Path) -> list[Row]:
-    """INT8 on digits-vit at each sparsity, then the combined recipe with INT8 (when it runs)."""
+    """INT8 on digits-vit at each sparsity."""
     sparsities = profile.int8_sparsities if opts.int8_sparsities is None else opts.int8_sparsities
     if not sparsities:
         return []
     print(f"      int8 at sparsities {sparsities} ({BASE_MASKS} masks)", flush=True)
-    rows = int8_digits_rows(sparsities, epochs, artifacts)
-    speed_recipe = _combined_int8(opts, profile)
-    if speed_recipe is not None:
-        label = combined_setting_label(speed_recipe.settings())
-        print(f"      combined speed recipe with int8: {label}", flush=True)
-        epochs = opts.finetune_epochs or profile.combined_int8_epochs
-        rows.append(combined_digits_row(speed_recipe, epochs, artifacts))
+    return int8_digits_rows(sparsities, epochs, artifacts)
+
+
+def _combined_digits(opts: BenchOptions, profile, artifacts: Path) -> list[Row]:
+    """The float combined recipe, then each INT8 recipe of the frontier, on digits-vit stage by stage."""
+    schedule = opts.combined_schedule or profile.combined_schedule
+    seeds = opts.combined_seeds or profile.combined_seeds
+    rows = []
+    for setting in filter(None, (_combined(opts, profile), *_frontier(opts, profile))):
+        print(f"      combined: {combined_setting_label(setting.settings())}, staged "
+              f"({schedule.epochs(setting.passes())} epochs), {seeds} seed(s)", flush=True)
+        rows.append(combined_digits_row(setting, schedule, seeds, artifacts, progress=opts.progress))
     return rows
 
 
-def _int8_speed(opts: BenchOptions, profile, model: torch.nn.Module, settings: tuple) -> list[SpeedCandidate]:
-    """The timed INT8 models whose engine is timed, then the combined recipe with INT8 on DeepSparse."""
+def _int8_formats(opts: BenchOptions, profile) -> tuple[str, ...]:
+    """The INT8 formats of the structured, token and combined twins whose engines are timed."""
+    formats = profile.int8_formats if opts.int8_formats is None else opts.int8_formats
+    timed = {engine_name(column) for column in opts.engines}
+    return tuple(f for f in formats if timed & set(FORMAT_ENGINES[f]))
+
+
+def _int8_speed(opts: BenchOptions, profile, model: torch.nn.Module, settings: tuple,
+                float_candidates: list[SpeedCandidate]) -> list[SpeedCandidate]:
+    """The timed INT8 models whose engine is timed, the INT8 twins of the structured and token rows,
+    then every INT8 recipe of the combined frontier in each twin format."""
     timed = {engine_name(column) for column in opts.engines}
     settings = tuple(s for s in settings if timed & set(FORMAT_ENGINES[s.format]))
-    if not settings:
+    formats = _int8_formats(opts, profile)
+    if not settings and not formats:
         return []
     calibration = _calibration_images(opts, model, INT8_CALIBRATION)
     candidates = int8_speed_candidates(model, settings, calibration, _base(opts),
                                        lambda method, row_settings, manager: _costed_row(
                                            opts, method, row_settings, manager))
-    setting = _combined_int8(opts, profile)
-    if setting is not None and "deepsparse" in opts.engines:
-        manager = combined_speed_graph(model, setting, Recipe(base=_base(opts)), calibration)
-        export = {"quant_format": "operator", "quant_atol": SPEED_MODEL_QUANT_ATOL}
-        candidates.append(SpeedCandidate(_costed_row(opts, COMBINED, setting.settings(), manager),
-                                         manager.graph_module, manager.recipe, engines=("deepsparse",),
-                                         export=export))
+    candidates += int8_twins(float_candidates, formats, calibration)
+    for setting in _frontier(opts, profile) if formats else ():
+        manager = combined_speed_graph(model, replace(setting, int8=False), Recipe(base=_base(opts)))
+        recipe = SpeedCandidate(_costed_row(opts, COMBINED, setting.settings(), manager),
+                                manager.graph_module, manager.recipe)
+        candidates += [int8_twin(recipe, form, calibration, setting.quant_config(),
+                                 export={"quant_atol": SPEED_MODEL_QUANT_ATOL}) for form in formats]
     return candidates
 
 
-def _combined(opts: BenchOptions, profile):
+def _combined(opts: BenchOptions, profile) -> CombinedSetting | None:
     return profile.combined if opts.combined else None
 
 
-def _combined_int8(opts: BenchOptions, profile):
-    """The combined recipe INT8 is timed and fine-tuned with (INT8 on, whatever the profile says)."""
-    setting = profile.combined_int8 if opts.combined else None
-    return None if setting is None else replace(setting, int8=True)
+def _frontier(opts: BenchOptions, profile) -> tuple[CombinedSetting, ...]:
+    """The INT8 combined recipes (INT8 on, whatever a setting says)."""
+    if not opts.combined:
+        return ()
+    settings = profile.combined_frontier if opts.combined_frontier is None else opts.combined_frontier
+    return tuple(replace(s, int8=True) for s in settings)
 
 
 def run_prune_and_bench(opts: BenchOptions) -> Path:
@@ -369,10 +395,8 @@ def run_prune_and_bench(opts: BenchOptions) -> Path:
             rows += vtp_digits_rows(vtp_rates, epochs, artifacts, progress=opts.progress)
         rows += _head_channel_rows(opts, profile, epochs, artifacts)
         rows += _token_drop_rows(opts, profile, epochs, artifacts)
-        if _combined(opts, profile) is not None:
-            print(f"      combined recipe: {', '.join(_combined(opts, profile).passes())}", flush=True)
-            rows.append(combined_digits_row(_combined(opts, profile), epochs, artifacts))
         rows += _int8_digits(opts, profile, epochs, artifacts)
+        rows += _combined_digits(opts, profile, artifacts)
     samples = (
         profile.solver_timing_samples if opts.solver_timing_samples is None else opts.solver_timing_samples
     )
@@ -390,14 +414,15 @@ def run_prune_and_bench(opts: BenchOptions) -> Path:
         f"{', '.join(f'{v.rate:g} (multiple {v.multiple})' for v in vtp_speed) or 'none'}; "
         f"head-channels at {', '.join(f'{b:g}' for b in head_budgets) or 'none'}; "
         f"token-drop keep {', '.join(f'{k:g}' for k in token_keep) or 'none'}; "
-        f"combined {'yes' if _combined(opts, profile) else 'no'}; int8 "
-        f"{', '.join(_int8_label(s) for s in int8_speed) or 'none'}; "
+        f"combined {'yes' if _combined(opts, profile) else 'no'}, {len(_frontier(opts, profile))} in int8; "
+        f"int8 {', '.join(_int8_label(s) for s in int8_speed) or 'none'}; structured and token rows "
+        f"also as int8 in {', '.join(_int8_formats(opts, profile)) or 'no format'}; "
         f"batch sizes {plan.batch_sizes}, engines {', '.join(plan.engines)}",
         flush=True,
     )
     candidates = _speed_candidates(opts, model, settings, calibration, vtp_speed, head_budgets, token_keep,
                                    _combined(opts, profile))
-    candidates += _int8_speed(opts, profile, model, int8_speed)
+    candidates += _int8_speed(opts, profile, model, int8_speed, candidates)
     measure_speed(candidates, plan, artifacts)
     rows += [c.row for c in candidates]
     written = write_report(run_dir, _meta(opts, plan, started), rows)

@@ -19,8 +19,13 @@ from vitsparse.bench.report import (
 )
 from vitsparse.bench.schema import Row, SpeedEntry
 from vitsparse.bench.speed import MODELS_PER_GROUP, engine_name
+from vitsparse.bench.staged import StagedSchedule
 from vitsparse.bench.workflow import BenchOptions, available_engines, run_prune_and_bench
 from vitsparse.compiler.export import ARTIFACT_FILES
+
+SHORT_SCHEDULE = StagedSchedule(score_epochs=1, recover_epochs=1, threshold_epochs=1, token_epochs=1,
+                                mask_steps=2, mask_recover_epochs=1, mask_epochs=1, qat_epochs=1)
+STAGES = ["vtp", "head-channels", "token-drop", "masks"]
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +37,7 @@ def run_dir(tmp_path_factory) -> Path:
         head_channel_budgets=(0.3,), head_channel_variants=("full", "l1"), head_channel_seeds=2,
         token_drop_ratios=(0.65,), token_drop_seeds=1, token_drop_speed=(0.7,), int8_sparsities=(0.5,),
         int8_speed=(Int8SpeedSetting(None, "qdq"), Int8SpeedSetting(SpeedSetting(0.9))), batch_sizes=(1, 2),
+        combined_frontier=(SPEED_RECIPE,), combined_seeds=2, combined_schedule=SHORT_SCHEDULE,
         seconds_per_block=0.05, rounds=1, num_cores=1, output_dir=tmp_path_factory.mktemp("runs"),
         progress=False,
     )
@@ -40,7 +46,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 def test_results_follow_the_schema(run_dir: Path) -> None:
     doc = json.loads((run_dir / "results.json").read_text())
-    assert doc["schema"] == 7 and doc["meta"]["profile"] == "default"
+    assert doc["schema"] == 8 and doc["meta"]["profile"] == "default"
     assert doc["meta"]["speed_weights"] == "random"
     keys = {"model", "method", "settings", "top1", "top1_oneshot", "top1_sparse_trained", "top1_seeds",
             "macs", "attention_macs", "params", "nonzero_params", "prune_seconds", "calibration_samples",
@@ -56,16 +62,16 @@ def test_results_follow_the_schema(run_dir: Path) -> None:
                         "kept_tokens": [10, 6, 4]}),
         ("token-drop", {"mode": "learned", "target_ratio": 0.65, "locations": [2, 4, 5],
                         **{k: digits[8]["settings"][k] for k in ("keep_rate", "kept_tokens")}}),
-        ("combined", {"passes": ["vtp", "head-channels", "token-drop", "magnitude"], "vtp_rate": 0.2,
-                      "head_budget": 0.3, "keep_rate": 0.7, "sparsity": 0.8, "multiple": 16}),
         ("int8", {"base": "obs-fisher", "sparsity": 0.5, "pattern": "unstructured",
                   "observer": "percentile"}),
+        ("combined", {"passes": ["vtp", "head-channels", "token-drop", "magnitude"], "vtp_rate": 0.2,
+                      "head_budget": 0.3, "keep_rate": 0.7, "sparsity": 0.8, "multiple": 16}),
         ("combined", SPEED_RECIPE.settings())]
     assert all(0 <= r["top1"] <= 1 and 0 <= r["top1_oneshot"] <= 1 for r in digits)
     assert all(r["nonzero_params"] < digits[0]["nonzero_params"] for r in digits[1:7] + digits[9:])
     assert all(r["params"] == digits[0]["params"] for r in digits[7:9])  # token drop keeps every weight
     assert [r["calibration_samples"] for r in digits[1:]] == [
-        None, 256, 256, None, 128, None, None, 256, None, 256, None]
+        None, 256, 256, None, 128, None, None, 256, 256, None, None]
     vtp = digits[4]  # sliced: fewer MACs and parameters, all of them non-zero; three top-1 stages
     assert vtp["macs"] < 0.75 * digits[0]["macs"] and vtp["params"] < digits[0]["params"]
     assert 0 <= vtp["top1_sparse_trained"] <= 1 and all(r["top1_sparse_trained"] is None for r in digits[:4])
@@ -74,9 +80,14 @@ def test_results_follow_the_schema(run_dir: Path) -> None:
         assert len(heads["top1_seeds"]) == 2 and heads["top1"] == pytest.approx(sum(heads["top1_seeds"]) / 2)
         assert 0 <= heads["top1_sparse_trained"] <= 1 and heads["params"] < digits[0]["params"]
         assert heads["prune_seconds"] > 0
-    fixed, learned, combined, int8, combined_int8 = digits[7:]
+    fixed, learned, int8, combined, combined_int8 = digits[7:]
     assert 0 <= combined_int8["top1"] <= 1 and combined_int8["macs"] < combined["macs"]
     assert combined_int8["settings"]["passes"][-1] == "int8" and combined_int8["settings"]["int8_patch_embed"]
+    for row, stages in ((combined, STAGES), (combined_int8, [*STAGES, "int8"])):  # staged, over two seeds
+        assert [s["stage"] for s in row["stages"]] == stages and len(row["top1_seeds"]) == 2
+        assert row["top1"] == pytest.approx(sum(row["top1_seeds"]) / 2) == row["stages"][-1]["top1"]
+        assert row["stages"][-1]["top1_seeds"] == row["top1_seeds"]
+    assert [s["epochs"] for s in combined_int8["stages"]] == [2, 1, 2, 2, 1]
     assert 0.3 < 1 - fixed["macs"] / digits[0]["macs"] < 0.4  # about 35 % fewer MACs
     assert 0.2 < 1 - learned["macs"] / digits[0]["macs"] < 0.5  # near it after one epoch of learning
     assert len(fixed["top1_seeds"]) == len(learned["top1_seeds"]) == 1
@@ -102,16 +113,28 @@ def test_each_solver_is_timed_on_the_speed_model(run_dir: Path) -> None:
 def test_speed_rows_time_every_engine_against_the_dense_baseline(run_dir: Path) -> None:
     all_rows = json.loads((run_dir / "results.json").read_text())["rows"]
     rows = [r for r in all_rows if r["model"] != "digits-vit" and r["speed"]]
-    assert [(r["method"], r["settings"].get("pattern")) for r in rows] == [
-        ("dense", None), ("magnitude", "unstructured"), ("magnitude", "2:4"), ("magnitude", "1x4"),
-        ("vtp", None), ("head-channels", None), ("token-drop", None), ("combined", None), ("int8", None),
-        ] + [("int8", "unstructured"), ("combined", None)] * ("deepsparse" in available_engines())
+    deepsparse = "deepsparse" in available_engines()
+    formats = ["qdq", "operator"] if deepsparse else ["qdq"]
+    assert [(r["method"], r["settings"].get("pattern"), r["settings"].get("int8")) for r in rows] == [
+        ("dense", None, None), ("magnitude", "unstructured", None), ("magnitude", "2:4", None),
+        ("magnitude", "1x4", None), ("vtp", None, None), ("head-channels", None, None),
+        ("token-drop", None, None), ("combined", None, None), ("int8", None, None)] + [
+        ("int8", "unstructured", None)] * deepsparse + [
+        (method, None, form) for method in ("vtp", "head-channels", "token-drop") for form in formats
+        ] + [("combined", None, form) for form in formats]
     vtp, heads, tokens, combined, int8_qdq = rows[4:9]
     assert int8_qdq["settings"] == {"base": "dense", "format": "qdq"}
-    if "deepsparse" in available_engines():  # the operator format and the combined INT8 run there only
+    twins = rows[9 + deepsparse:]
+    if deepsparse:  # the operator format runs there only
         assert rows[9]["settings"] == {"base": "magnitude", "sparsity": 0.9, "pattern": "unstructured",
                                        "format": "operator"}
-        assert rows[10]["settings"] == SPEED_RECIPE.settings() and rows[10]["macs"] < combined["macs"]
+    for twin, original in zip(twins, [r for r in (vtp, heads, tokens) for _ in formats], strict=False):
+        assert {k: v for k, v in twin["settings"].items() if k not in ("int8", "passes")} == {
+            k: v for k, v in original["settings"].items() if k != "passes"}
+        assert twin["macs"] == original["macs"]
+    speed_recipe = twins[-1]
+    assert speed_recipe["settings"] == {**SPEED_RECIPE.settings(), "int8": formats[-1]}
+    assert speed_recipe["macs"] < combined["macs"]
     assert vtp["settings"] == {"rate": 0.4, "multiple": 8} and vtp["macs"] < rows[0]["macs"]
     assert heads["settings"] == {"budget": 0.3, "multiple": 8}
     assert 0.3 <= 1 - heads["attention_macs"] / rows[0]["attention_macs"] < 0.35
@@ -120,14 +143,20 @@ def test_speed_rows_time_every_engine_against_the_dense_baseline(run_dir: Path) 
     assert rows[0]["top1"] is None
     int8_engines = {"qdq": {"onnxruntime", "openvino"}, "operator": {"deepsparse"}}  # where each runs as INT8
     for row in rows:
-        engines = (int8_engines[row["settings"]["format"]] if row["method"] == "int8" else {"deepsparse"}
-                   if "int8" in row["settings"].get("passes", []) else available_engines())
+        settings = row["settings"]
+        engines = (int8_engines[settings["format"]] if row["method"] == "int8" else
+                   int8_engines[settings["int8"]] if "int8" in settings else available_engines())
         assert {(s["engine"], s["batch"]) for s in row["speed"]} == {
             (e, b) for e in available_engines() if engine_name(e) in engines for b in (1, 2)}
         for entry in row["speed"]:
             assert entry["items_per_sec"] > 0
             assert entry["latency_ms"]["p50"] <= entry["latency_ms"]["p99"]
             assert entry["speedup_vs_dense_torch"] > 0
+            if engine_name(entry["engine"]) == "openvino":  # what its executed graph ran in INT8
+                quantized = row["method"] == "int8" or "int8" in row["settings"]
+                assert 0.5 < entry["int8_mac_share"] <= 1 if quantized else entry["int8_mac_share"] == 0
+            else:
+                assert entry["int8_mac_share"] is None
             if entry["engine"] == "deepsparse":  # token selection's TopK runs outside its kernels
                 tokens = row["method"] in ("token-drop", "combined")
                 assert entry["fraction_of_supported_ops"] >= 0.9 if tokens else entry[
@@ -165,7 +194,8 @@ def test_every_speed_is_also_measured_against_the_best_dense_alternative(run_dir
     assert "## Speed-up over the best dense alternative" in report
     assert "Best dense alternative: batch 1: **" in report
     assert "## Which engine accelerates which pattern" in report
-    for pattern in ("unstructured", "N:M", "1×4", "structured", "tokens", "INT8", "combined"):
+    for pattern in ("unstructured", "N:M", "1×4", "structured", "tokens", "INT8", "combined",
+                    "structured + INT8", "tokens + INT8", "combined + INT8"):
         assert f"\n| {pattern} | " in report
 
 
@@ -189,11 +219,14 @@ def test_report_and_plot_are_written(run_dir: Path) -> None:
     assert "| vs l1, paired | seeds |" in report
     assert "## Token dropping (AS-ViT)" in report
     assert "| 0.65 | fixed | " in report and "| 0.65 | learned | " in report
-    assert "## Combined recipe" in report and "| vtp → head-channels → token-drop → magnitude |" in report
+    assert "## Combined recipes" in report and "| vtp 0.2, heads 0.3, keep 0.7, 80 % zeros | 7 | " in report
     assert "| vtp 0.4, heads 0.5, keep 0.4 at 1,4,7 fused, 90 % zeros, int8 + patch embed |" in report
     assert "## Static INT8 on digits-vit" in report and "| obs-fisher | 50.00 % |" in report
     assert "## INT8 speed" in report and "| dense | qdq | onnxruntime | 1 |" in report
-    for plot in ("speedup.png", "accuracy.png", "head_channels.png"):
+    assert "| vtp multiple=8, rate=0.4 | qdq | openvino | 1 |" in report
+    assert "## The frontier: accuracy against speed" in report
+    assert "| vtp 0.4, heads 0.5, keep 0.4 at 1,4,7 fused, 90 % zeros, int8 + patch embed | " in report
+    for plot in ("speedup.png", "accuracy.png", "head_channels.png", "pareto.png"):
         assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

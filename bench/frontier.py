@@ -1,0 +1,151 @@
+"""Speed read next to accuracy: each timed row's digits-vit top-1 of the same setting, the combined
+recipes' frontier table, and the Pareto plot (speed-up over the best dense alternative against top-1).
+
+A speed row (the speed model) and an accuracy row (digits-vit) are the same setting when their
+`setting_key`s are equal: the method and the settings that decide shapes and zeros. Rows whose
+digits-vit counterpart was trained differently (INT8 twins of structured rows, token rows timed at a
+keep rate while digits-vit aims at a FLOPs ratio) have no key and show no top-1.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from .labels import combined_setting_label
+from .plotting import pyplot, save_figure
+from .schema import Row, SpeedEntry
+
+DENSE, COMBINED, INT8 = "dense", "combined", "int8"
+MASK_METHODS = ("magnitude", "obs-layerwise", "obs-fisher")
+
+
+def setting_key(row: Row) -> tuple | None:
+    """What makes two rows the same setting across models; None where no digits-vit row can match."""
+    settings = row.settings
+    if row.method == DENSE:
+        return (DENSE,)
+    if row.method == COMBINED:
+        return (COMBINED, combined_setting_label(settings))
+    if "int8" in settings:  # a structured row's INT8 twin: not trained on digits-vit
+        return None
+    if row.method in MASK_METHODS:
+        return (row.method, settings.get("sparsity"), settings.get("pattern", "unstructured"))
+    if row.method == "vtp":
+        return ("vtp", settings.get("rate"), settings.get("multiple"))
+    if row.method == "head-channels" and settings.get("variant", "full") == "full":
+        return ("head-channels", settings.get("budget"))
+    if row.method == INT8:  # the masks' sparsity and pattern decide its speed, not who chose them
+        sparsity = 0.0 if settings.get("base") == DENSE else settings.get("sparsity")
+        return (INT8, sparsity, settings.get("pattern", "unstructured"))
+    return None
+
+
+def digits_top1(rows: list[Row]) -> dict[tuple, Row]:
+    """The digits-vit accuracy rows by setting key."""
+    return {key: r for r in rows if r.model == "digits-vit" and r.top1 is not None
+            and (key := setting_key(r)) is not None}
+
+
+def matching_accuracy(row: Row, accuracy: dict[tuple, Row]) -> Row | None:
+    key = setting_key(row)
+    return accuracy.get(key) if key is not None else None
+
+
+def top1_text(row: Row | None) -> str:
+    """'97.41 ± 0.30 %' (mean ± standard error over seeds) or '97.41 %'; '–' without a row."""
+    if row is None or row.top1 is None:
+        return "–"
+    seeds = row.top1_seeds or []
+    if len(seeds) > 1:
+        error = statistics.stdev(seeds) / len(seeds) ** 0.5
+        return f"{100 * row.top1:.2f} ± {100 * error:.2f} %"
+    return f"{100 * row.top1:.2f} %"
+
+
+def _best_on(row: Row, engine: str, batch: int) -> SpeedEntry | None:
+    """The row's entry on `engine` ('openvino' covers its precision columns) at `batch`, fastest first."""
+    entries = [s for s in row.speed if s.batch == batch and s.engine.split(":")[0] == engine
+               and s.speedup_vs_best_dense is not None]
+    return max(entries, key=lambda s: s.speedup_vs_best_dense) if entries else None
+
+
+def frontier_table(rows: list[Row]) -> str:
+    """Each combined recipe: digits-vit top-1 (mean ± standard error), its distance to dense, fewer MACs
+    on the speed model, and the speed-up over the best dense alternative per engine and batch size."""
+    accuracy = digits_top1(rows)
+    timed = [r for r in rows if r.method == COMBINED and r.speed]
+    if not timed:
+        return ""
+    dense = accuracy.get((DENSE,))
+    speed_dense = next((r for r in rows if r.method == DENSE and r.speed), None)
+    batches = sorted({s.batch for r in timed for s in r.speed})
+    engines = sorted({s.engine.split(":")[0] for r in timed for s in r.speed} - {"torch"})
+    by_label: dict[str, list[Row]] = {}
+    for r in timed:
+        by_label.setdefault(combined_setting_label(r.settings), []).append(r)
+    header = " | ".join(f"{e} b{b}" for e in engines for b in batches)
+    lines = [f"| recipe | digits-vit top-1 | vs dense | fewer MACs | {header} |",
+             "|---|---|---|---|" + "---|" * (len(engines) * len(batches))]
+    for label, group in by_label.items():
+        match = matching_accuracy(group[0], accuracy)
+        versus = (f"{100 * (match.top1 - dense.top1):+.2f} pt" if match and dense else "–")
+        fewer = (f"{100 * (1 - group[0].macs / speed_dense.macs):.1f} %"
+                 if speed_dense and speed_dense.macs and group[0].macs else "–")
+        cells = []
+        for engine in engines:
+            for batch in batches:
+                best = [e for r in group if (e := _best_on(r, engine, batch))]
+                top = max(best, key=lambda s: s.speedup_vs_best_dense) if best else None
+                cells.append(f"{top.speedup_vs_best_dense:.2f}×" if top else "–")
+        lines.append(f"| {label} | {top1_text(match)} | {versus} | {fewer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pareto_points(rows: list[Row], batch: int) -> list[tuple[str, str, float, float, float | None]]:
+    """(label, engine, speed-up over the best dense alternative, top-1, its standard error) for every
+    timed row with a digits-vit row of the same setting, on each engine but PyTorch, at `batch`."""
+    accuracy = digits_top1(rows)
+    points = []
+    for r in rows:
+        match = matching_accuracy(r, accuracy) if r.speed and r.method != DENSE else None
+        if match is None:
+            continue
+        seeds = match.top1_seeds or []
+        error = statistics.stdev(seeds) / len(seeds) ** 0.5 if len(seeds) > 1 else None
+        label = combined_setting_label(r.settings) if r.method == COMBINED else r.label()
+        for entry in r.speed:
+            if entry.batch == batch and entry.engine != "torch" and entry.speedup_vs_best_dense is not None:
+                points.append((label, entry.engine, entry.speedup_vs_best_dense, match.top1, error))
+    return points
+
+
+def plot_pareto(rows: list[Row], path: Path) -> None:
+    """One panel per batch size: x = speed-up over the best dense alternative, y = digits-vit top-1, one
+    marker per engine; dense at (1, its top-1); combined recipes labelled."""
+    plt = pyplot()
+    batches = sorted({s.batch for r in rows for s in r.speed})
+    dense = digits_top1(rows).get((DENSE,))
+    fig, axes = plt.subplots(1, len(batches), figsize=(6.4 * len(batches), 5.0), squeeze=False)
+    for ax, batch in zip(axes[0], batches, strict=True):
+        points = pareto_points(rows, batch)
+        engines = sorted({p[1] for p in points})
+        for index, engine in enumerate(engines):
+            mine = [p for p in points if p[1] == engine]
+            ax.errorbar([p[2] for p in mine], [100 * p[3] for p in mine],
+                        yerr=[100 * (p[4] or 0) for p in mine], fmt="o^sDv"[index % 5], color=f"C{index}",
+                        label=engine, capsize=2, linestyle="none")
+        for label, _, x, y, _ in points:
+            if "int8" in label or "zeros" in label:  # a combined recipe: name it
+                ax.annotate(label.replace(", ", "\n"), (x, 100 * y), fontsize=5, alpha=0.7)
+        if dense is not None:
+            ax.scatter([1.0], [100 * dense.top1], marker="*", s=120, color="black", label="dense", zorder=3)
+            ax.axhline(100 * dense.top1 - 1, color="grey", linestyle=":", linewidth=1, label="dense − 1 pt")
+        ax.axvline(1.0, color="grey", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("speed-up over the best dense alternative (median latency, log scale)")
+        ax.set_ylabel("digits-vit top-1, same setting (%)")
+        ax.set_title(f"batch {batch}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    save_figure(fig, path)

@@ -1,0 +1,22 @@
+"""matplotlib without a display, and figures saved the same way by every plot of the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write as PNG and close."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    pyplot().close(fig)

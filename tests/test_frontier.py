@@ -1,0 +1,73 @@
+"""The combined recipes' staged schedule and frontier: epoch budgets, setting matching across models,
+the frontier table and the Pareto points, on hand-made rows."""
+
+from __future__ import annotations
+
+import pytest
+
+from vitsparse.bench.combined import FRONTIER, SPEED_RECIPE, CombinedSetting
+from vitsparse.bench.frontier import frontier_table, pareto_points, setting_key, top1_text
+from vitsparse.bench.schema import Row, SpeedEntry
+from vitsparse.bench.speed_report import best_dense_table
+from vitsparse.bench.staged import StagedSchedule
+
+SPEED_MODEL = "deit_small_patch16_224"
+
+
+def _entry(engine: str, batch: int, speedup: float) -> SpeedEntry:
+    return SpeedEntry(engine, batch, 100.0, {"p50": 10.0 / speedup, "p99": 12.0 / speedup},
+                      speedup_vs_best_dense=speedup, best_dense="openvino int8")
+
+
+def test_the_schedule_states_its_epoch_budget_per_pass() -> None:
+    schedule = StagedSchedule()
+    assert schedule.epochs(["vtp"]) == schedule.score_epochs + schedule.recover_epochs
+    assert schedule.epochs(["magnitude"]) == (schedule.mask_steps - 1) * schedule.mask_recover_epochs \
+        + schedule.mask_epochs
+    everything = SPEED_RECIPE.passes()
+    assert schedule.epochs(everything) == sum(schedule.epochs([p]) for p in everything)
+    with pytest.raises(ValueError, match="integers >= 1"):
+        StagedSchedule(mask_steps=0)
+
+
+def test_the_frontier_runs_from_light_to_heavy_in_int8() -> None:
+    assert all(s.int8 for s in FRONTIER) and len(FRONTIER) >= 4
+    assert [s.sparsity for s in FRONTIER] == sorted(s.sparsity for s in FRONTIER)
+    assert [s.keep_rate for s in FRONTIER] == sorted((s.keep_rate for s in FRONTIER), reverse=True)
+    assert FRONTIER[-1] == SPEED_RECIPE
+
+
+def test_speed_rows_find_the_digits_row_of_the_same_setting() -> None:
+    setting = CombinedSetting(int8=True).settings()
+    digits = Row("digits-vit", "combined", setting, top1=0.97, top1_seeds=[0.96, 0.97, 0.98])
+    timed = Row(SPEED_MODEL, "combined", {**setting, "int8": "qdq"})
+    assert setting_key(digits) == setting_key(timed)
+    assert setting_key(Row(SPEED_MODEL, "vtp", {"rate": 0.4, "multiple": 8, "int8": "qdq"})) is None
+    assert setting_key(Row(SPEED_MODEL, "int8", {"base": "dense", "format": "qdq"})) == setting_key(
+        Row("digits-vit", "int8", {"base": "dense", "sparsity": 0.0, "pattern": "unstructured"}))
+    assert top1_text(digits) == "97.00 ± 0.58 %" and top1_text(None) == "–"
+
+
+def test_the_frontier_table_and_pareto_points_pair_speed_with_accuracy() -> None:
+    setting = CombinedSetting(int8=True).settings()
+    rows = [
+        Row("digits-vit", "dense", top1=0.98),
+        Row("digits-vit", "combined", setting, top1=0.97, top1_seeds=[0.96, 0.97, 0.98]),
+        Row(SPEED_MODEL, "dense", macs=100, speed=[_entry("openvino", 1, 0.5), _entry("torch", 1, 0.2)]),
+        Row(SPEED_MODEL, "combined", {**setting, "int8": "qdq"}, macs=40,
+            speed=[_entry("openvino", 1, 1.6), _entry("openvino:bf16", 1, 1.8),
+                   _entry("onnxruntime", 1, 1.1)]),
+        Row(SPEED_MODEL, "combined", {**setting, "int8": "operator"}, macs=40,
+            speed=[_entry("deepsparse", 1, 2.1)]),
+    ]
+    table = frontier_table(rows)
+    header = ("| recipe | digits-vit top-1 | vs dense | fewer MACs | deepsparse b1 | onnxruntime b1 | "
+              "openvino b1 |")
+    assert header in table
+    assert ("| vtp 0.2, heads 0.3, keep 0.7, 80 % zeros, int8 | 97.00 ± 0.58 % | -1.00 pt | 60.0 % | 2.10× | "
+            "1.10× | 1.80× |") in table
+    points = pareto_points(rows, batch=1)
+    assert sorted((engine, x) for _, engine, x, _, _ in points) == [
+        ("deepsparse", 2.1), ("onnxruntime", 1.1), ("openvino", 1.6), ("openvino:bf16", 1.8)]
+    assert all(y == 0.97 and error == pytest.approx(0.00577, abs=1e-4) for *_, y, error in points)
+    assert "| 97.00 ± 0.58 % | openvino:bf16, **1.80×** |" in best_dense_table(rows)
