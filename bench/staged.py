@@ -56,10 +56,10 @@ class StagedSchedule:
     score_epochs: int = 4  # VTP score training before slicing
     recover_epochs: int = 4  # after each structured slice
     threshold_epochs: int = 4  # token thresholds learned with the weights
-    token_epochs: int = 10  # after the keep counts are fixed (shifted images, lr 3e-3)
+    token_epochs: int = 30  # after the keep counts are fixed (shifted images, lr 3e-3), as the token rows
     mask_steps: int = 3  # cubic steps up to the setting's sparsity
     mask_recover_epochs: int = 2  # after each mask step but the last
-    mask_epochs: int = 6  # after the last mask step, masks fixed
+    mask_epochs: int = 10  # after the last mask step, masks fixed
     qat_epochs: int = 4
     lr: float = 1e-3
 
