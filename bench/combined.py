@@ -142,7 +142,12 @@ def combined_digits_row(setting: CombinedSetting, schedule: StagedSchedule, seed
 
     def one_seed(_, seed: int) -> StagedRun:
         manager = PassManager(trace(copy.deepcopy(dense)), recipe=Recipe(base=base))
-        return run_staged(manager, setting, schedule, dense, loaders, seed, calibration)
+        run = run_staged(manager, setting, schedule, dense, loaders, seed, calibration)
+        if not progress:  # a log gets a line per seed (a bar shows them in a terminal)
+            seconds = sum(stage.seconds for stage in run.stages)
+            print(f"        seed {seed}: top-1 {100 * run.stages[-1].top1:.2f} % ({seconds:.0f} s)",
+                  flush=True)
+        return run
 
     runs = over_seeds((setting,), seeds, one_seed, f"digits-vit {combined_setting_label(setting.settings())}",
                       progress)[setting]

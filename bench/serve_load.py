@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .plotting import pyplot, save_figure
+
 BATCH_ONE = "batch-1"
 DYNAMIC = "dynamic"
 
@@ -359,9 +361,7 @@ def _ratio(result: LoadResult, base: LoadResult | None) -> str:
 
 def plot_load(results: list[LoadResult], path: Path) -> None:
     """Requests/sec and p99 latency per model, batch-1 beside dynamic batching."""
-    from .report import _pyplot, _save
-
-    plt = _pyplot()
+    plt = pyplot()
     models = list(dict.fromkeys(r.model for r in results))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for offset, mode in enumerate((BATCH_ONE, DYNAMIC)):
@@ -375,7 +375,7 @@ def plot_load(results: list[LoadResult], path: Path) -> None:
         ax.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"vitsparse serve, {results[0].concurrency} clients on loopback" if results else "")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_load_report(directory: Path, meta: dict, results: list[LoadResult]) -> dict[str, Path]:
