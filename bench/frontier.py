@@ -120,6 +120,15 @@ def pareto_points(rows: list[Row], batch: int) -> list[tuple[str, str, float, fl
     return points
 
 
+def _rightmost(points: list[tuple[str, str, float, float, float | None]]) -> dict[str, tuple[float, float]]:
+    """Each combined recipe's fastest point (x, top-1), where its name goes."""
+    named: dict[str, tuple[float, float]] = {}
+    for label, _, x, y, _ in points:
+        if label.endswith(("int8", "zeros", "patch embed")) and x > named.get(label, (0.0, 0.0))[0]:
+            named[label] = (x, y)
+    return named
+
+
 def plot_pareto(rows: list[Row], path: Path) -> None:
     """One panel per batch size: x = speed-up over the best dense alternative, y = digits-vit top-1, one
     marker per engine; dense at (1, its top-1); combined recipes labelled."""
@@ -127,6 +136,7 @@ def plot_pareto(rows: list[Row], path: Path) -> None:
     batches = sorted({s.batch for r in rows for s in r.speed})
     dense = digits_top1(rows).get((DENSE,))
     fig, axes = plt.subplots(1, len(batches), figsize=(6.4 * len(batches), 5.0), squeeze=False)
+    codes: dict[str, str] = {}
     for ax, batch in zip(axes[0], batches, strict=True):
         points = pareto_points(rows, batch)
         engines = sorted({p[1] for p in points})
@@ -135,17 +145,24 @@ def plot_pareto(rows: list[Row], path: Path) -> None:
             ax.errorbar([p[2] for p in mine], [100 * p[3] for p in mine],
                         yerr=[100 * (p[4] or 0) for p in mine], fmt="o^sDv"[index % 5], color=f"C{index}",
                         label=engine, capsize=2, linestyle="none")
-        for label, _, x, y, _ in points:
-            if "int8" in label or "zeros" in label:  # a combined recipe: name it
-                ax.annotate(label.replace(", ", "\n"), (x, 100 * y), fontsize=5, alpha=0.7)
+        for label, (x, y) in _rightmost(points).items():  # each combined recipe named once, by its code
+            codes.setdefault(label, f"C{len(codes) + 1}")
+            ax.annotate(codes[label], (x, 100 * y), xytext=(5, 2), textcoords="offset points", fontsize=8)
         if dense is not None:
             ax.scatter([1.0], [100 * dense.top1], marker="*", s=120, color="black", label="dense", zorder=3)
             ax.axhline(100 * dense.top1 - 1, color="grey", linestyle=":", linewidth=1, label="dense − 1 pt")
         ax.axvline(1.0, color="grey", linewidth=1)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda value, _: f"{value:g}×"))
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.set_xticks([t for t in (0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16)
+                       if min(p[2] for p in points) / 1.2 <= t <= max(p[2] for p in points) * 1.2] or [1])
         ax.set_xlabel("speed-up over the best dense alternative (median latency, log scale)")
         ax.set_ylabel("digits-vit top-1, same setting (%)")
         ax.set_title(f"batch {batch}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    save_figure(fig, path)
+        ax.legend(fontsize=7, loc="best")
+    key = "\n".join(f"{code}: {label}" for label, code in codes.items())
+    fig.text(0.01, 0.01, key, fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * len(codes), 1, 1))
+    save_figure(fig, path, layout=False)

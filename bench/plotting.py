@@ -15,8 +15,9 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path) -> None:
-    """Lay out, write as PNG and close."""
-    fig.tight_layout()
+def save_figure(fig, path: Path, layout: bool = True) -> None:
+    """Lay out (unless the caller placed things itself), write as PNG and close."""
+    if layout:
+        fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
     pyplot().close(fig)
