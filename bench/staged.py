@@ -46,6 +46,7 @@ from vitsparse.pruners.schedule import GradualConfig, gradual_prune
 MASK_SALIENCY = "obs-fisher"
 # the Fisher's diagonal blocks: 16 divides every width the recipe slices to (multiples of 16)
 MASK_SOLVER = {"block_size": 16}
+STAGE_OF_PASS = {"magnitude": "masks"}  # a recipe's pass name -> the stage that runs it
 TOKEN_LR = 3e-3  # digits-vit's own training lr: the token-drop rows' fine-tune (bench/token_drop.py)
 
 
@@ -69,13 +70,17 @@ class StagedSchedule:
             raise ValueError(f"staged schedule: epochs and steps must be integers >= 1 and lr > 0, got "
                              f"{bad or {'lr': self.lr}}")
 
+    def stage_epochs(self) -> dict[str, int]:
+        """Training epochs of each stage."""
+        return {"vtp": self.score_epochs + self.recover_epochs, "head-channels": self.recover_epochs,
+                "token-drop": self.threshold_epochs + self.token_epochs,
+                "masks": (self.mask_steps - 1) * self.mask_recover_epochs + self.mask_epochs,
+                "int8": self.qat_epochs}
+
     def epochs(self, passes: list[str]) -> int:
         """Training epochs in all for a recipe of these passes (the total budget a report states)."""
-        per_pass = {"vtp": self.score_epochs + self.recover_epochs, "head-channels": self.recover_epochs,
-                    "token-drop": self.threshold_epochs + self.token_epochs,
-                    "magnitude": (self.mask_steps - 1) * self.mask_recover_epochs + self.mask_epochs,
-                    "int8": self.qat_epochs}
-        return sum(per_pass[p] for p in passes)
+        per_stage = self.stage_epochs()
+        return sum(per_stage[STAGE_OF_PASS.get(p, p)] for p in passes)
 
 
 @dataclass
@@ -120,8 +125,9 @@ class _Stages:
     def top1(self) -> float:
         return evaluate(self.manager.graph_module, self.loaders.test).top1
 
-    def done(self, stage: str, epochs: int) -> None:
+    def done(self, stage: str) -> None:
         seconds = time.perf_counter() - self._started
+        epochs = self.schedule.stage_epochs()[stage]
         self.results.append(StageResult(stage, self.top1(), epochs, round(seconds, 2)))
         self._started = time.perf_counter()
 
@@ -135,12 +141,12 @@ def run_staged(manager: PassManager, setting, schedule: StagedSchedule, dense: t
         sparse_train(gated, stages.train, stages.config(schedule.score_epochs), teacher=dense, progress=False)
         manager.run(DimensionSlicePass(setting.vtp_rate, setting.multiple))
         stages.tune(schedule.recover_epochs)
-        stages.done("vtp", schedule.score_epochs + schedule.recover_epochs)
+        stages.done("vtp")
     if setting.head_budget > 0:
         indicators_from_weights(manager.run(HeadGatePass()))
         manager.run(HeadChannelSlicePass(setting.head_budget, setting.multiple))
         stages.tune(schedule.recover_epochs)
-        stages.done("head-channels", schedule.recover_epochs)
+        stages.done("head-channels")
     if setting.keep_rate < 1:
         _token_stage(stages, setting)
     if setting.sparsity > 0:
@@ -148,7 +154,7 @@ def run_staged(manager: PassManager, setting, schedule: StagedSchedule, dense: t
     if setting.int8:
         manager.run(QuantizePass(setting.quant_config(), calibration=calibration))
         stages.tune(schedule.qat_epochs, lr=1e-4)  # gentle: the calibrated ranges stay valid
-        stages.done("int8", schedule.qat_epochs)
+        stages.done("int8")
     return StagedRun(manager, stages.oneshot if stages.oneshot is not None else stages.top1(), stages.results)
 
 
@@ -166,7 +172,7 @@ def _token_stage(stages: _Stages, setting) -> None:
     manager.run(TokenDropPass(thresholds=learned.thresholds, locations=locations, fuse=setting.fuse_tokens,
                               calibration=stages.calibration))
     stages.tune(schedule.token_epochs, lr=TOKEN_LR, loader=shifted_train_loader(stages.loaders, stages.seed))
-    stages.done("token-drop", schedule.threshold_epochs + schedule.token_epochs)
+    stages.done("token-drop")
 
 
 def _mask_stage(stages: _Stages, sparsity: float) -> None:
@@ -177,4 +183,4 @@ def _mask_stage(stages: _Stages, sparsity: float) -> None:
                   recover=lambda gm, step: stages.tune(schedule.mask_recover_epochs),
                   calibration=stages.calibration)
     stages.tune(schedule.mask_epochs)
-    stages.done("masks", (schedule.mask_steps - 1) * schedule.mask_recover_epochs + schedule.mask_epochs)
+    stages.done("masks")
