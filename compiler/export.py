@@ -37,8 +37,10 @@ from .rewrite import SelectFeatures
 from .trace import INPUT_SHAPE_KEY, SERVING_KEY, carry_meta, example_input, input_shape_of
 
 SUPPORTED_OPSETS = range(14, 18)
-FEATURE_SELECT_FORMS = ("gather", "matmul")
+FEATURE_SELECT_FORMS = ("gather", "matmul", "gather-last")
 QUANT_FORMATS = ("qdq", "operator")
+# the feature-selection forms other than the module's own (Transpose, Gather, Transpose)
+SELECT_FORMS = {"matmul": SelectFeatures.as_matmul, "gather-last": SelectFeatures.as_last_axis_gather}
 ARTIFACT_FILES = ("model.onnx", "recipe.json", "weights.safetensors", "meta.json")
 
 
@@ -52,8 +54,9 @@ class ExportConfig:
     opset: int = 14
     atol: float = 1e-3  # the export fails above this max abs difference
     verify_batches: int = 1
-    # how a feature selection (VTP's sliced qkv/fc1 inputs) is written: "gather" (fast on ONNX
-    # Runtime) or "matmul" by a constant one-hot matrix (DeepSparse runs it sparse; it has no Gather)
+    # how a feature selection (VTP's sliced qkv/fc1 inputs) is written: "gather" (rows of the transposed
+    # tensor: fast on ONNX Runtime), "matmul" by a constant one-hot matrix (DeepSparse runs it sparse;
+    # it has no Gather) or "gather-last", one Gather on the last axis (OpenVINO)
     feature_select: str = "gather"
     # a symbolic batch dimension, so one file runs at any batch size (what a batching server needs);
     # verified at batch_size and batch_size + 1
@@ -80,13 +83,15 @@ def fold_for_export(gm: fx.GraphModule, feature_select: str = "gather") -> fx.Gr
     """A CPU float32 copy where every module offering `export_module()` (masked layers, gates) is
     replaced by the plain module it computes, and fx's input-size asserts are dropped.
 
-    `feature_select="matmul"` writes each feature selection as a product with a one-hot matrix.
+    `feature_select` "matmul" writes each feature selection as a product with a one-hot matrix,
+    "gather-last" as one Gather on the last axis.
     """
     folded = copy.deepcopy(gm).cpu().float().eval()
     for name, module in list(folded.named_modules()):
-        if isinstance(module, SelectFeatures) and feature_select == "matmul":
+        if isinstance(module, SelectFeatures) and feature_select in SELECT_FORMS:
             parent, _, child = name.rpartition(".")
-            setattr(folded.get_submodule(parent) if parent else folded, child, module.as_matmul())
+            rewritten = SELECT_FORMS[feature_select](module)
+            setattr(folded.get_submodule(parent) if parent else folded, child, rewritten)
         elif name and hasattr(module, "export_module"):
             parent, _, child = name.rpartition(".")
             setattr(folded.get_submodule(parent) if parent else folded, child, module.export_module())
