@@ -23,7 +23,6 @@ from vitsparse.pruners import (
     HeadChannelSlicePass,
     HeadGatePass,
     QuantConfig,
-    QuantizePass,
     ScoreGatePass,
     SparsityPass,
     TokenDropPass,
@@ -112,25 +111,6 @@ FRONTIER = (
 SPEED_MODEL_QUANT_ATOL = 0.25
 
 
-def apply_combined(manager: PassManager, setting: CombinedSetting, train_vtp=None, calibration=None) -> None:
-    """Run the recipe's passes on `manager`'s graph; `train_vtp(gated)` trains VTP's scores (None: weight
-    norms stand in); INT8 calibrates on `calibration`."""
-    if setting.vtp_rate > 0:
-        gated = manager.run(ScoreGatePass())
-        (train_vtp or scores_from_weight_norms)(gated)
-        manager.run(DimensionSlicePass(setting.vtp_rate, setting.multiple))
-    if setting.head_budget > 0:
-        gated = manager.run(HeadGatePass())
-        indicators_from_weights(gated)
-        manager.run(HeadChannelSlicePass(setting.head_budget, setting.multiple))
-    if setting.keep_rate < 1:
-        manager.run(setting.token_drop_pass(manager.structure.depth))
-    if setting.sparsity > 0:
-        manager.run(SparsityPass(saliency="magnitude", sparsity=setting.sparsity))
-    if setting.int8:
-        manager.run(QuantizePass(setting.quant_config(), calibration=calibration))
-
-
 def combined_digits_row(setting: CombinedSetting, schedule: StagedSchedule, seeds: int, artifacts,
                         progress: bool = False) -> Row:
     """digits-vit through the recipe's staged schedule (`bench/staged.py`) over `seeds` seeds: the top-1
@@ -171,10 +151,18 @@ def combined_digits_row(setting: CombinedSetting, schedule: StagedSchedule, seed
     return row
 
 
-def combined_speed_graph(model: torch.nn.Module, setting: CombinedSetting, recipe: Recipe,
-                         calibration=None) -> PassManager:
-    """The speed model through the recipe, every choice from weight norms (INT8 calibrated on
-    `calibration`)."""
+def combined_speed_graph(model: torch.nn.Module, setting: CombinedSetting, recipe: Recipe) -> PassManager:
+    """The speed model through the recipe's float passes, every choice from weight norms; its INT8 form
+    is the `int8_twin` of this graph, quantized with `setting.quant_config()`."""
     manager = PassManager(trace(model), recipe=recipe)
-    apply_combined(manager, setting, calibration=calibration)
+    if setting.vtp_rate > 0:
+        scores_from_weight_norms(manager.run(ScoreGatePass()))
+        manager.run(DimensionSlicePass(setting.vtp_rate, setting.multiple))
+    if setting.head_budget > 0:
+        indicators_from_weights(manager.run(HeadGatePass()))
+        manager.run(HeadChannelSlicePass(setting.head_budget, setting.multiple))
+    if setting.keep_rate < 1:
+        manager.run(setting.token_drop_pass(manager.structure.depth))
+    if setting.sparsity > 0:
+        manager.run(SparsityPass(saliency="magnitude", sparsity=setting.sparsity))
     return manager

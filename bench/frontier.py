@@ -12,11 +12,13 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from vitsparse.runtime import parse_engine_spec
+
 from .labels import combined_setting_label
 from .plotting import pyplot, save_figure
 from .schema import Row, SpeedEntry
 
-DENSE, COMBINED, INT8 = "dense", "combined", "int8"
+DENSE, COMBINED, INT8, TORCH = "dense", "combined", "int8", "torch"
 MASK_METHODS = ("magnitude", "obs-layerwise", "obs-fisher")
 
 
@@ -52,20 +54,23 @@ def matching_accuracy(row: Row, accuracy: dict[tuple, Row]) -> Row | None:
     return accuracy.get(key) if key is not None else None
 
 
+def mean_and_error(values: list[float]) -> tuple[float, float | None]:
+    """Mean and its standard error (None from a single value)."""
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None)
+
+
 def top1_text(row: Row | None) -> str:
     """'97.41 ± 0.30 %' (mean ± standard error over seeds) or '97.41 %'; '–' without a row."""
     if row is None or row.top1 is None:
         return "–"
-    seeds = row.top1_seeds or []
-    if len(seeds) > 1:
-        error = statistics.stdev(seeds) / len(seeds) ** 0.5
-        return f"{100 * row.top1:.2f} ± {100 * error:.2f} %"
-    return f"{100 * row.top1:.2f} %"
+    error = mean_and_error(row.top1_seeds)[1] if row.top1_seeds else None
+    return f"{100 * row.top1:.2f}" + (f" ± {100 * error:.2f}" if error is not None else "") + " %"
 
 
 def _best_on(row: Row, engine: str, batch: int) -> SpeedEntry | None:
     """The row's entry on `engine` ('openvino' covers its precision columns) at `batch`, fastest first."""
-    entries = [s for s in row.speed if s.batch == batch and s.engine.split(":")[0] == engine
+    entries = [s for s in row.speed if s.batch == batch and parse_engine_spec(s.engine)[0] == engine
                and s.speedup_vs_best_dense is not None]
     return max(entries, key=lambda s: s.speedup_vs_best_dense) if entries else None
 
@@ -80,7 +85,7 @@ def frontier_table(rows: list[Row]) -> str:
     dense = accuracy.get((DENSE,))
     speed_dense = next((r for r in rows if r.method == DENSE and r.speed), None)
     batches = sorted({s.batch for r in timed for s in r.speed})
-    engines = sorted({s.engine.split(":")[0] for r in timed for s in r.speed} - {"torch"})
+    engines = sorted({parse_engine_spec(s.engine)[0] for r in timed for s in r.speed if s.engine != TORCH})
     by_label: dict[str, list[Row]] = {}
     for r in timed:
         by_label.setdefault(combined_setting_label(r.settings), []).append(r)
@@ -111,11 +116,10 @@ def pareto_points(rows: list[Row], batch: int) -> list[tuple[str, str, float, fl
         match = matching_accuracy(r, accuracy) if r.speed and r.method != DENSE else None
         if match is None:
             continue
-        seeds = match.top1_seeds or []
-        error = statistics.stdev(seeds) / len(seeds) ** 0.5 if len(seeds) > 1 else None
+        error = mean_and_error(match.top1_seeds)[1] if match.top1_seeds else None
         label = combined_setting_label(r.settings) if r.method == COMBINED else r.label()
         for entry in r.speed:
-            if entry.batch == batch and entry.engine != "torch" and entry.speedup_vs_best_dense is not None:
+            if entry.batch == batch and entry.engine != TORCH and entry.speedup_vs_best_dense is not None:
                 points.append((label, entry.engine, entry.speedup_vs_best_dense, match.top1, error))
     return points
 

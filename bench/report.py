@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
-from .frontier import frontier_table, plot_pareto, top1_text
+from .frontier import frontier_table, mean_and_error, plot_pareto, top1_text
 from .labels import combined_setting_label
 from .plotting import pyplot, save_figure
 from .schema import Row, results_document
@@ -116,12 +115,6 @@ def _head_channel_rows(rows: list[Row]) -> list[Row]:
     return [r for r in rows if r.method == HEAD_CHANNELS and r.top1 is not None]
 
 
-def _mean_and_error(values: list[float]) -> tuple[float, float | None]:
-    """Mean and its standard error (None from a single value)."""
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None)
-
-
 def _points(value: float, error: float | None, sign: bool = False) -> str:
     text = f"{100 * value:+.2f}" if sign else f"{100 * value:.2f}"
     return text + (f" ± {100 * error:.2f}" if error is not None else "")
@@ -134,7 +127,7 @@ def paired_difference(row: Row, reference: Row | None) -> str:
         return "–"
     if len(row.top1_seeds) != len(reference.top1_seeds):
         return "–"
-    mean, error = _mean_and_error([a - b for a, b in zip(row.top1_seeds, reference.top1_seeds, strict=True)])
+    mean, error = mean_and_error([a - b for a, b in zip(row.top1_seeds, reference.top1_seeds, strict=True)])
     return _points(mean, error, sign=True) + " pt"
 
 
@@ -158,7 +151,7 @@ def head_channel_table(rows: list[Row]) -> str:
                            if base and r.attention_macs else "–")
         fewer = _pct(1 - r.macs / base.macs) if base and r.macs else "–"
         versus = f"{100 * (r.top1 - base.top1):+.2f} pt" if base and base.top1 is not None else "–"
-        tuned = _points(*_mean_and_error(r.top1_seeds)) + " %" if r.top1_seeds else _pct(r.top1)
+        tuned = _points(*mean_and_error(r.top1_seeds)) + " %" if r.top1_seeds else _pct(r.top1)
         versus_l1 = paired_difference(r, plain_l1.get((r.model, r.settings.get("budget"))))
         lines.append(
             f"| {r.settings.get('budget', 0):.0%} | {r.settings.get('variant', '–')} | {fewer_attention} | "
@@ -187,7 +180,7 @@ def token_drop_table(rows: list[Row]) -> str:
         base, settings = dense.get(r.model), r.settings
         fewer = _pct(1 - r.macs / base.macs) if base and r.macs else "–"
         versus = f"{100 * (r.top1 - base.top1):+.2f} pt" if base and base.top1 is not None else "–"
-        tuned = _points(*_mean_and_error(r.top1_seeds)) + " %" if r.top1_seeds else _pct(r.top1)
+        tuned = _points(*mean_and_error(r.top1_seeds)) + " %" if r.top1_seeds else _pct(r.top1)
         lines.append(
             f"| {settings.get('target_ratio', 1):.2f} | {settings.get('mode', '–')} | {fewer} | "
             f"{settings.get('keep_rate', '–')} | {settings.get('kept_tokens', '–')} | "

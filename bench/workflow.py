@@ -332,16 +332,19 @@ def _combined_digits(opts: BenchOptions, profile, artifacts: Path) -> list[Row]:
 def _int8_formats(opts: BenchOptions, profile) -> tuple[str, ...]:
     """The INT8 formats of the structured, token and combined twins whose engines are timed."""
     formats = profile.int8_formats if opts.int8_formats is None else opts.int8_formats
-    timed = {engine_name(column) for column in opts.engines}
-    return tuple(f for f in formats if timed & set(FORMAT_ENGINES[f]))
+    return tuple(f for f in formats if _runs_timed(opts, f))
+
+
+def _runs_timed(opts: BenchOptions, form: str) -> bool:
+    """Whether an engine that runs INT8 format `form` is among the timed engines."""
+    return bool({engine_name(column) for column in opts.engines} & set(FORMAT_ENGINES[form]))
 
 
 def _int8_speed(opts: BenchOptions, profile, model: torch.nn.Module, settings: tuple,
                 float_candidates: list[SpeedCandidate]) -> list[SpeedCandidate]:
     """The timed INT8 models whose engine is timed, the INT8 twins of the structured and token rows,
     then every INT8 recipe of the combined frontier in each twin format."""
-    timed = {engine_name(column) for column in opts.engines}
-    settings = tuple(s for s in settings if timed & set(FORMAT_ENGINES[s.format]))
+    settings = tuple(s for s in settings if _runs_timed(opts, s.format))
     formats = _int8_formats(opts, profile)
     if not settings and not formats:
         return []
@@ -351,7 +354,7 @@ def _int8_speed(opts: BenchOptions, profile, model: torch.nn.Module, settings: t
                                            opts, method, row_settings, manager))
     candidates += int8_twins(float_candidates, formats, calibration)
     for setting in _frontier(opts, profile) if formats else ():
-        manager = combined_speed_graph(model, replace(setting, int8=False), Recipe(base=_base(opts)))
+        manager = combined_speed_graph(model, setting, Recipe(base=_base(opts)))
         recipe = SpeedCandidate(_costed_row(opts, COMBINED, setting.settings(), manager),
                                 manager.graph_module, manager.recipe)
         candidates += [int8_twin(recipe, form, calibration, setting.quant_config(),
