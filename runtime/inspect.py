@@ -89,6 +89,12 @@ def inspect_onnx(path: str | os.PathLike) -> OnnxReport:
         layers_without_macs=sum(layer.macs is None for layer in layers), weights=weights, layers=layers)
 
 
+def layer_macs(path: str | os.PathLike) -> list[LayerMacs]:
+    """MACs of each MatMul/Gemm/Conv node at the file's batch size, without reading weight values."""
+    model = load_onnx(path)
+    return _layer_macs(model, fixed_batch_size(model) or 1)
+
+
 def _weight_stats(model: onnx.ModelProto) -> list[WeightStats]:
     feeds = _prunable_consumers(model)
     stats = []

@@ -23,7 +23,7 @@ import onnx
 
 from .engine import Engine
 from .errors import EngineLoadError, EngineUnavailableError, UnsupportedPrecisionError, first_line
-from .inspect import LayerMacs, inspect_onnx
+from .inspect import LayerMacs, layer_macs
 
 DEVICE = "CPU"
 INT8_PRECISIONS = ("u8", "i8")  # runtimePrecision values of an operation computing in 8-bit integers
@@ -102,7 +102,7 @@ class OpenVinoEngine(Engine):
     def int8_mac_share(self) -> float | None:
         """Share of the file's MatMul/Gemm/Conv MACs (at the compiled batch size) that ran in INT8."""
         if not hasattr(self, "_int8_share"):
-            layers = inspect_onnx(self.model_path).layers
+            layers = layer_macs(self.model_path)
             self._int8_share = int8_share(layers, executed_precisions(self._compiled))
         return self._int8_share
 
