@@ -2,14 +2,15 @@
 recipes' frontier table, and the Pareto plot (speed-up over the best dense alternative against top-1).
 
 A speed row (the speed model) and an accuracy row (digits-vit) are the same setting when their
-`setting_key`s are equal: the method and the settings that decide shapes and zeros. Rows whose
-digits-vit counterpart was trained differently (INT8 twins of structured rows, token rows timed at a
-keep rate while digits-vit aims at a FLOPs ratio) have no key and show no top-1.
+`setting_key`s are equal: the method and the settings that decide shapes and zeros, marked when the
+row runs in INT8 (a speed twin in either format matches the digits-vit twin fine-tuned in INT8). Token
+rows timed at a keep rate match no digits-vit row, which aims at a FLOPs ratio instead.
 """
 
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 from vitsparse.runtime import parse_engine_spec
@@ -29,14 +30,17 @@ def setting_key(row: Row) -> tuple | None:
         return (DENSE,)
     if row.method == COMBINED:
         return (COMBINED, combined_setting_label(settings))
-    if "int8" in settings:  # a structured row's INT8 twin: not trained on digits-vit
-        return None
+    if "int8" in settings:  # an INT8 twin (the speed model's format, or digits-vit's "qat")
+        float_key = setting_key(replace(row, settings={k: v for k, v in settings.items() if k != "int8"}))
+        return None if float_key is None else (*float_key, INT8)
     if row.method in MASK_METHODS:
         return (row.method, settings.get("sparsity"), settings.get("pattern", "unstructured"))
     if row.method == "vtp":
         return ("vtp", settings.get("rate"), settings.get("multiple"))
     if row.method == "head-channels" and settings.get("variant", "full") == "full":
         return ("head-channels", settings.get("budget"))
+    if row.method == "token-drop" and "target_ratio" in settings:  # digits-vit only: aims at a FLOPs ratio
+        return ("token-drop", settings.get("mode"), settings["target_ratio"])
     if row.method == INT8:  # the masks' sparsity and pattern decide its speed, not who chose them
         sparsity = 0.0 if settings.get("base") == DENSE else settings.get("sparsity")
         return (INT8, sparsity, settings.get("pattern", "unstructured"))

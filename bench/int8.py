@@ -3,8 +3,10 @@ candidates, each timed on the engine that runs its format as INT8.
 
 digits-vit: each sparsity's model (Fisher OBS masks, then the standard fine-tune) is quantized after
 calibration on training images (`top1_oneshot`: post-training INT8), then fine-tuned
-quantization-aware with the masks kept (`top1`). Both exports of the fine-tuned model are run on the
-held-out test images and compared with the float model they came from (`verification`).
+quantization-aware with the masks kept (`top1`). The structured and token rows get the same treatment
+as INT8 twins (`int8_digits_twins`: each row's model rebuilt from its artifact). Every export of a
+fine-tuned INT8 model is run on the held-out test images on each engine that runs its format and
+compared with the fake-quantized torch model it came from (`verification`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from vitsparse.compiler import ExportConfig, PassManager, Recipe, export_artifact, trace
+from vitsparse.compiler import ExportConfig, PassManager, Recipe, export_artifact, load_weights, replay, trace
 from vitsparse.models import build_model, digits_loaders, evaluate
 from vitsparse.pruners import FinetuneConfig, QuantConfig, QuantizePass, finetune, make_calibration
 from vitsparse.runtime import create_engine, engine_status
@@ -96,6 +99,11 @@ def _logits(engine_name: str, directory: Path, images: torch.Tensor) -> np.ndarr
     return np.concatenate([engine.run([image[None].numpy()])[0] for image in images])
 
 
+def _agreement_reference(graph: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return graph.eval()(images).numpy()
+
+
 def verify_formats(graph: torch.nn.Module, recipe: Recipe, reference: np.ndarray, images: torch.Tensor,
                    artifacts: Path, slug: str) -> dict[str, dict[str, float | str]]:
     """Each format's export run on every engine that runs it as INT8 over `images`, against `reference`
@@ -112,6 +120,40 @@ def verify_formats(graph: torch.nn.Module, recipe: Recipe, reference: np.ndarray
                         "max_abs_logit_diff": float(np.abs(logits - reference).max()),
                         "top1_agreement": float(np.mean(logits.argmax(1) == reference.argmax(1)))}
     return checks
+
+
+@dataclass
+class _Quantized:
+    """A model in INT8 on digits-vit: its recipe, the fake-quantized model after QAT, its top-1 before
+    and after QAT."""
+
+    recipe: Recipe
+    tuned: torch.nn.Module
+    post_training: float
+    top1: float
+    calibration_samples: int
+
+
+def _quantize_and_tune(graph: torch.nn.Module, recipe: Recipe, dense: torch.nn.Module, loaders,
+                       calibration) -> _Quantized:
+    """`graph` calibrated to INT8, then fine-tuned quantization-aware (distilled from `dense`)."""
+    quantized = _quantize(graph, recipe, calibration)
+    post_training = evaluate(quantized.graph_module, loaders.test).top1
+    tuned = finetune(quantized.graph_module, loaders.train, loaders.val, QAT, teacher=dense,
+                     progress=False).model
+    return _Quantized(quantized.recipe, tuned, post_training, evaluate(tuned, loaders.test).top1,
+                      quantized.recipe.passes[-1].stats["calibration_samples"])
+
+
+def _int8_row(method: str, settings: dict, result: _Quantized, images: torch.Tensor, artifacts: Path) -> Row:
+    """The INT8 row of `result`, each export format checked against the fake-quantized model."""
+    row = make_row(method, settings, result.tuned, result.top1, result.post_training)
+    row.calibration_samples = result.calibration_samples
+    slug = artifact_slug(row)
+    row.verification = verify_formats(result.tuned, result.recipe, _agreement_reference(result.tuned, images),
+                                      images, artifacts, slug)
+    row.artifact = str(artifacts / f"{slug}-qdq")
+    return row
 
 
 def int8_digits_rows(sparsities: tuple[float, ...], epochs: int, artifacts: Path) -> list[Row]:
@@ -131,21 +173,38 @@ def int8_digits_rows(sparsities: tuple[float, ...], epochs: int, artifacts: Path
                                                 samples=CALIBRATION_IMAGES))
             graph = finetune(manager.graph_module, loaders.train, loaders.val, digits_finetune_config(epochs),
                              teacher=dense, progress=False).model
-        with torch.no_grad():
-            reference = graph.eval()(images).numpy()
-        quantized = _quantize(graph, manager.recipe, calibration)
-        post_training = evaluate(quantized.graph_module, loaders.test).top1
-        tuned = finetune(quantized.graph_module, loaders.train, loaders.val, QAT, teacher=dense,
-                         progress=False).model
+        result = _quantize_and_tune(graph, manager.recipe, dense, loaders, calibration)
         settings = {"base": BASE if sparsity else "dense", "sparsity": sparsity, "pattern": "unstructured",
                     "observer": OBSERVER}
-        row = make_row(METHOD, settings, tuned, evaluate(tuned, loaders.test).top1, post_training)
-        row.calibration_samples = quantized.recipe.passes[-1].stats["calibration_samples"]
-        row.verification = verify_formats(tuned, quantized.recipe, reference, images, artifacts,
-                                          artifact_slug(row))
-        row.artifact = str(artifacts / f"{artifact_slug(row)}-qdq")
-        rows.append(row)
+        rows.append(_int8_row(METHOD, settings, result, images, artifacts))
     return rows
+
+
+def is_twinned_digits_row(row: Row) -> bool:
+    """A digits-vit row whose model also runs in INT8: each structured and token method, in the form
+    its speed rows are timed in (the full head-channel method, a static keep rate)."""
+    settings = row.settings
+    return (row.model == MODEL and row.method in TWINNED_METHODS and row.artifact is not None
+            and settings.get("variant", "full") == "full" and settings.get("mode", "fixed") == "fixed")
+
+
+def int8_digits_twins(rows: list[Row], artifacts: Path, progress: bool = True) -> list[Row]:
+    """Each twinned digits-vit row's model, rebuilt from its artifact (recipe replayed, weights loaded),
+    in INT8 after calibration and after quantization-aware training; its settings gain `int8: qat`."""
+    os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+    dense = build_model(MODEL, pretrained=True)
+    loaders = digits_loaders()
+    calibration = make_calibration(loaders.train, CALIBRATION_IMAGES)
+    images = torch.cat([x for x, _ in loaders.test])
+    twins = []
+    for row in tqdm([r for r in rows if is_twinned_digits_row(r)], desc="digits-vit int8 twins", unit="model",
+                    disable=not progress):
+        directory = Path(row.artifact)
+        recipe = Recipe.load(directory / "recipe.json")
+        graph = load_weights(replay(build_model(MODEL), recipe), directory / "weights.safetensors")
+        result = _quantize_and_tune(graph, recipe, dense, loaders, calibration)
+        twins.append(_int8_row(row.method, {**row.settings, "int8": "qat"}, result, images, artifacts))
+    return twins
 
 
 def int8_speed_candidates(model: torch.nn.Module, settings: tuple[Int8SpeedSetting, ...], calibration,

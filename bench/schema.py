@@ -1,6 +1,6 @@
 """results.json: the versioned record of one prune-and-bench run (documented in README).
 
-{"schema": 8, "meta": {...}, "rows": [{"model", "method", "settings", "top1", "top1_oneshot",
+{"schema": 9, "meta": {...}, "rows": [{"model", "method", "settings", "top1", "top1_oneshot",
  "top1_sparse_trained", "top1_seeds", "macs", "attention_macs", "params", "nonzero_params",
  "prune_seconds", "calibration_samples", "verification", "stages", "artifact", "speed": [{"engine",
  "batch", "items_per_sec", "latency_ms": {"mean", "p50", "p90", "p99"}, "speedup_vs_dense_torch",
@@ -21,7 +21,10 @@ added `speedup_vs_ort_int8`: the speed-up over dense INT8 (QDQ) on ONNX Runtime 
 group (the INT8 table had divided by the first group's timing); schema 8 added `int8_mac_share`: the
 share of the file's MatMul/Gemm/Conv MACs the engine ran in INT8, read from OpenVINO's executed graph
 (None on engines that do not say), and rows `stages`: for a combined recipe trained stage by stage on
-digits-vit, each stage's `stage`, `epochs`, `top1` (mean over seeds) and `top1_seeds`.
+digits-vit, each stage's `stage`, `epochs`, `top1` (mean over seeds) and `top1_seeds`; schema 9
+compares `verification` with the fake-quantized torch model (the INT8 model itself) instead of the float
+model before quantization, and adds digits-vit INT8 twins: VTP, head-channel and token rows whose
+settings gain `int8: "qat"`.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 
 @dataclass

@@ -35,7 +35,14 @@ from .head_channels import (
     head_channel_speed_graph,
 )
 from .int8 import BASE as BASE_MASKS
-from .int8 import FORMAT_ENGINES, int8_digits_rows, int8_speed_candidates, int8_twin, int8_twins
+from .int8 import (
+    FORMAT_ENGINES,
+    int8_digits_rows,
+    int8_digits_twins,
+    int8_speed_candidates,
+    int8_twin,
+    int8_twins,
+)
 from .int8 import SPEED_CALIBRATION as INT8_CALIBRATION
 from .methods import METHODS, SpeedSetting
 from .profiles import get_profile
@@ -317,6 +324,15 @@ def _int8_digits(opts: BenchOptions, profile, epochs: int, artifacts: Path) -> l
     return int8_digits_rows(sparsities, epochs, artifacts)
 
 
+def _int8_digits_twins(opts: BenchOptions, profile, rows: list[Row], artifacts: Path) -> list[Row]:
+    """The structured and token digits-vit rows in INT8, when their speed rows are also timed in INT8."""
+    if not _int8_formats(opts, profile):
+        return []
+    print("      int8 twins of the vtp, head-channel and token-drop rows (QAT, every export checked)",
+          flush=True)
+    return int8_digits_twins(rows, artifacts, progress=opts.progress)
+
+
 def _combined_digits(opts: BenchOptions, profile, artifacts: Path) -> list[Row]:
     """The float combined recipe, then each INT8 recipe of the frontier, on digits-vit stage by stage."""
     schedule = opts.combined_schedule or profile.combined_schedule
@@ -399,6 +415,7 @@ def run_prune_and_bench(opts: BenchOptions) -> Path:
         rows += _head_channel_rows(opts, profile, epochs, artifacts)
         rows += _token_drop_rows(opts, profile, epochs, artifacts)
         rows += _int8_digits(opts, profile, epochs, artifacts)
+        rows += _int8_digits_twins(opts, profile, rows, artifacts)
         rows += _combined_digits(opts, profile, artifacts)
     samples = (
         profile.solver_timing_samples if opts.solver_timing_samples is None else opts.solver_timing_samples

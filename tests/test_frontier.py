@@ -42,7 +42,14 @@ def test_speed_rows_find_the_digits_row_of_the_same_setting() -> None:
     digits = Row("digits-vit", "combined", setting, top1=0.97, top1_seeds=[0.96, 0.97, 0.98])
     timed = Row(SPEED_MODEL, "combined", {**setting, "int8": "qdq"})
     assert setting_key(digits) == setting_key(timed)
-    assert setting_key(Row(SPEED_MODEL, "vtp", {"rate": 0.4, "multiple": 8, "int8": "qdq"})) is None
+    vtp = {"rate": 0.4, "multiple": 8}  # an INT8 twin in any format matches digits-vit's QAT twin only
+    twins = [Row(SPEED_MODEL, "vtp", {**vtp, "int8": form}) for form in ("qdq", "operator")]
+    assert setting_key(twins[0]) == setting_key(twins[1]) == setting_key(
+        Row("digits-vit", "vtp", {**vtp, "int8": "qat"})) != setting_key(Row("digits-vit", "vtp", vtp))
+    assert setting_key(Row(SPEED_MODEL, "token-drop", {"keep_rate": 0.7, "int8": "qdq"})) is None
+    tokens = {"mode": "fixed", "target_ratio": 0.65, "keep_rate": 0.61}  # digits-vit aims at a FLOPs ratio
+    assert setting_key(Row("digits-vit", "token-drop", {**tokens, "int8": "qat"})) == (
+        *setting_key(Row("digits-vit", "token-drop", tokens)), "int8")
     assert setting_key(Row(SPEED_MODEL, "int8", {"base": "dense", "format": "qdq"})) == setting_key(
         Row("digits-vit", "int8", {"base": "dense", "sparsity": 0.0, "pattern": "unstructured"}))
     assert top1_text(digits) == "97.00 ± 0.58 %" and top1_text(None) == "–"
