@@ -105,11 +105,6 @@ FRONTIER = (
     SPEED_RECIPE,
 )
 
-# the speed model's INT8 export check: with random weights, tokens dropped before block 1 and an INT8
-# patch embedding, torch's and ONNX's rounding (x·(1/s) against x/s) part by 0.13–0.16 in logits within
-# ±1.8 on deit_small, over the export's 0.1 default (the trained digits-vit model exports within it)
-SPEED_MODEL_QUANT_ATOL = 0.25
-
 
 def combined_digits_row(setting: CombinedSetting, schedule: StagedSchedule, seeds: int, artifacts,
                         progress: bool = False) -> Row:

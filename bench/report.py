@@ -372,7 +372,8 @@ def markdown_report(meta: dict[str, Any], rows: list[Row]) -> str:
         f"# prune-and-bench, profile `{meta['profile']}`",
         f"Run {meta['date']} on {meta['machine']} ({meta['cpu_cores']} cores), {meta['duration_s']:.0f} s. "
         f"Speed model weights: {weights}; its masks chosen by {meta.get('speed_method', 'magnitude')}. "
-        "All speeds come from this one run, engines timed in alternating blocks.",
+        "All speeds come from this one run, engines timed in alternating blocks."
+        + "".join(f" No {name} columns: {why}." for name, why in meta.get("engines_left_out", {}).items()),
         _best_dense_section(rows),
         "## Accuracy on digits-vit\n\nTop-1 on the held-out test split, one-shot (no fine-tune) and after "
         "the standard short distilled fine-tune with the masks fixed.\n\n" + sparsities

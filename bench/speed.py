@@ -10,7 +10,14 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
-from vitsparse.compiler import ExportConfig, Recipe, SelectFeatures, export_artifact, fold_for_export
+from vitsparse.compiler import (
+    ExportConfig,
+    ExportError,
+    Recipe,
+    SelectFeatures,
+    export_artifact,
+    fold_for_export,
+)
 from vitsparse.compiler.trace import example_input
 from vitsparse.runtime import check_engine_spec, compare_side_by_side, create_engine, parse_engine_spec
 
@@ -101,8 +108,15 @@ def _engine_onnx(cand: SpeedCandidate, engine: str, batch: int, default: Path, a
     if not overrides or not any(isinstance(m, SelectFeatures) for m in cand.graph.modules()):
         return default
     config = ExportConfig(batch_size=batch, **{**cand.export, **overrides})
-    target = artifacts / artifact_slug(cand.row, f"b{batch}-{engine}")
-    return export_artifact(cand.graph, cand.recipe, target, config, overwrite=True).directory / "model.onnx"
+    return _export(cand, artifacts / artifact_slug(cand.row, f"b{batch}-{engine}"), config) / "model.onnx"
+
+
+def _export(cand: SpeedCandidate, target: Path, config: ExportConfig) -> Path:
+    """The candidate exported to `target`; a failed export names the candidate and batch size."""
+    try:
+        return export_artifact(cand.graph, cand.recipe, target, config, overwrite=True).directory
+    except ExportError as err:
+        raise ExportError(f"{cand.row.label()} at batch {config.batch_size}: {err}") from err
 
 
 def is_dense_int8(row: Row) -> bool:
@@ -131,11 +145,11 @@ def _baseline_indices(candidates: list[SpeedCandidate]) -> list[int]:
 
 def _export_for_batch(cand: SpeedCandidate, batch: int, plan: TimingPlan, artifacts: Path) -> Path:
     """The candidate's ONNX file at `batch` (the first batch size's becomes the row's artifact)."""
-    result = export_artifact(cand.graph, cand.recipe, artifacts / artifact_slug(cand.row, f"b{batch}"),
-                             ExportConfig(batch_size=batch, **cand.export), overwrite=True)
+    directory = _export(cand, artifacts / artifact_slug(cand.row, f"b{batch}"),
+                        ExportConfig(batch_size=batch, **cand.export))
     if batch == plan.batch_sizes[0]:
-        cand.row.artifact = str(result.directory)
-    return result.directory / "model.onnx"
+        cand.row.artifact = str(directory)
+    return directory / "model.onnx"
 
 
 def _runners_for_group(candidates: list[SpeedCandidate], indices: list[int], batch: int, plan: TimingPlan,

@@ -25,7 +25,7 @@ from vitsparse.runtime import RuntimeInputError, check_engine_spec, engine_statu
 from .accuracy import MODEL as DIGITS
 from .accuracy import digits_rows
 from .combined import METHOD as COMBINED
-from .combined import SPEED_MODEL_QUANT_ATOL, CombinedSetting, combined_digits_row, combined_speed_graph
+from .combined import CombinedSetting, combined_digits_row, combined_speed_graph
 from .head_channels import METHOD as HEAD_CHANNELS
 from .head_channels import (
     HeadChannelSetting,
@@ -37,6 +37,7 @@ from .head_channels import (
 from .int8 import BASE as BASE_MASKS
 from .int8 import (
     FORMAT_ENGINES,
+    SPEED_MODEL_QUANT_ATOL,
     int8_digits_rows,
     int8_digits_twins,
     int8_speed_candidates,
@@ -69,6 +70,11 @@ def available_engines() -> tuple[str, ...]:
     columns = [e for e in RUNTIME_ENGINES if engine_status(e).available]
     columns += [c for c in PRECISION_COLUMNS if _runs_here(c)]
     return (*columns, TORCH)
+
+
+def engines_left_out() -> dict[str, str]:
+    """Each CPU engine that cannot run here, with the reason (DeepSparse on Python >= 3.12, say)."""
+    return {e: status.reason for e in RUNTIME_ENGINES if not (status := engine_status(e)).available}
 
 
 def _runs_here(column: str) -> bool:
@@ -264,6 +270,7 @@ def _meta(opts: BenchOptions, plan: TimingPlan, started: float) -> dict:
             "runners alternating across rounds",
         },
         "versions": {**library_versions(), **engine_versions()},
+        "engines_left_out": engines_left_out(),
         "python": platform.python_version(),
         "duration_s": time.perf_counter() - started,
     }
@@ -368,13 +375,14 @@ def _int8_speed(opts: BenchOptions, profile, model: torch.nn.Module, settings: t
     candidates = int8_speed_candidates(model, settings, calibration, _base(opts),
                                        lambda method, row_settings, manager: _costed_row(
                                            opts, method, row_settings, manager))
-    candidates += int8_twins(float_candidates, formats, calibration)
+    export = {"quant_atol": SPEED_MODEL_QUANT_ATOL}
+    candidates += int8_twins(float_candidates, formats, calibration, export)
     for setting in _frontier(opts, profile) if formats else ():
         manager = combined_speed_graph(model, setting, Recipe(base=_base(opts)))
         recipe = SpeedCandidate(_costed_row(opts, COMBINED, setting.settings(), manager),
                                 manager.graph_module, manager.recipe)
         candidates += [int8_twin(recipe, form, calibration, setting.quant_config(),
-                                 export={"quant_atol": SPEED_MODEL_QUANT_ATOL}) for form in formats]
+                                 export=export) for form in formats]
     return candidates
 
 
