@@ -6,12 +6,17 @@ keep the reference semantics: the Conv fast path covers only non-overlapping pat
 to the kernel, no padding, dilation or groups) and defers everything else to onnx's own code.
 The integer ops (INT8 exports) multiply in float64, which BLAS runs and which holds every
 UINT8×INT8 sum exactly (|sum| < 2^53), where onnx's integer matmul takes minutes for DeiT-S.
+
+QuantizeLinear and DequantizeLinear are here because onnx ≥ 1.15 (the only onnx on Python ≥ 3.12)
+implements them only from opset 19 while the exporter writes opset 14; one implementation of the
+opset-13 semantics on every onnx version keeps an export's tolerance meaning the same everywhere.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from onnx.reference.op_run import OpRun
 from onnx.reference.ops.op_conv import Conv as OnnxConv
 from onnx.reference.ops.op_conv_integer import ConvInteger as OnnxConvInteger
 from onnx.reference.ops.op_erf import Erf as OnnxErf
@@ -87,4 +92,38 @@ class ConvInteger(OnnxConvInteger):
         return (np.rint(out).astype(np.int32),)
 
 
-FAST_REFERENCE_OPS = [Conv, ConvInteger, Erf, MatMulInteger]
+def _along_axis(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    """A scale or zero point shaped to broadcast over an `ndim` tensor: a per-axis (1-D) one along
+    `axis` (ONNX's default 1), a scalar as it is."""
+    param = np.asarray(param)
+    if param.ndim != 1 or ndim == 0:
+        return param
+    shape = [1] * ndim
+    shape[(1 if axis is None else axis) % ndim] = param.size
+    return param.reshape(shape)
+
+
+class QuantizeLinear(OpRun):
+    """y = saturate(round_half_to_even(x / y_scale) + y_zero_point), in the zero point's type (UINT8
+    without one), per tensor or along `axis`."""
+
+    def _run(self, x, y_scale, y_zero_point=None, axis=None, **_ignored):  # type: ignore[override]
+        quantized = np.rint(x / _along_axis(y_scale, x.ndim, axis))
+        dtype = np.uint8 if y_zero_point is None else np.asarray(y_zero_point).dtype
+        if y_zero_point is not None:
+            quantized = quantized + _along_axis(y_zero_point, x.ndim, axis).astype(quantized.dtype)
+        limits = np.iinfo(dtype)
+        return (np.clip(quantized, limits.min, limits.max).astype(dtype),)
+
+
+class DequantizeLinear(OpRun):
+    """y = (x − x_zero_point) · x_scale in float32, per tensor or along `axis`."""
+
+    def _run(self, x, x_scale, x_zero_point=None, axis=None, **_ignored):  # type: ignore[override]
+        centred = x.astype(np.float32)
+        if x_zero_point is not None:
+            centred = centred - _along_axis(x_zero_point, x.ndim, axis).astype(np.float32)
+        return ((centred * _along_axis(x_scale, x.ndim, axis)).astype(np.float32),)
+
+
+FAST_REFERENCE_OPS = [Conv, ConvInteger, DequantizeLinear, Erf, MatMulInteger, QuantizeLinear]

@@ -187,6 +187,49 @@ def test_an_engine_refuses_an_int8_form_it_would_not_run_as_int8(tmp_path) -> No
         check_int8_support("onnxruntime", operator, "operator.onnx")
 
 
+def _qdq_model(opset: int):
+    """QuantizeLinear → DequantizeLinear per tensor (UINT8, with and without a zero point) and per
+    channel along axis 1 (INT8)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(1)
+    constants = {"s": np.array(0.5, np.float32), "zp": np.array(3, np.uint8),
+                 "sc": rng.uniform(0.01, 0.1, 6).astype(np.float32),
+                 "zpc": rng.integers(-4, 4, 6).astype(np.int8)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["dq"]),
+             helper.make_node("QuantizeLinear", ["x", "sc", "zpc"], ["qc"], axis=1),
+             helper.make_node("DequantizeLinear", ["qc", "sc", "zpc"], ["dqc"], axis=1),
+             helper.make_node("QuantizeLinear", ["x", "s"], ["qu"])]
+    outputs = [("q", TensorProto.UINT8), ("dq", TensorProto.FLOAT), ("qc", TensorProto.INT8),
+               ("dqc", TensorProto.FLOAT), ("qu", TensorProto.UINT8)]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info(n, t, None) for n, t in outputs],
+                              [numpy_helper.from_array(v, k) for k, v in constants.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_own_quantize_and_dequantize_equal_onnx_s_at_the_opset_every_onnx_implements() -> None:
+    """The verifier's Q/DQ (exports write opset 14, which onnx >= 1.15 no longer runs) give onnx's own
+    results at opset 19, per tensor and per channel, UINT8 and INT8, saturating."""
+    x = (np.random.default_rng(2).standard_normal((2, 6, 5)) * 3).astype(np.float32)
+    model = _qdq_model(19)
+    ours = ReferenceEvaluator(model, new_ops=FAST_REFERENCE_OPS).run(None, {"x": x})
+    theirs = ReferenceEvaluator(model).run(None, {"x": x})
+    for mine, onnx_own in zip(ours, theirs, strict=True):
+        assert mine.dtype == onnx_own.dtype and np.array_equal(mine, onnx_own)
+    assert ours[4].min() == 0 and ours[2].max() == 127  # saturated
+
+
+def test_own_quantize_rounds_ties_to_even_before_the_zero_point() -> None:
+    """ONNX's QuantizeLinear (and torch's fake quantization, ONNX Runtime's kernel) round x / scale half
+    to even, then add the zero point; onnx 1.14's reference evaluator added it first and rounded
+    half up, so its verification differed from onnx >= 1.15's at ties. Ours is the specification's."""
+    x = np.array([[[0.25], [0.75], [-1.25], [1.25], [0.0], [0.5]]], np.float32)  # x / 0.5: ±k + 0.5
+    q = ReferenceEvaluator(_qdq_model(14), new_ops=FAST_REFERENCE_OPS).run(["q"], {"x": x})[0]
+    assert q.ravel().tolist() == [3, 5, 1, 5, 3, 4]  # 0.5→0, 1.5→2, -2.5→-2, 2.5→2, 0→0, 1→1; plus 3
+
+
 def test_the_fast_integer_reference_ops_equal_onnx_s_own() -> None:
     from onnx import TensorProto, helper
 
