@@ -1,6 +1,8 @@
 # Two commands do everything on a fresh machine: `make test` and `make prune-and-bench`.
+# PYTHON picks the interpreter, VENV its virtualenv (one per interpreter, e.g.
+# `make test PYTHON=python3.13 VENV=.venv-3.13`).
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROFILE ?= default
