@@ -10,7 +10,7 @@ from vitsparse.bench import speed
 from vitsparse.bench.report import int8_speed_table
 from vitsparse.bench.schema import Row, SpeedEntry
 from vitsparse.bench.speed import SpeedCandidate, TimingPlan, measure_speed, timing_groups
-from vitsparse.compiler import Recipe, trace
+from vitsparse.compiler import ExportError, Recipe, trace
 from vitsparse.models import build_model
 from vitsparse.runtime import BenchmarkResult
 
@@ -84,3 +84,14 @@ def test_without_a_dense_int8_baseline_there_is_no_int8_speed_up() -> None:
     entry = _entry("deepsparse", 2.0)
     speed._fill_speedups([Row("deit", "dense", speed=[_entry("torch", 20.0)])], [entry])
     assert entry.speedup_vs_ort_int8 is None and entry.speedup_vs_dense_torch == pytest.approx(10.0)
+
+
+def test_a_failed_export_names_its_candidate_and_batch(tmp_path: Path) -> None:
+    """A run of dozens of candidates says which one's export failed, not only by how much."""
+    candidate = _candidates()[2]
+    candidate.export = {"atol": -1.0}  # every difference exceeds it
+    plan = TimingPlan(batch_sizes=(2,), engines=("onnxruntime",), rounds=1, seconds_per_block=0.01,
+                      num_cores=1)
+    with pytest.raises(ExportError, match=r"magnitude\(sparsity=0.5\) at batch 2: .*differs"):
+        speed._export_for_batch(candidate, 2, plan, tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing half-written
