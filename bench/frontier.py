@@ -23,6 +23,11 @@ DENSE, COMBINED, INT8, TORCH = "dense", "combined", "int8", "torch"
 MASK_METHODS = ("magnitude", "obs-layerwise", "obs-fisher")
 
 
+def float_form(row: Row) -> Row:
+    """An INT8 twin's row as its float model's: the same settings without `int8`."""
+    return replace(row, settings={k: v for k, v in row.settings.items() if k != INT8})
+
+
 def setting_key(row: Row) -> tuple | None:
     """What makes two rows the same setting across models; None where no digits-vit row can match."""
     settings = row.settings
@@ -31,7 +36,7 @@ def setting_key(row: Row) -> tuple | None:
     if row.method == COMBINED:
         return (COMBINED, combined_setting_label(settings))
     if "int8" in settings:  # an INT8 twin (the speed model's format, or digits-vit's "qat")
-        float_key = setting_key(replace(row, settings={k: v for k, v in settings.items() if k != "int8"}))
+        float_key = setting_key(float_form(row))
         return None if float_key is None else (*float_key, INT8)
     if row.method in MASK_METHODS:
         return (row.method, settings.get("sparsity"), settings.get("pattern", "unstructured"))

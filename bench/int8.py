@@ -105,15 +105,12 @@ def _logits(engine_name: str, directory: Path, images: torch.Tensor) -> np.ndarr
     return np.concatenate([engine.run([image[None].numpy()])[0] for image in images])
 
 
-def _agreement_reference(graph: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
+def verify_formats(graph: torch.nn.Module, recipe: Recipe, images: torch.Tensor, artifacts: Path,
+                   slug: str) -> dict[str, dict[str, float | str]]:
+    """Each format's export of the fake-quantized `graph` run on every engine that runs it as INT8 over
+    `images`, against `graph`'s own logits."""
     with torch.no_grad():
-        return graph.eval()(images).numpy()
-
-
-def verify_formats(graph: torch.nn.Module, recipe: Recipe, reference: np.ndarray, images: torch.Tensor,
-                   artifacts: Path, slug: str) -> dict[str, dict[str, float | str]]:
-    """Each format's export run on every engine that runs it as INT8 over `images`, against `reference`
-    logits (the float model it came from, or the fake-quantized torch model itself)."""
+        reference = graph.eval()(images).numpy()
     checks, exported = {}, {}
     for key, (form, engine_name) in VERIFICATIONS.items():
         if not engine_status(engine_name).available:
@@ -156,8 +153,7 @@ def _int8_row(method: str, settings: dict, result: _Quantized, images: torch.Ten
     row = make_row(method, settings, result.tuned, result.top1, result.post_training)
     row.calibration_samples = result.calibration_samples
     slug = artifact_slug(row)
-    row.verification = verify_formats(result.tuned, result.recipe, _agreement_reference(result.tuned, images),
-                                      images, artifacts, slug)
+    row.verification = verify_formats(result.tuned, result.recipe, images, artifacts, slug)
     row.artifact = str(artifacts / f"{slug}-qdq")
     return row
 

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .frontier import digits_top1, frontier_table, mean_and_error, plot_pareto, setting_key, top1_text
+from .frontier import (
+    digits_top1,
+    float_form,
+    frontier_table,
+    mean_and_error,
+    plot_pareto,
+    setting_key,
+    top1_text,
+)
 from .labels import combined_setting_label
 from .plotting import pyplot, save_figure
 from .schema import Row, results_document
@@ -270,12 +277,10 @@ def _float_counterpart(row: Row, accuracy: dict[tuple, Row]) -> Row | None:
     """The float digits-vit row an INT8 row was quantized from: its twin's float row, or the dense or
     masked row of the INT8 method's base."""
     if row.method != INT8:
-        return accuracy.get(setting_key(replace(row, settings={k: v for k, v in row.settings.items()
-                                                              if k != INT8})) or ())
+        return accuracy.get(setting_key(float_form(row)) or ())
     base = row.settings.get("base")
-    if base == DENSE:
-        return accuracy.get((DENSE,))
-    return accuracy.get((base, row.settings.get("sparsity"), row.settings.get("pattern", "unstructured")))
+    masks = {k: row.settings[k] for k in ("sparsity", "pattern") if k in row.settings}
+    return accuracy.get(setting_key(Row(row.model, base, {} if base == DENSE else masks)) or ())
 
 
 def int8_table(rows: list[Row]) -> str:

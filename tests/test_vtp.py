@@ -267,7 +267,7 @@ def test_sliced_and_masked_model_exports_and_runs_on_every_engine(tmp_path) -> N
     assert transposes["gather"] - transposes["gather-last"] == 2 * selections
 
 
-@pytest.mark.skipif("deepsparse" not in AVAILABLE, reason="DeepSparse 1.8 installs only on Python < 3.12")
+@pytest.mark.skipif("deepsparse" not in AVAILABLE, reason=engine_status("deepsparse").reason)
 def test_deepsparse_refuses_sparse_weights_at_widths_it_gets_wrong(tmp_path) -> None:
     """Masking after slicing in 8s leaves sparse weights with e.g. 120 inputs, which DeepSparse 1.8
     multiplies wrongly: the engine refuses them instead of returning wrong numbers."""
