@@ -29,6 +29,11 @@ DEVICE = "CPU"
 INT8_PRECISIONS = ("u8", "i8")  # runtimePrecision values of an operation computing in 8-bit integers
 # precision name -> (OpenVINO's hint value, the CPU capability it needs, or None)
 PRECISION_HINTS: dict[str, tuple[str, str | None]] = {"f32": ("f32", None), "bf16": ("bf16", "BF16")}
+# OpenVINO pins a compiled model's threads to cores by default on Linux. With several compiled models in
+# one process (a side-by-side timing, a server with replicas), a model then ran in one of two modes,
+# chosen by which model ran before it: DeiT-S VTP 40 % INT8 at batch 16 took 163 or 225 ms, dense INT8
+# 240 or 290 ms, for whole blocks of calls on a 2-core VM. Unpinned, every call took the fast time.
+UNPINNED = {"ENABLE_CPU_PINNING": False}
 
 
 def _import_openvino():
@@ -82,7 +87,7 @@ class OpenVinoEngine(Engine):
         self._effective = self._compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
     def _config(self) -> dict[str, object]:
-        """The compile hints: precision, latency (one stream) or throughput mode, thread count."""
+        """The compile hints: precision, latency (one stream) or throughput mode, thread count, no pinning."""
         config: dict[str, object] = {}
         config["INFERENCE_PRECISION_HINT"] = PRECISION_HINTS[self.precision or "f32"][0]
         if self.num_streams == 1:
@@ -91,6 +96,7 @@ class OpenVinoEngine(Engine):
             config.update(PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS=str(self.num_streams))
         if self.num_cores:
             config["INFERENCE_NUM_THREADS"] = self.num_cores
+        config.update(UNPINNED)
         return config
 
     @property

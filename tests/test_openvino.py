@@ -71,6 +71,14 @@ def test_without_a_precision_it_runs_f32_even_where_the_cpu_has_bf16(tmp_path) -
     np.testing.assert_allclose(engine.run([IMAGES[:2].numpy()])[0], expected, atol=F32_ATOL, rtol=0)
 
 
+def test_threads_are_not_pinned_so_models_in_one_process_do_not_collide(tmp_path) -> None:
+    """Pinned, a model's speed depended on which compiled model ran before it (see UNPINNED)."""
+    path, _ = _export(tmp_path)
+    for streams in (1, 2):
+        engine = create_engine("openvino", path, batch_size=2, num_streams=streams)
+        assert engine._compiled.get_property("ENABLE_CPU_PINNING") is False
+
+
 def test_a_qdq_file_runs_in_int8_within_its_tolerance(tmp_path) -> None:
     path, expected = _export(tmp_path, quantize=True)
     engine = create_engine("openvino", path, batch_size=2, num_cores=1, precision="f32")
