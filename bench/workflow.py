@@ -61,6 +61,7 @@ from .vtp import VtpSetting, vtp_digits_rows, vtp_speed_graph
 ENGINES = (*RUNTIME_ENGINES, TORCH)  # the CPU engines plus dense PyTorch as the baseline
 PRECISION_COLUMNS = ("openvino:bf16",)  # timed beside the f32 columns where the CPU can run them
 SOLVER_TIMING_SPARSITY = 0.75
+SPEED_MODEL_SEED = 0  # the speed model's random weights: one model across runs, whatever ran before
 SPEED_CALIBRATION_IMAGES = 128  # for a data-aware --speed-method when solver timing is skipped
 
 
@@ -174,9 +175,13 @@ def _costed_row(opts: BenchOptions, method: str, settings: dict, manager: PassMa
 
 
 def _speed_model(opts: BenchOptions) -> torch.nn.Module:
-    return build_model(
-        opts.model, pretrained=opts.pretrained, checkpoint=opts.checkpoint, **opts.model_kwargs
-    )
+    """The model timed; random weights come from `SPEED_MODEL_SEED`, so every run times the same one
+    (OpenVINO's INT8 coverage and VTP's kept dimensions depend on the weights)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SPEED_MODEL_SEED)
+        return build_model(
+            opts.model, pretrained=opts.pretrained, checkpoint=opts.checkpoint, **opts.model_kwargs
+        )
 
 
 def _speed_candidates(
@@ -250,7 +255,7 @@ def _solver_rows(opts: BenchOptions, model: torch.nn.Module, calibration, sample
 
 
 def _meta(opts: BenchOptions, plan: TimingPlan, started: float) -> dict:
-    weights = opts.checkpoint or ("pretrained" if opts.pretrained else "random")
+    weights = opts.checkpoint or ("pretrained" if opts.pretrained else f"random (seed {SPEED_MODEL_SEED})")
     return {
         "profile": opts.profile,
         "date": dt.datetime.now().isoformat(timespec="seconds"),

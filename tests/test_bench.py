@@ -47,7 +47,7 @@ def run_dir(tmp_path_factory) -> Path:
 def test_results_follow_the_schema(run_dir: Path) -> None:
     doc = json.loads((run_dir / "results.json").read_text())
     assert doc["schema"] == 9 and doc["meta"]["profile"] == "default"
-    assert doc["meta"]["speed_weights"] == "random"
+    assert doc["meta"]["speed_weights"] == "random (seed 0)"
     keys = {"model", "method", "settings", "top1", "top1_oneshot", "top1_sparse_trained", "top1_seeds",
             "macs", "attention_macs", "params", "nonzero_params", "prune_seconds", "calibration_samples",
             "artifact", "speed"}

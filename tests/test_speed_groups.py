@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from vitsparse.bench import speed
 from vitsparse.bench.report import int8_speed_table
 from vitsparse.bench.schema import Row, SpeedEntry
 from vitsparse.bench.speed import SpeedCandidate, TimingPlan, measure_speed, timing_groups
+from vitsparse.bench.workflow import BenchOptions, _speed_model
 from vitsparse.compiler import ExportError, Recipe, trace
 from vitsparse.models import build_model
 from vitsparse.runtime import BenchmarkResult
@@ -95,3 +97,15 @@ def test_a_failed_export_names_its_candidate_and_batch(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match=r"magnitude\(sparsity=0.5\) at batch 2: .*differs"):
         speed._export_for_batch(candidate, 2, plan, tmp_path)
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_the_speed_model_is_the_same_in_every_run_whatever_ran_before() -> None:
+    opts = BenchOptions(model="digits-vit", engines=(speed.TORCH,))
+    torch.manual_seed(1)
+    first = _speed_model(opts).state_dict()
+    torch.manual_seed(2)
+    torch.rand(100)  # an earlier stage drew from the global generator
+    state = torch.random.get_rng_state()
+    second = _speed_model(opts).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's generator is left as it was
