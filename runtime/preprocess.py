@@ -3,7 +3,9 @@
 timm evaluates a model by resizing the shorter side to floor(size / crop_pct) (PIL, the model's
 interpolation), centre-cropping to the input size, scaling to [0, 1] and normalising by mean/std;
 `Preprocessing.apply` repeats those steps on the same PIL calls, so a served model sees the pixels
-its top-1 was measured on. Decoding refuses non-images, truncated files and decompression bombs.
+its top-1 was measured on. Decoding serves JPEG and PNG only, and refuses other formats, non-images,
+corrupt files, decompression bombs and extreme aspect ratios before any pixel is decoded, so what a
+request can allocate is bounded by the pixel limit and, after resizing, by the model's input size.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import RuntimeInputError
+from .errors import RuntimeInputError, first_line
 
 INTERPOLATIONS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
                   "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
@@ -26,6 +29,14 @@ CROP_MODES = ("center", "squash")
 REQUIRED_FIELDS = ("input_size", "interpolation", "crop_pct", "mean", "std")
 IMAGE_MODES = {1: "L", 3: "RGB"}
 DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to ~120 MB of RGB; more is refused
+# longest side over shortest: resizing the shorter side to the model's keeps the ratio, so a 1x5,000,000
+# PNG (10 KB) would become 224 x 1.1e9 pixels; 20:1 bounds the resized image at 20 model inputs
+MAX_ASPECT_RATIO = 20
+SERVED_FORMATS = {"JPEG": (b"\xff\xd8\xff",), "PNG": (b"\x89PNG\r\n\x1a\n",)}
+# formats Pillow could decode that are refused with 415 (by their leading bytes), to say what was sent
+OTHER_FORMATS = {"GIF": (b"GIF87a", b"GIF89a"), "BMP": (b"BM",), "TIFF": (b"II*\x00", b"MM\x00*"),
+                 "WebP": (b"RIFF",), "ICO": (b"\x00\x00\x01\x00",)}
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grey PNGs open in one of these
 
 
 class PreprocessingError(RuntimeInputError):
@@ -38,6 +49,10 @@ class ImageError(RuntimeInputError):
 
 class ImageTooLargeError(ImageError):
     """An image whose declared size is over the pixel limit (a decompression bomb, or just too big)."""
+
+
+class UnsupportedImageFormatError(ImageError):
+    """An image in a format the server does not serve (it serves JPEG and PNG)."""
 
 
 @dataclass(frozen=True)
@@ -54,12 +69,14 @@ class Preprocessing:
     @classmethod
     def from_meta(cls, meta: Mapping[str, object]) -> Preprocessing:
         """Read meta.json's `preprocessing`; PreprocessingError names a missing or unusable field."""
-        missing = [key for key in REQUIRED_FIELDS if key not in meta]
+        if not isinstance(meta, Mapping):
+            raise PreprocessingError(f"preprocessing must be an object, got {type(meta).__name__}")
+        missing = [key for key in REQUIRED_FIELDS if meta.get(key) is None]
         if missing:
             raise PreprocessingError(f"preprocessing lacks {', '.join(missing)}")
-        prep = cls(tuple(int(d) for d in meta["input_size"]), str(meta["interpolation"]),
-                   float(meta["crop_pct"]), str(meta.get("crop_mode") or "center"),
-                   tuple(float(v) for v in meta["mean"]), tuple(float(v) for v in meta["std"]))
+        prep = cls(_numbers(meta, "input_size", int), _text(meta, "interpolation"),
+                   _numbers(meta, "crop_pct", float, listed=False), _text(meta, "crop_mode", "center"),
+                   _numbers(meta, "mean", float), _numbers(meta, "std", float))
         prep.check()
         return prep
 
@@ -85,7 +102,8 @@ class Preprocessing:
     def apply(self, image: Image.Image) -> np.ndarray:
         """(C, H, W) float32: converted, resized, centre-cropped, scaled to [0, 1] and normalised."""
         channels, height, width = self.input_size
-        image = image.convert(IMAGE_MODES[channels])
+        check_aspect_ratio(*image.size)
+        image = _converted(image, IMAGE_MODES[channels])
         resample = INTERPOLATIONS[self.interpolation]
         if self.crop_mode == "squash":
             size = (math.floor(width / self.crop_pct), math.floor(height / self.crop_pct))
@@ -101,27 +119,97 @@ class Preprocessing:
         return np.ascontiguousarray((pixels - mean) / std, dtype=np.float32)
 
 
+def _numbers(meta: Mapping[str, object], key: str, kind: type, listed: bool = True) -> Any:
+    """meta[key]: a list of `kind` (int: whole numbers only), or one float when not `listed`."""
+    value = meta[key]
+    sequence = isinstance(value, (list, tuple))
+    values = value if listed and sequence else [value]
+    if listed != sequence or not values or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and (kind is float or v == int(v)) for v in values):
+        what = {(True, int): "a list of whole numbers", (True, float): "a list of finite numbers"}.get(
+            (listed, kind), "a finite number")
+        raise PreprocessingError(f"preprocessing {key} must be {what}, got {value!r}"[:200])
+    converted = tuple(kind(v) for v in values)
+    return converted if listed else converted[0]
+
+
+def _text(meta: Mapping[str, object], key: str, default: str | None = None) -> str:
+    value = meta.get(key) or default
+    if not isinstance(value, str):
+        raise PreprocessingError(f"preprocessing {key} must be a string, got {value!r}"[:200])
+    return value
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """A fully decoded PIL image, or ImageError saying why not (checked before decoding the pixels)."""
-    if not data:
-        raise ImageError("the request body is empty: send the image file's bytes")
+    """A fully decoded JPEG or PNG, or ImageError saying why not (size and shape are checked from the
+    header, before any pixel is decoded)."""
+    image = _open_header(data)
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"the image declares {width}x{height} pixels, over the limit of "
+                                 f"{max_pixels:,}")
+    check_aspect_ratio(width, height)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))  # reads the header only
-        except UnidentifiedImageError:
-            raise ImageError("the body is not an image Pillow can read (send JPEG or PNG bytes)") from None
+            image.load()
+        except MemoryError:
+            raise
+        except Exception as exc:  # Pillow raises many kinds on corrupt data: each is the client's file
+            raise ImageError(f"the {image.format} data is truncated or corrupt: {first_line(exc)}") from None
+    return image
+
+
+def check_aspect_ratio(width: int, height: int) -> None:
+    """ImageError for an empty image or one over MAX_ASPECT_RATIO:1 (its resized copy would be huge)."""
+    if min(width, height) < 1:
+        raise ImageError(f"the image is {width}x{height} pixels: it has no pixels")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageError(f"the image is {width}x{height} pixels, longer than {MAX_ASPECT_RATIO}:1; crop it "
+                         f"closer to the model's square input first")
+
+
+def _open_header(data: bytes) -> Image.Image:
+    """The image opened (its header read) if `data` is a JPEG or PNG file."""
+    if not data:
+        raise ImageError("the request body is empty: send the image file's bytes")
+    served = _format_of(data, SERVED_FORMATS)
+    if served is None:
+        other = _format_of(data, OTHER_FORMATS)
+        if other is not None and (other != "WebP" or data[8:12] == b"WEBP"):
+            raise UnsupportedImageFormatError(f"{other} images are not served: send JPEG or PNG")
+        raise ImageError("the body is not an image: send JPEG or PNG bytes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(io.BytesIO(data), formats=[served])
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageTooLargeError(f"the image declares too many pixels to decode ({exc})") from None
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ImageTooLargeError(f"the image declares {width}x{height} pixels, over the limit of "
-                                     f"{max_pixels:,}")
-        try:
-            image.load()
-        except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
-            raise ImageError(f"the {image.format or 'image'} data is truncated or corrupt: {exc}") from None
-    return image
+        except UnidentifiedImageError:
+            raise ImageError(f"the {served} header is damaged or cut short") from None
+        except MemoryError:
+            raise
+        except Exception as exc:  # a damaged header: Pillow raises OSError, SyntaxError, ValueError, ...
+            raise ImageError(f"the {served} header is damaged: {first_line(exc)}") from None
+
+
+def _format_of(data: bytes, signatures: Mapping[str, tuple[bytes, ...]]) -> str | None:
+    return next((name for name, starts in signatures.items() if data.startswith(starts)), None)
+
+
+def _converted(image: Image.Image, mode: str) -> Image.Image:
+    """`image` in `mode`; 16-bit grey is scaled to 8 bits (Pillow's own convert would clip it at 255)."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        grey = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        image = Image.fromarray(((grey * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    try:
+        return image.convert(mode)
+    except MemoryError:
+        raise
+    except Exception as exc:  # a mode Pillow cannot convert (a LAB or CMYK oddity)
+        raise ImageError(f"the image's {image.mode} pixels cannot be converted to {mode}: "
+                         f"{first_line(exc)}") from None
 
 
 def _shorter_side_size(size: tuple[int, int], shorter: int) -> tuple[int, int]:
