@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 
 from .artifact import load_artifact, parse_artifact_spec
@@ -16,6 +17,8 @@ from .availability import ENGINES, default_engine
 from .metrics import ServerMetrics
 from .preprocess import DEFAULT_MAX_PIXELS
 from .server import ServeConfig, ServeConfigError, build_models, create_app
+
+MAX_BODY_MB = 1024.0  # a body is held in memory whole: more than this is a typo, not a setting
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
@@ -58,8 +61,12 @@ def configure_serve_parser(parser: argparse.ArgumentParser) -> None:
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     """The ServeConfig the flags describe."""
-    if args.max_body_mb <= 0:
-        raise ServeConfigError(f"--max-body-mb must be positive, got {args.max_body_mb}")
+    if not math.isfinite(args.max_body_mb) or not 0 < args.max_body_mb <= MAX_BODY_MB:
+        raise ServeConfigError(f"--max-body-mb must be a number in (0, {MAX_BODY_MB:g}], got "
+                               f"{args.max_body_mb}")
+    if not math.isfinite(args.graceful_timeout) or args.graceful_timeout < 0:
+        raise ServeConfigError(f"--graceful-timeout must be a number of seconds >= 0, got "
+                               f"{args.graceful_timeout}")
     return ServeConfig(engine=args.engine or default_engine(), batch_sizes=args.batch_sizes,
                        max_delay_ms=args.max_delay_ms, num_cores=args.num_cores,
                        num_streams=args.num_streams, precision=args.precision, max_queue=args.max_queue,

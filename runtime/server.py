@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import email.parser
+import email.policy
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,15 +32,24 @@ from .artifact import Artifact, ArtifactError
 from .batcher import BatcherClosedError, DynamicBatcher, QueueFullError
 from .engine import Engine
 from .engines import create_engine
-from .errors import BatchSizeError, EngineLoadError, RuntimeInputError
+from .errors import BatchSizeError, EngineLoadError, RuntimeInputError, first_line
 from .metrics import ServerMetrics
-from .preprocess import DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, decode_image
+from .preprocess import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    ImageTooLargeError,
+    UnsupportedImageFormatError,
+    decode_image,
+)
 
 LOG = logging.getLogger("vitsparse.serve")
 SERVER_NAME = "vitsparse"
 DATATYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64,
              "INT32": np.int32, "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
 RETRY_AFTER_SECONDS = 1
+TOP_K = re.compile(r"[0-9]{1,4}")  # ASCII digits only: str.isdigit() also takes '²' and '٣'
+ECHOED_CHARACTERS = 64  # a client's model name or path is cut to this in error messages
+JSON_TYPES = re.compile(r"application/(?:[\w.+-]+\+)?json", re.ASCII)
 
 
 class ServeConfigError(RuntimeInputError):
@@ -67,9 +79,10 @@ class ServeConfig:
             raise ServeConfigError(f"batch sizes repeat: {list(sizes)}")
         if not math.isfinite(self.max_delay_ms) or self.max_delay_ms < 0:
             raise ServeConfigError(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
-        for name in ("num_streams", "max_queue", "max_body_bytes", "max_image_pixels", "top_k"):
-            if getattr(self, name) < 1:
-                raise ServeConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_streams", "max_queue", "max_body_bytes", "max_image_pixels", "top_k", "num_cores"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ServeConfigError(f"{name} must be an integer >= 1, got {value!r}")
         if self.max_queue < max(sizes):
             raise ServeConfigError(f"max_queue {self.max_queue} is below the largest batch size {max(sizes)}")
 
@@ -192,9 +205,8 @@ def create_app(models: Sequence[ServedModel], config: ServeConfig,
 
     def model_of(request: Request) -> ServedModel:
         name = request.path_params["name"]
-        if name not in by_name:
-            raise HTTPError(404, f"unknown model {name!r}; this server has {', '.join(sorted(by_name))}",
-                            "unknown_model")
+        if name not in by_name:  # the names are listed at /v2/models/{name} of each, not echoed here
+            raise HTTPError(404, f"unknown model {_echo(name)}", "unknown_model")
         return by_name[name]
 
     async def live(request: Request) -> Response:
@@ -216,8 +228,10 @@ def create_app(models: Sequence[ServedModel], config: ServeConfig,
 
     async def infer(request: Request) -> Response:
         model = model_of(request)
+        _require_json(request)
         body = await _read_body(request, config.max_body_bytes)
-        request_id, items, wanted = await run_in_threadpool(_parse_infer, body, model)
+        request_id, items, wanted = await _in_worker(_parse_infer, body, model)
+        del body
         outputs = await _submit(model, items)
         tensors = [{"name": n, "datatype": _v2_datatype(o.dtype), "shape": list(o.shape),
                     "data": o.reshape(-1).tolist()} for n, o in zip(model.output_names, outputs, strict=True)
@@ -231,7 +245,9 @@ def create_app(models: Sequence[ServedModel], config: ServeConfig,
         model = model_of(request)
         top_k = _top_k(request, config.top_k)
         body = await _read_body(request, config.max_body_bytes)
-        pixels = await run_in_threadpool(_preprocess, body, model, config.max_image_pixels)
+        pixels = await _in_worker(_preprocess, body, request.headers.get("content-type", ""), model,
+                                  config.max_image_pixels)
+        del body
         logits = (await _submit(model, pixels[None]))[0][0]
         return JSONResponse({"model_name": model.name, "predictions": _top_predictions(logits, model, top_k)})
 
@@ -263,10 +279,11 @@ def create_app(models: Sequence[ServedModel], config: ServeConfig,
     async def http_exception(request: Request, exc: HTTPException) -> Response:
         metrics.requests.inc(route="other", status=exc.status_code)
         metrics.errors.inc(route="other", status=exc.status_code, error="no_route")
-        return JSONResponse({"error": f"{request.method} {request.url.path}: {exc.detail}"},
+        return JSONResponse({"error": f"{request.method} {_echo(request.url.path)}: {exc.detail}"},
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_exception})
+    app.router.redirect_slashes = False  # its redirect builds Location from the client's Host header
     app.state.models, app.state.metrics = by_name, metrics  # for embedding applications and tests
     return app
 
@@ -320,12 +337,54 @@ async def _submit(model: ServedModel, items: np.ndarray) -> list[np.ndarray]:
         raise HTTPError(503, str(exc), "shutting_down", {"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
 
 
+async def _in_worker(function: Callable, *args: object):
+    """`function(*args)` in the thread pool. An HTTPError comes back as a fresh one: the raised one's
+    traceback (and the one it replaced, kept as its context) holds the worker's frames, and with them the
+    request body and its parsed arrays, in a reference cycle only the garbage collector would break."""
+    result = await run_in_threadpool(_returning_errors, function, *args)
+    if isinstance(result, _Refusal):
+        raise HTTPError(result.status, result.message, result.kind, result.headers)
+    return result
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    status: int
+    message: str
+    kind: str
+    headers: dict[str, str]
+
+
+def _returning_errors(function: Callable, *args: object):
+    try:
+        return function(*args)
+    except HTTPError as exc:
+        refusal = _Refusal(exc.status, exc.message, exc.kind, exc.headers)
+    return refusal  # outside the except block: nothing here refers to the exception any more
+
+
+def _echo(text: str) -> str:
+    """Client text quoted for an error message, cut to ECHOED_CHARACTERS."""
+    cut = text[:ECHOED_CHARACTERS]
+    return repr(cut) + ("..." if len(text) > ECHOED_CHARACTERS else "")
+
+
+def _require_json(request: Request) -> None:
+    """415 for a body declared as anything but JSON (no Content-Type is taken as JSON)."""
+    declared = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if declared and not JSON_TYPES.fullmatch(declared):
+        raise HTTPError(415, f"the body must be JSON (Content-Type: application/json), got {_echo(declared)}",
+                        "bad_content_type")
+
+
 def _parse_infer(body: bytes, model: ServedModel) -> tuple[object, np.ndarray, set[str] | None]:
     """A v2 infer request's id, its one input as an array of the compiled shape, and the outputs asked."""
     try:
         request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HTTPError(400, f"the body is not valid JSON: {exc}", "bad_json") from None
+    except RecursionError:
+        raise HTTPError(400, "the body is not usable JSON: it nests too deep", "bad_json") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, or an integer over 4,300 digits
+        raise HTTPError(400, f"the body is not valid JSON: {first_line(exc, 200)}", "bad_json") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise HTTPError(400, 'the body must be a JSON object with an "inputs" list', "bad_request")
     spec = model.input_spec
@@ -333,60 +392,135 @@ def _parse_infer(body: bytes, model: ServedModel) -> tuple[object, np.ndarray, s
         raise HTTPError(400, f"model {model.name!r} takes exactly one input, {spec.name!r}", "bad_request")
     tensor = request["inputs"][0]
     if tensor.get("name", spec.name) != spec.name:
-        raise HTTPError(400, f"unknown input {tensor.get('name')!r}; the model's input is {spec.name!r}",
-                        "bad_input")
+        raise HTTPError(400, f"unknown input {_echo(str(tensor.get('name')))}; the model's input is "
+                             f"{spec.name!r}", "bad_input")
     items = _tensor_array(tensor, spec, model.batcher.max_batch)
-    wanted = request.get("outputs")
-    if wanted is not None:
-        if not isinstance(wanted, list) or not all(isinstance(o, dict) and "name" in o for o in wanted):
-            raise HTTPError(400, '"outputs" must be a list of {"name": ...} objects', "bad_request")
-        names = set(model.output_names)
-        unknown = sorted({o["name"] for o in wanted} - names)
-        if unknown:
-            raise HTTPError(400, f"unknown output(s) {unknown}; the model has {sorted(names)}", "bad_input")
-        wanted = {o["name"] for o in wanted}
-    return request.get("id"), items, wanted
+    return request.get("id"), items, _wanted_outputs(request.get("outputs"), model.output_names)
+
+
+def _wanted_outputs(wanted: object, names: list[str]) -> set[str] | None:
+    """The output names a request's "outputs" asks for (None: all)."""
+    if wanted is None:
+        return None
+    if not isinstance(wanted, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                                               for o in wanted):
+        raise HTTPError(400, '"outputs" must be a list of {"name": "..."} objects', "bad_request")
+    asked = {o["name"] for o in wanted}
+    unknown = sorted(asked - set(names))
+    if unknown:
+        shown = [name[:ECHOED_CHARACTERS] for name in unknown[:5]]
+        raise HTTPError(400, f"unknown output(s) {shown}; the model has {sorted(names)}", "bad_input")
+    return asked
 
 
 def _tensor_array(tensor: dict, spec, max_batch: int) -> np.ndarray:
     """A v2 input tensor (shape, datatype, row-major data) checked against the model's input."""
     expected = _v2_datatype(spec.dtype)
     if tensor.get("datatype") != expected:
-        raise HTTPError(400, f"input {spec.name!r} has datatype {expected}, got {tensor.get('datatype')!r}",
-                        "bad_input")
+        raise HTTPError(400, f"input {spec.name!r} has datatype {expected}, got "
+                             f"{_echo(str(tensor.get('datatype')))}", "bad_input")
     shape = tensor.get("shape")
     want = [d for d in spec.shape[1:]]
     if (not isinstance(shape, list) or len(shape) != len(spec.shape)
             or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
             or list(shape[1:]) != want or not 1 <= shape[0] <= max_batch):
         raise HTTPError(400, f"input {spec.name!r} must have shape [n, {', '.join(map(str, want))}] with "
-                             f"1 <= n <= {max_batch}, got {shape!r}", "bad_shape")
-    try:
-        data = np.asarray(tensor.get("data"), dtype=spec.dtype)
-    except (TypeError, ValueError):
-        raise HTTPError(400, f"input {spec.name!r}: data must be numbers ({expected})", "bad_input") from None
-    if data.size != math.prod(shape):
+                             f"1 <= n <= {max_batch}, got {_echo(str(shape))}", "bad_shape")
+    values = _flat_numbers(tensor.get("data"), spec.name, max_depth=len(shape))
+    if len(values) != math.prod(shape):
         raise HTTPError(400, f"input {spec.name!r}: shape {shape} needs {math.prod(shape)} values, got "
-                             f"{data.size}", "bad_shape")
-    if data.dtype.kind == "f" and not np.isfinite(data).all():
-        raise HTTPError(400, f"input {spec.name!r} holds NaN or infinite values", "bad_input")
-    return np.ascontiguousarray(data.reshape(shape))
+                             f"{len(values)}", "bad_shape")
+    return _as_dtype(values, spec).reshape(shape)
 
 
-def _preprocess(body: bytes, model: ServedModel, max_pixels: int) -> np.ndarray:
+def _flat_numbers(data: object, name: str, max_depth: int) -> list[int | float]:
+    """The numbers of `data`, a list nested at most `max_depth` deep (walked without recursion); 400 for
+    anything else in it (strings, booleans, nulls, objects)."""
+    if not isinstance(data, list):
+        raise HTTPError(400, f"input {name!r}: data must be a list of numbers", "bad_input")
+    numbers: list[int | float] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if type(item) is list:
+                if len(stack) >= max_depth:
+                    raise HTTPError(400, f"input {name!r}: data nests deeper than its {max_depth} dimensions",
+                                    "bad_input")
+                stack.append(iter(item))
+                break
+            if type(item) not in (int, float):  # bool is an int subclass: refused here too
+                raise HTTPError(400, f"input {name!r}: data must hold numbers only, got "
+                                     f"{type(item).__name__} {_echo(json.dumps(item))}", "bad_input")
+            numbers.append(item)
+        else:
+            stack.pop()
+    return numbers
+
+
+def _as_dtype(values: list[int | float], spec) -> np.ndarray:
+    """`values` as the input's dtype; 400 for a value that type cannot hold."""
+    try:
+        wide = np.array(values, dtype=np.float64)
+    except OverflowError:  # an integer literal past float64's range
+        wide = np.array([math.inf])
+    out_of_range = HTTPError(400, f"input {spec.name!r} holds NaN, infinite or out-of-range values for "
+                                  f"{_v2_datatype(spec.dtype)}", "bad_input")
+    dtype = np.dtype(spec.dtype)
+    if not np.isfinite(wide).all():
+        raise out_of_range
+    if dtype.kind == "f":
+        with np.errstate(over="ignore"):
+            array = wide.astype(dtype)
+        if not np.isfinite(array).all():
+            raise out_of_range
+        return array
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if (wide != np.round(wide)).any() or wide.min(initial=0) < info.min or wide.max(initial=0) > info.max:
+            raise out_of_range
+    return wide.astype(dtype)
+
+
+def _preprocess(body: bytes, content_type: str, model: ServedModel, max_pixels: int) -> np.ndarray:
+    """The model input of an uploaded image: raw file bytes, or the file part of a multipart form."""
+    if content_type.split(";")[0].strip().lower() == "multipart/form-data":
+        body = _multipart_file(body, content_type)
     try:
         image = decode_image(body, max_pixels)
+        return model.artifact.preprocessing.apply(image)
     except ImageTooLargeError as exc:
         raise HTTPError(413, str(exc), "image_too_large") from None
+    except UnsupportedImageFormatError as exc:
+        raise HTTPError(415, str(exc), "unsupported_image") from None
     except ImageError as exc:
         raise HTTPError(400, str(exc), "bad_image") from None
-    return model.artifact.preprocessing.apply(image)
+
+
+def _multipart_file(body: bytes, content_type: str) -> bytes:
+    """The uploaded file of a multipart/form-data body: the field named "file", or the only file part."""
+    bad = HTTPError(400, 'the multipart body holds no single image: send it as the form field "file" '
+                         "(curl -F file=@image.jpg)", "bad_multipart")
+    try:
+        header = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(header + body)
+        parts = list(message.iter_parts()) if message.is_multipart() else []
+    except (UnicodeError, ValueError, TypeError, LookupError):
+        raise bad from None
+    named = [part for part in parts if part.get_param("name", header="content-disposition") == "file"]
+    files = named or [part for part in parts if part.get_filename() is not None]
+    if len(files) != 1:
+        raise bad
+    payload = files[0].get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        raise bad
+    return payload
 
 
 def _top_k(request: Request, default: int) -> int:
     raw = request.query_params.get("top_k", str(default))
-    if not raw.isdigit() or int(raw) < 1:
-        raise HTTPError(400, f"top_k must be a positive integer, got {raw!r}", "bad_request")
+    if not TOP_K.fullmatch(raw) or int(raw) < 1:
+        raise HTTPError(400, f"top_k must be a positive integer of at most 4 digits, got {_echo(raw)}",
+                        "bad_request")
     return int(raw)
 
 
