@@ -346,6 +346,25 @@ def _serve(args: argparse.Namespace) -> int:
     return run_serve(args)
 
 
+def _verify_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("artifacts", nargs="+", metavar="ARTIFACT_DIR", help="exported artifact directories")
+
+
+@command("verify", "check an artifact: model.onnx against its recipe replayed on its weights (needs torch)",
+         _verify_flags)
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import verify_artifact
+
+    failed = 0
+    for directory in args.artifacts:
+        result = verify_artifact(directory)
+        verdict = "ok" if result.passed else "FAILED"
+        print(f"{verdict}: {result.directory}: model.onnx differs from the replayed recipe by "
+              f"{result.max_abs_diff:.3g} (limit {result.limit:g})")
+        failed += not result.passed
+    return 1 if failed else 0
+
+
 def _load_test_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="deit_small_patch16_224", help="ViT to serve")
     _model_kwargs_flag(parser, "timm keyword argument for the model, repeatable")

@@ -154,6 +154,11 @@ def verify_onnx(path: Path, gm: fx.GraphModule, config: ExportConfig) -> float:
     return worst
 
 
+def verification_limit(config: ExportConfig, quantized: bool) -> float:
+    """The largest difference from torch an export may show: atol, or quant_atol for an INT8 file."""
+    return config.quant_atol if quantized else config.atol
+
+
 def layer_sparsity(gm: nn.Module) -> dict[str, dict[str, float | int]]:
     """Per weight matrix/kernel of a folded graph: shape, non-zeros and sparsity."""
     layers = {}
@@ -239,7 +244,7 @@ def export_artifact(gm: fx.GraphModule, recipe: Recipe, directory: str | os.Path
         write_onnx(folded, staging / "model.onnx", config)
         quantization = finish_quantized(staging / "model.onnx", config)
         error = verify_onnx(staging / "model.onnx", folded, config)
-        limit = config.atol if quantization is None else config.quant_atol
+        limit = verification_limit(config, quantization is not None)
         if not error <= limit:
             raise ExportError(f"exported ONNX differs from the torch model by {error:.3g} (limit {limit})")
         recipe.save(staging / "recipe.json")
@@ -250,8 +255,9 @@ def export_artifact(gm: fx.GraphModule, recipe: Recipe, directory: str | os.Path
             "opset": config.opset, "feature_select": config.feature_select,
             "passes": [p.name for p in recipe.passes],
             **costs.as_dict(), "layers": layer_sparsity(folded), "verification_max_abs_diff": error,
-            "versions": library_versions(), **serving_meta(gm),
-            "onnx_sha256": file_sha256(staging / "model.onnx"), "quantization": quantization,
+            "verification_limit": limit, "versions": library_versions(), **serving_meta(gm),
+            "onnx_sha256": file_sha256(staging / "model.onnx"),
+            "weights_sha256": file_sha256(staging / "weights.safetensors"), "quantization": quantization,
             **(extra_meta or {}),
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -261,4 +267,5 @@ def export_artifact(gm: fx.GraphModule, recipe: Recipe, directory: str | os.Path
 
 
 __all__ = ["ARTIFACT_FILES", "ExportConfig", "ExportError", "ExportResult", "export_artifact",
-           "fold_for_export", "layer_sparsity", "verify_onnx", "write_onnx"]
+           "file_sha256", "fold_for_export", "layer_sparsity", "verification_limit", "verify_onnx",
+           "write_onnx"]
