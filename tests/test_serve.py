@@ -228,7 +228,7 @@ def bad_requests(limit: int) -> list:
          "must have shape [n, 1, 8, 8]"),
         (infer, json.dumps(infer_body(x, datatype="INT64")).encode(), 400, "has datatype FP32, got 'INT64'"),
         (infer, json.dumps(infer_body(x, data=[1.0] * 10)).encode(), 400, "needs 64 values, got 10"),
-        (infer, json.dumps(infer_body(x, data=["a"] * 64)).encode(), 400, "data must be numbers"),
+        (infer, json.dumps(infer_body(x, data=["a"] * 64)).encode(), 400, "data must hold numbers only"),
         (infer, json.dumps(infer_body(np.zeros((9, 1, 8, 8), np.float32))).encode(), 400, "1 <= n <= 2"),
         (infer, json.dumps(infer_body(x, name="pixels")).encode(), 400, "unknown input 'pixels'"),
         (infer, json.dumps({**infer_body(x), "outputs": [{"name": "probs"}]}).encode(), 400,
@@ -372,8 +372,8 @@ def change_meta(directory: Path, **changes) -> None:
 
 
 def not_onnx(directory: Path) -> None:
-    change_meta(directory, onnx_sha256=None)
     (directory / "model.onnx").write_bytes(b"these bytes are no protobuf")
+    change_meta(directory, onnx_sha256=hashlib.sha256(b"these bytes are no protobuf").hexdigest())
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -382,11 +382,13 @@ def not_onnx(directory: Path) -> None:
     (lambda d: (d / "meta.json").write_text("{oops"), "meta.json is not readable JSON"),
     (lambda d: (d / "meta.json").write_text("[1, 2]"), "must hold a JSON object"),
     (corrupt, "does not match the sha256 meta.json recorded"),
+    (lambda d: change_meta(d, onnx_sha256=None), "onnx_sha256 is missing"),
+    (lambda d: change_meta(d, onnx_sha256="0" * 63), "not a sha256 hex digest"),
     (not_onnx, "not a valid ONNX model"),
     (lambda d: change_meta(d, preprocessing=None), "preprocessing lacks input_size"),
     (lambda d: change_meta(d, preprocessing={**PREPROCESSING, "crop_pct": 2.0}), "crop_pct must lie in"),
-], ids=["no-meta", "no-onnx", "bad-json", "not-object", "checksum", "not-onnx", "no-preprocessing",
-        "bad-preprocessing"])
+], ids=["no-meta", "no-onnx", "bad-json", "not-object", "checksum", "no-digest", "bad-digest", "not-onnx",
+        "no-preprocessing", "bad-preprocessing"])
 def test_broken_artifacts_are_refused_with_the_reason(artifact, damage, message) -> None:
     damage(artifact)
     with pytest.raises(ArtifactError, match=message):
