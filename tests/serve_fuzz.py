@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import numpy as np
 from PIL import Image
@@ -107,8 +107,8 @@ def _image_requests(rng: np.random.Generator, classify: str) -> list[Callable[[]
         lambda: post("image-extreme-aspect", _image("PNG", (1, int(rng.integers(21, 200_000))), "L")),
         lambda: post("image-bomb", _png_declaring(int(rng.integers(10_000, 100_000)), 70_000)),
         lambda: post("image-empty", b""),
-        lambda: post("top-k-bad", _image("PNG", (8, 8)), path=classify + "?top_k=" + str(rng.choice(
-            ["²", "٣", "1" * 5000, "-2", "0", "1e3", "%00"]))),
+        lambda: post("top-k-bad", _image("PNG", (8, 8)), path=classify + "?top_k=" + quote(str(rng.choice(
+            ["²", "٣", "1" * 5000, "-2", "0", "1e3", "\0"])))),
         lambda: post("multipart-garbage", bytes(rng.integers(0, 256, 512, dtype=np.uint8)), **form),
         lambda: post("multipart-no-file", no_file.encode(), **form),
     ]
