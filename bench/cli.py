@@ -35,11 +35,16 @@ def command(
     return decorate
 
 
+WORDS = {"true": True, "false": False, "none": None, "null": None}  # any case: timm reads 'false' as true
+
+
 def parse_assignment(text: str) -> tuple[str, object]:
-    """`key=value` with a Python literal value (numbers, booleans, tuples), else the raw string."""
+    """`key=value` with true/false/none in any case, a Python literal (numbers, tuples), else the string."""
     key, sep, raw = text.partition("=")
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"expected key=value with a Python identifier key, got {text!r}")
+    if raw.strip().lower() in WORDS:
+        return key, WORDS[raw.strip().lower()]
     try:
         return key, ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -363,6 +368,22 @@ def _verify(args: argparse.Namespace) -> int:
               f"{result.max_abs_diff:.3g} (limit {result.limit:g})")
         failed += not result.passed
     return 1 if failed else 0
+
+
+def _eval_flags(parser: argparse.ArgumentParser) -> None:
+    from vitsparse.runtime.eval_cli import configure_eval_parser
+
+    configure_eval_parser(parser)
+
+
+@command("eval", "top-1/top-5 of an exported model on an engine over an image folder, as served",
+         _eval_flags)
+def _eval(args: argparse.Namespace) -> int:
+    from vitsparse.runtime.eval_cli import run_eval
+
+    from .verify import torch_reference
+
+    return run_eval(args, reference_for=torch_reference)
 
 
 def _load_test_flags(parser: argparse.ArgumentParser) -> None:

@@ -8,11 +8,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torch.fx as fx
+
 from vitsparse.compiler import ExportConfig, Recipe, fold_for_export
 from vitsparse.compiler.export import file_sha256, verification_limit, verify_onnx
 from vitsparse.compiler.recipe import RecipeError, load_weights, replay
 from vitsparse.models import build_model
-from vitsparse.runtime.artifact import ArtifactError, load_artifact
+from vitsparse.runtime.artifact import Artifact, ArtifactError, load_artifact
 
 
 @dataclass(frozen=True)
@@ -31,24 +34,41 @@ class Verification:
 def verify_artifact(directory: str | os.PathLike) -> Verification:
     """Check an artifact's files against each other; ArtifactError names what does not match."""
     artifact = load_artifact(directory)  # model.onnx against its checksum, meta.json's fields
-    meta, folder = artifact.meta, artifact.directory
-    _check_weights_digest(folder / "weights.safetensors", meta.get("weights_sha256"))
-    try:
-        recipe = Recipe.load(folder / "recipe.json")
-        base = recipe.base
-        if not isinstance(base.get("model"), str):
-            raise ArtifactError(f"{folder}/recipe.json names no base model to replay the passes on")
-        model = build_model(base["model"], **(base.get("kwargs") or {}))  # weights replace every value
-        graph = load_weights(replay(model, recipe), folder / "weights.safetensors")
-    except (RecipeError, FileNotFoundError) as exc:
-        raise ArtifactError(f"{folder}: cannot rebuild the model from recipe.json and weights.safetensors: "
-                            f"{exc}") from None
+    meta = artifact.meta
+    graph = rebuild_graph(artifact)
     config = ExportConfig(batch_size=int(meta.get("batch_size", 1)), opset=int(meta.get("opset", 14)),
                           dynamic_batch=bool(meta.get("dynamic_batch")),
                           feature_select=meta.get("feature_select", "gather"))
     folded = fold_for_export(graph, config.feature_select)
     limit = meta.get("verification_limit") or verification_limit(config, bool(meta.get("quantization")))
-    return Verification(folder, verify_onnx(artifact.onnx_path, folded, config), float(limit))
+    return Verification(artifact.directory, verify_onnx(artifact.onnx_path, folded, config), float(limit))
+
+
+def rebuild_graph(artifact: Artifact) -> fx.GraphModule:
+    """The artifact's PyTorch model: recipe.json replayed on its base model, weights.safetensors loaded
+    (after checking them against their sha256)."""
+    folder = artifact.directory
+    _check_weights_digest(folder / "weights.safetensors", artifact.meta.get("weights_sha256"))
+    try:
+        recipe = Recipe.load(folder / "recipe.json")
+        if not isinstance(recipe.base.get("model"), str):
+            raise ArtifactError(f"{folder}/recipe.json names no base model to replay the passes on")
+        model = build_model(recipe.base["model"], **(recipe.base.get("kwargs") or {}))  # weights replace all
+        return load_weights(replay(model, recipe), folder / "weights.safetensors")
+    except (RecipeError, FileNotFoundError) as exc:
+        raise ArtifactError(f"{folder}: cannot rebuild the model from recipe.json and weights.safetensors: "
+                            f"{exc}") from None
+
+
+def torch_reference(artifact: Artifact):
+    """The artifact's PyTorch model as a function of preprocessed images (numpy in, logits out)."""
+    folded = fold_for_export(rebuild_graph(artifact))
+
+    def logits(pixels):
+        with torch.inference_mode():
+            return folded(torch.from_numpy(pixels)).numpy()
+
+    return logits
 
 
 def _check_weights_digest(path: Path, expected: object) -> None:

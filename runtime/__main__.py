@@ -1,4 +1,4 @@
-"""`python -m vitsparse.runtime serve|bench ...`: the runtime's commands on a CPU server without torch."""
+"""`python -m vitsparse.runtime serve|bench|eval ...`: the runtime's commands on a server without torch."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import argparse
 import sys
 
 from .cli import configure_bench_parser, run_bench
+from .eval_cli import configure_eval_parser, run_eval
 from .serve_cli import configure_serve_parser, run_serve
 
 COMMANDS = {"serve": ("serve exported models over HTTP (KServe v2)", configure_serve_parser, run_serve),
-            "bench": ("benchmark one ONNX file on a CPU engine", configure_bench_parser, run_bench)}
+            "bench": ("benchmark one ONNX file on a CPU engine", configure_bench_parser, run_bench),
+            "eval": ("top-1/top-5 of an exported model over images", configure_eval_parser, run_eval)}
 
 
 def main(argv: list[str] | None = None) -> int:

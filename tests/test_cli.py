@@ -40,5 +40,7 @@ def test_parse_assignment_reads_literals() -> None:
     assert parse_assignment("img_size=224") == ("img_size", 224)
     assert parse_assignment("qk_norm=True") == ("qk_norm", True)
     assert parse_assignment("global_pool=avg") == ("global_pool", "avg")
+    for word, value in (("false", False), ("FALSE", False), ("true", True), ("none", None), ("Null", None)):
+        assert parse_assignment(f"class_token={word}") == ("class_token", value)  # not the string 'false'
     with pytest.raises(Exception, match="key=value"):
         parse_assignment("no-equals")
