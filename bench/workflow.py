@@ -37,7 +37,6 @@ from .head_channels import (
 from .int8 import BASE as BASE_MASKS
 from .int8 import (
     FORMAT_ENGINES,
-    SPEED_MODEL_QUANT_ATOL,
     int8_digits_rows,
     int8_digits_twins,
     int8_speed_candidates,
@@ -49,7 +48,7 @@ from .methods import METHODS, SpeedSetting
 from .profiles import get_profile
 from .report import combined_setting_label, speed_table, write_report
 from .schema import Row
-from .speed import TORCH, SpeedCandidate, TimingPlan, engine_name, measure_speed
+from .speed import SPEED_MODEL_ATOL, TORCH, SpeedCandidate, TimingPlan, engine_name, measure_speed
 from .staged import StagedSchedule
 from .token_drop import METHOD as TOKEN_DROP
 from .token_drop import TokenDropSetting, token_drop_digits_rows, token_drop_speed_graph
@@ -218,14 +217,15 @@ def _speed_candidates(
         settings = {"budget": budget, "multiple": manager.recipe.passes[-1].params["multiple"]}
         row = _costed_row(opts, HEAD_CHANNELS, settings, manager)
         candidates.append(SpeedCandidate(row, manager.graph_module, manager.recipe))
+    token_ranking = {"atol": SPEED_MODEL_ATOL}  # see SPEED_MODEL_ATOL
     for keep_rate in token_keep_rates:
         manager = token_drop_speed_graph(model, keep_rate, Recipe(base=_base(opts)))
         row = _costed_row(opts, TOKEN_DROP, token_drop_speed_settings(manager), manager)
-        candidates.append(SpeedCandidate(row, manager.graph_module, manager.recipe))
+        candidates.append(SpeedCandidate(row, manager.graph_module, manager.recipe, export=token_ranking))
     if combined is not None:
         manager = combined_speed_graph(model, combined, Recipe(base=_base(opts)))
         row = _costed_row(opts, COMBINED, combined.settings(), manager)
-        candidates.append(SpeedCandidate(row, manager.graph_module, manager.recipe))
+        candidates.append(SpeedCandidate(row, manager.graph_module, manager.recipe, export=token_ranking))
     return candidates
 
 
@@ -380,7 +380,7 @@ def _int8_speed(opts: BenchOptions, profile, model: torch.nn.Module, settings: t
     candidates = int8_speed_candidates(model, settings, calibration, _base(opts),
                                        lambda method, row_settings, manager: _costed_row(
                                            opts, method, row_settings, manager))
-    export = {"quant_atol": SPEED_MODEL_QUANT_ATOL}
+    export = {"quant_atol": SPEED_MODEL_ATOL}
     candidates += int8_twins(float_candidates, formats, calibration, export)
     for setting in _frontier(opts, profile) if formats else ():
         manager = combined_speed_graph(model, setting, Recipe(base=_base(opts)))
