@@ -142,6 +142,12 @@ def _rightmost(points: list[tuple[str, str, float, float, float | None]]) -> dic
     return named
 
 
+def has_pareto_points(rows: list[Row]) -> bool:
+    """Whether any speed row has a digits-vit row of the same setting to plot against (none when the
+    accuracy stage was skipped)."""
+    return any(pareto_points(rows, batch) for batch in {s.batch for r in rows for s in r.speed})
+
+
 def plot_pareto(rows: list[Row], path: Path) -> None:
     """One panel per batch size: x = speed-up over the best dense alternative, y = digits-vit top-1, one
     marker per engine; dense at (1, its top-1); combined recipes labelled."""

@@ -10,6 +10,7 @@ from .frontier import (
     digits_top1,
     float_form,
     frontier_table,
+    has_pareto_points,
     mean_and_error,
     plot_pareto,
     setting_key,
@@ -608,7 +609,7 @@ def write_report(directory: Path, meta: dict[str, Any], rows: list[Row]) -> dict
         files["head_channels_plot"] = ("head_channels.png", lambda p: plot_head_channels(rows, p))
     if any(r.speed and r.method != DENSE for r in rows):
         files["speed_plot"] = ("speedup.png", lambda p: plot_speedup(rows, p))
-    if frontier_table(rows):
+    if has_pareto_points(rows):
         files["pareto_plot"] = ("pareto.png", lambda p: plot_pareto(rows, p))
     return write_files_atomically(directory, files)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from vitsparse.bench.combined import FRONTIER, SPEED_RECIPE, CombinedSetting
-from vitsparse.bench.frontier import frontier_table, pareto_points, setting_key, top1_text
+from vitsparse.bench.frontier import frontier_table, has_pareto_points, pareto_points, setting_key, top1_text
 from vitsparse.bench.schema import Row, SpeedEntry
 from vitsparse.bench.speed_report import best_dense_table
 from vitsparse.bench.staged import StagedSchedule
@@ -78,3 +78,13 @@ def test_the_frontier_table_and_pareto_points_pair_speed_with_accuracy() -> None
         ("deepsparse", 2.1), ("onnxruntime", 1.1), ("openvino", 1.6), ("openvino:bf16", 1.8)]
     assert all(y == 0.97 and error == pytest.approx(0.00577, abs=1e-4) for *_, y, error in points)
     assert "| 97.00 ± 0.58 % | openvino:bf16, **1.80×** |" in best_dense_table(rows)
+
+
+def test_without_digits_rows_there_is_nothing_to_plot() -> None:
+    """--skip-accuracy with the combined rows: the frontier table still lists speeds, no Pareto plot."""
+    setting = {**CombinedSetting(int8=True).settings(), "int8": "qdq"}
+    rows = [Row(SPEED_MODEL, "dense", macs=100, speed=[_entry("openvino", 1, 0.5)]),
+            Row(SPEED_MODEL, "combined", setting, macs=40, speed=[_entry("openvino", 1, 1.6)])]
+    assert not has_pareto_points(rows)
+    rows.insert(0, Row("digits-vit", "combined", CombinedSetting(int8=True).settings(), top1=0.97))
+    assert has_pareto_points(rows)
