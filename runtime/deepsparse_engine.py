@@ -8,6 +8,9 @@ the streams at `num_cores` and `self.num_streams` reports the capped value.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -42,6 +45,27 @@ def misaligned_sparse_weights(model: onnx.ModelProto) -> list[str]:
     return found
 
 
+SLICING_PASSES = {"vtp-slice": "DimensionSlicePass", "head-channel-slice": "HeadChannelSlicePass"}
+
+
+def slicing_advice(recipe_path: Path) -> str:
+    """How to re-slice: the slicing passes the artifact's recipe.json records, with their multiple (or
+    both passes by name when there is no readable recipe)."""
+    try:
+        passes = json.loads(recipe_path.read_text(encoding="utf-8")).get("passes") or []
+        used = [(SLICING_PASSES[p["name"]], p.get("params", {}).get("multiple")) for p in passes
+                if isinstance(p, dict) and p.get("name") in SLICING_PASSES]
+    except (OSError, ValueError, AttributeError, TypeError):
+        used = []
+    fix = "or use onnxruntime"
+    if not used:
+        return (f"Slice with multiple={SPARSE_KERNEL_WIDTH} (DimensionSlicePass or HeadChannelSlicePass) "
+                f"before masking, {fix}")
+    made = ", ".join(f"{name}(multiple={multiple})" for name, multiple in used)
+    return (f"The widths come from {made} in {recipe_path.name}: run it with multiple={SPARSE_KERNEL_WIDTH} "
+            f"before masking, {fix}")
+
+
 class DeepSparseEngine(Engine):
     """deepsparse.Engine(model, batch_size, num_cores, num_streams) with clear errors."""
 
@@ -57,8 +81,7 @@ class DeepSparseEngine(Engine):
             raise EngineLoadError(
                 f"DeepSparse 1.8 computes wrong results for sparse weights whose input width is not a "
                 f"multiple of {SPARSE_KERNEL_WIDTH}; {self.model_path} has {len(misaligned)}: "
-                f"{', '.join(misaligned[:4])}. Slice with a multiple of {SPARSE_KERNEL_WIDTH} "
-                f"(DimensionSlicePass(multiple={SPARSE_KERNEL_WIDTH})) before masking, or use onnxruntime")
+                f"{', '.join(misaligned[:4])}. {slicing_advice(self.model_path.parent / 'recipe.json')}")
         scheduler = "multi_stream" if self.num_streams > 1 else None
         try:
             self._engine = deepsparse.Engine(model=str(self.model_path), batch_size=self.batch_size,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import onnx
@@ -276,9 +277,21 @@ def test_deepsparse_refuses_sparse_weights_at_widths_it_gets_wrong(tmp_path) -> 
     manager.run(SparsityPass(sparsity=0.5))
     result = export_artifact(manager.graph_module, manager.recipe, tmp_path / "a",
                              ExportConfig(feature_select="matmul"))
-    with pytest.raises(EngineLoadError, match="wrong results for sparse weights whose input width is not a "
-                                              "multiple of 16; .* Slice with a multiple of 16"):
+    with pytest.raises(EngineLoadError, match=r"wrong results for sparse weights whose input width is not a "
+                                              r"multiple of 16; .* The widths come from "
+                                              r"DimensionSlicePass\(multiple=8\) in recipe.json"):
         create_engine("deepsparse", result.directory / "model.onnx", batch_size=1, num_cores=1)
+
+
+def test_the_width_advice_names_the_pass_that_sliced_and_its_multiple(tmp_path) -> None:
+    from vitsparse.runtime.deepsparse_engine import slicing_advice
+
+    recipe = {"passes": [{"name": "head-channel-slice", "params": {"budget": 0.3, "multiple": 8}},
+                         {"name": "magnitude", "params": {"sparsity": 0.9}}]}
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    assert slicing_advice(tmp_path / "recipe.json").startswith(
+        "The widths come from HeadChannelSlicePass(multiple=8) in recipe.json: run it with multiple=16")
+    assert "DimensionSlicePass or HeadChannelSlicePass" in slicing_advice(tmp_path / "missing.json")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
