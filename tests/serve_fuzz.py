@@ -46,7 +46,8 @@ def _image(fmt: str, size: tuple[int, int], mode: str = "RGB") -> bytes:
     return buffer.getvalue()
 
 
-def _png_declaring(width: int, height: int) -> bytes:
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height (a decompression bomb: the pixels are never there)."""
     def chunk(kind: bytes, payload: bytes) -> bytes:
         checksum = struct.pack(">I", zlib.crc32(kind + payload))
         return struct.pack(">I", len(payload)) + kind + payload + checksum
@@ -105,7 +106,7 @@ def _image_requests(rng: np.random.Generator, classify: str) -> list[Callable[[]
             _image(str(rng.choice(["PNG", "JPEG"])), (16, 16)))),
         lambda: post("image-not-served", _image(others[int(rng.integers(len(others)))], (16, 16))),
         lambda: post("image-extreme-aspect", _image("PNG", (1, int(rng.integers(21, 200_000))), "L")),
-        lambda: post("image-bomb", _png_declaring(int(rng.integers(10_000, 100_000)), 70_000)),
+        lambda: post("image-bomb", png_declaring(int(rng.integers(10_000, 100_000)), 70_000)),
         lambda: post("image-empty", b""),
         lambda: post("top-k-bad", _image("PNG", (8, 8)), path=classify + "?top_k=" + quote(str(rng.choice(
             ["²", "٣", "1" * 5000, "-2", "0", "1e3", "\0"])))),

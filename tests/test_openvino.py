@@ -27,7 +27,8 @@ from vitsparse.runtime import (
 
 from helpers import small_vit
 
-pytestmark = pytest.mark.skipif(not engine_status("openvino").available, reason="OpenVINO is not installed")
+OPENVINO = engine_status("openvino")
+pytestmark = pytest.mark.skipif(not OPENVINO.available, reason=OPENVINO.reason)
 
 F32_ATOL = 1e-4
 # bf16 keeps 8 bits of mantissa: logits move by a few per cent of their range

@@ -13,12 +13,10 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
+from serve_fuzz import png_declaring
 from starlette.testclient import TestClient
 
 from vitsparse.runtime import ENGINES, engine_status
@@ -121,16 +120,6 @@ def test_preprocessing_is_timms_eval_transform_pixel_for_pixel(cfg) -> None:
         mode = "L" if cfg["input_size"][0] == 1 else "RGB"
         expected = create_transform(**cfg)(Image.open(io.BytesIO(data)).convert(mode)).numpy()
         np.testing.assert_array_equal(ours, expected)
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A PNG whose header declares width x height (a decompression bomb: the pixels are never there)."""
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        checksum = struct.pack(">I", zlib.crc32(kind + payload))
-        return struct.pack(">I", len(payload)) + kind + payload + checksum
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 9)) + \
-        chunk(b"IEND", b"")
 
 
 def test_decoding_refuses_non_images_truncated_files_and_bombs() -> None:

@@ -193,11 +193,17 @@ def test_an_unusable_meta_json_field_stops_the_server_naming_the_file(artifact, 
 
 
 def _flags(**changes) -> object:
-    from argparse import Namespace
+    """The serve command's own flags and defaults, with `changes` applied."""
+    from argparse import ArgumentParser
 
-    base = dict(engine="onnxruntime", batch_sizes=(1,), max_delay_ms=5.0, num_cores=None, num_streams=1,
-                precision=None, max_queue=64, max_body_mb=32.0, max_image_pixels=1000, graceful_timeout=30.0)
-    return Namespace(**{**base, **changes})
+    from vitsparse.runtime.serve_cli import configure_serve_parser
+
+    parser = ArgumentParser()
+    configure_serve_parser(parser)
+    args = parser.parse_args(["tiny", "--engine", "onnxruntime"])
+    for key, value in changes.items():
+        setattr(args, key, value)
+    return args
 
 
 @pytest.mark.parametrize("changes, fragment", [
