@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from vitsparse.models import EvalResult, evaluate
 from vitsparse.models.train import warmup_cosine
 
 from . import distributed as dist_utils
+from .checkpoints import active_store, epoch_seed
 from .losses import distillation_loss, logits_of
 from .masked import apply_masks_, mask_digest
 
@@ -98,6 +100,7 @@ class _Trainer:
     device: torch.device
     config: FinetuneConfig
     hooks: TrainHooks
+    rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -155,8 +158,9 @@ def _autocast(trainer: _Trainer) -> contextlib.AbstractContextManager:
     return torch.autocast(trainer.device.type, dtype=trainer.amp_dtype)
 
 
-def _step(trainer: _Trainer, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """One optimiser step, then masks re-applied so pruned weights stay exactly zero."""
+def _step(trainer: _Trainer, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """One optimiser step, then masks re-applied so pruned weights stay exactly zero; (loss, images the
+    model classified right)."""
     config = trainer.config
     images = images.to(trainer.device, non_blocking=True)
     labels = labels.to(trainer.device, non_blocking=True)
@@ -180,28 +184,78 @@ def _step(trainer: _Trainer, images: torch.Tensor, labels: torch.Tensor) -> floa
     trainer.scaler.update()
     trainer.scheduler.step()
     apply_masks_(trainer.model)
-    return float(loss.detach())
+    return float(loss.detach()), int((student.detach().argmax(-1) == labels).sum())
 
 
 def _train(trainer: _Trainer, loader: DataLoader, total_steps: int, show: bool) -> tuple[int, float]:
-    """Run epochs until `total_steps`; returns (steps, mean loss)."""
+    """Run epochs until `total_steps`; returns (steps, mean loss).
+
+    Inside `resumable(store)`, each epoch is reseeded from the seed and its number, its end saved to the
+    store, and a call the store has state for starts after the epoch it last finished.
+    """
     trainer.model.train()
-    steps, loss_sum = 0, 0.0
-    bar = tqdm(total=total_steps, desc="finetune", unit="step", disable=None if show else True)
+    store = active_store()
+    call = store.next_call() if store is not None else None
+    first_epoch = _restore(trainer, store.load(call)) if store is not None else 0
+    steps, loss_sum = first_epoch * len(loader), 0.0
+    epochs = math.ceil(total_steps / len(loader))
+    bar = tqdm(total=total_steps, initial=steps, desc="train", unit="step", disable=None if show else True)
     with bar:
-        for epoch in range(math.ceil(total_steps / len(loader))):
+        for epoch in range(first_epoch, epochs):
+            started, epoch_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
             if hasattr(loader.sampler, "set_epoch"):
                 loader.sampler.set_epoch(epoch)
+            if store is not None:
+                _reseed(epoch_seed(trainer.config.seed + trainer.rank, epoch))
             for images, labels in loader:
                 if trainer.hooks.before_step is not None:
                     trainer.hooks.before_step(steps, total_steps)
-                loss = _step(trainer, images, labels)
-                steps, loss_sum = steps + 1, loss_sum + loss
+                loss, hits = _step(trainer, images, labels)
+                steps, loss_sum, epoch_loss = steps + 1, loss_sum + loss, epoch_loss + loss * len(labels)
+                correct, seen = correct + hits, seen + len(labels)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{trainer.scheduler.get_last_lr()[0]:.2e}")
+                bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss:.4f}",
+                                top1=f"{correct / seen:.1%}")
                 if steps >= total_steps:
-                    return steps, loss_sum / steps
-    return steps, loss_sum / max(steps, 1)
+                    break
+            if store is not None:
+                _checkpoint(trainer, store, call, epoch, epochs, epoch_loss / max(seen, 1),
+                            correct / max(seen, 1), time.perf_counter() - started)
+            if steps >= total_steps:
+                break
+    done = steps - first_epoch * len(loader)
+    return steps, loss_sum / max(done, 1)
+
+
+def _restore(trainer: _Trainer, state: dict | None) -> int:
+    """Load a saved epoch's model, optimiser, schedule and scaler; the epoch to start from."""
+    if state is None:
+        return 0
+    _unwrapped(trainer.model).load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.scaler.load_state_dict(state["scaler"])
+    return int(state["epoch"]) + 1
+
+
+def _checkpoint(trainer: _Trainer, store, call: int, epoch: int, epochs: int, loss: float, top1: float,
+                seconds: float) -> None:
+    state = {"epoch": epoch, "model": _unwrapped(trainer.model).state_dict(),
+             "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+             "scaler": trainer.scaler.state_dict()}
+    store.save(call, state)
+    if store.on_epoch is not None:
+        store.on_epoch({"call": call, "epoch": epoch + 1, "epochs": epochs, "loss": round(loss, 5),
+                        "train_top1": round(top1, 5), "seconds": round(seconds, 2)})
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _reseed(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
 
 
 def _seeded(seed: int, device: torch.device) -> contextlib.AbstractContextManager:
@@ -209,6 +263,8 @@ def _seeded(seed: int, device: torch.device) -> contextlib.AbstractContextManage
     devices = [torch.cuda.current_device()] if device.type == "cuda" else []
     stack = contextlib.ExitStack()
     stack.enter_context(torch.random.fork_rng(devices=devices))
+    state = random.getstate()  # timm's augmentations draw from Python's RNG
+    stack.callback(random.setstate, state)
     torch.manual_seed(seed)
     return stack
 
@@ -270,6 +326,7 @@ def _train_and_evaluate(model: nn.Module, train_loader: DataLoader, val_loader: 
     loader = dist_utils.shard_loader(train_loader, ctx, config.seed)
     total = _total_steps(loader, config)
     trainer = _make_trainer(dist_utils.wrap(model, ctx, device), teacher, config, device, total, hooks)
+    trainer.rank = ctx.rank
     start = time.perf_counter()
     with _seeded(config.seed + ctx.rank, device):
         steps, loss = _train(trainer, loader, total, progress and ctx.is_main)
