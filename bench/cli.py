@@ -325,6 +325,46 @@ def _prune_and_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="timm ViT name, digits-vit, or an artifact folder to prune further")
+    parser.add_argument("--recipe", required=True, type=Path, help="recipe file (YAML or JSON; see recipes/)")
+    parser.add_argument("--data", required=True, type=Path,
+                        help="image folder with train/<class>/ and val/<class>/")
+    parser.add_argument("-o", "--output", required=True, type=Path,
+                        help="run folder (checkpoints, artifact, report)")
+    _model_kwargs_flag(parser, "timm constructor argument, repeatable (--set drop_path_rate=0.1)")
+    parser.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights")
+    parser.add_argument("--checkpoint", help="start from a local state dict (.safetensors, .pth)")
+    parser.add_argument("--replace-head", action="store_true",
+                        help="give the model a new classifier for the data's classes")
+    parser.add_argument("--resume", action="store_true", help="continue the run in OUTPUT where it stopped")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run in OUTPUT")
+    parser.add_argument("--epochs", type=int,
+                        help="cap every training step at this many epochs (a quick trial)")
+    parser.add_argument("--skip-speed", action="store_true", help="do not time the engines at the end")
+    parser.add_argument("--engines", type=_csv(str), help="engines to time (default: every one installed)")
+    parser.add_argument("--device", help="train on this device (default: cuda when there is one, else cpu)")
+
+
+@command("prune", "run a recipe file on your model and image folder: prune, fine-tune, export, report",
+         _prune_flags)
+def _prune(args: argparse.Namespace) -> int:
+    from .prune import PruneRequest, run_prune
+
+    if args.epochs is not None and args.epochs < 0:
+        raise ValueError(f"--epochs must be >= 0, got {args.epochs}")
+    request = PruneRequest(model=args.model, recipe=args.recipe, data=args.data, out=args.output,
+                           pretrained=args.pretrained, checkpoint=args.checkpoint,
+                           model_kwargs=dict(args.model_kwargs), replace_head=args.replace_head,
+                           resume=args.resume, overwrite=args.overwrite, epochs=args.epochs,
+                           speed=not args.skip_speed, engines=args.engines, device=args.device,
+                           progress=sys.stderr.isatty())
+    result = run_prune(request)
+    print(f"top-1 on val: {100 * result.top1_before:.2f} % before, {100 * result.top1_after:.2f} % after; "
+          f"artifact {result.artifact}")
+    return 0
+
+
 def _bench_engine_flags(parser: argparse.ArgumentParser) -> None:
     from vitsparse.runtime.cli import configure_bench_parser
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
+import vitsparse.pruners  # noqa: F401  (registers every pass that replay may meet)
 from vitsparse.compiler import ExportConfig, Recipe, fold_for_export
 from vitsparse.compiler.export import file_sha256, verification_limit, verify_onnx
 from vitsparse.compiler.recipe import RecipeError, load_weights, replay

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from timm.models.vision_transformer import VisionTransformer
@@ -124,10 +127,7 @@ def digits_datasets(
     digits = load_digits()
     images = digits.images.astype(np.float32) / DIGITS_MAX_PIXEL
     labels = digits.target.astype(np.int64)
-    idx = np.arange(len(labels))
-    rest, test_idx = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=seed)
-    val_share = val_fraction / (1.0 - test_fraction)
-    train_idx, val_idx = train_test_split(rest, test_size=val_share, stratify=labels[rest], random_state=seed)
+    train_idx, val_idx, test_idx = digits_split_rows(labels, seed, val_fraction, test_fraction)
     mean, std = float(images[train_idx].mean()), float(images[train_idx].std())
 
     def subset(rows: np.ndarray) -> TensorDataset:
@@ -135,6 +135,37 @@ def digits_datasets(
         return TensorDataset(x, torch.from_numpy(labels[rows]))
 
     return DigitsDatasets(subset(train_idx), subset(val_idx), subset(test_idx), mean, std)
+
+
+def digits_split_rows(labels: np.ndarray, seed: int, val_fraction: float, test_fraction: float
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row indices of the train, val and test splits (stratified by label)."""
+    idx = np.arange(len(labels))
+    rest, test_idx = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=seed)
+    val_share = val_fraction / (1.0 - test_fraction)
+    train_idx, val_idx = train_test_split(rest, test_size=val_share, stratify=labels[rest], random_state=seed)
+    return train_idx, val_idx, test_idx
+
+
+def write_digits_imagefolder(root: str | os.PathLike, per_class: int | None = None,
+                             config: DigitsViTConfig | None = None) -> Path:
+    """digits-vit's data as an image folder of 8x8 grey PNGs (pixels 0-16 scaled to 0-255): `train/` is
+    its train split and `val/` its test split, the one prune-and-bench reports top-1 on. `per_class`
+    keeps the first that many images of each class in each split (a small folder for tests)."""
+    config = config or DigitsViTConfig()
+    digits = load_digits()
+    labels = digits.target.astype(np.int64)
+    train, _, test = digits_split_rows(labels, config.split_seed, config.val_fraction, config.test_fraction)
+    root = Path(root)
+    for split, rows in (("train", train), ("val", test)):
+        for label in range(10):
+            folder = root / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            chosen = [row for row in rows if labels[row] == label][:per_class]
+            for row in chosen:
+                pixels = np.round(digits.images[row] * 255 / DIGITS_MAX_PIXEL).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{row}.png")
+    return root
 
 
 def digits_loaders(
