@@ -164,8 +164,9 @@ def run_prune(request: PruneRequest) -> PruneResult:
         ),
     )
     folder.log("start", plan=plan.to_dict(), skipped=data.skipped, device=str(process_device(request.device)))
+    settings = plan.settings
     loaders = make_loaders(
-        data, start.data_config, plan.settings.batch_size, plan.settings.seed, plan.settings.calibration_images
+        data, start.data_config, settings.batch_size, settings.seed, settings.calibration_images
     )
     stages = _run_stages(request, plan, folder, start, loaders)
     return _finish(request, plan, folder, start, loaders, stages)

@@ -47,7 +47,8 @@ from vitsparse.pruners import (
 from vitsparse.pruners.quant_observers import OBSERVERS
 from vitsparse.pruners.quantize import DEFAULT_TARGETS
 from vitsparse.pruners.schedule import GradualConfig, gradual_prune
-from vitsparse.pruners.token_drop import scale_locations
+from vitsparse.pruners.token_drop import check_locations, default_locations, scale_locations
+from vitsparse.pruners.token_thresholds import keep_rate_for_ratio, token_costs
 from vitsparse.pruners.vtp import DEFAULT_L1
 
 AUGMENTATIONS = ("timm", "shift", "none")  # timm's training transform; whole-pixel shifts; none
@@ -251,7 +252,8 @@ class HeadChannelSlice(Stage):
 @register_stage
 @dataclass(frozen=True)
 class TokenThresholds(Training):
-    """AS-ViT's thresholds learned with the weights toward the FLOPs the next stage's keep rate gives."""
+    """AS-ViT's thresholds learned with the weights toward the next stage's FLOPs ratio (given, or the
+    ratio its static keep rate gives)."""
 
     kind: ClassVar[str] = "token-thresholds"
     phase: ClassVar[int] = 2
@@ -261,8 +263,8 @@ class TokenThresholds(Training):
         assert isinstance(following, TokenDrop)
         manager = ctx.manager
         probe = PassManager(copy.deepcopy(manager.graph_module))
-        probe.run(following.static_pass(manager.structure.depth))
-        ratio = probe.costs.macs / manager.costs.macs
+        probe.run(following.static_pass(manager))
+        ratio = following.flops_ratio or probe.costs.macs / manager.costs.macs
         locations = tuple(probe.recipe.passes[-1].params["locations"])
         learned = learn_thresholds(
             manager.graph_module,
@@ -280,34 +282,51 @@ class TokenThresholds(Training):
 @register_stage
 @dataclass(frozen=True)
 class TokenDrop(Stage):
-    """Drop tokens after chosen blocks: a static keep rate, or the thresholds learned just before.
+    """Drop tokens after chosen blocks: a static keep rate (`keep_rate`, or the one that reaches
+    `flops_ratio` = pruned / unpruned MACs), or the thresholds learned just before.
 
     `locations` are blocks of a 12-block model (scaled to the model's depth); none: AS-ViT's."""
 
     kind: ClassVar[str] = "token-drop"
     phase: ClassVar[int] = 2
-    keep_rate: float = 0.7
+    keep_rate: float | None = None
+    flops_ratio: float | None = None
     locations: tuple[int, ...] | None = None
     fuse: bool = False
 
     def __post_init__(self) -> None:
-        _check_fraction("keep_rate", self.keep_rate)
+        if (self.keep_rate is None) == (self.flops_ratio is None):
+            raise ValueError("keep_rate or flops_ratio: give exactly one")
+        _check_fraction(
+            "keep_rate" if self.flops_ratio is None else "flops_ratio",
+            self.keep_rate if self.flops_ratio is None else self.flops_ratio,
+        )
 
-    def static_pass(self, depth: int) -> TokenDropPass:
-        locations = None if self.locations is None else scale_locations(self.locations, depth)
-        return TokenDropPass(self.keep_rate, locations, fuse=self.fuse)
+    def static_pass(self, manager: PassManager) -> TokenDropPass:
+        """Static selection at the keep rate given, or at the one that reaches the FLOPs ratio."""
+        structure = manager.structure
+        depth = structure.depth
+        reference = (
+            default_locations(depth) if self.locations is None else scale_locations(self.locations, depth)
+        )
+        locations = check_locations(reference, depth)
+        rate = self.keep_rate
+        if rate is None:
+            costs = token_costs(manager.graph_module, structure)
+            rate = round(
+                keep_rate_for_ratio(costs, locations, structure.num_prefix_tokens, self.flops_ratio), 4
+            )
+        return TokenDropPass(rate, locations, fuse=self.fuse)
 
     def run(self, ctx: StageContext, following: Stage | None) -> None:
         thresholds = ctx.prepared.pop("token_thresholds", None)
         if thresholds is None:
-            ctx.manager.run(self.static_pass(ctx.manager.structure.depth))
+            ctx.manager.run(self.static_pass(ctx.manager))
             return
+        locations = ctx.prepared.pop("token_locations")
         ctx.manager.run(
             TokenDropPass(
-                thresholds=thresholds,
-                locations=ctx.prepared.pop("token_locations"),
-                fuse=self.fuse,
-                calibration=ctx.calibration,
+                thresholds=thresholds, locations=locations, fuse=self.fuse, calibration=ctx.calibration
             )
         )
 
