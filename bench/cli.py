@@ -349,6 +349,8 @@ def _prune_flags(parser: argparse.ArgumentParser) -> None:
 @command("prune", "run a recipe file on your model and image folder: prune, fine-tune, export, report",
          _prune_flags)
 def _prune(args: argparse.Namespace) -> int:
+    from vitsparse.pruners.checkpoints import is_writer
+
     from .prune import PruneRequest, run_prune
 
     if args.epochs is not None and args.epochs < 0:
@@ -360,6 +362,8 @@ def _prune(args: argparse.Namespace) -> int:
                            speed=not args.skip_speed, engines=args.engines, device=args.device,
                            progress=sys.stderr.isatty())
     result = run_prune(request)
+    if not is_writer():  # under torchrun, rank 0 speaks for the run
+        return 0
     print(f"top-1 on val: {100 * result.top1_before:.2f} % before, {100 * result.top1_after:.2f} % after; "
           f"artifact {result.artifact}")
     return 0

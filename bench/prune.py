@@ -8,6 +8,9 @@ stage, from the running stage's last epoch. The end is the verified export, `rep
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +21,11 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from vitsparse.compiler import ExportConfig, PassManager, Recipe, export_artifact, trace
+from vitsparse.compiler.recipe import atomic_path
 from vitsparse.compiler.trace import SERVING_KEY
 from vitsparse.models import build_model, evaluate
 from vitsparse.models.data import model_data_config
+from vitsparse.pruners import distributed as dist_utils
 from vitsparse.pruners.checkpoints import EpochStore, is_writer, resumable
 from vitsparse.pruners.distributed import process_device
 
@@ -145,42 +150,66 @@ class PruneResult:
 
 
 def run_prune(request: PruneRequest) -> PruneResult:
-    """Check everything, then run the plan's stages with checkpoints, export, and report."""
+    """Check everything, then run the plan's stages with checkpoints, export, and report.
+
+    Under torchrun every rank runs the stages (DDP shards each training step's data); rank 0 alone
+    writes OUT, and the others wait for it where they read what it wrote.
+    """
     plan = load_plan(request.recipe)
     if request.epochs is not None:
         plan = plan.with_epochs(request.epochs)
     folder = RunFolder(request.out, writer=is_writer())
     data = check_image_data(request.data)
     start = start_model(request, data)  # the model is checked against the data before OUT is touched
-    folder.claim(request.fingerprint(plan), resume=request.resume, overwrite=request.overwrite)
+    group = dist_utils.start(process_device(request.device))  # one process group for the whole run
+    try:
+        if folder.writer:
+            folder.claim(request.fingerprint(plan), resume=request.resume, overwrite=request.overwrite)
+        _barrier()
+        _announce(request, plan, data, folder)
+        settings = plan.settings
+        loaders = make_loaders(
+            data, start.data_config, settings.batch_size, settings.seed, settings.calibration_images
+        )
+        stages, final = _run_stages(request, plan, folder, start, loaders)
+        if world_size() > 1:  # every rank says what it ended with: DDP must leave them equal
+            _write_rank_digest(folder, final)
+        return _finish(request, plan, folder, start, loaders, stages)
+    finally:
+        dist_utils.stop(group, wait=False)
+
+
+def _announce(request: PruneRequest, plan: RecipePlan, data: ImageData, folder: RunFolder) -> None:
+    skipped = len(data.skipped)
     _say(
         request,
         f"recipe {plan.source}: {len(plan.stages)} stages, {plan.training_epochs()} training epochs; "
         f"data {len(data.train)} train / {len(data.val)} val images, {len(data.classes)} classes"
         + (
-            f"; skipped {len(data.skipped)} files that are not readable images ({data.skipped[0]}, ...)"
-            if data.skipped
+            f"; skipped {skipped} files that are not readable images ({data.skipped[0]}, ...)"
+            if skipped
             else ""
         ),
     )
     folder.log("start", plan=plan.to_dict(), skipped=data.skipped, device=str(process_device(request.device)))
-    settings = plan.settings
-    loaders = make_loaders(
-        data, start.data_config, settings.batch_size, settings.seed, settings.calibration_images
-    )
-    stages = _run_stages(request, plan, folder, start, loaders)
-    return _finish(request, plan, folder, start, loaders, stages)
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def _run_stages(
     request: PruneRequest, plan: RecipePlan, folder: RunFolder, start: Start, loaders: PruneLoaders
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], fx.GraphModule]:
+    """Every stage not yet checkpointed, in order; the stages' results and the final graph."""
     last = folder.last_stage()
     if last is None:
         top1 = evaluate(start.graph, loaders.val).top1
         folder.save_stage(0, start.graph, start.record, {"stage": "start", "top1": top1, "prepared": {}})
         folder.log("stage", index=0, stage="start", top1=top1)
         last = 0
+    _barrier()  # rank 0 has written the starting model every rank's teacher is read from
     teacher, _ = folder.load_stage(0)
     graph, record = folder.load_stage(last) if last else (start.graph, start.record)
     info = folder.stage_info(last)
@@ -203,7 +232,7 @@ def _run_stages(
         )
     for index in range(last, len(plan.stages)):
         results.append(_run_stage(request, plan, folder, ctx, loaders, index))
-    return results
+    return results, ctx.manager.graph_module
 
 
 def _run_stage(
@@ -245,7 +274,7 @@ def _run_stage(
 def _epoch_reporter(request: PruneRequest, folder: RunFolder, stage: int):
     def report(epoch: dict[str, Any]) -> None:
         folder.log("epoch", stage=stage, **epoch)
-        if not request.progress:  # a terminal has the bar; a log gets a line per epoch
+        if folder.writer and not request.progress:  # a terminal has the bar; a log gets a line per epoch
             print(
                 f"    epoch {epoch['epoch']}/{epoch['epochs']}: loss {epoch['loss']:.4f}, train top-1 "
                 f"{100 * epoch['train_top1']:.1f} % ({epoch['seconds']:.0f} s)",
@@ -285,9 +314,33 @@ def _finish(
         files = write_prune_report(
             request, plan, stages, (teacher, teacher_record), (graph, record), folder, loaders
         )
+        folder.drop_intermediate_stages(len(plan.stages))
         folder.finish({"artifact": str(artifact), **{k: str(v) for k, v in files.items()}})
         _say(request, f"wrote {artifact}, {files['report']} and {files['results']}")
     return PruneResult(artifact, stages[0]["top1"], stages[-1]["top1"], stages)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (masks included), by name."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _write_rank_digest(folder: RunFolder, graph: fx.GraphModule) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    path = folder.root / "ranks" / f"rank-{rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(
+            json.dumps({"rank": rank, "world_size": world_size(), "state_sha256": state_digest(graph)})
+        )
 
 
 def _label(graph: fx.GraphModule, labels: tuple[str, ...] | None) -> None:

@@ -2,7 +2,8 @@
 
     OUT/run.json              the run's fingerprint (plan digest, model, data) and status
     OUT/log.jsonl             one JSON object per event (stage start/end, epoch, export), appended
-    OUT/checkpoints/stage-NN  record + weights + stage.json after stage NN (stage-00: the starting model)
+    OUT/checkpoints/stage-NN  record + weights + stage.json after stage NN (stage-00: the starting model;
+                              a finished run keeps that one and the last)
     OUT/checkpoints/epochs/   the running stage's epoch states (pruners/checkpoints.py)
     OUT/artifact/, OUT/report.md, OUT/results.json   written at the end
 
@@ -50,6 +51,9 @@ class RunFolder:
             shutil.rmtree(self.root)
         elif present and resume:
             previous = json.loads(run_file.read_text(encoding="utf-8"))
+            if previous.get("status") == STATUS_FINISHED:
+                raise ValueError(f"{self.root} holds a finished run (artifact {previous.get('artifact')}); "
+                                 "nothing to resume")
             changed = sorted(
                 k for k in fingerprint if previous.get("fingerprint", {}).get(k) != fingerprint[k]
             )
@@ -108,6 +112,12 @@ class RunFolder:
             staging.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def drop_intermediate_stages(self, last: int) -> None:
+        """A finished run keeps the starting model and the last stage; the rest only served resuming."""
+        for index in range(1, last):
+            shutil.rmtree(self.stage_dir(index), ignore_errors=True)
+        shutil.rmtree(self.epochs_dir(), ignore_errors=True)
 
     def last_stage(self) -> int | None:
         """The highest stage with a complete checkpoint, or None."""

@@ -1,0 +1,390 @@
+"""`vitsparse prune`: recipe files checked before any work, every shipped recipe run end to end on a digits
+image folder, crash safety (SIGINT, SIGKILL, --resume), torchrun, and bad input as one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from starlette.testclient import TestClient
+
+from vitsparse.bench.cli import main
+from vitsparse.bench.plan import PlanError, load_plan
+from vitsparse.bench.stages import STAGES
+from vitsparse.bench.verify import torch_reference
+from vitsparse.models import build_model
+from vitsparse.models.digits import write_digits_imagefolder
+from vitsparse.runtime.artifact import load_artifact
+from vitsparse.runtime.evaluate import evaluate_artifact
+from vitsparse.runtime.server import ServeConfig, ServerMetrics, build_models, create_app
+
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+# a resumed run repeats the interrupted epoch from the same seed, data order and optimiser state: the
+# weights match the uninterrupted run's to float rounding (thread scheduling can reorder sums)
+RESUME_ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def digits_base() -> None:
+    """digits-vit trained and cached before any child process needs it."""
+    build_model("digits-vit", pretrained=True, progress=False)
+
+
+@pytest.fixture(scope="module")
+def digits_data(tmp_path_factory, digits_base) -> Path:
+    """digits-vit's splits as PNGs, 26 images of each class in train/ and in val/ (obs-fisher reads 256)."""
+    return write_digits_imagefolder(tmp_path_factory.mktemp("data") / "digits", per_class=26)
+
+
+def prune(recipe: Path, data: Path, out: Path, *extra: str, model: str = "digits-vit") -> int:
+    flags = ["--pretrained"] if model == "digits-vit" else []
+    return main(
+        [
+            "prune",
+            model,
+            *flags,
+            "--recipe",
+            str(recipe),
+            "--data",
+            str(data),
+            "-o",
+            str(out),
+            "--epochs",
+            "1",
+            "--skip-speed",
+            *extra,
+        ]
+    )
+
+
+def classify(artifact: Path, image: Path) -> dict:
+    config = ServeConfig(engine="onnxruntime")
+    metrics = ServerMetrics()
+    app = create_app(build_models([load_artifact(artifact)], config, metrics), config, metrics)
+    with TestClient(app) as client:
+        reply = client.post(
+            f"/v2/models/{artifact.name}/classify",
+            content=image.read_bytes(),
+            headers={"content-type": "image/png"},
+        )
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_shipped_recipe_gives_an_artifact_that_eval_and_serve_accept(
+    recipe, digits_data, tmp_path
+) -> None:
+    out = tmp_path / "run"
+    assert prune(recipe, digits_data, out) == 0
+    run = json.loads((out / "run.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    assert run["status"] == "finished"
+    assert [row["method"] for row in results["rows"]] == ["dense", "recipe"]
+    assert len(results["rows"][1]["stages"]) == len(load_plan(recipe).stages)
+    artifact = load_artifact(out / "artifact")
+    evaluation = evaluate_artifact(
+        artifact, digits_data / "val", "onnxruntime", reference=torch_reference(artifact)
+    )
+    assert evaluation.images == 260 and evaluation.agreement >= 0.95
+    assert abs(evaluation.top1 - results["rows"][1]["top1"]) <= 0.05  # served vs trained preprocessing
+    reply = classify(out / "artifact", next((digits_data / "val" / "7").iterdir()))
+    assert reply["predictions"][0]["label"] in [str(d) for d in range(10)]
+
+
+def test_the_shipped_recipes_use_every_stage() -> None:
+    used = {stage.kind for recipe in RECIPES for stage in load_plan(recipe).stages}
+    assert used == set(STAGES)
+
+
+@pytest.mark.parametrize(
+    "text, where, says",
+    [
+        ("stages:\n  - prune: {}\n", "stage 1 (prune, line 2)", "unknown stage; choose from vtp-scores"),
+        (
+            "stages:\n  - finetune: {epochs: 2}\n  - finetune: {epoch: 2}\n",
+            "stage 2 (finetune, line 3)",
+            "epoch: unknown key; allowed: epochs",
+        ),
+        (
+            "stages:\n  - finetune: {epochs: two}\n",
+            "stage 1 (finetune, line 2)",
+            "epochs: must be a whole number",
+        ),
+        ("stages:\n  - finetune: {distill: 1}\n", "stage 1", "distill: must be true or false"),
+        ("stages:\n  - sparsity: {sparsity: 1.5}\n", "stage 1 (sparsity", "sparsity must lie in [0, 1)"),
+        ("stages:\n  - vtp-scores: {}\n  - vtp-slice: {rate: 1.2}\n", "stage 2 (vtp-slice", "rate must lie"),
+        (
+            "stages:\n  - finetune: {augment: flips}\n",
+            "stage 1",
+            "augment: must be one of 'timm', 'shift', 'none'",
+        ),
+        (
+            "stages:\n  - vtp-slice: {rate: 0.4}\n",
+            "stage 1 (vtp-slice",
+            "needs a vtp-scores stage right before",
+        ),
+        (
+            "stages:\n  - int8: {}\n  - sparsity: {sparsity: 0.5}\n",
+            "stage 2 (sparsity",
+            "masks cannot come after INT8",
+        ),
+        (
+            "stages:\n  - sparsity: {sparsity: 0.5}\n  - vtp-scores: {}\n  - vtp-slice: {}\n",
+            "stage 2",
+            "slicing cannot come after masks",
+        ),
+        ("stages:\n  - qat: {}\n", "stage 1 (qat", "runs only after a int8 stage"),
+        (
+            "stages:\n  - token-thresholds: {}\n  - finetune: {}\n",
+            "stage 1",
+            "must be followed by a token-drop",
+        ),
+        ("stages:\n  - token-drop: {keep_rate: 0.5, flops_ratio: 0.5}\n", "stage 1", "give exactly one"),
+        ("seed: zero\nstages:\n  - finetune: {}\n", "plan.yaml: seed", "must be a whole number"),
+        ("stages: []\n", "plan.yaml", "non-empty list `stages`"),
+        ("stages:\n  - finetune: {epochs: 2\n", "plan.yaml", "not valid YAML"),
+    ],
+)
+def test_a_recipe_error_is_one_line_naming_file_stage_line_and_key(tmp_path, text, where, says) -> None:
+    path = tmp_path / "plan.yaml"
+    path.write_text(text)
+    with pytest.raises(PlanError) as caught:
+        load_plan(path)
+    message = str(caught.value)
+    assert "\n" not in message and where in message and says in message, message
+
+
+def test_a_json_recipe_is_read_too(tmp_path) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"stages": [{"sparsity": {"sparsity": 0.5}}, {"finetune": {"epochs": 1}}]}))
+    assert [s.kind for s in load_plan(path).stages] == ["sparsity", "finetune"]
+
+
+def _copy_folder(source: Path, target: Path) -> Path:
+    for path in source.rglob("*.png"):
+        (target / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+        (target / path.relative_to(source)).write_bytes(path.read_bytes())
+    return target
+
+
+def _missing_val(root: Path) -> None:
+    for path in (root / "val").rglob("*"):
+        if path.is_file():
+            path.unlink()
+    for path in sorted((root / "val").glob("*"), reverse=True):
+        path.rmdir()
+    (root / "val").rmdir()
+
+
+@pytest.mark.parametrize(
+    "spoil, says",
+    [
+        (_missing_val, "has no val/ folder"),
+        (lambda root: (root / "train" / "9b").mkdir(), "holds no .jpg, .jpeg or .png file"),
+        (
+            lambda root: _copy_folder(root / "val" / "3", root / "val" / "3b"),
+            "train/ and val/ hold different classes",
+        ),
+    ],
+)
+def test_bad_data_is_one_line_and_writes_nothing(digits_data, tmp_path, capsys, spoil, says) -> None:
+    data = _copy_folder(digits_data, tmp_path / "data")
+    spoil(data)
+    assert prune(RECIPES[0], data, tmp_path / "out") == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_classes_that_do_not_match_the_head_are_refused_or_the_head_replaced(
+    digits_data, tmp_path, capsys
+) -> None:
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for digit, name in ((0, "zero"), (1, "one"), (7, "seven")):
+            _copy_folder(digits_data / split / str(digit), data / split / name)
+    (data / "train" / "one" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    magnitude = Path(__file__).parents[1] / "recipes" / "magnitude.yaml"
+    assert prune(magnitude, data, tmp_path / "out") == 2
+    assert "head has 10 outputs" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert prune(magnitude, data, tmp_path / "out", "--replace-head") == 0
+    assert "skipped 1 files that are not readable images" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "out" / "artifact" / "meta.json").read_text())
+    assert meta["labels"] == ["one", "seven", "zero"]
+
+
+def test_a_checkpoint_that_is_not_a_state_dict_is_refused(digits_data, tmp_path, capsys) -> None:
+    bad = tmp_path / "model.pth"
+    torch.save([1, 2, 3], bad)
+    code = main(
+        [
+            "prune",
+            "digits-vit",
+            "--checkpoint",
+            str(bad),
+            "--recipe",
+            str(RECIPES[0]),
+            "--data",
+            str(digits_data),
+            "-o",
+            str(tmp_path / "out"),
+            "--skip-speed",
+        ]
+    )
+    assert code == 2 and "state dict" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_holding_another_run_is_refused_unless_resumed_or_overwritten(
+    digits_data, tmp_path, capsys
+) -> None:
+    magnitude = Path(__file__).parents[1] / "recipes" / "magnitude.yaml"
+    out = tmp_path / "out"
+    assert prune(magnitude, digits_data, out) == 0
+    assert prune(magnitude, digits_data, out) == 2
+    assert "already holds a finished run; pass --resume" in capsys.readouterr().err
+    assert prune(magnitude, digits_data, out, "--resume") == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert prune(magnitude, digits_data, out, "--overwrite") == 0
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert prune(magnitude, digits_data, other, "--overwrite") == 2
+    assert "holds no vitsparse prune run" in capsys.readouterr().err
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+RESUMABLE = """seed: 3
+stages:
+  - vtp-scores: {epochs: 3, augment: none}
+  - vtp-slice: {rate: 0.4, multiple: 8}
+  - finetune: {epochs: 4, augment: timm}
+"""
+
+
+def _command(recipe: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "vitsparse.bench.cli",
+        "prune",
+        "digits-vit",
+        "--pretrained",
+        "--recipe",
+        str(recipe),
+        "--data",
+        str(data),
+        "-o",
+        str(out),
+        "--skip-speed",
+        *extra,
+    ]
+
+
+def _stop_after(command: list[str], log: Path, stage: int, epoch: int, sig: int) -> int:
+    """Run `command`, send `sig` once log.jsonl shows that epoch of that stage; the exit code."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        events = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+        if any(e["event"] == "epoch" and e["stage"] == stage and e["epoch"] == epoch for e in events):
+            process.send_signal(sig)
+            break
+        time.sleep(0.02)
+    return process.wait(timeout=240)
+
+
+@pytest.fixture(scope="module")
+def resume_data(tmp_path_factory, digits_base) -> Path:
+    return write_digits_imagefolder(tmp_path_factory.mktemp("resume") / "digits", per_class=30)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, resume_data) -> Path:
+    folder = tmp_path_factory.mktemp("whole")
+    recipe = folder / "plan.yaml"
+    recipe.write_text(RESUMABLE)
+    subprocess.run(
+        _command(recipe, resume_data, folder / "out"), check=True, capture_output=True, timeout=300
+    )
+    return folder / "out"
+
+
+@pytest.mark.parametrize(
+    "sig, stage, epoch",
+    [(signal.SIGINT, 3, 2), (signal.SIGKILL, 1, 1)],
+    ids=["sigint-in-finetune", "sigkill-in-score-training"],
+)
+def test_a_run_stopped_mid_stage_resumes_to_the_uninterrupted_result(
+    uninterrupted, resume_data, tmp_path, sig, stage, epoch
+) -> None:
+    recipe = tmp_path / "plan.yaml"
+    recipe.write_text(RESUMABLE)
+    out = tmp_path / "out"
+    code = _stop_after(_command(recipe, resume_data, out), out / "log.jsonl", stage, epoch, sig)
+    assert code == (130 if sig == signal.SIGINT else -signal.SIGKILL)
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    assert not (out / "artifact").exists() and not (out / "results.json").exists()
+    done = subprocess.run(
+        _command(recipe, resume_data, out, "--resume"), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming after stage" in done.stdout or stage == 1
+    ours, whole = (load_file(str(o / "artifact" / "weights.safetensors")) for o in (out, uninterrupted))
+    assert ours.keys() == whole.keys()
+    worst = max(float((ours[k] - whole[k]).abs().max()) for k in ours)
+    assert worst <= RESUME_ATOL, worst
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_torchrun_on_two_cpu_processes_ends_with_identical_weights_and_masks(digits_data, tmp_path) -> None:
+    recipe = tmp_path / "plan.yaml"
+    recipe.write_text("stages:\n  - sparsity: {sparsity: 0.6}\n  - finetune: {epochs: 2, augment: none}\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "vitsparse.bench.cli",
+        "prune",
+        "digits-vit",
+        "--pretrained",
+        "--recipe",
+        str(recipe),
+        "--data",
+        str(digits_data),
+        "-o",
+        str(tmp_path / "out"),
+        "--skip-speed",
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    ranks = [json.loads((tmp_path / "out" / "ranks" / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["state_sha256"] == ranks[1]["state_sha256"]
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["status"] == "finished"
+
+
+def test_the_digits_folder_holds_digits_vit_splits_as_pngs(digits_data) -> None:
+    image = Image.open(next((digits_data / "train" / "0").iterdir()))
+    assert image.size == (8, 8) and image.mode == "L"
+    assert sorted(p.name for p in (digits_data / "val").iterdir()) == [str(d) for d in range(10)]
