@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -93,12 +94,39 @@ def build_model(
 def _build_timm(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     if not (timm.is_model(name) or name.startswith(_HUB_PREFIXES)):
         raise ValueError(_unknown_name_message(name))
+    check_text_arguments(VisionTransformer, kwargs)
     if pretrained:  # find out the class on the meta device before downloading any weights
         _require_vit(name, _try_build_on_meta(name, kwargs))
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (TypeError, AssertionError) as err:
         raise ValueError(f"timm could not build {name!r} with arguments {kwargs}: {err}") from None
+
+
+TEXT_TYPES = ("str", "Callable", "Type", "Any")  # annotations a text value may satisfy
+
+
+def check_text_arguments(cls: type, kwargs: dict[str, Any]) -> None:
+    """ValueError for a text value where `cls`'s constructor takes no text (timm reads `class_token='no'`
+    as true), or one outside a Literal's choices; the key is named."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # unresolvable annotations: nothing to check against
+        return
+    for key, value in kwargs.items():
+        hint = hints.get(key)
+        if not isinstance(value, str) or hint is None:
+            continue
+        choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
+        if choices is not None and value not in choices:
+            raise ValueError(f"{key}={value!r}: {cls.__name__} takes one of {', '.join(map(repr, choices))}")
+        if choices is None and not any(word in str(hint) for word in TEXT_TYPES):
+            raise ValueError(f"{key}={value!r}: {cls.__name__} takes {_type_name(hint)} for {key}, not text "
+                             "(write a number, true/false/none, or a tuple such as (224, 224))")
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def _try_build_on_meta(name: str, kwargs: dict[str, Any]) -> nn.Module | None:

@@ -44,3 +44,17 @@ def test_parse_assignment_reads_literals() -> None:
         assert parse_assignment(f"class_token={word}") == ("class_token", value)  # not the string 'false'
     with pytest.raises(Exception, match="key=value"):
         parse_assignment("no-equals")
+
+
+@pytest.mark.parametrize("setting, says", [
+    ("class_token=yes", "class_token='yes': VisionTransformer takes bool for class_token, not text"),
+    ("global_pool=avgg", "global_pool='avgg': VisionTransformer takes one of '', 'avg'"),
+    ("img_size=big", "takes Union[int, Tuple[int, int]] for img_size"),
+])
+def test_set_refuses_text_the_constructor_does_not_take(setting, says, capsys) -> None:
+    assert main(["info", "deit_tiny_patch16_224", "--set", setting]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_set_passes_text_where_the_constructor_takes_it(capsys) -> None:
+    assert main(["info", "deit_tiny_patch16_224", "--set", "act_layer=gelu", "--set", "global_pool=avg"]) == 0
