@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -36,9 +37,11 @@ from .accuracy import CALIBRATION_IMAGES, MODEL, export_row, make_row, over_seed
 from .int8 import OBSERVER as INT8_OBSERVER
 from .int8 import verify_formats
 from .labels import combined_setting_label
+from .plan import RECIPES_DIR, RecipePlan, load_plan
 from .schema import Row
 from .speed import artifact_slug
-from .staged import StagedRun, StagedSchedule, run_staged
+from .staged import MASK_SALIENCY, MASK_SOLVER, StagedRun, StagedSchedule, run_staged
+from .stages import Finetune
 
 METHOD = "combined"
 
@@ -88,12 +91,86 @@ class CombinedSetting:
         return TokenDropPass(self.keep_rate, locations, fuse=self.fuse_tokens)
 
 
+def from_plan(plan: RecipePlan) -> tuple[CombinedSetting, StagedSchedule]:
+    """The setting and staged schedule a combined recipe file describes: slicing (scores trained, then a
+    recovery fine-tune), head channels (indicators from weights), learned token thresholds, gradual
+    Fisher OBS masks, INT8 with quantization-aware training, each optional but in that shape."""
+    stages = [s.stage for s in plan.stages]
+    found: dict[str, Any] = {}
+    for index, stage in enumerate(stages):
+        following = stages[index + 1] if index + 1 < len(stages) else None
+        after = following.epochs if isinstance(following, Finetune) else None
+        reader = _PLAN_READERS.get(stage.kind)
+        if reader is not None:
+            reader(stage, after, found)
+        elif stage.kind not in ("finetune", "head-search", "token-thresholds"):
+            raise ValueError(f"{plan.source}: the combined rows do not run a {stage.kind} stage")
+    multiples = set(found.pop("multiples", [16]))
+    if len(multiples) != 1:
+        raise ValueError(f"{plan.source}: the combined rows slice to one multiple, got {sorted(multiples)}")
+    schedule = StagedSchedule(**{k: found.pop(k) for k in list(found) if k in _SCHEDULE_KEYS})
+    return CombinedSetting(**found, multiple=multiples.pop()), schedule
+
+
+_SCHEDULE_KEYS = {f.name for f in fields(StagedSchedule)}
+
+
+def _read_vtp(stage, after, found) -> None:
+    found.update(vtp_rate=stage.rate, recover_epochs=after)
+    found.setdefault("multiples", []).append(stage.multiple)
+
+
+def _read_head(stage, after, found) -> None:
+    found.update(head_budget=stage.budget, recover_epochs=after)
+    found.setdefault("multiples", []).append(stage.multiple)
+
+
+def _read_scores(stage, after, found) -> None:
+    found.update(score_epochs=stage.epochs, lr=stage.lr)
+
+
+def _read_tokens(stage, after, found) -> None:
+    found.update(keep_rate=stage.keep_rate, token_epochs=after, fuse_tokens=stage.fuse,
+                 token_locations=stage.locations)
+
+
+def _read_thresholds(stage, after, found) -> None:
+    found.update(threshold_epochs=stage.epochs)
+
+
+def _read_masks(stage, after, found) -> None:
+    if (stage.saliency, stage.scope, stage.solver) != (MASK_SALIENCY, "global", MASK_SOLVER):
+        raise ValueError(f"the combined rows' masks are {MASK_SALIENCY}, global, solver {MASK_SOLVER}")
+    found.update(sparsity=stage.sparsity, mask_steps=stage.steps, mask_recover_epochs=stage.epochs,
+                 mask_epochs=after)
+
+
+def _read_int8(stage, after, found) -> None:
+    found.update(int8=True, int8_patch_embed=stage.patch_embed)
+
+
+def _read_qat(stage, after, found) -> None:
+    found.update(qat_epochs=stage.epochs)
+
+
+_PLAN_READERS = {"vtp-slice": _read_vtp, "head-channel-slice": _read_head, "vtp-scores": _read_scores,
+                 "token-drop": _read_tokens, "token-thresholds": _read_thresholds, "sparsity": _read_masks,
+                 "int8": _read_int8, "qat": _read_qat}
+
+
+def shipped_combined(name: str) -> tuple[CombinedSetting, StagedSchedule]:
+    """A combined recipe of `recipes/` as prune-and-bench's setting and schedule."""
+    return from_plan(load_plan(RECIPES_DIR / f"{name}.yaml"))
+
+
+# every method in one recipe at the settings of recipes/combined.yaml
+COMBINED, COMBINED_SCHEDULE = shipped_combined("combined")
 # every method at a heavier setting, tokens dropped from block 1 on (fused, which costs DeepSparse ~3 %
 # and gains digits-vit ~3 pt), INT8 down to the patch embedding: measured on deit_small at batch 16,
 # 10–11x dense PyTorch on DeepSparse where `CombinedSetting(int8=True)` gave ~3x (the first blocks, at
-# full token count, cost most there: softmax, LayerNorm and shuffles, not the INT8 products)
-SPEED_RECIPE = CombinedSetting(vtp_rate=0.4, head_budget=0.5, keep_rate=0.4, sparsity=0.9, int8=True,
-                               token_locations=(1, 4, 7), fuse_tokens=True, int8_patch_embed=True)
+# full token count, cost most there: softmax, LayerNorm and shuffles, not the INT8 products);
+# recipes/combined-int8-speed.yaml
+SPEED_RECIPE, _ = shipped_combined("combined-int8-speed")
 
 # the INT8 recipes from light to heavy that the report plots as a frontier (top-1 against speed): the
 # float recipe's setting in INT8, one lighter, one between it and the speed recipe, and the speed recipe

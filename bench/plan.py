@@ -30,6 +30,7 @@ import yaml
 from .settings import SettingError, build_settings
 from .stages import STAGES, Stage
 
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # the shipped recipe files
 PHASES = {1: "slicing", 2: "token dropping", 3: "masks", 4: "INT8"}
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from vitsparse.pruners import HEAD_CHANNEL_VARIANTS
 
-from .combined import FRONTIER, CombinedSetting
+from .combined import COMBINED, COMBINED_SCHEDULE, FRONTIER, CombinedSetting
 from .int8 import DEFAULT_SPEED as INT8_SPEED
 from .int8 import TWIN_FORMATS, Int8SpeedSetting
 from .methods import SpeedSetting
@@ -41,10 +41,10 @@ class Profile:
     token_drop_seeds: int = 3
     token_drop_speed: tuple[float, ...] = (0.7,)
     token_drop_finetune_epochs: int = 30  # digits-vit's own recipe after dropping (bench/token_drop.py)
-    combined: CombinedSetting | None = CombinedSetting()  # every landed method in one recipe
+    combined: CombinedSetting | None = COMBINED  # every landed method in one recipe (recipes/combined.yaml)
     # INT8 recipes from light to heavy, each trained stage by stage on digits-vit and timed in INT8
     combined_frontier: tuple[CombinedSetting, ...] = FRONTIER
-    combined_schedule: StagedSchedule = StagedSchedule()  # every combined recipe's digits-vit stages
+    combined_schedule: StagedSchedule = COMBINED_SCHEDULE  # every combined recipe's digits-vit stages
     combined_seeds: int = 3  # seeds each combined recipe's digits-vit top-1 is averaged over
     # static INT8: digits-vit sparsities (0: dense; Fisher OBS masks) and the INT8 models timed
     int8_sparsities: tuple[float, ...] = (0.0, 0.75, 0.9)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from starlette.testclient import TestClient
 
 from vitsparse.bench.cli import main
-from vitsparse.bench.plan import PlanError, load_plan
+from vitsparse.bench.plan import RECIPES_DIR, PlanError, load_plan
 from vitsparse.bench.stages import STAGES
 from vitsparse.bench.verify import torch_reference
 from vitsparse.models import build_model
@@ -388,3 +388,34 @@ def test_the_digits_folder_holds_digits_vit_splits_as_pngs(digits_data) -> None:
     image = Image.open(next((digits_data / "train" / "0").iterdir()))
     assert image.size == (8, 8) and image.mode == "L"
     assert sorted(p.name for p in (digits_data / "val").iterdir()) == [str(d) for d in range(10)]
+
+
+def test_prune_and_bench_takes_its_combined_settings_from_the_recipe_files(tmp_path) -> None:
+    from vitsparse.bench.combined import SPEED_RECIPE, from_plan
+    from vitsparse.bench.profiles import PROFILES
+
+    combined = load_plan(RECIPES_DIR / "combined.yaml")
+    assert from_plan(combined) == (PROFILES["default"].combined, PROFILES["default"].combined_schedule)
+    assert from_plan(load_plan(RECIPES_DIR / "combined-int8-speed.yaml"))[0] == SPEED_RECIPE
+    edited = tmp_path / "combined.yaml"
+    edited.write_text((RECIPES_DIR / "combined.yaml").read_text().replace("rate: 0.2", "rate: 0.3"))
+    assert from_plan(load_plan(edited))[0].vtp_rate == 0.3
+    edited.write_text("stages:\n  - sparsity: {saliency: magnitude, sparsity: 0.5}\n")
+    with pytest.raises(ValueError, match="masks are obs-fisher, global"):
+        from_plan(load_plan(edited))
+
+
+def test_each_method_recipe_is_a_point_of_prune_and_bench_s_sweep() -> None:
+    from vitsparse.bench.profiles import PROFILES
+
+    profile = PROFILES["default"]
+    stages = {p.stem: {s.kind: s.stage for s in load_plan(p).stages} for p in RECIPES}
+    assert stages["vtp"]["vtp-slice"].rate in profile.vtp_rates
+    assert stages["head-channels"]["head-channel-slice"].budget in profile.head_channel_budgets
+    assert stages["token-drop"]["token-drop"].flops_ratio in profile.token_drop_ratios
+    assert stages["token-drop"]["finetune"].epochs == profile.token_drop_finetune_epochs
+    for name in ("magnitude", "obs-layerwise", "obs-fisher"):
+        assert stages[name]["sparsity"].sparsity in profile.accuracy_sparsities
+    assert stages["int8"]["sparsity"].sparsity in profile.int8_sparsities
+    for name in ("vtp", "head-channels", "magnitude", "obs-layerwise", "obs-fisher", "int8"):
+        assert stages[name]["finetune"].epochs == profile.finetune_epochs
