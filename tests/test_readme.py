@@ -138,3 +138,46 @@ def test_readme_openvino_example_runs(tmp_path, monkeypatch, capsys) -> None:
     exec(compile(blocks[8], str(README), "exec"), namespace)  # noqa: S102 - our own documentation
     assert capsys.readouterr().out.strip().splitlines()[-1] == "f32 qdq"
     assert namespace["logits"].shape == (1, 10)
+
+
+def _quick_start() -> list[list[str]]:
+    """The quick start's three commands, split into words."""
+    text = README.read_text(encoding="utf-8").split("## Quick start", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1)
+    return [line.split() for line in block.strip().splitlines()]
+
+
+def test_readme_quick_start_prunes_evaluates_and_serves(tmp_path, monkeypatch, capsys) -> None:
+    import argparse
+
+    from starlette.testclient import TestClient
+
+    from vitsparse.bench.cli import main
+    from vitsparse.models import build_model
+    from vitsparse.models.digits import write_digits_imagefolder
+    from vitsparse.runtime.artifact import load_artifact
+    from vitsparse.runtime.serve_cli import configure_serve_parser, serve_config
+    from vitsparse.runtime.server import ServerMetrics, build_models, create_app
+
+    prune, evaluate, serve = _quick_start()
+    assert [c[:2] for c in (prune, evaluate, serve)] == [["vitsparse", "prune"], ["vitsparse", "eval"],
+                                                          ["vitsparse", "serve"]]
+    build_model("digits-vit", pretrained=True, progress=False)
+    write_digits_imagefolder(tmp_path / "my-images", per_class=26)  # the user's folder: digits as PNGs
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").symlink_to(README.parent / "recipes")
+    own_model = [w if w != "deit_small_patch16_224" else "digits-vit" for w in prune[1:]]
+    assert main([*own_model, "--epochs", "1", "--skip-speed"]) == 0
+    assert main(evaluate[1:]) == 0
+    assert "same top-1 as PyTorch on" in capsys.readouterr().out
+    parser = argparse.ArgumentParser()
+    configure_serve_parser(parser)
+    args = parser.parse_args(serve[2:])
+    config, metrics = serve_config(args), ServerMetrics()
+    models = build_models([load_artifact(a) for a in args.artifacts], config, metrics)
+    app = create_app(models, config, metrics)
+    image = next((tmp_path / "my-images" / "val" / "4").iterdir()).read_bytes()
+    with TestClient(app) as client:
+        reply = client.post("/v2/models/artifact/classify", content=image,
+                            headers={"content-type": "image/png"})
+    assert reply.status_code == 200 and reply.json()["predictions"][0]["label"] in [str(d) for d in range(10)]
