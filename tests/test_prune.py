@@ -24,6 +24,7 @@ from vitsparse.bench.stages import STAGES
 from vitsparse.bench.verify import torch_reference
 from vitsparse.models import build_model
 from vitsparse.models.digits import write_digits_imagefolder
+from vitsparse.runtime import ENGINES, engine_status
 from vitsparse.runtime.artifact import load_artifact
 from vitsparse.runtime.evaluate import evaluate_artifact
 from vitsparse.runtime.server import ServeConfig, ServerMetrics, build_models, create_app
@@ -32,6 +33,7 @@ RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 # a resumed run repeats the interrupted epoch from the same seed, data order and optimiser state: the
 # weights match the uninterrupted run's to float rounding (thread scheduling can reorder sums)
 RESUME_ATOL = 1e-5
+AGREEMENT = 0.995  # of the engine's top-1 with PyTorch's: at most one of the 260 images may differ
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +81,12 @@ def classify(artifact: Path, image: Path) -> dict:
         )
     assert reply.status_code == 200, reply.text
     return reply.json()
+
+
+def engines_for(artifact) -> list[str]:
+    """The engines here that run the artifact (an INT8 QDQ file as INT8: ONNX Runtime and OpenVINO)."""
+    quantized = bool(artifact.meta.get("quantization"))
+    return [e for e in ENGINES if engine_status(e).available and not (quantized and e == "deepsparse")]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
@@ -419,3 +427,23 @@ def test_each_method_recipe_is_a_point_of_prune_and_bench_s_sweep() -> None:
     assert stages["int8"]["sparsity"].sparsity in profile.int8_sparsities
     for name in ("vtp", "head-channels", "magnitude", "obs-layerwise", "obs-fisher", "int8"):
         assert stages[name]["finetune"].epochs == profile.finetune_epochs
+
+
+def test_eval_of_an_int8_artifact_in_the_operator_format_agrees_with_pytorch_on_deepsparse(
+    digits_data, tmp_path
+):
+    from vitsparse.runtime import engine_status
+
+    if not engine_status("deepsparse").available:
+        pytest.skip(engine_status("deepsparse").reason)
+    recipe = tmp_path / "int8.yaml"
+    recipe.write_text(
+        (RECIPES_DIR / "int8.yaml").read_text().replace("int8_format: qdq", "int8_format: operator")
+    )
+    assert prune(recipe, digits_data, tmp_path / "run") == 0
+    artifact = load_artifact(tmp_path / "run" / "artifact")
+    assert artifact.meta["quantization"]["format"] == "operator"
+    evaluation = evaluate_artifact(
+        artifact, digits_data / "val", "deepsparse", reference=torch_reference(artifact)
+    )
+    assert evaluation.images == 260 and evaluation.agreement >= AGREEMENT
