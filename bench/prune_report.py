@@ -97,6 +97,9 @@ def write_prune_report(
         try:
             candidates = _candidates(rows, dense, pruned, int8, engines)
             folder.log("speed", engines=list(engines), batch_sizes=list(BATCH_SIZES))
+            print(f"timing the starting and the pruned model side by side on {', '.join(engines)} at batch "
+                  f"{' and '.join(map(str, BATCH_SIZES))} ({timing.rounds} rounds of "
+                  f"{timing.seconds_per_block:g} s per engine and model, after compiling each)", flush=True)
             measure_speed(candidates, timing, scratch)
             for extra in candidates[2:]:
                 rows[1].speed.extend(extra.row.speed)

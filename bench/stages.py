@@ -334,7 +334,7 @@ class TokenDrop(Stage):
 @register_stage
 @dataclass(frozen=True)
 class Sparsity(Training):
-    """Weight masks (magnitude or second-order), in `steps` cubic steps with `recover_epochs` between."""
+    """Weight masks (magnitude or second-order) in `steps` cubic steps, `epochs` of recovery between."""
 
     kind: ClassVar[str] = "sparsity"
     phase: ClassVar[int] = 3

@@ -447,3 +447,13 @@ def test_eval_of_an_int8_artifact_in_the_operator_format_agrees_with_pytorch_on_
         artifact, digits_data / "val", "deepsparse", reference=torch_reference(artifact)
     )
     assert evaluation.images == 260 and evaluation.agreement >= AGREEMENT
+
+
+def test_the_recipes_readme_documents_every_stage_and_key() -> None:
+    import dataclasses
+
+    text = (RECIPES_DIR / "README.md").read_text()
+    for kind, cls in STAGES.items():
+        assert f"| `{kind}` |" in text
+        for key in (f.name for f in dataclasses.fields(cls)):
+            assert f"`{key}`" in text, (kind, key)
