@@ -9,6 +9,7 @@ stage, from the running stage's last epoch. The end is the verified export, `rep
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -248,6 +249,7 @@ def _run_stage(
     number = index + 1
     _say(request, f"stage {number}/{len(plan.stages)}: {planned.kind} {planned.stage.settings()}")
     folder.log("stage-start", index=number, stage=planned.kind, settings=planned.stage.settings())
+    ctx.loader = _streams(loaders.train, number)
     store = EpochStore(
         folder.epochs_dir(), writer=folder.writer, on_epoch=_epoch_reporter(request, folder, number)
     )
@@ -269,6 +271,13 @@ def _run_stage(
     folder.log("stage", index=number, **{k: v for k, v in info.items() if k != "prepared"})
     _say(request, f"  top-1 after {planned.kind}: {100 * top1:.2f} % ({info['seconds']:.0f} s)")
     return info
+
+
+def _streams(train, stage: int):
+    """The stage's loaders, each on a stream of its own: numbered in the order the stage asks for them,
+    so a stage redone after a crash draws the same orders."""
+    count = itertools.count()
+    return lambda augment: train(augment, stage * 1000 + next(count))
 
 
 def _epoch_reporter(request: PruneRequest, folder: RunFolder, stage: int):

@@ -101,18 +101,20 @@ class ImageList(Dataset):
 
 
 class EpochSampler(Sampler[int]):
-    """A shuffled order that depends on the seed and the epoch alone (`set_epoch`, as DistributedSampler)."""
+    """A shuffled order that depends on the seed, the stream and the epoch alone (`set_epoch`, as
+    DistributedSampler): each training call draws its own stream, so calls do not repeat one order."""
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
+    def __init__(self, size: int, seed: int, stream: int = 0) -> None:
+        self.size, self.seed, self.stream, self.epoch = size, seed, stream, 0
         self.shifts = torch.Generator()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
-        self.shifts.manual_seed(self.seed * 10_007 + self.epoch + 1)
+        key = ((self.seed * 1_000_003 + self.stream) * 10_007 + self.epoch) % (2**62)
+        generator = torch.Generator().manual_seed(key)
+        self.shifts.manual_seed(key + 1)
         return iter(torch.randperm(self.size, generator=generator).tolist())
 
     def __len__(self) -> int:
@@ -123,7 +125,7 @@ class EpochSampler(Sampler[int]):
 class PruneLoaders:
     """What the stages train and are measured on."""
 
-    train: Callable[[str], DataLoader]  # augmentation ("timm", "shift", "none") -> shuffled loader
+    train: Callable[[str, int], DataLoader]  # (augmentation "timm" | "shift" | "none", stream) -> loader
     val: DataLoader
     calibration: torch.Tensor
 
@@ -139,8 +141,8 @@ def make_loaders(
     plain = ImageList(data.train, create_transform(**cfg, is_training=False), mode)
     augmented = ImageList(data.train, create_transform(**cfg, is_training=True), mode)
 
-    def train(augment: str) -> DataLoader:
-        sampler = EpochSampler(len(data.train), seed)
+    def train(augment: str, stream: int = 0) -> DataLoader:
+        sampler = EpochSampler(len(data.train), seed, stream)
         collate = _shifting(sampler, cfg) if augment == "shift" else default_collate
         return DataLoader(
             augmented if augment == "timm" else plain,

@@ -89,9 +89,9 @@ def active_store() -> EpochStore | None:
     return _ACTIVE.get()
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of one epoch: a function of the run's seed and the epoch alone."""
-    return (seed * 1_000_003 + epoch * 7_919) % (2**31 - 1)
+def epoch_seed(seed: int, epoch: int, call: int = 0) -> int:
+    """The seed of one epoch of one training call: a function of the run's seed, the call and the epoch."""
+    return ((seed * 1_000_003 + call) * 7_919 + epoch) % (2**31 - 1)
 
 
 def is_writer() -> bool:

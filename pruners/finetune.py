@@ -206,7 +206,7 @@ def _train(trainer: _Trainer, loader: DataLoader, total_steps: int, show: bool) 
             if hasattr(loader.sampler, "set_epoch"):
                 loader.sampler.set_epoch(epoch)
             if store is not None:
-                _reseed(epoch_seed(trainer.config.seed + trainer.rank, epoch))
+                _reseed(epoch_seed(trainer.config.seed + trainer.rank, epoch, call))
             for images, labels in loader:
                 if trainer.hooks.before_step is not None:
                     trainer.hooks.before_step(steps, total_steps)
