@@ -30,11 +30,12 @@ MODEL = "digits-vit"
 CALIBRATION_IMAGES = 256  # training images the data-aware solvers see
 
 
-def make_row(method: str, settings: dict, graph, top1: float, top1_oneshot: float) -> Row:
-    """A digits-vit row with the graph's MACs and parameters."""
+def make_row(method: str, settings: dict, graph, top1: float, top1_oneshot: float | None,
+             model: str = MODEL) -> Row:
+    """A row (digits-vit unless `model` says) with the graph's MACs and parameters."""
     costs = count_costs(graph)
     return Row(
-        model=MODEL,
+        model=model,
         method=method,
         settings=settings,
         top1=top1,

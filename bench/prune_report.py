@@ -16,12 +16,12 @@ from typing import Any
 
 import torch.fx as fx
 
-from vitsparse.compiler import Recipe, count_costs, find_vit_structure
+from vitsparse.compiler import Recipe
 from vitsparse.compiler.export import library_versions
-from vitsparse.compiler.flops import attention_macs
 from vitsparse.models import evaluate
 from vitsparse.runtime.availability import engine_versions
 
+from .accuracy import make_row
 from .report import _pct, plot_speedup, speed_table, write_files_atomically
 from .schema import Row, results_document
 from .speed import SpeedCandidate, TimingPlan, measure_speed
@@ -29,20 +29,6 @@ from .workflow import available_engines, engines_left_out
 
 BATCH_SIZES = (1, 16)
 OPERATOR_ENGINES = ("deepsparse",)  # where an INT8 model runs in the operator (MatMulInteger) format
-
-
-def model_row(model: str, method: str, settings: dict, graph: fx.GraphModule, top1: float) -> Row:
-    costs = count_costs(graph)
-    return Row(
-        model=model,
-        method=method,
-        settings=settings,
-        top1=top1,
-        macs=costs.macs,
-        attention_macs=attention_macs(graph, find_vit_structure(graph), costs),
-        params=costs.params,
-        nonzero_params=costs.nonzero_params,
-    )
 
 
 def _candidates(
@@ -74,13 +60,14 @@ def write_prune_report(
     model = request.model
     dense_top1 = stages[0]["top1"]
     rows = [
-        model_row(model, "dense", {}, dense[0], dense_top1),
-        model_row(
-            model,
+        make_row("dense", {}, dense[0], dense_top1, None, model=model),
+        make_row(
             "recipe",
             {"recipe": plan.settings.name or Path(plan.source).stem},
             pruned[0],
             evaluate(pruned[0], loaders.val).top1,
+            None,
+            model=model,
         ),
     ]
     rows[1].stages = [

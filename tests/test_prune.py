@@ -363,27 +363,9 @@ def test_torchrun_on_two_cpu_processes_ends_with_identical_weights_and_masks(dig
     recipe = tmp_path / "plan.yaml"
     recipe.write_text("stages:\n  - sparsity: {sparsity: 0.6}\n  - finetune: {epochs: 2, augment: none}\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "vitsparse.bench.cli",
-        "prune",
-        "digits-vit",
-        "--pretrained",
-        "--recipe",
-        str(recipe),
-        "--data",
-        str(digits_data),
-        "-o",
-        str(tmp_path / "out"),
-        "--skip-speed",
-    ]
+    port = str(_free_port())
+    head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    command = head + _command(recipe, digits_data, tmp_path / "out")[1:]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     ranks = [json.loads((tmp_path / "out" / "ranks" / f"rank-{r}.json").read_text()) for r in range(2)]
@@ -457,3 +439,31 @@ def test_the_recipes_readme_documents_every_stage_and_key() -> None:
         assert f"| `{kind}` |" in text
         for key in (f.name for f in dataclasses.fields(cls)):
             assert f"`{key}`" in text, (kind, key)
+
+
+def test_the_report_times_the_pruned_model_beside_the_starting_one(digits_data, tmp_path) -> None:
+    magnitude = RECIPES_DIR / "magnitude.yaml"
+    code = main(
+        [
+            "prune",
+            "digits-vit",
+            "--pretrained",
+            "--recipe",
+            str(magnitude),
+            "--data",
+            str(digits_data),
+            "-o",
+            str(tmp_path / "run"),
+            "--epochs",
+            "1",
+            "--engines",
+            "onnxruntime,torch",
+        ]
+    )
+    assert code == 0
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())["rows"]
+    timed = {(e["engine"], e["batch"]) for e in rows[1]["speed"]}
+    assert timed == {("onnxruntime", 1), ("onnxruntime", 16), ("torch", 1), ("torch", 16)}
+    assert all(e["speedup_vs_dense_same_engine"] > 0 for e in rows[1]["speed"])
+    assert "## Speed" in (tmp_path / "run" / "report.md").read_text()
+    assert (tmp_path / "run" / "speedup.png").is_file() and not (tmp_path / "run" / ".speed").exists()
