@@ -363,7 +363,7 @@ def _greedy_layers(request: SaliencyRequest, fishers: dict[str, tuple[torch.Tens
     """Greedy OBS over every block of every target layer; losses scaled to true loss units."""
     pattern, results = request.pattern, {}
     nofm = pattern if isinstance(pattern, NOfM) else None
-    for name in request.names:
+    for name in tqdm(request.names, desc="obs-fisher greedy", unit="layer", disable=None):
         module = request.gm.get_submodule(name)
         hinv, scale = fishers[name]
         mask = getattr(module, "weight_mask", None)
