@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from vitsparse.bench.accuracy import CALIBRATION_IMAGES
 from vitsparse.bench.cli import main
-from vitsparse.bench.combined import SPEED_RECIPE, CombinedSetting
+from vitsparse.bench.combined import SPEED_RECIPE, CombinedSetting, seed_calibration
 from vitsparse.bench.int8 import Int8SpeedSetting, parse_int8_speed_setting
 from vitsparse.bench.methods import SpeedSetting, parse_speed_setting
 from vitsparse.bench.report import (
@@ -22,6 +25,7 @@ from vitsparse.bench.speed import MODELS_PER_GROUP, engine_name
 from vitsparse.bench.staged import StagedSchedule
 from vitsparse.bench.workflow import BenchOptions, available_engines, run_prune_and_bench
 from vitsparse.compiler.export import ARTIFACT_FILES
+from vitsparse.models import digits_loaders
 
 SHORT_SCHEDULE = StagedSchedule(score_epochs=1, recover_epochs=1, threshold_epochs=1, token_epochs=1,
                                 mask_steps=2, mask_recover_epochs=1, mask_epochs=1, qat_epochs=1)
@@ -325,3 +329,13 @@ def test_a_speed_only_report_has_no_empty_accuracy_table() -> None:
     with_accuracy = markdown_report(meta, [*rows, Row("digits-vit", "dense", top1=0.98)])
     assert "### Every accuracy row" in with_accuracy
     assert "| digits-vit | dense | – | 98.00 % |" in with_accuracy
+
+
+def test_each_combined_seed_calibrates_on_its_own_draw() -> None:
+    loaders = digits_loaders()
+    draws = [seed_calibration(loaders, seed) for seed in (0, 1, 0)]
+    assert draws[0].shape == (CALIBRATION_IMAGES, *loaders.train.dataset.tensors[0].shape[1:])
+    assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
+    # seed 0 keeps the draw every seed shared before: the head of digits_loaders()'s shuffled order
+    batches = itertools.islice(digits_loaders().train, -(-CALIBRATION_IMAGES // loaders.train.batch_size))
+    assert torch.equal(draws[0], torch.cat([x for x, _ in batches])[:CALIBRATION_IMAGES])
