@@ -16,9 +16,11 @@ INTEGER_OPS = {"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv"}
 # why an engine is refused a format, as said to the user
 UNSUPPORTED: dict[tuple[str, str], str] = {
     ("deepsparse", "qdq"): "DeepSparse has no INT8 kernels for QDQ files (it runs them in float, "
-                           "partly outside its runtime); export with ExportConfig(quant_format='operator')",
+                           "partly outside its runtime); export with ExportConfig(quant_format='operator') "
+                           "(a recipe file: int8_format: operator)",
     ("onnxruntime", "operator"): "ONNX Runtime's UINT8×INT8 MatMulInteger saturates its 16-bit sums on "
-                                 "CPUs without VNNI (wrong results, measured on AVX2); run the QDQ export",
+                                 "CPUs without VNNI (wrong results, measured on AVX2); run the QDQ export "
+                                 "(a recipe file: int8_format: qdq, the default)",
 }
 
 
