@@ -87,7 +87,7 @@ def write_prune_report(
             print(f"timing the starting and the pruned model side by side on {', '.join(engines)} at batch "
                   f"{' and '.join(map(str, BATCH_SIZES))} ({timing.rounds} rounds of "
                   f"{timing.seconds_per_block:g} s per engine and model, after compiling each)", flush=True)
-            measure_speed(candidates, timing, scratch)
+            measure_speed(candidates, timing, scratch, progress=request.progress)
             for extra in candidates[2:]:
                 rows[1].speed.extend(extra.row.speed)
         finally:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.fx as fx
+from tqdm.auto import tqdm
 
 from vitsparse.compiler import (
     ExportConfig,
@@ -184,12 +185,16 @@ def _runners_for_group(candidates: list[SpeedCandidate], indices: list[int], bat
 
 
 def _time_group(candidates: list[SpeedCandidate], indices: list[int], batch: int, plan: TimingPlan,
-                artifacts: Path, exported: dict[int, Path]) -> dict[int, list[SpeedEntry]]:
+                artifacts: Path, exported: dict[int, Path], bar: tqdm) -> dict[int, list[SpeedEntry]]:
     """Compile the group's engines, time them in alternating rounds, free them; entries by candidate."""
+    bar.set_description(f"compiling for batch {batch}")
     runners, reported = _runners_for_group(candidates, indices, batch, plan, artifacts, exported)
     labels = {key: f"{candidates[key[0]].row.label()} on {key[1]}" for key in runners}
+    bar.total += plan.rounds * len(runners)
+    bar.set_description(f"timing batch {batch}")
     timed = compare_side_by_side({labels[k]: fn for k, fn in runners.items()}, batch_size=batch,
-                                 rounds=plan.rounds, seconds_per_block=plan.seconds_per_block)
+                                 rounds=plan.rounds, seconds_per_block=plan.seconds_per_block,
+                                 on_block=lambda _: bar.update())
     del runners
     gc.collect()  # an engine in a reference cycle would otherwise hold its memory into the next group
     entries: dict[int, list[SpeedEntry]] = {index: [] for index in indices}
@@ -202,11 +207,13 @@ def _time_group(candidates: list[SpeedCandidate], indices: list[int], batch: int
     return entries
 
 
-def measure_speed(candidates: list[SpeedCandidate], plan: TimingPlan, artifacts: Path) -> None:
+def measure_speed(candidates: list[SpeedCandidate], plan: TimingPlan, artifacts: Path,
+                  progress: bool = False) -> None:
     """Fill each candidate row's `speed`; the first candidate must be the dense baseline.
 
     Candidates are timed in groups (`timing_groups`), each beside its own timing of the baselines;
     a row's speed-ups are over the baselines timed with it, the baseline rows keep the first group's.
+    With `progress`, a bar in a terminal counts the timed blocks (minutes on a ViT with every engine).
     """
     for column in plan.engines:
         if column != TORCH:
@@ -214,15 +221,22 @@ def measure_speed(candidates: list[SpeedCandidate], plan: TimingPlan, artifacts:
     if plan.num_cores:
         torch.set_num_threads(plan.num_cores)
     groups, baselines = timing_groups(candidates, plan.models_per_group), _baseline_indices(candidates)
-    for batch in plan.batch_sizes:
-        exported: dict[int, Path] = {}
-        for number, indices in enumerate(groups):
-            entries = _time_group(candidates, indices, batch, plan, artifacts, exported)
-            timed_with = [replace(candidates[i].row, speed=entries[i]) for i in baselines]
-            kept = indices if number == 0 else [i for i in indices if i not in baselines]
-            _fill_speedups(timed_with, [e for i in kept for e in entries[i]])
-            for index in kept:
-                candidates[index].row.speed.extend(entries[index])
+    with tqdm(total=0, unit="block", disable=None if progress else True) as bar:
+        for batch in plan.batch_sizes:
+            _time_batch(candidates, groups, baselines, batch, plan, artifacts, bar)
+
+
+def _time_batch(candidates: list[SpeedCandidate], groups: list[list[int]], baselines: list[int], batch: int,
+                plan: TimingPlan, artifacts: Path, bar: tqdm) -> None:
+    """One batch size: every group timed beside its own baselines; fills the candidates' speed."""
+    exported: dict[int, Path] = {}
+    for number, indices in enumerate(groups):
+        entries = _time_group(candidates, indices, batch, plan, artifacts, exported, bar)
+        timed_with = [replace(candidates[i].row, speed=entries[i]) for i in baselines]
+        kept = indices if number == 0 else [i for i in indices if i not in baselines]
+        _fill_speedups(timed_with, [e for i in kept for e in entries[i]])
+        for index in kept:
+            candidates[index].row.speed.extend(entries[index])
 
 
 def dense_alternative(row: Row, entry: SpeedEntry) -> str | None:

@@ -456,7 +456,7 @@ def run_prune_and_bench(opts: BenchOptions) -> Path:
     candidates = _speed_candidates(opts, model, settings, calibration, vtp_speed, head_budgets, token_keep,
                                    _combined(opts, profile))
     candidates += _int8_speed(opts, profile, model, int8_speed, candidates)
-    measure_speed(candidates, plan, artifacts)
+    measure_speed(candidates, plan, artifacts, progress=opts.progress)
     rows += [c.row for c in candidates]
     written = write_report(run_dir, _meta(opts, plan, started), rows)
     print(speed_table([c.row for c in candidates]))

@@ -20,11 +20,13 @@ Runner = Callable[[], object]
 
 
 def compare_side_by_side(runners: Mapping[str, Runner], *, batch_size: int, rounds: int = 3,
-                         seconds_per_block: float = 1.0, warmup: float = 0.5) -> dict[str, BenchmarkResult]:
+                         seconds_per_block: float = 1.0, warmup: float = 0.5,
+                         on_block: Callable[[str], None] | None = None) -> dict[str, BenchmarkResult]:
     """Time each runner in `rounds` blocks of `seconds_per_block` (after `warmup` seconds of its own).
 
     Returns one sync result per runner, in the given order, with every block's items/sec in
-    `block_items_per_sec` and latencies pooled over all blocks.
+    `block_items_per_sec` and latencies pooled over all blocks. `on_block(name)` hears of each block
+    timed (a progress bar's tick).
     """
     _check(runners, batch_size=batch_size, rounds=rounds, seconds_per_block=seconds_per_block, warmup=warmup)
     names = list(runners)
@@ -34,6 +36,8 @@ def compare_side_by_side(runners: Mapping[str, Runner], *, batch_size: int, roun
         for name in names[shift:] + names[:shift]:
             timed_calls(runners[name], Budget(seconds=warmup))
             timed[name].append(timed_calls(runners[name], Budget(seconds=seconds_per_block)))
+            if on_block is not None:
+                on_block(name)
     return {name: _pool(name, timed[name], batch_size) for name in names}
 
 

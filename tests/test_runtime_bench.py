@@ -86,9 +86,12 @@ def recording_runner(log: list[tuple[str, float]], name: str):
 def test_side_by_side_times_each_runner_in_blocks_alternating_across_rounds() -> None:
     log: list[tuple[str, float]] = []
     runners = {name: recording_runner(log, name) for name in ("a", "b", "c")}
-    results = compare_side_by_side(runners, batch_size=4, rounds=3, seconds_per_block=0.02, warmup=0.005)
+    heard: list[str] = []
+    results = compare_side_by_side(runners, batch_size=4, rounds=3, seconds_per_block=0.02, warmup=0.005,
+                                   on_block=heard.append)
     blocks = [name for i, (name, _) in enumerate(log) if i == 0 or log[i - 1][0] != name]
     assert blocks == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # one block per runner per round, rotating
+    assert heard == blocks  # told of each block as it ends
     assert list(results) == ["a", "b", "c"]
     for name, result in results.items():
         assert_sane(result, scenario="sync", streams=1)
