@@ -36,10 +36,12 @@ def test_every_group_holds_the_baselines_and_at_most_the_given_number_of_others(
 def test_each_row_is_compared_with_the_baselines_timed_beside_it(tmp_path: Path, monkeypatch) -> None:
     groups_timed: list[list[str]] = []
 
-    def fake_compare(runners, *, batch_size, rounds, seconds_per_block):
+    def fake_compare(runners, *, batch_size, rounds, seconds_per_block, on_block):
         """The n-th group runs at 1/(n+1) of the speed: baselines 10(n+1) ms, the rest 5(n+1) ms."""
         slowdown = len(groups_timed) + 1
         groups_timed.append(list(runners))
+        for label in runners:
+            on_block(label)
         return {label: BenchmarkResult(label, batch_size, "sync", 1, 10, 1.0, 10.0 * batch_size,
                                        {"p50": (10.0 if label.startswith(("dense", "int8")) else 5.0)
                                         * slowdown})
