@@ -1,4 +1,4 @@
-"""README's Python API example runs as written."""
+"""README's examples and docs/methods.md's run as written; the quick start prunes, evaluates, serves."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ import torch
 from vitsparse.compiler.export import ARTIFACT_FILES
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+METHODS = README.parent / "docs" / "methods.md"  # the per-method examples, run after README's first
 
 
 def _python_blocks() -> list[str]:
-    """The README's python examples, in order."""
-    return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    """The README's python examples, then docs/methods.md's, in order."""
+    return [block for path in (README, METHODS)
+            for block in re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S)]
 
 
 def test_readme_python_example_runs(tmp_path, monkeypatch, capsys) -> None:
@@ -93,7 +95,7 @@ def test_readme_head_channel_example_runs() -> None:
 
 
 def _run_after_setup(index: int) -> dict:
-    """Run README's Python block `index` after the API example's imports, dense model and data."""
+    """Run Python block `index` (README, then docs/methods.md) after the API example's setup."""
     blocks = _python_blocks()
     namespace: dict = {}
     first = blocks[0].split("manager = PassManager")[0]
