@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vitsparse.compiler import (
@@ -50,6 +52,12 @@ def make_row(method: str, settings: dict, graph, top1: float, top1_oneshot: floa
 def digits_finetune_config(epochs: int) -> FinetuneConfig:
     """The short fine-tune every digits-vit row gets (digits-vit is tiny: a higher lr, short warmup)."""
     return FinetuneConfig(epochs=epochs, lr=1e-3, warmup_steps=5)
+
+
+def seeded_train_loader(loaders, seed: int) -> DataLoader:
+    """The digits train split in an order drawn from `seed` alone: each seed's own data order."""
+    return DataLoader(loaders.train.dataset, batch_size=loaders.train.batch_size, shuffle=True,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def over_seeds(settings: tuple, seeds: int, run: Callable[[Any, int], Any], desc: str,

@@ -15,7 +15,6 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from vitsparse.compiler import PassManager, Recipe, trace
 from vitsparse.models import build_model, digits_loaders
@@ -34,7 +33,7 @@ from vitsparse.pruners import (
 )
 from vitsparse.pruners.token_drop import scale_locations
 
-from .accuracy import CALIBRATION_IMAGES, MODEL, export_row, make_row, over_seeds
+from .accuracy import CALIBRATION_IMAGES, MODEL, export_row, make_row, over_seeds, seeded_train_loader
 from .int8 import OBSERVER as INT8_OBSERVER
 from .int8 import verify_formats
 from .labels import combined_setting_label
@@ -188,9 +187,7 @@ def seed_calibration(loaders, seed: int) -> torch.Tensor:
     """The first CALIBRATION_IMAGES training images in the seed's shuffled order. Each seed draws its own,
     as the token rows and `vitsparse prune` do: the draw moves the speed recipe's top-1 by ~2 pt, so a
     seed spread over one fixed draw understates what a rerun on other images gives."""
-    order = DataLoader(loaders.train.dataset, batch_size=loaders.train.batch_size, shuffle=True,
-                       generator=torch.Generator().manual_seed(seed))
-    return torch.cat([x for x, _ in make_calibration(order, CALIBRATION_IMAGES)])
+    return torch.cat([x for x, _ in make_calibration(seeded_train_loader(loaders, seed), CALIBRATION_IMAGES)])
 
 
 def combined_digits_row(setting: CombinedSetting, schedule: StagedSchedule, seeds: int, artifacts,

@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from vitsparse.compiler import PassManager, Recipe, trace
 from vitsparse.models import build_model, digits_loaders, evaluate
@@ -30,7 +29,7 @@ from vitsparse.pruners import (
 from vitsparse.pruners.head_channels import CALIBRATION_IMAGES, DEFAULT_MULTIPLE
 from vitsparse.pruners.head_select import choose_head_channels
 
-from .accuracy import MODEL, digits_finetune_config, export_row, make_row, over_seeds
+from .accuracy import MODEL, digits_finetune_config, export_row, make_row, over_seeds, seeded_train_loader
 from .schema import Row
 
 METHOD = "head-channels"
@@ -75,8 +74,7 @@ def _one_seed(dense: torch.nn.Module, loaders, setting: HeadChannelSetting, epoc
     """Search, slice and fine-tune once; the training data's order follows `seed` alone, not the runs
     before this one."""
     config = replace(digits_finetune_config(epochs), seed=seed)
-    train = DataLoader(loaders.train.dataset, batch_size=loaders.train.batch_size, shuffle=True,
-                       generator=torch.Generator().manual_seed(seed))
+    train = seeded_train_loader(loaders, seed)
     loaders = replace(loaders, train=train)
     base = {"model": MODEL, "kwargs": {}, "pretrained": True}
     manager = PassManager(trace(dense), recipe=Recipe(base=base))

@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader
 
 from vitsparse.compiler import PassManager
 from vitsparse.models import evaluate, shifted_train_loader
@@ -42,6 +41,8 @@ from vitsparse.pruners import (
     sparse_train,
 )
 from vitsparse.pruners.schedule import GradualConfig, gradual_prune
+
+from .accuracy import seeded_train_loader
 
 MASK_SALIENCY = "obs-fisher"
 # the Fisher's diagonal blocks: 16 divides every width the recipe slices to (multiples of 16)
@@ -107,8 +108,7 @@ class _Stages:
                  seed: int, calibration: torch.Tensor) -> None:
         self.manager, self.dense, self.loaders, self.schedule = manager, dense, loaders, schedule
         self.seed, self.calibration = seed, calibration
-        self.train = DataLoader(loaders.train.dataset, batch_size=loaders.train.batch_size, shuffle=True,
-                                generator=torch.Generator().manual_seed(seed))
+        self.train = seeded_train_loader(loaders, seed)
         self.results: list[StageResult] = []
         self.oneshot: float | None = None
         self._started = time.perf_counter()

@@ -20,7 +20,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from vitsparse.compiler import PassManager, Recipe, trace
 from vitsparse.models import build_model, digits_loaders, evaluate, shifted_train_loader
@@ -35,7 +34,7 @@ from vitsparse.pruners import (
 from vitsparse.pruners.token_drop import check_locations, default_locations
 from vitsparse.pruners.token_thresholds import gated_copy, keep_rate_for_ratio, token_costs
 
-from .accuracy import MODEL, digits_finetune_config, export_row, make_row, over_seeds
+from .accuracy import MODEL, digits_finetune_config, export_row, make_row, over_seeds, seeded_train_loader
 from .schema import Row
 
 METHOD = "token-drop"
@@ -98,8 +97,7 @@ def _one_seed(dense: torch.nn.Module, loaders, setting: TokenDropSetting, epochs
               finetune_epochs: int) -> SeedRun:
     """One seed: drop (learned thresholds train `epochs` with the weights), then the long fine-tune."""
     config = replace(digits_finetune_config(epochs), seed=seed)
-    train = DataLoader(loaders.train.dataset, batch_size=loaders.train.batch_size, shuffle=True,
-                       generator=torch.Generator().manual_seed(seed))
+    train = seeded_train_loader(loaders, seed)
     loaders = replace(loaders, train=train)
     base = {"model": MODEL, "kwargs": {}, "pretrained": True}
     manager = PassManager(trace(copy.deepcopy(dense)), recipe=Recipe(base=base))
