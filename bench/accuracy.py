@@ -1,8 +1,9 @@
-"""Accuracy rows on the built-in digits-vit: dense, then each method at each sparsity, one-shot and
-after the standard short fine-tune (distilled from the dense model, masks fixed)."""
+"""What every digits-vit accuracy row shares: the row with its costs, the standard short fine-tune,
+seeded data orders, runs over seeds, the exported artifact; and the dense row itself."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,6 @@ from tqdm.auto import tqdm
 
 from vitsparse.compiler import (
     ExportConfig,
-    PassManager,
     Recipe,
     attention_macs,
     count_costs,
@@ -21,10 +21,9 @@ from vitsparse.compiler import (
     find_vit_structure,
     trace,
 )
-from vitsparse.models import build_model, digits_loaders, evaluate
-from vitsparse.pruners import FinetuneConfig, finetune, make_calibration
+from vitsparse.models import evaluate
+from vitsparse.pruners import FinetuneConfig
 
-from .methods import METHODS
 from .schema import Row
 from .speed import artifact_slug
 
@@ -61,12 +60,16 @@ def seeded_train_loader(loaders, seed: int) -> DataLoader:
 
 
 def over_seeds(settings: tuple, seeds: int, run: Callable[[Any, int], Any], desc: str,
-               progress: bool = True) -> dict[Any, list]:
-    """`run(setting, seed)` for every setting and seed 0..seeds−1, grouped by setting in order."""
+               progress: bool = True, log: Callable[[str], None] | None = None) -> dict[Any, list]:
+    """`run(setting, seed)` for every setting and seed 0..seeds−1, grouped by setting in order; a bar
+    with `progress`, else a `log` line per seed (a seed can take a minute)."""
     results: dict[Any, list] = {}
     jobs = [(setting, seed) for setting in settings for seed in range(seeds)]
     for setting, seed in tqdm(jobs, desc=desc, unit="run", disable=not progress):
+        started = time.perf_counter()
         results.setdefault(setting, []).append(run(setting, seed))
+        if log is not None and not progress:
+            log(f"      {desc}: seed {seed + 1}/{seeds} in {time.perf_counter() - started:.0f} s")
     return results
 
 
@@ -75,35 +78,10 @@ def export_row(graph, recipe: Recipe, row: Row, artifacts: Path) -> None:
     row.artifact = str(export_artifact(graph, recipe, target, ExportConfig(), overwrite=True).directory)
 
 
-def digits_rows(
-    methods: tuple[str, ...],
-    sparsities: tuple[float, ...],
-    finetune_epochs: int,
-    artifacts: Path,
-    progress: bool = True,
-) -> list[Row]:
-    """Dense digits-vit, then every method at every sparsity (unstructured): top-1 one-shot and fine-tuned."""
-    dense = build_model(MODEL, pretrained=True)
-    loaders = digits_loaders()
-    calibration = make_calibration(loaders.train, CALIBRATION_IMAGES)
-    base = {"model": MODEL, "kwargs": {}, "pretrained": True}
-    dense_top1 = evaluate(dense, loaders.test).top1
-    dense_graph = trace(dense)
-    rows = [make_row("dense", {}, dense_graph, dense_top1, dense_top1)]
-    export_row(dense_graph, Recipe(base=base), rows[0], artifacts)
-    runs = [(m, s) for m in methods for s in sparsities]
-    for method, sparsity in tqdm(runs, desc="digits-vit methods", unit="setting", disable=not progress):
-        manager = PassManager(trace(dense), recipe=Recipe(base=base))
-        graph = manager.run(
-            METHODS[method].make_pass(sparsity, calibration=calibration, samples=CALIBRATION_IMAGES)
-        )
-        oneshot = evaluate(graph, loaders.test).top1
-        config = digits_finetune_config(finetune_epochs)
-        tuned = finetune(graph, loaders.train, loaders.val, config, teacher=dense, progress=False).model
-        settings = {"sparsity": sparsity, "pattern": "unstructured"}
-        row = make_row(method, settings, tuned, evaluate(tuned, loaders.test).top1, oneshot)
-        row.prune_seconds = manager.recipe.passes[-1].stats["seconds"]
-        row.calibration_samples = manager.recipe.passes[-1].stats.get("calibration_samples")
-        export_row(tuned, manager.recipe, row, artifacts)
-        rows.append(row)
-    return rows
+def dense_digits_row(ctx) -> Row:
+    """The dense digits-vit row (every other row's reference), its artifact exported."""
+    top1 = evaluate(ctx.dense, ctx.loaders.test).top1
+    graph = trace(ctx.dense)
+    row = make_row("dense", {}, graph, top1, top1, model=ctx.model)
+    export_row(graph, Recipe(base=ctx.base), row, ctx.artifacts)
+    return row

@@ -151,136 +151,53 @@ def _speed_setting(text: str):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _int8_speed_settings(text: str) -> tuple:
-    from vitsparse.bench.int8 import parse_int8_speed_setting
-
-    if text.strip().lower() == "none":
-        return ()
-    try:
-        return tuple(parse_int8_speed_setting(part) for part in text.split(",") if part)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+def _csv_or_none(cast: Callable[[str], object]) -> Callable[[str], tuple]:
+    """A comma-separated list, or 'none' for an empty one."""
+    return lambda text: () if text.strip().lower() == "none" else _csv(cast)(text)
 
 
-def _rates_or_none(text: str) -> tuple[float, ...]:
-    return () if text.strip().lower() == "none" else _csv(float)(text)
+def _methods_epilog() -> str:
+    from vitsparse.bench.registry import SPECS
 
-
-def _formats_or_none(text: str) -> tuple[str, ...]:
-    return () if text.strip().lower() == "none" else _csv(str)(text)
+    grouped: dict[tuple[str, str], list[str]] = {}  # the mask saliencies share one syntax
+    for name, spec in SPECS.items():
+        grouped.setdefault((spec.summary, spec.example), []).append(name)
+    lines = [f"  {'|'.join(names)}={summary}  e.g. {example}"
+             for (summary, example), names in grouped.items()]
+    return ("methods and their settings (--only METHOD=S1,S2; 'none' empties any list):\n"
+            + "\n".join(lines))
 
 
 def _bench_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--profile",
-        choices=("default", "full"),
-        default="default",
-        help="default: a few settings per method (about an hour on 2 cores); full: every row asked for",
-    )
+    parser.formatter_class = lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=34)
+    parser.epilog = _methods_epilog()
+    parser.add_argument("--profile", choices=("default", "full"), default="default",
+                        help="default: every method, ~12 min; full: hours")
+    parser.add_argument("--only", action="append", default=[], metavar="METHOD[=SETTINGS]",
+                        help="only these (repeatable; METHOD: its profile settings)")
+    parser.add_argument("--skip", action="append", default=[], metavar="METHOD", help="leave a method out")
     parser.add_argument("--model", default="deit_small_patch16_224", help="ViT timed for speed")
-    _model_kwargs_flag(parser, "timm keyword argument for the speed model, repeatable")
+    _model_kwargs_flag(parser, "timm keyword for the speed model (repeatable)")
     parser.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs network)")
-    parser.add_argument("--checkpoint", help="local weights for the speed model")
-    parser.add_argument(
-        "--methods",
-        type=_csv(str),
-        help="methods compared on digits-vit and timed as "
-        "solvers (default: all: magnitude, obs-layerwise, obs-fisher)",
-    )
-    parser.add_argument("--sparsities", type=_csv(float), help="digits-vit sparsities, e.g. 0.5,0.7,0.9")
-    parser.add_argument(
-        "--vtp-rates",
-        type=_rates_or_none,
-        help="VTP dimension-slicing rates, on digits-vit and timed on the speed model, e.g. 0.2,0.4 "
-        "('none' skips VTP)",
-    )
-    parser.add_argument(
-        "--head-channel-budgets",
-        type=_rates_or_none,
-        help="head-equal channel removal: fractions of attention MACs to remove, on digits-vit and timed on "
-        "the speed model, e.g. 0.3,0.5 ('none' skips it)",
-    )
-    parser.add_argument(
-        "--head-channel-variants",
-        type=_csv(str),
-        help="head-equal channel variants on digits-vit: full, l1, no-similarity, no-reweight, no-init",
-    )
-    parser.add_argument(
-        "--head-channel-seeds", type=int, help="seeds averaged per digits-vit head-channel row"
-    )
-    parser.add_argument(
-        "--token-drop-ratios",
-        type=_rates_or_none,
-        help="token dropping on digits-vit: FLOPs ratios to reach (pruned / dense), e.g. 0.65,0.5 ('none' "
-        "skips it)",
-    )
-    parser.add_argument(
-        "--token-drop-modes", type=_csv(str), help="token-drop keep rates on digits-vit: fixed, learned"
-    )
-    parser.add_argument("--token-drop-seeds", type=int, help="seeds averaged per digits-vit token-drop row")
-    parser.add_argument(
-        "--token-drop-keep",
-        type=_rates_or_none,
-        help="static token-drop keep rates timed on the speed model, e.g. 0.7 ('none' skips them)",
-    )
-    parser.add_argument(
-        "--no-combined", action="store_true", help="skip the combined recipes (every method in one recipe)"
-    )
-    parser.add_argument(
-        "--combined-seeds", type=int, help="seeds each combined recipe's digits-vit top-1 is averaged over"
-    )
-    parser.add_argument(
-        "--int8-sparsities",
-        type=_rates_or_none,
-        help="static INT8 on digits-vit at these sparsities (0: dense; Fisher OBS masks), e.g. 0,0.75,0.9 "
-        "('none' skips it)",
-    )
-    parser.add_argument(
-        "--int8-speed",
-        type=_int8_speed_settings,
-        help="INT8 models timed on the speed model: dense, SPARSITY or SPARSITY@1xK, each in the operator "
-        "format on DeepSparse, or with @qdq on ONNX Runtime, e.g. dense@qdq,dense,0.9 ('none' skips them)",
-    )
-    parser.add_argument(
-        "--int8-formats",
-        type=_formats_or_none,
-        help="INT8 formats the structured, token and combined speed rows are also timed in: qdq (ONNX "
-        "Runtime, OpenVINO), operator (DeepSparse); default both ('none' skips them)",
-    )
-    parser.add_argument(
-        "--speed-settings",
-        type=_csv(_speed_setting),
-        help="masks timed on the speed model: SPARSITY (unstructured), N:M, or "
-        "SPARSITY@1xK, e.g. 0.75,0.9,2:4,0.75@1x4",
-    )
-    parser.add_argument("--speed-method", default="magnitude", help="method choosing the timed masks")
-    parser.add_argument(
-        "--solver-timing-samples",
-        type=int,
-        help="calibration images when timing each solver on the speed model (0 skips)",
-    )
-    parser.add_argument(
-        "--calibration-data",
-        type=Path,
-        help="ImageFolder of calibration images for the speed model (default: random images)",
-    )
-    parser.add_argument("--finetune-epochs", type=int, help="epochs of the digits-vit fine-tune")
-    parser.add_argument("-b", "--batch-sizes", type=_csv(int), help="e.g. 1,16")
-    parser.add_argument(
-        "-e",
-        "--engines",
-        type=_csv(str),
-        help="engines to time (default: every one that can run here, plus torch)",
-    )
-    parser.add_argument("-t", "--time", type=float, dest="seconds_per_block", help="seconds per timing block")
-    parser.add_argument("--rounds", type=int, help="alternating timing rounds")
-    parser.add_argument("-ncores", "--num-cores", type=int, help="cores for every engine")
-    parser.add_argument("-o", "--output-dir", type=Path, default=Path("bench/results"))
+    parser.add_argument("--checkpoint", metavar="FILE", help="local weights for the speed model")
+    parser.add_argument("--calibration-data", type=Path, metavar="DIR",
+                        help="image folder for the speed model's solvers")
+    parser.add_argument("--epochs", type=int, help="epochs of every digits-vit fine-tune")
+    parser.add_argument("--seeds", type=int, help="seeds per digits-vit row")
     parser.add_argument("--skip-accuracy", action="store_true", help="only the speed rows")
+    parser.add_argument("-b", "--batch-sizes", type=_csv_or_none(int), metavar="B1,B2", help="e.g. 1,16")
+    parser.add_argument("-e", "--engines", type=_csv_or_none(str), metavar="E1,E2",
+                        help="engines (default: every one here + torch)")
+    parser.add_argument("-t", "--time", type=float, dest="seconds_per_block", metavar="S",
+                        help="seconds per timing block")
+    parser.add_argument("--rounds", type=int, help="alternating timing rounds")
+    parser.add_argument("-ncores", "--num-cores", type=int, metavar="N", help="cores for every engine")
+    parser.add_argument("-o", "--output-dir", type=Path, default=Path("bench/results"), metavar="DIR")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the closing line")
 
 
 @command(
-    "prune-and-bench", "prune with every landed method, export, and benchmark on CPU engines", _bench_flags
+    "prune-and-bench", "prune with every method, export, and benchmark on CPU engines", _bench_flags
 )
 def _prune_and_bench(args: argparse.Namespace) -> int:
     from vitsparse.bench.workflow import BenchOptions, run_prune_and_bench
@@ -288,38 +205,23 @@ def _prune_and_bench(args: argparse.Namespace) -> int:
     run_prune_and_bench(
         BenchOptions(
             profile=args.profile,
+            only=tuple(args.only),
+            skip=tuple(args.skip),
             model=args.model,
             model_kwargs=dict(args.model_kwargs),
             pretrained=args.pretrained,
             checkpoint=args.checkpoint,
-            **({"methods": args.methods} if args.methods else {}),
-            accuracy_sparsities=args.sparsities,
-            vtp_rates=args.vtp_rates,
-            head_channel_budgets=args.head_channel_budgets,
-            head_channel_variants=args.head_channel_variants,
-            head_channel_seeds=args.head_channel_seeds,
-            token_drop_ratios=args.token_drop_ratios,
-            token_drop_modes=args.token_drop_modes,
-            token_drop_seeds=args.token_drop_seeds,
-            token_drop_speed=args.token_drop_keep,
-            combined=not args.no_combined,
-            combined_seeds=args.combined_seeds,
-            int8_sparsities=args.int8_sparsities,
-            int8_speed=args.int8_speed,
-            int8_formats=args.int8_formats,
-            speed_settings=args.speed_settings,
-            speed_method=args.speed_method,
-            solver_timing_samples=args.solver_timing_samples,
             calibration_data=args.calibration_data,
-            finetune_epochs=args.finetune_epochs,
             batch_sizes=args.batch_sizes,
-            **({"engines": args.engines} if args.engines else {}),
+            engines=args.engines,
             seconds_per_block=args.seconds_per_block,
             rounds=args.rounds,
             num_cores=args.num_cores,
+            epochs=args.epochs,
+            seeds=args.seeds,
             output_dir=args.output_dir,
             accuracy=not args.skip_accuracy,
-            progress=sys.stderr.isatty(),
+            quiet=args.quiet,
         )
     )
     return 0

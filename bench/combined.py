@@ -5,19 +5,20 @@ passes of one recipe: shapes shrink first, then the sequence, then the weights t
 `int8`, static INT8 ends it. On digits-vit the recipe trains stage by stage (`staged.py`: each pass
 recovers before the next, distilled from the dense model, over several seeds). The speed model, with
 random weights, gets every choice from weight norms (static keep counts, magnitude masks): its rows
-measure the shapes and zeros the recipe yields. `FRONTIER` lists the INT8 recipes from light to heavy.
+measure the shapes and zeros the recipe yields. The full profile's
+frontier is recipe files from light to heavy (`recipes/frontier/`).
 """
 from __future__ import annotations
 
 import copy
 import statistics
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from vitsparse.compiler import PassManager, Recipe, trace
-from vitsparse.models import build_model, digits_loaders
 from vitsparse.pruners import (
     DEFAULT_TARGETS,
     DimensionSlicePass,
@@ -33,13 +34,16 @@ from vitsparse.pruners import (
 )
 from vitsparse.pruners.token_drop import scale_locations
 
-from .accuracy import CALIBRATION_IMAGES, MODEL, export_row, make_row, over_seeds, seeded_train_loader
+from .accuracy import CALIBRATION_IMAGES, export_row, make_row, over_seeds, seeded_train_loader
+from .frontier import frontier_table
 from .int8 import OBSERVER as INT8_OBSERVER
-from .int8 import verify_formats
+from .int8 import verify_formats, with_speed_twins
 from .labels import combined_setting_label
 from .plan import RECIPES_DIR, RecipePlan, load_plan
+from .report import combined_table
 from .schema import Row
-from .speed import artifact_slug
+from .spec import DigitsContext, MethodSpec, SpeedContext, split_int8
+from .speed import SPEED_MODEL_ATOL, SpeedCandidate, artifact_slug
 from .staged import MASK_SALIENCY, MASK_SOLVER, StagedRun, StagedSchedule, run_staged
 from .stages import Finetune
 
@@ -96,7 +100,7 @@ def from_plan(plan: RecipePlan) -> tuple[CombinedSetting, StagedSchedule]:
     recovery fine-tune), head channels (indicators from weights), learned token thresholds, gradual
     Fisher OBS masks, INT8 with quantization-aware training, each optional but in that shape."""
     stages = [s.stage for s in plan.stages]
-    found: dict[str, Any] = {}
+    found: dict[str, Any] = {"vtp_rate": 0.0, "head_budget": 0.0, "keep_rate": 1.0, "sparsity": 0.0}  # off
     for index, stage in enumerate(stages):
         following = stages[index + 1] if index + 1 < len(stages) else None
         after = following.epochs if isinstance(following, Finetune) else None
@@ -163,24 +167,11 @@ def shipped_combined(name: str) -> tuple[CombinedSetting, StagedSchedule]:
     return from_plan(load_plan(RECIPES_DIR / f"{name}.yaml"))
 
 
-# every method in one recipe at the settings of recipes/combined.yaml
-COMBINED, COMBINED_SCHEDULE = shipped_combined("combined")
 # every method at a heavier setting, tokens dropped from block 1 on (fused, which costs DeepSparse ~3 %
 # and gains digits-vit ~3 pt), INT8 down to the patch embedding: measured on deit_small at batch 16,
-# 10–11x dense PyTorch on DeepSparse where `CombinedSetting(int8=True)` gave ~3x (the first blocks, at
-# full token count, cost most there: softmax, LayerNorm and shuffles, not the INT8 products);
-# recipes/combined-int8-speed.yaml
+# 10–11x dense PyTorch on DeepSparse where the combined recipe in INT8 gave ~3x (the first blocks, at
+# full token count, cost most there: softmax, LayerNorm and shuffles, not the INT8 products)
 SPEED_RECIPE, _ = shipped_combined("combined-int8-speed")
-
-# the INT8 recipes from light to heavy that the report plots as a frontier (top-1 against speed): the
-# float recipe's setting in INT8, one lighter, one between it and the speed recipe, and the speed recipe
-FRONTIER = (
-    CombinedSetting(vtp_rate=0.1, head_budget=0.2, keep_rate=0.85, sparsity=0.5, int8=True),
-    CombinedSetting(int8=True),
-    CombinedSetting(vtp_rate=0.3, head_budget=0.4, keep_rate=0.55, sparsity=0.85, int8=True,
-                    token_locations=(3, 6, 9), fuse_tokens=True),
-    SPEED_RECIPE,
-)
 
 
 def seed_calibration(loaders, seed: int) -> torch.Tensor:
@@ -190,40 +181,32 @@ def seed_calibration(loaders, seed: int) -> torch.Tensor:
     return torch.cat([x for x, _ in make_calibration(seeded_train_loader(loaders, seed), CALIBRATION_IMAGES)])
 
 
-def combined_digits_row(setting: CombinedSetting, schedule: StagedSchedule, seeds: int, artifacts,
-                        progress: bool = False) -> Row:
+def combined_digits_row(setting: CombinedSetting, schedule: StagedSchedule, seeds: int,
+                        ctx: DigitsContext) -> Row:
     """digits-vit through the recipe's staged schedule (`bench/staged.py`) over `seeds` seeds: the top-1
     after every stage, the final one as the mean over seeds; MACs and the artifact are seed 0's."""
-    dense = build_model(MODEL, pretrained=True)
-    loaders = digits_loaders()
-    base = {"model": MODEL, "kwargs": {}, "pretrained": True}
+    dense, loaders = ctx.dense, ctx.loaders
 
     def one_seed(_, seed: int) -> StagedRun:
-        manager = PassManager(trace(copy.deepcopy(dense)), recipe=Recipe(base=base))
+        manager = PassManager(trace(copy.deepcopy(dense)), recipe=Recipe(base=ctx.base))
         calibration = seed_calibration(loaders, seed)
-        run = run_staged(manager, setting, schedule, dense, loaders, seed, calibration)
-        if not progress:  # a log gets a line per seed (a bar shows them in a terminal)
-            seconds = sum(stage.seconds for stage in run.stages)
-            print(f"        seed {seed}: top-1 {100 * run.stages[-1].top1:.2f} % ({seconds:.0f} s)",
-                  flush=True)
-        return run
+        return run_staged(manager, setting, schedule, dense, loaders, seed, calibration)
 
-    runs = over_seeds((setting,), seeds, one_seed, f"digits-vit {combined_setting_label(setting.settings())}",
-                      progress)[setting]
+    desc = f"{ctx.model} {combined_setting_label(setting.settings())}"
+    runs = over_seeds((setting,), seeds, one_seed, desc, ctx.progress, ctx.log)[setting]
     first = runs[0].manager
     finals = [run.stages[-1].top1 for run in runs]
     row = make_row(METHOD, setting.settings(), first.graph_module, statistics.fmean(finals),
-                   statistics.fmean(run.oneshot for run in runs))
+                   statistics.fmean(run.oneshot for run in runs), model=ctx.model)
     row.top1_seeds = finals
     row.stages = [{"stage": stage.stage, "epochs": stage.epochs,
                    "top1": statistics.fmean(run.stages[i].top1 for run in runs),
                    "top1_seeds": [run.stages[i].top1 for run in runs]}
                   for i, stage in enumerate(runs[0].stages)]
     row.prune_seconds = round(statistics.fmean(sum(s.seconds for s in run.stages) for run in runs), 3)
-    export_row(first.graph_module, first.recipe, row, artifacts)
+    export_row(first.graph_module, first.recipe, row, ctx.artifacts)
     if setting.int8:  # every INT8 form on every engine that runs it, against the fake-quantized model
-        images = torch.cat([x for x, _ in loaders.test])
-        row.verification = verify_formats(first.graph_module, first.recipe, images, artifacts,
+        row.verification = verify_formats(first.graph_module, first.recipe, ctx.test_images, ctx.artifacts,
                                           artifact_slug(row))
     return row
 
@@ -243,3 +226,80 @@ def combined_speed_graph(model: torch.nn.Module, setting: CombinedSetting, recip
     if setting.sparsity > 0:
         manager.run(SparsityPass(saliency="magnitude", sparsity=setting.sparsity))
     return manager
+
+
+SEEDS = 2  # seeds per combined recipe on digits-vit
+
+
+@dataclass(frozen=True)
+class RecipeSetting:
+    """A combined recipe file read as a setting and its staged schedule (`+int8`: INT8 added last)."""
+
+    source: str
+    setting: CombinedSetting
+    schedule: StagedSchedule
+
+
+def recipe_path(text: str) -> Path:
+    """A recipe file: a path, or the name of one in `recipes/` ('combined' -> recipes/combined.yaml)."""
+    path = Path(text)
+    if path.exists() or path.suffix in (".yaml", ".yml", ".json"):
+        return path
+    return RECIPES_DIR / f"{text}.yaml"
+
+
+class CombinedSpec(MethodSpec):
+    name = METHOD
+    example = "recipes/combined.yaml"
+    summary = "RECIPE_FILE[+int8]"
+
+    def parse(self, text: str) -> RecipeSetting:
+        body, int8 = split_int8(text)
+        path = recipe_path(body)
+        if not path.exists():
+            raise self.bad_setting(text, f"no recipe file {path}")
+        try:
+            setting, schedule = from_plan(load_plan(path))
+        except ValueError as err:
+            raise self.bad_setting(text, str(err)) from None
+        return RecipeSetting(text, replace(setting, int8=True) if int8 else setting, schedule)
+
+    def digits_rows(self, setting: RecipeSetting, ctx: DigitsContext) -> list[Row]:
+        epochs = setting.schedule.epochs(setting.setting.passes())
+        seeds = ctx.seeds_or(SEEDS)
+        ctx.log(f"        {combined_setting_label(setting.setting.settings())}: staged, {epochs} epochs, "
+                f"{seeds} seed(s)")
+        return [combined_digits_row(setting.setting, setting.schedule, seeds, ctx)]
+
+    def speed_candidates(self, setting: RecipeSetting, ctx: SpeedContext) -> list[SpeedCandidate]:
+        """The float recipe, or (INT8 in the recipe) its INT8 forms in every timed format."""
+        manager = combined_speed_graph(ctx.model, setting.setting, Recipe(base=ctx.base))
+        recipe = ctx.candidate(METHOD, setting.setting.settings(), manager, export={"atol": SPEED_MODEL_ATOL})
+        if not setting.setting.int8:
+            return [recipe]
+        return with_speed_twins(recipe, True, ctx, setting.setting.quant_config())[1:]
+
+    def report_section(self, rows: list[Row], meta: dict) -> str:
+        parts = []
+        table = combined_table(rows)
+        if table:
+            parts.append(
+                "## Combined recipes\n\nEvery landed method in one recipe, trained on digits-vit stage by "
+                "stage, each stage recovering before the next, all distilled from the dense model: VTP "
+                "scores trained, sliced and recovered; head channels sliced and recovered; token thresholds "
+                "learned toward the FLOPs of the setting's keep rate, then a fine-tune; second-order (Fisher "
+                "OBS) masks raised in cubic steps with recovery between them; INT8 calibrated, then "
+                "fine-tuned quantization-aware. `epochs` is the whole training budget; the top-1 after each "
+                "stage is the mean over the seeds, one-shot the first pass before any recovery. Token-drop "
+                "locations are blocks of a 12-block model (scaled to digits-vit's 6).\n\n" + table)
+        frontier = frontier_table(rows)
+        if frontier:
+            parts.append(
+                "## The frontier: accuracy against speed\n\nEach combined recipe's digits-vit top-1 (mean "
+                "± standard error over seeds) beside the speed-up of the same setting on the speed model "
+                "(random weights, every choice from weight norms) over the best dense alternative of this "
+                "run, per engine (its fastest precision column) and batch size.\n\n" + frontier)
+        return "\n\n".join(parts)
+
+
+SPEC = CombinedSpec()

@@ -31,6 +31,8 @@ def float_form(row: Row) -> Row:
 def setting_key(row: Row) -> tuple | None:
     """What makes two rows the same setting across models; None where no digits-vit row can match."""
     settings = row.settings
+    if row.entry is not None:  # made by a profile entry: its digits-vit and speed rows share it
+        return ("entry", row.entry)
     if row.method == DENSE:
         return (DENSE,)
     if row.method == COMBINED:

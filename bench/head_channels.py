@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
 from vitsparse.compiler import PassManager, Recipe, trace
-from vitsparse.models import build_model, digits_loaders, evaluate
+from vitsparse.models import evaluate
 from vitsparse.pruners import (
     HEAD_CHANNEL_VARIANTS,
     HeadChannelSlicePass,
@@ -29,8 +28,12 @@ from vitsparse.pruners import (
 from vitsparse.pruners.head_channels import CALIBRATION_IMAGES, DEFAULT_MULTIPLE
 from vitsparse.pruners.head_select import choose_head_channels
 
-from .accuracy import MODEL, digits_finetune_config, export_row, make_row, over_seeds, seeded_train_loader
+from .accuracy import digits_finetune_config, export_row, make_row, over_seeds, seeded_train_loader
+from .int8 import with_digits_twin, with_speed_twins
+from .report import head_channel_table, plot_head_channels
 from .schema import Row
+from .spec import DigitsContext, MethodSpec, SpeedContext, parse_fraction, split_int8
+from .speed import SpeedCandidate
 
 METHOD = "head-channels"
 
@@ -41,6 +44,7 @@ class HeadChannelSetting:
 
     budget: float
     variant: str = "full"
+    int8: bool = False  # the INT8 twin too
 
     def settings(self) -> dict:
         return {"budget": self.budget, "variant": self.variant}
@@ -69,15 +73,12 @@ class SeedRun:
     choose_seconds: float
 
 
-def _one_seed(dense: torch.nn.Module, loaders, setting: HeadChannelSetting, epochs: int,
-              seed: int) -> SeedRun:
+def _one_seed(ctx: DigitsContext, setting: HeadChannelSetting, seed: int) -> SeedRun:
     """Search, slice and fine-tune once; the training data's order follows `seed` alone, not the runs
     before this one."""
-    config = replace(digits_finetune_config(epochs), seed=seed)
-    train = seeded_train_loader(loaders, seed)
-    loaders = replace(loaders, train=train)
-    base = {"model": MODEL, "kwargs": {}, "pretrained": True}
-    manager = PassManager(trace(dense), recipe=Recipe(base=base))
+    config = replace(digits_finetune_config(ctx.epochs), seed=seed)
+    dense, loaders = ctx.dense, replace(ctx.loaders, train=seeded_train_loader(ctx.loaders, seed))
+    manager = PassManager(trace(dense), recipe=Recipe(base=ctx.base))
     gated = manager.run(HeadGatePass(HEAD_CHANNEL_VARIANTS[setting.variant].gate_mode))
     search = search_head_channels(gated, loaders.train, config, setting.budget, variant=setting.variant,
                                   calibration=loaders.train, teacher=dense, progress=False)
@@ -89,32 +90,19 @@ def _one_seed(dense: torch.nn.Module, loaders, setting: HeadChannelSetting, epoc
     return SeedRun(manager, tuned, searched, oneshot, evaluate(tuned, loaders.test).top1, seconds)
 
 
-def _row(setting: HeadChannelSetting, runs: list[SeedRun], artifacts: Path) -> Row:
+def _row(setting: HeadChannelSetting, runs: list[SeedRun], ctx: DigitsContext) -> Row:
     """Mean top-1 of each stage over the seeds; shapes, MACs and the artifact are the first seed's (each
     seed selects its own channels, at the same budget)."""
     first = runs[0]
     row = make_row(METHOD, setting.settings(), first.tuned, statistics.fmean(r.finetuned for r in runs),
-                   statistics.fmean(r.sliced for r in runs))
+                   statistics.fmean(r.sliced for r in runs), model=ctx.model)
     row.top1_sparse_trained = statistics.fmean(r.searched for r in runs)
     row.top1_seeds = [r.finetuned for r in runs]
     row.prune_seconds = round(statistics.fmean(r.choose_seconds for r in runs), 3)
     variant = HEAD_CHANNEL_VARIANTS[setting.variant]
     row.calibration_samples = CALIBRATION_IMAGES if variant.similarity or variant.init else None
-    export_row(first.tuned, first.manager.recipe, row, artifacts)
+    export_row(first.tuned, first.manager.recipe, row, ctx.artifacts)
     return row
-
-
-def head_channel_digits_rows(settings: tuple[HeadChannelSetting, ...], epochs: int, seeds: int,
-                             artifacts: Path, progress: bool = True) -> list[Row]:
-    """digits-vit at each setting: mean top-1 over `seeds` after the search, the slice and the fine-tune."""
-    dense = build_model(MODEL, pretrained=True)
-    loaders = digits_loaders()
-    def one_seed(setting, seed: int):
-        return _one_seed(dense, loaders, setting, epochs, seed)
-
-    results = over_seeds(settings, seeds, one_seed,
-                         "digits-vit head-channels", progress)
-    return [_row(setting, seed_runs, artifacts) for setting, seed_runs in results.items()]
 
 
 def check_budgets_fit(model: torch.nn.Module, budgets: tuple[float, ...], multiple: int = DEFAULT_MULTIPLE
@@ -136,3 +124,59 @@ def head_channel_speed_graph(model: torch.nn.Module, budget: float, recipe: Reci
     indicators_from_weights(gated)
     manager.run(HeadChannelSlicePass(budget, multiple))
     return manager
+
+
+SEEDS = 3  # seeds per digits-vit row: fine-tuned top-1 moves by about ±0.4 pt from seed to seed
+
+
+class HeadChannelSpec(MethodSpec):
+    name = "heads"
+    example = "0.3:full"
+    summary = "BUDGET[:VARIANT][+int8]"
+
+    def parse(self, text: str) -> HeadChannelSetting:
+        body, int8 = split_int8(text)
+        budget, _, variant = body.partition(":")
+        variant = variant or "full"
+        if variant not in HEAD_CHANNEL_VARIANTS:
+            raise self.bad_setting(text, f"unknown variant {variant!r}; choose from "
+                                         f"{', '.join(HEAD_CHANNEL_VARIANTS)}")
+        return HeadChannelSetting(parse_fraction(self, budget), variant, int8)
+
+    def digits_rows(self, setting: HeadChannelSetting, ctx: DigitsContext) -> list[Row]:
+        """Mean top-1 over the seeds after the search, the slice and the fine-tune."""
+        check_budgets_fit(ctx.dense, (setting.budget,))
+        runs = over_seeds((setting,), ctx.seeds_or(SEEDS), lambda s, seed: _one_seed(ctx, s, seed),
+                          f"{ctx.model} heads {setting.budget:g} {setting.variant}", ctx.progress,
+                          ctx.log)[setting]
+        return with_digits_twin(_row(setting, runs, ctx), setting.int8, ctx)
+
+    def speed_candidates(self, setting: HeadChannelSetting, ctx: SpeedContext) -> list[SpeedCandidate]:
+        check_budgets_fit(ctx.model, (setting.budget,))
+        manager = head_channel_speed_graph(ctx.model, setting.budget, Recipe(base=ctx.base))
+        settings = {"budget": setting.budget, "multiple": manager.recipe.passes[-1].params["multiple"]}
+        return with_speed_twins(ctx.candidate(METHOD, settings, manager), setting.int8, ctx)
+
+    def report_section(self, rows: list[Row], meta: dict) -> str:
+        table = head_channel_table(rows)
+        return (
+            "## Head-equal channel removal\n\nThe same q/k and v channel counts removed from every head at a "
+            "budget of fewer attention MACs (qkv, attention matmuls, proj), then fine-tuned; each row is the "
+            "mean over its seeds. Variants: `full` (similarity-weighted indicators initialised from the "
+            "attention difference, trained toward the budget, with reweighting), `l1` (a plain L1-trained "
+            "indicator), and `full` without one of its parts. The speed model's indicators come from "
+            "weight norms (random weights): its rows measure the sliced shapes. Top-1 searched is the "
+            "gated model with its keep masks at the final selection; MACs and the artifact are the first "
+            "seed's. Fine-tuned top-1 is the mean ± its standard error over the seeds; `vs l1, paired` is "
+            "the fine-tuned difference to the `l1` row seed by seed (a seed gives every variant the same "
+            "data order), mean ± standard error.\n\n" + table) if table else ""
+
+    def plots(self, rows: list[Row]) -> dict:
+        return {"head_channels.png": lambda p: plot_head_channels(rows, p)} if _head_rows(rows) else {}
+
+
+def _head_rows(rows: list[Row]) -> list[Row]:
+    return [r for r in rows if r.method == METHOD and r.top1 is not None]
+
+
+SPEC = HeadChannelSpec()

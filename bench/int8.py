@@ -19,16 +19,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from vitsparse.compiler import ExportConfig, PassManager, Recipe, export_artifact, load_weights, replay, trace
-from vitsparse.models import build_model, digits_loaders, evaluate
+from vitsparse.models import evaluate
 from vitsparse.pruners import FinetuneConfig, QuantConfig, QuantizePass, finetune, make_calibration
 from vitsparse.runtime import create_engine, engine_status
 
-from .accuracy import CALIBRATION_IMAGES, MODEL, digits_finetune_config, make_row
+from .accuracy import CALIBRATION_IMAGES, digits_finetune_config, make_row
 from .methods import METHODS, SpeedSetting, parse_speed_setting
+from .report import int8_speed_table, int8_table
 from .schema import Row
+from .spec import DigitsContext, MethodSpec, SpeedContext
 from .speed import SpeedCandidate, artifact_slug
 
 METHOD = "int8"
@@ -40,10 +41,6 @@ FORMAT_ENGINES = {"qdq": ("onnxruntime", "openvino"), "operator": ("deepsparse",
 VERIFICATIONS = {"qdq": ("qdq", "onnxruntime"), "qdq-openvino": ("qdq", "openvino"),
                  "operator": ("operator", "deepsparse")}
 SPEED_CALIBRATION = 16  # images (random or --calibration-data) the speed model's ranges come from
-# speed rows of these methods are also timed as INT8 (`int8_twins`): shapes in the precision the fastest
-# dense engines run (the combined recipes in INT8 are the profile's frontier, quantized with their own
-# settings)
-TWINNED_METHODS = ("vtp", "head-channels", "token-drop")
 TWIN_FORMATS = tuple(FORMAT_ENGINES)
 
 
@@ -59,8 +56,11 @@ class Int8SpeedSetting:
         return {**base, "format": self.format}
 
 
-DEFAULT_SPEED = (Int8SpeedSetting(None, "qdq"), Int8SpeedSetting(None), Int8SpeedSetting(SpeedSetting(0.75)),
-                 Int8SpeedSetting(SpeedSetting(0.9)), Int8SpeedSetting(SpeedSetting(0.75, "1x4")))
+@dataclass(frozen=True)
+class Int8Setting:
+    """The masks under INT8 (None: the dense model)."""
+
+    masks: SpeedSetting | None
 
 
 def _quantize(graph: torch.nn.Module, recipe: Recipe, calibration, config: QuantConfig | None = None
@@ -85,14 +85,6 @@ def int8_twin(candidate: SpeedCandidate, form: str, calibration, config: QuantCo
     row = replace(candidate.row, settings=settings, speed=[], artifact=None)
     return SpeedCandidate(row, manager.graph_module, manager.recipe, engines=FORMAT_ENGINES[form],
                           export={"quant_format": form, **(export or {})})
-
-
-def int8_twins(candidates: list[SpeedCandidate], formats: tuple[str, ...], calibration,
-               export: dict | None = None) -> list[SpeedCandidate]:
-    """Every structured and token candidate quantized in each of `formats` (`export`: their
-    ExportConfig fields)."""
-    return [int8_twin(c, form, calibration, export=export) for c in candidates
-            if c.row.method in TWINNED_METHODS for form in formats]
 
 
 def _logits(engine_name: str, directory: Path, images: torch.Tensor) -> np.ndarray:
@@ -143,88 +135,113 @@ def _quantize_and_tune(graph: torch.nn.Module, recipe: Recipe, dense: torch.nn.M
                       quantized.recipe.passes[-1].stats["calibration_samples"])
 
 
-def _int8_row(method: str, settings: dict, result: _Quantized, images: torch.Tensor, artifacts: Path) -> Row:
+def _int8_row(method: str, settings: dict, result: _Quantized, ctx: DigitsContext) -> Row:
     """The INT8 row of `result`, each export format checked against the fake-quantized model."""
-    row = make_row(method, settings, result.tuned, result.top1, result.post_training)
+    row = make_row(method, settings, result.tuned, result.top1, result.post_training, model=ctx.model)
+    artifacts = ctx.artifacts
     row.calibration_samples = result.calibration_samples
     slug = artifact_slug(row)
-    row.verification = verify_formats(result.tuned, result.recipe, images, artifacts, slug)
+    row.verification = verify_formats(result.tuned, result.recipe, ctx.test_images, artifacts, slug)
     row.artifact = str(artifacts / f"{slug}-qdq")
     return row
 
 
-def int8_digits_rows(sparsities: tuple[float, ...], epochs: int, artifacts: Path) -> list[Row]:
-    """digits-vit at each sparsity: INT8 top-1 after calibration and after quantization-aware training."""
+def int8_digits_row(setting: Int8Setting, ctx: DigitsContext) -> Row:
+    """digits-vit under `setting`'s masks (Fisher OBS, then the standard fine-tune), in INT8 after
+    calibration and after quantization-aware training."""
     os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
-    dense = build_model(MODEL, pretrained=True)
-    loaders = digits_loaders()
-    calibration = make_calibration(loaders.train, CALIBRATION_IMAGES)
-    images = torch.cat([x for x, _ in loaders.test])
-    base = {"model": MODEL, "kwargs": {}, "pretrained": True}
-    rows = []
-    for sparsity in sparsities:
-        manager = PassManager(trace(dense), recipe=Recipe(base=base))
-        graph = manager.graph_module
-        if sparsity:
-            manager.run(METHODS[BASE].make_pass(sparsity, calibration=calibration,
-                                                samples=CALIBRATION_IMAGES))
-            graph = finetune(manager.graph_module, loaders.train, loaders.val, digits_finetune_config(epochs),
-                             teacher=dense, progress=False).model
-        result = _quantize_and_tune(graph, manager.recipe, dense, loaders, calibration)
-        settings = {"base": BASE if sparsity else "dense", "sparsity": sparsity, "pattern": "unstructured",
-                    "observer": OBSERVER}
-        rows.append(_int8_row(METHOD, settings, result, images, artifacts))
-    return rows
+    calibration = make_calibration(ctx.loaders.train, CALIBRATION_IMAGES)
+    manager = PassManager(trace(ctx.dense), recipe=Recipe(base=ctx.base))
+    graph, masks = manager.graph_module, setting.masks
+    if masks is not None:
+        manager.run(METHODS[BASE].make_pass(masks.sparsity, masks.pattern, calibration=calibration,
+                                            samples=calibration.num_samples))
+        graph = finetune(manager.graph_module, ctx.loaders.train, ctx.loaders.val,
+                         digits_finetune_config(ctx.epochs), teacher=ctx.dense, progress=False).model
+    result = _quantize_and_tune(graph, manager.recipe, ctx.dense, ctx.loaders, calibration)
+    settings = ({"base": "dense", "sparsity": 0.0, "pattern": "unstructured"} if masks is None
+                else {"base": BASE, **masks.settings()})
+    return _int8_row(METHOD, {**settings, "observer": OBSERVER}, result, ctx)
 
 
-def is_twinned_digits_row(row: Row) -> bool:
-    """A digits-vit row whose model also runs in INT8: each structured and token method, in the form
-    its speed rows are timed in (the full head-channel method, a static keep rate)."""
-    settings = row.settings
-    return (row.model == MODEL and row.method in TWINNED_METHODS and row.artifact is not None
-            and settings.get("variant", "full") == "full" and settings.get("mode", "fixed") == "fixed")
-
-
-def int8_digits_twins(rows: list[Row], artifacts: Path, progress: bool = True) -> list[Row]:
-    """Each twinned digits-vit row's model, rebuilt from its artifact (recipe replayed, weights loaded),
-    in INT8 after calibration and after quantization-aware training; its settings gain `int8: qat`."""
+def int8_digits_twin(row: Row, ctx: DigitsContext) -> Row:
+    """`row`'s model, rebuilt from its artifact (recipe replayed on the dense model, weights loaded), in
+    INT8 after calibration and after quantization-aware training; its settings gain `int8: qat`."""
     os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
-    dense = build_model(MODEL, pretrained=True)
-    loaders = digits_loaders()
-    calibration = make_calibration(loaders.train, CALIBRATION_IMAGES)
-    images = torch.cat([x for x, _ in loaders.test])
-    twins = []
-    for row in tqdm([r for r in rows if is_twinned_digits_row(r)], desc="digits-vit int8 twins", unit="model",
-                    disable=not progress):
-        directory = Path(row.artifact)
-        recipe = Recipe.load(directory / "recipe.json")
-        graph = load_weights(replay(build_model(MODEL), recipe), directory / "weights.safetensors")
-        result = _quantize_and_tune(graph, recipe, dense, loaders, calibration)
-        twins.append(_int8_row(row.method, {**row.settings, "int8": "qat"}, result, images, artifacts))
-    return twins
+    calibration = make_calibration(ctx.loaders.train, CALIBRATION_IMAGES)
+    directory = Path(row.artifact)
+    recipe = Recipe.load(directory / "recipe.json")
+    graph = load_weights(replay(copy.deepcopy(ctx.dense), recipe), directory / "weights.safetensors")
+    result = _quantize_and_tune(graph, recipe, ctx.dense, ctx.loaders, calibration)
+    return _int8_row(row.method, {**row.settings, "int8": "qat"}, result, ctx)
 
 
-def int8_speed_candidates(model: torch.nn.Module, settings: tuple[Int8SpeedSetting, ...], calibration,
-                          base: dict, make_row_for) -> list[SpeedCandidate]:
-    """The speed model under each setting's masks, quantized, to be timed on its format's engines only."""
-    candidates = []
-    for setting in settings:
-        manager = PassManager(trace(model), recipe=Recipe(base=base))
-        if setting.masks is not None:
-            manager.run(METHODS["magnitude"].make_pass(setting.masks.sparsity, setting.masks.pattern))
-        manager.run(QuantizePass(QuantConfig(observer=OBSERVER), calibration=calibration))
-        row = make_row_for(METHOD, setting.settings(), manager)
-        candidates.append(SpeedCandidate(row, manager.graph_module, manager.recipe,
-                                         engines=FORMAT_ENGINES[setting.format],
-                                         export={"quant_format": setting.format}))
-    return candidates
+def with_digits_twin(row: Row, int8: bool, ctx: DigitsContext) -> list[Row]:
+    """`row`, and with `int8` its INT8 twin."""
+    return [row, int8_digits_twin(row, ctx)] if int8 else [row]
 
 
-def parse_int8_speed_setting(text: str) -> Int8SpeedSetting:
-    """'dense' or 'dense@qdq', '0.9', '0.75@1x4' (the operator format on DeepSparse unless '@qdq' ends it)."""
-    text = text.strip()
-    form = "operator"
-    if text.endswith("@qdq") or text.endswith("@operator"):
-        text, _, form = text.rpartition("@")
-    masks = None if text == "dense" else parse_speed_setting(text)
-    return Int8SpeedSetting(masks, form)
+def with_speed_twins(candidate: SpeedCandidate, int8: bool, ctx: SpeedContext,
+                     config: QuantConfig | None = None) -> list[SpeedCandidate]:
+    """`candidate`, and with `int8` its INT8 twin in every format whose engine is timed."""
+    twins = [int8_twin(candidate, form, ctx.int8_calibration, config, export=ctx.export)
+             for form in ctx.int8_formats] if int8 else []
+    return [candidate, *twins]
+
+
+class Int8Spec(MethodSpec):
+    name = METHOD
+    example = "0.75@1x4"
+    summary = "dense or SPARSITY[@1xK]"
+
+    def parse(self, text: str) -> Int8Setting:
+        if text.strip() == "dense":
+            return Int8Setting(None)
+        try:
+            masks = parse_speed_setting(text)
+        except ValueError as err:
+            raise self.bad_setting(text, str(err)) from None
+        return Int8Setting(masks if masks.sparsity else None)
+
+    def digits_rows(self, setting: Int8Setting, ctx: DigitsContext) -> list[Row]:
+        return [int8_digits_row(setting, ctx)]
+
+    def speed_candidates(self, setting: Int8Setting, ctx: SpeedContext) -> list[SpeedCandidate]:
+        """The speed model under the setting's magnitude masks, quantized, in every timed format (dense
+        QDQ is the workflow's baseline already)."""
+        candidates = []
+        for form in ctx.int8_formats:
+            if setting.masks is None and form == "qdq":
+                continue
+            manager = PassManager(trace(ctx.model), recipe=Recipe(base=ctx.base))
+            if setting.masks is not None:
+                manager.run(METHODS["magnitude"].make_pass(setting.masks.sparsity, setting.masks.pattern))
+            manager.run(QuantizePass(QuantConfig(observer=OBSERVER), calibration=ctx.int8_calibration))
+            settings = Int8SpeedSetting(setting.masks, form).settings()
+            candidates.append(ctx.candidate(METHOD, settings, manager, engines=FORMAT_ENGINES[form],
+                                            export={"quant_format": form}))
+        return candidates
+
+    def report_section(self, rows: list[Row], meta: dict) -> str:
+        parts = []
+        table = int8_table(rows)
+        if table:
+            parts.append("## Static INT8 on digits-vit\n\nPer-channel symmetric INT8 weights, UINT8 "
+                         "activations calibrated on 256 training images (percentile observer); masked rows "
+                         "quantize Fisher OBS masks after the standard fine-tune, twins (`int8: qat`) the "
+                         "fine-tuned model of their float row (rebuilt from its artifact). Post-training is "
+                         "the calibrated model, QAT after 4 epochs of quantization-aware fine-tuning with "
+                         "the masks kept. Each export of the QAT model ran on every engine that runs its "
+                         "format over the test images, compared with the fake-quantized torch model.\n\n"
+                         + table)
+        speed = int8_speed_table(rows)
+        if speed:
+            parts.append("## INT8 speed\n\nEvery model timed as INT8. The operator format runs on "
+                         "DeepSparse, QDQ on ONNX Runtime and OpenVINO (DeepSparse and ONNX Runtime refuse "
+                         "each other's form); median latency, this run. MACs in INT8: the share of the "
+                         "file's MatMul, Gemm and Conv MACs that OpenVINO's executed graph runs in u8/i8."
+                         "\n\n" + speed)
+        return "\n\n".join(parts)
+
+
+SPEC = Int8Spec()

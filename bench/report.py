@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from .frontier import (
+    MASK_METHODS,
     digits_top1,
     float_form,
-    frontier_table,
     has_pareto_points,
     mean_and_error,
     plot_pareto,
@@ -19,7 +19,7 @@ from .frontier import (
 from .labels import combined_setting_label
 from .plotting import pyplot, save_figure
 from .schema import Row, results_document
-from .speed_report import best_dense_line, best_dense_table, engine_pattern_table
+from .speed_report import best_dense_line, engine_pattern_table, lead_table
 
 DENSE = "dense"
 
@@ -61,7 +61,7 @@ def sparsity_curves(rows: list[Row], key: str) -> dict[str, list[tuple[float, fl
     for r in _accuracy_rows(rows):
         value = getattr(r, key)
         if (
-            r.method != DENSE
+            r.method in MASK_METHODS
             and "sparsity" in r.settings
             and value is not None
             and r.settings.get("pattern", "unstructured") == "unstructured"
@@ -345,8 +345,8 @@ def int8_speed_table(rows: list[Row]) -> str:
 
 
 def solver_table(rows: list[Row]) -> str:
-    """How long each data-aware solver took on the speed model (rows without accuracy or speed)."""
-    timed = [r for r in rows if r.prune_seconds is not None and r.top1 is None and not r.speed]
+    """How long each data-aware solver took on the speed model (its rows have no top-1)."""
+    timed = [r for r in rows if r.prune_seconds is not None and r.top1 is None]
     if not timed:
         return ""
     lines = ["| model | method | calibration images | seconds |", "|---|---|---|---|"]
@@ -372,105 +372,27 @@ def speed_table(rows: list[Row]) -> str:
 
 
 def markdown_report(meta: dict[str, Any], rows: list[Row]) -> str:
-    weights = meta.get("speed_weights", "random")
-    sparsities = sparsity_table(rows)
+    """The lead table, then each method's section (one per spec, in registry order), then what every row
+    measured and what the run left out."""
+    from .registry import SPECS  # the specs import this module's tables
+
     sections = [
         f"# prune-and-bench, profile `{meta['profile']}`",
-        f"Run {meta['date']} on {meta['machine']} ({meta['cpu_cores']} cores), {meta['duration_s']:.0f} s. "
-        f"Speed model weights: {weights}; its masks chosen by {meta.get('speed_method', 'magnitude')}. "
-        "All speeds come from this one run, engines timed in alternating blocks."
+        f"Run {meta['date']} on {meta['machine']} ({meta['cpu_cores']} cores), {meta['wall_s']:.0f} s, "
+        f"peak memory {meta['peak_rss_mb'] / 1024:.1f} GiB. Speed model: {meta['speed_model']}, weights "
+        f"{meta['speed_weights']}. All speeds come from this one run, engines timed in alternating blocks."
         + "".join(f" No {name} columns: {why}." for name, why in meta.get("engines_left_out", {}).items()),
-        _best_dense_section(rows),
-        "## Accuracy on digits-vit\n\nTop-1 on the held-out test split, one-shot (no fine-tune) and after "
-        "the standard short distilled fine-tune with the masks fixed.\n\n" + sparsities
-        if sparsities
-        else "",
+        _lead_section(rows),
     ]
+    seen: set[str] = set()
+    for spec in SPECS.values():
+        key = spec.section or spec.name
+        if key not in seen:
+            seen.add(key)
+            sections.append(spec.report_section(rows, meta))
     accuracy = accuracy_table(rows)
     if accuracy:
-        sections.append("### Every accuracy row\n\n" + accuracy)
-    vtp = vtp_table(rows)
-    if vtp:
-        sections.append(
-            "## Dimension slicing (VTP)\n\nScores trained with λ·‖â‖₁ on digits-vit, then sliced at the "
-            "rate and fine-tuned. The speed model's scores come from weight norms (random weights, "
-            "nothing to train): its rows measure the sliced shapes.\n\n" + vtp
-        )
-    heads = head_channel_table(rows)
-    if heads:
-        sections.append(
-            "## Head-equal channel removal\n\nThe same q/k and v channel counts removed from every head at a "
-            "budget of fewer attention MACs (qkv, attention matmuls, proj), then fine-tuned; each row is the "
-            "mean over its seeds. Variants: `full` (similarity-weighted indicators initialised from the "
-            "attention difference, trained toward the budget, with reweighting), `l1` (a plain L1-trained "
-            "indicator), and `full` without one of its parts. The speed model's indicators come from "
-            "weight norms (random weights): its rows measure the sliced shapes. Top-1 searched is the "
-            "gated model with its keep masks at the final selection (`l1`: its scales times the masks); "
-            "MACs and the artifact are the first seed's (each seed selects its own channels at the same "
-            "budget). Fine-tuned top-1 is the mean ± its standard error over the seeds; `vs l1, paired` is "
-            "the fine-tuned difference to the `l1` row seed by seed (a seed gives every variant the same "
-            "data order), mean ± standard error.\n\n" + heads
-        )
-    tokens = token_drop_table(rows)
-    if tokens:
-        sections.append(
-            "## Token dropping (AS-ViT)\n\nTokens scored by the class token's attention weighted by each "
-            "head's output norm, dropped before the listed blocks (0-based). Each row aims at a FLOPs "
-            "target (MACs after / dense): `fixed` keeps the same share at every stage, `learned` trains one "
-            "threshold per stage with the weights (cross-entropy + 2.0·|FLOPs ratio − target| + "
-            "distillation), then keeps each stage's mean count on calibration images. Top-1 adaptive is the "
-            "learned thresholds applied image by image before the counts are fixed; static is the exported "
-            "form (TopK + Gather) before fine-tuning; fine-tuned (30 epochs, digits-vit's own training "
-            "recipe: lr 3e-3, pixel shifts) is the mean ± its standard error over the seeds. Kept tokens "
-            "and MACs are the first seed's.\n\n" + tokens
-        )
-    combined = combined_table(rows)
-    if combined:
-        sections.append(
-            "## Combined recipes\n\nEvery landed method in one recipe, trained on digits-vit stage by "
-            "stage, each stage recovering before the next, all distilled from the dense model: VTP scores "
-            "trained, sliced and recovered; head channels sliced and recovered; token thresholds learned "
-            "toward the FLOPs of the setting's keep rate, then a fine-tune; second-order (Fisher OBS) "
-            "masks raised in cubic steps with recovery between them; INT8 calibrated, then fine-tuned "
-            "quantization-aware. `epochs` is the whole training budget; the top-1 after each stage is the "
-            "mean over the seeds, one-shot the first pass before any recovery. Token-drop locations are "
-            "blocks of a 12-block model (scaled to digits-vit's 6).\n\n" + combined
-        )
-    frontier = frontier_table(rows)
-    if frontier:
-        sections.append(
-            "## The frontier: accuracy against speed\n\nEach combined recipe's digits-vit top-1 (mean ± "
-            "standard error over seeds) beside the speed-up of the same setting on the speed model "
-            "(random weights, every choice from weight norms) over the best dense alternative of this run, "
-            "per engine (its fastest precision column) and batch size. `pareto.png` plots every setting "
-            "that has a digits-vit row.\n\n" + frontier
-        )
-    int8 = int8_table(rows)
-    if int8:
-        sections.append(
-            "## Static INT8 on digits-vit\n\nPer-channel symmetric INT8 weights, UINT8 activations "
-            "calibrated on 256 training images (percentile observer); sparse rows quantize Fisher OBS "
-            "masks after the standard fine-tune, and the VTP, head-channel and token rows their own "
-            "fine-tuned model (the first seed's; rebuilt from its artifact). Post-training is the "
-            "calibrated model, QAT after 4 epochs of quantization-aware fine-tuning with the masks kept; "
-            "float model: the top-1 of the row it was quantized from. Each export of the QAT model ran "
-            "on every engine that runs its format over the 270 test images, compared with the "
-            "fake-quantized torch model.\n\n"
-            + int8)
-    int8_speed = int8_speed_table(rows)
-    if int8_speed:
-        sections.append("## INT8 speed\n\nEvery model timed as INT8: the dense and masked models, and the "
-                        "structured, token and combined rows quantized after their passes. The operator "
-                        "format runs on DeepSparse, QDQ on ONNX Runtime and OpenVINO (DeepSparse and ONNX "
-                        "Runtime refuse each other's form); median latency, this run. MACs in INT8: the "
-                        "share of the file's MatMul, Gemm and Conv MACs that OpenVINO's executed graph "
-                        "runs in u8/i8 (the rest, e.g. an FP32 patch embedding, in float).\n\n" + int8_speed)
-    solvers = solver_table(rows)
-    if solvers:
-        sections.append(
-            f"## Solver time\n\nChoosing the masks once, calibration: "
-            f"{meta.get('calibration', 'random images')}.\n\n" + solvers
-        )
+        sections.append("## Every accuracy row\n\n" + accuracy)
     patterns = engine_pattern_table(rows)
     if patterns:
         sections.append(
@@ -479,22 +401,31 @@ def markdown_report(meta: dict[str, Any], rows: list[Row]) -> str:
             "left to right; ✓ where it is at least 1.1× at every batch size. INT8 rows are the "
             "file each engine runs as INT8 (QDQ on ONNX Runtime and OpenVINO, the operator format on "
             "DeepSparse); PyTorch runs masks as dense weights.\n\n" + patterns)
-    sections += [
-        "## Speed\n\n" + speed_table(rows),
-        "MACs are multiply-accumulates per image (what DeiT/timm call FLOPs).",
-    ]
+    if any(r.speed for r in rows):
+        sections.append("## Speed\n\n" + speed_table(rows))
+    sections.append("MACs are multiply-accumulates per image (what DeiT/timm call FLOPs).")
+    sections.append(_left_out_section(meta))
     return "\n\n".join(s for s in sections if s) + "\n"
 
 
-def _best_dense_section(rows: list[Row]) -> str:
-    table = best_dense_table(rows)
+def _lead_section(rows: list[Row]) -> str:
+    table = lead_table(rows)
     if not table:
         return ""
-    return ("## Speed-up over the best dense alternative\n\nEach pruned model's fastest engine against the "
-            "fastest dense model a user could run instead, timed in this run: dense PyTorch, ONNX Runtime "
-            "and OpenVINO, in float or as a static INT8 (QDQ) file (DeepSparse is vitsparse's own engine, "
-            "not an alternative). Ratios of median latency. Best dense alternative: "
-            + best_dense_line(rows) + ".\n\n" + table)
+    return ("## Summary\n\nPer setting run: the fastest engine's speed-up on the speed model over dense "
+            "PyTorch and over the best dense alternative (median latency, this run), and the digits-vit "
+            "top-1 of the same setting. `pareto.png` plots the last column against the speed-up over the "
+            "best dense alternative. Best dense alternative: " + (best_dense_line(rows) or "none timed")
+            + ".\n\n" + table)
+
+
+def _left_out_section(meta: dict[str, Any]) -> str:
+    missing = meta.get("left_out") or []
+    if not missing:
+        return ""
+    return ("## Left out\n\nThe full profile's settings this run did not run; each is one `--only` away "
+            "(`vitsparse prune-and-bench --only vtp=0.2`), all of them with `--profile full`:\n\n"
+            + ", ".join(f"`{label}`" for label in missing) + ".")
 
 
 def plot_accuracy(rows: list[Row], path: Path) -> None:
@@ -593,6 +524,8 @@ def _best_dense_vs_torch(rows: list[Row], batch: int) -> tuple[str, float] | Non
 
 def write_report(directory: Path, meta: dict[str, Any], rows: list[Row]) -> dict[str, Path]:
     """Write the report files into `directory` (each via a temp file and rename)."""
+    from .registry import SPECS
+
     directory.mkdir(parents=True, exist_ok=True)
     files: dict[str, tuple[str, Any]] = {
         "results": (
@@ -603,10 +536,9 @@ def write_report(directory: Path, meta: dict[str, Any], rows: list[Row]) -> dict
         ),
         "report": ("report.md", lambda p: p.write_text(markdown_report(meta, rows), encoding="utf-8")),
     }
-    if sparsity_curves(rows, "top1"):
-        files["accuracy_plot"] = ("accuracy.png", lambda p: plot_accuracy(rows, p))
-    if _head_channel_rows(rows):
-        files["head_channels_plot"] = ("head_channels.png", lambda p: plot_head_channels(rows, p))
+    for spec in SPECS.values():
+        for name, write in spec.plots(rows).items():
+            files.setdefault(name.removesuffix(".png"), (name, write))
     if any(r.speed and r.method != DENSE for r in rows):
         files["speed_plot"] = ("speedup.png", lambda p: plot_speedup(rows, p))
     if has_pareto_points(rows):

@@ -1,6 +1,6 @@
 """results.json: the versioned record of one prune-and-bench run (documented in README).
 
-{"schema": 9, "meta": {...}, "rows": [{"model", "method", "settings", "top1", "top1_oneshot",
+{"schema": 10, "meta": {...}, "rows": [{"model", "method", "entry", "settings", "top1", "top1_oneshot",
  "top1_sparse_trained", "top1_seeds", "macs", "attention_macs", "params", "nonzero_params",
  "prune_seconds", "calibration_samples", "verification", "stages", "artifact", "speed": [{"engine",
  "batch", "items_per_sec", "latency_ms": {"mean", "p50", "p90", "p99"}, "speedup_vs_dense_torch",
@@ -24,7 +24,10 @@ share of the file's MatMul/Gemm/Conv MACs the engine ran in INT8, read from Open
 digits-vit, each stage's `stage`, `epochs`, `top1` (mean over seeds) and `top1_seeds`; schema 9
 compares `verification` with the fake-quantized torch model (the INT8 model itself) instead of the float
 model before quantization, and adds digits-vit INT8 twins: VTP, head-channel and token rows whose
-settings gain `int8: "qat"`.
+settings gain `int8: "qat"`; schema 10 adds rows' `entry`: the profile entry that made the row
+(`vtp=0.4`, `combined=recipes/combined.yaml+int8`), shared by a setting's digits-vit and speed rows, and
+meta `entries`, `left_out` (the full profile's entries the run left out), `wall_s` and `peak_rss_mb`
+(`duration_s` and `speed_method` are gone).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 
 @dataclass
@@ -59,6 +62,7 @@ class Row:
     model: str
     method: str
     settings: dict[str, Any] = field(default_factory=dict)
+    entry: str | None = None  # the profile entry that made it, e.g. "vtp=0.4"
     top1: float | None = None
     top1_oneshot: float | None = None
     top1_sparse_trained: float | None = None

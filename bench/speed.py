@@ -163,13 +163,15 @@ def _export_for_batch(cand: SpeedCandidate, batch: int, plan: TimingPlan, artifa
 
 
 def _runners_for_group(candidates: list[SpeedCandidate], indices: list[int], batch: int, plan: TimingPlan,
-                       artifacts: Path, exported: dict[int, Path]
+                       artifacts: Path, exported: dict[int, Path], log: Callable[[str], None] | None = None
                        ) -> tuple[dict[tuple[int, str], Callable[[], object]], dict[str, dict]]:
     """One runner per (candidate, engine) of the group, and what each engine reports of its compiled
     graph by (candidate, engine); each candidate is exported once per batch size."""
     runners, fractions, shares = {}, {}, {}
     for index in indices:
         cand = candidates[index]
+        if log is not None:
+            log(f"      batch {batch}: exporting and compiling {cand.row.label()}")
         if index not in exported:
             exported[index] = _export_for_batch(cand, batch, plan, artifacts)
         engines = cand.timed_on(plan.engines)
@@ -185,16 +187,26 @@ def _runners_for_group(candidates: list[SpeedCandidate], indices: list[int], bat
 
 
 def _time_group(candidates: list[SpeedCandidate], indices: list[int], batch: int, plan: TimingPlan,
-                artifacts: Path, exported: dict[int, Path], bar: tqdm) -> dict[int, list[SpeedEntry]]:
+                artifacts: Path, exported: dict[int, Path], bar: tqdm, log: Callable[[str], None] | None
+                ) -> dict[int, list[SpeedEntry]]:
     """Compile the group's engines, time them in alternating rounds, free them; entries by candidate."""
     bar.set_description(f"compiling for batch {batch}")
-    runners, reported = _runners_for_group(candidates, indices, batch, plan, artifacts, exported)
+    runners, reported = _runners_for_group(candidates, indices, batch, plan, artifacts, exported, log)
     labels = {key: f"{candidates[key[0]].row.label()} on {key[1]}" for key in runners}
     bar.total += plan.rounds * len(runners)
     bar.set_description(f"timing batch {batch}")
+    count = len(runners)
+    blocks = iter(range(1, plan.rounds * count + 1))
+
+    def on_block(_: str) -> None:
+        bar.update()
+        block = next(blocks)
+        if log is not None and block % count == 0:
+            log(f"      batch {batch}: round {block // count}/{plan.rounds} of {count} runners timed")
+
     timed = compare_side_by_side({labels[k]: fn for k, fn in runners.items()}, batch_size=batch,
                                  rounds=plan.rounds, seconds_per_block=plan.seconds_per_block,
-                                 on_block=lambda _: bar.update())
+                                 on_block=on_block)
     del runners
     gc.collect()  # an engine in a reference cycle would otherwise hold its memory into the next group
     entries: dict[int, list[SpeedEntry]] = {index: [] for index in indices}
@@ -208,12 +220,15 @@ def _time_group(candidates: list[SpeedCandidate], indices: list[int], batch: int
 
 
 def measure_speed(candidates: list[SpeedCandidate], plan: TimingPlan, artifacts: Path,
-                  progress: bool = False) -> None:
+                  progress: bool = False, on_group: Callable[[str], None] | None = None,
+                  log: Callable[[str], None] | None = None) -> None:
     """Fill each candidate row's `speed`; the first candidate must be the dense baseline.
 
     Candidates are timed in groups (`timing_groups`), each beside its own timing of the baselines;
     a row's speed-ups are over the baselines timed with it, the baseline rows keep the first group's.
-    With `progress`, a bar in a terminal counts the timed blocks (minutes on a ViT with every engine).
+    With `progress`, a bar in a terminal counts the timed blocks (minutes on a ViT with every engine);
+    without, `log` hears of each model compiled and each round timed. `on_group` hears when a group
+    is done at a batch size.
     """
     for column in plan.engines:
         if column != TORCH:
@@ -221,17 +236,21 @@ def measure_speed(candidates: list[SpeedCandidate], plan: TimingPlan, artifacts:
     if plan.num_cores:
         torch.set_num_threads(plan.num_cores)
     groups, baselines = timing_groups(candidates, plan.models_per_group), _baseline_indices(candidates)
+    log = None if progress else log
     with tqdm(total=0, unit="block", disable=None if progress else True) as bar:
         for batch in plan.batch_sizes:
-            _time_batch(candidates, groups, baselines, batch, plan, artifacts, bar)
+            _time_batch(candidates, groups, baselines, batch, plan, artifacts, bar, log, on_group)
 
 
 def _time_batch(candidates: list[SpeedCandidate], groups: list[list[int]], baselines: list[int], batch: int,
-                plan: TimingPlan, artifacts: Path, bar: tqdm) -> None:
+                plan: TimingPlan, artifacts: Path, bar: tqdm, log: Callable[[str], None] | None,
+                on_group: Callable[[str], None] | None) -> None:
     """One batch size: every group timed beside its own baselines; fills the candidates' speed."""
     exported: dict[int, Path] = {}
     for number, indices in enumerate(groups):
-        entries = _time_group(candidates, indices, batch, plan, artifacts, exported, bar)
+        entries = _time_group(candidates, indices, batch, plan, artifacts, exported, bar, log)
+        if on_group is not None:
+            on_group(f"timing batch {batch}, group {number + 1}/{len(groups)} ({len(indices)} models)")
         timed_with = [replace(candidates[i].row, speed=entries[i]) for i in baselines]
         kept = indices if number == 0 else [i for i in indices if i not in baselines]
         _fill_speedups(timed_with, [e for i in kept for e in entries[i]])

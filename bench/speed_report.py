@@ -105,3 +105,36 @@ def engine_pattern_table(rows: list[Row]) -> str:
             cells.append(" / ".join(_x(v) for v in best) + mark)
         lines.append(f"| {pattern} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _fastest(rows: list[Row], batch: int) -> SpeedEntry | None:
+    """The entry with the highest speed-up over dense PyTorch among `rows` at `batch`."""
+    entries = [s for r in rows for s in r.speed if s.batch == batch and s.speedup_vs_dense_torch is not None]
+    return max(entries, key=lambda s: s.speedup_vs_dense_torch) if entries else None
+
+
+def lead_table(rows: list[Row]) -> str:
+    """One line per setting timed (rows grouped by their profile entry): the fastest engine's speed-up over
+    dense PyTorch and over the best dense alternative at each batch size, and the digits-vit top-1 of the
+    same setting."""
+    timed: dict[str, list[Row]] = {}
+    for r in rows:
+        if r.speed and r.entry is not None:
+            timed.setdefault(r.entry, []).append(r)
+    if not timed:
+        return ""
+    batches = _batches([r for group in timed.values() for r in group])
+    accuracy = {r.entry: r for r in rows if r.model == "digits-vit" and r.top1 is not None and r.entry}
+    dense = next((r for r in rows if r.model == "digits-vit" and r.method == DENSE and r.top1), None)
+    header = " | ".join(f"batch {b}: fastest engine, vs dense torch, vs best dense" for b in batches)
+    lines = [f"| setting | {header} | digits-vit top-1 |", "|---|" + "---|" * (len(batches) + 1)]
+    if dense is not None:
+        lines.append("| dense | " + " | ".join("–" for _ in batches) + f" | {top1_text(dense)} |")
+    for entry, group in timed.items():
+        cells = []
+        for batch in batches:
+            best = _fastest(group, batch)
+            cells.append(f"{best.engine}, {_x(best.speedup_vs_dense_torch)}, "
+                         f"**{_x(best.speedup_vs_best_dense)}**" if best else "–")
+        lines.append(f"| `{entry}` | " + " | ".join(cells) + f" | {top1_text(accuracy.get(entry))} |")
+    return "\n".join(lines)

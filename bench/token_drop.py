@@ -1,6 +1,7 @@
-"""Token-drop rows: fixed vs learned keep rates on digits-vit, static keep 0.7 timed on the speed model.
+"""Token-drop rows: a static keep rate timed on the speed model; digits-vit, with fixed or learned keep
+rates, aims at the FLOPs ratio (pruned MACs / dense MACs) that keep rate gives it.
 
-Each digits-vit setting aims at a FLOPs ratio (pruned MACs / dense MACs). `fixed` keeps the same share
+On digits-vit `fixed` keeps the same share
 of tokens at every stage, the share that reaches the ratio; `learned` trains one threshold per stage
 jointly with the weights toward the ratio (AS-ViT), reads keep counts off them on calibration images,
 then gets the same fine-tune as `fixed`. Every setting runs several seeds (a seed gives both modes the
@@ -17,12 +18,11 @@ from __future__ import annotations
 import copy
 import statistics
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
 from vitsparse.compiler import PassManager, Recipe, trace
-from vitsparse.models import build_model, digits_loaders, evaluate, shifted_train_loader
+from vitsparse.models import evaluate, shifted_train_loader
 from vitsparse.pruners import (
     FinetuneConfig,
     ThresholdConfig,
@@ -34,8 +34,12 @@ from vitsparse.pruners import (
 from vitsparse.pruners.token_drop import check_locations, default_locations
 from vitsparse.pruners.token_thresholds import gated_copy, keep_rate_for_ratio, token_costs
 
-from .accuracy import MODEL, digits_finetune_config, export_row, make_row, over_seeds, seeded_train_loader
+from .accuracy import digits_finetune_config, export_row, make_row, over_seeds, seeded_train_loader
+from .int8 import with_digits_twin, with_speed_twins
+from .report import token_drop_table
 from .schema import Row
+from .spec import DigitsContext, MethodSpec, SpeedContext, parse_fraction, split_int8
+from .speed import SPEED_MODEL_ATOL, SpeedCandidate
 
 METHOD = "token-drop"
 MODES = ("fixed", "learned")
@@ -51,15 +55,6 @@ class TokenDropSetting:
     target_ratio: float
     mode: str = "fixed"
     locations: tuple[int, ...] | None = None
-
-
-def check_settings(settings: tuple[TokenDropSetting, ...]) -> None:
-    """ValueError for a ratio outside (0, 1] or an unknown mode, before any work starts."""
-    for setting in settings:
-        if isinstance(setting.target_ratio, bool) or not 0 < setting.target_ratio <= 1:
-            raise ValueError(f"token-drop FLOPs ratios must lie in (0, 1], got {setting.target_ratio!r}")
-        if setting.mode not in MODES:
-            raise ValueError(f"unknown token-drop mode {setting.mode!r}; choose from {', '.join(MODES)}")
 
 
 @dataclass
@@ -93,14 +88,12 @@ def _learned(manager: PassManager, setting: TokenDropSetting, locations: tuple[i
     return adaptive.top1
 
 
-def _one_seed(dense: torch.nn.Module, loaders, setting: TokenDropSetting, epochs: int, seed: int,
-              finetune_epochs: int) -> SeedRun:
-    """One seed: drop (learned thresholds train `epochs` with the weights), then the long fine-tune."""
-    config = replace(digits_finetune_config(epochs), seed=seed)
-    train = seeded_train_loader(loaders, seed)
-    loaders = replace(loaders, train=train)
-    base = {"model": MODEL, "kwargs": {}, "pretrained": True}
-    manager = PassManager(trace(copy.deepcopy(dense)), recipe=Recipe(base=base))
+def _one_seed(ctx: DigitsContext, setting: TokenDropSetting, seed: int) -> SeedRun:
+    """One seed: drop (learned thresholds train the standard epochs with the weights), then the long
+    fine-tune."""
+    config = replace(digits_finetune_config(ctx.epochs), seed=seed)
+    dense, loaders = ctx.dense, replace(ctx.loaders, train=seeded_train_loader(ctx.loaders, seed))
+    manager = PassManager(trace(copy.deepcopy(dense)), recipe=Recipe(base=ctx.base))
     depth = manager.structure.depth
     locations = check_locations(setting.locations or default_locations(depth), depth)
     if setting.mode == "learned":
@@ -109,7 +102,7 @@ def _one_seed(dense: torch.nn.Module, loaders, setting: TokenDropSetting, epochs
         learned = None
         _fixed(manager, setting, locations)
     static = evaluate(manager.graph_module, loaders.test).top1
-    tune_config = replace(FINETUNE, epochs=finetune_epochs, seed=seed)
+    tune_config = replace(FINETUNE, epochs=ctx.long_epochs, seed=seed)
     tuned = finetune(manager.graph_module, shifted_train_loader(loaders, seed), loaders.val, tune_config,
                      teacher=dense, progress=False).model
     record = manager.recipe.passes[-1]
@@ -117,7 +110,7 @@ def _one_seed(dense: torch.nn.Module, loaders, setting: TokenDropSetting, epochs
     return SeedRun(manager, tuned, learned, static, evaluate(tuned, loaders.test).top1, seconds)
 
 
-def _row(setting: TokenDropSetting, runs: list[SeedRun], artifacts: Path) -> Row:
+def _row(setting: TokenDropSetting, runs: list[SeedRun], ctx: DigitsContext) -> Row:
     """Means over the seeds; MACs, keep counts and the artifact are the first seed's."""
     first = runs[0]
     record = first.manager.recipe.passes[-1]
@@ -125,28 +118,14 @@ def _row(setting: TokenDropSetting, runs: list[SeedRun], artifacts: Path) -> Row
                 "keep_rate": record.params["keep_rate"], "locations": record.params["locations"],
                 "kept_tokens": record.decisions["kept_tokens"]}
     row = make_row(METHOD, settings, first.tuned, statistics.fmean(r.finetuned for r in runs),
-                   statistics.fmean(r.static for r in runs))
+                   statistics.fmean(r.static for r in runs), model=ctx.model)
     if setting.mode == "learned":
         row.top1_sparse_trained = statistics.fmean(r.learned for r in runs)
         row.calibration_samples = CALIBRATION_IMAGES
     row.top1_seeds = [r.finetuned for r in runs]
     row.prune_seconds = round(statistics.fmean(r.seconds for r in runs), 3)
-    export_row(first.tuned, first.manager.recipe, row, artifacts)
+    export_row(first.tuned, first.manager.recipe, row, ctx.artifacts)
     return row
-
-
-def token_drop_digits_rows(settings: tuple[TokenDropSetting, ...], epochs: int, seeds: int, artifacts: Path,
-                           progress: bool = True, finetune_epochs: int = FINETUNE_EPOCHS) -> list[Row]:
-    """digits-vit at each setting: top-1 of the static model before and after fine-tuning, over seeds
-    (thresholds learn for `epochs`, the fine-tune after dropping runs `finetune_epochs`)."""
-    dense = build_model(MODEL, pretrained=True)
-    loaders = digits_loaders()
-    def one_seed(setting, seed: int):
-        return _one_seed(dense, loaders, setting, epochs, seed, finetune_epochs)
-
-    results = over_seeds(settings, seeds, one_seed,
-                         "digits-vit token-drop", progress)
-    return [_row(setting, seed_runs, artifacts) for setting, seed_runs in results.items()]
 
 
 def token_drop_speed_graph(model: torch.nn.Module, keep_rate: float, recipe: Recipe) -> PassManager:
@@ -160,3 +139,71 @@ def speed_settings(manager: PassManager) -> dict:
     record = manager.recipe.passes[-1]
     return {"mode": record.params["mode"], "keep_rate": record.params["keep_rate"],
             "locations": record.params["locations"], "kept_tokens": record.decisions["kept_tokens"]}
+
+
+SEEDS = 2  # seeds per digits-vit row
+
+
+@dataclass(frozen=True)
+class TokenSetting:
+    """A static keep rate (timed on the speed model) and how digits-vit reaches the FLOPs it gives."""
+
+    keep_rate: float
+    mode: str = "learned"
+    int8: bool = False
+
+
+def flops_ratio(model: torch.nn.Module, keep_rate: float) -> float:
+    """MACs after static dropping at `keep_rate` (default stages) over the model's dense MACs."""
+    manager = PassManager(trace(copy.deepcopy(model)))
+    dense_macs = manager.costs.macs
+    manager.run(TokenDropPass(keep_rate))
+    return round(manager.costs.macs / dense_macs, 4)
+
+
+class TokenDropSpec(MethodSpec):
+    name = "tokens"
+    example = "0.7"
+    summary = "KEEP_RATE[:learned|fixed][+int8]"
+
+    def parse(self, text: str) -> TokenSetting:
+        body, int8 = split_int8(text)
+        keep, _, mode = body.partition(":")
+        mode = mode or "learned"
+        if mode not in MODES:
+            raise self.bad_setting(text, f"unknown mode {mode!r}")
+        keep_rate = parse_fraction(self, keep, high_included=True)
+        if keep_rate == 0:
+            raise self.bad_setting(text, "a keep rate of 0 drops every token")
+        return TokenSetting(keep_rate, mode, int8)
+
+    def digits_rows(self, setting: TokenSetting, ctx: DigitsContext) -> list[Row]:
+        """digits-vit aiming at the FLOPs ratio the keep rate gives it, over seeds: top-1 of the static
+        model before and after the long fine-tune."""
+        target = TokenDropSetting(flops_ratio(ctx.dense, setting.keep_rate), setting.mode)
+        runs = over_seeds((target,), ctx.seeds_or(SEEDS), lambda s, seed: _one_seed(ctx, s, seed),
+                          f"{ctx.model} tokens {setting.keep_rate:g} {setting.mode}", ctx.progress,
+                          ctx.log)[target]
+        return with_digits_twin(_row(target, runs, ctx), setting.int8, ctx)
+
+    def speed_candidates(self, setting: TokenSetting, ctx: SpeedContext) -> list[SpeedCandidate]:
+        manager = token_drop_speed_graph(ctx.model, setting.keep_rate, Recipe(base=ctx.base))
+        candidate = ctx.candidate(METHOD, speed_settings(manager), manager, export={"atol": SPEED_MODEL_ATOL})
+        return with_speed_twins(candidate, setting.int8, ctx)
+
+    def report_section(self, rows: list[Row], meta: dict) -> str:
+        table = token_drop_table(rows)
+        return (
+            "## Token dropping (AS-ViT)\n\nTokens scored by the class token's attention weighted by each "
+            "head's output norm, dropped before the listed blocks (0-based). A setting is the static keep "
+            "rate timed on the speed model; digits-vit aims at the FLOPs ratio (MACs after / dense) that "
+            "rate gives it: `fixed` keeps the same share at every stage, `learned` trains one threshold "
+            "per stage with the weights (cross-entropy + 2.0·|FLOPs ratio − target| + distillation), then "
+            "keeps each stage's mean count on calibration images. Top-1 adaptive is the learned thresholds "
+            "applied image by image before the counts are fixed; static is the exported form (TopK + "
+            "Gather) before fine-tuning; fine-tuned (digits-vit's own training recipe: lr 3e-3, pixel "
+            "shifts) is the mean ± its standard error over the seeds. Kept tokens and MACs are the first "
+            "seed's.\n\n" + table) if table else ""
+
+
+SPEC = TokenDropSpec()

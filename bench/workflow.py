@@ -1,6 +1,7 @@
-"""The prune-and-bench workflow: accuracy on the built-in digits-vit, speed on a real-size ViT.
+"""The prune-and-bench workflow: a loop over a profile's (method, setting) entries, accuracy on the
+built-in digits-vit, then speed on a real-size ViT, then the report.
 
-Methods join through `methods.METHODS` (name → saliency and scope of the shared sparsity pass).
+Each method is a spec in `registry.SPECS`; this module knows none of them by name.
 """
 
 from __future__ import annotations
@@ -8,67 +9,54 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
-import time
-from dataclasses import dataclass, field, replace
+import resource
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from vitsparse.compiler import GraphPass, PassManager, Recipe, attention_macs, trace
+from vitsparse.compiler import PassManager, Recipe, trace
 from vitsparse.compiler.export import library_versions
 from vitsparse.compiler.trace import example_input
-from vitsparse.models import build_model, imagefolder_loader
+from vitsparse.models import build_model, digits_loaders, imagefolder_loader
+from vitsparse.models.pretrained import cached_weights_path
 from vitsparse.pruners import make_calibration
 from vitsparse.runtime import ENGINES as RUNTIME_ENGINES
 from vitsparse.runtime import RuntimeInputError, check_engine_spec, engine_status, engine_versions
 
 from .accuracy import MODEL as DIGITS
-from .accuracy import digits_rows
-from .combined import METHOD as COMBINED
-from .combined import CombinedSetting, combined_digits_row, combined_speed_graph
-from .head_channels import METHOD as HEAD_CHANNELS
-from .head_channels import (
-    HeadChannelSetting,
-    check_budgets_fit,
-    check_settings,
-    head_channel_digits_rows,
-    head_channel_speed_graph,
-)
-from .int8 import BASE as BASE_MASKS
-from .int8 import (
-    FORMAT_ENGINES,
-    int8_digits_rows,
-    int8_digits_twins,
-    int8_speed_candidates,
-    int8_twin,
-    int8_twins,
-)
+from .accuracy import dense_digits_row
+from .int8 import FORMAT_ENGINES, OBSERVER
 from .int8 import SPEED_CALIBRATION as INT8_CALIBRATION
-from .methods import METHODS, SpeedSetting
-from .profiles import get_profile
-from .report import combined_setting_label, speed_table, write_report
+from .profiles import FULL, Profile, get_profile
+from .progress import RunProgress, clock
+from .registry import get_spec
+from .report import is_int8_row, write_report
 from .schema import Row
-from .speed import SPEED_MODEL_ATOL, TORCH, SpeedCandidate, TimingPlan, engine_name, measure_speed
-from .staged import StagedSchedule
-from .token_drop import METHOD as TOKEN_DROP
-from .token_drop import TokenDropSetting, token_drop_digits_rows, token_drop_speed_graph
-from .token_drop import check_settings as check_token_drop_settings
-from .token_drop import speed_settings as token_drop_speed_settings
-from .vtp import METHOD as VTP
-from .vtp import VtpSetting, vtp_digits_rows, vtp_speed_graph
+from .spec import INT8_SUFFIX, DigitsContext, Entry, MethodSpec, SpeedContext
+from .speed import (
+    SPEED_MODEL_ATOL,
+    TORCH,
+    SpeedCandidate,
+    TimingPlan,
+    engine_name,
+    measure_speed,
+    timing_groups,
+)
 
 ENGINES = (*RUNTIME_ENGINES, TORCH)  # the CPU engines plus dense PyTorch as the baseline
 PRECISION_COLUMNS = ("openvino:bf16",)  # timed beside the f32 columns where the CPU can run them
-SOLVER_TIMING_SPARSITY = 0.75
 SPEED_MODEL_SEED = 0  # the speed model's random weights: one model across runs, whatever ran before
-SPEED_CALIBRATION_IMAGES = 128  # for a data-aware --speed-method when solver timing is skipped
+NONE = "none"  # `--only none`, `-e none`: an empty list
 
 
-def available_engines() -> tuple[str, ...]:
+def available_engines(precision_columns: bool = True) -> tuple[str, ...]:
     """The engines that can run here (DeepSparse needs Python < 3.12), OpenVINO in bf16 too where the CPU
-    has bf16 instructions, plus PyTorch."""
+    has bf16 instructions (with `precision_columns`), plus PyTorch."""
     columns = [e for e in RUNTIME_ENGINES if engine_status(e).available]
-    columns += [c for c in PRECISION_COLUMNS if _runs_here(c)]
+    columns += [c for c in PRECISION_COLUMNS if precision_columns and _runs_here(c)]
     return (*columns, TORCH)
 
 
@@ -88,89 +76,75 @@ def _runs_here(column: str) -> bool:
 @dataclass
 class BenchOptions:
     profile: str = "default"
+    only: tuple[str, ...] = ()  # METHOD (the profile's entries of it) or METHOD=SETTING[,SETTING]; replaces
+    skip: tuple[str, ...] = ()  # methods left out
     model: str = "deit_small_patch16_224"
     model_kwargs: dict = field(default_factory=dict)
     pretrained: bool = False
     checkpoint: str | None = None
-    methods: tuple[str, ...] = tuple(METHODS)  # compared on digits-vit (and timed as solvers)
-    speed_method: str = "magnitude"  # chooses the masks timed on the speed model
-    speed_settings: tuple[SpeedSetting, ...] | None = None  # overrides the profile's
-    accuracy_sparsities: tuple[float, ...] | None = None  # overrides the profile's digits settings
-    vtp_rates: tuple[float, ...] | None = None  # overrides the profile's VTP rates (digits, speed); () skips
-    head_channel_budgets: tuple[float, ...] | None = None  # overrides the profile's (digits, speed); () skips
-    head_channel_variants: tuple[str, ...] | None = None  # overrides the profile's digits-vit variants
-    head_channel_seeds: int | None = None  # overrides the profile's seeds per digits-vit setting
-    token_drop_ratios: tuple[float, ...] | None = None  # overrides the digits FLOPs ratios; () skips
-    token_drop_modes: tuple[str, ...] | None = None  # overrides the profile's (fixed, learned)
-    token_drop_seeds: int | None = None
-    token_drop_speed: tuple[float, ...] | None = None  # overrides the profile's timed keep rates; () skips
-    combined: bool = True  # the combined recipes' rows (when the profile has them)
-    combined_frontier: tuple[CombinedSetting, ...] | None = None  # overrides the profile's INT8 recipes
-    combined_schedule: StagedSchedule | None = None  # overrides the profile's digits-vit stages
-    combined_seeds: int | None = None  # overrides the profile's seeds per combined recipe
-    int8_sparsities: tuple[float, ...] | None = None  # overrides the profile's digits INT8 rows; () skips
-    int8_speed: tuple | None = None  # overrides the profile's timed INT8 models (Int8SpeedSetting); () skips
-    int8_formats: tuple[str, ...] | None = None  # overrides the profile's INT8 twins' formats; () skips
-    finetune_epochs: int | None = None
-    solver_timing_samples: int | None = None  # overrides the profile's; 0 skips solver timing
-    calibration_data: Path | None = None  # ImageFolder for solver timing; random images otherwise
-    batch_sizes: tuple[int, ...] | None = None
-    engines: tuple[str, ...] = field(default_factory=available_engines)
+    calibration_data: Path | None = None  # ImageFolder for the speed model's solvers; random images otherwise
+    batch_sizes: tuple[int, ...] | None = None  # the profile's unless given
+    engines: tuple[str, ...] | None = None  # every engine here unless given; () times nothing
     seconds_per_block: float | None = None
     rounds: int | None = None
     num_cores: int | None = None
+    epochs: int | None = None  # every digits-vit fine-tune, the long ones included
+    seeds: int | None = None  # seeds per digits-vit row, every method
     output_dir: Path = field(default_factory=lambda: Path("bench/results"))
-    accuracy: bool = True
-    progress: bool = True
+    accuracy: bool = True  # the digits-vit rows
+    quiet: bool = False
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.methods) - set(METHODS))
-        unknown += [self.speed_method] if self.speed_method not in METHODS else []
-        if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-        for column in self.engines:
+        for column in self.engines or ():
             if column != TORCH:
                 check_engine_spec(column)  # unknown, not installed, or a precision this CPU lacks
-        if any(not 0 <= s < 1 for s in (*(self.accuracy_sparsities or ()), *(self.int8_sparsities or ()))):
-            raise ValueError(f"sparsities must lie in [0, 1), got {self.accuracy_sparsities}")
-        if any(not 0 <= r < 1 for r in self.vtp_rates or ()):
-            raise ValueError(f"VTP rates must lie in [0, 1), got {self.vtp_rates}")
-        check_settings(self.head_channel_budgets or (), self.head_channel_variants or ())
-        for name in ("head_channel_seeds", "token_drop_seeds", "combined_seeds"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
-        check_token_drop_settings(tuple(TokenDropSetting(r, m) for r in self.token_drop_ratios or (1.0,)
-                                        for m in self.token_drop_modes or ("fixed",)))
-        if any(isinstance(k, bool) or not 0 < k <= 1 for k in self.token_drop_speed or ()):
-            raise ValueError(f"token-drop keep rates must lie in (0, 1], got {self.token_drop_speed}")
-        unknown_formats = sorted(set(self.int8_formats or ()) - set(FORMAT_ENGINES))
-        if unknown_formats:
-            raise ValueError(f"unknown INT8 formats {unknown_formats}; choose from "
-                             f"{', '.join(FORMAT_ENGINES)}")
-        if self.solver_timing_samples is not None and self.solver_timing_samples < 0:
-            raise ValueError(f"solver timing samples must be >= 0, got {self.solver_timing_samples}")
+        for name, value in (("epochs", self.epochs), ("seeds", self.seeds), ("rounds", self.rounds)):
+            if value is not None and (isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if any(b < 1 for b in self.batch_sizes or ()):
+            raise ValueError(f"batch sizes must be >= 1, got {self.batch_sizes}")
 
 
-def _base(opts: BenchOptions) -> dict:
-    return {
-        "model": opts.model,
-        "kwargs": opts.model_kwargs,
-        "pretrained": opts.pretrained,
-        "checkpoint": opts.checkpoint,
-    }
+@dataclass(frozen=True)
+class PlannedEntry:
+    """An entry with its spec and parsed setting."""
+
+    entry: Entry
+    spec: MethodSpec
+    setting: Any
 
 
-def _costed_row(opts: BenchOptions, method: str, settings: dict, manager: PassManager) -> Row:
-    costs = manager.costs
-    return Row(
-        model=opts.model,
-        method=method,
-        settings=settings,
-        macs=costs.macs,
-        attention_macs=attention_macs(manager.graph_module, manager.structure, costs),
-        params=costs.params,
-        nonzero_params=costs.nonzero_params,
-    )
+def resolve_entries(profile: Profile, only: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> list[Entry]:
+    """The profile's entries, or those `only` names (METHOD: the profile's, else the full profile's, entries
+    of it; METHOD=S1,S2: those settings, on digits-vit and timed), less the methods in `skip`."""
+    for name in skip:
+        get_spec(name)
+    if not only:
+        entries = list(profile.entries)
+    else:
+        entries = []
+        for item in only:
+            if item == NONE:
+                continue
+            method, assigned, settings = item.partition("=")
+            get_spec(method)
+            if assigned:
+                entries += [Entry(method, s.strip()) for s in settings.split(",") if s.strip()]
+            else:
+                entries += ([e for e in profile.entries if e.method == method]
+                            or [e for e in FULL.entries if e.method == method])
+    return list(dict.fromkeys(e for e in entries if e.method not in skip))
+
+
+def plan_entries(entries: list[Entry]) -> list[PlannedEntry]:
+    """Each entry parsed by its spec now, so a bad setting fails before any work."""
+    return [PlannedEntry(e, spec := get_spec(e.method), spec.parse(e.setting)) for e in entries]
+
+
+def left_out(entries: list[Entry]) -> list[str]:
+    """The full profile's settings this run leaves out, as `--only` values."""
+    ran = {(e.method, e.setting) for e in entries}
+    return [e.label for e in FULL.entries if (e.method, e.setting) not in ran]
 
 
 def _speed_model(opts: BenchOptions) -> torch.nn.Module:
@@ -183,53 +157,7 @@ def _speed_model(opts: BenchOptions) -> torch.nn.Module:
         )
 
 
-def _speed_candidates(
-    opts: BenchOptions,
-    model: torch.nn.Module,
-    settings: tuple[SpeedSetting, ...],
-    calibration,
-    vtp_settings: tuple[VtpSetting, ...] = (),
-    head_channel_budgets: tuple[float, ...] = (),
-    token_keep_rates: tuple[float, ...] = (),
-    combined=None,
-) -> list[SpeedCandidate]:
-    """The dense speed model first, then the speed method at every mask setting, then VTP's and the
-    head-equal channel shapes, static token dropping and the combined recipe."""
-    method = METHODS[opts.speed_method]
-    runs: list[tuple[str, dict, GraphPass | None]] = [("dense", {}, None)]
-    runs += [
-        (opts.speed_method, s.settings(), method.make_pass(s.sparsity, s.pattern, calibration))
-        for s in settings
-    ]
-    candidates = []
-    for name, row_settings, graph_pass in runs:
-        manager = PassManager(trace(model), recipe=Recipe(base=_base(opts)))
-        if graph_pass is not None:
-            manager.run(graph_pass)
-        row = _costed_row(opts, name, row_settings, manager)
-        candidates.append(SpeedCandidate(row, manager.graph_module, manager.recipe))
-    for setting in vtp_settings:
-        manager = vtp_speed_graph(model, setting, Recipe(base=_base(opts)))
-        row = _costed_row(opts, VTP, setting.settings(), manager)
-        candidates.append(SpeedCandidate(row, manager.graph_module, manager.recipe))
-    for budget in head_channel_budgets:
-        manager = head_channel_speed_graph(model, budget, Recipe(base=_base(opts)))
-        settings = {"budget": budget, "multiple": manager.recipe.passes[-1].params["multiple"]}
-        row = _costed_row(opts, HEAD_CHANNELS, settings, manager)
-        candidates.append(SpeedCandidate(row, manager.graph_module, manager.recipe))
-    token_ranking = {"atol": SPEED_MODEL_ATOL}  # see SPEED_MODEL_ATOL
-    for keep_rate in token_keep_rates:
-        manager = token_drop_speed_graph(model, keep_rate, Recipe(base=_base(opts)))
-        row = _costed_row(opts, TOKEN_DROP, token_drop_speed_settings(manager), manager)
-        candidates.append(SpeedCandidate(row, manager.graph_module, manager.recipe, export=token_ranking))
-    if combined is not None:
-        manager = combined_speed_graph(model, combined, Recipe(base=_base(opts)))
-        row = _costed_row(opts, COMBINED, combined.settings(), manager)
-        candidates.append(SpeedCandidate(row, manager.graph_module, manager.recipe, export=token_ranking))
-    return candidates
-
-
-def _calibration_images(opts: BenchOptions, model: torch.nn.Module, samples: int):
+def _calibration_images(opts: BenchOptions, model: torch.nn.Module, samples: int) -> list:
     """Images for the data-aware solvers on the speed model: the user's folder, else seeded noise
     (enough to time a solver; labels are dropped, so the Fisher uses the model's own predictions)."""
     if opts.calibration_data is not None:
@@ -238,23 +166,115 @@ def _calibration_images(opts: BenchOptions, model: torch.nn.Module, samples: int
     return example_input(trace(model), samples)
 
 
-def _solver_rows(opts: BenchOptions, model: torch.nn.Module, calibration, samples: int) -> list[Row]:
-    """Each data-aware method, one-shot on the speed model: how long choosing the masks takes."""
-    rows = []
-    for name in (m for m in opts.methods if METHODS[m].needs_calibration):
-        print(f"      {name} at {SOLVER_TIMING_SPARSITY:.0%}", flush=True)
-        manager = PassManager(trace(model), recipe=Recipe(base=_base(opts)))
-        manager.run(METHODS[name].make_pass(SOLVER_TIMING_SPARSITY, calibration=calibration, samples=samples))
-        row = _costed_row(
-            opts, name, {"sparsity": SOLVER_TIMING_SPARSITY, "pattern": "unstructured"}, manager
-        )
-        row.prune_seconds = manager.recipe.passes[-1].stats["seconds"]
-        row.calibration_samples = manager.recipe.passes[-1].stats.get("calibration_samples")
-        rows.append(row)
+def _base(opts: BenchOptions) -> dict:
+    return {"model": opts.model, "kwargs": opts.model_kwargs, "pretrained": opts.pretrained,
+            "checkpoint": opts.checkpoint}
+
+
+def _timing_plan(opts: BenchOptions, profile: Profile) -> TimingPlan:
+    engines = opts.engines if opts.engines is not None else available_engines(profile.precision_columns)
+    return TimingPlan(
+        batch_sizes=opts.batch_sizes or profile.batch_sizes,
+        engines=engines,
+        rounds=opts.rounds or profile.rounds,
+        seconds_per_block=opts.seconds_per_block or profile.seconds_per_block,
+        num_cores=opts.num_cores,
+    )
+
+
+def _int8_formats(engines: tuple[str, ...]) -> tuple[str, ...]:
+    """The INT8 formats an engine among `engines` runs as INT8."""
+    names = {engine_name(column) for column in engines}
+    return tuple(form for form, runs_on in FORMAT_ENGINES.items() if names & set(runs_on))
+
+
+def _digits_stage(planned: list[PlannedEntry], opts: BenchOptions, profile: Profile, artifacts: Path,
+                  progress: RunProgress) -> list[Row]:
+    """The dense digits-vit row, then each entry's accuracy rows."""
+    progress.log(f"[1/3] accuracy on {DIGITS}: {', '.join(p.entry.label for p in planned)}")
+    progress.begin()
+    if not cached_weights_path().exists():
+        progress.log(f"      training {DIGITS} once (about 30 s on 2 cores) into {cached_weights_path()}")
+    dense = build_model(DIGITS, pretrained=True, progress=progress.bars)
+    ctx = DigitsContext(dense=dense, loaders=digits_loaders(), artifacts=artifacts,
+                        epochs=opts.epochs or profile.epochs, progress=progress.bars, log=progress.log)
+    if opts.epochs:
+        ctx.long_epochs = opts.epochs
+    rows = [dense_digits_row(ctx)]
+    progress.done("digits", f"{DIGITS} dense")
+    for item in planned:
+        ctx.seeds = opts.seeds or profile.seeds.get(item.entry.method)
+        made = item.spec.digits_rows(item.setting, ctx)
+        rows += _stamped(made, item.entry)
+        progress.done("digits", f"{item.entry.label} on {DIGITS}" + _top1_note(made))
     return rows
 
 
-def _meta(opts: BenchOptions, plan: TimingPlan, started: float) -> dict:
+def _top1_note(rows: list[Row]) -> str:
+    scores = [f"{100 * r.top1:.1f} %" for r in rows if r.top1 is not None]
+    return f" (top-1 {', '.join(scores)})" if scores else ""
+
+
+def _stamped(rows: list[Row], entry: Entry) -> list[Row]:
+    """Rows marked with the entry that made them, so a digits-vit row and a speed row of the same setting
+    find each other; of `vtp=0.4+int8` the float rows are `vtp=0.4`, the INT8 twins `vtp=0.4+int8`."""
+    for row in rows:
+        label = entry.label
+        if label.endswith(INT8_SUFFIX) and not is_int8_row(row):
+            label = label[: -len(INT8_SUFFIX)]
+        row.entry = label
+    return rows
+
+
+def _speed_context(opts: BenchOptions, profile: Profile, model: torch.nn.Module, plan: TimingPlan,
+                   progress: RunProgress) -> SpeedContext:
+    samples = profile.calibration_samples
+    return SpeedContext(model=model, model_name=opts.model, base=_base(opts),
+                        calibration=_calibration_images(opts, model, samples), calibration_samples=samples,
+                        int8_calibration=_calibration_images(opts, model, INT8_CALIBRATION),
+                        int8_formats=_int8_formats(plan.engines), log=progress.log,
+                        export={"quant_atol": SPEED_MODEL_ATOL})
+
+
+def _baselines(ctx: SpeedContext) -> list[SpeedCandidate]:
+    """The dense model, and the dense model as a QDQ INT8 file (a dense alternative every speed-up is
+    measured against) where an engine that runs it is timed."""
+    dense = PassManager(trace(ctx.model), recipe=Recipe(base=ctx.base))
+    candidates = [ctx.candidate("dense", {}, dense)]
+    if "qdq" in ctx.int8_formats:
+        from vitsparse.pruners import QuantConfig, QuantizePass
+
+        manager = PassManager(trace(ctx.model), recipe=Recipe(base=ctx.base))
+        manager.run(QuantizePass(QuantConfig(observer=OBSERVER), calibration=ctx.int8_calibration))
+        candidates.append(ctx.candidate("int8", {"base": "dense", "format": "qdq"}, manager,
+                                        engines=FORMAT_ENGINES["qdq"], export={"quant_format": "qdq"}))
+    return candidates
+
+
+def _speed_candidates(planned: list[PlannedEntry], ctx: SpeedContext, progress: RunProgress
+                      ) -> list[SpeedCandidate]:
+    """The baselines, then each entry's graphs (one per distinct row: `heads=0.3:full` and `heads=0.3:l1`
+    time the same shapes)."""
+    candidates = _baselines(ctx)
+    seen = {c.row.label() for c in candidates}
+    for item in planned:
+        for candidate in item.spec.speed_candidates(item.setting, ctx):
+            _stamped([candidate.row], item.entry)
+            if candidate.row.label() not in seen:
+                seen.add(candidate.row.label())
+                candidates.append(candidate)
+        progress.done("graph", f"{item.entry.label} on {ctx.model_name}")
+    return candidates
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process or any child it waited for, in MiB (Linux reports KiB)."""
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return round(peak / 1024, 1)
+
+
+def _meta(opts: BenchOptions, plan: TimingPlan, entries: list[Entry], progress: RunProgress) -> dict:
     weights = opts.checkpoint or ("pretrained" if opts.pretrained else f"random (seed {SPEED_MODEL_SEED})")
     return {
         "profile": opts.profile,
@@ -262,9 +282,10 @@ def _meta(opts: BenchOptions, plan: TimingPlan, started: float) -> dict:
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
         "cpu_cores": os.cpu_count(),
         "num_cores": plan.num_cores,
+        "entries": [{"entry": e.label, "digits": e.digits, "speed": e.speed} for e in entries],
+        "left_out": left_out(entries),
         "speed_model": opts.model,
         "speed_weights": weights,
-        "speed_method": opts.speed_method,
         "calibration": str(opts.calibration_data) if opts.calibration_data else "seeded random images",
         "batch_sizes": list(plan.batch_sizes),
         "engines": list(plan.engines),
@@ -277,188 +298,60 @@ def _meta(opts: BenchOptions, plan: TimingPlan, started: float) -> dict:
         "versions": {**library_versions(), **engine_versions()},
         "engines_left_out": engines_left_out(),
         "python": platform.python_version(),
-        "duration_s": time.perf_counter() - started,
+        "wall_s": round(progress.elapsed(), 1),
+        "peak_rss_mb": _peak_rss_mb(),
     }
 
 
-def _timing_plan(opts: BenchOptions, profile) -> TimingPlan:
-    return TimingPlan(
-        batch_sizes=opts.batch_sizes or profile.batch_sizes,
-        engines=opts.engines,
-        rounds=opts.rounds or profile.rounds,
-        seconds_per_block=opts.seconds_per_block or profile.seconds_per_block,
-        num_cores=opts.num_cores,
-    )
+def _steps(planned: list[PlannedEntry], opts: BenchOptions, plan: TimingPlan) -> Counter:
+    """How many steps of each kind the run has, for the progress bar and ETA."""
+    digits = [p for p in planned if p.entry.digits] if opts.accuracy else []
+    speed = [p for p in planned if p.entry.speed] if plan.engines else []
+    groups = -(-len(speed) // plan.models_per_group) or 1  # recounted once the graphs are built
+    return Counter(digits=len(digits) + bool(digits), graph=len(speed),
+                   timing=groups * len(plan.batch_sizes) if plan.engines else 0)
 
 
-def _head_channel_budgets(opts: BenchOptions, profile) -> tuple[float, ...]:
-    return profile.head_channel_budgets if opts.head_channel_budgets is None else opts.head_channel_budgets
+def _speed_stage(planned: list[PlannedEntry], opts: BenchOptions, profile: Profile, plan: TimingPlan,
+                 artifacts: Path, progress: RunProgress) -> list[Row]:
+    """The baselines and each entry's graphs of the speed model, timed side by side."""
+    progress.log(f"[2/3] speed graphs of {opts.model}: {', '.join(p.entry.label for p in planned) or 'none'}")
+    progress.begin()
+    ctx = _speed_context(opts, profile, _speed_model(opts), plan, progress)
+    candidates = _speed_candidates(planned, ctx, progress)
+    groups = timing_groups(candidates, plan.models_per_group)
+    progress.expect("timing", len(groups) * len(plan.batch_sizes))
+    progress.log(f"[3/3] timing {len(candidates)} models in {len(groups)} group(s) at batch sizes "
+                 f"{list(plan.batch_sizes)} on {', '.join(plan.engines)} ({plan.rounds} rounds of "
+                 f"{plan.seconds_per_block:g} s blocks)")
+    measure_speed(candidates, plan, artifacts, progress=progress.bars,
+                  on_group=lambda label: progress.done("timing", label), log=progress.log)
+    return [c.row for c in candidates]
 
 
-def _head_channel_rows(opts: BenchOptions, profile, epochs: int, artifacts: Path) -> list[Row]:
-    """Head-equal channel removal on digits-vit: every budget × variant, averaged over seeds."""
-    budgets = _head_channel_budgets(opts, profile)
-    variants = opts.head_channel_variants or profile.head_channel_variants
-    seeds = opts.head_channel_seeds or profile.head_channel_seeds
-    if not budgets:
-        return []
-    print(f"      head-channels at budgets {budgets}, variants {', '.join(variants)}, {seeds} seed(s) each",
-          flush=True)
-    settings = tuple(HeadChannelSetting(b, v) for b in budgets for v in variants)
-    return head_channel_digits_rows(settings, epochs, seeds, artifacts, progress=opts.progress)
-
-
-def _token_drop_rows(opts: BenchOptions, profile, epochs: int, artifacts: Path) -> list[Row]:
-    """Token dropping on digits-vit: every FLOPs ratio in every mode, averaged over seeds."""
-    ratios = profile.token_drop_ratios if opts.token_drop_ratios is None else opts.token_drop_ratios
-    modes = opts.token_drop_modes or profile.token_drop_modes
-    seeds = opts.token_drop_seeds or profile.token_drop_seeds
-    if not ratios:
-        return []
-    print(f"      token-drop at FLOPs ratios {ratios}, {', '.join(modes)}, {seeds} seed(s) each", flush=True)
-    settings = tuple(TokenDropSetting(r, m) for r in ratios for m in modes)
-    finetune_epochs = opts.finetune_epochs or profile.token_drop_finetune_epochs
-    return token_drop_digits_rows(settings, epochs, seeds, artifacts, progress=opts.progress,
-                                  finetune_epochs=finetune_epochs)
-
-
-def _int8_label(setting) -> str:
-    masks = "dense" if setting.masks is None else f"{setting.masks.sparsity:g} {setting.masks.pattern}"
-    return f"{masks} {setting.format}"
-
-
-def _int8_digits(opts: BenchOptions, profile, epochs: int, artifacts: Path) -> list[Row]:
-    """INT8 on digits-vit at each sparsity."""
-    sparsities = profile.int8_sparsities if opts.int8_sparsities is None else opts.int8_sparsities
-    if not sparsities:
-        return []
-    print(f"      int8 at sparsities {sparsities} ({BASE_MASKS} masks)", flush=True)
-    return int8_digits_rows(sparsities, epochs, artifacts)
-
-
-def _int8_digits_twins(opts: BenchOptions, profile, rows: list[Row], artifacts: Path) -> list[Row]:
-    """The structured and token digits-vit rows in INT8, when their speed rows are also timed in INT8."""
-    if not _int8_formats(opts, profile):
-        return []
-    print("      int8 twins of the vtp, head-channel and token-drop rows (QAT, every export checked)",
-          flush=True)
-    return int8_digits_twins(rows, artifacts, progress=opts.progress)
-
-
-def _combined_digits(opts: BenchOptions, profile, artifacts: Path) -> list[Row]:
-    """The float combined recipe, then each INT8 recipe of the frontier, on digits-vit stage by stage."""
-    schedule = opts.combined_schedule or profile.combined_schedule
-    seeds = opts.combined_seeds or profile.combined_seeds
-    rows = []
-    for setting in filter(None, (_combined(opts, profile), *_frontier(opts, profile))):
-        print(f"      combined: {combined_setting_label(setting.settings())}, staged "
-              f"({schedule.epochs(setting.passes())} epochs), {seeds} seed(s)", flush=True)
-        rows.append(combined_digits_row(setting, schedule, seeds, artifacts, progress=opts.progress))
-    return rows
-
-
-def _int8_formats(opts: BenchOptions, profile) -> tuple[str, ...]:
-    """The INT8 formats of the structured, token and combined twins whose engines are timed."""
-    formats = profile.int8_formats if opts.int8_formats is None else opts.int8_formats
-    return tuple(f for f in formats if _runs_timed(opts, f))
-
-
-def _runs_timed(opts: BenchOptions, form: str) -> bool:
-    """Whether an engine that runs INT8 format `form` is among the timed engines."""
-    return bool({engine_name(column) for column in opts.engines} & set(FORMAT_ENGINES[form]))
-
-
-def _int8_speed(opts: BenchOptions, profile, model: torch.nn.Module, settings: tuple,
-                float_candidates: list[SpeedCandidate]) -> list[SpeedCandidate]:
-    """The timed INT8 models whose engine is timed, the INT8 twins of the structured and token rows,
-    then every INT8 recipe of the combined frontier in each twin format."""
-    settings = tuple(s for s in settings if _runs_timed(opts, s.format))
-    formats = _int8_formats(opts, profile)
-    if not settings and not formats:
-        return []
-    calibration = _calibration_images(opts, model, INT8_CALIBRATION)
-    candidates = int8_speed_candidates(model, settings, calibration, _base(opts),
-                                       lambda method, row_settings, manager: _costed_row(
-                                           opts, method, row_settings, manager))
-    export = {"quant_atol": SPEED_MODEL_ATOL}
-    candidates += int8_twins(float_candidates, formats, calibration, export)
-    for setting in _frontier(opts, profile) if formats else ():
-        manager = combined_speed_graph(model, setting, Recipe(base=_base(opts)))
-        recipe = SpeedCandidate(_costed_row(opts, COMBINED, setting.settings(), manager),
-                                manager.graph_module, manager.recipe)
-        candidates += [int8_twin(recipe, form, calibration, setting.quant_config(),
-                                 export=export) for form in formats]
-    return candidates
-
-
-def _combined(opts: BenchOptions, profile) -> CombinedSetting | None:
-    return profile.combined if opts.combined else None
-
-
-def _frontier(opts: BenchOptions, profile) -> tuple[CombinedSetting, ...]:
-    """The INT8 combined recipes (INT8 on, whatever a setting says)."""
-    if not opts.combined:
-        return ()
-    settings = profile.combined_frontier if opts.combined_frontier is None else opts.combined_frontier
-    return tuple(replace(s, int8=True) for s in settings)
+def _guesses(plan: TimingPlan) -> dict[str, float]:
+    """Seconds a step takes before one has been timed: a speed graph (tracing, a pass, costs) and a timing
+    group (a full group's engines compiled, then every runner timed in each round)."""
+    runners = plan.models_per_group * len(plan.engines)
+    return {"graph": 10.0, "timing": runners * (3.0 + plan.rounds * (plan.seconds_per_block + 0.5))}
 
 
 def run_prune_and_bench(opts: BenchOptions) -> Path:
     """Run the whole path and write report.md, results.json and the plots; returns the run folder."""
-    started = time.perf_counter()
     profile = get_profile(opts.profile)
+    entries = resolve_entries(profile, opts.only, opts.skip)
+    planned = plan_entries(entries)
+    plan = _timing_plan(opts, profile)
+    progress = RunProgress(_steps(planned, opts, plan), quiet=opts.quiet, guesses=_guesses(plan))
     run_dir = opts.output_dir / f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{profile.name}"
     artifacts = run_dir / "artifacts"
-    plan = _timing_plan(opts, profile)
-    model = _speed_model(opts)
-    head_budgets = _head_channel_budgets(opts, profile)
-    check_budgets_fit(model, head_budgets)  # fail now, not after the accuracy stage
-    if opts.accuracy:
-        check_budgets_fit(build_model(DIGITS), head_budgets)
     rows: list[Row] = []
-    if opts.accuracy:
-        sparsities = opts.accuracy_sparsities or profile.accuracy_sparsities
-        print(f"[1/3] accuracy on digits-vit: {', '.join(opts.methods)} at {sparsities}", flush=True)
-        epochs = opts.finetune_epochs or profile.finetune_epochs
-        rows += digits_rows(opts.methods, sparsities, epochs, artifacts, opts.progress)
-        vtp_rates = profile.vtp_rates if opts.vtp_rates is None else opts.vtp_rates
-        if vtp_rates:
-            print(f"      vtp (dimension slicing) at rates {vtp_rates}", flush=True)
-            rows += vtp_digits_rows(vtp_rates, epochs, artifacts, progress=opts.progress)
-        rows += _head_channel_rows(opts, profile, epochs, artifacts)
-        rows += _token_drop_rows(opts, profile, epochs, artifacts)
-        rows += _int8_digits(opts, profile, epochs, artifacts)
-        rows += _int8_digits_twins(opts, profile, rows, artifacts)
-        rows += _combined_digits(opts, profile, artifacts)
-    samples = (
-        profile.solver_timing_samples if opts.solver_timing_samples is None else opts.solver_timing_samples
-    )
-    calibration = _calibration_images(opts, model, samples or SPEED_CALIBRATION_IMAGES)
-    if samples:
-        print(f"[2/3] solver time on {opts.model}, {samples} calibration images", flush=True)
-        rows += _solver_rows(opts, model, calibration, samples)
-    settings = opts.speed_settings or profile.speed_settings
-    vtp_speed = profile.vtp_speed if opts.vtp_rates is None else tuple(VtpSetting(r) for r in opts.vtp_rates)
-    token_keep = profile.token_drop_speed if opts.token_drop_speed is None else opts.token_drop_speed
-    int8_speed = profile.int8_speed if opts.int8_speed is None else opts.int8_speed
-    print(
-        f"[3/3] speed on {opts.model}: {opts.speed_method} masks at "
-        f"{', '.join(f'{s.sparsity:g} {s.pattern}' for s in settings)}; vtp at "
-        f"{', '.join(f'{v.rate:g} (multiple {v.multiple})' for v in vtp_speed) or 'none'}; "
-        f"head-channels at {', '.join(f'{b:g}' for b in head_budgets) or 'none'}; "
-        f"token-drop keep {', '.join(f'{k:g}' for k in token_keep) or 'none'}; "
-        f"combined {'yes' if _combined(opts, profile) else 'no'}, {len(_frontier(opts, profile))} in int8; "
-        f"int8 {', '.join(_int8_label(s) for s in int8_speed) or 'none'}; structured and token rows "
-        f"also as int8 in {', '.join(_int8_formats(opts, profile)) or 'no format'}; "
-        f"batch sizes {plan.batch_sizes}, engines {', '.join(plan.engines)}",
-        flush=True,
-    )
-    candidates = _speed_candidates(opts, model, settings, calibration, vtp_speed, head_budgets, token_keep,
-                                   _combined(opts, profile))
-    candidates += _int8_speed(opts, profile, model, int8_speed, candidates)
-    measure_speed(candidates, plan, artifacts, progress=opts.progress)
-    rows += [c.row for c in candidates]
-    written = write_report(run_dir, _meta(opts, plan, started), rows)
-    print(speed_table([c.row for c in candidates]))
-    print("\n".join(f"wrote {p}" for p in written.values()))
+    digits = [p for p in planned if p.entry.digits]
+    if opts.accuracy and digits:
+        rows += _digits_stage(digits, opts, profile, artifacts, progress)
+    if plan.engines:
+        rows += _speed_stage([p for p in planned if p.entry.speed], opts, profile, plan, artifacts, progress)
+    written = write_report(run_dir, _meta(opts, plan, entries, progress), rows)
+    progress.close(f"prune-and-bench done in {clock(progress.elapsed())}: {written['report']}")
     return run_dir
+

@@ -1,9 +1,11 @@
-"""prune-and-bench end to end on a tiny model: rows, schema, artifacts, report files."""
+"""prune-and-bench end to end on a tiny speed model: rows (found by method and settings), schema,
+artifacts, report files."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,8 @@ import torch
 from vitsparse.bench.accuracy import CALIBRATION_IMAGES
 from vitsparse.bench.cli import main
 from vitsparse.bench.combined import SPEED_RECIPE, CombinedSetting, seed_calibration
-from vitsparse.bench.int8 import Int8SpeedSetting, parse_int8_speed_setting
 from vitsparse.bench.methods import SpeedSetting, parse_speed_setting
+from vitsparse.bench.plan import RECIPES_DIR
 from vitsparse.bench.report import (
     combined_setting_label,
     head_channel_table,
@@ -22,144 +24,175 @@ from vitsparse.bench.report import (
 )
 from vitsparse.bench.schema import Row, SpeedEntry
 from vitsparse.bench.speed import MODELS_PER_GROUP, engine_name
-from vitsparse.bench.staged import StagedSchedule
 from vitsparse.bench.workflow import BenchOptions, available_engines, run_prune_and_bench
 from vitsparse.compiler.export import ARTIFACT_FILES
 from vitsparse.models import digits_loaders
 
-SHORT_SCHEDULE = StagedSchedule(score_epochs=1, recover_epochs=1, threshold_epochs=1, token_epochs=1,
-                                mask_steps=2, mask_recover_epochs=1, mask_epochs=1, qat_epochs=1)
 STAGES = ["vtp", "head-channels", "token-drop", "masks"]
+
+
+def short_recipe(name: str, directory: Path) -> Path:
+    """A shipped combined recipe with every stage cut to one epoch (two mask steps)."""
+    text = (RECIPES_DIR / f"{name}.yaml").read_text()
+    path = directory / f"{name}.yaml"
+    path.write_text(re.sub(r"epochs: \d+", "epochs: 1", text).replace("steps: 3", "steps: 2"))
+    return path
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
+    """The smallest run that touches every spec: each method once (INT8 twins where a method has them),
+    a mask setting of each pattern, two head-channel variants and both token modes."""
+    recipes = tmp_path_factory.mktemp("recipes")
+    combined, speed_recipe = (short_recipe(n, recipes) for n in ("combined", "combined-int8-speed"))
     opts = BenchOptions(
-        model="deit_tiny_patch16_224", model_kwargs={"img_size": 32, "depth": 2},
-        speed_settings=(SpeedSetting(0.9), SpeedSetting(0.5, "2:4"), SpeedSetting(0.5, "1x4")),
-        accuracy_sparsities=(0.5,), vtp_rates=(0.4,), finetune_epochs=1, solver_timing_samples=8,
-        head_channel_budgets=(0.3,), head_channel_variants=("full", "l1"), head_channel_seeds=2,
-        token_drop_ratios=(0.65,), token_drop_seeds=1, token_drop_speed=(0.7,), int8_sparsities=(0.5,),
-        int8_speed=(Int8SpeedSetting(None, "qdq"), Int8SpeedSetting(SpeedSetting(0.9))), batch_sizes=(1, 2),
-        combined_frontier=(SPEED_RECIPE,), combined_seeds=2, combined_schedule=SHORT_SCHEDULE,
-        seconds_per_block=0.05, rounds=1, num_cores=1, output_dir=tmp_path_factory.mktemp("runs"),
-        progress=False,
+        only=("magnitude=0.5,2:4,0.5@1x4", "obs-layerwise=0.5", "obs-fisher=0.5", "vtp=0.4+int8",
+              "heads=0.3:full+int8,0.3:l1", "tokens=0.6:fixed+int8,0.6:learned", "int8=0.5",
+              f"combined={combined},{speed_recipe}"),
+        model="deit_tiny_patch16_224", model_kwargs={"img_size": 32, "depth": 2}, epochs=1, seeds=2,
+        batch_sizes=(1, 2), seconds_per_block=0.05, rounds=1, num_cores=1,
+        output_dir=tmp_path_factory.mktemp("runs"), quiet=True,
     )
     return run_prune_and_bench(opts)
 
 
+def rows_of(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "results.json").read_text())["rows"]
+
+
+def find(rows: list[dict], model: str, method: str, **settings) -> dict:
+    """The one row of `model` and `method` whose settings include `settings`."""
+    found = [r for r in rows if r["model"] == model and r["method"] == method
+             and all(r["settings"].get(k) == v for k, v in settings.items())]
+    assert len(found) == 1, f"{len(found)} rows match {model} {method} {settings}"
+    return found[0]
+
+
+def digits(rows: list[dict], method: str, **settings) -> dict:
+    return find(rows, "digits-vit", method, **settings)
+
+
+def timed(rows: list[dict], method: str, **settings) -> dict:
+    return find(rows, "deit_tiny_patch16_224", method, **settings)
+
+
+@pytest.mark.slow  # the end-to-end run: digits-vit rows trained, every engine timed
 def test_results_follow_the_schema(run_dir: Path) -> None:
     doc = json.loads((run_dir / "results.json").read_text())
-    assert doc["schema"] == 9 and doc["meta"]["profile"] == "default"
-    assert doc["meta"]["speed_weights"] == "random (seed 0)"
-    keys = {"model", "method", "settings", "top1", "top1_oneshot", "top1_sparse_trained", "top1_seeds",
-            "macs", "attention_macs", "params", "nonzero_params", "prune_seconds", "calibration_samples",
-            "artifact", "speed"}
-    assert all(keys <= set(row) for row in doc["rows"])
-    digits = [r for r in doc["rows"] if r["model"] == "digits-vit"]
-    methods = ("magnitude", "obs-layerwise", "obs-fisher")
-    assert [(r["method"], r["settings"]) for r in digits] == [("dense", {})] + [
-        (m, {"sparsity": 0.5, "pattern": "unstructured"}) for m in methods] + [
-        ("vtp", {"rate": 0.4, "multiple": 8})] + [
-        ("head-channels", {"budget": 0.3, "variant": v}) for v in ("full", "l1")] + [
-        ("token-drop", {"mode": "fixed", "target_ratio": 0.65, "keep_rate": 0.6115, "locations": [2, 4, 5],
-                        "kept_tokens": [10, 6, 4]}),
-        ("token-drop", {"mode": "learned", "target_ratio": 0.65, "locations": [2, 4, 5],
-                        **{k: digits[8]["settings"][k] for k in ("keep_rate", "kept_tokens")}}),
-        ("int8", {"base": "obs-fisher", "sparsity": 0.5, "pattern": "unstructured",
-                  "observer": "percentile"})] + [
-        (twin["method"], {**twin["settings"], "int8": "qat"}) for twin in (digits[4], digits[5], digits[7])
-    ] + [
-        ("combined", {"passes": ["vtp", "head-channels", "token-drop", "magnitude"], "vtp_rate": 0.2,
-                      "head_budget": 0.3, "keep_rate": 0.7, "sparsity": 0.8, "multiple": 16}),
-        ("combined", SPEED_RECIPE.settings())]
-    assert all(0 <= r["top1"] <= 1 and 0 <= r["top1_oneshot"] <= 1 for r in digits)
-    pruned = digits[1:7] + digits[9:12] + digits[13:]
-    assert all(r["nonzero_params"] < digits[0]["nonzero_params"] for r in pruned)
-    assert all(r["params"] == digits[0]["params"] for r in digits[7:9])  # token drop keeps every weight
-    assert [r["calibration_samples"] for r in digits[1:]] == [
-        None, 256, 256, None, 128, None, None, 256, 256, 256, 256, 256, None, None]
-    vtp = digits[4]  # sliced: fewer MACs and parameters, all of them non-zero; three top-1 stages
-    assert vtp["macs"] < 0.75 * digits[0]["macs"] and vtp["params"] < digits[0]["params"]
-    assert 0 <= vtp["top1_sparse_trained"] <= 1 and all(r["top1_sparse_trained"] is None for r in digits[:4])
-    for heads in digits[5:7]:  # 30 % fewer attention MACs, top-1 the mean over two seeds
-        assert 0.3 <= 1 - heads["attention_macs"] / digits[0]["attention_macs"] < 0.35
+    meta = doc["meta"]
+    assert doc["schema"] == 10 and meta["profile"] == "default" and meta["speed_weights"] == "random (seed 0)"
+    assert 0 < meta["wall_s"] and 100 < meta["peak_rss_mb"] < 64 * 1024
+    assert "vtp=0.2+int8" in meta["left_out"] and "vtp=0.4+int8" not in meta["left_out"]
+    keys = {"model", "method", "entry", "settings", "top1", "top1_oneshot", "top1_sparse_trained",
+            "top1_seeds", "macs", "attention_macs", "params", "nonzero_params", "prune_seconds",
+            "calibration_samples", "artifact", "speed"}
+    rows = doc["rows"]
+    assert all(keys <= set(row) for row in rows)
+    dense = digits(rows, "dense")
+    accuracy = [r for r in rows if r["model"] == "digits-vit"]
+    assert len(accuracy) == 1 + 5 + 2 + 3 + 3 + 1 + 2  # dense, masks, vtp + twin, heads, tokens, int8, ...
+    assert all(0 <= r["top1"] <= 1 and 0 <= r["top1_oneshot"] <= 1 for r in accuracy)
+    for method, settings in (("magnitude", {"sparsity": 0.5, "pattern": "unstructured"}),
+                             ("obs-layerwise", {"sparsity": 0.5, "pattern": "unstructured"}),
+                             ("obs-fisher", {"sparsity": 0.5, "pattern": "unstructured"})):
+        row = digits(rows, method, **settings)
+        assert row["nonzero_params"] < dense["nonzero_params"] and row["entry"] == f"{method}=0.5"
+        assert row["calibration_samples"] == (None if method == "magnitude" else CALIBRATION_IMAGES)
+    vtp = digits(rows, "vtp", rate=0.4, int8=None)  # sliced: fewer MACs and parameters; three top-1 stages
+    assert vtp["macs"] < 0.75 * dense["macs"] and vtp["params"] < dense["params"]
+    assert vtp["entry"] == "vtp=0.4"
+    assert 0 <= vtp["top1_sparse_trained"] <= 1 and dense["top1_sparse_trained"] is None
+    for variant in ("full", "l1"):  # 30 % fewer attention MACs, top-1 the mean over two seeds
+        heads = digits(rows, "head-channels", variant=variant, int8=None)
+        assert 0.3 <= 1 - heads["attention_macs"] / dense["attention_macs"] < 0.35
         assert len(heads["top1_seeds"]) == 2 and heads["top1"] == pytest.approx(sum(heads["top1_seeds"]) / 2)
-        assert 0 <= heads["top1_sparse_trained"] <= 1 and heads["params"] < digits[0]["params"]
+        assert 0 <= heads["top1_sparse_trained"] <= 1 and heads["params"] < dense["params"]
         assert heads["prune_seconds"] > 0
-    fixed, learned, int8, *twins, combined, combined_int8 = digits[7:]
+    fixed, learned = (digits(rows, "token-drop", mode=m, int8=None) for m in ("fixed", "learned"))
+    assert 0.3 < 1 - fixed["macs"] / dense["macs"] < 0.4  # keep 0.6: about 35 % fewer MACs
+    assert 0.2 < 1 - learned["macs"] / dense["macs"] < 0.5  # near it after one epoch of learning
+    assert fixed["settings"]["target_ratio"] == learned["settings"]["target_ratio"] == 0.6577
+    assert fixed["top1_sparse_trained"] is None and 0 < learned["top1_sparse_trained"] <= 1
+    assert fixed["params"] == dense["params"]  # token drop keeps every weight
+    combined = digits(rows, "combined", passes=STAGES[:3] + ["magnitude"])
+    combined_int8 = digits(rows, "combined", passes=STAGES[:3] + ["magnitude", "int8"])
     assert 0 <= combined_int8["top1"] <= 1 and combined_int8["macs"] < combined["macs"]
-    assert combined_int8["settings"]["passes"][-1] == "int8" and combined_int8["settings"]["int8_patch_embed"]
+    assert combined_int8["settings"]["int8_patch_embed"]
     for row, stages in ((combined, STAGES), (combined_int8, [*STAGES, "int8"])):  # staged, over two seeds
         assert [s["stage"] for s in row["stages"]] == stages and len(row["top1_seeds"]) == 2
         assert row["top1"] == pytest.approx(sum(row["top1_seeds"]) / 2) == row["stages"][-1]["top1"]
         assert row["stages"][-1]["top1_seeds"] == row["top1_seeds"]
     assert [s["epochs"] for s in combined_int8["stages"]] == [2, 1, 2, 2, 1]
-    assert 0.3 < 1 - fixed["macs"] / digits[0]["macs"] < 0.4  # about 35 % fewer MACs
-    assert 0.2 < 1 - learned["macs"] / digits[0]["macs"] < 0.5  # near it after one epoch of learning
-    assert len(fixed["top1_seeds"]) == len(learned["top1_seeds"]) == 1
-    assert fixed["top1_sparse_trained"] is None and 0 < learned["top1_sparse_trained"] <= 1
-    assert combined["macs"] < 0.5 * digits[0]["macs"]
-    assert combined["nonzero_params"] < 0.3 * digits[0]["params"]
-    # each format on every engine that runs it as INT8
+    assert combined["macs"] < 0.5 * dense["macs"] and combined["nonzero_params"] < 0.3 * dense["params"]
+
+
+@pytest.mark.slow  # the end-to-end run: digits-vit rows trained, every engine timed
+def test_int8_rows_and_twins_run_on_every_engine_that_takes_their_format(run_dir: Path) -> None:
+    rows = rows_of(run_dir)
+    int8 = digits(rows, "int8", sparsity=0.5)
+    assert int8["settings"] == {"base": "obs-fisher", "sparsity": 0.5, "pattern": "unstructured",
+                                "observer": "percentile"}
     checked = {"qdq": "onnxruntime", "qdq-openvino": "openvino", "operator": "deepsparse"}
     assert set(int8["verification"]) == {f for f, e in checked.items() if e in available_engines()}
+    sources = [digits(rows, "vtp", rate=0.4, int8=None),
+               digits(rows, "head-channels", variant="full", int8=None),
+               digits(rows, "token-drop", mode="fixed", int8=None)]
+    twins = [digits(rows, r["method"], **{**r["settings"], "int8": "qat"}) for r in sources]
     for row in (int8, *twins):  # against the fake-quantized model: the engines' rounding differs, little more
         assert set(row["verification"]) == set(int8["verification"])
         for form, check in row["verification"].items():
             assert check["engine"] == checked[form] and check["images"] == 270
             assert 0 <= check["max_abs_logit_diff"] < 1 and 0.97 <= check["top1_agreement"] <= 1
-    for twin, source in zip(twins, (digits[4], digits[5], fixed), strict=True):  # same shapes, now quantized
+    for twin, source in zip(twins, sources, strict=True):  # same shapes, now quantized
         assert twin["macs"] == source["macs"] and 0 <= twin["top1_oneshot"] <= 1 and 0 <= twin["top1"] <= 1
+        assert twin["entry"] == source["entry"] + "+int8"
         assert Path(twin["artifact"], "model.onnx").is_file()
 
 
+@pytest.mark.slow  # the end-to-end run: digits-vit rows trained, every engine timed
 def test_each_solver_is_timed_on_the_speed_model(run_dir: Path) -> None:
-    rows = json.loads((run_dir / "results.json").read_text())["rows"]
-    timed = [r for r in rows if r["model"] != "digits-vit" and r["prune_seconds"] is not None]
-    assert [(r["method"], r["calibration_samples"]) for r in timed] == [
-        ("obs-layerwise", 8), ("obs-fisher", 8)]
-    assert all(r["prune_seconds"] > 0 and not r["speed"] for r in timed)
+    rows = rows_of(run_dir)
+    for method in ("obs-layerwise", "obs-fisher"):
+        row = timed(rows, method)
+        assert row["prune_seconds"] > 0 and row["calibration_samples"] == 64 and row["speed"]
+    assert timed(rows, "magnitude", sparsity=0.5, pattern="unstructured")["prune_seconds"] is None
 
 
+@pytest.mark.slow  # the end-to-end run: digits-vit rows trained, every engine timed
 def test_speed_rows_time_every_engine_against_the_dense_baseline(run_dir: Path) -> None:
-    all_rows = json.loads((run_dir / "results.json").read_text())["rows"]
-    rows = [r for r in all_rows if r["model"] != "digits-vit" and r["speed"]]
-    deepsparse = "deepsparse" in available_engines()
+    rows = [r for r in rows_of(run_dir) if r["model"] != "digits-vit"]
+    engines = json.loads((run_dir / "results.json").read_text())["meta"]["engines"]
+    assert engines == list(available_engines(precision_columns=False))  # the default profile's
+    deepsparse = "deepsparse" in engines
     formats = ["qdq", "operator"] if deepsparse else ["qdq"]
-    assert [(r["method"], r["settings"].get("pattern"), r["settings"].get("int8")) for r in rows] == [
-        ("dense", None, None), ("magnitude", "unstructured", None), ("magnitude", "2:4", None),
-        ("magnitude", "1x4", None), ("vtp", None, None), ("head-channels", None, None),
-        ("token-drop", None, None), ("combined", None, None), ("int8", None, None)] + [
-        ("int8", "unstructured", None)] * deepsparse + [
-        (method, None, form) for method in ("vtp", "head-channels", "token-drop") for form in formats
-        ] + [("combined", None, form) for form in formats]
-    vtp, heads, tokens, combined, int8_qdq = rows[4:9]
-    assert int8_qdq["settings"] == {"base": "dense", "format": "qdq"}
-    twins = rows[9 + deepsparse:]
-    if deepsparse:  # the operator format runs there only
-        assert rows[9]["settings"] == {"base": "magnitude", "sparsity": 0.9, "pattern": "unstructured",
-                                       "format": "operator"}
-    for twin, original in zip(twins, [r for r in (vtp, heads, tokens) for _ in formats], strict=False):
-        assert {k: v for k, v in twin["settings"].items() if k not in ("int8", "passes")} == {
-            k: v for k, v in original["settings"].items() if k != "passes"}
-        assert twin["macs"] == original["macs"]
-    speed_recipe = twins[-1]
+    dense, dense_int8 = rows[:2]  # the baselines lead
+    assert (dense["method"], dense_int8["method"], dense_int8["settings"]) == (
+        "dense", "int8", {"base": "dense", "format": "qdq"})
+    vtp, heads = timed(rows, "vtp", int8=None), timed(rows, "head-channels", int8=None)
+    tokens = timed(rows, "token-drop", int8=None)  # the learned entry times the same graph: one row
+    combined = timed(rows, "combined", int8=None)
+    for original in (vtp, heads, tokens):
+        for form in formats:
+            twin = timed(rows, original["method"], **{**original["settings"], "int8": form})
+            assert twin["macs"] == original["macs"] and twin["entry"] == original["entry"] + "+int8"
+    assert [timed(rows, "int8", base="magnitude", format=f)["settings"]["sparsity"] for f in formats] == [
+        0.5] * len(formats)
+    speed_recipe = timed(rows, "combined", int8=formats[-1])
     assert speed_recipe["settings"] == {**SPEED_RECIPE.settings(), "int8": formats[-1]}
     assert speed_recipe["macs"] < combined["macs"]
-    assert vtp["settings"] == {"rate": 0.4, "multiple": 8} and vtp["macs"] < rows[0]["macs"]
+    assert vtp["settings"] == {"rate": 0.4, "multiple": 8} and vtp["macs"] < dense["macs"]
     assert heads["settings"] == {"budget": 0.3, "multiple": 8}
-    assert 0.3 <= 1 - heads["attention_macs"] / rows[0]["attention_macs"] < 0.35
-    assert tokens["settings"] == {"mode": "fixed", "keep_rate": 0.7, "locations": [1], "kept_tokens": [3]}
-    assert tokens["macs"] < rows[0]["macs"] and combined["macs"] < tokens["macs"]
-    assert rows[0]["top1"] is None
+    assert 0.3 <= 1 - heads["attention_macs"] / dense["attention_macs"] < 0.35
+    assert tokens["settings"] == {"mode": "fixed", "keep_rate": 0.6, "locations": [1], "kept_tokens": [2]}
+    assert tokens["macs"] < dense["macs"] and combined["macs"] < tokens["macs"]
+    assert dense["top1"] is None
     int8_engines = {"qdq": {"onnxruntime", "openvino"}, "operator": {"deepsparse"}}  # where each runs as INT8
     for row in rows:
         settings = row["settings"]
-        engines = (int8_engines[settings["format"]] if row["method"] == "int8" else
-                   int8_engines[settings["int8"]] if "int8" in settings else available_engines())
+        runs_on = (int8_engines[settings["format"]] if row["method"] == "int8" else
+                   int8_engines[settings["int8"]] if "int8" in settings else set(map(engine_name, engines)))
         assert {(s["engine"], s["batch"]) for s in row["speed"]} == {
-            (e, b) for e in available_engines() if engine_name(e) in engines for b in (1, 2)}
+            (e, b) for e in engines if engine_name(e) in runs_on for b in (1, 2)}
         for entry in row["speed"]:
             assert entry["items_per_sec"] > 0
             assert entry["latency_ms"]["p50"] <= entry["latency_ms"]["p99"]
@@ -173,21 +206,22 @@ def test_speed_rows_time_every_engine_against_the_dense_baseline(run_dir: Path) 
                 tokens = row["method"] in ("token-drop", "combined")
                 assert entry["fraction_of_supported_ops"] >= 0.9 if tokens else entry[
                     "fraction_of_supported_ops"] == 1.0
-    assert all(s["speedup_vs_dense_same_engine"] == 1.0 for s in rows[0]["speed"])
+    assert all(s["speedup_vs_dense_same_engine"] == 1.0 for s in dense["speed"])
 
 
+@pytest.mark.slow  # the end-to-end run: digits-vit rows trained, every engine timed
 def test_every_speed_is_also_measured_against_the_best_dense_alternative(run_dir: Path) -> None:
-    rows = [r for r in json.loads((run_dir / "results.json").read_text())["rows"] if r["speed"]]
-    dense_int8 = next(r for r in rows if r["method"] == "int8" and r["settings"]["base"] == "dense")
+    rows = [r for r in rows_of(run_dir) if r["speed"]]
+    dense, dense_int8 = rows[:2]
     alternatives: dict[tuple[str, int], float] = {}  # ('openvino bf16', batch) -> its fastest latency
-    for row, int8 in ((rows[0], False), (dense_int8, True)):
+    for row, int8 in ((dense, False), (dense_int8, True)):
         for s in row["speed"]:
             if s["engine"] != "deepsparse":
                 engine, _, precision = s["engine"].partition(":")  # 'openvino:bf16' where the CPU has bf16
                 key = (f"{engine} {'int8' if int8 else precision or 'fp32'}", s["batch"])
                 alternatives[key] = min(alternatives.get(key, float("inf")), s["latency_ms"]["p50"])
-    others = [r for r in rows[1:] if r is not dense_int8]  # timed in groups beside their own baselines
-    first_group = [rows[0], dense_int8, *others[:MODELS_PER_GROUP]]
+    others = rows[2:]  # timed in groups beside their own baselines
+    first_group = [dense, dense_int8, *others[:MODELS_PER_GROUP]]
     size = MODELS_PER_GROUP
     later_groups = [others[k:k + size] for k in range(size, len(others), size)]
     assert later_groups, "the run should be large enough to need a second timing group"
@@ -203,7 +237,6 @@ def test_every_speed_is_also_measured_against_the_best_dense_alternative(run_dir
             best_latencies = [s["speedup_vs_best_dense"] * s["latency_ms"]["p50"] for s in entries]
             assert best_latencies == pytest.approx([best_latencies[0]] * len(entries))
     report = (run_dir / "report.md").read_text()
-    assert "## Speed-up over the best dense alternative" in report
     assert "Best dense alternative: batch 1: **" in report
     assert "## Which engine accelerates which pattern" in report
     for pattern in ("unstructured", "N:M", "1×4", "structured", "tokens", "INT8", "combined",
@@ -211,18 +244,30 @@ def test_every_speed_is_also_measured_against_the_best_dense_alternative(run_dir
         assert f"\n| {pattern} | " in report
 
 
+@pytest.mark.slow  # the end-to-end run: digits-vit rows trained, every engine timed
 def test_every_row_keeps_its_artifact(run_dir: Path) -> None:
-    rows = json.loads((run_dir / "results.json").read_text())["rows"]
-    for row in rows:
-        if row["model"] != "digits-vit" and not row["speed"]:  # a solver-timing row exports nothing
-            assert row["artifact"] is None and row["prune_seconds"] > 0
-        else:
-            assert sorted(p.name for p in Path(row["artifact"]).iterdir()) == sorted(ARTIFACT_FILES)
+    for row in rows_of(run_dir):
+        assert sorted(p.name for p in Path(row["artifact"]).iterdir()) == sorted(ARTIFACT_FILES)
 
 
+@pytest.mark.slow  # the end-to-end run: digits-vit rows trained, every engine timed
+def test_report_leads_with_one_line_per_setting(run_dir: Path) -> None:
+    report = (run_dir / "report.md").read_text()
+    lead = report[report.index("## Summary"):report.index("\n## ", report.index("## Summary") + 1)]
+    rows = rows_of(run_dir)
+    entries = list(dict.fromkeys(r["entry"] for r in rows if r["speed"] and r["entry"]))
+    assert [line.split(" | ")[0] for line in lead.splitlines() if line.startswith("| `")] == [
+        f"| `{e}`" for e in entries]
+    vtp = digits(rows, "vtp", rate=0.4, int8=None)
+    speedup = r"\S+, [\d.]+×, \*\*[\d.]+×\*\*"
+    assert re.search(rf"\| `vtp=0.4` \| {speedup} \| {speedup} \| {100 * vtp['top1']:.2f} % \|", lead)
+    assert "## Left out" in report and "`vtp=0.2+int8`" in report
+
+
+@pytest.mark.slow  # the end-to-end run: digits-vit rows trained, every engine timed
 def test_report_and_plot_are_written(run_dir: Path) -> None:
     report = (run_dir / "report.md").read_text()
-    assert "## Accuracy" in report and "## Speed" in report and "## Solver time" in report
+    assert "## Masks on digits-vit" in report and "## Speed" in report and "## Solver time" in report
     assert "magnitude(pattern=2:4, sparsity=0.5)" in report
     assert "| 50% | " in report  # the sparsity-by-method table
     assert "## Dimension slicing (VTP)" in report and "| digits-vit | multiple=8, rate=0.4 |" in report
@@ -230,7 +275,7 @@ def test_report_and_plot_are_written(run_dir: Path) -> None:
     assert "| 30% | full | 3" in report and "| 30% | l1 | 3" in report
     assert "| vs l1, paired | seeds |" in report
     assert "## Token dropping (AS-ViT)" in report
-    assert "| 0.65 | fixed | " in report and "| 0.65 | learned | " in report
+    assert "| 0.6577 | fixed | " in report and "| 0.6577 | learned | " in report
     assert "## Combined recipes" in report and "| vtp 0.2, heads 0.3, keep 0.7, 80 % zeros | 7 | " in report
     assert "| vtp 0.4, heads 0.5, keep 0.4 at 1,4,7 fused, 90 % zeros, int8 + patch embed |" in report
     assert "## Static INT8 on digits-vit" in report and "| obs-fisher 50.00 % unstructured |" in report
@@ -244,39 +289,32 @@ def test_report_and_plot_are_written(run_dir: Path) -> None:
         assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bad_bench_options_are_clear_errors(capsys) -> None:
-    assert main(["prune-and-bench", "--methods", "pixie-dust"]) == 2
-    assert "unknown methods ['pixie-dust']" in capsys.readouterr().err
-    assert main(["prune-and-bench", "-e", "torch,tensorrt"]) == 2
-    assert "unknown engine 'tensorrt'; choose from deepsparse, onnxruntime" in capsys.readouterr().err
-    assert main(["prune-and-bench", "--sparsities", "1.5"]) == 2
-    assert "sparsities must lie in [0, 1)" in capsys.readouterr().err
-    assert main(["prune-and-bench", "--vtp-rates", "0.2,1"]) == 2
-    assert "VTP rates must lie in [0, 1), got (0.2, 1.0)" in capsys.readouterr().err
-    assert main(["prune-and-bench", "--head-channel-budgets", "1.2"]) == 2
-    assert "head-channel budgets must lie in [0, 1), got (1.2,)" in capsys.readouterr().err
-    assert main(["prune-and-bench", "--head-channel-budgets", "0.97", "--model", "deit_tiny_patch16_224",
-                 "--set", "img_size=32"]) == 2
-    assert "budget of 97% fewer attention MACs would empty heads" in capsys.readouterr().err
-    assert main(["prune-and-bench", "--token-drop-ratios", "0.65,1.2"]) == 2
-    assert "token-drop FLOPs ratios must lie in (0, 1], got 1.2" in capsys.readouterr().err
-    assert main(["prune-and-bench", "--token-drop-modes", "guess"]) == 2
-    assert "unknown token-drop mode 'guess'; choose from fixed, learned" in capsys.readouterr().err
-    assert main(["prune-and-bench", "--token-drop-keep", "0"]) == 2
-    assert "token-drop keep rates must lie in (0, 1], got (0.0,)" in capsys.readouterr().err
-    assert main(["prune-and-bench", "--head-channel-variants", "full,magic"]) == 2
-    assert "unknown head-channel variants ['magic']; choose from full, l1" in capsys.readouterr().err
+@pytest.mark.parametrize("args, message", [
+    (["--only", "pixie-dust"], "unknown method 'pixie-dust'; choose from magnitude, obs-layerwise"),
+    (["--skip", "pixie-dust"], "unknown method 'pixie-dust'"),
+    (["-e", "torch,tensorrt"], "unknown engine 'tensorrt'; choose from deepsparse, onnxruntime"),
+    (["--only", "magnitude=1.5"], "bad magnitude setting '1.5' .*sparsity must lie in"),
+    (["--only", "vtp=0.2,1"], r"bad vtp setting '1' \(write e.g. vtp=0.4; RATE\[:MULTIPLE\]\[\+int8\]\)"),
+    (["--only", "heads=0.97", "--model", "deit_tiny_patch16_224", "--set", "img_size=32", "-e", "torch",
+      "--skip-accuracy"], "budget of 97% fewer attention MACs would empty heads"),
+    (["--only", "tokens=1.2"], r"bad tokens setting '1.2'.*must lie in \[0, 1\]"),
+    (["--only", "tokens=0.6:guess"], "unknown mode 'guess'"),
+    (["--only", "heads=0.3:magic"], "unknown variant 'magic'"),
+    (["--only", "magnitude=0.75@2:4"], "fixes the sparsity at 0.5"),
+    (["--seeds", "0"], "seeds must be >= 1, got 0"),
+])
+def test_bad_bench_options_are_clear_errors(capsys, args, message) -> None:
+    assert main(["prune-and-bench", *args]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_help_fits_one_screen(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
     with pytest.raises(SystemExit):
-        main(["prune-and-bench", "--speed-settings", "0.75@2:4"])
-    assert "fixes the sparsity at 0.5" in capsys.readouterr().err
-
-
-def test_int8_speed_settings_parse() -> None:
-    assert parse_int8_speed_setting("dense@qdq") == Int8SpeedSetting(None, "qdq")
-    assert parse_int8_speed_setting("0.75@1x4") == Int8SpeedSetting(SpeedSetting(0.75, "1x4"), "operator")
-    assert parse_int8_speed_setting("0.9@qdq") == Int8SpeedSetting(SpeedSetting(0.9), "qdq")
-    with pytest.raises(ValueError, match="bad speed setting"):
-        parse_int8_speed_setting("dense@int4")
+        main(["prune-and-bench", "--help"])
+    text = capsys.readouterr().out
+    assert len(text.splitlines()) <= 45
+    assert "heads=BUDGET[:VARIANT][+int8]" in text and "combined=RECIPE_FILE[+int8]" in text
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -323,11 +361,12 @@ def test_head_channel_table_pairs_each_variant_with_l1_seed_by_seed() -> None:
 def test_a_speed_only_report_has_no_empty_accuracy_table() -> None:
     timed = SpeedEntry("torch", 1, 10.0, {"p50": 100.0, "p99": 120.0}, 1.0, 1.0)
     rows = [Row("deit_small_patch16_224", "dense", speed=[timed])]
-    meta = {"profile": "full", "date": "2026-12-02", "machine": "test", "cpu_cores": 2, "duration_s": 1.0}
+    meta = {"profile": "full", "date": "2026-12-02", "machine": "test", "cpu_cores": 2, "wall_s": 1.0,
+            "peak_rss_mb": 900.0, "speed_model": "deit_small_patch16_224", "speed_weights": "random (seed 0)"}
     report = markdown_report(meta, rows)
     assert "## Speed" in report and "Every accuracy row" not in report
     with_accuracy = markdown_report(meta, [*rows, Row("digits-vit", "dense", top1=0.98)])
-    assert "### Every accuracy row" in with_accuracy
+    assert "## Every accuracy row" in with_accuracy
     assert "| digits-vit | dense | – | 98.00 % |" in with_accuracy
 
 

@@ -16,6 +16,8 @@ from vitsparse.models import build_model
 from vitsparse.runtime import ENGINES, engine_status
 from vitsparse.runtime.__main__ import main as runtime_main
 
+pytestmark = pytest.mark.slow  # trained digits-vit on every engine
+
 AVAILABLE = [name for name in ENGINES if engine_status(name).available]
 
 

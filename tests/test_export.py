@@ -115,12 +115,18 @@ def test_inspect_of_an_exported_masked_model_matches_its_masks(tmp_path) -> None
 
 @pytest.mark.parametrize("stride,padding", [(4, 0), (2, 1)], ids=["patches", "overlapping-falls-back"])
 def test_fast_reference_ops_match_onnx_own(tmp_path, stride: int, padding: int) -> None:
-    """The verifier's numpy Conv and Erf give onnx's reference results (the fast path and the fallback)."""
+    """The verifier's numpy Conv, Erf and Pow give onnx's reference results (the fast path and the
+    fallback: overlapping patches, a cube)."""
     from onnx.reference import ReferenceEvaluator
 
     from vitsparse.compiler.reference_ops import FAST_REFERENCE_OPS
 
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=stride, padding=padding), torch.nn.GELU())
+    class Powers(torch.nn.Module):
+        def forward(self, y: torch.Tensor) -> torch.Tensor:
+            return y.pow(2) - 0.5 * y.pow(3)
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=stride, padding=padding), torch.nn.GELU(),
+                                Powers())
     x = torch.randn(2, 3, 16, 16)
     torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=False, opset_version=14,
                       input_names=["input"])

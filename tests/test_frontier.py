@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from vitsparse.bench.combined import FRONTIER, SPEED_RECIPE, CombinedSetting
+from vitsparse.bench.combined import SPEC as COMBINED
+from vitsparse.bench.combined import SPEED_RECIPE, CombinedSetting
 from vitsparse.bench.frontier import frontier_table, has_pareto_points, pareto_points, setting_key, top1_text
+from vitsparse.bench.profiles import FULL
 from vitsparse.bench.schema import Row, SpeedEntry
 from vitsparse.bench.speed_report import best_dense_table
 from vitsparse.bench.staged import StagedSchedule
@@ -30,11 +32,19 @@ def test_the_schedule_states_its_epoch_budget_per_pass() -> None:
         StagedSchedule(mask_steps=0)
 
 
-def test_the_frontier_runs_from_light_to_heavy_in_int8() -> None:
-    assert all(s.int8 for s in FRONTIER) and len(FRONTIER) >= 4
-    assert [s.sparsity for s in FRONTIER] == sorted(s.sparsity for s in FRONTIER)
-    assert [s.keep_rate for s in FRONTIER] == sorted((s.keep_rate for s in FRONTIER), reverse=True)
-    assert FRONTIER[-1] == SPEED_RECIPE
+def test_the_full_profile_s_frontier_runs_from_light_to_heavy_in_int8() -> None:
+    frontier = [COMBINED.parse(e.setting).setting for e in FULL.entries if e.method == "combined"]
+    frontier = [s for s in frontier if s.int8]
+    assert len(frontier) >= 4
+    assert [s.sparsity for s in frontier] == sorted(s.sparsity for s in frontier)
+    assert [s.keep_rate for s in frontier] == sorted((s.keep_rate for s in frontier), reverse=True)
+    assert frontier[-1] == SPEED_RECIPE
+
+
+def test_rows_of_one_profile_entry_are_one_setting_across_models() -> None:
+    digits = Row("digits-vit", "head-channels", {"budget": 0.3, "variant": "full"}, entry="heads=0.3")
+    timed = Row(SPEED_MODEL, "head-channels", {"budget": 0.3, "multiple": 8}, entry="heads=0.3")
+    assert setting_key(digits) == setting_key(timed) != setting_key(Row(SPEED_MODEL, "vtp", entry="vtp=0.3"))
 
 
 def test_speed_rows_find_the_digits_row_of_the_same_setting() -> None:

@@ -320,6 +320,7 @@ def test_corrupt_slice_record_is_a_recipe_error() -> None:
         replay(small_vit(depth=1), recipe)
 
 
+@pytest.mark.slow
 def test_composes_with_dimension_slicing_and_masks_and_runs_on_every_engine(tmp_path) -> None:
     """VTP slicing, then head-equal channels, then 50 % masks (widths in 16s): the export matches torch on
     every engine and DeepSparse runs the whole graph."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,6 +58,7 @@ def no_training(monkeypatch):
 # --- digits-vit: accuracy, cache, determinism ------------------------------------------------------
 
 
+@pytest.mark.slow  # trains digits-vit
 def test_default_digits_vit_reaches_95_percent_test_top1():
     config = DigitsViTConfig()
     model = digits_vit(config, progress=False)  # real user cache: trains once per machine
@@ -104,6 +107,11 @@ def test_cache_key_depends_on_config(tmp_path):
     assert cached_weights_path(TINY, tmp_path) != cached_weights_path(
         dataclasses.replace(TINY, seed=1), tmp_path
     )
+
+
+def test_the_suite_never_writes_to_the_user_cache():
+    assert cache_dir() != Path.home() / ".cache" / "vitsparse"
+    assert str(cache_dir()).startswith(tempfile.gettempdir())
 
 
 def test_cache_dir_follows_environment(monkeypatch, tmp_path):

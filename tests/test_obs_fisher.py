@@ -152,6 +152,7 @@ def test_model_mode_and_device_are_restored() -> None:
     assert all(p.requires_grad and p.grad is None for p in pruned.parameters())
 
 
+@pytest.mark.slow
 def test_digits_vit_one_shot_beats_magnitude() -> None:
     base = build_model("digits-vit", pretrained=True, progress=False)
     loaders = digits_loaders(batch_size=64)

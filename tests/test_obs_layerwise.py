@@ -138,6 +138,7 @@ def test_direct_call_restores_mode_and_device_and_returns_weight_shaped_masks() 
         assert mask.dtype == torch.bool and mask.shape == gm.get_submodule(name).weight.shape
 
 
+@pytest.mark.slow
 def test_digits_vit_obs_beats_magnitude_and_sequential_helps_at_high_sparsity() -> None:
     base = build_model("digits-vit", pretrained=True, progress=False)
     test = digits_loaders(batch_size=256).test

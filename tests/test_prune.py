@@ -30,6 +30,8 @@ from vitsparse.runtime.evaluate import evaluate_artifact
 from vitsparse.runtime.quantized import UNSUPPORTED
 from vitsparse.runtime.server import ServeConfig, ServerMetrics, build_models, create_app
 
+pytestmark = pytest.mark.slow  # trains and runs the prune CLI end to end
+
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 # a resumed run repeats the interrupted epoch from the same seed, data order and optimiser state: the
 # weights match the uninterrupted run's to float rounding (thread scheduling can reorder sums)
@@ -385,34 +387,43 @@ def test_the_digits_folder_holds_digits_vit_splits_as_pngs(digits_data) -> None:
 
 
 def test_prune_and_bench_takes_its_combined_settings_from_the_recipe_files(tmp_path) -> None:
-    from vitsparse.bench.combined import SPEED_RECIPE, from_plan
-    from vitsparse.bench.profiles import PROFILES
+    from vitsparse.bench.combined import SPEC, SPEED_RECIPE, from_plan
 
-    combined = load_plan(RECIPES_DIR / "combined.yaml")
-    assert from_plan(combined) == (PROFILES["default"].combined, PROFILES["default"].combined_schedule)
+    parsed = SPEC.parse("recipes/combined.yaml")
+    assert (parsed.setting, parsed.schedule) == from_plan(load_plan(RECIPES_DIR / "combined.yaml"))
+    assert SPEC.parse("combined").setting == parsed.setting  # a name in recipes/
+    assert SPEC.parse("recipes/combined.yaml+int8").setting.int8 and not parsed.setting.int8
     assert from_plan(load_plan(RECIPES_DIR / "combined-int8-speed.yaml"))[0] == SPEED_RECIPE
     edited = tmp_path / "combined.yaml"
     edited.write_text((RECIPES_DIR / "combined.yaml").read_text().replace("rate: 0.2", "rate: 0.3"))
-    assert from_plan(load_plan(edited))[0].vtp_rate == 0.3
+    assert SPEC.parse(str(edited)).setting.vtp_rate == 0.3
     edited.write_text("stages:\n  - sparsity: {saliency: magnitude, sparsity: 0.5}\n")
     with pytest.raises(ValueError, match="masks are obs-fisher, global"):
-        from_plan(load_plan(edited))
+        SPEC.parse(str(edited))
+    with pytest.raises(ValueError, match="no recipe file"):
+        SPEC.parse(str(tmp_path / "missing.yaml"))
 
 
 def test_each_method_recipe_is_a_point_of_prune_and_bench_s_sweep() -> None:
-    from vitsparse.bench.profiles import PROFILES
+    from vitsparse.bench.profiles import DEFAULT, FULL
+    from vitsparse.bench.token_drop import FINETUNE_EPOCHS, flops_ratio
+    from vitsparse.models import build_model
 
-    profile = PROFILES["default"]
+    settings = {}
+    for entry in FULL.entries:
+        settings.setdefault(entry.method, set()).add(entry.setting.removesuffix("+int8").split(":")[0])
     stages = {p.stem: {s.kind: s.stage for s in load_plan(p).stages} for p in RECIPES}
-    assert stages["vtp"]["vtp-slice"].rate in profile.vtp_rates
-    assert stages["head-channels"]["head-channel-slice"].budget in profile.head_channel_budgets
-    assert stages["token-drop"]["token-drop"].flops_ratio in profile.token_drop_ratios
-    assert stages["token-drop"]["finetune"].epochs == profile.token_drop_finetune_epochs
+    assert str(stages["vtp"]["vtp-slice"].rate) in settings["vtp"]
+    assert str(stages["head-channels"]["head-channel-slice"].budget) in settings["heads"]
+    keep_rates = {float(k) for k in settings["tokens"]}
+    ratios = {flops_ratio(build_model("digits-vit"), k) for k in keep_rates}
+    assert min(abs(stages["token-drop"]["token-drop"].flops_ratio - r) for r in ratios) < 0.03
+    assert stages["token-drop"]["finetune"].epochs == FINETUNE_EPOCHS
     for name in ("magnitude", "obs-layerwise", "obs-fisher"):
-        assert stages[name]["sparsity"].sparsity in profile.accuracy_sparsities
-    assert stages["int8"]["sparsity"].sparsity in profile.int8_sparsities
+        assert str(stages[name]["sparsity"].sparsity) in settings[name]
+    assert str(stages["int8"]["sparsity"].sparsity) in settings["int8"]
     for name in ("vtp", "head-channels", "magnitude", "obs-layerwise", "obs-fisher", "int8"):
-        assert stages[name]["finetune"].epochs == profile.finetune_epochs
+        assert stages[name]["finetune"].epochs == DEFAULT.epochs
 
 
 def test_eval_of_an_int8_artifact_in_the_operator_format_agrees_with_pytorch_on_deepsparse(

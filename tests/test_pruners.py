@@ -148,6 +148,7 @@ def test_pass_takes_a_config_not_a_bare_number() -> None:
     assert MagnitudePass(SparsityConfig(sparsity=0.5)).config.sparsity == 0.5
 
 
+@pytest.mark.slow
 def test_masks_stay_exactly_zero_through_finetuning(digits_base, loaders) -> None:
     _, gm = _masked(digits_base, sparsity=0.5)
     before = {n: m.weight.detach().clone() for n, m in masked_modules(gm).items()}
@@ -170,6 +171,7 @@ def test_finetune_works_on_a_plain_module_too() -> None:
     assert result.val.num_samples == 8
 
 
+@pytest.mark.slow
 def test_distillation_path_runs(digits_base, loaders) -> None:
     _, gm = _masked(digits_base, sparsity=0.75)
     config = FinetuneConfig(max_steps=3, lr=1e-3, distill_alpha=0.7, distill_temperature=3.0)
@@ -182,6 +184,7 @@ def test_distillation_path_runs(digits_base, loaders) -> None:
                           torch.zeros(()), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_recipe_replay_and_weights_reproduce_the_masked_model_bit_exactly(digits_base, loaders,
                                                                           tmp_path: Path) -> None:
     manager, gm = _masked(digits_base, sparsity=0.6, scope="global")
@@ -202,6 +205,7 @@ def test_recipe_replay_and_weights_reproduce_the_masked_model_bit_exactly(digits
     assert replayed.recipe.passes[0].decisions == recipe.passes[0].decisions
 
 
+@pytest.mark.slow
 def test_corrupt_mask_record_is_refused(digits_base) -> None:
     manager, _ = _masked(digits_base, sparsity=0.5)
     data = manager.recipe.to_dict()
@@ -221,6 +225,7 @@ def test_replay_onto_another_architecture_names_the_layer() -> None:
         replay(wider, manager.recipe)
 
 
+@pytest.mark.slow
 def test_export_folding_gives_plain_layers_with_identical_outputs(digits_base, loaders) -> None:
     _, gm = _masked(digits_base, sparsity=0.5, targets=["qkv", "fc2", "patch_embed"])
     images = next(iter(loaders.test))[0]
@@ -235,6 +240,7 @@ def test_export_folding_gives_plain_layers_with_identical_outputs(digits_base, l
     find_vit_structure(folded)
 
 
+@pytest.mark.slow
 def test_digits_vit_accuracy_at_half_sparsity(digits_base, loaders) -> None:
     dense = evaluate(digits_base, loaders.test).top1
     _, gm = _masked(digits_base, sparsity=0.5)
@@ -247,6 +253,7 @@ def test_digits_vit_accuracy_at_half_sparsity(digits_base, loaders) -> None:
     assert one_shot > 0.5 and tuned >= 0.8
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a CUDA GPU: CI and dev machines have none; runs on a lent GPU machine")
 def test_finetune_on_cuda_with_mixed_precision_keeps_masks(digits_base, loaders) -> None:
@@ -265,6 +272,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_finetune_under_torchrun_keeps_masks_identical_on_every_rank(digits_base, tmp_path: Path) -> None:
     script = Path(__file__).with_name("ddp_finetune_check.py")
     # digits-vit is cached by the fixture before launching; the check is CPU/gloo even on a GPU machine

@@ -11,6 +11,8 @@ import torch
 
 from vitsparse.compiler.export import ARTIFACT_FILES
 
+pytestmark = pytest.mark.slow  # runs the README examples (training, engines)
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 METHODS = README.parent / "docs" / "methods.md"  # the per-method examples, run after README's first
 

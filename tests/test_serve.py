@@ -37,6 +37,8 @@ from vitsparse.runtime.server import ServeConfig, ServeConfigError, build_models
 
 from helpers import BLOCK_TORCH
 
+pytestmark = pytest.mark.slow  # starts servers
+
 AVAILABLE = [name for name in ENGINES if engine_status(name).available]
 PREPROCESSING = {"input_size": [1, 8, 8], "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
                  "mean": [0.25], "std": [0.5]}

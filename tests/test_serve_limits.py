@@ -22,6 +22,8 @@ from vitsparse.runtime.preprocess import MAX_ASPECT_RATIO, Preprocessing, decode
 from vitsparse.runtime.serve_cli import serve_config
 from vitsparse.runtime.server import ServeConfigError
 
+pytestmark = pytest.mark.slow  # starts servers
+
 INFER, CLASSIFY = "/v2/models/tiny/infer", "/v2/models/tiny/classify"
 
 

@@ -140,6 +140,7 @@ def test_default_locations_follow_as_vit_and_scale_with_depth() -> None:
     assert default_locations(2) == (1,) and default_locations(1) == ()
 
 
+@pytest.mark.slow
 def test_static_selection_exports_and_matches_torch_on_every_engine(tmp_path) -> None:
     """TopK + Gather with constant k, batch 1 and 4; DeepSparse runs at least 90 % of the graph."""
     manager = _dropped(small_vit(depth=6, img_size=64), 0.7)
@@ -170,6 +171,7 @@ np.save(sys.argv[4], engine.run([np.load(sys.argv[3])])[0])
 """
 
 
+@pytest.mark.slow
 def test_fused_dropping_runs_batched_on_every_engine(tmp_path) -> None:
     """Ranking every token and gathering the dropped rows aborted DeepSparse 1.8's compiler at batch 2
     (pyramid.cpp:3344); the fused token is one masked product now. Each engine runs in a child process,

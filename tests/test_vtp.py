@@ -237,6 +237,7 @@ def test_sparse_training_adds_the_l1_penalty() -> None:
     assert norms[1.0] < 0.97 * sizes and norms[1.0] < norms[0.0]
 
 
+@pytest.mark.slow
 def test_sliced_and_masked_model_exports_and_runs_on_every_engine(tmp_path) -> None:
     """Slice (widths in 16s), then mask: both export forms match torch; DeepSparse runs the one-hot form
     whole."""
