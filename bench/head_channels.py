@@ -50,16 +50,6 @@ class HeadChannelSetting:
         return {"budget": self.budget, "variant": self.variant}
 
 
-def check_settings(budgets: tuple[float, ...], variants: tuple[str, ...]) -> None:
-    """ValueError for a budget outside [0, 1) or an unknown variant, before any work starts."""
-    if any(isinstance(b, bool) or not 0 <= b < 1 for b in budgets):
-        raise ValueError(f"head-channel budgets must lie in [0, 1), got {budgets}")
-    unknown = [v for v in variants if v not in HEAD_CHANNEL_VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown head-channel variants {unknown}; choose from "
-                         f"{', '.join(HEAD_CHANNEL_VARIANTS)}")
-
-
 @dataclass
 class SeedRun:
     """One seed of a setting: its recipe and fine-tuned model, top-1 after each stage, seconds spent

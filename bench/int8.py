@@ -41,7 +41,6 @@ FORMAT_ENGINES = {"qdq": ("onnxruntime", "openvino"), "operator": ("deepsparse",
 VERIFICATIONS = {"qdq": ("qdq", "onnxruntime"), "qdq-openvino": ("qdq", "openvino"),
                  "operator": ("operator", "deepsparse")}
 SPEED_CALIBRATION = 16  # images (random or --calibration-data) the speed model's ranges come from
-TWIN_FORMATS = tuple(FORMAT_ENGINES)
 
 
 @dataclass(frozen=True)

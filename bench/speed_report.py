@@ -3,7 +3,7 @@ accelerates which pruning pattern, both from the speed entries of one run."""
 
 from __future__ import annotations
 
-from .frontier import digits_top1, matching_accuracy, top1_text
+from .frontier import top1_text
 from .schema import Row, SpeedEntry
 
 DENSE = "dense"
@@ -58,28 +58,6 @@ def best_dense_line(rows: list[Row]) -> str:
         latency = named.latency_ms["p50"] * named.speedup_vs_best_dense
         parts.append(f"batch {batch}: **{named.best_dense}** ({latency:.2f} ms median)")
     return "; ".join(parts)
-
-
-def best_dense_table(rows: list[Row]) -> str:
-    """Each timed pruned row: its fastest engine at each batch size and the speed-up over the best dense
-    alternative of the run (dense PyTorch, ONNX Runtime or OpenVINO, float or QDQ INT8), beside the
-    digits-vit top-1 of the same setting where one was measured."""
-    timed = [r for r in rows if r.speed and r.method != DENSE]
-    batches = _batches(timed)
-    if not timed or not any(_best_over_dense(r, b) for r in timed for b in batches):
-        return ""
-    accuracy = digits_top1(rows)
-    header = " | ".join(f"batch {b}: best engine, vs best dense" for b in batches)
-    lines = [f"| model | method | pattern | digits-vit top-1, same setting | {header} |",
-             "|---|---|---|---|" + "---|" * len(batches)]
-    for r in timed:
-        cells = []
-        for batch in batches:
-            best = _best_over_dense(r, batch)
-            cells.append(f"{best.engine}, **{_x(best.speedup_vs_best_dense)}**" if best else "–")
-        top1 = top1_text(matching_accuracy(r, accuracy))
-        lines.append(f"| {r.model} | {r.label()} | {speed_pattern(r)} | {top1} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def engine_pattern_table(rows: list[Row]) -> str:

@@ -174,7 +174,7 @@ def _base(opts: BenchOptions) -> dict:
 def _timing_plan(opts: BenchOptions, profile: Profile) -> TimingPlan:
     engines = opts.engines if opts.engines is not None else available_engines(profile.precision_columns)
     return TimingPlan(
-        batch_sizes=opts.batch_sizes or profile.batch_sizes,
+        batch_sizes=opts.batch_sizes if opts.batch_sizes is not None else profile.batch_sizes,
         engines=engines,
         rounds=opts.rounds or profile.rounds,
         seconds_per_block=opts.seconds_per_block or profile.seconds_per_block,
@@ -306,10 +306,15 @@ def _meta(opts: BenchOptions, plan: TimingPlan, entries: list[Entry], progress: 
 def _steps(planned: list[PlannedEntry], opts: BenchOptions, plan: TimingPlan) -> Counter:
     """How many steps of each kind the run has, for the progress bar and ETA."""
     digits = [p for p in planned if p.entry.digits] if opts.accuracy else []
-    speed = [p for p in planned if p.entry.speed] if plan.engines else []
+    speed = [p for p in planned if p.entry.speed] if _times_anything(plan) else []
     groups = -(-len(speed) // plan.models_per_group) or 1  # recounted once the graphs are built
     return Counter(digits=len(digits) + bool(digits), graph=len(speed),
-                   timing=groups * len(plan.batch_sizes) if plan.engines else 0)
+                   timing=groups * len(plan.batch_sizes) if _times_anything(plan) else 0)
+
+
+def _times_anything(plan: TimingPlan) -> bool:
+    """Whether the run times any engine at any batch size (`-e none` and `-b none` time nothing)."""
+    return bool(plan.engines and plan.batch_sizes)
 
 
 def _speed_stage(planned: list[PlannedEntry], opts: BenchOptions, profile: Profile, plan: TimingPlan,
@@ -349,7 +354,7 @@ def run_prune_and_bench(opts: BenchOptions) -> Path:
     digits = [p for p in planned if p.entry.digits]
     if opts.accuracy and digits:
         rows += _digits_stage(digits, opts, profile, artifacts, progress)
-    if plan.engines:
+    if _times_anything(plan):
         rows += _speed_stage([p for p in planned if p.entry.speed], opts, profile, plan, artifacts, progress)
     written = write_report(run_dir, _meta(opts, plan, entries, progress), rows)
     progress.close(f"prune-and-bench done in {clock(progress.elapsed())}: {written['report']}")

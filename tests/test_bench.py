@@ -275,7 +275,7 @@ def test_report_and_plot_are_written(run_dir: Path) -> None:
     assert "| 30% | full | 3" in report and "| 30% | l1 | 3" in report
     assert "| vs l1, paired | seeds |" in report
     assert "## Token dropping (AS-ViT)" in report
-    assert "| 0.6577 | fixed | " in report and "| 0.6577 | learned | " in report
+    assert "| 0.66 | fixed | " in report and "| 0.66 | learned | " in report
     assert "## Combined recipes" in report and "| vtp 0.2, heads 0.3, keep 0.7, 80 % zeros | 7 | " in report
     assert "| vtp 0.4, heads 0.5, keep 0.4 at 1,4,7 fused, 90 % zeros, int8 + patch embed |" in report
     assert "## Static INT8 on digits-vit" in report and "| obs-fisher 50.00 % unstructured |" in report

@@ -10,7 +10,7 @@ from vitsparse.bench.combined import SPEED_RECIPE, CombinedSetting
 from vitsparse.bench.frontier import frontier_table, has_pareto_points, pareto_points, setting_key, top1_text
 from vitsparse.bench.profiles import FULL
 from vitsparse.bench.schema import Row, SpeedEntry
-from vitsparse.bench.speed_report import best_dense_table
+from vitsparse.bench.speed_report import lead_table
 from vitsparse.bench.staged import StagedSchedule
 
 SPEED_MODEL = "deit_small_patch16_224"
@@ -42,9 +42,17 @@ def test_the_full_profile_s_frontier_runs_from_light_to_heavy_in_int8() -> None:
 
 
 def test_rows_of_one_profile_entry_are_one_setting_across_models() -> None:
-    digits = Row("digits-vit", "head-channels", {"budget": 0.3, "variant": "full"}, entry="heads=0.3")
-    timed = Row(SPEED_MODEL, "head-channels", {"budget": 0.3, "multiple": 8}, entry="heads=0.3")
+    digits = Row("digits-vit", "head-channels", {"budget": 0.3, "variant": "full"}, entry="heads=0.3",
+                 top1=0.97, top1_seeds=[0.96, 0.98])
+    timed = Row(SPEED_MODEL, "head-channels", {"budget": 0.3, "multiple": 8}, entry="heads=0.3",
+                speed=[SpeedEntry("openvino", 1, 100.0, {"p50": 5.0, "p99": 6.0}, speedup_vs_dense_torch=3.0,
+                                  speedup_vs_best_dense=0.6, best_dense="openvino int8"),
+                       SpeedEntry("torch", 1, 30.0, {"p50": 15.0, "p99": 16.0}, speedup_vs_dense_torch=1.2,
+                                  speedup_vs_best_dense=0.2, best_dense="openvino int8")])
     assert setting_key(digits) == setting_key(timed) != setting_key(Row(SPEED_MODEL, "vtp", entry="vtp=0.3"))
+    table = lead_table([Row("digits-vit", "dense", top1=0.98), digits, timed])
+    assert "| dense | – | 98.00 % |" in table  # the fastest engine, its speed-ups, the same setting's top-1
+    assert "| `heads=0.3` | openvino, 3.00×, **0.60×** | 97.00 ± 1.00 % |" in table
 
 
 def test_speed_rows_find_the_digits_row_of_the_same_setting() -> None:
@@ -87,7 +95,7 @@ def test_the_frontier_table_and_pareto_points_pair_speed_with_accuracy() -> None
     assert sorted((engine, x) for _, engine, x, _, _ in points) == [
         ("deepsparse", 2.1), ("onnxruntime", 1.1), ("openvino", 1.6), ("openvino:bf16", 1.8)]
     assert all(y == 0.97 and error == pytest.approx(0.00577, abs=1e-4) for *_, y, error in points)
-    assert "| 97.00 ± 0.58 % | openvino:bf16, **1.80×** |" in best_dense_table(rows)
+    assert "| 97.00 ± 0.58 % | openvino:bf16, **1.80×** |" not in lead_table(rows)  # rows without entries
 
 
 def test_without_digits_rows_there_is_nothing_to_plot() -> None:
