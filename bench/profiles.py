@@ -89,8 +89,10 @@ FULL = Profile(
         *(both(f"int8={s}") for s in ("dense", "0.75", "0.9")),
         speed("int8=0.75@1x4"),
     ),
-    rounds=3,  # 5 rounds of 4 s blocks would time its ~130 runners for 1.5 hours at each batch size
-    seconds_per_block=2.0,
+    # ~180 runners at each batch size (43 models on up to 5 columns, baselines again in each group of 8):
+    # 5 rounds of 4 s blocks would take 1.5 hours per batch size
+    rounds=2,
+    seconds_per_block=1.0,
     epochs=10,
     seeds={"heads": 8, "tokens": 8, "combined": 3},
     calibration_samples=128,
