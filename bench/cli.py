@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command].run(args)
-    except (ValueError, FileNotFoundError) as err:  # user mistakes: one line, no traceback
+    except (ValueError, OSError) as err:  # user mistakes, a missing file, a full disk: one line, no traceback
         print(f"vitsparse {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

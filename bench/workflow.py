@@ -10,6 +10,7 @@ import datetime as dt
 import os
 import platform
 import resource
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -341,13 +342,28 @@ def _guesses(plan: TimingPlan) -> dict[str, float]:
     return {"graph": 10.0, "timing": runners * (3.0 + plan.rounds * (plan.seconds_per_block + 0.5))}
 
 
+def check_disk_space(output_dir: Path, model: torch.nn.Module, graphs: int, batch_sizes: int) -> None:
+    """OSError before any work when the artifacts will not fit: each timed graph is exported at every batch
+    size as model.onnx and weights.safetensors (about 8 bytes a parameter; VTP's and the combined rows'
+    engine forms add half as much again). The default profile on DeiT-S wrote 4.1 GB."""
+    params = sum(p.numel() for p in model.parameters())
+    needed = 8 * params * 1.5 * batch_sizes * graphs
+    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise OSError(f"the artifacts need about {needed / 1e9:.1f} GB in {output_dir}, {free / 1e9:.1f} GB "
+                      f"is free; free some space, write elsewhere (-o DIR), or time less (--only, -b 1)")
+
+
 def run_prune_and_bench(opts: BenchOptions) -> Path:
     """Run the whole path and write report.md, results.json and the plots; returns the run folder."""
     profile = get_profile(opts.profile)
     entries = resolve_entries(profile, opts.only, opts.skip)
     planned = plan_entries(entries)
     plan = _timing_plan(opts, profile)
-    progress = RunProgress(_steps(planned, opts, plan), quiet=opts.quiet, guesses=_guesses(plan))
+    steps = _steps(planned, opts, plan)
+    check_disk_space(opts.output_dir, _speed_model(opts), steps["graph"] + 2, len(plan.batch_sizes))
+    progress = RunProgress(steps, quiet=opts.quiet, guesses=_guesses(plan))
     run_dir = opts.output_dir / f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{profile.name}"
     artifacts = run_dir / "artifacts"
     rows: list[Row] = []

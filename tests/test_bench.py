@@ -378,3 +378,16 @@ def test_each_combined_seed_calibrates_on_its_own_draw() -> None:
     # seed 0 keeps the draw every seed shared before: the head of digits_loaders()'s shuffled order
     batches = itertools.islice(digits_loaders().train, -(-CALIBRATION_IMAGES // loaders.train.batch_size))
     assert torch.equal(draws[0], torch.cat([x for x, _ in batches])[:CALIBRATION_IMAGES])
+
+
+def test_a_run_that_cannot_fit_its_artifacts_stops_before_any_work(monkeypatch, tmp_path, capsys) -> None:
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 10**8, 10**8))
+    args = ["prune-and-bench", "--only", "vtp=0.4", "-o", str(tmp_path / "runs")]
+    assert main(args) == 2
+    # DeiT-S: 22 M parameters × 8 bytes × 1.5, at 2 batch sizes, for VTP and the two baselines
+    assert re.search(r"the artifacts need about 1\.6 GB in .*runs, 0\.1 GB is free", capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
