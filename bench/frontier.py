@@ -128,7 +128,7 @@ def pareto_points(rows: list[Row], batch: int) -> list[tuple[str, str, float, fl
         if match is None:
             continue
         error = mean_and_error(match.top1_seeds)[1] if match.top1_seeds else None
-        label = combined_setting_label(r.settings) if r.method == COMBINED else r.label()
+        label = r.entry or (combined_setting_label(r.settings) if r.method == COMBINED else r.label())
         for entry in r.speed:
             if entry.batch == batch and entry.engine != TORCH and entry.speedup_vs_best_dense is not None:
                 points.append((label, entry.engine, entry.speedup_vs_best_dense, match.top1, error))
@@ -136,10 +136,10 @@ def pareto_points(rows: list[Row], batch: int) -> list[tuple[str, str, float, fl
 
 
 def _rightmost(points: list[tuple[str, str, float, float, float | None]]) -> dict[str, tuple[float, float]]:
-    """Each combined recipe's fastest point (x, top-1), where its name goes."""
+    """Each setting's fastest point (x, top-1), where its code goes."""
     named: dict[str, tuple[float, float]] = {}
     for label, _, x, y, _ in points:
-        if label.endswith(("int8", "zeros", "patch embed")) and x > named.get(label, (0.0, 0.0))[0]:
+        if x > named.get(label, (0.0, 0.0))[0]:
             named[label] = (x, y)
     return named
 
@@ -152,12 +152,16 @@ def has_pareto_points(rows: list[Row]) -> bool:
 
 def plot_pareto(rows: list[Row], path: Path) -> None:
     """One panel per batch size: x = speed-up over the best dense alternative, y = digits-vit top-1, one
-    marker per engine; dense at (1, its top-1); combined recipes labelled."""
+    marker per engine; dense at (1, its top-1); each setting numbered at its fastest point."""
     plt = pyplot()
     batches = sorted({s.batch for r in rows for s in r.speed})
     dense = digits_top1(rows).get((DENSE,))
-    fig, axes = plt.subplots(1, len(batches), figsize=(6.4 * len(batches), 5.0), squeeze=False)
-    codes: dict[str, str] = {}
+    labels = dict.fromkeys(p[0] for batch in batches for p in pareto_points(rows, batch))
+    codes = {label: str(number) for number, label in enumerate(labels, 1)}
+    key = [f"{code}: {label}" for label, code in codes.items()]
+    key_lines = ["      ".join(key[i:i + 2]) for i in range(0, len(key), 2)]  # two settings a line
+    height = 5.0 + 0.14 * len(key_lines)
+    fig, axes = plt.subplots(1, len(batches), figsize=(6.4 * len(batches), height), squeeze=False)
     for ax, batch in zip(axes[0], batches, strict=True):
         points = pareto_points(rows, batch)
         engines = sorted({p[1] for p in points})
@@ -166,8 +170,7 @@ def plot_pareto(rows: list[Row], path: Path) -> None:
             ax.errorbar([p[2] for p in mine], [100 * p[3] for p in mine],
                         yerr=[100 * (p[4] or 0) for p in mine], fmt="o^sDv"[index % 5], color=f"C{index}",
                         label=engine, capsize=2, linestyle="none")
-        for label, (x, y) in _rightmost(points).items():  # each combined recipe named once, by its code
-            codes.setdefault(label, f"C{len(codes) + 1}")
+        for label, (x, y) in _rightmost(points).items():  # each setting named once, by its code
             ax.annotate(codes[label], (x, 100 * y), xytext=(5, 2), textcoords="offset points", fontsize=8)
         if dense is not None:
             ax.scatter([1.0], [100 * dense.top1], marker="*", s=120, color="black", label="dense", zorder=3)
@@ -183,7 +186,6 @@ def plot_pareto(rows: list[Row], path: Path) -> None:
         ax.set_title(f"batch {batch}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-    key = "\n".join(f"{code}: {label}" for label, code in codes.items())
-    fig.text(0.01, 0.01, key, fontsize=7, va="bottom")
-    fig.tight_layout(rect=(0, 0.04 + 0.03 * len(codes), 1, 1))
+    fig.text(0.01, 0.01, "\n".join(key_lines), fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, (0.14 * len(key_lines) + 0.2) / height, 1, 1))
     save_figure(fig, path, layout=False)
