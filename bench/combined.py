@@ -243,8 +243,11 @@ class RecipeSetting:
 def recipe_path(text: str) -> Path:
     """A recipe file: a path, or the name of one in `recipes/` ('combined' -> recipes/combined.yaml)."""
     path = Path(text)
-    if path.exists() or path.suffix in (".yaml", ".yml", ".json"):
+    if path.exists():
         return path
+    if path.suffix in (".yaml", ".yml", ".json"):  # recipes/x.yaml from outside the repository too
+        inside = RECIPES_DIR.parent / path
+        return inside if not path.is_absolute() and inside.exists() else path
     return RECIPES_DIR / f"{text}.yaml"
 
 

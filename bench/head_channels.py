@@ -32,7 +32,7 @@ from .accuracy import digits_finetune_config, export_row, make_row, over_seeds, 
 from .int8 import with_digits_twin, with_speed_twins
 from .report import head_channel_table, plot_head_channels
 from .schema import Row
-from .spec import DigitsContext, MethodSpec, SpeedContext, parse_fraction, split_int8
+from .spec import DigitsContext, MethodSpec, SpeedContext, parse_fraction, split_choice
 from .speed import SpeedCandidate
 
 METHOD = "head-channels"
@@ -125,12 +125,7 @@ class HeadChannelSpec(MethodSpec):
     summary = "BUDGET[:VARIANT][+int8]"
 
     def parse(self, text: str) -> HeadChannelSetting:
-        body, int8 = split_int8(text)
-        budget, _, variant = body.partition(":")
-        variant = variant or "full"
-        if variant not in HEAD_CHANNEL_VARIANTS:
-            raise self.bad_setting(text, f"unknown variant {variant!r}; choose from "
-                                         f"{', '.join(HEAD_CHANNEL_VARIANTS)}")
+        budget, variant, int8 = split_choice(self, text, HEAD_CHANNEL_VARIANTS, "full")
         return HeadChannelSetting(parse_fraction(self, budget), variant, int8)
 
     def digits_rows(self, setting: HeadChannelSetting, ctx: DigitsContext) -> list[Row]:

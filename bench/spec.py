@@ -131,6 +131,17 @@ class MethodSpec:
                           f"{self.summary})" + (f": {why}" if why else ""))
 
 
+def split_choice(spec: MethodSpec, text: str, choices, default: str) -> tuple[str, str, bool]:
+    """('0.3', 'l1', True) from '0.3:l1+int8': the number, a choice among `choices` (else `default`), and
+    whether the INT8 twin is asked for."""
+    body, int8 = split_int8(text)
+    number, _, choice = body.partition(":")
+    choice = choice or default
+    if choice not in choices:
+        raise spec.bad_setting(text, f"unknown {choice!r}; choose from {', '.join(choices)}")
+    return number, choice, int8
+
+
 def parse_fraction(spec: MethodSpec, text: str, low: float = 0.0, high: float = 1.0,
                    high_included: bool = False) -> float:
     """A number in [low, high) (or [low, high]) or the spec's bad-setting error."""

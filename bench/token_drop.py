@@ -38,7 +38,7 @@ from .accuracy import digits_finetune_config, export_row, make_row, over_seeds, 
 from .int8 import with_digits_twin, with_speed_twins
 from .report import token_drop_table
 from .schema import Row
-from .spec import DigitsContext, MethodSpec, SpeedContext, parse_fraction, split_int8
+from .spec import DigitsContext, MethodSpec, SpeedContext, parse_fraction, split_choice
 from .speed import SPEED_MODEL_ATOL, SpeedCandidate
 
 METHOD = "token-drop"
@@ -167,11 +167,7 @@ class TokenDropSpec(MethodSpec):
     summary = "KEEP_RATE[:learned|fixed][+int8]"
 
     def parse(self, text: str) -> TokenSetting:
-        body, int8 = split_int8(text)
-        keep, _, mode = body.partition(":")
-        mode = mode or "learned"
-        if mode not in MODES:
-            raise self.bad_setting(text, f"unknown mode {mode!r}")
+        keep, mode, int8 = split_choice(self, text, MODES, "learned")
         keep_rate = parse_fraction(self, keep, high_included=True)
         if keep_rate == 0:
             raise self.bad_setting(text, "a keep rate of 0 drops every token")

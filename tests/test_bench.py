@@ -298,8 +298,8 @@ def test_report_and_plot_are_written(run_dir: Path) -> None:
     (["--only", "heads=0.97", "--model", "deit_tiny_patch16_224", "--set", "img_size=32", "-e", "torch",
       "--skip-accuracy"], "budget of 97% fewer attention MACs would empty heads"),
     (["--only", "tokens=1.2"], r"bad tokens setting '1.2'.*must lie in \[0, 1\]"),
-    (["--only", "tokens=0.6:guess"], "unknown mode 'guess'"),
-    (["--only", "heads=0.3:magic"], "unknown variant 'magic'"),
+    (["--only", "tokens=0.6:guess"], "unknown 'guess'; choose from fixed, learned"),
+    (["--only", "heads=0.3:magic"], "unknown 'magic'; choose from full, l1"),
     (["--only", "magnitude=0.75@2:4"], "fixes the sparsity at 0.5"),
     (["--seeds", "0"], "seeds must be >= 1, got 0"),
 ])

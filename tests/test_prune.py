@@ -386,9 +386,10 @@ def test_the_digits_folder_holds_digits_vit_splits_as_pngs(digits_data) -> None:
     assert sorted(p.name for p in (digits_data / "val").iterdir()) == [str(d) for d in range(10)]
 
 
-def test_prune_and_bench_takes_its_combined_settings_from_the_recipe_files(tmp_path) -> None:
+def test_prune_and_bench_takes_its_combined_settings_from_the_recipe_files(tmp_path, monkeypatch) -> None:
     from vitsparse.bench.combined import SPEC, SPEED_RECIPE, from_plan
 
+    monkeypatch.chdir(tmp_path)  # recipes/... names the shipped file from any folder
     parsed = SPEC.parse("recipes/combined.yaml")
     assert (parsed.setting, parsed.schedule) == from_plan(load_plan(RECIPES_DIR / "combined.yaml"))
     assert SPEC.parse("combined").setting == parsed.setting  # a name in recipes/
