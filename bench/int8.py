@@ -3,8 +3,9 @@ candidates, each timed on the engine that runs its format as INT8.
 
 digits-vit: each sparsity's model (Fisher OBS masks, then the standard fine-tune) is quantized after
 calibration on training images (`top1_oneshot`: post-training INT8), then fine-tuned
-quantization-aware with the masks kept (`top1`). The structured and token rows get the same treatment
-as INT8 twins (`int8_digits_twins`: each row's model rebuilt from its artifact). Every export of a
+quantization-aware with the masks kept (`top1`). A setting ending in `+int8` (`vtp=0.4+int8`) gets
+the same treatment as an INT8 twin (`int8_digits_twin`: its row's model rebuilt from its artifact)
+and, on the speed model, its graph quantized in each timed format (`with_speed_twins`). Every export of a
 fine-tuned INT8 model is run on the held-out test images on each engine that runs its format and
 compared with the fake-quantized torch model it came from (`verification`).
 """
