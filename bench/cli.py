@@ -156,6 +156,19 @@ def _csv_or_none(cast: Callable[[str], object]) -> Callable[[str], tuple]:
     return lambda text: () if text.strip().lower() == "none" else _csv(cast)(text)
 
 
+METHODS_EPILOG = "<methods>"  # filled in only when the help is printed: the registry imports torch
+
+
+class _MethodsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """prune-and-bench's help, its epilog listing every registered method's setting syntax."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=34)
+
+    def add_text(self, text: str | None) -> None:
+        super().add_text(_methods_epilog() if text == METHODS_EPILOG else text)
+
+
 def _methods_epilog() -> str:
     from vitsparse.bench.registry import SPECS
 
@@ -169,8 +182,8 @@ def _methods_epilog() -> str:
 
 
 def _bench_flags(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=34)
-    parser.epilog = _methods_epilog()
+    parser.formatter_class = _MethodsHelpFormatter
+    parser.epilog = METHODS_EPILOG
     parser.add_argument("--profile", choices=("default", "full"), default="default",
                         help="default: every method, ~12 min; full: hours")
     parser.add_argument("--only", action="append", default=[], metavar="METHOD[=SETTINGS]",

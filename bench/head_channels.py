@@ -136,8 +136,10 @@ class HeadChannelSpec(MethodSpec):
                           ctx.log)[setting]
         return with_digits_twin(_row(setting, runs, ctx), setting.int8, ctx)
 
+    def check(self, setting: HeadChannelSetting, model: torch.nn.Module) -> None:
+        check_budgets_fit(model, (setting.budget,))
+
     def speed_candidates(self, setting: HeadChannelSetting, ctx: SpeedContext) -> list[SpeedCandidate]:
-        check_budgets_fit(ctx.model, (setting.budget,))
         manager = head_channel_speed_graph(ctx.model, setting.budget, Recipe(base=ctx.base))
         settings = {"budget": setting.budget, "multiple": manager.recipe.passes[-1].params["multiple"]}
         return with_speed_twins(ctx.candidate(METHOD, settings, manager), setting.int8, ctx)

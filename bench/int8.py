@@ -189,6 +189,17 @@ def with_speed_twins(candidate: SpeedCandidate, int8: bool, ctx: SpeedContext,
     return [candidate, *twins]
 
 
+def int8_speed_candidate(ctx: SpeedContext, masks: SpeedSetting | None, form: str) -> SpeedCandidate:
+    """The speed model under `masks` (magnitude; None: dense), calibrated to INT8, timed only on the
+    engines that run `form` as INT8."""
+    manager = PassManager(trace(ctx.model), recipe=Recipe(base=ctx.base))
+    if masks is not None:
+        manager.run(METHODS["magnitude"].make_pass(masks.sparsity, masks.pattern))
+    manager.run(QuantizePass(QuantConfig(observer=OBSERVER), calibration=ctx.int8_calibration))
+    return ctx.candidate(METHOD, Int8SpeedSetting(masks, form).settings(), manager,
+                         engines=FORMAT_ENGINES[form], export={"quant_format": form})
+
+
 class Int8Spec(MethodSpec):
     name = METHOD
     example = "0.75@1x4"
@@ -209,18 +220,8 @@ class Int8Spec(MethodSpec):
     def speed_candidates(self, setting: Int8Setting, ctx: SpeedContext) -> list[SpeedCandidate]:
         """The speed model under the setting's magnitude masks, quantized, in every timed format (dense
         QDQ is the workflow's baseline already)."""
-        candidates = []
-        for form in ctx.int8_formats:
-            if setting.masks is None and form == "qdq":
-                continue
-            manager = PassManager(trace(ctx.model), recipe=Recipe(base=ctx.base))
-            if setting.masks is not None:
-                manager.run(METHODS["magnitude"].make_pass(setting.masks.sparsity, setting.masks.pattern))
-            manager.run(QuantizePass(QuantConfig(observer=OBSERVER), calibration=ctx.int8_calibration))
-            settings = Int8SpeedSetting(setting.masks, form).settings()
-            candidates.append(ctx.candidate(METHOD, settings, manager, engines=FORMAT_ENGINES[form],
-                                            export={"quant_format": form}))
-        return candidates
+        return [int8_speed_candidate(ctx, setting.masks, form) for form in ctx.int8_formats
+                if setting.masks is not None or form != "qdq"]
 
     def report_section(self, rows: list[Row], meta: dict) -> str:
         parts = []

@@ -51,7 +51,7 @@ class DigitsContext:
     loaders: Any  # models.DigitsLoaders: train, val, test
     artifacts: Path
     epochs: int
-    long_epochs: int = 30  # the fine-tune after dropping tokens (digits-vit's own training recipe)
+    long_epochs: int | None = None  # overrides a method's long fine-tune (tokens: 30 epochs) when given
     seeds: int | None = None
     progress: bool = False  # bars in a terminal
     log: Callable[[str], None] = print
@@ -109,6 +109,9 @@ class MethodSpec:
     def parse(self, text: str) -> Any:
         """The setting `text` stands for; ValueError naming the syntax when it is wrong."""
         raise NotImplementedError
+
+    def check(self, setting: Any, model: torch.nn.Module) -> None:
+        """ValueError before any work when `setting` cannot apply to `model` (the speed model)."""
 
     def digits_rows(self, setting: Any, ctx: DigitsContext) -> list[Row]:
         """Accuracy rows on digits-vit for one setting."""

@@ -102,7 +102,7 @@ def _one_seed(ctx: DigitsContext, setting: TokenDropSetting, seed: int) -> SeedR
         learned = None
         _fixed(manager, setting, locations)
     static = evaluate(manager.graph_module, loaders.test).top1
-    tune_config = replace(FINETUNE, epochs=ctx.long_epochs, seed=seed)
+    tune_config = replace(FINETUNE, epochs=ctx.long_epochs or FINETUNE_EPOCHS, seed=seed)
     tuned = finetune(manager.graph_module, shifted_train_loader(loaders, seed), loaders.val, tune_config,
                      teacher=dense, progress=False).model
     record = manager.recipe.passes[-1]

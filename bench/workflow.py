@@ -29,7 +29,7 @@ from vitsparse.runtime import RuntimeInputError, check_engine_spec, engine_statu
 
 from .accuracy import MODEL as DIGITS
 from .accuracy import dense_digits_row
-from .int8 import FORMAT_ENGINES, OBSERVER
+from .int8 import FORMAT_ENGINES, int8_speed_candidate
 from .int8 import SPEED_CALIBRATION as INT8_CALIBRATION
 from .profiles import FULL, Profile, get_profile
 from .progress import RunProgress, clock
@@ -198,9 +198,8 @@ def _digits_stage(planned: list[PlannedEntry], opts: BenchOptions, profile: Prof
         progress.log(f"      training {DIGITS} once (about 30 s on 2 cores) into {cached_weights_path()}")
     dense = build_model(DIGITS, pretrained=True, progress=progress.bars)
     ctx = DigitsContext(dense=dense, loaders=digits_loaders(), artifacts=artifacts,
-                        epochs=opts.epochs or profile.epochs, progress=progress.bars, log=progress.log)
-    if opts.epochs:
-        ctx.long_epochs = opts.epochs
+                        epochs=opts.epochs or profile.epochs, long_epochs=opts.epochs,
+                        progress=progress.bars, log=progress.log)
     rows = [dense_digits_row(ctx)]
     progress.done("digits", f"{DIGITS} dense")
     for item in planned:
@@ -240,15 +239,9 @@ def _speed_context(opts: BenchOptions, profile: Profile, model: torch.nn.Module,
 def _baselines(ctx: SpeedContext) -> list[SpeedCandidate]:
     """The dense model, and the dense model as a QDQ INT8 file (a dense alternative every speed-up is
     measured against) where an engine that runs it is timed."""
-    dense = PassManager(trace(ctx.model), recipe=Recipe(base=ctx.base))
-    candidates = [ctx.candidate("dense", {}, dense)]
+    candidates = [ctx.candidate("dense", {}, PassManager(trace(ctx.model), recipe=Recipe(base=ctx.base)))]
     if "qdq" in ctx.int8_formats:
-        from vitsparse.pruners import QuantConfig, QuantizePass
-
-        manager = PassManager(trace(ctx.model), recipe=Recipe(base=ctx.base))
-        manager.run(QuantizePass(QuantConfig(observer=OBSERVER), calibration=ctx.int8_calibration))
-        candidates.append(ctx.candidate("int8", {"base": "dense", "format": "qdq"}, manager,
-                                        engines=FORMAT_ENGINES["qdq"], export={"quant_format": "qdq"}))
+        candidates.append(int8_speed_candidate(ctx, None, "qdq"))
     return candidates
 
 
@@ -319,11 +312,11 @@ def _times_anything(plan: TimingPlan) -> bool:
 
 
 def _speed_stage(planned: list[PlannedEntry], opts: BenchOptions, profile: Profile, plan: TimingPlan,
-                 artifacts: Path, progress: RunProgress) -> list[Row]:
-    """The baselines and each entry's graphs of the speed model, timed side by side."""
+                 model: torch.nn.Module, artifacts: Path, progress: RunProgress) -> list[Row]:
+    """The baselines and each entry's graphs of `model`, timed side by side."""
     progress.log(f"[2/3] speed graphs of {opts.model}: {', '.join(p.entry.label for p in planned) or 'none'}")
     progress.begin()
-    ctx = _speed_context(opts, profile, _speed_model(opts), plan, progress)
+    ctx = _speed_context(opts, profile, model, plan, progress)
     candidates = _speed_candidates(planned, ctx, progress)
     groups = timing_groups(candidates, plan.models_per_group)
     progress.expect("timing", len(groups) * len(plan.batch_sizes))
@@ -362,7 +355,11 @@ def run_prune_and_bench(opts: BenchOptions) -> Path:
     planned = plan_entries(entries)
     plan = _timing_plan(opts, profile)
     steps = _steps(planned, opts, plan)
-    check_disk_space(opts.output_dir, _speed_model(opts), steps["graph"] + 2, len(plan.batch_sizes))
+    model = _speed_model(opts)
+    for item in planned if _times_anything(plan) else ():
+        if item.entry.speed:
+            item.spec.check(item.setting, model)  # fail now, not after the digits-vit rows
+    check_disk_space(opts.output_dir, model, steps["graph"] + 2, len(plan.batch_sizes))
     progress = RunProgress(steps, quiet=opts.quiet, guesses=_guesses(plan))
     run_dir = opts.output_dir / f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{profile.name}"
     artifacts = run_dir / "artifacts"
@@ -371,7 +368,8 @@ def run_prune_and_bench(opts: BenchOptions) -> Path:
     if opts.accuracy and digits:
         rows += _digits_stage(digits, opts, profile, artifacts, progress)
     if _times_anything(plan):
-        rows += _speed_stage([p for p in planned if p.entry.speed], opts, profile, plan, artifacts, progress)
+        rows += _speed_stage([p for p in planned if p.entry.speed], opts, profile, plan, model, artifacts,
+                             progress)
     written = write_report(run_dir, _meta(opts, plan, entries, progress), rows)
     progress.close(f"prune-and-bench done in {clock(progress.elapsed())}: {written['report']}")
     return run_dir

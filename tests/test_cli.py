@@ -58,3 +58,14 @@ def test_set_refuses_text_the_constructor_does_not_take(setting, says, capsys) -
 
 def test_set_passes_text_where_the_constructor_takes_it(capsys) -> None:
     assert main(["info", "deit_tiny_patch16_224", "--set", "act_layer=gelu", "--set", "global_pool=avg"]) == 0
+
+
+def test_building_the_command_line_imports_no_torch() -> None:
+    """Every command pays for the parser: prune-and-bench's method list is read only when its help
+    is printed (the registry imports torch)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from vitsparse.bench.cli import build_parser; build_parser(); "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
