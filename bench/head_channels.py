@@ -30,7 +30,7 @@ from vitsparse.pruners.head_select import choose_head_channels
 
 from .accuracy import digits_finetune_config, export_row, make_row, over_seeds, seeded_train_loader
 from .int8 import with_digits_twin, with_speed_twins
-from .report import head_channel_table, plot_head_channels
+from .report import head_channel_rows, head_channel_table, plot_head_channels
 from .schema import Row
 from .spec import DigitsContext, MethodSpec, SpeedContext, parse_fraction, split_choice
 from .speed import SpeedCandidate
@@ -159,11 +159,7 @@ class HeadChannelSpec(MethodSpec):
             "data order), mean ± standard error.\n\n" + table) if table else ""
 
     def plots(self, rows: list[Row]) -> dict:
-        return {"head_channels.png": lambda p: plot_head_channels(rows, p)} if _head_rows(rows) else {}
-
-
-def _head_rows(rows: list[Row]) -> list[Row]:
-    return [r for r in rows if r.method == METHOD and r.top1 is not None]
+        return {"head_channels.png": lambda p: plot_head_channels(rows, p)} if head_channel_rows(rows) else {}
 
 
 SPEC = HeadChannelSpec()

@@ -120,7 +120,7 @@ def vtp_table(rows: list[Row], method: str = "vtp") -> str:
 HEAD_CHANNELS = "head-channels"
 
 
-def _head_channel_rows(rows: list[Row]) -> list[Row]:
+def head_channel_rows(rows: list[Row]) -> list[Row]:
     return [r for r in rows if r.method == HEAD_CHANNELS and r.top1 is not None]
 
 
@@ -144,7 +144,7 @@ def head_channel_table(rows: list[Row]) -> str:
     """The head-equal channel method and its ablations per budget: fewer attention MACs vs the model's
     dense row, mean top-1 after the search, the slice and the fine-tune (± the standard error over
     seeds), and the fine-tuned difference to the plain-L1 ablation, paired seed by seed."""
-    measured = _head_channel_rows(rows)
+    measured = head_channel_rows(rows)
     if not measured:
         return ""
     dense = {r.model: r for r in rows if r.method == DENSE and r.attention_macs}
@@ -238,7 +238,7 @@ def _agreements(row: Row) -> str:
 def plot_head_channels(rows: list[Row], path: Path) -> None:
     """Fine-tuned top-1 per variant, one group of bars per budget (mean), each seed as a dot."""
     plt = pyplot()
-    measured = _head_channel_rows(rows)
+    measured = head_channel_rows(rows)
     budgets = sorted({r.settings["budget"] for r in measured})
     variants = list(dict.fromkeys(r.settings["variant"] for r in measured))
     dense = next((r.top1 for r in rows if r.method == DENSE and r.model == measured[0].model), None)

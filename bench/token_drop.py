@@ -1,11 +1,10 @@
 """Token-drop rows: a static keep rate timed on the speed model; digits-vit, with fixed or learned keep
 rates, aims at the FLOPs ratio (pruned MACs / dense MACs) that keep rate gives it.
 
-On digits-vit `fixed` keeps the same share
-of tokens at every stage, the share that reaches the ratio; `learned` trains one threshold per stage
-jointly with the weights toward the ratio (AS-ViT), reads keep counts off them on calibration images,
-then gets the same fine-tune as `fixed`. Every setting runs several seeds (a seed gives both modes the
-same data order).
+On digits-vit `fixed` keeps the same share of tokens at every stage, the share that reaches the ratio;
+`learned` trains one threshold per stage jointly with the weights toward the ratio (AS-ViT), reads keep
+counts off them on calibration images, then gets the same fine-tune as `fixed`. Every setting runs
+several seeds (a seed gives both modes the same data order).
 
 The fine-tune after dropping is longer than other rows' (`FINETUNE`): the recipe digits-vit was
 trained with (lr 3e-3, pixel shifts) for 30 epochs. Dropping tokens of an 8×8 digit changes what
