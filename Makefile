@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# the sparse kernels' OpenVINO extension, built into the environment (kernels/build.sh says why not when
+# it cannot be: the rest installs and runs without it)
+KERNELS := $(VENV)/lib/vitsparse/.built
+KERNEL_SOURCES := $(wildcard kernels/CMakeLists.txt kernels/build.sh kernels/*/*.cpp kernels/*/*.hpp)
 PROFILE ?= default
 ARGS   ?=
 
@@ -12,13 +16,17 @@ export NM_DISABLE_ANALYTICS := 1
 
 .PHONY: install test prune-and-bench lint clean
 
-install: $(STAMP)
+install: $(STAMP) $(KERNELS)
 
 # Re-installs only when the project's requirements change; the stamp makes it idempotent.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
+
+$(KERNELS): $(STAMP) $(KERNEL_SOURCES)
+	kernels/build.sh $(BIN)/python
+	touch $(KERNELS)
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -34,6 +34,7 @@ from .flops import count_costs
 from .quantized_onnx import count_integer_layers, fold_weight_quantizers, to_operator_format
 from .recipe import Recipe, save_weights
 from .rewrite import SelectFeatures
+from .sparse_onnx import DEFAULT_MIN_SPARSITY, SparseLinear, to_sparse_kernels
 from .trace import INPUT_SHAPE_KEY, SERVING_KEY, carry_meta, example_input, input_shape_of
 
 SUPPORTED_OPSETS = range(14, 18)
@@ -66,6 +67,10 @@ class ExportConfig:
     # quant_atol, since torch rounds x·(1/s) where ONNX rounds x/s and a tie can land one step apart
     quant_format: str = "qdq"
     quant_atol: float = 0.1
+    # pruned MatMuls with at least sparse_min_sparsity zeros become SparseLinear nodes that only the
+    # `openvino-sparse` engine runs (vitsparse's kernels); None: the kernels' measured crossover
+    sparse_kernels: bool = False
+    sparse_min_sparsity: float | None = None
 
     def __post_init__(self) -> None:
         if self.quant_format not in QUANT_FORMATS:
@@ -77,6 +82,11 @@ class ExportConfig:
             raise ExportError(f"opset {self.opset} is not supported; use 14–17 (14 runs fully on DeepSparse)")
         if self.batch_size < 1:
             raise ExportError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.sparse_min_sparsity is not None and not 0.0 <= self.sparse_min_sparsity <= 1.0:
+            raise ExportError(f"sparse_min_sparsity must be within [0, 1], got {self.sparse_min_sparsity}")
+        if self.sparse_kernels and self.quant_format == "operator":
+            raise ExportError("sparse_kernels replaces the QDQ layers; it cannot be combined with "
+                              "quant_format='operator'")
 
 
 def fold_for_export(gm: fx.GraphModule, feature_select: str = "gather") -> fx.GraphModule:
@@ -134,13 +144,24 @@ def finish_quantized(path: Path, config: ExportConfig) -> dict[str, Any] | None:
     return {"format": config.quant_format, "layers": layers}
 
 
+def finish_sparse(path: Path, config: ExportConfig) -> dict[str, Any] | None:
+    """Rewrite pruned MatMuls into SparseLinear nodes when the config asks; what was done, or None."""
+    if not config.sparse_kernels:
+        return None
+    threshold = DEFAULT_MIN_SPARSITY if config.sparse_min_sparsity is None else config.sparse_min_sparsity
+    model = onnx.load(str(path))
+    layers = to_sparse_kernels(model, threshold)
+    onnx.save(model, str(path))
+    return {"layers": layers, "min_sparsity": threshold}
+
+
 def verify_onnx(path: Path, gm: fx.GraphModule, config: ExportConfig) -> float:
     """Max abs difference between the ONNX file (reference evaluator) and the torch graph."""
     from onnx.reference import ReferenceEvaluator
 
     from .reference_ops import FAST_REFERENCE_OPS
 
-    evaluator = ReferenceEvaluator(str(path), new_ops=FAST_REFERENCE_OPS)
+    evaluator = ReferenceEvaluator(str(path), new_ops=[*FAST_REFERENCE_OPS, SparseLinear])
     worst = 0.0
     sizes = (config.batch_size, config.batch_size + 1) if config.dynamic_batch else (config.batch_size,)
     for seed, batch_size in itertools.product(range(config.verify_batches), sizes):
@@ -243,6 +264,7 @@ def export_artifact(gm: fx.GraphModule, recipe: Recipe, directory: str | os.Path
     with _staging_dir(target) as staging:
         write_onnx(folded, staging / "model.onnx", config)
         quantization = finish_quantized(staging / "model.onnx", config)
+        sparse_kernels = finish_sparse(staging / "model.onnx", config)
         error = verify_onnx(staging / "model.onnx", folded, config)
         limit = verification_limit(config, quantization is not None)
         if not error <= limit:
@@ -258,6 +280,7 @@ def export_artifact(gm: fx.GraphModule, recipe: Recipe, directory: str | os.Path
             "verification_limit": limit, "versions": library_versions(), **serving_meta(gm),
             "onnx_sha256": file_sha256(staging / "model.onnx"),
             "weights_sha256": file_sha256(staging / "weights.safetensors"), "quantization": quantization,
+            "sparse_kernels": sparse_kernels,
             **(extra_meta or {}),
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

@@ -19,7 +19,8 @@ from .errors import UnknownEngineError
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")  # before anything can import deepsparse
 
-ENGINES = ("deepsparse", "onnxruntime", "openvino")
+ENGINES = ("deepsparse", "onnxruntime", "openvino", "openvino-sparse")
+PACKAGES = ("deepsparse", "onnxruntime", "openvino")  # what the engines come from
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,16 @@ def _openvino_status() -> EngineStatus:
     return EngineStatus("openvino", True, "installed")
 
 
-_STATUS = {"deepsparse": _deepsparse_status, "onnxruntime": _onnxruntime_status, "openvino": _openvino_status}
+def _openvino_sparse_status() -> EngineStatus:
+    from .sparse_extension import unavailable_reason
+
+    openvino = _openvino_status()
+    reason = openvino.reason if not openvino.available else unavailable_reason()
+    return EngineStatus("openvino-sparse", reason is None, reason or "built")
+
+
+_STATUS = {"deepsparse": _deepsparse_status, "onnxruntime": _onnxruntime_status, "openvino": _openvino_status,
+           "openvino-sparse": _openvino_sparse_status}
 
 
 def engine_status(name: str) -> EngineStatus:
@@ -66,7 +76,7 @@ def engine_status(name: str) -> EngineStatus:
 def engine_versions() -> dict[str, str]:
     """The installed version of each engine's package (those not installed left out)."""
     versions = {}
-    for name in ENGINES:
+    for name in PACKAGES:
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
     return versions

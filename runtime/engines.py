@@ -10,9 +10,10 @@ from .engine import Engine
 from .errors import EngineUnavailableError, UnknownEngineError
 from .onnxruntime_engine import OnnxRuntimeEngine
 from .openvino_engine import OpenVinoEngine
+from .openvino_sparse_engine import OpenVinoSparseEngine
 
 ENGINE_TYPES: dict[str, type[Engine]] = {
-    cls.name: cls for cls in (DeepSparseEngine, OnnxRuntimeEngine, OpenVinoEngine)
+    cls.name: cls for cls in (DeepSparseEngine, OnnxRuntimeEngine, OpenVinoEngine, OpenVinoSparseEngine)
 }
 
 
@@ -42,8 +43,8 @@ def _engine_type(name: str) -> type[Engine]:
 def create_engine(name: str, model_path: str | os.PathLike, *, batch_size: int = 1,
                   num_cores: int | None = None, num_streams: int | None = None,
                   precision: str | None = None) -> Engine:
-    """Compile `model_path` on engine `name` ("deepsparse", "onnxruntime" or "openvino") for batch_size
-    items per call.
+    """Compile `model_path` on engine `name` ("deepsparse", "onnxruntime", "openvino" or "openvino-sparse")
+    for batch_size items per call.
 
     num_cores=None uses every physical core; num_streams > 1 lets that many calls run concurrently
     (DeepSparse's multi-stream scheduler, OpenVINO's throughput mode; ONNX Runtime sessions are always

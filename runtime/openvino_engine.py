@@ -17,6 +17,7 @@ fuse runs as f32 and shows up here).
 from __future__ import annotations
 
 import queue
+import re
 
 import numpy as np
 import onnx
@@ -71,16 +72,20 @@ class OpenVinoEngine(Engine):
         if precision not in (None, "f32"):
             check_cpu_precision(precision, cpu_capabilities())
 
+    def _core(self):
+        """The openvino.Core the model is read and compiled with."""
+        return _import_openvino().Core()
+
     def _load(self, model: onnx.ModelProto) -> None:
-        openvino = _import_openvino()
-        core = openvino.Core()
+        core = self._core()
         try:
             network = core.read_model(str(self.model_path))
             network.reshape({port: _batched(port.get_partial_shape(), self.batch_size)
                              for port in network.inputs})
             self._compiled = core.compile_model(network, DEVICE, self._config())
         except Exception as exc:  # OpenVINO raises RuntimeError with the plugin's message
-            raise EngineLoadError(f"OpenVINO could not compile {self.model_path}: {first_line(exc)}") from exc
+            reason = openvino_reason(exc)
+            raise EngineLoadError(f"OpenVINO could not compile {self.model_path}: {reason}") from exc
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(self.num_streams):
             self._requests.put(self._compiled.create_infer_request())
@@ -119,6 +124,19 @@ class OpenVinoEngine(Engine):
             return [np.array(results[port]) for port in self._compiled.outputs]
         finally:
             self._requests.put(request)
+
+
+# the lines of an OpenVINO error that say where it was raised rather than what is wrong
+_OPENVINO_TRACE = re.compile(r"^(Exception from |Check '.*' failed at |While validating |FrontEnd API failed|"
+                             r"Model wasn't fully converted|-- |Summary:|\[ GENERAL_ERROR \]$)")
+
+
+def openvino_reason(exc: BaseException) -> str:
+    """The line of an OpenVINO exception that says what is wrong (its first lines say where)."""
+    for line in str(exc).splitlines():
+        if line.strip() and not _OPENVINO_TRACE.match(line.strip()):
+            return line.strip()
+    return first_line(exc)
 
 
 def _batched(shape, batch_size: int):

@@ -1,0 +1,245 @@
+"""Microbenchmark of vitsparse's sparse kernels against OpenVINO's dense MatMul, shape by shape.
+
+Each DeiT-S linear (qkv, proj, fc1, fc2) at batch 1 and 16 (197 tokens per image) becomes one-layer
+ONNX models: OpenVINO's dense MatMul in INT8 (QDQ), f32 and bf16, and a SparseLinear node at each
+sparsity (random 1×4 blocks for INT8, random zeros for f32). All models of a shape are compiled on
+the same threads and timed in shuffled turns, so every ratio compares calls made side by side.
+
+    python -m vitsparse.bench.kernel_speed [--threads 2] [--sparsities 0.5,0.75,0.9] [-o out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from vitsparse.compiler.sparse_onnx import DOMAIN, make_node, pack_f32_csr, pack_int8_blocks
+from vitsparse.runtime.sparse_extension import add_extension
+
+TOKENS = 197  # DeiT-S at 224 px: 196 patches and the class token
+SHAPES = {"qkv": (384, 1152), "proj": (384, 384), "fc1": (384, 1536), "fc2": (1536, 384)}  # (in, out)
+ACT_SCALE, ACT_ZERO_POINT = 0.05, 128
+
+
+@dataclass
+class Timing:
+    layer: str
+    batch: int
+    precision: str  # int8 | f32 | bf16
+    sparsity: float | None  # None: OpenVINO's dense MatMul
+    median_ms: float
+    calls: int
+
+
+def save_layer_model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], x_shape: list[int],
+                     out_features: int, path: Path) -> None:
+    """An ONNX file of `nodes` reading float input "x" and writing "y" (opset 14 and SparseLinear's)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [*x_shape[:-1], out_features])
+    opsets = [helper.make_opsetid("", 14), helper.make_opsetid(DOMAIN, 1)]
+    graph = helper.make_graph(nodes, "layer", [x], [y], inits)
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
+
+
+def dense_int8_model(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray, n: int, path: Path) -> None:
+    """x → QuantizeLinear → DequantizeLinear → MatMul(DequantizeLinear(codes)) → Add: what OpenVINO runs
+    as an INT8 MatMul (the form vitsparse's QDQ exports take)."""
+    out_features, in_features = codes.shape
+    constants = {"s": np.float32(ACT_SCALE), "z": np.uint8(ACT_ZERO_POINT),
+                 "w": np.ascontiguousarray(codes.T), "ws": scale.astype(np.float32),
+                 "wz": np.zeros(out_features, np.int8), "b": bias}
+    inits = [numpy_helper.from_array(np.asarray(value), name) for name, value in constants.items()]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["y"])]
+    save_layer_model(nodes, inits, [n, in_features], out_features, path)
+
+
+def dense_f32_model(weight: np.ndarray, bias: np.ndarray, n: int, path: Path) -> None:
+    inits = [numpy_helper.from_array(np.ascontiguousarray(weight.T), "w"), numpy_helper.from_array(bias, "b")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["y"])]
+    save_layer_model(nodes, inits, [n, weight.shape[1]], weight.shape[0], path)
+
+
+def sparse_model(packed, n: int, path: Path, **attributes) -> None:
+    node, inits = make_node("layer", "x", "y", packed, **attributes)
+    save_layer_model([node], inits, [n, packed.cols], packed.rows, path)
+
+
+def block_mask(rng: np.random.Generator, rows: int, cols: int, sparsity: float) -> np.ndarray:
+    """A random mask keeping round((1 - sparsity) × blocks) 1×4 blocks along the input channel."""
+    blocks = rows * cols // 4
+    keep = np.zeros(blocks, bool)
+    keep[rng.choice(blocks, size=round((1 - sparsity) * blocks), replace=False)] = True
+    return np.repeat(keep.reshape(rows, cols // 4), 4, axis=1)
+
+
+def element_mask(rng: np.random.Generator, rows: int, cols: int, sparsity: float) -> np.ndarray:
+    keep = np.zeros(rows * cols, bool)
+    keep[rng.choice(rows * cols, size=round((1 - sparsity) * rows * cols), replace=False)] = True
+    return keep.reshape(rows, cols)
+
+
+def layer_models(layer: str, batch: int, sparsities: list[float], folder: Path, seed: int = 0
+                 ) -> dict[tuple[str, float | None], Path]:
+    """(precision, sparsity or None) -> an ONNX file of that layer at that batch size."""
+    rng = np.random.default_rng(seed)
+    in_features, out_features = SHAPES[layer]
+    n = batch * TOKENS
+    codes = rng.integers(-127, 128, (out_features, in_features)).astype(np.int8)
+    weight = rng.standard_normal((out_features, in_features)).astype(np.float32) * 0.05
+    scale = np.full(out_features, 0.002, np.float32)
+    bias = rng.standard_normal(out_features).astype(np.float32)
+    files: dict[tuple[str, float | None], Path] = {}
+
+    def path(name: str) -> Path:
+        return folder / f"{layer}-b{batch}-{name}.onnx"
+
+    files[("int8", None)] = path("int8-dense")
+    dense_int8_model(codes, scale, bias, n, files[("int8", None)])
+    files[("f32", None)] = files[("bf16", None)] = path("f32-dense")
+    dense_f32_model(weight, bias, n, files[("f32", None)])
+    for sparsity in sparsities:
+        masked = (codes * block_mask(rng, out_features, in_features, sparsity)).astype(np.int8)
+        files[("int8", sparsity)] = path(f"int8-{sparsity}")
+        sparse_model(pack_int8_blocks(masked, ACT_SCALE * scale, bias), n, files[("int8", sparsity)],
+                     act_scale=ACT_SCALE, act_zero_point=ACT_ZERO_POINT)
+        files[("f32", sparsity)] = path(f"f32-{sparsity}")
+        sparse_model(pack_f32_csr(weight * element_mask(rng, out_features, in_features, sparsity), bias), n,
+                     files[("f32", sparsity)])
+    return files
+
+
+def time_side_by_side(compiled: dict, x: np.ndarray, rounds: int, seconds: float) -> dict:
+    """Median milliseconds per call of each compiled model, timed in shuffled turns of `seconds` each."""
+    requests = {key: model.create_infer_request() for key, model in compiled.items()}
+    for request in requests.values():
+        request.infer({0: x})
+    samples: dict = {key: [] for key in requests}
+    order = list(requests)
+    for _ in range(rounds):
+        random.shuffle(order)
+        for key in order:
+            request, deadline = requests[key], time.perf_counter() + seconds
+            while True:
+                start = time.perf_counter()
+                request.infer({0: x})
+                end = time.perf_counter()
+                samples[key].append(end - start)
+                if end >= deadline:
+                    break
+    return {key: (statistics.median(times) * 1e3, len(times)) for key, times in samples.items()}
+
+
+def run(threads: int, sparsities: list[float], batches: list[int], layers: list[str], rounds: int,
+        seconds: float) -> list[Timing]:
+    import openvino
+
+    core = openvino.Core()
+    add_extension(core)
+    results: list[Timing] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for batch in batches:
+            for layer in layers:
+                files = layer_models(layer, batch, sparsities, Path(tmp))
+                config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+                          "ENABLE_CPU_PINNING": False}
+                compiled = {}
+                for (precision, sparsity), path in files.items():
+                    hint = "bf16" if precision == "bf16" else "f32"
+                    compiled[(precision, sparsity)] = core.compile_model(
+                        str(path), "CPU", {**config, "INFERENCE_PRECISION_HINT": hint})
+                x = np.random.default_rng(1).standard_normal((batch * TOKENS, SHAPES[layer][0]))
+                medians = time_side_by_side(compiled, x.astype(np.float32), rounds, seconds)
+                for (precision, sparsity), (ms, calls) in medians.items():
+                    results.append(Timing(layer, batch, precision, sparsity, ms, calls))
+                print(f"  timed {layer} at batch {batch}", file=sys.stderr, flush=True)
+    return results
+
+
+def speedups(results: list[Timing]) -> list[dict]:
+    """Per sparse timing: its speed-up over OpenVINO's dense MatMul of the same layer, batch and
+    precision (and, for INT8, over dense bf16 too)."""
+    dense = {(t.layer, t.batch, t.precision): t.median_ms for t in results if t.sparsity is None}
+    rows = []
+    for t in results:
+        if t.sparsity is None:
+            continue
+        row = {"layer": t.layer, "batch": t.batch, "precision": t.precision, "sparsity": t.sparsity,
+               "sparse_ms": t.median_ms, "dense_ms": dense[(t.layer, t.batch, t.precision)]}
+        row["speedup"] = row["dense_ms"] / t.median_ms
+        rows.append(row)
+    return rows
+
+
+def crossover(rows: list[dict], precision: str, batch: int, layer: str) -> float | None:
+    """The sparsity where the sparse kernel starts to beat dense, interpolated linearly between the
+    measured points; None when it never does (1.0 would be beyond the range measured)."""
+    points = sorted((r["sparsity"], r["speedup"]) for r in rows
+                    if (r["precision"], r["batch"], r["layer"]) == (precision, batch, layer))
+    if not points or points[-1][1] < 1.0:
+        return None
+    if points[0][1] >= 1.0:
+        return points[0][0]
+    for (s0, v0), (s1, v1) in zip(points, points[1:], strict=False):
+        if v0 < 1.0 <= v1:
+            return s0 + (1.0 - v0) * (s1 - s0) / (v1 - v0)
+    return None
+
+
+def markdown(rows: list[dict], results: list[Timing]) -> str:
+    lines = ["| layer | batch | precision | dense ms | " +
+             " | ".join(f"{s:.0%} ms (×)" for s in sorted({r['sparsity'] for r in rows})) + " | crossover |",
+             "|---|---|---|---|" + "---|" * len({r["sparsity"] for r in rows}) + "---|"]
+    keys = {(r["layer"], r["batch"], r["precision"]) for r in rows}
+    for key in sorted(keys, key=lambda k: (k[1], k[0], k[2])):
+        mine = sorted((r for r in rows if (r["layer"], r["batch"], r["precision"]) == key),
+                      key=lambda r: r["sparsity"])
+        point = crossover(rows, key[2], key[1], key[0])
+        cells = [f"{r['sparse_ms']:.3f} ({r['speedup']:.2f}×)" for r in mine]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {mine[0]['dense_ms']:.3f} | " + " | ".join(cells) +
+                     f" | {'never' if point is None else f'{point:.0%}'} |")
+    bf16 = {(t.layer, t.batch): t.median_ms for t in results if t.precision == "bf16"}
+    lines.append("")
+    lines.append("dense bf16 ms: " + ", ".join(f"{layer} b{batch} {ms:.3f}"
+                                              for (layer, batch), ms in sorted(bf16.items())))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sparsities", default="0.5,0.75,0.9")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--layers", default=",".join(SHAPES))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=0.2, help="per model per round")
+    parser.add_argument("-o", "--output", type=Path, help="write the timings here as JSON")
+    args = parser.parse_args(argv)
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    results = run(args.threads, sparsities, [int(b) for b in args.batches.split(",")], args.layers.split(","),
+                  args.rounds, args.seconds)
+    rows = speedups(results)
+    print(markdown(rows, results))
+    if args.output:
+        report = {"isa": os.environ.get("VITSPARSE_KERNEL_ISA", "best"),
+                  "timings": [asdict(t) for t in results], "speedups": rows}
+        args.output.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

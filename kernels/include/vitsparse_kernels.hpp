@@ -1,0 +1,62 @@
+// Sparse weight products for pruned linear layers: y[N][M] = x[N][K] · Wᵀ + bias, W sparse, x dense.
+//
+// Two weight formats, both rows of W (output channels) in CSR order:
+//   * Int8Blocks: INT8 codes in 1×4 blocks along the input channel (the pruners' `1x4` pattern), the
+//     activations quantized per tensor to uint8 inside the call;
+//   * F32Csr: float32, unstructured.
+// Every format has a kernel per instruction set (AVX-512, AVX2, scalar) chosen at run time; the scalar
+// kernels are the reference the others are tested against. No OpenVINO or Python here: the host engine
+// passes its thread pool in as a ParallelFor.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <string>
+
+namespace vitsparse {
+
+enum class Isa { scalar = 0, avx2 = 1, avx512 = 2 };
+
+// The best instruction set this CPU runs, lowered by VITSPARSE_KERNEL_ISA=scalar|avx2|avx512 if set
+// (an ISA the CPU lacks is never used; an unknown value throws std::invalid_argument).
+Isa selected_isa();
+Isa best_cpu_isa();
+const char* isa_name(Isa isa);
+
+// Runs body(i) for i in [0, count), possibly on several threads, returning when all are done.
+using ParallelFor = std::function<void(std::size_t count, const std::function<void(std::size_t)>& body)>;
+void serial_for(std::size_t count, const std::function<void(std::size_t)>& body);
+
+struct Int8Blocks {
+    std::int64_t rows = 0;              // M, output channels
+    std::int64_t cols = 0;              // K, input channels
+    const std::int32_t* row_ptr;        // M + 1 offsets into blocks, row_ptr[0] = 0
+    const std::int32_t* block_col;      // per block: its first input channel / 4
+    const std::int8_t* values;          // 4 codes per block, input channel order
+    const std::int32_t* row_sums;       // per row: the sum of its codes (for the activation zero point)
+    const float* scale;                 // per row: activation scale × weight scale
+    const float* bias;                  // per row, or nullptr
+};
+
+struct F32Csr {
+    std::int64_t rows = 0;              // M
+    std::int64_t cols = 0;              // K
+    const std::int32_t* row_ptr;        // M + 1
+    const std::int32_t* col;            // per non-zero: its input channel
+    const float* values;                // per non-zero
+    const float* bias;                  // per row, or nullptr
+};
+
+// Checks the index arrays (monotone offsets, indices in range); returns "" or what is wrong.
+std::string check_int8_blocks(const Int8Blocks& w, std::int64_t nonzero_blocks);
+std::string check_f32_csr(const F32Csr& w, std::int64_t nonzeros);
+
+// x: n rows of w.cols floats, row stride x_stride; y: n rows of w.rows floats (contiguous).
+void sparse_linear_int8(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride,
+                        float act_scale, std::int32_t act_zero_point, float* y, Isa isa,
+                        const ParallelFor& parallel_for);
+void sparse_linear_f32(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
+                       Isa isa, const ParallelFor& parallel_for);
+
+}  // namespace vitsparse

@@ -1,0 +1,33 @@
+// SparseLinear: OpenVINO's operation for a pruned linear layer, y = x · Wᵀ + bias with W stored sparse
+// as constants in the layout vitsparse's kernels read (see vitsparse_kernels.hpp). The CPU plugin runs
+// it through `evaluate`; every other node stays in OpenVINO's own kernels.
+#pragma once
+
+#include <openvino/op/op.hpp>
+
+namespace vitsparse {
+
+class SparseLinear : public ov::op::Op {
+public:
+    OPENVINO_OP("SparseLinear", "vitsparse");
+
+    // format "int8_1x4" inputs: x, row_ptr, block_col, values, row_sums, scale, bias
+    // format "f32_csr" inputs:  x, row_ptr, col, values, bias
+    SparseLinear() = default;
+    SparseLinear(const ov::OutputVector& inputs, std::string format, std::int64_t in_features, float act_scale,
+                 std::int64_t act_zero_point);
+
+    void validate_and_infer_types() override;
+    std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& inputs) const override;
+    bool visit_attributes(ov::AttributeVisitor& visitor) override;
+    bool evaluate(ov::TensorVector& outputs, const ov::TensorVector& inputs) const override;
+    bool has_evaluate() const override;
+
+private:
+    std::string m_format;
+    std::int64_t m_in_features = 0;
+    float m_act_scale = 1.0f;
+    std::int64_t m_act_zero_point = 0;
+};
+
+}  // namespace vitsparse

@@ -1,0 +1,209 @@
+// AVX-512 kernels. Activations are packed column-major in panels so that one 64-byte load holds 16
+// input rows: for INT8, 4 consecutive input channels per row as uint8 (what vpdpbusd multiplies with a
+// broadcast 1×4 block), for f32 one channel per row. Each task computes 16 output channels × one
+// panel of input rows, then transposes 16×16 tiles to write y row-major with scale and bias applied.
+#include <immintrin.h>
+
+#include "internal.hpp"
+
+namespace vitsparse::detail {
+
+namespace {
+
+constexpr std::int64_t kLanes = 16;
+constexpr int kInt8Tiles = 8;  // 16-row tiles per panel: 8 independent accumulator chains
+constexpr int kF32Tiles = 4;
+
+// r[0..15] rows -> r[0..15] columns of the 16×16 float matrix they hold.
+inline void transpose16(__m512 r[16]) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {
+        u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+        u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; ++j) {
+        __m512 v0 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88), w0 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xDD);
+        __m512 v1 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88);
+        __m512 w1 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xDD);
+        r[j] = _mm512_shuffle_f32x4(v0, v1, 0x88);
+        r[8 + j] = _mm512_shuffle_f32x4(v0, v1, 0xDD);
+        r[4 + j] = _mm512_shuffle_f32x4(w0, w1, 0x88);
+        r[12 + j] = _mm512_shuffle_f32x4(w0, w1, 0xDD);
+    }
+}
+
+// out[r][c] (r < 16 output channels from m0, c < columns input rows from n0) -> y[n0 + c][m0 + r].
+void store_transposed(const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t rows,
+                      float* y, std::int64_t y_stride) {
+    const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1u);
+    for (std::int64_t c0 = 0; c0 < columns; c0 += kLanes) {
+        __m512 tile[16];
+        for (int r = 0; r < 16; ++r) tile[r] = _mm512_load_ps(out + r * out_stride + c0);
+        transpose16(tile);
+        const std::int64_t count = std::min<std::int64_t>(kLanes, columns - c0);
+        if (rows == kRowBlock) {
+            for (std::int64_t c = 0; c < count; ++c) _mm512_storeu_ps(y + (c0 + c) * y_stride, tile[c]);
+        } else {
+            for (std::int64_t c = 0; c < count; ++c) _mm512_mask_storeu_ps(y + (c0 + c) * y_stride, row_mask, tile[c]);
+        }
+    }
+}
+
+// Quantized activations of 16 input rows from `first` (rows past n read as 0), channels 4g..4g+3 each,
+// as 64 bytes: row-major within the group.
+void pack_int8(const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols, float scale,
+               std::int32_t zero_point, std::uint8_t* packed, std::int64_t padded_n, std::int64_t first) {
+    const __m512 inverse = _mm512_set1_ps(1.0f / scale);
+    const __m512i zero_v = _mm512_set1_epi32(zero_point), low = _mm512_setzero_si512(),
+                  high = _mm512_set1_epi32(255);
+    const __m512 limit_low = _mm512_set1_ps(-512.0f), limit_high = _mm512_set1_ps(512.0f);
+    for (std::int64_t g = 0; g < ceil_div(cols, 4); ++g) {
+        const std::int64_t left = std::min<std::int64_t>(4, cols - 4 * g);
+        const __mmask8 lanes = static_cast<__mmask8>((1u << left) - 1u);
+        for (int quad = 0; quad < 4; ++quad) {
+            __m512 values = _mm512_setzero_ps();
+            for (int r = 0; r < 4; ++r) {
+                const std::int64_t row = first + 4 * quad + r;
+                __m128 part = row < n ? _mm_maskz_loadu_ps(lanes, x + row * x_stride + 4 * g) : _mm_setzero_ps();
+                values = _mm512_insertf32x4(values, part, r);
+            }
+            // clamped as floats first: past ±2^31 (or NaN) the conversion would wrap
+            __m512 steps = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(values, inverse), limit_low), limit_high);
+            __m512i codes = _mm512_cvtps_epi32(steps);
+            codes = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(codes, zero_v), low), high);
+            if (left < 4) {  // channels past the end: the zero point, so that they add nothing
+                const __mmask16 real = static_cast<__mmask16>(0x1111u * lanes);
+                codes = _mm512_mask_blend_epi32(real, zero_v, codes);
+            }
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(packed + (g * padded_n + first + 4 * quad) * 4),
+                             _mm512_cvtepi32_epi8(codes));
+        }
+    }
+}
+
+template <int Tiles>
+void int8_panel(const Int8Blocks& w, const std::uint8_t* packed, std::int64_t padded_n, std::int64_t n0,
+                std::int64_t m0, std::int64_t rows, std::int32_t zero_point, float* out) {
+    for (std::int64_t r = 0; r < rows; ++r) {
+        const std::int64_t m = m0 + r;
+        __m512i acc[Tiles];
+        for (int t = 0; t < Tiles; ++t) acc[t] = _mm512_setzero_si512();
+        for (std::int32_t b = w.row_ptr[m]; b < w.row_ptr[m + 1]; ++b) {
+            std::int32_t block;
+            std::memcpy(&block, w.values + 4 * static_cast<std::int64_t>(b), 4);
+            const __m512i weights = _mm512_set1_epi32(block);
+            const std::uint8_t* a = packed + (static_cast<std::int64_t>(w.block_col[b]) * padded_n + n0) * 4;
+            for (int t = 0; t < Tiles; ++t) {
+                acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_load_si512(a + 64 * t), weights);
+            }
+        }
+        const __m512i offset = _mm512_set1_epi32(zero_point * w.row_sums[m]);
+        const __m512 scale = _mm512_set1_ps(w.scale[m]), bias = _mm512_set1_ps(w.bias ? w.bias[m] : 0.0f);
+        for (int t = 0; t < Tiles; ++t) {
+            __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], offset));
+            _mm512_store_ps(out + r * Tiles * kLanes + t * kLanes, _mm512_fmadd_ps(sum, scale, bias));
+        }
+    }
+    for (std::int64_t r = rows; r < kRowBlock; ++r) {
+        for (int t = 0; t < Tiles; ++t) _mm512_store_ps(out + r * Tiles * kLanes + t * kLanes, _mm512_setzero_ps());
+    }
+}
+
+template <int Tiles>
+void f32_panel(const F32Csr& w, const float* packed, std::int64_t padded_n, std::int64_t n0, std::int64_t m0,
+               std::int64_t rows, float* out) {
+    for (std::int64_t r = 0; r < kRowBlock; ++r) {
+        const std::int64_t m = m0 + r;
+        __m512 acc[Tiles];
+        const __m512 bias = _mm512_set1_ps(r < rows && w.bias ? w.bias[m] : 0.0f);
+        for (int t = 0; t < Tiles; ++t) acc[t] = bias;
+        if (r < rows) {
+            for (std::int32_t j = w.row_ptr[m]; j < w.row_ptr[m + 1]; ++j) {
+                const __m512 weight = _mm512_set1_ps(w.values[j]);
+                const float* a = packed + static_cast<std::int64_t>(w.col[j]) * padded_n + n0;
+                for (int t = 0; t < Tiles; ++t) acc[t] = _mm512_fmadd_ps(_mm512_load_ps(a + kLanes * t), weight, acc[t]);
+            }
+        }
+        for (int t = 0; t < Tiles; ++t) _mm512_store_ps(out + r * Tiles * kLanes + t * kLanes, acc[t]);
+    }
+}
+
+// Calls Panel<tiles> for the panel's tile count (the last panel may be narrower).
+template <int MaxTiles, template <int> class Panel, typename... Args>
+void run_panel(int tiles, Args&&... args) {
+    if constexpr (MaxTiles >= 1) {
+        if (tiles == MaxTiles) return Panel<MaxTiles>::run(std::forward<Args>(args)...);
+        if constexpr (MaxTiles > 1) return run_panel<MaxTiles - 1, Panel>(tiles, std::forward<Args>(args)...);
+    }
+}
+
+template <int Tiles>
+struct Int8Panel {
+    template <typename... Args>
+    static void run(Args&&... args) { int8_panel<Tiles>(std::forward<Args>(args)...); }
+};
+
+template <int Tiles>
+struct F32Panel {
+    template <typename... Args>
+    static void run(Args&&... args) { f32_panel<Tiles>(std::forward<Args>(args)...); }
+};
+
+}  // namespace
+
+void int8_avx512(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                 std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
+    const std::int64_t padded_n = round_up(n, kLanes), groups = ceil_div(w.cols, 4);
+    auto* packed = static_cast<std::uint8_t*>(workspace(static_cast<std::size_t>(groups * padded_n * 4)));
+    parallel_for(static_cast<std::size_t>(padded_n / kLanes), [&](std::size_t chunk) {
+        pack_int8(x, n, x_stride, w.cols, act_scale, act_zero_point, packed, padded_n,
+                  static_cast<std::int64_t>(chunk) * kLanes);
+    });
+    const TaskGrid grid(w.rows, padded_n, kInt8Tiles * kLanes);
+    parallel_for(grid.size(), [&](std::size_t task) {
+        alignas(64) float out[kRowBlock * kInt8Tiles * kLanes];
+        const std::int64_t n0 = grid.panel(task) * grid.panel_columns, m0 = grid.row_block(task) * kRowBlock;
+        const std::int64_t columns = std::min(grid.panel_columns, padded_n - n0);
+        const std::int64_t rows = std::min(kRowBlock, w.rows - m0);
+        const int tiles = static_cast<int>(columns / kLanes);
+        run_panel<kInt8Tiles, Int8Panel>(tiles, w, packed, padded_n, n0, m0, rows, act_zero_point, out);
+        store_transposed(out, tiles * kLanes, std::min(columns, n - n0), rows, y + n0 * w.rows + m0, w.rows);
+    });
+}
+
+void f32_avx512(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
+                const ParallelFor& parallel_for) {
+    const std::int64_t padded_n = round_up(n, kLanes), padded_k = round_up(w.cols, kLanes);
+    auto* packed = static_cast<float*>(workspace(static_cast<std::size_t>(padded_k * padded_n) * sizeof(float)));
+    parallel_for(static_cast<std::size_t>(padded_n / kLanes), [&](std::size_t chunk) {
+        const std::int64_t first = static_cast<std::int64_t>(chunk) * kLanes;
+        for (std::int64_t k0 = 0; k0 < w.cols; k0 += kLanes) {
+            const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<std::int64_t>(kLanes, w.cols - k0)) - 1u);
+            __m512 tile[16];
+            for (int r = 0; r < 16; ++r) {
+                tile[r] = first + r < n ? _mm512_maskz_loadu_ps(lanes, x + (first + r) * x_stride + k0)
+                                        : _mm512_setzero_ps();
+            }
+            transpose16(tile);
+            for (int c = 0; c < 16; ++c) _mm512_store_ps(packed + (k0 + c) * padded_n + first, tile[c]);
+        }
+    });
+    const TaskGrid grid(w.rows, padded_n, kF32Tiles * kLanes);
+    parallel_for(grid.size(), [&](std::size_t task) {
+        alignas(64) float out[kRowBlock * kF32Tiles * kLanes];
+        const std::int64_t n0 = grid.panel(task) * grid.panel_columns, m0 = grid.row_block(task) * kRowBlock;
+        const std::int64_t columns = std::min(grid.panel_columns, padded_n - n0);
+        const std::int64_t rows = std::min(kRowBlock, w.rows - m0);
+        const int tiles = static_cast<int>(columns / kLanes);
+        run_panel<kF32Tiles, F32Panel>(tiles, w, packed, padded_n, n0, m0, rows, out);
+        store_transposed(out, tiles * kLanes, std::min(columns, n - n0), rows, y + n0 * w.rows + m0, w.rows);
+    });
+}
+
+}  // namespace vitsparse::detail

@@ -1,0 +1,107 @@
+// Run-time choice of the instruction set, the checks on a weight's index arrays, and the entry points.
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+
+#include "internal.hpp"
+
+namespace vitsparse {
+
+Isa best_cpu_isa() {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni")) {
+        return Isa::avx512;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+    return Isa::scalar;
+}
+
+const char* isa_name(Isa isa) {
+    switch (isa) {
+        case Isa::avx512: return "avx512";
+        case Isa::avx2: return "avx2";
+        default: return "scalar";
+    }
+}
+
+Isa selected_isa() {
+    Isa best = best_cpu_isa();
+    const char* forced = std::getenv("VITSPARSE_KERNEL_ISA");
+    if (forced == nullptr || *forced == '\0') return best;
+    std::string name(forced);
+    Isa wanted;
+    if (name == "scalar") wanted = Isa::scalar;
+    else if (name == "avx2") wanted = Isa::avx2;
+    else if (name == "avx512") wanted = Isa::avx512;
+    else throw std::invalid_argument("VITSPARSE_KERNEL_ISA must be scalar, avx2 or avx512, not '" + name + "'");
+    return static_cast<int>(wanted) < static_cast<int>(best) ? wanted : best;
+}
+
+void serial_for(std::size_t count, const std::function<void(std::size_t)>& body) {
+    for (std::size_t i = 0; i < count; ++i) body(i);
+}
+
+namespace {
+
+std::string check_offsets(const std::int32_t* row_ptr, std::int64_t rows, std::int64_t entries) {
+    if (rows < 1) return "the weight has no rows";
+    if (row_ptr[0] != 0) return "row offsets must start at 0";
+    for (std::int64_t m = 0; m < rows; ++m) {
+        if (row_ptr[m + 1] < row_ptr[m]) return "row offsets decrease at row " + std::to_string(m);
+    }
+    if (row_ptr[rows] != entries) {
+        return "row offsets end at " + std::to_string(row_ptr[rows]) + " but there are " +
+               std::to_string(entries) + " entries";
+    }
+    return "";
+}
+
+std::string check_indices(const std::int32_t* index, std::int64_t count, std::int64_t limit, const char* what) {
+    for (std::int64_t i = 0; i < count; ++i) {
+        if (index[i] < 0 || index[i] >= limit) {
+            return std::string(what) + " " + std::to_string(i) + " is " + std::to_string(index[i]) +
+                   ", outside [0, " + std::to_string(limit) + ")";
+        }
+    }
+    return "";
+}
+
+}  // namespace
+
+std::string check_int8_blocks(const Int8Blocks& w, std::int64_t nonzero_blocks) {
+    if (w.cols < 1) return "the weight has no input channels";
+    std::string error = check_offsets(w.row_ptr, w.rows, nonzero_blocks);
+    if (error.empty()) error = check_indices(w.block_col, nonzero_blocks, detail::ceil_div(w.cols, 4), "block");
+    return error;
+}
+
+std::string check_f32_csr(const F32Csr& w, std::int64_t nonzeros) {
+    if (w.cols < 1) return "the weight has no input channels";
+    std::string error = check_offsets(w.row_ptr, w.rows, nonzeros);
+    if (error.empty()) error = check_indices(w.col, nonzeros, w.cols, "non-zero");
+    return error;
+}
+
+void sparse_linear_int8(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride,
+                        float act_scale, std::int32_t act_zero_point, float* y, Isa isa,
+                        const ParallelFor& parallel_for) {
+    if (n <= 0) return;
+    switch (isa) {
+        case Isa::avx512: return detail::int8_avx512(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
+        case Isa::avx2: return detail::int8_avx2(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
+        default: return detail::int8_scalar(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
+    }
+}
+
+void sparse_linear_f32(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
+                       Isa isa, const ParallelFor& parallel_for) {
+    if (n <= 0) return;
+    switch (isa) {
+        case Isa::avx512: return detail::f32_avx512(w, x, n, x_stride, y, parallel_for);
+        case Isa::avx2: return detail::f32_avx2(w, x, n, x_stride, y, parallel_for);
+        default: return detail::f32_scalar(w, x, n, x_stride, y, parallel_for);
+    }
+}
+
+}  // namespace vitsparse

@@ -1,0 +1,83 @@
+// What the per-ISA kernel files share: the workspace, the task grid and their entry points.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+
+#include "vitsparse_kernels.hpp"
+
+namespace vitsparse::detail {
+
+// Every file compiles with its own instruction-set flags, so the helpers below get internal linkage:
+// the linker must never pick one file's AVX-512 copy for the scalar path.
+namespace {
+
+constexpr std::int64_t kRowBlock = 16;  // output channels per task: one 16×16 transpose on the way out
+
+inline std::int64_t round_up(std::int64_t value, std::int64_t multiple) {
+    return (value + multiple - 1) / multiple * multiple;
+}
+
+inline std::int64_t ceil_div(std::int64_t value, std::int64_t divisor) {
+    return (value + divisor - 1) / divisor;
+}
+
+// A 64-byte aligned scratch buffer per calling thread, grown on demand and kept between calls
+// (a fresh multi-megabyte allocation per call would page-fault on every inference).
+inline void* workspace(std::size_t bytes) {
+    struct Free {
+        void operator()(void* p) const { std::free(p); }
+    };
+    thread_local std::unique_ptr<void, Free> buffer;
+    thread_local std::size_t capacity = 0;
+    if (bytes > capacity) {
+        std::size_t size = static_cast<std::size_t>(round_up(static_cast<std::int64_t>(bytes), 4096));
+        void* fresh = std::aligned_alloc(64, size);
+        if (fresh == nullptr) throw std::bad_alloc();
+        buffer.reset(fresh);
+        capacity = size;
+    }
+    return buffer.get();
+}
+
+// QuantizeLinear to uint8 as OpenVINO and torch compute it: round half to even of x × (1 / scale),
+// plus the zero point, saturated. (ONNX divides by the scale; the two differ on rare near-ties.)
+inline std::int32_t quantize_u8(float x, float inverse_scale, std::int32_t zero_point) {
+    float code = __builtin_nearbyintf(x * inverse_scale) + static_cast<float>(zero_point);
+    return static_cast<std::int32_t>(std::min(255.0f, std::max(0.0f, code)));
+}
+
+// The tasks of a product: output-channel blocks × column panels, panel-major so that one thread's
+// consecutive tasks reuse the same packed activations from cache.
+struct TaskGrid {
+    std::int64_t row_blocks;
+    std::int64_t panels;
+    std::int64_t panel_columns;
+
+    TaskGrid(std::int64_t rows, std::int64_t columns, std::int64_t panel_columns_)
+        : row_blocks(ceil_div(rows, kRowBlock)), panels(ceil_div(columns, panel_columns_)),
+          panel_columns(panel_columns_) {}
+    std::size_t size() const { return static_cast<std::size_t>(row_blocks * panels); }
+    std::int64_t panel(std::size_t task) const { return static_cast<std::int64_t>(task) / row_blocks; }
+    std::int64_t row_block(std::size_t task) const { return static_cast<std::int64_t>(task) % row_blocks; }
+};
+
+}  // namespace
+
+void int8_scalar(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                 std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for);
+void int8_avx2(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+               std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for);
+void int8_avx512(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                 std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for);
+void f32_scalar(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
+                const ParallelFor& parallel_for);
+void f32_avx2(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
+              const ParallelFor& parallel_for);
+void f32_avx512(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
+                const ParallelFor& parallel_for);
+
+}  // namespace vitsparse::detail

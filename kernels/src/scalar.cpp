@@ -1,0 +1,49 @@
+// The reference kernels: plain loops, exact integer sums; the vector kernels are tested against these.
+#include <vector>
+
+#include "internal.hpp"
+
+namespace vitsparse::detail {
+
+namespace {
+constexpr std::int64_t kRowsPerTask = 8;  // input rows per task
+}
+
+void int8_scalar(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                 std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
+    const std::int64_t padded_cols = round_up(w.cols, 4);
+    parallel_for(static_cast<std::size_t>(ceil_div(n, kRowsPerTask)), [&](std::size_t task) {
+        std::vector<std::int32_t> centered(static_cast<std::size_t>(padded_cols), 0);  // code - zero point
+        const std::int64_t end = std::min(n, static_cast<std::int64_t>(task + 1) * kRowsPerTask);
+        for (std::int64_t i = static_cast<std::int64_t>(task) * kRowsPerTask; i < end; ++i) {
+            for (std::int64_t k = 0; k < w.cols; ++k) {
+                centered[k] = quantize_u8(x[i * x_stride + k], 1.0f / act_scale, act_zero_point) - act_zero_point;
+            }
+            for (std::int64_t m = 0; m < w.rows; ++m) {
+                std::int32_t sum = 0;
+                for (std::int32_t b = w.row_ptr[m]; b < w.row_ptr[m + 1]; ++b) {
+                    const std::int32_t* a = centered.data() + 4 * static_cast<std::int64_t>(w.block_col[b]);
+                    for (int j = 0; j < 4; ++j) sum += a[j] * w.values[4 * static_cast<std::int64_t>(b) + j];
+                }
+                y[i * w.rows + m] = static_cast<float>(sum) * w.scale[m] + (w.bias ? w.bias[m] : 0.0f);
+            }
+        }
+    });
+}
+
+void f32_scalar(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
+                const ParallelFor& parallel_for) {
+    parallel_for(static_cast<std::size_t>(ceil_div(n, kRowsPerTask)), [&](std::size_t task) {
+        const std::int64_t end = std::min(n, static_cast<std::int64_t>(task + 1) * kRowsPerTask);
+        for (std::int64_t i = static_cast<std::int64_t>(task) * kRowsPerTask; i < end; ++i) {
+            const float* row = x + i * x_stride;
+            for (std::int64_t m = 0; m < w.rows; ++m) {
+                float sum = 0.0f;
+                for (std::int32_t j = w.row_ptr[m]; j < w.row_ptr[m + 1]; ++j) sum += w.values[j] * row[w.col[j]];
+                y[i * w.rows + m] = sum + (w.bias ? w.bias[m] : 0.0f);
+            }
+        }
+    });
+}
+
+}  // namespace vitsparse::detail

@@ -1,0 +1,219 @@
+"""vitsparse's sparse kernels (kernels/, run through OpenVINO as SparseLinear nodes): every instruction-set
+path against the numpy reference over random shapes and the edge cases, malformed nodes refused with a
+clear error, and pruned ViTs exported with sparse kernels matching torch on `openvino-sparse`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from vitsparse.bench.kernel_speed import save_layer_model
+from vitsparse.compiler import ExportConfig, PassManager, Recipe, export_artifact, trace
+from vitsparse.compiler.sparse_onnx import (
+    make_node,
+    pack_f32_csr,
+    pack_int8_blocks,
+    sparse_linear,
+    unpack,
+)
+from vitsparse.pruners import MagnitudePass, QuantConfig, QuantizePass, SparsityConfig
+from vitsparse.runtime import EngineLoadError, EngineUnavailableError, create_engine, engine_status
+from vitsparse.runtime.sparse_extension import ENV_DIR, ENV_ISA, LIBRARY, add_extension
+
+from helpers import small_vit
+
+STATUS = engine_status("openvino-sparse")
+# CI builds the extension with `make install`: there a missing library is a failure, not a skip
+pytestmark = pytest.mark.skipif(not STATUS.available and os.environ.get("CI") != "true", reason=STATUS.reason)
+ISAS = ("avx512", "avx2", "scalar")  # a path the CPU lacks runs the next one down: still checked
+F32_RTOL = 1e-5  # of the output's largest magnitude: float sums in another order
+INT8_ATOL = 1e-3  # integer sums are exact; the rescale is one FMA or a multiply and an add
+
+
+@pytest.fixture(scope="module")
+def core():
+    import openvino
+
+    core = openvino.Core()
+    add_extension(core)
+    return core
+
+
+def _layer_file(path, packed, x_shape, **attributes) -> str:
+    node, inits = make_node("layer", "x", "y", packed, **attributes)
+    save_layer_model([node], inits, x_shape, packed.rows, path)
+    return str(path)
+
+
+def _run(core, path: str, x: np.ndarray, isa: str, monkeypatch) -> np.ndarray:
+    monkeypatch.setenv(ENV_ISA, isa)
+    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2}
+    compiled = core.compile_model(path, "CPU", config)
+    return compiled({"x": x})[0]
+
+
+def _block_codes(rng, rows: int, cols: int, sparsity: float) -> np.ndarray:
+    codes = rng.integers(-128, 128, (rows, cols)).astype(np.int8)
+    keep = rng.random((rows, -(-cols // 4))) >= sparsity
+    return (codes * np.repeat(keep, 4, axis=1)[:, :cols]).astype(np.int8)
+
+
+# (rows of x, in features, out features, sparsity): ViT-like, K not a multiple of 4 or 16, N = 1,
+# more rows than one panel, an all-zero weight, a dense one, one output channel
+SHAPES = [(197, 64, 48, 0.9), (5, 10, 7, 0.5), (1, 13, 17, 0.0), (300, 37, 33, 0.75), (33, 64, 20, 1.0),
+          (16, 16, 1, 0.3), (129, 130, 19, 0.6)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"n{s[0]}-k{s[1]}-m{s[2]}-s{s[3]}" for s in SHAPES])
+def test_int8_kernel_matches_numpy(core, tmp_path, monkeypatch, isa, shape) -> None:
+    n, k, m, sparsity = shape
+    rng = np.random.default_rng(n * 1000 + k)
+    codes = _block_codes(rng, m, k, sparsity)
+    scale, bias = rng.random(m).astype(np.float32) * 0.01, rng.standard_normal(m).astype(np.float32)
+    packed = pack_int8_blocks(codes, scale, bias)
+    x = (rng.standard_normal((n, k)) * 3).astype(np.float32)
+    path = _layer_file(tmp_path / "l.onnx", packed, [n, k], act_scale=0.04, act_zero_point=120)
+    got = _run(core, path, x, isa, monkeypatch)
+    np.testing.assert_allclose(got, sparse_linear(x, packed, 0.04, 120), atol=INT8_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"n{s[0]}-k{s[1]}-m{s[2]}-s{s[3]}" for s in SHAPES])
+def test_f32_kernel_matches_numpy(core, tmp_path, monkeypatch, isa, shape) -> None:
+    n, k, m, sparsity = shape
+    rng = np.random.default_rng(n * 1000 + k + 1)
+    weight = rng.standard_normal((m, k)).astype(np.float32) * (rng.random((m, k)) >= sparsity)
+    packed = pack_f32_csr(weight, rng.standard_normal(m).astype(np.float32))
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    got = _run(core, _layer_file(tmp_path / "l.onnx", packed, [n, k]), x, isa, monkeypatch)
+    expected = sparse_linear(x, packed)
+    np.testing.assert_allclose(got, expected, atol=F32_RTOL * np.abs(expected).max(), rtol=0)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_sums_do_not_saturate(core, tmp_path, monkeypatch, isa) -> None:
+    """Codes at the ends of their ranges: 255 × -128 four times per block, over 64 blocks, stays exact
+    (16-bit pair sums, as vpmaddubsw makes, would clip at 32767)."""
+    k = 256
+    codes = np.full((8, k), -128, np.int8)
+    codes[1::2] = 127
+    packed = pack_int8_blocks(codes, np.ones(8, np.float32), None)
+    x = np.full((3, k), 1000.0, np.float32)
+    x[1] = -1000.0  # clamps to code 0
+    got = _run(core, _layer_file(tmp_path / "l.onnx", packed, [3, k], act_scale=1.0, act_zero_point=0),
+               x, isa, monkeypatch)
+    expected = sparse_linear(x, packed, 1.0, 0)
+    assert expected[0, 0] == 255 * -128 * k
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_strided_input_is_read_by_its_rows(core, tmp_path, monkeypatch, isa) -> None:
+    """x as a 3-d tensor (batch, tokens, features) and as a sliced, non-contiguous numpy view."""
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((24, 40)).astype(np.float32) * (rng.random((24, 40)) > 0.7)
+    packed = pack_f32_csr(weight, None)
+    x = rng.standard_normal((2, 9, 80)).astype(np.float32)[:, :, ::2]
+    assert not x.flags.c_contiguous
+    got = _run(core, _layer_file(tmp_path / "l.onnx", packed, [2, 9, 40]), x, isa, monkeypatch)
+    assert got.shape == (2, 9, 24)
+    np.testing.assert_allclose(got, sparse_linear(x, packed), atol=1e-5, rtol=0)
+
+
+def test_packing_round_trips() -> None:
+    rng = np.random.default_rng(0)
+    codes = _block_codes(rng, 9, 14, 0.6)
+    np.testing.assert_array_equal(unpack(pack_int8_blocks(codes, np.ones(9, np.float32))), codes)
+    weight = rng.standard_normal((9, 14)).astype(np.float32) * (rng.random((9, 14)) > 0.5)
+    np.testing.assert_array_equal(unpack(pack_f32_csr(weight)), weight)
+
+
+def _malformed(packed, part: int, value) -> object:
+    arrays = list(packed.arrays)
+    arrays[part] = np.asarray(value, dtype=arrays[part].dtype)
+    return type(packed)(packed.format, packed.rows, packed.cols, tuple(arrays))
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("block past the end", "outside"), ("offsets decrease", "decrease"), ("too few codes", "codes"),
+    ("bad format", "format must be"),
+])
+def test_a_malformed_node_is_refused_with_a_clear_error(core, tmp_path, case, message) -> None:
+    packed = pack_int8_blocks(_block_codes(np.random.default_rng(0), 4, 16, 0.5), np.ones(4, np.float32))
+    attributes = {"act_scale": 0.1, "act_zero_point": 0}
+    if case == "block past the end":
+        packed = _malformed(packed, 1, np.full_like(packed.arrays[1], 4))  # 16 channels: blocks 0..3
+    elif case == "offsets decrease":
+        offsets = packed.arrays[0].copy()
+        offsets[2] = offsets[3] + 1
+        packed = _malformed(packed, 0, offsets)
+    elif case == "too few codes":
+        packed = _malformed(packed, 2, packed.arrays[2][:-1])
+    path = _layer_file(tmp_path / "l.onnx", packed, [2, 16], **attributes)
+    if case == "bad format":
+        model = onnx.load(path)
+        next(a for a in model.graph.node[0].attribute if a.name == "format").s = b"int4_2x2"
+        onnx.save(model, path)
+    with pytest.raises(EngineLoadError, match=message):
+        create_engine("openvino-sparse", path, batch_size=2)
+
+
+def _masked_vit(quantize: bool):
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    manager = PassManager(trace(small_vit(depth=2)), recipe=Recipe(base={"model": "test"}))
+    manager.run(MagnitudePass(SparsityConfig(sparsity=0.9, pattern="1x4" if quantize else "unstructured")))
+    if quantize:
+        manager.run(QuantizePass(QuantConfig(), calibration=images))
+    with torch.no_grad():
+        expected = manager.graph_module(images).numpy()
+    return manager, images, expected
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["f32", "int8"])
+def test_a_masked_vit_exported_with_sparse_kernels_matches_torch(tmp_path, quantize) -> None:
+    manager, images, expected = _masked_vit(quantize)
+    result = export_artifact(manager.graph_module, manager.recipe, tmp_path / "artifact",
+                             ExportConfig(batch_size=2, sparse_kernels=True))
+    model = onnx.load(str(result.directory / "model.onnx"))
+    sparse = [node for node in model.graph.node if node.op_type == "SparseLinear"]
+    assert len(sparse) == result.meta["sparse_kernels"]["layers"] == 8  # qkv, proj, fc1, fc2 of 2 blocks
+    # the unmasked layers (patch embedding, head) stay OpenVINO's own
+    assert any(node.op_type in ("MatMul", "Gemm") for node in model.graph.node)
+    engine = create_engine("openvino-sparse", result.directory / "model.onnx", batch_size=2, precision="f32")
+    (logits,) = engine.run([images.numpy()])
+    limit = 0.2 if quantize else 1e-4  # INT8: the export's own tolerance against fake-quantized torch
+    assert np.abs(logits - expected).max() < limit
+
+
+def test_below_the_minimum_sparsity_a_layer_stays_dense(tmp_path) -> None:
+    manager, _, _ = _masked_vit(quantize=False)
+    result = export_artifact(manager.graph_module, manager.recipe, tmp_path / "artifact",
+                             ExportConfig(batch_size=2, sparse_kernels=True, sparse_min_sparsity=0.95))
+    assert result.meta["sparse_kernels"] == {"layers": 0, "min_sparsity": 0.95}
+
+
+def test_the_engine_says_why_it_is_unavailable(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(ENV_DIR, str(tmp_path))
+    assert not engine_status("openvino-sparse").available
+    with pytest.raises(EngineUnavailableError, match="not built for this Python.*make install"):
+        create_engine("openvino-sparse", tmp_path / "model.onnx")
+
+
+@pytest.mark.slow
+def test_without_a_compiler_the_build_leaves_the_reason_and_succeeds(tmp_path, monkeypatch) -> None:
+    script = Path(__file__).parents[1] / "kernels" / "build.sh"
+    done = subprocess.run([str(script), sys.executable, str(tmp_path)], capture_output=True, text=True,
+                          env={**os.environ, "CXX": "no-such-c++"}, check=False)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / LIBRARY).exists()
+    monkeypatch.setenv(ENV_DIR, str(tmp_path))
+    status = engine_status("openvino-sparse")
+    assert not status.available and "no C++ compiler (no-such-c++)" in status.reason
