@@ -4,6 +4,8 @@
 // panel of input rows, then transposes 16×16 tiles to write y row-major with scale and bias applied.
 #include <immintrin.h>
 
+#include <numeric>
+
 #include "internal.hpp"
 
 namespace vitsparse::detail {
@@ -11,7 +13,7 @@ namespace vitsparse::detail {
 namespace {
 
 constexpr std::int64_t kLanes = 16;
-constexpr int kInt8Tiles = 8;  // 16-row tiles per panel: 8 independent accumulator chains
+constexpr int kInt8Tiles = 8;  // 16-row tiles per panel at most: 8 independent accumulator chains
 constexpr int kF32Tiles = 4;
 
 // r[0..15] rows -> r[0..15] columns of the 16×16 float matrix they hold.
@@ -55,34 +57,48 @@ void store_transposed(const float* out, std::int64_t out_stride, std::int64_t co
     }
 }
 
-// Quantized activations of 16 input rows from `first` (rows past n read as 0), channels 4g..4g+3 each,
-// as 64 bytes: row-major within the group.
+// Codes of 16 floats: x × inverse rounded half to even, plus the zero point, saturated to [0, 255].
+inline __m512i quantize16(__m512 values, __m512 inverse, __m512i zero_point) {
+    // clamped as floats first: past ±2^31 (or NaN) the conversion would wrap
+    const __m512 steps = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(values, inverse), _mm512_set1_ps(-512.0f)),
+                                       _mm512_set1_ps(512.0f));
+    const __m512i codes = _mm512_add_epi32(_mm512_cvtps_epi32(steps), zero_point);
+    return _mm512_min_epi32(_mm512_max_epi32(codes, _mm512_setzero_si512()), _mm512_set1_epi32(255));
+}
+
+// Quantizes 16 input rows from `first` (rows past n read as the zero point) into the INT8 panel layout:
+// for each group of 4 channels, 64 bytes holding the group's 4 codes of each row in row order. Works
+// on 16 channels (4 groups) at a time: one row load each, then a 4×4 transpose of 32-bit groups.
 void pack_int8(const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols, float scale,
                std::int32_t zero_point, std::uint8_t* packed, std::int64_t padded_n, std::int64_t first) {
     const __m512 inverse = _mm512_set1_ps(1.0f / scale);
-    const __m512i zero_v = _mm512_set1_epi32(zero_point), low = _mm512_setzero_si512(),
-                  high = _mm512_set1_epi32(255);
-    const __m512 limit_low = _mm512_set1_ps(-512.0f), limit_high = _mm512_set1_ps(512.0f);
-    for (std::int64_t g = 0; g < ceil_div(cols, 4); ++g) {
-        const std::int64_t left = std::min<std::int64_t>(4, cols - 4 * g);
-        const __mmask8 lanes = static_cast<__mmask8>((1u << left) - 1u);
-        for (int quad = 0; quad < 4; ++quad) {
-            __m512 values = _mm512_setzero_ps();
-            for (int r = 0; r < 4; ++r) {
-                const std::int64_t row = first + 4 * quad + r;
-                __m128 part = row < n ? _mm_maskz_loadu_ps(lanes, x + row * x_stride + 4 * g) : _mm_setzero_ps();
-                values = _mm512_insertf32x4(values, part, r);
+    const __m512i zero_v = _mm512_set1_epi32(zero_point);
+    const std::int64_t groups = ceil_div(cols, 4);
+    for (std::int64_t k0 = 0; k0 < cols; k0 += 16) {
+        const std::int64_t left = std::min<std::int64_t>(16, cols - k0);
+        const __mmask16 lanes = static_cast<__mmask16>((1u << left) - 1u);
+        __m128i rows[16];
+        for (int r = 0; r < 16; ++r) {
+            __m512i codes = zero_v;
+            if (first + r < n) {
+                const __m512 values = _mm512_maskz_loadu_ps(lanes, x + (first + r) * x_stride + k0);
+                codes = _mm512_mask_blend_epi32(lanes, zero_v, quantize16(values, inverse, zero_v));
             }
-            // clamped as floats first: past ±2^31 (or NaN) the conversion would wrap
-            __m512 steps = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(values, inverse), limit_low), limit_high);
-            __m512i codes = _mm512_cvtps_epi32(steps);
-            codes = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(codes, zero_v), low), high);
-            if (left < 4) {  // channels past the end: the zero point, so that they add nothing
-                const __mmask16 real = static_cast<__mmask16>(0x1111u * lanes);
-                codes = _mm512_mask_blend_epi32(real, zero_v, codes);
-            }
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(packed + (g * padded_n + first + 4 * quad) * 4),
-                             _mm512_cvtepi32_epi8(codes));
+            rows[r] = _mm512_cvtepi32_epi8(codes);
+        }
+        // quads[L] holds rows L, 4 + L, 8 + L, 12 + L, one per 128-bit lane: 4 groups of 4 codes each
+        __m512i quads[4];
+        for (int L = 0; L < 4; ++L) {
+            quads[L] = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(
+                _mm512_castsi128_si512(rows[L]), rows[4 + L], 1), rows[8 + L], 2), rows[12 + L], 3);
+        }
+        // per lane, a 4×4 transpose of 32-bit groups: out[g] lane q = group g of rows 4q..4q+3
+        const __m512i t0 = _mm512_unpacklo_epi32(quads[0], quads[1]), t1 = _mm512_unpackhi_epi32(quads[0], quads[1]);
+        const __m512i t2 = _mm512_unpacklo_epi32(quads[2], quads[3]), t3 = _mm512_unpackhi_epi32(quads[2], quads[3]);
+        const __m512i out[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
+                                _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+        for (std::int64_t g = 0; g < 4 && k0 / 4 + g < groups; ++g) {
+            _mm512_store_si512(packed + ((k0 / 4 + g) * padded_n + first) * 4, out[g]);
         }
     }
 }
@@ -134,6 +150,19 @@ void f32_panel(const F32Csr& w, const float* packed, std::int64_t padded_n, std:
     }
 }
 
+// Tiles per panel for an output of `rows` floats per input row. A task writes 16 × tiles lines of y, one
+// per input row; when the row stride maps them onto few L1 sets (every 64 lines apart for 1536
+// channels, 16 KiB / 12 ways) they evict one another before the stores drain, so the panel narrows
+// until at most ~16 lines share a set. L1 has 64 sets of 64-byte lines on every x86 CPU with AVX-512.
+int panel_tiles(std::int64_t rows, int max_tiles) {
+    constexpr std::int64_t kSets = 64;
+    const std::int64_t line_stride = rows * 4 % 64 == 0 ? rows * 4 / 64 % kSets : 1;
+    const std::int64_t sets_used = line_stride == 0 ? 1 : kSets / std::gcd(kSets, line_stride);
+    int tiles = max_tiles;
+    while (tiles > 1 && tiles > sets_used) tiles /= 2;
+    return tiles;
+}
+
 // Calls Panel<tiles> for the panel's tile count (the last panel may be narrower).
 template <int MaxTiles, template <int> class Panel, typename... Args>
 void run_panel(int tiles, Args&&... args) {
@@ -165,7 +194,7 @@ void int8_avx512(const Int8Blocks& w, const float* x, std::int64_t n, std::int64
         pack_int8(x, n, x_stride, w.cols, act_scale, act_zero_point, packed, padded_n,
                   static_cast<std::int64_t>(chunk) * kLanes);
     });
-    const TaskGrid grid(w.rows, padded_n, kInt8Tiles * kLanes);
+    const TaskGrid grid(w.rows, padded_n, panel_tiles(w.rows, kInt8Tiles) * kLanes);
     parallel_for(grid.size(), [&](std::size_t task) {
         alignas(64) float out[kRowBlock * kInt8Tiles * kLanes];
         const std::int64_t n0 = grid.panel(task) * grid.panel_columns, m0 = grid.row_block(task) * kRowBlock;
@@ -194,7 +223,7 @@ void f32_avx512(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_
             for (int c = 0; c < 16; ++c) _mm512_store_ps(packed + (k0 + c) * padded_n + first, tile[c]);
         }
     });
-    const TaskGrid grid(w.rows, padded_n, kF32Tiles * kLanes);
+    const TaskGrid grid(w.rows, padded_n, panel_tiles(w.rows, kF32Tiles) * kLanes);
     parallel_for(grid.size(), [&](std::size_t task) {
         alignas(64) float out[kRowBlock * kF32Tiles * kLanes];
         const std::int64_t n0 = grid.panel(task) * grid.panel_columns, m0 = grid.row_block(task) * kRowBlock;
