@@ -37,7 +37,8 @@ METHOD = "int8"
 BASE = "obs-fisher"  # the second-order masks the sparse digits rows quantize
 OBSERVER = "percentile"
 QAT = FinetuneConfig(epochs=4, lr=1e-4, warmup_steps=5)  # a gentle lr: the calibrated ranges stay valid
-FORMAT_ENGINES = {"qdq": ("onnxruntime", "openvino"), "operator": ("deepsparse",)}  # where each runs as INT8
+# where each format runs as INT8
+FORMAT_ENGINES = {"qdq": ("onnxruntime", "openvino", "openvino-sparse"), "operator": ("deepsparse",)}
 # each export checked against the float model: verification key -> (format, engine)
 VERIFICATIONS = {"qdq": ("qdq", "onnxruntime"), "qdq-openvino": ("qdq", "openvino"),
                  "operator": ("operator", "deepsparse")}

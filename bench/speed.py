@@ -19,6 +19,7 @@ from vitsparse.compiler import (
     export_artifact,
     fold_for_export,
 )
+from vitsparse.compiler.sparse_onnx import DEFAULT_MIN_SPARSITY
 from vitsparse.compiler.trace import example_input
 from vitsparse.runtime import check_engine_spec, compare_side_by_side, create_engine, parse_engine_spec
 
@@ -26,13 +27,17 @@ from .schema import Row, SpeedEntry
 
 TORCH = "torch"
 INT8 = "int8"
-SPARSE_ENGINE = "deepsparse"  # vitsparse's own engine: never counted as a dense alternative
+# the sparse engines: never counted as a dense alternative. openvino-sparse runs vitsparse's kernels, so
+# a row without sparse layers would only repeat its openvino column there, and is not timed on it
+SPARSE_ENGINES = ("deepsparse", "openvino-sparse")
+KERNEL_ENGINE = "openvino-sparse"
 ORT_ENGINE = "onnxruntime"  # dense INT8 (QDQ) here is the alternative the INT8 table is measured against
 # how each engine wants a graph written when the default ONNX form does not suit it: DeepSparse has
 # no Gather, so VTP's feature selections go to it as one-hot products (which it runs sparse); OpenVINO
 # gets one Gather on the last axis (the default's two transposes cost it more than the gather)
 ENGINE_EXPORT: dict[str, dict] = {"deepsparse": {"feature_select": "matmul"},
-                                  "openvino": {"feature_select": "gather-last"}}
+                                  "openvino": {"feature_select": "gather-last"},
+                                  KERNEL_ENGINE: {"feature_select": "gather-last", "sparse_kernels": True}}
 # the speed model's export check where a random-weight model on noise images parts from torch without a
 # bug, over the export's defaults (digits-vit's trained models export within them):
 # - INT8 (twins and the combined frontier): torch's and ONNX's rounding (x·(1/s) against x/s) flip a few
@@ -60,7 +65,13 @@ class SpeedCandidate:
 
     def timed_on(self, engines: tuple[str, ...]) -> list[str]:
         """The engine columns (names, 'openvino:bf16' and the like) this candidate is timed in."""
-        return [e for e in engines if self.engines is None or engine_name(e) in self.engines]
+        return [e for e in engines if (self.engines is None or engine_name(e) in self.engines)
+                and (engine_name(e) != KERNEL_ENGINE or has_sparse_layers(self.graph))]
+
+
+def has_sparse_layers(graph: torch.nn.Module) -> bool:
+    """Whether a masked layer of `graph` is sparse enough for vitsparse's kernels to take it."""
+    return any(hasattr(m, "weight_mask") and m.sparsity() >= DEFAULT_MIN_SPARSITY for m in graph.modules())
 
 
 def engine_name(column: str) -> str:
@@ -115,7 +126,9 @@ def _engine_onnx(cand: SpeedCandidate, engine: str, batch: int, default: Path, a
     """The ONNX file `engine` runs: the default export, or one written in the engine's own form when
     the graph holds something that form changes (a feature selection)."""
     overrides = ENGINE_EXPORT.get(engine_name(engine))
-    if not overrides or not any(isinstance(m, SelectFeatures) for m in cand.graph.modules()):
+    changes = any(isinstance(m, SelectFeatures) for m in cand.graph.modules()) or (
+        overrides and overrides.get("sparse_kernels") and has_sparse_layers(cand.graph))
+    if not overrides or not changes:
         return default
     config = ExportConfig(batch_size=batch, **{**cand.export, **overrides})
     return _export(cand, artifacts / artifact_slug(cand.row, f"b{batch}-{engine}"), config) / "model.onnx"
@@ -260,8 +273,8 @@ def _time_batch(candidates: list[SpeedCandidate], groups: list[list[int]], basel
 
 def dense_alternative(row: Row, entry: SpeedEntry) -> str | None:
     """What a user could run instead of vitsparse, named ('openvino int8'), or None: the dense model on
-    any engine but DeepSparse, in float or as a QDQ INT8 file."""
-    if engine_name(entry.engine) == SPARSE_ENGINE:
+    any engine but the sparse ones, in float or as a QDQ INT8 file."""
+    if engine_name(entry.engine) in SPARSE_ENGINES:
         return None
     if row.method == "dense":
         return f"{entry.engine} fp32" if ":" not in entry.engine else entry.engine.replace(":", " ")

@@ -24,7 +24,7 @@ from vitsparse.compiler.trace import example_input
 from vitsparse.models import build_model, digits_loaders, imagefolder_loader
 from vitsparse.models.pretrained import cached_weights_path
 from vitsparse.pruners import make_calibration
-from vitsparse.runtime import ENGINES as ALL_RUNTIME_ENGINES
+from vitsparse.runtime import ENGINES as RUNTIME_ENGINES
 from vitsparse.runtime import RuntimeInputError, check_engine_spec, engine_status, engine_versions
 
 from .accuracy import MODEL as DIGITS
@@ -47,9 +47,6 @@ from .speed import (
     timing_groups,
 )
 
-# the CPU engines prune-and-bench times; openvino-sparse is not among them until the speed exports write
-# SparseLinear nodes (on a plain file it would only repeat the openvino column)
-RUNTIME_ENGINES = tuple(e for e in ALL_RUNTIME_ENGINES if e != "openvino-sparse")
 ENGINES = (*RUNTIME_ENGINES, TORCH)  # the CPU engines plus dense PyTorch as the baseline
 PRECISION_COLUMNS = ("openvino:bf16",)  # timed beside the f32 columns where the CPU can run them
 SPEED_MODEL_SEED = 0  # the speed model's random weights: one model across runs, whatever ran before

@@ -111,3 +111,22 @@ def test_the_speed_model_is_the_same_in_every_run_whatever_ran_before() -> None:
     second = _speed_model(opts).state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's generator is left as it was
+
+
+def test_only_rows_with_sparse_layers_are_timed_on_the_kernel_engine() -> None:
+    """On a row without masks openvino-sparse would repeat the openvino column."""
+    from vitsparse.compiler import PassManager
+    from vitsparse.pruners import MagnitudePass, SparsityConfig
+
+    dense = SpeedCandidate(Row("digits-vit", "dense"), trace(build_model("digits-vit")), Recipe())
+    manager = PassManager(trace(build_model("digits-vit")), recipe=Recipe())
+    manager.run(MagnitudePass(SparsityConfig(sparsity=0.9, pattern="1x4")))
+    masked = SpeedCandidate(Row("digits-vit", "magnitude", {"sparsity": 0.9}), manager.graph_module, Recipe())
+    engines = ("openvino", "openvino-sparse", "torch")
+    assert dense.timed_on(engines) == ["openvino", "torch"]
+    assert masked.timed_on(engines) == list(engines)
+
+
+def test_the_kernel_engine_is_never_a_dense_alternative() -> None:
+    dense = Row("deit", "dense", speed=[_entry("openvino", 9.0), _entry("openvino-sparse", 1.0)])
+    assert speed.best_dense_alternatives([dense]) == {1: ("openvino fp32", 9.0)}
