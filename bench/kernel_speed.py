@@ -2,9 +2,9 @@
 
 Each DeiT-S linear (qkv, proj, fc1, fc2) at batch 1 and 16 (197 tokens per image) becomes one-layer
 ONNX models: OpenVINO's dense MatMul in INT8 (QDQ), f32 and bf16, and a SparseLinear node at each
-sparsity (random 1×4 blocks for INT8, random zeros for f32). All models of a shape are compiled on
-the same threads and timed in shuffled turns, so every ratio compares calls made side by side. Each
-call's time is OpenVINO's own per-node profile summed (`PERF_COUNT`, what benchmark_app -pc shows):
+sparsity (random 1×4 blocks for INT8, 1×2 for bf16, random zeros for f32). All models of a shape are
+compiled on the same threads and timed in shuffled turns, so every ratio compares calls made side by
+side. Each call's time is OpenVINO's own per-node profile summed (`PERF_COUNT`, what benchmark_app -pc shows):
 the layer's work without the Python call around it, which at batch 1 is as long as the layer.
 
     python -m vitsparse.bench.kernel_speed [--threads 2] [--sparsities 0.5,0.75,0.9] [-o out.json]
@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from vitsparse.compiler.sparse_onnx import DOMAIN, make_node, pack_f32_csr, pack_int8_blocks
+from vitsparse.compiler.sparse_onnx import DOMAIN, make_node, pack_bf16_pairs, pack_f32_csr, pack_int8_blocks
 from vitsparse.runtime.sparse_extension import add_extension
 
 TOKENS = 197  # DeiT-S at 224 px: 196 patches and the class token
@@ -82,12 +82,12 @@ def sparse_model(packed, n: int, path: Path, **attributes) -> None:
     save_layer_model([node], inits, [n, packed.cols], packed.rows, path)
 
 
-def block_mask(rng: np.random.Generator, rows: int, cols: int, sparsity: float) -> np.ndarray:
-    """A random mask keeping round((1 - sparsity) × blocks) 1×4 blocks along the input channel."""
-    blocks = rows * cols // 4
+def block_mask(rng: np.random.Generator, rows: int, cols: int, sparsity: float, width: int = 4) -> np.ndarray:
+    """A random mask keeping round((1 - sparsity) × blocks) 1×width blocks along the input channel."""
+    blocks = rows * cols // width
     keep = np.zeros(blocks, bool)
     keep[rng.choice(blocks, size=round((1 - sparsity) * blocks), replace=False)] = True
-    return np.repeat(keep.reshape(rows, cols // 4), 4, axis=1)
+    return np.repeat(keep.reshape(rows, cols // width), width, axis=1)
 
 
 def element_mask(rng: np.random.Generator, rows: int, cols: int, sparsity: float) -> np.ndarray:
@@ -120,6 +120,9 @@ def layer_models(layer: str, batch: int, sparsities: list[float], folder: Path, 
         files[("int8", sparsity)] = path(f"int8-{sparsity}")
         sparse_model(pack_int8_blocks(masked, ACT_SCALE * scale, bias), n, files[("int8", sparsity)],
                      act_scale=ACT_SCALE, act_zero_point=ACT_ZERO_POINT)
+        files[("bf16", sparsity)] = path(f"bf16-{sparsity}")
+        pairs = weight * block_mask(rng, out_features, in_features, sparsity, width=2)
+        sparse_model(pack_bf16_pairs(pairs, bias), n, files[("bf16", sparsity)])
         files[("f32", sparsity)] = path(f"f32-{sparsity}")
         sparse_model(pack_f32_csr(weight * element_mask(rng, out_features, in_features, sparsity), bias), n,
                      files[("f32", sparsity)])
@@ -212,7 +215,7 @@ def crossover(rows: list[dict], precision: str, batch: int, layer: str) -> float
     return None
 
 
-def markdown(rows: list[dict], results: list[Timing]) -> str:
+def markdown(rows: list[dict]) -> str:
     lines = ["| layer | batch | precision | dense ms | " +
              " | ".join(f"{s:.0%} ms (×)" for s in sorted({r['sparsity'] for r in rows})) + " | crossover |",
              "|---|---|---|---|" + "---|" * len({r["sparsity"] for r in rows}) + "---|"]
@@ -224,10 +227,6 @@ def markdown(rows: list[dict], results: list[Timing]) -> str:
         cells = [f"{r['sparse_ms']:.3f} ({r['speedup']:.2f}×)" for r in mine]
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {mine[0]['dense_ms']:.3f} | " + " | ".join(cells) +
                      f" | {'never' if point is None else f'{point:.0%}'} |")
-    bf16 = {(t.layer, t.batch): t.median_ms for t in results if t.precision == "bf16"}
-    lines.append("")
-    lines.append("dense bf16 ms: " + ", ".join(f"{layer} b{batch} {ms:.3f}"
-                                              for (layer, batch), ms in sorted(bf16.items())))
     return "\n".join(lines)
 
 
@@ -245,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args.threads, sparsities, [int(b) for b in args.batches.split(",")], args.layers.split(","),
                   args.rounds, args.seconds)
     rows = speedups(results)
-    print(markdown(rows, results))
+    print(markdown(rows))
     if args.output:
         report = {"isa": os.environ.get("VITSPARSE_KERNEL_ISA", "best"),
                   "timings": [asdict(t) for t in results], "speedups": rows}

@@ -3,6 +3,7 @@
 A MatMul reading a constant weight with enough zeros (and the bias Add after it) becomes one
 `com.vitsparse::SparseLinear` node whose weight is stored as the kernels read it, row by row of Wᵀ:
 - `f32_csr`: float32, unstructured (row offsets, input channel per non-zero, values);
+- `bf16_1x2`: float weights rounded to bfloat16 in 1×2 blocks (what one vdpbf16ps lane multiplies);
 - `int8_1x4`: an INT8 (QDQ) layer's codes in 1×4 blocks along the input channel (row offsets, block
   per non-zero block, 4 codes each, per-row code sums), with the input's QuantizeLinear folded into
   the node's attributes and the input and weight scales into one per-row scale.
@@ -59,6 +60,35 @@ def pack_f32_csr(weight: np.ndarray, bias: np.ndarray | None = None) -> PackedWe
                         (row_ptr, col_idx.astype(np.int32), weight[row_idx, col_idx], bias))
 
 
+def to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounding to nearest even as vcvtneps2bf16 does."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    return np.where(nan, ((bits >> 16) | 0x40).astype(np.uint16), rounded)
+
+
+def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32."""
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def pack_bf16_pairs(weight: np.ndarray, bias: np.ndarray | None = None) -> PackedWeight:
+    """Rows of `weight` ([out, in]) rounded to bfloat16 in 1×2 blocks along the input channel: row
+    offsets, block index, the block's 2 values as one int32 (bfloat16 bits, the first channel's in the
+    low half: OpenVINO's ONNX reader widens 16-bit integers), bias. Pairs of zeros are left out."""
+    weight = np.asarray(weight, dtype=np.float32)
+    rows, cols = weight.shape
+    padded = np.zeros((rows, -(-cols // 2) * 2), np.float32)
+    padded[:, :cols] = weight
+    pairs = padded.reshape(rows, -1, 2)
+    row_idx, pair_idx = _keep_one(*np.nonzero(pairs.any(axis=2)))
+    row_ptr = np.concatenate([[0], np.cumsum(np.bincount(row_idx, minlength=rows))]).astype(np.int32)
+    bias = np.zeros(rows, np.float32) if bias is None else np.asarray(bias, np.float32).reshape(rows)
+    values = to_bf16_bits(pairs[row_idx, pair_idx]).view(np.int32).reshape(-1)
+    return PackedWeight("bf16_1x2", rows, cols, (row_ptr, pair_idx.astype(np.int32), values, bias))
+
+
 def pack_int8_blocks(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray | None = None) -> PackedWeight:
     """INT8 `codes` ([out, in]) in 1×4 blocks: row offsets, block index, 4 codes per block, per-row sums
     of the codes, per-row `scale` (input × weight scale) and bias. Blocks of four zeros are left out."""
@@ -87,6 +117,10 @@ def unpack(packed: PackedWeight) -> np.ndarray:
         dense = np.zeros((packed.rows, packed.cols), np.float32)
         dense[rows, index] = values
         return dense
+    if packed.format == "bf16_1x2":
+        pairs = np.zeros((packed.rows, -(-packed.cols // 2), 2), np.float32)
+        pairs[rows, index] = from_bf16_bits(np.ascontiguousarray(values).view(np.uint16)).reshape(-1, 2)
+        return pairs.reshape(packed.rows, -1)[:, :packed.cols]
     blocks = np.zeros((packed.rows, -(-packed.cols // BLOCK), BLOCK), np.int8)
     blocks[rows, index] = values.reshape(-1, BLOCK)
     return blocks.reshape(packed.rows, -1)[:, :packed.cols]
@@ -100,6 +134,9 @@ def sparse_linear(x: np.ndarray, packed: PackedWeight, act_scale: float = 1.0, a
     dense = unpack(packed)
     if packed.format == "f32_csr":
         return (x.astype(np.float32) @ dense.T + packed.arrays[3]).astype(np.float32)
+    if packed.format == "bf16_1x2":  # x rounded to bfloat16; products exact, sums in float64
+        rounded = from_bf16_bits(to_bf16_bits(x)).astype(np.float64)
+        return (rounded @ dense.T.astype(np.float64) + packed.arrays[3]).astype(np.float32)
     row_sums, scale, bias = packed.arrays[3:]
     inverse = np.float32(1) / np.float32(act_scale)
     codes = np.clip(np.rint(x.astype(np.float32) * inverse) + act_zero_point, 0, 255)
@@ -111,6 +148,7 @@ def make_node(name: str, x: str, output: str, packed: PackedWeight, act_scale: f
               act_zero_point: int = 0) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     """A SparseLinear node reading `x` and its weight initializers (named after `name`)."""
     parts = {"f32_csr": ("row_ptr", "col", "values", "bias"),
+             "bf16_1x2": ("row_ptr", "block_col", "values", "bias"),
              "int8_1x4": ("row_ptr", "block_col", "values", "row_sums", "scale", "bias")}[packed.format]
     inits = [onnx.numpy_helper.from_array(array, f"{name}.{part}")
              for part, array in zip(parts, packed.arrays, strict=True)]

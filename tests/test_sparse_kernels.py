@@ -18,6 +18,7 @@ from vitsparse.bench.kernel_speed import save_layer_model
 from vitsparse.compiler import ExportConfig, PassManager, Recipe, export_artifact, trace
 from vitsparse.compiler.sparse_onnx import (
     make_node,
+    pack_bf16_pairs,
     pack_f32_csr,
     pack_int8_blocks,
     sparse_linear,
@@ -100,6 +101,21 @@ def test_f32_kernel_matches_numpy(core, tmp_path, monkeypatch, isa, shape) -> No
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"n{s[0]}-k{s[1]}-m{s[2]}-s{s[3]}" for s in SHAPES])
+def test_bf16_kernel_matches_numpy(core, tmp_path, monkeypatch, isa, shape) -> None:
+    """bfloat16 products are exact in float32; only the order of the float32 sums differs."""
+    n, k, m, sparsity = shape
+    rng = np.random.default_rng(n * 1000 + k + 2)
+    keep = np.repeat(rng.random((m, -(-k // 2))) >= sparsity, 2, axis=1)[:, :k]
+    packed = pack_bf16_pairs(rng.standard_normal((m, k)).astype(np.float32) * keep,
+                             rng.standard_normal(m).astype(np.float32))
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    got = _run(core, _layer_file(tmp_path / "l.onnx", packed, [n, k]), x, isa, monkeypatch)
+    expected = sparse_linear(x, packed)
+    np.testing.assert_allclose(got, expected, atol=F32_RTOL * np.abs(expected).max(), rtol=0)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_int8_sums_do_not_saturate(core, tmp_path, monkeypatch, isa) -> None:
     """Codes at the ends of their ranges: 255 × -128 four times per block, over 64 blocks, stays exact
     (16-bit pair sums, as vpmaddubsw makes, would clip at 32767)."""
@@ -135,6 +151,9 @@ def test_packing_round_trips() -> None:
     np.testing.assert_array_equal(unpack(pack_int8_blocks(codes, np.ones(9, np.float32))), codes)
     weight = rng.standard_normal((9, 14)).astype(np.float32) * (rng.random((9, 14)) > 0.5)
     np.testing.assert_array_equal(unpack(pack_f32_csr(weight)), weight)
+    rounded = unpack(pack_bf16_pairs(weight))
+    np.testing.assert_array_equal(rounded == 0, weight == 0)
+    np.testing.assert_allclose(rounded, weight, rtol=2.0 ** -8)
 
 
 def _malformed(packed, part: int, value) -> object:

@@ -3,6 +3,8 @@
 // Two weight formats, both rows of W (output channels) in CSR order:
 //   * Int8Blocks: INT8 codes in 1×4 blocks along the input channel (the pruners' `1x4` pattern), the
 //     activations quantized per tensor to uint8 inside the call;
+//   * Bf16Pairs: bfloat16 in 1×2 blocks along the input channel (what vdpbf16ps multiplies), the
+//     activations rounded to bfloat16 inside the call, sums in float32;
 //   * F32Csr: float32, unstructured.
 // Every format has a kernel per instruction set (AVX-512, AVX2, scalar) chosen at run time; the scalar
 // kernels are the reference the others are tested against. No OpenVINO or Python here: the host engine
@@ -39,6 +41,15 @@ struct Int8Blocks {
     const float* bias;                  // per row, or nullptr
 };
 
+struct Bf16Pairs {
+    std::int64_t rows = 0;              // M
+    std::int64_t cols = 0;              // K
+    const std::int32_t* row_ptr;        // M + 1
+    const std::int32_t* block_col;      // per block: its first input channel / 2
+    const std::uint16_t* values;        // 2 bfloat16 per block, input channel order
+    const float* bias;                  // per row, or nullptr
+};
+
 struct F32Csr {
     std::int64_t rows = 0;              // M
     std::int64_t cols = 0;              // K
@@ -51,11 +62,16 @@ struct F32Csr {
 // Checks the index arrays (monotone offsets, indices in range); returns "" or what is wrong.
 std::string check_int8_blocks(const Int8Blocks& w, std::int64_t nonzero_blocks);
 std::string check_f32_csr(const F32Csr& w, std::int64_t nonzeros);
+std::string check_bf16_pairs(const Bf16Pairs& w, std::int64_t nonzero_blocks);
 
 // x: n rows of w.cols floats, row stride x_stride; y: n rows of w.rows floats (contiguous).
 void sparse_linear_int8(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride,
                         float act_scale, std::int32_t act_zero_point, float* y, Isa isa,
                         const ParallelFor& parallel_for);
+// bfloat16 runs on AVX-512 BF16 where the CPU has it (isa avx512), on the scalar kernel otherwise.
+void sparse_linear_bf16(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
+                        Isa isa, const ParallelFor& parallel_for);
+bool cpu_has_avx512_bf16();
 void sparse_linear_f32(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
                        Isa isa, const ParallelFor& parallel_for);
 

@@ -11,6 +11,7 @@ namespace {
 
 constexpr const char* kInt8 = "int8_1x4";
 constexpr const char* kF32 = "f32_csr";
+constexpr const char* kBf16 = "bf16_1x2";
 
 struct Layout {
     std::size_t inputs;
@@ -21,8 +22,10 @@ const Layout* layout_of(const std::string& format) {
     static const Layout int8{7, {ov::element::i32, ov::element::i32, ov::element::i8, ov::element::i32,
                                  ov::element::f32, ov::element::f32}};
     static const Layout f32{5, {ov::element::i32, ov::element::i32, ov::element::f32, ov::element::f32}};
+    static const Layout bf16{5, {ov::element::i32, ov::element::i32, ov::element::i32, ov::element::f32}};
     if (format == kInt8) return &int8;
     if (format == kF32) return &f32;
+    if (format == kBf16) return &bf16;
     return nullptr;
 }
 
@@ -35,7 +38,7 @@ const T* data(const ov::Tensor& tensor) {
 std::string check_weight(const std::string& format, std::int64_t in_features, const std::vector<ov::Tensor>& t) {
     const auto rows = static_cast<std::int64_t>(t[0].get_size()) - 1;  // t: row_ptr, index, values, ...
     const auto entries = static_cast<std::int64_t>(t[1].get_size());
-    const std::int64_t per_entry = format == kInt8 ? 4 : 1;
+    const std::int64_t per_entry = format == kInt8 ? 4 : 1;  // bf16: a pair in one int32
     if (rows < 1) return "row_ptr needs at least 2 entries";
     if (static_cast<std::int64_t>(t[2].get_size()) != entries * per_entry) {
         return "values hold " + std::to_string(t[2].get_size()) + " codes for " + std::to_string(entries) +
@@ -51,6 +54,11 @@ std::string check_weight(const std::string& format, std::int64_t in_features, co
         Int8Blocks w{rows, in_features, data<std::int32_t>(t[0]), data<std::int32_t>(t[1]),
                      data<std::int8_t>(t[2]), data<std::int32_t>(t[3]), data<float>(t[4]), data<float>(t[5])};
         return check_int8_blocks(w, entries);
+    }
+    if (format == kBf16) {
+        Bf16Pairs w{rows, in_features, data<std::int32_t>(t[0]), data<std::int32_t>(t[1]),
+                    data<std::uint16_t>(t[2]), data<float>(t[3])};
+        return check_bf16_pairs(w, entries);
     }
     F32Csr w{rows, in_features, data<std::int32_t>(t[0]), data<std::int32_t>(t[1]), data<float>(t[2]),
              data<float>(t[3])};
@@ -72,8 +80,8 @@ SparseLinear::SparseLinear(const ov::OutputVector& inputs, std::string format, s
 
 void SparseLinear::validate_and_infer_types() {
     const Layout* layout = layout_of(m_format);
-    NODE_VALIDATION_CHECK(this, layout != nullptr, "format must be '", kInt8, "' or '", kF32, "', not '",
-                          m_format, "'");
+    NODE_VALIDATION_CHECK(this, layout != nullptr, "format must be '", kInt8, "', '", kBf16, "' or '", kF32,
+                          "', not '", m_format, "'");
     NODE_VALIDATION_CHECK(this, get_input_size() == layout->inputs, "format ", m_format, " takes ",
                           layout->inputs, " inputs, got ", get_input_size());
     NODE_VALIDATION_CHECK(this, m_in_features > 0, "in_features must be positive, got ", m_in_features);
@@ -142,6 +150,10 @@ bool SparseLinear::evaluate(ov::TensorVector& outputs, const ov::TensorVector& i
                      data<float>(inputs[6])};
         sparse_linear_int8(w, data<float>(x), n, m_in_features, m_act_scale,
                            static_cast<std::int32_t>(m_act_zero_point), y, isa, host_parallel_for);
+    } else if (m_format == kBf16) {
+        Bf16Pairs w{rows, m_in_features, data<std::int32_t>(inputs[1]), data<std::int32_t>(inputs[2]),
+                    data<std::uint16_t>(inputs[3]), data<float>(inputs[4])};
+        sparse_linear_bf16(w, data<float>(x), n, m_in_features, y, isa, host_parallel_for);
     } else {
         F32Csr w{rows, m_in_features, data<std::int32_t>(inputs[1]), data<std::int32_t>(inputs[2]),
                  data<float>(inputs[3]), data<float>(inputs[4])};

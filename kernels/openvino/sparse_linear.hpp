@@ -13,6 +13,7 @@ public:
 
     // format "int8_1x4" inputs: x, row_ptr, block_col, values, row_sums, scale, bias
     // format "f32_csr" inputs:  x, row_ptr, col, values, bias
+    // format "bf16_1x2" inputs: x, row_ptr, block_col, values (a bfloat16 pair per int32), bias
     SparseLinear() = default;
     SparseLinear(const ov::OutputVector& inputs, std::string format, std::int64_t in_features, float act_scale,
                  std::int64_t act_zero_point);

@@ -76,6 +76,13 @@ std::string check_int8_blocks(const Int8Blocks& w, std::int64_t nonzero_blocks) 
     return error;
 }
 
+std::string check_bf16_pairs(const Bf16Pairs& w, std::int64_t nonzero_blocks) {
+    if (w.cols < 1) return "the weight has no input channels";
+    std::string error = check_offsets(w.row_ptr, w.rows, nonzero_blocks);
+    if (error.empty()) error = check_indices(w.block_col, nonzero_blocks, detail::ceil_div(w.cols, 2), "block");
+    return error;
+}
+
 std::string check_f32_csr(const F32Csr& w, std::int64_t nonzeros) {
     if (w.cols < 1) return "the weight has no input channels";
     std::string error = check_offsets(w.row_ptr, w.rows, nonzeros);
@@ -92,6 +99,18 @@ void sparse_linear_int8(const Int8Blocks& w, const float* x, std::int64_t n, std
         case Isa::avx2: return detail::int8_avx2(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
         default: return detail::int8_scalar(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
     }
+}
+
+bool cpu_has_avx512_bf16() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16");
+}
+
+void sparse_linear_bf16(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
+                        Isa isa, const ParallelFor& parallel_for) {
+    if (n <= 0) return;
+    if (isa == Isa::avx512 && cpu_has_avx512_bf16()) return detail::bf16_avx512(w, x, n, x_stride, y, parallel_for);
+    detail::bf16_scalar(w, x, n, x_stride, y, parallel_for);
 }
 
 void sparse_linear_f32(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,

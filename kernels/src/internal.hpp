@@ -65,6 +65,21 @@ struct TaskGrid {
     std::int64_t row_block(std::size_t task) const { return static_cast<std::int64_t>(task) % row_blocks; }
 };
 
+// float -> bfloat16, rounding to nearest even (what vcvtneps2bf16 does; NaN stays NaN).
+inline std::uint16_t to_bf16(float value) {
+    std::uint32_t bits;
+    std::memcpy(&bits, &value, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((bits >> 16) | 0x40u);
+    return static_cast<std::uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+inline float from_bf16(std::uint16_t value) {
+    const std::uint32_t bits = static_cast<std::uint32_t>(value) << 16;
+    float out;
+    std::memcpy(&out, &bits, 4);
+    return out;
+}
+
 }  // namespace
 
 void int8_scalar(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
@@ -73,6 +88,10 @@ void int8_avx2(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t
                std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for);
 void int8_avx512(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                  std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for);
+void bf16_scalar(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
+                 const ParallelFor& parallel_for);
+void bf16_avx512(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
+                 const ParallelFor& parallel_for);
 void f32_scalar(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
                 const ParallelFor& parallel_for);
 void f32_avx2(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,

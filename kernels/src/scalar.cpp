@@ -31,6 +31,27 @@ void int8_scalar(const Int8Blocks& w, const float* x, std::int64_t n, std::int64
     });
 }
 
+void bf16_scalar(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
+                 const ParallelFor& parallel_for) {
+    const std::int64_t padded_cols = round_up(w.cols, 2);
+    parallel_for(static_cast<std::size_t>(ceil_div(n, kRowsPerTask)), [&](std::size_t task) {
+        std::vector<float> rounded(static_cast<std::size_t>(padded_cols), 0.0f);  // x as bfloat16
+        const std::int64_t end = std::min(n, static_cast<std::int64_t>(task + 1) * kRowsPerTask);
+        for (std::int64_t i = static_cast<std::int64_t>(task) * kRowsPerTask; i < end; ++i) {
+            for (std::int64_t k = 0; k < w.cols; ++k) rounded[k] = from_bf16(to_bf16(x[i * x_stride + k]));
+            for (std::int64_t m = 0; m < w.rows; ++m) {
+                float sum = 0.0f;
+                for (std::int32_t b = w.row_ptr[m]; b < w.row_ptr[m + 1]; ++b) {
+                    const float* a = rounded.data() + 2 * static_cast<std::int64_t>(w.block_col[b]);
+                    const std::uint16_t* v = w.values + 2 * static_cast<std::int64_t>(b);
+                    sum += a[0] * from_bf16(v[0]) + a[1] * from_bf16(v[1]);
+                }
+                y[i * w.rows + m] = sum + (w.bias ? w.bias[m] : 0.0f);
+            }
+        }
+    });
+}
+
 void f32_scalar(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
                 const ParallelFor& parallel_for) {
     parallel_for(static_cast<std::size_t>(ceil_div(n, kRowsPerTask)), [&](std::size_t task) {

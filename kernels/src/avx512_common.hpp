@@ -1,0 +1,80 @@
+// What the AVX-512 files share: the 16×16 transpose that writes y row-major, and the panel plumbing.
+// Included only by files compiled with AVX-512 flags; everything has internal linkage.
+#pragma once
+
+#include <immintrin.h>
+
+#include <numeric>
+
+#include "internal.hpp"
+
+namespace vitsparse::detail {
+namespace {
+
+constexpr std::int64_t kLanes = 16;
+
+// r[0..15] rows -> r[0..15] columns of the 16×16 float matrix they hold.
+inline void transpose16(__m512 r[16]) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {
+        u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+        u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; ++j) {
+        __m512 v0 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88), w0 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xDD);
+        __m512 v1 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88);
+        __m512 w1 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xDD);
+        r[j] = _mm512_shuffle_f32x4(v0, v1, 0x88);
+        r[8 + j] = _mm512_shuffle_f32x4(v0, v1, 0xDD);
+        r[4 + j] = _mm512_shuffle_f32x4(w0, w1, 0x88);
+        r[12 + j] = _mm512_shuffle_f32x4(w0, w1, 0xDD);
+    }
+}
+
+// out[r][c] (r < 16 output channels from m0, c < columns input rows from n0) -> y[n0 + c][m0 + r].
+void store_transposed(const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t rows,
+                      float* y, std::int64_t y_stride) {
+    const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1u);
+    for (std::int64_t c0 = 0; c0 < columns; c0 += kLanes) {
+        __m512 tile[16];
+        for (int r = 0; r < 16; ++r) tile[r] = _mm512_load_ps(out + r * out_stride + c0);
+        transpose16(tile);
+        const std::int64_t count = std::min<std::int64_t>(kLanes, columns - c0);
+        if (rows == kRowBlock) {
+            for (std::int64_t c = 0; c < count; ++c) _mm512_storeu_ps(y + (c0 + c) * y_stride, tile[c]);
+        } else {
+            for (std::int64_t c = 0; c < count; ++c) _mm512_mask_storeu_ps(y + (c0 + c) * y_stride, row_mask, tile[c]);
+        }
+    }
+}
+
+// Tiles per panel for an output of `rows` floats per input row. A task writes 16 × tiles lines of y, one
+// per input row; when the row stride maps them onto few L1 sets (every 64 lines apart for 1536
+// channels, 16 KiB / 12 ways) they evict one another before the stores drain, so the panel narrows
+// until at most ~16 lines share a set. L1 has 64 sets of 64-byte lines on every x86 CPU with AVX-512.
+int panel_tiles(std::int64_t rows, int max_tiles) {
+    constexpr std::int64_t kSets = 64;
+    const std::int64_t line_stride = rows * 4 % 64 == 0 ? rows * 4 / 64 % kSets : 1;
+    const std::int64_t sets_used = line_stride == 0 ? 1 : kSets / std::gcd(kSets, line_stride);
+    int tiles = max_tiles;
+    while (tiles > 1 && tiles > sets_used) tiles /= 2;
+    return tiles;
+}
+
+// Calls Panel<tiles> for the panel's tile count (the last panel may be narrower).
+template <int MaxTiles, template <int> class Panel, typename... Args>
+void run_panel(int tiles, Args&&... args) {
+    if constexpr (MaxTiles >= 1) {
+        if (tiles == MaxTiles) return Panel<MaxTiles>::run(std::forward<Args>(args)...);
+        if constexpr (MaxTiles > 1) return run_panel<MaxTiles - 1, Panel>(tiles, std::forward<Args>(args)...);
+    }
+}
+
+}  // namespace
+}  // namespace vitsparse::detail
