@@ -40,7 +40,9 @@ class Profile:
     epochs: int = 4  # the standard digits-vit fine-tune
     seeds: dict[str, int] = field(default_factory=dict)  # per method; a spec's own default otherwise
     calibration_samples: int = 64  # images a data-aware solver sees on the speed model
-    precision_columns: bool = True  # OpenVINO in bf16 beside f32 where the CPU runs it
+    # columns beyond one per engine: OpenVINO in bf16 beside f32 where the CPU runs it, and vitsparse's
+    # kernels (openvino-sparse) beside the engines everyone can install
+    extra_columns: bool = True
 
 
 DEFAULT = Profile(
@@ -62,7 +64,7 @@ DEFAULT = Profile(
     seconds_per_block=0.5,
     # heads: 2 seeds, the fewest with a spread (the paired difference to l1 and its standard error)
     seeds={"heads": 2, "tokens": 1, "combined": 1},
-    precision_columns=False,  # openvino:bf16 is a precision of an engine timed already
+    extra_columns=False,  # openvino:bf16 and openvino-sparse: `full`'s, or one `-e` away
 )
 
 FULL = Profile(

@@ -49,15 +49,17 @@ from .speed import (
 
 ENGINES = (*RUNTIME_ENGINES, TORCH)  # the CPU engines plus dense PyTorch as the baseline
 PRECISION_COLUMNS = ("openvino:bf16",)  # timed beside the f32 columns where the CPU can run them
+EXTRA_ENGINES = ("openvino-sparse",)  # built by vitsparse itself: timed by the full profile or when named
 SPEED_MODEL_SEED = 0  # the speed model's random weights: one model across runs, whatever ran before
 NONE = "none"  # `--only none`, `-e none`: an empty list
 
 
-def available_engines(precision_columns: bool = True) -> tuple[str, ...]:
-    """The engines that can run here (DeepSparse needs Python < 3.12), OpenVINO in bf16 too where the CPU
-    has bf16 instructions (with `precision_columns`), plus PyTorch."""
-    columns = [e for e in RUNTIME_ENGINES if engine_status(e).available]
-    columns += [c for c in PRECISION_COLUMNS if precision_columns and _runs_here(c)]
+def available_engines(extra_columns: bool = True) -> tuple[str, ...]:
+    """The engines that can run here (DeepSparse needs Python < 3.12), plus PyTorch; with `extra_columns`
+    also vitsparse's kernels where they are built and OpenVINO in bf16 where the CPU has bf16."""
+    columns = [e for e in RUNTIME_ENGINES if engine_status(e).available
+               and (extra_columns or e not in EXTRA_ENGINES)]
+    columns += [c for c in PRECISION_COLUMNS if extra_columns and _runs_here(c)]
     return (*columns, TORCH)
 
 
@@ -173,7 +175,7 @@ def _base(opts: BenchOptions) -> dict:
 
 
 def _timing_plan(opts: BenchOptions, profile: Profile) -> TimingPlan:
-    engines = opts.engines if opts.engines is not None else available_engines(profile.precision_columns)
+    engines = opts.engines if opts.engines is not None else available_engines(profile.extra_columns)
     return TimingPlan(
         batch_sizes=opts.batch_sizes if opts.batch_sizes is not None else profile.batch_sizes,
         engines=engines,

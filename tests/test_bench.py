@@ -162,7 +162,7 @@ def test_each_solver_is_timed_on_the_speed_model(run_dir: Path) -> None:
 def test_speed_rows_time_every_engine_against_the_dense_baseline(run_dir: Path) -> None:
     rows = [r for r in rows_of(run_dir) if r["model"] != "digits-vit"]
     engines = json.loads((run_dir / "results.json").read_text())["meta"]["engines"]
-    assert engines == list(available_engines(precision_columns=False))  # the default profile's
+    assert engines == list(available_engines(extra_columns=False))  # the default profile's
     deepsparse = "deepsparse" in engines
     formats = ["qdq", "operator"] if deepsparse else ["qdq"]
     dense, dense_int8 = rows[:2]  # the baselines lead
