@@ -71,32 +71,46 @@ inline __m512i dot_accumulate(__m512i acc, __m512i activations, __m512i weights)
     return acc;
 }
 
+// acc[t] += blocks [begin, end) of a row times tile t of the panel at `panel` (packed activations).
+template <int Tiles>
+inline void accumulate_blocks(const Int8Blocks& w, const std::uint8_t* panel, std::int64_t padded_n,
+                              std::int32_t begin, std::int32_t end, __m512i* acc) {
+    for (std::int32_t b = begin; b < end; ++b) {
+        std::int32_t block;
+        std::memcpy(&block, w.values + 4 * static_cast<std::int64_t>(b), 4);
+        const __m512i weights = _mm512_set1_epi32(block);
+        const std::uint8_t* a = panel + static_cast<std::int64_t>(w.block_col[b]) * padded_n * 4;
+#pragma GCC unroll 8
+        for (int t = 0; t < Tiles; ++t) acc[t] = dot_accumulate(acc[t], _mm512_load_si512(a + 64 * t), weights);
+    }
+}
+
+// out[t] = (acc[t] - zero point × row sum) × scale + bias for output channel m.
+template <int Tiles>
+inline void finish_row(const Int8Blocks& w, std::int64_t m, std::int32_t zero_point, const __m512i* acc,
+                       float* out) {
+    const __m512i offset = _mm512_set1_epi32(zero_point * w.row_sums[m]);
+    const __m512 scale = _mm512_set1_ps(w.scale[m]), bias = _mm512_set1_ps(w.bias ? w.bias[m] : 0.0f);
+    for (int t = 0; t < Tiles; ++t) {
+        const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], offset));
+        _mm512_store_ps(out + t * kLanes, _mm512_fmadd_ps(sum, scale, bias));
+    }
+}
+
+// 16 output channels from m0 (`rows` of them real) over one panel of input rows from n0, into out.
 template <int Tiles>
 void int8_panel(const Int8Blocks& w, const std::uint8_t* packed, std::int64_t padded_n, std::int64_t n0,
                 std::int64_t m0, std::int64_t rows, std::int32_t zero_point, float* out) {
-    for (std::int64_t r = 0; r < rows; ++r) {
-        const std::int64_t m = m0 + r;
+    const std::uint8_t* panel = packed + n0 * 4;
+    for (std::int64_t r = 0; r < kRowBlock; ++r) {
         __m512i acc[Tiles];
         for (int t = 0; t < Tiles; ++t) acc[t] = _mm512_setzero_si512();
-        for (std::int32_t b = w.row_ptr[m]; b < w.row_ptr[m + 1]; ++b) {
-            std::int32_t block;
-            std::memcpy(&block, w.values + 4 * static_cast<std::int64_t>(b), 4);
-            const __m512i weights = _mm512_set1_epi32(block);
-            const std::uint8_t* a = packed + (static_cast<std::int64_t>(w.block_col[b]) * padded_n + n0) * 4;
-#pragma GCC unroll 8
-            for (int t = 0; t < Tiles; ++t) {
-                acc[t] = dot_accumulate(acc[t], _mm512_load_si512(a + 64 * t), weights);
-            }
+        if (r < rows) {
+            accumulate_blocks<Tiles>(w, panel, padded_n, w.row_ptr[m0 + r], w.row_ptr[m0 + r + 1], acc);
+            finish_row<Tiles>(w, m0 + r, zero_point, acc, out + r * Tiles * kLanes);
+        } else {
+            for (int t = 0; t < Tiles; ++t) _mm512_store_ps(out + r * Tiles * kLanes + t * kLanes, _mm512_setzero_ps());
         }
-        const __m512i offset = _mm512_set1_epi32(zero_point * w.row_sums[m]);
-        const __m512 scale = _mm512_set1_ps(w.scale[m]), bias = _mm512_set1_ps(w.bias ? w.bias[m] : 0.0f);
-        for (int t = 0; t < Tiles; ++t) {
-            __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], offset));
-            _mm512_store_ps(out + r * Tiles * kLanes + t * kLanes, _mm512_fmadd_ps(sum, scale, bias));
-        }
-    }
-    for (std::int64_t r = rows; r < kRowBlock; ++r) {
-        for (int t = 0; t < Tiles; ++t) _mm512_store_ps(out + r * Tiles * kLanes + t * kLanes, _mm512_setzero_ps());
     }
 }
 
@@ -108,39 +122,23 @@ template <int Tiles>
 void int8_panel_chunked(const Int8Blocks& w, const std::uint8_t* packed, std::int64_t padded_n, std::int64_t n0,
                         std::int64_t m0, std::int64_t rows, std::int32_t zero_point, float* out,
                         const std::int32_t* chunk_ptr, std::int64_t chunks) {
-    auto* sums = reinterpret_cast<std::int32_t*>(out);
-    for (std::int64_t r = 0; r < kRowBlock; ++r) {
-        for (int t = 0; t < Tiles; ++t) _mm512_store_si512(sums + r * Tiles * kLanes + t * kLanes, _mm512_setzero_si512());
-    }
+    const std::uint8_t* panel = packed + n0 * 4;
+    auto* sums = reinterpret_cast<__m512i*>(out);  // [16 rows][Tiles]
+    for (std::int64_t i = 0; i < kRowBlock * Tiles; ++i) sums[i] = _mm512_setzero_si512();
     for (std::int64_t c = 0; c < chunks; ++c) {
         for (std::int64_t r = 0; r < rows; ++r) {
             const std::int32_t* bounds = chunk_ptr + (m0 + r) * (chunks + 1) + c;
             if (bounds[0] == bounds[1]) continue;
-            std::int32_t* row_sums = sums + r * Tiles * kLanes;
             __m512i acc[Tiles];
-            for (int t = 0; t < Tiles; ++t) acc[t] = _mm512_load_si512(row_sums + t * kLanes);
-            for (std::int32_t b = bounds[0]; b < bounds[1]; ++b) {
-                std::int32_t block;
-                std::memcpy(&block, w.values + 4 * static_cast<std::int64_t>(b), 4);
-                const __m512i weights = _mm512_set1_epi32(block);
-                const std::uint8_t* a = packed + (static_cast<std::int64_t>(w.block_col[b]) * padded_n + n0) * 4;
-#pragma GCC unroll 8
-                for (int t = 0; t < Tiles; ++t) {
-                    acc[t] = dot_accumulate(acc[t], _mm512_load_si512(a + 64 * t), weights);
-                }
-            }
-            for (int t = 0; t < Tiles; ++t) _mm512_store_si512(row_sums + t * kLanes, acc[t]);
+            for (int t = 0; t < Tiles; ++t) acc[t] = sums[r * Tiles + t];
+            accumulate_blocks<Tiles>(w, panel, padded_n, bounds[0], bounds[1], acc);
+            for (int t = 0; t < Tiles; ++t) sums[r * Tiles + t] = acc[t];
         }
     }
     for (std::int64_t r = 0; r < rows; ++r) {
-        const std::int64_t m = m0 + r;
-        const __m512i offset = _mm512_set1_epi32(zero_point * w.row_sums[m]);
-        const __m512 scale = _mm512_set1_ps(w.scale[m]), bias = _mm512_set1_ps(w.bias ? w.bias[m] : 0.0f);
-        for (int t = 0; t < Tiles; ++t) {
-            std::int32_t* at = sums + r * Tiles * kLanes + t * kLanes;
-            const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(at), offset));
-            _mm512_store_ps(reinterpret_cast<float*>(at), _mm512_fmadd_ps(sum, scale, bias));
-        }
+        __m512i acc[Tiles];
+        for (int t = 0; t < Tiles; ++t) acc[t] = sums[r * Tiles + t];
+        finish_row<Tiles>(w, m0 + r, zero_point, acc, out + r * Tiles * kLanes);
     }
 }
 
@@ -158,20 +156,13 @@ void chunk_bounds(const Int8Blocks& w, std::int64_t chunks, std::int32_t* chunk_
 template <int Tiles>
 void f32_panel(const F32Csr& w, const float* packed, std::int64_t padded_n, std::int64_t n0, std::int64_t m0,
                std::int64_t rows, float* out) {
-    for (std::int64_t r = 0; r < kRowBlock; ++r) {
-        const std::int64_t m = m0 + r;
-        __m512 acc[Tiles];
-        const __m512 bias = _mm512_set1_ps(r < rows && w.bias ? w.bias[m] : 0.0f);
-        for (int t = 0; t < Tiles; ++t) acc[t] = bias;
-        if (r < rows) {
-            for (std::int32_t j = w.row_ptr[m]; j < w.row_ptr[m + 1]; ++j) {
-                const __m512 weight = _mm512_set1_ps(w.values[j]);
-                const float* a = packed + static_cast<std::int64_t>(w.col[j]) * padded_n + n0;
-                for (int t = 0; t < Tiles; ++t) acc[t] = _mm512_fmadd_ps(_mm512_load_ps(a + kLanes * t), weight, acc[t]);
-            }
+    float_panel<Tiles>(w.bias, m0, rows, out, [&](std::int64_t m, __m512* acc) {
+        for (std::int32_t j = w.row_ptr[m]; j < w.row_ptr[m + 1]; ++j) {
+            const __m512 weight = _mm512_set1_ps(w.values[j]);
+            const float* a = packed + static_cast<std::int64_t>(w.col[j]) * padded_n + n0;
+            for (int t = 0; t < Tiles; ++t) acc[t] = _mm512_fmadd_ps(_mm512_load_ps(a + kLanes * t), weight, acc[t]);
         }
-        for (int t = 0; t < Tiles; ++t) _mm512_store_ps(out + r * Tiles * kLanes + t * kLanes, acc[t]);
-    }
+    });
 }
 
 template <int Tiles>
@@ -211,20 +202,14 @@ void int8_avx512(const Int8Blocks& w, const float* x, std::int64_t n, std::int64
     if (chunks > 1) {
         for (std::int64_t m = 0; m < w.rows; ++m) chunk_bounds(w, chunks, chunk_ptr, m);
     }
-    const TaskGrid grid(w.rows, padded_n, panel_tiles(w.rows, kInt8Tiles) * kLanes);
-    parallel_for(grid.size(), [&](std::size_t task) {
-        alignas(64) float out[kRowBlock * kInt8Tiles * kLanes];
-        const std::int64_t n0 = grid.panel(task) * grid.panel_columns, m0 = grid.row_block(task) * kRowBlock;
-        const std::int64_t columns = std::min(grid.panel_columns, padded_n - n0);
-        const std::int64_t rows = std::min(kRowBlock, w.rows - m0);
-        const int tiles = static_cast<int>(columns / kLanes);
+    run_tasks<kInt8Tiles>(w.rows, n, padded_n, y, parallel_for,
+                          [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
         if (chunks > 1) {
             run_panel<kInt8Tiles, Int8ChunkedPanel>(tiles, w, packed, padded_n, n0, m0, rows, act_zero_point, out,
                                                     chunk_ptr, chunks);
         } else {
             run_panel<kInt8Tiles, Int8Panel>(tiles, w, packed, padded_n, n0, m0, rows, act_zero_point, out);
         }
-        store_transposed(out, tiles * kLanes, std::min(columns, n - n0), rows, y + n0 * w.rows + m0, w.rows);
     });
 }
 
@@ -245,15 +230,9 @@ void f32_avx512(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_
             for (int c = 0; c < 16; ++c) _mm512_store_ps(packed + (k0 + c) * padded_n + first, tile[c]);
         }
     });
-    const TaskGrid grid(w.rows, padded_n, panel_tiles(w.rows, kF32Tiles) * kLanes);
-    parallel_for(grid.size(), [&](std::size_t task) {
-        alignas(64) float out[kRowBlock * kF32Tiles * kLanes];
-        const std::int64_t n0 = grid.panel(task) * grid.panel_columns, m0 = grid.row_block(task) * kRowBlock;
-        const std::int64_t columns = std::min(grid.panel_columns, padded_n - n0);
-        const std::int64_t rows = std::min(kRowBlock, w.rows - m0);
-        const int tiles = static_cast<int>(columns / kLanes);
+    run_tasks<kF32Tiles>(w.rows, n, padded_n, y, parallel_for,
+                         [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
         run_panel<kF32Tiles, F32Panel>(tiles, w, packed, padded_n, n0, m0, rows, out);
-        store_transposed(out, tiles * kLanes, std::min(columns, n - n0), rows, y + n0 * w.rows + m0, w.rows);
     });
 }
 

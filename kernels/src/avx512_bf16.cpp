@@ -41,23 +41,16 @@ void pack_bf16(const float* x, std::int64_t n, std::int64_t x_stride, std::int64
 template <int Tiles>
 void bf16_panel(const Bf16Pairs& w, const std::uint16_t* packed, std::int64_t padded_n, std::int64_t n0,
                 std::int64_t m0, std::int64_t rows, float* out) {
-    for (std::int64_t r = 0; r < kRowBlock; ++r) {
-        const std::int64_t m = m0 + r;
-        __m512 acc[Tiles];
-        const __m512 bias = _mm512_set1_ps(r < rows && w.bias ? w.bias[m] : 0.0f);
-        for (int t = 0; t < Tiles; ++t) acc[t] = bias;
-        if (r < rows) {
-            for (std::int32_t b = w.row_ptr[m]; b < w.row_ptr[m + 1]; ++b) {
-                std::int32_t pair;
-                std::memcpy(&pair, w.values + 2 * static_cast<std::int64_t>(b), 4);
-                const __m512i weights = _mm512_set1_epi32(pair);
-                const std::uint16_t* a = packed + (static_cast<std::int64_t>(w.block_col[b]) * padded_n + n0) * 2;
+    float_panel<Tiles>(w.bias, m0, rows, out, [&](std::int64_t m, __m512* acc) {
+        for (std::int32_t b = w.row_ptr[m]; b < w.row_ptr[m + 1]; ++b) {
+            std::int32_t pair;
+            std::memcpy(&pair, w.values + 2 * static_cast<std::int64_t>(b), 4);
+            const __m512i weights = _mm512_set1_epi32(pair);
+            const std::uint16_t* a = packed + (static_cast<std::int64_t>(w.block_col[b]) * padded_n + n0) * 2;
 #pragma GCC unroll 8
-                for (int t = 0; t < Tiles; ++t) acc[t] = pair_accumulate(acc[t], _mm512_load_si512(a + 32 * t), weights);
-            }
+            for (int t = 0; t < Tiles; ++t) acc[t] = pair_accumulate(acc[t], _mm512_load_si512(a + 32 * t), weights);
         }
-        for (int t = 0; t < Tiles; ++t) _mm512_store_ps(out + r * Tiles * kLanes + t * kLanes, acc[t]);
-    }
+    });
 }
 
 template <int Tiles>
@@ -75,15 +68,9 @@ void bf16_avx512(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_
     parallel_for(static_cast<std::size_t>(padded_n / kLanes), [&](std::size_t chunk) {
         pack_bf16(x, n, x_stride, w.cols, packed, padded_n, static_cast<std::int64_t>(chunk) * kLanes);
     });
-    const TaskGrid grid(w.rows, padded_n, panel_tiles(w.rows, kTiles) * kLanes);
-    parallel_for(grid.size(), [&](std::size_t task) {
-        alignas(64) float out[kRowBlock * kTiles * kLanes];
-        const std::int64_t n0 = grid.panel(task) * grid.panel_columns, m0 = grid.row_block(task) * kRowBlock;
-        const std::int64_t columns = std::min(grid.panel_columns, padded_n - n0);
-        const std::int64_t rows = std::min(kRowBlock, w.rows - m0);
-        const int tiles = static_cast<int>(columns / kLanes);
+    run_tasks<kTiles>(w.rows, n, padded_n, y, parallel_for,
+                      [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
         run_panel<kTiles, Bf16Panel>(tiles, w, packed, padded_n, n0, m0, rows, out);
-        store_transposed(out, tiles * kLanes, std::min(columns, n - n0), rows, y + n0 * w.rows + m0, w.rows);
     });
 }
 

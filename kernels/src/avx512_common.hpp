@@ -76,5 +76,36 @@ void run_panel(int tiles, Args&&... args) {
     }
 }
 
+// The float kernels' panel: for each of 16 output channels from m0, accumulators start at its bias,
+// `accumulate(m, acc)` adds its products (rows past `rows` stay zero), and they land in out[r].
+template <int Tiles, typename Accumulate>
+void float_panel(const float* bias, std::int64_t m0, std::int64_t rows, float* out, Accumulate accumulate) {
+    for (std::int64_t r = 0; r < kRowBlock; ++r) {
+        __m512 acc[Tiles];
+        const __m512 start = _mm512_set1_ps(r < rows && bias ? bias[m0 + r] : 0.0f);
+        for (int t = 0; t < Tiles; ++t) acc[t] = start;
+        if (r < rows) accumulate(m0 + r, acc);
+        for (int t = 0; t < Tiles; ++t) _mm512_store_ps(out + r * Tiles * kLanes + t * kLanes, acc[t]);
+    }
+}
+
+// Every task of a product: `compute(tiles, n0, m0, rows, out)` fills out[16][tiles × 16] for 16 output
+// channels from m0 (`rows` of them real) over the panel of input rows from n0, then out goes to y.
+template <int MaxTiles, typename Compute>
+void run_tasks(std::int64_t out_features, std::int64_t n, std::int64_t padded_n, float* y,
+               const ParallelFor& parallel_for, Compute compute) {
+    const TaskGrid grid(out_features, padded_n, panel_tiles(out_features, MaxTiles) * kLanes);
+    parallel_for(grid.size(), [&](std::size_t task) {
+        alignas(64) float out[kRowBlock * MaxTiles * kLanes];
+        const std::int64_t n0 = grid.panel(task) * grid.panel_columns, m0 = grid.row_block(task) * kRowBlock;
+        const std::int64_t columns = std::min(grid.panel_columns, padded_n - n0);
+        const std::int64_t rows = std::min(kRowBlock, out_features - m0);
+        const int tiles = static_cast<int>(columns / kLanes);
+        compute(tiles, n0, m0, rows, out);
+        store_transposed(out, tiles * kLanes, std::min(columns, n - n0), rows, y + n0 * out_features + m0,
+                         out_features);
+    });
+}
+
 }  // namespace
 }  // namespace vitsparse::detail
