@@ -19,6 +19,7 @@ from .batching import check_batch_size, fixed_batch_size
 from .errors import EngineLoadError, InputMismatchError, RuntimeInputError, UnsupportedPrecisionError
 from .onnx_file import TensorSpec, graph_inputs, graph_outputs, load_onnx
 from .quantized import check_int8_support, quantization_format
+from .sparse_extension import check_sparse_nodes
 
 
 class Engine(ABC):
@@ -34,6 +35,7 @@ class Engine(ABC):
         model = load_onnx(model_path)
         check_batch_size(model, batch_size, model_path)
         check_int8_support(self.name, model, model_path)
+        check_sparse_nodes(self.name, model, model_path)
         self.model_path = Path(model_path)
         self.batch_size = batch_size
         self.num_cores = num_cores

@@ -128,14 +128,16 @@ class OpenVinoEngine(Engine):
 
 # the lines of an OpenVINO error that say where it was raised rather than what is wrong
 _OPENVINO_TRACE = re.compile(r"^(Exception from |Check '.*' failed at |While validating |FrontEnd API failed|"
-                             r"Model wasn't fully converted|-- |Summary:|\[ GENERAL_ERROR \]$)")
+                             r"Model wasn't fully converted|Summary:|\[ GENERAL_ERROR \]$|"
+                             r".* with a message:$)")
 
 
 def openvino_reason(exc: BaseException) -> str:
     """The line of an OpenVINO exception that says what is wrong (its first lines say where)."""
     for line in str(exc).splitlines():
-        if line.strip() and not _OPENVINO_TRACE.match(line.strip()):
-            return line.strip()
+        line = line.strip().removeprefix("-- ")
+        if line and not _OPENVINO_TRACE.match(line):
+            return line
     return first_line(exc)
 
 

@@ -11,9 +11,13 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import EngineUnavailableError
+import onnx
+
+from .errors import EngineLoadError, EngineUnavailableError
 
 LIBRARY = "libvitsparse_openvino.so"
+ENGINE = "openvino-sparse"  # the engine that loads the extension
+DOMAIN = "com.vitsparse"  # the ONNX domain of the extension's nodes (SparseLinear)
 ENV_DIR = "VITSPARSE_KERNELS_DIR"
 ENV_ISA = "VITSPARSE_KERNEL_ISA"  # scalar | avx2 | avx512: the kernels never use more than this
 ISAS = ("scalar", "avx2", "avx512")
@@ -35,6 +39,13 @@ def unavailable_reason() -> str | None:
         return f"vitsparse's sparse kernels were not built: {note.read_text(encoding='utf-8').strip()}"
     return (f"vitsparse's sparse kernels are not built for this Python ({path} is missing); "
             f"run `make install` (it needs cmake and a C++ compiler) or kernels/build.sh")
+
+
+def check_sparse_nodes(engine: str, model: onnx.ModelProto, path: object) -> None:
+    """EngineLoadError when `model` holds vitsparse's SparseLinear nodes and `engine` cannot run them."""
+    if engine != ENGINE and any(node.domain == DOMAIN for node in model.graph.node):
+        raise EngineLoadError(f"{path} holds vitsparse's SparseLinear nodes (exported with sparse kernels), "
+                              f"which only the {ENGINE!r} engine runs")
 
 
 def add_extension(core) -> None:

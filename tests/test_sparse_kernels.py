@@ -237,3 +237,11 @@ def test_without_a_compiler_the_build_leaves_the_reason_and_succeeds(tmp_path, m
     monkeypatch.setenv(ENV_DIR, str(tmp_path))
     status = engine_status("openvino-sparse")
     assert not status.available and "no C++ compiler (no-such-c++)" in status.reason
+
+
+def test_another_engine_refuses_a_file_with_sparse_nodes(tmp_path) -> None:
+    packed = pack_f32_csr(np.eye(4, dtype=np.float32))
+    path = _layer_file(tmp_path / "l.onnx", packed, [1, 4])
+    for engine in ("openvino", "onnxruntime"):
+        with pytest.raises(EngineLoadError, match="only the 'openvino-sparse' engine runs"):
+            create_engine(engine, path)
