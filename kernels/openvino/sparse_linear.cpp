@@ -138,6 +138,8 @@ bool SparseLinear::has_evaluate() const {
 bool SparseLinear::evaluate(ov::TensorVector& outputs, const ov::TensorVector& inputs) const {
     const ov::Tensor& x = inputs[0];
     ov::Shape shape = x.get_shape();
+    OPENVINO_ASSERT(!shape.empty() && static_cast<std::int64_t>(shape.back()) == m_in_features,
+                    "SparseLinear: x has ", shape.empty() ? 0 : shape.back(), " features, the weight ", m_in_features);
     const auto rows = static_cast<std::int64_t>(inputs[1].get_size()) - 1;
     const auto n = static_cast<std::int64_t>(ov::shape_size(shape) / static_cast<std::size_t>(m_in_features));
     shape.back() = static_cast<std::size_t>(rows);
