@@ -39,9 +39,11 @@ OBSERVER = "percentile"
 QAT = FinetuneConfig(epochs=4, lr=1e-4, warmup_steps=5)  # a gentle lr: the calibrated ranges stay valid
 # where each format runs as INT8
 FORMAT_ENGINES = {"qdq": ("onnxruntime", "openvino", "openvino-sparse"), "operator": ("deepsparse",)}
-# each export checked against the float model: verification key -> (format, engine)
-VERIFICATIONS = {"qdq": ("qdq", "onnxruntime"), "qdq-openvino": ("qdq", "openvino"),
-                 "operator": ("operator", "deepsparse")}
+# each export checked against the float model: verification key -> (export settings, engine)
+VERIFICATIONS = {"qdq": ({"quant_format": "qdq"}, "onnxruntime"),
+                 "qdq-openvino": ({"quant_format": "qdq"}, "openvino"),
+                 "operator": ({"quant_format": "operator"}, "deepsparse"),
+                 "sparse-kernels": ({"quant_format": "qdq", "sparse_kernels": True}, "openvino-sparse")}
 SPEED_CALIBRATION = 16  # images (random or --calibration-data) the speed model's ranges come from
 
 
@@ -100,13 +102,15 @@ def verify_formats(graph: torch.nn.Module, recipe: Recipe, images: torch.Tensor,
     with torch.no_grad():
         reference = graph.eval()(images).numpy()
     checks, exported = {}, {}
-    for key, (form, engine_name) in VERIFICATIONS.items():
+    for key, (settings, engine_name) in VERIFICATIONS.items():
         if not engine_status(engine_name).available:
             continue
-        if form not in exported:
-            exported[form] = export_artifact(graph, recipe, artifacts / f"{slug}-{form}",
-                                             ExportConfig(quant_format=form), overwrite=True).directory
-        logits = _logits(engine_name, exported[form], images)
+        export = tuple(sorted(settings.items()))
+        if export not in exported:
+            name = "-".join(str(value) if value is not True else option for option, value in export)
+            exported[export] = export_artifact(graph, recipe, artifacts / f"{slug}-{name}",
+                                               ExportConfig(**settings), overwrite=True).directory
+        logits = _logits(engine_name, exported[export], images)
         checks[key] = {"engine": engine_name, "images": len(images),
                         "max_abs_logit_diff": float(np.abs(logits - reference).max()),
                         "top1_agreement": float(np.mean(logits.argmax(1) == reference.argmax(1)))}

@@ -294,14 +294,16 @@ def int8_table(rows: list[Row]) -> str:
     accuracy = digits_top1(rows)
     dense = accuracy.get((DENSE,))
     lines = ["| model | INT8 post-training | INT8 after QAT | float model | QAT vs dense FP32 (relative) | "
-             "QDQ: max Δlogit / same top-1 | QDQ on OpenVINO | operator: max Δlogit / same top-1 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "QDQ: max Δlogit / same top-1 | QDQ on OpenVINO | operator: max Δlogit / same top-1 | "
+             "sparse kernels (openvino-sparse) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in measured:
         relative = f"{100 * (r.top1 / dense.top1 - 1):+.2f} %" if dense else "–"
         source = _float_counterpart(r, accuracy)
         lines.append(f"| {_int8_model(r)} | {_pct(r.top1_oneshot)} | {_pct(r.top1)} | "
                      f"{_pct(source.top1 if source else None)} | {relative} | {_agreement(r, 'qdq')} | "
-                     f"{_agreement(r, 'qdq-openvino')} | {_agreement(r, 'operator')} |")
+                     f"{_agreement(r, 'qdq-openvino')} | {_agreement(r, 'operator')} | "
+                     f"{_agreement(r, 'sparse-kernels')} |")
     return "\n".join(lines)
 
 

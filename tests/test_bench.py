@@ -132,7 +132,8 @@ def test_int8_rows_and_twins_run_on_every_engine_that_takes_their_format(run_dir
     int8 = digits(rows, "int8", sparsity=0.5)
     assert int8["settings"] == {"base": "obs-fisher", "sparsity": 0.5, "pattern": "unstructured",
                                 "observer": "percentile"}
-    checked = {"qdq": "onnxruntime", "qdq-openvino": "openvino", "operator": "deepsparse"}
+    checked = {"qdq": "onnxruntime", "qdq-openvino": "openvino", "operator": "deepsparse",
+               "sparse-kernels": "openvino-sparse"}
     assert set(int8["verification"]) == {f for f, e in checked.items() if e in available_engines()}
     sources = [digits(rows, "vtp", rate=0.4, int8=None),
                digits(rows, "head-channels", variant="full", int8=None),

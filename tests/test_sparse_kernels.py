@@ -245,3 +245,16 @@ def test_another_engine_refuses_a_file_with_sparse_nodes(tmp_path) -> None:
     for engine in ("openvino", "onnxruntime"):
         with pytest.raises(EngineLoadError, match="only the 'openvino-sparse' engine runs"):
             create_engine(engine, path)
+
+
+def test_the_int8_verification_runs_the_sparse_kernel_export_on_its_engine(tmp_path) -> None:
+    """prune-and-bench checks every INT8 export on the engine that runs it, SparseLinear nodes included."""
+    from vitsparse.bench.int8 import verify_formats
+
+    manager, images, _ = _masked_vit(quantize=True)
+    checks = verify_formats(manager.graph_module, manager.recipe, images, tmp_path, "vit")
+    check = checks["sparse-kernels"]
+    assert check["engine"] == "openvino-sparse" and check["images"] == 2
+    assert check["max_abs_logit_diff"] < 0.2 and check["top1_agreement"] == 1.0
+    model = onnx.load(str(tmp_path / "vit-qdq-sparse_kernels" / "model.onnx"))
+    assert any(node.op_type == "SparseLinear" for node in model.graph.node)
