@@ -40,6 +40,7 @@ from .trace import INPUT_SHAPE_KEY, SERVING_KEY, carry_meta, example_input, inpu
 SUPPORTED_OPSETS = range(14, 18)
 FEATURE_SELECT_FORMS = ("gather", "matmul", "gather-last")
 QUANT_FORMATS = ("qdq", "operator")
+SPARSE_PRECISIONS = ("f32", "bf16")
 # the feature-selection forms other than the module's own (Transpose, Gather, Transpose)
 SELECT_FORMS = {"matmul": SelectFeatures.as_matmul, "gather-last": SelectFeatures.as_last_axis_gather}
 ARTIFACT_FILES = ("model.onnx", "recipe.json", "weights.safetensors", "meta.json")
@@ -68,9 +69,13 @@ class ExportConfig:
     quant_format: str = "qdq"
     quant_atol: float = 0.1
     # pruned MatMuls with at least sparse_min_sparsity zeros become SparseLinear nodes that only the
-    # `openvino-sparse` engine runs (vitsparse's kernels); None: the kernels' measured crossover
+    # `openvino-sparse` engine runs (vitsparse's kernels); None: the kernels' measured crossover. Float
+    # layers run in sparse_precision: "f32", or "bf16" (weights and inputs rounded to bfloat16, 1×2
+    # blocks), verified within bf16_atol
     sparse_kernels: bool = False
     sparse_min_sparsity: float | None = None
+    sparse_precision: str = "f32"
+    bf16_atol: float = 0.1
 
     def __post_init__(self) -> None:
         if self.quant_format not in QUANT_FORMATS:
@@ -84,6 +89,9 @@ class ExportConfig:
             raise ExportError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.sparse_min_sparsity is not None and not 0.0 <= self.sparse_min_sparsity <= 1.0:
             raise ExportError(f"sparse_min_sparsity must be within [0, 1], got {self.sparse_min_sparsity}")
+        if self.sparse_precision not in SPARSE_PRECISIONS:
+            raise ExportError(f"sparse_precision must be one of {SPARSE_PRECISIONS}, "
+                              f"got {self.sparse_precision!r}")
         if self.sparse_kernels and self.quant_format == "operator":
             raise ExportError("sparse_kernels replaces the QDQ layers; it cannot be combined with "
                               "quant_format='operator'")
@@ -150,9 +158,9 @@ def finish_sparse(path: Path, config: ExportConfig) -> dict[str, Any] | None:
         return None
     threshold = DEFAULT_MIN_SPARSITY if config.sparse_min_sparsity is None else config.sparse_min_sparsity
     model = onnx.load(str(path))
-    layers = to_sparse_kernels(model, threshold)
+    layers = to_sparse_kernels(model, threshold, config.sparse_precision)
     onnx.save(model, str(path))
-    return {"layers": layers, "min_sparsity": threshold}
+    return {"layers": layers, "min_sparsity": threshold, "precision": config.sparse_precision}
 
 
 def verify_onnx(path: Path, gm: fx.GraphModule, config: ExportConfig) -> float:
@@ -175,9 +183,10 @@ def verify_onnx(path: Path, gm: fx.GraphModule, config: ExportConfig) -> float:
     return worst
 
 
-def verification_limit(config: ExportConfig, quantized: bool) -> float:
-    """The largest difference from torch an export may show: atol, or quant_atol for an INT8 file."""
-    return config.quant_atol if quantized else config.atol
+def verification_limit(config: ExportConfig, quantized: bool, bf16: bool = False) -> float:
+    """The largest difference from torch an export may show: atol, or quant_atol for an INT8 file, or
+    bf16_atol for one with bfloat16 sparse layers (the larger of those that apply)."""
+    return max(config.atol, config.quant_atol if quantized else 0.0, config.bf16_atol if bf16 else 0.0)
 
 
 def layer_sparsity(gm: nn.Module) -> dict[str, dict[str, float | int]]:
@@ -266,7 +275,8 @@ def export_artifact(gm: fx.GraphModule, recipe: Recipe, directory: str | os.Path
         quantization = finish_quantized(staging / "model.onnx", config)
         sparse_kernels = finish_sparse(staging / "model.onnx", config)
         error = verify_onnx(staging / "model.onnx", folded, config)
-        limit = verification_limit(config, quantization is not None)
+        bf16 = bool(sparse_kernels and sparse_kernels["layers"]) and config.sparse_precision == "bf16"
+        limit = verification_limit(config, quantization is not None, bf16)
         if not error <= limit:
             raise ExportError(f"exported ONNX differs from the torch model by {error:.3g} (limit {limit})")
         recipe.save(staging / "recipe.json")

@@ -168,7 +168,15 @@ def block_sparsity(codes: np.ndarray) -> float:
     return 1.0 - float(padded.reshape(rows, -1, BLOCK).any(axis=2).mean())
 
 
-def _replacement(g: _Graph, node: onnx.NodeProto, min_sparsity: float):
+def pair_sparsity(weight: np.ndarray) -> float:
+    """Share of all-zero 1×2 blocks along the input channel of an [out, in] weight."""
+    rows, cols = weight.shape
+    padded = np.zeros((rows, -(-cols // 2) * 2), weight.dtype)
+    padded[:, :cols] = weight
+    return 1.0 - float(padded.reshape(rows, -1, 2).any(axis=2).mean())
+
+
+def _replacement(g: _Graph, node: onnx.NodeProto, min_sparsity: float, precision: str):
     """(SparseLinear node, initializers, nodes it replaces) for a sparse enough MatMul, else None."""
     ops = _operands(g, node.input[0], node.input[1])
     if ops is not None:  # a QDQ layer: x → Q → DQ → MatMul(·, DQ(codes))
@@ -181,8 +189,10 @@ def _replacement(g: _Graph, node: onnx.NodeProto, min_sparsity: float):
         x, scale = quantize.input[0], ops.input_scale * ops.weight_scale
     else:
         weight = g.constant(node.input[1])
-        if weight is None or weight.ndim != 2 or weight.dtype != np.float32 \
-                or 1.0 - np.count_nonzero(weight) / weight.size < min_sparsity:
+        if weight is None or weight.ndim != 2 or weight.dtype != np.float32:
+            return None
+        zeros = 1.0 - np.count_nonzero(weight) / weight.size
+        if (pair_sparsity(weight.T) if precision == "bf16" else zeros) < min_sparsity:
             return None
         x = node.input[0]
     output, removed, bias = node.output[0], [node], None
@@ -195,17 +205,19 @@ def _replacement(g: _Graph, node: onnx.NodeProto, min_sparsity: float):
         packed = pack_int8_blocks(np.ascontiguousarray(ops.weight.T), scale, bias)
         new, inits = make_node(name, x, output, packed, ops.input_scale, act_zero_point)
     else:
-        new, inits = make_node(name, x, output, pack_f32_csr(np.ascontiguousarray(weight.T), bias))
+        pack = pack_bf16_pairs if precision == "bf16" else pack_f32_csr
+        new, inits = make_node(name, x, output, pack(np.ascontiguousarray(weight.T), bias))
     return new, inits, removed
 
 
-def to_sparse_kernels(model: onnx.ModelProto, min_sparsity: float) -> int:
+def to_sparse_kernels(model: onnx.ModelProto, min_sparsity: float, precision: str = "f32") -> int:
     """Rewrite, in place, every MatMul whose constant weight has at least `min_sparsity` zeros (INT8:
-    all-zero 1×4 blocks) into a SparseLinear node; returns how many were rewritten."""
+    all-zero 1×4 blocks; float in `precision` "bf16": all-zero pairs) into a SparseLinear node; returns
+    how many were rewritten."""
     g = _Graph(model)
     rewritten = 0
     for node in [n for n in g.graph.node if n.op_type == "MatMul"]:
-        found = _replacement(g, node, min_sparsity)
+        found = _replacement(g, node, min_sparsity, precision)
         if found is None:
             continue
         new, inits, removed = found

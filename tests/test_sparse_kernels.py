@@ -258,3 +258,21 @@ def test_the_int8_verification_runs_the_sparse_kernel_export_on_its_engine(tmp_p
     assert check["max_abs_logit_diff"] < 0.2 and check["top1_agreement"] == 1.0
     model = onnx.load(str(tmp_path / "vit-qdq-sparse_kernels" / "model.onnx"))
     assert any(node.op_type == "SparseLinear" for node in model.graph.node)
+
+
+def test_a_bf16_export_runs_its_layers_in_bfloat16_within_the_stated_tolerance(tmp_path) -> None:
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    manager = PassManager(trace(small_vit(depth=2)), recipe=Recipe(base={"model": "test"}))
+    manager.run(MagnitudePass(SparsityConfig(sparsity=0.9, pattern="1x4")))
+    with torch.no_grad():
+        expected = manager.graph_module(images).numpy()
+    config = ExportConfig(batch_size=2, sparse_kernels=True, sparse_precision="bf16")
+    result = export_artifact(manager.graph_module, manager.recipe, tmp_path / "artifact", config)
+    assert result.meta["sparse_kernels"]["precision"] == "bf16" and result.meta["verification_limit"] == 0.1
+    model = onnx.load(str(result.directory / "model.onnx"))
+    formats = {attribute.s for node in model.graph.node if node.op_type == "SparseLinear"
+               for attribute in node.attribute if attribute.name == "format"}
+    assert formats == {b"bf16_1x2"}
+    engine = create_engine("openvino-sparse", result.directory / "model.onnx", batch_size=2, precision="bf16")
+    (logits,) = engine.run([images.numpy()])
+    assert 1e-5 < np.abs(logits - expected).max() < config.bf16_atol
