@@ -217,7 +217,7 @@ def test_below_the_minimum_sparsity_a_layer_stays_dense(tmp_path) -> None:
     manager, _, _ = _masked_vit(quantize=False)
     result = export_artifact(manager.graph_module, manager.recipe, tmp_path / "artifact",
                              ExportConfig(batch_size=2, sparse_kernels=True, sparse_min_sparsity=0.95))
-    assert result.meta["sparse_kernels"] == {"layers": 0, "min_sparsity": 0.95}
+    assert result.meta["sparse_kernels"] == {"layers": 0, "min_sparsity": 0.95, "precision": "f32"}
 
 
 def test_the_engine_says_why_it_is_unavailable(tmp_path, monkeypatch) -> None:
