@@ -67,8 +67,7 @@ def _block_codes(rng, rows: int, cols: int, sparsity: float) -> np.ndarray:
 
 
 # (rows of x, in features, out features, sparsity): ViT-like, K not a multiple of 4 or 16, N = 1,
-# more rows than one panel, an all-zero weight, a dense one, one output channel, and K past 384 (the
-# INT8 kernel then takes the input channels in chunks)
+# more rows than one panel, an all-zero weight, a dense one, one output channel, and wide inputs
 SHAPES = [(197, 64, 48, 0.9), (5, 10, 7, 0.5), (1, 13, 17, 0.0), (300, 37, 33, 0.75), (33, 64, 20, 1.0),
           (16, 16, 1, 0.3), (129, 130, 19, 0.6), (40, 1000, 24, 0.8), (3, 777, 5, 0.97)]
 

@@ -14,8 +14,6 @@ namespace {
 
 constexpr int kInt8Tiles = 8;  // 16-row tiles per panel at most: 8 independent accumulator chains
 constexpr int kF32Tiles = 4;
-// input-channel groups of 4 per chunk: 48 × 128 rows × 4 bytes = 24 KiB of packed activations, half of L1
-constexpr std::int64_t kChunkGroups = 48;
 
 // Codes of 16 floats: x × inverse rounded half to even, plus the zero point, saturated to [0, 255].
 inline __m512i quantize16(__m512 values, __m512 inverse, __m512i zero_point) {
@@ -114,45 +112,6 @@ void int8_panel(const Int8Blocks& w, const std::uint8_t* packed, std::int64_t pa
     }
 }
 
-// The same product with the input channels taken in chunks of kChunkGroups groups, every row of the
-// block through one chunk before the next, so that the chunk's activations (24 KiB) stay in L1 while
-// 16 rows read them; partial sums wait in `out` (as int32) between chunks. chunk_ptr[m][c] is row
-// m's first block in chunk c.
-template <int Tiles>
-void int8_panel_chunked(const Int8Blocks& w, const std::uint8_t* packed, std::int64_t padded_n, std::int64_t n0,
-                        std::int64_t m0, std::int64_t rows, std::int32_t zero_point, float* out,
-                        const std::int32_t* chunk_ptr, std::int64_t chunks) {
-    const std::uint8_t* panel = packed + n0 * 4;
-    auto* sums = reinterpret_cast<__m512i*>(out);  // [16 rows][Tiles]
-    for (std::int64_t i = 0; i < kRowBlock * Tiles; ++i) sums[i] = _mm512_setzero_si512();
-    for (std::int64_t c = 0; c < chunks; ++c) {
-        for (std::int64_t r = 0; r < rows; ++r) {
-            const std::int32_t* bounds = chunk_ptr + (m0 + r) * (chunks + 1) + c;
-            if (bounds[0] == bounds[1]) continue;
-            __m512i acc[Tiles];
-            for (int t = 0; t < Tiles; ++t) acc[t] = sums[r * Tiles + t];
-            accumulate_blocks<Tiles>(w, panel, padded_n, bounds[0], bounds[1], acc);
-            for (int t = 0; t < Tiles; ++t) sums[r * Tiles + t] = acc[t];
-        }
-    }
-    for (std::int64_t r = 0; r < rows; ++r) {
-        __m512i acc[Tiles];
-        for (int t = 0; t < Tiles; ++t) acc[t] = sums[r * Tiles + t];
-        finish_row<Tiles>(w, m0 + r, zero_point, acc, out + r * Tiles * kLanes);
-    }
-}
-
-// Row m's first block in each chunk of kChunkGroups input-channel groups: chunk_ptr[m][0..chunks].
-void chunk_bounds(const Int8Blocks& w, std::int64_t chunks, std::int32_t* chunk_ptr, std::int64_t m) {
-    std::int32_t* bounds = chunk_ptr + m * (chunks + 1);
-    std::int32_t b = w.row_ptr[m];
-    for (std::int64_t c = 0; c < chunks; ++c) {
-        bounds[c] = b;
-        while (b < w.row_ptr[m + 1] && w.block_col[b] < (c + 1) * kChunkGroups) ++b;
-    }
-    bounds[chunks] = w.row_ptr[m + 1];
-}
-
 template <int Tiles>
 void f32_panel(const F32Csr& w, const float* packed, std::int64_t padded_n, std::int64_t n0, std::int64_t m0,
                std::int64_t rows, float* out) {
@@ -172,12 +131,6 @@ struct Int8Panel {
 };
 
 template <int Tiles>
-struct Int8ChunkedPanel {
-    template <typename... Args>
-    static void run(Args&&... args) { int8_panel_chunked<Tiles>(std::forward<Args>(args)...); }
-};
-
-template <int Tiles>
 struct F32Panel {
     template <typename... Args>
     static void run(Args&&... args) { f32_panel<Tiles>(std::forward<Args>(args)...); }
@@ -188,28 +141,14 @@ struct F32Panel {
 void int8_avx512(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                  std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
     const std::int64_t padded_n = round_up(n, kLanes), groups = ceil_div(w.cols, 4);
-    // a blocked product pays only once a panel no longer fits L1 with room to spare
-    const std::int64_t chunks = groups > 2 * kChunkGroups ? ceil_div(groups, kChunkGroups) : 1;
-    const std::int64_t packed_bytes = round_up(groups * padded_n * 4, 64);
-    auto* scratch = static_cast<std::uint8_t*>(
-        workspace(static_cast<std::size_t>(packed_bytes + (chunks > 1 ? w.rows * (chunks + 1) * 4 : 0))));
-    std::uint8_t* packed = scratch;
-    auto* chunk_ptr = reinterpret_cast<std::int32_t*>(scratch + packed_bytes);
+    auto* packed = static_cast<std::uint8_t*>(workspace(static_cast<std::size_t>(groups * padded_n * 4)));
     parallel_for(static_cast<std::size_t>(padded_n / kLanes), [&](std::size_t chunk) {
         pack_int8(x, n, x_stride, w.cols, act_scale, act_zero_point, packed, padded_n,
                   static_cast<std::int64_t>(chunk) * kLanes);
     });
-    if (chunks > 1) {
-        for (std::int64_t m = 0; m < w.rows; ++m) chunk_bounds(w, chunks, chunk_ptr, m);
-    }
     run_tasks<kInt8Tiles>(w.rows, n, padded_n, y, parallel_for,
                           [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
-        if (chunks > 1) {
-            run_panel<kInt8Tiles, Int8ChunkedPanel>(tiles, w, packed, padded_n, n0, m0, rows, act_zero_point, out,
-                                                    chunk_ptr, chunks);
-        } else {
-            run_panel<kInt8Tiles, Int8Panel>(tiles, w, packed, padded_n, n0, m0, rows, act_zero_point, out);
-        }
+        run_panel<kInt8Tiles, Int8Panel>(tiles, w, packed, padded_n, n0, m0, rows, act_zero_point, out);
     });
 }
 
