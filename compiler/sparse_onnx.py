@@ -28,7 +28,7 @@ OP_TYPE = "SparseLinear"
 BLOCK = 4  # input channels per INT8 block: the pruners' 1x4 pattern and one vpdpbusd lane
 # below this share of zeros (INT8: of all-zero blocks) OpenVINO's dense MatMul wins on DeiT-S's shapes
 # (the crossover `python -m vitsparse.bench.kernel_speed` reports), so such layers stay dense
-DEFAULT_MIN_SPARSITY = 0.7
+DEFAULT_MIN_SPARSITY = 0.75
 
 
 @dataclass(frozen=True)
