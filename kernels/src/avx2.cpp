@@ -64,12 +64,6 @@ void f32_panel(const F32Csr& w, const float* packed, std::int64_t padded_n, std:
     }
 }
 
-template <template <int> class Panel, int MaxTiles = kTiles, typename... Args>
-void run_panel(int tiles, Args&&... args) {
-    if (tiles == MaxTiles) return Panel<MaxTiles>::run(std::forward<Args>(args)...);
-    if constexpr (MaxTiles > 1) return run_panel<Panel, MaxTiles - 1>(tiles, std::forward<Args>(args)...);
-}
-
 template <int Tiles>
 struct Int8Panel {
     template <typename... Args>
@@ -114,7 +108,7 @@ void int8_avx2(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t
         }
     });
     run_tasks(w.rows, n, padded_n, y, parallel_for, [&](std::int64_t n0, std::int64_t m0, std::int64_t rows, int tiles, float* out) {
-        run_panel<Int8Panel>(tiles, w, packed, padded_n, n0, m0, rows, out);
+        run_panel<kTiles, Int8Panel>(tiles, w, packed, padded_n, n0, m0, rows, out);
     });
 }
 
@@ -128,7 +122,7 @@ void f32_avx2(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_st
         }
     });
     run_tasks(w.rows, n, padded_n, y, parallel_for, [&](std::int64_t n0, std::int64_t m0, std::int64_t rows, int tiles, float* out) {
-        run_panel<F32Panel>(tiles, w, packed, padded_n, n0, m0, rows, out);
+        run_panel<kTiles, F32Panel>(tiles, w, packed, padded_n, n0, m0, rows, out);
     });
 }
 

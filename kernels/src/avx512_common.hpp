@@ -67,15 +67,6 @@ int panel_tiles(std::int64_t rows, int max_tiles) {
     return tiles;
 }
 
-// Calls Panel<tiles> for the panel's tile count (the last panel may be narrower).
-template <int MaxTiles, template <int> class Panel, typename... Args>
-void run_panel(int tiles, Args&&... args) {
-    if constexpr (MaxTiles >= 1) {
-        if (tiles == MaxTiles) return Panel<MaxTiles>::run(std::forward<Args>(args)...);
-        if constexpr (MaxTiles > 1) return run_panel<MaxTiles - 1, Panel>(tiles, std::forward<Args>(args)...);
-    }
-}
-
 // The float kernels' panel: for each of 16 output channels from m0, accumulators start at its bias,
 // `accumulate(m, acc)` adds its products (rows past `rows` stay zero), and they land in out[r].
 template <int Tiles, typename Accumulate>

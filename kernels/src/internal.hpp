@@ -80,6 +80,15 @@ inline float from_bf16(std::uint16_t value) {
     return out;
 }
 
+// Calls Panel<tiles> for the panel's tile count (the last panel may be narrower).
+template <int MaxTiles, template <int> class Panel, typename... Args>
+void run_panel(int tiles, Args&&... args) {
+    if constexpr (MaxTiles >= 1) {
+        if (tiles == MaxTiles) return Panel<MaxTiles>::run(std::forward<Args>(args)...);
+        if constexpr (MaxTiles > 1) return run_panel<MaxTiles - 1, Panel>(tiles, std::forward<Args>(args)...);
+    }
+}
+
 }  // namespace
 
 void int8_scalar(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
