@@ -79,9 +79,7 @@ def pack_bf16_pairs(weight: np.ndarray, bias: np.ndarray | None = None) -> Packe
     low half: OpenVINO's ONNX reader widens 16-bit integers), bias. Pairs of zeros are left out."""
     weight = np.asarray(weight, dtype=np.float32)
     rows, cols = weight.shape
-    padded = np.zeros((rows, -(-cols // 2) * 2), np.float32)
-    padded[:, :cols] = weight
-    pairs = padded.reshape(rows, -1, 2)
+    pairs = in_blocks(weight, 2)
     row_idx, pair_idx = _keep_one(*np.nonzero(pairs.any(axis=2)))
     row_ptr = np.concatenate([[0], np.cumsum(np.bincount(row_idx, minlength=rows))]).astype(np.int32)
     bias = np.zeros(rows, np.float32) if bias is None else np.asarray(bias, np.float32).reshape(rows)
@@ -96,9 +94,7 @@ def pack_int8_blocks(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray | No
     if codes.dtype != np.int8:
         raise QuantizedOnnxError(f"INT8 blocks need int8 codes, got {codes.dtype}")
     rows, cols = codes.shape
-    padded = np.zeros((rows, -(-cols // BLOCK) * BLOCK), np.int8)
-    padded[:, :cols] = codes
-    blocks = padded.reshape(rows, -1, BLOCK)
+    blocks = in_blocks(codes, BLOCK)
     row_idx, block_idx = _keep_one(*np.nonzero(blocks.any(axis=2)))
     row_ptr = np.concatenate([[0], np.cumsum(np.bincount(row_idx, minlength=rows))]).astype(np.int32)
     row_sums = codes.astype(np.int32).sum(axis=1).astype(np.int32)
@@ -160,20 +156,18 @@ def make_node(name: str, x: str, output: str, packed: PackedWeight, act_scale: f
     return node, inits
 
 
-def block_sparsity(codes: np.ndarray) -> float:
-    """Share of all-zero 1×4 blocks along the input channel of an [out, in] weight."""
-    rows, cols = codes.shape
-    padded = np.zeros((rows, -(-cols // BLOCK) * BLOCK), codes.dtype)
-    padded[:, :cols] = codes
-    return 1.0 - float(padded.reshape(rows, -1, BLOCK).any(axis=2).mean())
-
-
-def pair_sparsity(weight: np.ndarray) -> float:
-    """Share of all-zero 1×2 blocks along the input channel of an [out, in] weight."""
+def in_blocks(weight: np.ndarray, width: int) -> np.ndarray:
+    """An [out, in] weight as [out, blocks, width]: 1×width blocks along the input channel, the last
+    one padded with zeros."""
     rows, cols = weight.shape
-    padded = np.zeros((rows, -(-cols // 2) * 2), weight.dtype)
+    padded = np.zeros((rows, -(-cols // width) * width), weight.dtype)
     padded[:, :cols] = weight
-    return 1.0 - float(padded.reshape(rows, -1, 2).any(axis=2).mean())
+    return padded.reshape(rows, -1, width)
+
+
+def block_sparsity(weight: np.ndarray, width: int = BLOCK) -> float:
+    """Share of all-zero 1×width blocks along the input channel of an [out, in] weight."""
+    return 1.0 - float(in_blocks(weight, width).any(axis=2).mean())
 
 
 def _replacement(g: _Graph, node: onnx.NodeProto, min_sparsity: float, precision: str):
@@ -192,7 +186,7 @@ def _replacement(g: _Graph, node: onnx.NodeProto, min_sparsity: float, precision
         if weight is None or weight.ndim != 2 or weight.dtype != np.float32:
             return None
         zeros = 1.0 - np.count_nonzero(weight) / weight.size
-        if (pair_sparsity(weight.T) if precision == "bf16" else zeros) < min_sparsity:
+        if (block_sparsity(weight.T, 2) if precision == "bf16" else zeros) < min_sparsity:
             return None
         x = node.input[0]
     output, removed, bias = node.output[0], [node], None
