@@ -34,7 +34,7 @@ from .flops import count_costs
 from .quantized_onnx import count_integer_layers, fold_weight_quantizers, to_operator_format
 from .recipe import Recipe, save_weights
 from .rewrite import SelectFeatures
-from .sparse_onnx import DEFAULT_MIN_SPARSITY, SparseLinear, to_sparse_kernels
+from .sparse_onnx import DEFAULT_MIN_SPARSITY, SparseLinear, SparseMLP, to_sparse_kernels
 from .trace import INPUT_SHAPE_KEY, SERVING_KEY, carry_meta, example_input, input_shape_of
 
 SUPPORTED_OPSETS = range(14, 18)
@@ -169,7 +169,7 @@ def verify_onnx(path: Path, gm: fx.GraphModule, config: ExportConfig) -> float:
 
     from .reference_ops import FAST_REFERENCE_OPS
 
-    evaluator = ReferenceEvaluator(str(path), new_ops=[*FAST_REFERENCE_OPS, SparseLinear])
+    evaluator = ReferenceEvaluator(str(path), new_ops=[*FAST_REFERENCE_OPS, SparseLinear, SparseMLP])
     worst = 0.0
     sizes = (config.batch_size, config.batch_size + 1) if config.dynamic_batch else (config.batch_size,)
     for seed, batch_size in itertools.product(range(config.verify_batches), sizes):

@@ -25,6 +25,7 @@ from .quantized_onnx import QuantizedOnnxError, _bias_of, _Graph, _operands, _to
 
 DOMAIN = "com.vitsparse"
 OP_TYPE = "SparseLinear"
+MLP_OP_TYPE = "SparseMLP"
 BLOCK = 4  # input channels per INT8 block: the pruners' 1x4 pattern and one vpdpbusd lane
 # below this share of zeros (INT8: of all-zero blocks) OpenVINO's dense MatMul wins on DeiT-S's shapes
 # (the crossover `python -m vitsparse.bench.kernel_speed` reports), so such layers stay dense
@@ -122,11 +123,18 @@ def unpack(packed: PackedWeight) -> np.ndarray:
     return blocks.reshape(packed.rows, -1)[:, :packed.cols]
 
 
-def sparse_linear(x: np.ndarray, packed: PackedWeight, act_scale: float = 1.0, act_zero_point: int = 0
-                  ) -> np.ndarray:
+def quantize_u8(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """uint8 codes (as int64) of x as OpenVINO and the kernels quantize: x × (1 / scale) rounded half to
+    even, plus the zero point, saturated (ONNX's QuantizeLinear divides, which differs on rare near-ties)."""
+    inverse = np.float32(1) / np.float32(scale)
+    return np.clip(np.rint(np.asarray(x, np.float32) * inverse) + zero_point, 0, 255).astype(np.int64)
+
+
+def sparse_linear(x: np.ndarray, packed: PackedWeight, act_scale: float = 1.0, act_zero_point: int = 0,
+                  out_scale: float = 0.0, out_zero_point: int = 0) -> np.ndarray:
     """What a SparseLinear node computes, in numpy: the reference for export checks and kernel tests.
-    INT8 quantizes x as OpenVINO does, x × (1 / scale) rounded half to even and saturated to uint8 (ONNX's
-    QuantizeLinear divides, which differs on rare near-ties), then sums exactly."""
+    INT8 quantizes x (`quantize_u8`), sums exactly, scales, and with `out_scale` > 0 fake-quantizes the
+    result to uint8 before adding the bias."""
     dense = unpack(packed)
     if packed.format == "f32_csr":
         return (x.astype(np.float32) @ dense.T + packed.arrays[3]).astype(np.float32)
@@ -134,25 +142,57 @@ def sparse_linear(x: np.ndarray, packed: PackedWeight, act_scale: float = 1.0, a
         rounded = from_bf16_bits(to_bf16_bits(x)).astype(np.float64)
         return (rounded @ dense.T.astype(np.float64) + packed.arrays[3]).astype(np.float32)
     row_sums, scale, bias = packed.arrays[3:]
-    inverse = np.float32(1) / np.float32(act_scale)
-    codes = np.clip(np.rint(x.astype(np.float32) * inverse) + act_zero_point, 0, 255)
+    codes = quantize_u8(x, act_scale, act_zero_point)
     sums = (codes - act_zero_point).astype(np.float64) @ dense.T.astype(np.float64)  # exact below 2^53
-    return (sums.astype(np.float32) * scale + bias).astype(np.float32)
+    value = sums.astype(np.float32) * scale
+    if out_scale > 0:
+        steps = quantize_u8(value, out_scale, out_zero_point) - out_zero_point
+        value = steps.astype(np.float32) * np.float32(out_scale)
+    return (value + bias).astype(np.float32)
+
+
+def sparse_mlp(x: np.ndarray, fc1: PackedWeight, table: np.ndarray, fc2: PackedWeight, act_scale: float,
+               act_zero_point: int, fc1_out_scale: float, fc1_out_zero_point: int, hidden_zero_point: int,
+               out_scale: float = 0.0, out_zero_point: int = 0) -> np.ndarray:
+    """What a SparseMLP node computes, in numpy: fc1 (no bias) quantized to codes with its output
+    quantization, table[channel, code] as the hidden codes, then fc2 over those codes."""
+    unbiased = PackedWeight(fc1.format, fc1.rows, fc1.cols, (*fc1.arrays[:5], np.zeros(fc1.rows, np.float32)))
+    raw = sparse_linear(x, unbiased, act_scale, act_zero_point)
+    codes = quantize_u8(raw, fc1_out_scale, fc1_out_zero_point)
+    hidden = np.asarray(table)[np.arange(fc1.rows), codes].astype(np.int64) - hidden_zero_point
+    # codes minus the zero point, read back by fc2 with scale 1 and that zero point: the codes themselves
+    return sparse_linear(hidden.astype(np.float32), fc2, 1.0, hidden_zero_point, out_scale, out_zero_point)
+
+
+def _initializers(prefix: str, packed: PackedWeight, count: int | None = None) -> list[onnx.TensorProto]:
+    """The first `count` (default all) arrays of a packed weight as initializers named prefix.part."""
+    parts = {"f32_csr": ("row_ptr", "col", "values", "bias"),
+             "bf16_1x2": ("row_ptr", "block_col", "values", "bias"),
+             "int8_1x4": ("row_ptr", "block_col", "values", "row_sums", "scale", "bias")}[packed.format]
+    return [onnx.numpy_helper.from_array(array, f"{prefix}.{part}")
+            for part, array in list(zip(parts, packed.arrays, strict=True))[:count]]
 
 
 def make_node(name: str, x: str, output: str, packed: PackedWeight, act_scale: float = 1.0,
               act_zero_point: int = 0) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     """A SparseLinear node reading `x` and its weight initializers (named after `name`)."""
-    parts = {"f32_csr": ("row_ptr", "col", "values", "bias"),
-             "bf16_1x2": ("row_ptr", "block_col", "values", "bias"),
-             "int8_1x4": ("row_ptr", "block_col", "values", "row_sums", "scale", "bias")}[packed.format]
-    inits = [onnx.numpy_helper.from_array(array, f"{name}.{part}")
-             for part, array in zip(parts, packed.arrays, strict=True)]
+    inits = _initializers(name, packed)
     attributes = {"format": packed.format, "in_features": packed.cols}
     if packed.format == "int8_1x4":
         attributes.update(act_scale=float(act_scale), act_zero_point=int(act_zero_point))
     node = helper.make_node(OP_TYPE, [x, *(init.name for init in inits)], [output], name, domain=DOMAIN,
                             **attributes)
+    return node, inits
+
+
+def make_mlp_node(name: str, x: str, output: str, fc1: PackedWeight, table: np.ndarray, fc2: PackedWeight,
+                  attributes: dict) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """A SparseMLP node: `attributes` are sparse_mlp's keywords after fc2 (act_scale and on)."""
+    inits = [*_initializers(f"{name}.fc1", fc1, 5),
+             onnx.numpy_helper.from_array(np.ascontiguousarray(table, np.uint8), f"{name}.table"),
+             *_initializers(f"{name}.fc2", fc2)]
+    node = helper.make_node(MLP_OP_TYPE, [x, *(init.name for init in inits)], [output], name, domain=DOMAIN,
+                            in_features=fc1.cols, **attributes)
     return node, inits
 
 
@@ -170,6 +210,29 @@ def block_sparsity(weight: np.ndarray, width: int = BLOCK) -> float:
     return 1.0 - float(in_blocks(weight, width).any(axis=2).mean())
 
 
+def _uint8_zero_point(zero_point: np.ndarray) -> int:
+    """A per-tensor zero point as uint8 codes count it (an int8 grid is the uint8 one shifted by 128)."""
+    return int(zero_point.reshape(())) + (128 if zero_point.dtype == np.int8 else 0)
+
+
+def _output_quantizer(g: _Graph, output: str):
+    """(QuantizeLinear, DequantizeLinear, (scale, uint8 zero point)) when `output` is only read by a
+    per-tensor Q whose only reader is the DQ with the same parameters, else None."""
+    readers = g.consumers.get(output, [])
+    if len(readers) != 1 or readers[0].op_type != "QuantizeLinear":
+        return None
+    quantize = readers[0]
+    after = g.consumers.get(quantize.output[0], [])
+    if len(after) != 1 or after[0].op_type != "DequantizeLinear" or len(quantize.input) < 3:
+        return None
+    dequantize = after[0]
+    scale, zero_point = g.constant(quantize.input[1]), g.constant(quantize.input[2])
+    if (scale is None or zero_point is None or scale.size != 1 or zero_point.size != 1
+            or list(dequantize.input[1:3]) != list(quantize.input[1:3])):
+        return None
+    return quantize, dequantize, (float(scale.reshape(())), _uint8_zero_point(zero_point))
+
+
 def _replacement(g: _Graph, node: onnx.NodeProto, min_sparsity: float, precision: str):
     """(SparseLinear node, initializers, nodes it replaces) for a sparse enough MatMul, else None."""
     ops = _operands(g, node.input[0], node.input[1])
@@ -179,7 +242,7 @@ def _replacement(g: _Graph, node: onnx.NodeProto, min_sparsity: float, precision
         if (ops.weight.ndim != 2 or np.any(ops.weight_zero_point) or zero_point is None
                 or zero_point.size != 1 or block_sparsity(ops.weight.T) < min_sparsity):
             return None
-        act_zero_point = int(zero_point.reshape(())) + (128 if zero_point.dtype == np.int8 else 0)
+        act_zero_point = _uint8_zero_point(zero_point)
         x, scale = quantize.input[0], ops.input_scale * ops.weight_scale
     else:
         weight = g.constant(node.input[1])
@@ -194,7 +257,7 @@ def _replacement(g: _Graph, node: onnx.NodeProto, min_sparsity: float, precision
     columns = (ops.weight if ops is not None else weight).shape[1]
     if found is not None and found[1].shape == (columns,):
         output, removed, bias = found[0].output[0], [node, found[0]], found[1]
-    name = f"{(node.name or 'matmul').strip('/').replace('/', '_')}_sparse"
+    name = f"{(node.name or node.output[0]).strip('/').replace('/', '_')}_sparse"  # outputs are unique
     if ops is not None:
         packed = pack_int8_blocks(np.ascontiguousarray(ops.weight.T), scale, bias)
         new, inits = make_node(name, x, output, packed, ops.input_scale, act_zero_point)
@@ -202,6 +265,134 @@ def _replacement(g: _Graph, node: onnx.NodeProto, min_sparsity: float, precision
         pack = pack_bf16_pairs if precision == "bf16" else pack_f32_csr
         new, inits = make_node(name, x, output, pack(np.ascontiguousarray(weight.T), bias))
     return new, inits, removed
+
+
+# elementwise operations an MLP's activation may be made of: they are evaluated onto SparseMLP's table
+ACTIVATION_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Erf", "Tanh", "Sigmoid", "Relu", "Neg", "Exp",
+                            "Gelu", "HardSigmoid", "HardSwish", "Clip"})
+
+
+def _attribute_of(node: onnx.NodeProto, name: str, default=None):
+    """A node attribute's value (strings decoded), or `default`."""
+    found = [helper.get_attribute_value(a) for a in node.attribute if a.name == name]
+    if not found:
+        return default
+    return found[0].decode() if isinstance(found[0], bytes) else found[0]
+
+
+@dataclass
+class _MlpMatch:
+    """An INT8 MLP in a graph: fc1 → its output Q → DQ → elementwise activation → fc2 [→ Q → DQ]."""
+
+    fc1: onnx.NodeProto
+    fc1_quant: tuple[float, int]  # fc1's output scale and uint8 zero point
+    source: str  # the DQ's output, the activation's input
+    activation: list[onnx.NodeProto]  # source to fc2's input, bias Add included, in graph order
+    fc2: onnx.NodeProto
+    out_quant: tuple[float, int]  # fc2's output quantization, (0, 0) when it has none
+    replaced: list[onnx.NodeProto]  # every node the SparseMLP node replaces
+    output: str
+
+
+def _activation_of(g: _Graph, end: str) -> tuple[str, list[onnx.NodeProto]] | None:
+    """(its one non-constant source tensor, its nodes in graph order) when `end` is an elementwise
+    function of one tensor (every other input constant, nothing outside reading the tensors between)."""
+    chain: dict[int, onnx.NodeProto] = {}
+    sources, pending = set(), [end]
+    while pending:
+        name = pending.pop()
+        node = g.producer.get(name)
+        if node is None or node.op_type not in ACTIVATION_OPS or len(node.output) != 1 or len(chain) > 32:
+            sources.add(name)
+        elif id(node) not in chain:
+            chain[id(node)] = node
+            pending.extend(i for i in node.input if i and g.constant(i) is None)
+    if len(sources) != 1 or not chain:
+        return None
+    for node in chain.values():
+        if node.output[0] != end and any(id(r) not in chain for r in g.consumers.get(node.output[0], [])):
+            return None
+    return sources.pop(), [n for n in g.graph.node if id(n) in chain]
+
+
+def _match_mlp(g: _Graph, fc2: onnx.NodeProto) -> _MlpMatch | None:
+    """The INT8 MLP that ends in SparseLinear `fc2`, or None."""
+    found = _activation_of(g, fc2.input[0])
+    if found is None or len(g.consumers.get(fc2.input[0], [])) != 1:
+        return None
+    source, activation = found
+    dequantize = g.produced_by(source, "DequantizeLinear")
+    quantize = g.produced_by(dequantize.input[0], "QuantizeLinear") if dequantize is not None else None
+    fc1 = g.produced_by(quantize.input[0], OP_TYPE) if quantize is not None else None
+    quantizer = _output_quantizer(g, fc1.output[0]) if fc1 is not None else None
+    if (quantizer is None or quantizer[1] is not dequantize or _attribute_of(fc1, "format") != "int8_1x4"
+            or any(id(r) not in {id(n) for n in activation} for r in g.consumers.get(source, []))):
+        return None
+    replaced, output, out_quant = [fc1, quantize, dequantize, *activation, fc2], fc2.output[0], (0.0, 0)
+    after = _output_quantizer(g, fc2.output[0])
+    if after is not None:
+        replaced.extend(after[:2])
+        output, out_quant = after[1].output[0], after[2]
+    return _MlpMatch(fc1, quantizer[2], source, activation, fc2, out_quant, replaced, output)
+
+
+def _activation_table(g: _Graph, match: _MlpMatch) -> np.ndarray | None:
+    """SparseMLP's table: for every hidden channel and fc1 output code, the fc2 input code that the
+    activation gives for fc1's dequantized output (evaluated with onnx's reference); None when the
+    activation is not one function per channel."""
+    from onnx.reference import ReferenceEvaluator
+
+    scale, zero_point = match.fc1_quant
+    rows = int(g.constant(match.fc1.input[1]).size - 1)
+    grid = (np.arange(256, dtype=np.float32) - zero_point) * np.float32(scale)
+    values = np.ascontiguousarray(np.repeat(grid[:, None], rows, axis=1))
+    constants = sorted({i for n in match.activation for i in n.input if i and g.constant(i) is not None})
+    graph = helper.make_graph(
+        match.activation, "activation",
+        [helper.make_tensor_value_info(match.source, onnx.TensorProto.FLOAT, values.shape)],
+        [helper.make_tensor_value_info(match.fc2.input[0], onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(g.constant(i), i) for i in constants])
+    opsets = [o for o in g.model.opset_import if o.domain in ("", "ai.onnx")]
+    evaluator = ReferenceEvaluator(helper.make_model(graph, opset_imports=opsets))
+    hidden = evaluator.run(None, {match.source: values})[0]
+    if hidden.size != values.size:  # a constant that varies along another axis than the channels
+        return None
+    hidden, fc2 = hidden.reshape(values.shape), match.fc2
+    codes = quantize_u8(hidden, _attribute_of(fc2, "act_scale"), _attribute_of(fc2, "act_zero_point"))
+    return np.ascontiguousarray(codes.T.astype(np.uint8))
+
+
+def _packed_of(g: _Graph, node: onnx.NodeProto) -> PackedWeight:
+    """The packed INT8 weight an int8_1x4 SparseLinear node reads."""
+    arrays = tuple(g.constant(i) for i in node.input[1:])
+    return PackedWeight("int8_1x4", arrays[0].size - 1, _attribute_of(node, "in_features"), arrays)
+
+
+def _fuse_mlps(model: onnx.ModelProto) -> int:
+    """Rewrite, in place, each INT8 MLP (`_MlpMatch`) into one SparseMLP node; returns how many."""
+    g = _Graph(model)
+    fused = 0
+    for fc2 in [n for n in g.graph.node if n.op_type == OP_TYPE and _attribute_of(n, "format") == "int8_1x4"]:
+        match = _match_mlp(g, fc2)
+        table = _activation_table(g, match) if match is not None else None
+        if table is None:
+            continue
+        fc1 = match.fc1
+        attributes = dict(act_scale=_attribute_of(fc1, "act_scale"),
+                          act_zero_point=_attribute_of(fc1, "act_zero_point"),
+                          fc1_out_scale=match.fc1_quant[0], fc1_out_zero_point=match.fc1_quant[1],
+                          hidden_zero_point=_attribute_of(fc2, "act_zero_point"),
+                          out_scale=match.out_quant[0], out_zero_point=match.out_quant[1])
+        name = fc1.name.removesuffix("_sparse") + "_mlp_sparse"
+        node, inits = make_mlp_node(name, fc1.input[0], match.output, _packed_of(g, fc1),
+                                    table, _packed_of(g, fc2), attributes)
+        for old in match.replaced:
+            g.graph.node.remove(old)
+        g.graph.node.append(node)
+        g.graph.initializer.extend(inits)
+        fused += 1
+        g = _Graph(model)
+    return fused
 
 
 def to_sparse_kernels(model: onnx.ModelProto, min_sparsity: float, precision: str = "f32") -> int:
@@ -224,7 +415,10 @@ def to_sparse_kernels(model: onnx.ModelProto, min_sparsity: float, precision: st
         if not any(entry.domain == DOMAIN for entry in model.opset_import):
             model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
         _topological_sort(model.graph)
-        _Graph(model).prune()
+        _Graph(model).prune()  # the input QuantizeLinears the nodes replaced would block the fusion
+        if _fuse_mlps(model):
+            _topological_sort(model.graph)
+            _Graph(model).prune()
     return rewritten
 
 
@@ -233,6 +427,21 @@ class SparseLinear(OpRun):
 
     op_domain = DOMAIN
 
-    def _run(self, x, *arrays, format=None, in_features=None, act_scale=1.0, act_zero_point=0):  # noqa: A002
+    def _run(self, x, *arrays, format=None, in_features=None, act_scale=1.0, act_zero_point=0,  # noqa: A002
+             out_scale=0.0, out_zero_point=0):
         packed = PackedWeight(format, int(arrays[0].size - 1), int(in_features), tuple(arrays))
-        return (sparse_linear(x, packed, act_scale, act_zero_point),)
+        return (sparse_linear(x, packed, act_scale, act_zero_point, out_scale, out_zero_point),)
+
+
+class SparseMLP(OpRun):
+    """onnx's reference evaluator for com.vitsparse::SparseMLP (register with new_ops)."""
+
+    op_domain = DOMAIN
+
+    def _run(self, x, *arrays, in_features=None, act_scale=1.0, act_zero_point=0, fc1_out_scale=1.0,
+             fc1_out_zero_point=0, hidden_zero_point=0, out_scale=0.0, out_zero_point=0):
+        fc1 = PackedWeight("int8_1x4", int(arrays[0].size - 1), int(in_features), tuple(arrays[:5]))
+        fc2 = PackedWeight("int8_1x4", int(arrays[6].size - 1), fc1.rows, tuple(arrays[6:]))
+        table = arrays[5].reshape(fc1.rows, 256)
+        return (sparse_mlp(x, fc1, table, fc2, act_scale, act_zero_point, fc1_out_scale, fc1_out_zero_point,
+                           hidden_zero_point, out_scale, out_zero_point),)

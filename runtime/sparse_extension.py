@@ -17,7 +17,7 @@ from .errors import EngineLoadError, EngineUnavailableError
 
 LIBRARY = "libvitsparse_openvino.so"
 ENGINE = "openvino-sparse"  # the engine that loads the extension
-DOMAIN = "com.vitsparse"  # the ONNX domain of the extension's nodes (SparseLinear)
+DOMAIN = "com.vitsparse"  # the ONNX domain of the extension's nodes (SparseLinear, SparseMLP)
 ENV_DIR = "VITSPARSE_KERNELS_DIR"
 ENV_ISA = "VITSPARSE_KERNEL_ISA"  # scalar | avx2 | avx512: the kernels never use more than this
 ISAS = ("scalar", "avx2", "avx512")
@@ -42,9 +42,10 @@ def unavailable_reason() -> str | None:
 
 
 def check_sparse_nodes(engine: str, model: onnx.ModelProto, path: object) -> None:
-    """EngineLoadError when `model` holds vitsparse's SparseLinear nodes and `engine` cannot run them."""
+    """EngineLoadError when `model` holds vitsparse's nodes (SparseLinear, SparseMLP) and `engine`
+    cannot run them."""
     if engine != ENGINE and any(node.domain == DOMAIN for node in model.graph.node):
-        raise EngineLoadError(f"{path} holds vitsparse's SparseLinear nodes (exported with sparse kernels), "
+        raise EngineLoadError(f"{path} holds vitsparse's sparse-kernel nodes (exported with sparse kernels), "
                               f"which only the {ENGINE!r} engine runs")
 
 

@@ -1,6 +1,7 @@
-"""vitsparse's sparse kernels (kernels/, run through OpenVINO as SparseLinear nodes): every instruction-set
-path against the numpy reference over random shapes and the edge cases, malformed nodes refused with a
-clear error, and pruned ViTs exported with sparse kernels matching torch on `openvino-sparse`."""
+"""vitsparse's sparse kernels (kernels/, run through OpenVINO as SparseLinear and SparseMLP nodes): every
+instruction-set path against the numpy reference over random shapes and the edge cases, malformed nodes
+refused with a clear error, and pruned ViTs exported with sparse kernels matching torch on
+`openvino-sparse`."""
 
 from __future__ import annotations
 
@@ -17,11 +18,16 @@ import torch
 from vitsparse.bench.kernel_speed import save_layer_model
 from vitsparse.compiler import ExportConfig, PassManager, Recipe, export_artifact, trace
 from vitsparse.compiler.sparse_onnx import (
+    SparseLinear,
+    SparseMLP,
+    make_mlp_node,
     make_node,
     pack_bf16_pairs,
     pack_f32_csr,
     pack_int8_blocks,
     sparse_linear,
+    sparse_mlp,
+    to_sparse_kernels,
     unpack,
 )
 from vitsparse.pruners import MagnitudePass, QuantConfig, QuantizePass, SparsityConfig
@@ -144,6 +150,109 @@ def test_a_strided_input_is_read_by_its_rows(core, tmp_path, monkeypatch, isa) -
     np.testing.assert_allclose(got, sparse_linear(x, packed), atol=1e-5, rtol=0)
 
 
+# (rows of x, in, hidden, out features, sparsity, fc2 output scale or 0): ViT-like, hidden channels not a
+# multiple of 4, N = 1, panels of uneven width, a dense and an all-zero fc1, fc2 with a quantized output
+MLP_SHAPES = [(197, 64, 256, 64, 0.9, 0.0), (5, 10, 7, 6, 0.5, 0.01), (1, 13, 17, 3, 0.0, 0.0),
+              (300, 64, 130, 50, 0.7, 0.02), (40, 32, 64, 8, 1.0, 0.0), (129, 40, 96, 33, 0.8, 0.05)]
+
+
+def _mlp_file(path, rng, shape) -> tuple[str, dict, object, np.ndarray, object]:
+    n, k, hidden, m, sparsity, out_scale = shape
+    fc1 = pack_int8_blocks(_block_codes(rng, hidden, k, sparsity),
+                           rng.random(hidden).astype(np.float32) * 1e-3)
+    fc2 = pack_int8_blocks(_block_codes(rng, m, hidden, sparsity), rng.random(m).astype(np.float32) * 1e-3,
+                           rng.standard_normal(m).astype(np.float32))
+    table = rng.integers(0, 256, (hidden, 256)).astype(np.uint8)
+    attributes = dict(act_scale=0.05, act_zero_point=117, fc1_out_scale=0.03, fc1_out_zero_point=100,
+                      hidden_zero_point=20, out_scale=out_scale, out_zero_point=128 if out_scale else 0)
+    node, inits = make_mlp_node("mlp", "x", "y", fc1, table, fc2, attributes)
+    save_layer_model([node], inits, [n, k], m, path)
+    return str(path), attributes, fc1, table, fc2
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", MLP_SHAPES, ids=[f"n{s[0]}-k{s[1]}-h{s[2]}-s{s[4]}" for s in MLP_SHAPES])
+def test_int8_mlp_kernel_matches_numpy(core, tmp_path, monkeypatch, isa, shape) -> None:
+    rng = np.random.default_rng(shape[0] * 1000 + shape[2])
+    path, attributes, fc1, table, fc2 = _mlp_file(tmp_path / "mlp.onnx", rng, shape)
+    x = (rng.standard_normal((shape[0], shape[1])) * 3).astype(np.float32)
+    got = _run(core, path, x, isa, monkeypatch)
+    np.testing.assert_allclose(got, sparse_mlp(x, fc1, table, fc2, **attributes), atol=INT8_ATOL, rtol=0)
+
+
+def _qdq_mlp(rng, k: int, hidden: int, m: int, sparsity: float) -> onnx.ModelProto:
+    """x → Q/DQ → fc1 (INT8 weight) → Q/DQ → + bias → GELU (as torch exports it) → Q/DQ → fc2 → Q/DQ
+    → + bias."""
+    from onnx import TensorProto, helper
+
+    nodes, inits = [], []
+
+    def const(name, value):
+        inits.append(onnx.numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def qdq(x, name, scale, zero_point):
+        const(f"{name}.s", np.float32(scale)), const(f"{name}.z", np.uint8(zero_point))
+        nodes.append(helper.make_node("QuantizeLinear", [x, f"{name}.s", f"{name}.z"], [f"{name}.q"]))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{name}.q", f"{name}.s", f"{name}.z"],
+                                      [f"{name}.dq"]))
+        return f"{name}.dq"
+
+    def linear(x, name, codes, bias):
+        const(f"{name}.codes", codes.T.copy()), const(f"{name}.ws", np.float32(0.01))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{name}.codes", f"{name}.ws"], [f"{name}.w"]))
+        nodes.append(helper.make_node("MatMul", [x, f"{name}.w"], [f"{name}.mm"]))
+        out = qdq(f"{name}.mm", f"{name}.out", 0.05, 128)
+        nodes.append(helper.make_node("Add", [out, const(f"{name}.bias", bias)], [f"{name}.y"]))
+        return f"{name}.y"
+
+    h = linear(qdq("x", "in", 0.04, 120), "fc1", _block_codes(rng, hidden, k, sparsity),
+               rng.standard_normal((1, hidden)).astype(np.float32))
+    nodes.append(helper.make_node("Div", [h, const("sqrt2", np.float32(np.sqrt(2)))], ["g.div"]))
+    nodes.append(helper.make_node("Erf", ["g.div"], ["g.erf"]))
+    nodes.append(helper.make_node("Add", ["g.erf", const("one", np.float32(1))], ["g.add"]))
+    nodes.append(helper.make_node("Mul", [h, "g.add"], ["g.mul"]))
+    nodes.append(helper.make_node("Mul", ["g.mul", const("half", np.float32(0.5))], ["g.out"]))
+    y = linear(qdq("g.out", "hid", 0.02, 10), "fc2", _block_codes(rng, m, hidden, sparsity),
+               rng.standard_normal(m).astype(np.float32))
+    nodes.append(helper.make_node("Identity", [y], ["y"]))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, m])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_an_int8_mlp_becomes_one_node_that_computes_what_the_layers_did(core, tmp_path, monkeypatch) -> None:
+    from onnx.reference import ReferenceEvaluator
+
+    rng = np.random.default_rng(3)
+    original = _qdq_mlp(rng, 24, 36, 16, 0.8)
+    fused = onnx.ModelProto()
+    fused.CopyFrom(original)
+    assert to_sparse_kernels(fused, min_sparsity=0.5) == 2
+    assert [node.op_type for node in fused.graph.node] == ["SparseMLP", "Add", "Identity"]  # fc2's bias
+    path = tmp_path / "fused.onnx"
+    onnx.save(fused, str(path))
+    x = (rng.standard_normal((5, 24)) * 2).astype(np.float32)
+    expected = ReferenceEvaluator(original).run(None, {"x": x})[0]
+    reference = ReferenceEvaluator(fused, new_ops=[SparseLinear, SparseMLP]).run(None, {"x": x})[0]
+    # ONNX's QuantizeLinear divides by the scale, the kernels multiply by its inverse: a rare near-tie
+    # may land one code step away in fc1's or fc2's output (steps of 0.05, here at most a few)
+    assert np.abs(reference - expected).max() < 0.5 and np.mean(reference == expected) > 0.9
+    got = _run(core, str(path), x, "avx512", monkeypatch)
+    np.testing.assert_allclose(got, reference, atol=INT8_ATOL, rtol=0)
+
+
+def test_a_malformed_mlp_node_is_refused_with_a_clear_error(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    path, *_ = _mlp_file(tmp_path / "mlp.onnx", rng, (2, 16, 8, 4, 0.5, 0.0))
+    model = onnx.load(path)
+    table = next(init for init in model.graph.initializer if init.name == "mlp.table")
+    table.CopyFrom(onnx.numpy_helper.from_array(np.zeros((7, 256), np.uint8), "mlp.table"))
+    onnx.save(model, path)
+    with pytest.raises(EngineLoadError, match="256 per hidden channel"):
+        create_engine("openvino-sparse", path, batch_size=2)
+
+
 def test_packing_round_trips() -> None:
     rng = np.random.default_rng(0)
     codes = _block_codes(rng, 9, 14, 0.6)
@@ -202,8 +311,10 @@ def test_a_masked_vit_exported_with_sparse_kernels_matches_torch(tmp_path, quant
     result = export_artifact(manager.graph_module, manager.recipe, tmp_path / "artifact",
                              ExportConfig(batch_size=2, sparse_kernels=True))
     model = onnx.load(str(result.directory / "model.onnx"))
-    sparse = [node for node in model.graph.node if node.op_type == "SparseLinear"]
-    assert len(sparse) == result.meta["sparse_kernels"]["layers"] == 8  # qkv, proj, fc1, fc2 of 2 blocks
+    counts = [sum(node.op_type == op for node in model.graph.node) for op in ("SparseLinear", "SparseMLP")]
+    # qkv, proj, fc1, fc2 of 2 blocks; INT8 fuses each block's fc1 and fc2 into one SparseMLP node
+    assert counts == ([4, 2] if quantize else [8, 0])
+    assert result.meta["sparse_kernels"]["layers"] == 8
     # the unmasked layers (patch embedding, head) stay OpenVINO's own
     assert any(node.op_type in ("MatMul", "Gemm") for node in model.graph.node)
     engine = create_engine("openvino-sparse", result.directory / "model.onnx", batch_size=2, precision="f32")

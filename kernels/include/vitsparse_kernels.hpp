@@ -39,6 +39,10 @@ struct Int8Blocks {
     const std::int32_t* row_sums;       // per row: the sum of its codes (for the activation zero point)
     const float* scale;                 // per row: activation scale × weight scale
     const float* bias;                  // per row, or nullptr
+    // out_scale > 0: each result (sum × scale) is fake-quantized to uint8 before the bias is added,
+    // QuantizeLinear then DequantizeLinear with this scale and zero point, as a QDQ model's layer output
+    float out_scale = 0.0f;
+    std::int32_t out_zero_point = 0;
 };
 
 struct Bf16Pairs {
@@ -68,6 +72,23 @@ std::string check_bf16_pairs(const Bf16Pairs& w, std::int64_t nonzero_blocks);
 void sparse_linear_int8(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride,
                         float act_scale, std::int32_t act_zero_point, float* y, Isa isa,
                         const ParallelFor& parallel_for);
+// A pruned INT8 MLP, y = fc2(table(fc1(x))), its hidden activations kept in cache, never written out:
+// fc1's results are quantized to uint8 codes (fc1_out_scale, fc1_out_zero_point); table[m][code] (256
+// bytes per hidden channel m: fc1's bias, the activation, and fc2's input quantization, all folded) gives
+// the hidden code that fc2 reads with hidden_zero_point (fc2.scale holds the hidden scale). fc1.bias and
+// fc1.out_scale are not used. AVX-512 with VBMI runs it fused; every other path composes the kernels.
+struct Int8Mlp {
+    Int8Blocks fc1;
+    float fc1_out_scale = 1.0f;
+    std::int32_t fc1_out_zero_point = 0;
+    const std::uint8_t* table;          // [fc1.rows][256]
+    std::int32_t hidden_zero_point = 0;
+    Int8Blocks fc2;                     // fc2.cols == fc1.rows
+};
+void sparse_mlp_int8(const Int8Mlp& mlp, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                     std::int32_t act_zero_point, float* y, Isa isa, const ParallelFor& parallel_for);
+bool cpu_has_avx512_vbmi();
+
 // bfloat16 runs on AVX-512 BF16 where the CPU has it (isa avx512), on the scalar kernel otherwise.
 void sparse_linear_bf16(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
                         Isa isa, const ParallelFor& parallel_for);

@@ -11,12 +11,13 @@ class SparseLinear : public ov::op::Op {
 public:
     OPENVINO_OP("SparseLinear", "vitsparse");
 
-    // format "int8_1x4" inputs: x, row_ptr, block_col, values, row_sums, scale, bias
+    // format "int8_1x4" inputs: x, row_ptr, block_col, values, row_sums, scale, bias (out_scale > 0:
+    //   sum × scale fake-quantized to uint8 with out_scale and out_zero_point before the bias)
     // format "f32_csr" inputs:  x, row_ptr, col, values, bias
     // format "bf16_1x2" inputs: x, row_ptr, block_col, values (a bfloat16 pair per int32), bias
     SparseLinear() = default;
     SparseLinear(const ov::OutputVector& inputs, std::string format, std::int64_t in_features, float act_scale,
-                 std::int64_t act_zero_point);
+                 std::int64_t act_zero_point, float out_scale = 0.0f, std::int64_t out_zero_point = 0);
 
     void validate_and_infer_types() override;
     std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& inputs) const override;
@@ -29,6 +30,8 @@ private:
     std::int64_t m_in_features = 0;
     float m_act_scale = 1.0f;
     std::int64_t m_act_zero_point = 0;
+    float m_out_scale = 0.0f;
+    std::int64_t m_out_zero_point = 0;
 };
 
 }  // namespace vitsparse

@@ -20,6 +20,20 @@ void store_transposed(const float* out, std::int64_t out_stride, std::int64_t co
     }
 }
 
+// int8_result (internal.hpp) for 8 sums of output channel m.
+inline __m256 int8_results(const Int8Blocks& w, std::int64_t m, __m256i sums) {
+    __m256 value = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(w.scale[m]));
+    if (w.out_scale > 0.0f) {
+        const float zero_point = static_cast<float>(w.out_zero_point);
+        const __m256 steps = _mm256_round_ps(_mm256_mul_ps(value, _mm256_set1_ps(1.0f / w.out_scale)),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m256 clamped = _mm256_min_ps(_mm256_max_ps(steps, _mm256_set1_ps(-zero_point)),
+                                             _mm256_set1_ps(255.0f - zero_point));
+        value = _mm256_mul_ps(clamped, _mm256_set1_ps(w.out_scale));
+    }
+    return _mm256_add_ps(value, _mm256_set1_ps(w.bias ? w.bias[m] : 0.0f));
+}
+
 template <int Tiles>
 void int8_panel(const Int8Blocks& w, const std::int16_t* packed, std::int64_t padded_n, std::int64_t n0,
                 std::int64_t m0, std::int64_t rows, float* out) {
@@ -40,11 +54,7 @@ void int8_panel(const Int8Blocks& w, const std::int16_t* packed, std::int64_t pa
                 acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(_mm256_madd_epi16(x0, low), _mm256_madd_epi16(x1, high)));
             }
         }
-        const __m256 scale = _mm256_set1_ps(w.scale[m]), bias = _mm256_set1_ps(w.bias ? w.bias[m] : 0.0f);
-        for (int t = 0; t < Tiles; ++t) {
-            _mm256_store_ps(out + r * Tiles * kLanes + t * kLanes,
-                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), scale, bias));
-        }
+        for (int t = 0; t < Tiles; ++t) _mm256_store_ps(out + r * Tiles * kLanes + t * kLanes, int8_results(w, m, acc[t]));
     }
 }
 

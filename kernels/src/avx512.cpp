@@ -1,116 +1,15 @@
-// AVX-512 kernels. Activations are packed column-major in panels so that one 64-byte load holds 16
-// input rows: for INT8, 4 consecutive input channels per row as uint8 (what vpdpbusd multiplies with a
-// broadcast 1×4 block), for f32 one channel per row. Each task computes 16 output channels × one
-// panel of input rows, then transposes 16×16 tiles to write y row-major with scale and bias applied.
-#include <immintrin.h>
-
-#include <numeric>
-
-#include "avx512_common.hpp"
+// AVX-512 kernels, one layer per call. Activations are packed column-major in panels so that one
+// 64-byte load holds 16 input rows: for INT8, 4 consecutive input channels per row as uint8 (what
+// vpdpbusd multiplies with a broadcast 1×4 block; avx512_int8.hpp), for f32 one channel per row. Each
+// task computes 16 output channels × one panel of input rows, then transposes 16×16 tiles to write y
+// row-major with scale and bias applied.
+#include "avx512_int8.hpp"
 
 namespace vitsparse::detail {
 
 namespace {
 
-constexpr int kInt8Tiles = 8;  // 16-row tiles per panel at most: 8 independent accumulator chains
 constexpr int kF32Tiles = 4;
-
-// Codes of 16 floats: x × inverse rounded half to even, plus the zero point, saturated to [0, 255].
-inline __m512i quantize16(__m512 values, __m512 inverse, __m512i zero_point) {
-    // clamped as floats first: past ±2^31 (or NaN) the conversion would wrap
-    const __m512 steps = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(values, inverse), _mm512_set1_ps(-512.0f)),
-                                       _mm512_set1_ps(512.0f));
-    const __m512i codes = _mm512_add_epi32(_mm512_cvtps_epi32(steps), zero_point);
-    return _mm512_min_epi32(_mm512_max_epi32(codes, _mm512_setzero_si512()), _mm512_set1_epi32(255));
-}
-
-// Quantizes 16 input rows from `first` (rows past n read as the zero point) into the INT8 panel layout:
-// for each group of 4 channels, 64 bytes holding the group's 4 codes of each row in row order. Works
-// on 16 channels (4 groups) at a time: one row load each, then a 4×4 transpose of 32-bit groups.
-void pack_int8(const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols, float scale,
-               std::int32_t zero_point, std::uint8_t* packed, std::int64_t padded_n, std::int64_t first) {
-    const __m512 inverse = _mm512_set1_ps(1.0f / scale);
-    const __m512i zero_v = _mm512_set1_epi32(zero_point);
-    const std::int64_t groups = ceil_div(cols, 4);
-    for (std::int64_t k0 = 0; k0 < cols; k0 += 16) {
-        const std::int64_t left = std::min<std::int64_t>(16, cols - k0);
-        const __mmask16 lanes = static_cast<__mmask16>((1u << left) - 1u);
-        __m128i rows[16];
-        for (int r = 0; r < 16; ++r) {
-            __m512i codes = zero_v;
-            if (first + r < n) {
-                const __m512 values = _mm512_maskz_loadu_ps(lanes, x + (first + r) * x_stride + k0);
-                codes = _mm512_mask_blend_epi32(lanes, zero_v, quantize16(values, inverse, zero_v));
-            }
-            rows[r] = _mm512_cvtepi32_epi8(codes);
-        }
-        // quads[L] holds rows L, 4 + L, 8 + L, 12 + L, one per 128-bit lane: 4 groups of 4 codes each
-        __m512i quads[4];
-        for (int L = 0; L < 4; ++L) {
-            quads[L] = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(
-                _mm512_castsi128_si512(rows[L]), rows[4 + L], 1), rows[8 + L], 2), rows[12 + L], 3);
-        }
-        // per lane, a 4×4 transpose of 32-bit groups: out[g] lane q = group g of rows 4q..4q+3
-        const __m512i t0 = _mm512_unpacklo_epi32(quads[0], quads[1]), t1 = _mm512_unpackhi_epi32(quads[0], quads[1]);
-        const __m512i t2 = _mm512_unpacklo_epi32(quads[2], quads[3]), t3 = _mm512_unpackhi_epi32(quads[2], quads[3]);
-        const __m512i out[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
-                                _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
-        for (std::int64_t g = 0; g < 4 && k0 / 4 + g < groups; ++g) {
-            _mm512_store_si512(packed + ((k0 / 4 + g) * padded_n + first) * 4, out[g]);
-        }
-    }
-}
-
-// acc += 4-byte dot products of activations (uint8) and weights (int8), per 32-bit lane. Written as
-// asm because gcc copies the accumulator around the intrinsic (which it models as non-destructive),
-// adding two register moves per product to the inner loop.
-inline __m512i dot_accumulate(__m512i acc, __m512i activations, __m512i weights) {
-    asm("vpdpbusd %[w], %[a], %[acc]" : [acc] "+v"(acc) : [a] "v"(activations), [w] "v"(weights));
-    return acc;
-}
-
-// acc[t] += blocks [begin, end) of a row times tile t of the panel at `panel` (packed activations).
-template <int Tiles>
-inline void accumulate_blocks(const Int8Blocks& w, const std::uint8_t* panel, std::int64_t padded_n,
-                              std::int32_t begin, std::int32_t end, __m512i* acc) {
-    for (std::int32_t b = begin; b < end; ++b) {
-        std::int32_t block;
-        std::memcpy(&block, w.values + 4 * static_cast<std::int64_t>(b), 4);
-        const __m512i weights = _mm512_set1_epi32(block);
-        const std::uint8_t* a = panel + static_cast<std::int64_t>(w.block_col[b]) * padded_n * 4;
-#pragma GCC unroll 8
-        for (int t = 0; t < Tiles; ++t) acc[t] = dot_accumulate(acc[t], _mm512_load_si512(a + 64 * t), weights);
-    }
-}
-
-// out[t] = (acc[t] - zero point × row sum) × scale + bias for output channel m.
-template <int Tiles>
-inline void finish_row(const Int8Blocks& w, std::int64_t m, std::int32_t zero_point, const __m512i* acc,
-                       float* out) {
-    const __m512i offset = _mm512_set1_epi32(zero_point * w.row_sums[m]);
-    const __m512 scale = _mm512_set1_ps(w.scale[m]), bias = _mm512_set1_ps(w.bias ? w.bias[m] : 0.0f);
-    for (int t = 0; t < Tiles; ++t) {
-        const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], offset));
-        _mm512_store_ps(out + t * kLanes, _mm512_fmadd_ps(sum, scale, bias));
-    }
-}
-
-// 16 output channels from m0 (`rows` of them real) over one panel of input rows from n0, into out.
-template <int Tiles>
-void int8_panel(const Int8Blocks& w, const std::uint8_t* packed, std::int64_t padded_n, std::int64_t n0,
-                std::int64_t m0, std::int64_t rows, std::int32_t zero_point, float* out) {
-    const std::uint8_t* panel = packed + n0 * 4;
-    for (std::int64_t r = 0; r < kRowBlock; ++r) {
-        __m512i acc[Tiles];
-        for (int t = 0; t < Tiles; ++t) acc[t] = _mm512_setzero_si512();
-        if (r < rows) {
-            accumulate_blocks<Tiles>(w, panel, padded_n, w.row_ptr[m0 + r], w.row_ptr[m0 + r + 1], acc);
-            finish_row<Tiles>(w, m0 + r, zero_point, acc, out + r * Tiles * kLanes);
-        } else {
-            for (int t = 0; t < Tiles; ++t) _mm512_store_ps(out + r * Tiles * kLanes + t * kLanes, _mm512_setzero_ps());
-        }
-    }
-}
 
 template <int Tiles>
 void f32_panel(const F32Csr& w, const float* packed, std::int64_t padded_n, std::int64_t n0, std::int64_t m0,
@@ -123,12 +22,6 @@ void f32_panel(const F32Csr& w, const float* packed, std::int64_t padded_n, std:
         }
     });
 }
-
-template <int Tiles>
-struct Int8Panel {
-    template <typename... Args>
-    static void run(Args&&... args) { int8_panel<Tiles>(std::forward<Args>(args)...); }
-};
 
 template <int Tiles>
 struct F32Panel {

@@ -2,6 +2,7 @@
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "internal.hpp"
 
@@ -99,6 +100,45 @@ void sparse_linear_int8(const Int8Blocks& w, const float* x, std::int64_t n, std
         case Isa::avx2: return detail::int8_avx2(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
         default: return detail::int8_scalar(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
     }
+}
+
+bool cpu_has_avx512_vbmi() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vbmi");
+}
+
+namespace {
+
+// fc1, the table and fc2 one after another through the per-layer kernels of `isa`: the MLP on CPUs
+// without the fused kernel, and the reference the fused kernel is tested against.
+void mlp_composed(const Int8Mlp& mlp, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                  std::int32_t act_zero_point, float* y, Isa isa, const ParallelFor& parallel_for) {
+    Int8Blocks fc1 = mlp.fc1;
+    fc1.bias = nullptr;
+    fc1.out_scale = 0.0f;
+    std::vector<float> hidden(static_cast<std::size_t>(n * fc1.rows));
+    sparse_linear_int8(fc1, x, n, x_stride, act_scale, act_zero_point, hidden.data(), isa, parallel_for);
+    const float inverse = 1.0f / mlp.fc1_out_scale;
+    parallel_for(static_cast<std::size_t>(n), [&](std::size_t i) {
+        float* row = hidden.data() + static_cast<std::int64_t>(i) * fc1.rows;
+        for (std::int64_t m = 0; m < fc1.rows; ++m) {
+            const std::int32_t code = detail::quantize_u8(row[m], inverse, mlp.fc1_out_zero_point);
+            row[m] = static_cast<float>(mlp.table[m * 256 + code] - mlp.hidden_zero_point);
+        }
+    });
+    // fc2 quantizes (code - zero point) with scale 1 and the hidden zero point back to the code itself
+    sparse_linear_int8(mlp.fc2, hidden.data(), n, fc1.rows, 1.0f, mlp.hidden_zero_point, y, isa, parallel_for);
+}
+
+}  // namespace
+
+void sparse_mlp_int8(const Int8Mlp& mlp, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                     std::int32_t act_zero_point, float* y, Isa isa, const ParallelFor& parallel_for) {
+    if (n <= 0) return;
+    if (isa == Isa::avx512 && cpu_has_avx512_vbmi()) {
+        return detail::mlp_avx512_vbmi(mlp, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
+    }
+    mlp_composed(mlp, x, n, x_stride, act_scale, act_zero_point, y, isa, parallel_for);
 }
 
 bool cpu_has_avx512_bf16() {

@@ -50,6 +50,19 @@ inline std::int32_t quantize_u8(float x, float inverse_scale, std::int32_t zero_
     return static_cast<std::int32_t>(std::min(255.0f, std::max(0.0f, code)));
 }
 
+// QuantizeLinear then DequantizeLinear to uint8: the nearest value of the quantized grid.
+inline float fake_quantize_u8(float x, float scale, std::int32_t zero_point) {
+    return static_cast<float>(quantize_u8(x, 1.0f / scale, zero_point) - zero_point) * scale;
+}
+
+// An INT8 layer's result for output channel m from its exact sum: sum × scale, fake-quantized when the
+// layer quantizes its output, plus the bias. (The vector kernels compute the same, lane by lane.)
+inline float int8_result(const Int8Blocks& w, std::int64_t m, std::int32_t sum) {
+    float value = static_cast<float>(sum) * w.scale[m];
+    if (w.out_scale > 0.0f) value = fake_quantize_u8(value, w.out_scale, w.out_zero_point);
+    return value + (w.bias ? w.bias[m] : 0.0f);
+}
+
 // The tasks of a product: output-channel blocks × column panels, panel-major so that one thread's
 // consecutive tasks reuse the same packed activations from cache.
 struct TaskGrid {
@@ -97,6 +110,8 @@ void int8_avx2(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t
                std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for);
 void int8_avx512(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                  std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for);
+void mlp_avx512_vbmi(const Int8Mlp& mlp, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                     std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for);
 void bf16_scalar(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
                  const ParallelFor& parallel_for);
 void bf16_avx512(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,

@@ -1,0 +1,94 @@
+// AVX-512 VBMI kernel for a pruned INT8 MLP (Int8Mlp): fc1, the table, fc2, one panel of input rows per
+// task. The panel's activations are packed, fc1 runs over them, and its hidden codes land straight in
+// the panel layout fc2 reads (4 channels' codes per 32-bit lane, the first channel's in the low byte);
+// then fc2 writes the panel's rows of y. A panel's hidden codes (hidden channels × panel rows bytes,
+// 192 KiB for 1536 × 128) stay in L2: nothing but y goes to memory.
+#include "avx512_int8.hpp"
+
+namespace vitsparse::detail {
+
+namespace {
+
+// table[code] for 16 codes in [0, 255], one per 32-bit lane: vpermi2b looks up 128-byte halves.
+inline __m512i lookup256(const __m512i table[4], __m512i codes) {
+    const __m512i low = _mm512_permutex2var_epi8(table[0], codes, table[1]);
+    const __m512i high = _mm512_permutex2var_epi8(table[2], codes, table[3]);
+    const __mmask16 upper = _mm512_cmpge_epi32_mask(codes, _mm512_set1_epi32(128));
+    return _mm512_and_si512(_mm512_mask_blend_epi32(upper, low, high), _mm512_set1_epi32(0xFF));
+}
+
+// The hidden codes of channels m..m+3 over the panel into `hidden` (fc2's panel layout); channels past
+// fc1.rows get the hidden zero point (fc2's weights there are zero padding).
+template <int Tiles>
+void hidden_group(const Int8Mlp& mlp, const std::uint8_t* packed_x, std::int64_t width, std::int64_t m,
+                  std::int32_t act_zero_point, std::uint8_t* hidden) {
+    const Int8Blocks& fc1 = mlp.fc1;
+    const __m512 inverse = _mm512_set1_ps(1.0f / mlp.fc1_out_scale);
+    const __m512i out_zero = _mm512_set1_epi32(mlp.fc1_out_zero_point);
+    __m512i group[Tiles];
+    for (int t = 0; t < Tiles; ++t) group[t] = _mm512_set1_epi32(mlp.hidden_zero_point * 0x01010101);
+    for (int j = 0; j < 4 && m + j < fc1.rows; ++j) {
+        const std::int64_t channel = m + j;
+        __m512i acc[Tiles];
+        for (int t = 0; t < Tiles; ++t) acc[t] = _mm512_setzero_si512();
+        accumulate_blocks<Tiles>(fc1, packed_x, width, fc1.row_ptr[channel], fc1.row_ptr[channel + 1], acc);
+        const __m512i offset = _mm512_set1_epi32(act_zero_point * fc1.row_sums[channel]);
+        const __m512 scale = _mm512_set1_ps(fc1.scale[channel]);
+        const std::uint8_t* row = mlp.table + channel * 256;
+        const __m512i table[4] = {_mm512_loadu_si512(row), _mm512_loadu_si512(row + 64),
+                                  _mm512_loadu_si512(row + 128), _mm512_loadu_si512(row + 192)};
+        const __m512i keep = _mm512_set1_epi32(~(0xFF << (8 * j)));
+        for (int t = 0; t < Tiles; ++t) {
+            const __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], offset)), scale);
+            const __m512i code = lookup256(table, quantize16(value, inverse, out_zero));
+            group[t] = _mm512_or_si512(_mm512_and_si512(group[t], keep), _mm512_slli_epi32(code, 8 * j));
+        }
+    }
+    for (int t = 0; t < Tiles; ++t) _mm512_store_si512(hidden + t * kLanes * 4, group[t]);
+}
+
+// The whole MLP for the Tiles × 16 input rows from n0.
+template <int Tiles>
+void mlp_panel(const Int8Mlp& mlp, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+               std::int32_t act_zero_point, std::int64_t n0, float* y) {
+    constexpr std::int64_t width = Tiles * kLanes;
+    const Int8Blocks &fc1 = mlp.fc1, &fc2 = mlp.fc2;
+    const std::int64_t input_bytes = ceil_div(fc1.cols, 4) * width * 4;
+    auto* packed_x = static_cast<std::uint8_t*>(
+        workspace(static_cast<std::size_t>(input_bytes + ceil_div(fc1.rows, 4) * width * 4)));
+    std::uint8_t* hidden = packed_x + input_bytes;
+    for (int t = 0; t < Tiles; ++t) {
+        pack_int8(x + n0 * x_stride, n - n0, x_stride, fc1.cols, act_scale, act_zero_point, packed_x, width, t * kLanes);
+    }
+    for (std::int64_t m = 0; m < fc1.rows; m += 4) {
+        hidden_group<Tiles>(mlp, packed_x, width, m, act_zero_point, hidden + m * width);
+    }
+    alignas(64) float out[kRowBlock * Tiles * kLanes];
+    for (std::int64_t m0 = 0; m0 < fc2.rows; m0 += kRowBlock) {
+        const std::int64_t rows = std::min(kRowBlock, fc2.rows - m0);
+        int8_panel<Tiles>(fc2, hidden, width, 0, m0, rows, mlp.hidden_zero_point, out);
+        store_transposed(out, width, std::min(width, n - n0), rows, y + n0 * fc2.rows + m0, fc2.rows);
+    }
+}
+
+template <int Tiles>
+struct MlpPanel {
+    template <typename... Args>
+    static void run(Args&&... args) { mlp_panel<Tiles>(std::forward<Args>(args)...); }
+};
+
+}  // namespace
+
+void mlp_avx512_vbmi(const Int8Mlp& mlp, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                     std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
+    // panels of at most kInt8Tiles tiles, as even as the tile count allows (13 tiles: 7 and 6)
+    const std::int64_t tiles = ceil_div(n, kLanes), panels = ceil_div(tiles, kInt8Tiles);
+    parallel_for(static_cast<std::size_t>(panels), [&](std::size_t panel) {
+        const auto p = static_cast<std::int64_t>(panel);
+        const std::int64_t first = tiles * p / panels, last = tiles * (p + 1) / panels;
+        run_panel<kInt8Tiles, MlpPanel>(static_cast<int>(last - first), mlp, x, n, x_stride, act_scale,
+                                        act_zero_point, first * kLanes, y);
+    });
+}
+
+}  // namespace vitsparse::detail
