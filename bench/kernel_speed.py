@@ -2,10 +2,12 @@
 
 Each DeiT-S linear (qkv, proj, fc1, fc2) at batch 1 and 16 (197 tokens per image) becomes one-layer
 ONNX models: OpenVINO's dense MatMul in INT8 (QDQ), f32 and bf16, and a SparseLinear node at each
-sparsity (random 1×4 blocks for INT8, 1×2 for bf16, random zeros for f32). All models of a shape are
-compiled on the same threads and timed in shuffled turns, so every ratio compares calls made side by
-side. Each call's time is OpenVINO's own per-node profile summed (`PERF_COUNT`, what benchmark_app -pc shows):
-the layer's work without the Python call around it, which at batch 1 is as long as the layer.
+sparsity (random 1×4 blocks for INT8, 1×2 for bf16, random zeros for f32). The `mlp` row is the whole
+INT8 MLP (fc1, GELU, fc2, as the QDQ export writes it) against the SparseMLP node the export makes of
+it. All models of a shape are compiled on the same threads and timed in shuffled turns, so every ratio
+compares calls made side by side. Each call's time is OpenVINO's own per-node profile summed
+(`PERF_COUNT`, what benchmark_app -pc shows): the layer's work without the Python call around it,
+which at batch 1 is as long as the layer.
 
     python -m vitsparse.bench.kernel_speed [--threads 2] [--sparsities 0.5,0.75,0.9] [-o out.json]
 """
@@ -27,11 +29,19 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from vitsparse.compiler.sparse_onnx import DOMAIN, make_node, pack_bf16_pairs, pack_f32_csr, pack_int8_blocks
+from vitsparse.compiler.sparse_onnx import (
+    DOMAIN,
+    make_node,
+    pack_bf16_pairs,
+    pack_f32_csr,
+    pack_int8_blocks,
+    to_sparse_kernels,
+)
 from vitsparse.runtime.sparse_extension import add_extension
 
 TOKENS = 197  # DeiT-S at 224 px: 196 patches and the class token
 SHAPES = {"qkv": (384, 1152), "proj": (384, 384), "fc1": (384, 1536), "fc2": (1536, 384)}  # (in, out)
+MLP_HIDDEN = 1536  # "mlp": fc1, GELU and fc2 as one INT8 block, dense against one SparseMLP node
 ACT_SCALE, ACT_ZERO_POINT = 0.05, 128
 
 
@@ -77,6 +87,63 @@ def dense_f32_model(weight: np.ndarray, bias: np.ndarray, n: int, path: Path) ->
     save_layer_model(nodes, inits, [n, weight.shape[1]], weight.shape[0], path)
 
 
+def qdq_mlp_model(fc1_codes: np.ndarray, fc2_codes: np.ndarray, n: int, seed: int = 0) -> onnx.ModelProto:
+    """An INT8 MLP as vitsparse's QDQ export writes one: x → Q/DQ → fc1 → Q/DQ → + bias → GELU (erf, as
+    torch exports it) → Q/DQ → fc2 → Q/DQ → + bias, weights as DequantizeLinear of [out, in] codes."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def const(name: str, value) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def qdq(x: str, name: str, scale: float, zero_point: int) -> str:
+        args = [const(f"{name}.s", np.float32(scale)), const(f"{name}.z", np.uint8(zero_point))]
+        nodes.append(helper.make_node("QuantizeLinear", [x, *args], [f"{name}.q"]))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{name}.q", *args], [f"{name}.dq"]))
+        return f"{name}.dq"
+
+    def linear(x: str, name: str, codes: np.ndarray) -> str:
+        weight = [const(f"{name}.w", np.ascontiguousarray(codes.T)), const(f"{name}.ws", np.float32(0.002))]
+        nodes.append(helper.make_node("DequantizeLinear", weight, [f"{name}.wd"]))
+        nodes.append(helper.make_node("MatMul", [x, f"{name}.wd"], [f"{name}.mm"]))
+        bias = const(f"{name}.b", rng.standard_normal(codes.shape[0]).astype(np.float32) * 0.1)
+        out = qdq(f"{name}.mm", f"{name}.out", 0.05, 128)
+        nodes.append(helper.make_node("Add", [out, bias], [f"{name}.y"]))
+        return f"{name}.y"
+
+    h = linear(qdq("x", "in", ACT_SCALE, ACT_ZERO_POINT), "fc1", fc1_codes)
+    nodes += [helper.make_node("Div", [h, const("sqrt2", np.float32(np.sqrt(2)))], ["gelu.div"]),
+              helper.make_node("Erf", ["gelu.div"], ["gelu.erf"]),
+              helper.make_node("Add", ["gelu.erf", const("one", np.float32(1))], ["gelu.add"]),
+              helper.make_node("Mul", [h, "gelu.add"], ["gelu.mul"]),
+              helper.make_node("Mul", ["gelu.mul", const("half", np.float32(0.5))], ["gelu.out"])]
+    y = linear(qdq("gelu.out", "hidden", 0.02, 10), "fc2", fc2_codes)
+    nodes.append(helper.make_node("Identity", [y], ["y"]))
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, fc1_codes.shape[1]])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, fc2_codes.shape[0]])
+    graph = helper.make_graph(nodes, "mlp", [x_info], [y_info], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def mlp_models(batch: int, sparsities: list[float], folder: Path, seed: int = 0
+               ) -> dict[tuple[str, float | None], Path]:
+    """("int8", sparsity or None) -> the DeiT-S MLP at that batch size, dense or as a SparseMLP node."""
+    rng = np.random.default_rng(seed)
+    embed = SHAPES["proj"][0]
+    fc1 = rng.integers(-127, 128, (MLP_HIDDEN, embed)).astype(np.int8)
+    fc2 = rng.integers(-127, 128, (embed, MLP_HIDDEN)).astype(np.int8)
+    files = {("int8", None): folder / f"mlp-b{batch}-int8-dense.onnx"}
+    onnx.save(qdq_mlp_model(fc1, fc2, batch * TOKENS), str(files[("int8", None)]))
+    for sparsity in sparsities:
+        model = qdq_mlp_model((fc1 * block_mask(rng, *fc1.shape, sparsity)).astype(np.int8),
+                              (fc2 * block_mask(rng, *fc2.shape, sparsity)).astype(np.int8), batch * TOKENS)
+        to_sparse_kernels(model, min_sparsity=0.0)
+        files[("int8", sparsity)] = folder / f"mlp-b{batch}-int8-{sparsity}.onnx"
+        onnx.save(model, str(files[("int8", sparsity)]))
+    return files
+
+
 def sparse_model(packed, n: int, path: Path, **attributes) -> None:
     node, inits = make_node("layer", "x", "y", packed, **attributes)
     save_layer_model([node], inits, [n, packed.cols], packed.rows, path)
@@ -99,6 +166,8 @@ def element_mask(rng: np.random.Generator, rows: int, cols: int, sparsity: float
 def layer_models(layer: str, batch: int, sparsities: list[float], folder: Path, seed: int = 0
                  ) -> dict[tuple[str, float | None], Path]:
     """(precision, sparsity or None) -> an ONNX file of that layer at that batch size."""
+    if layer == "mlp":
+        return mlp_models(batch, sparsities, folder, seed)
     rng = np.random.default_rng(seed)
     in_features, out_features = SHAPES[layer]
     n = batch * TOKENS
@@ -177,7 +246,8 @@ def run(threads: int, sparsities: list[float], batches: list[int], layers: list[
                     hint = "bf16" if precision == "bf16" else "f32"
                     compiled[(precision, sparsity)] = core.compile_model(
                         str(path), "CPU", {**config, "INFERENCE_PRECISION_HINT": hint})
-                x = np.random.default_rng(1).standard_normal((batch * TOKENS, SHAPES[layer][0]))
+                in_features = SHAPES["proj" if layer == "mlp" else layer][0]
+                x = np.random.default_rng(1).standard_normal((batch * TOKENS, in_features))
                 medians = time_side_by_side(compiled, x.astype(np.float32), rounds, seconds)
                 for (precision, sparsity), (node_ms, call_ms, calls) in medians.items():
                     results.append(Timing(layer, batch, precision, sparsity, node_ms, call_ms, calls))
@@ -235,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sparsities", default="0.5,0.75,0.9")
     parser.add_argument("--batches", default="1,16")
-    parser.add_argument("--layers", default=",".join(SHAPES))
+    parser.add_argument("--layers", default=",".join([*SHAPES, "mlp"]))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=0.2, help="per model per round")
     parser.add_argument("-o", "--output", type=Path, help="write the timings here as JSON")

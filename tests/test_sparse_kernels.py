@@ -15,7 +15,7 @@ import onnx
 import pytest
 import torch
 
-from vitsparse.bench.kernel_speed import save_layer_model
+from vitsparse.bench.kernel_speed import qdq_mlp_model, save_layer_model
 from vitsparse.compiler import ExportConfig, PassManager, Recipe, export_artifact, trace
 from vitsparse.compiler.sparse_onnx import (
     SparseLinear,
@@ -180,52 +180,11 @@ def test_int8_mlp_kernel_matches_numpy(core, tmp_path, monkeypatch, isa, shape) 
     np.testing.assert_allclose(got, sparse_mlp(x, fc1, table, fc2, **attributes), atol=INT8_ATOL, rtol=0)
 
 
-def _qdq_mlp(rng, k: int, hidden: int, m: int, sparsity: float) -> onnx.ModelProto:
-    """x → Q/DQ → fc1 (INT8 weight) → Q/DQ → + bias → GELU (as torch exports it) → Q/DQ → fc2 → Q/DQ
-    → + bias."""
-    from onnx import TensorProto, helper
-
-    nodes, inits = [], []
-
-    def const(name, value):
-        inits.append(onnx.numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def qdq(x, name, scale, zero_point):
-        const(f"{name}.s", np.float32(scale)), const(f"{name}.z", np.uint8(zero_point))
-        nodes.append(helper.make_node("QuantizeLinear", [x, f"{name}.s", f"{name}.z"], [f"{name}.q"]))
-        nodes.append(helper.make_node("DequantizeLinear", [f"{name}.q", f"{name}.s", f"{name}.z"],
-                                      [f"{name}.dq"]))
-        return f"{name}.dq"
-
-    def linear(x, name, codes, bias):
-        const(f"{name}.codes", codes.T.copy()), const(f"{name}.ws", np.float32(0.01))
-        nodes.append(helper.make_node("DequantizeLinear", [f"{name}.codes", f"{name}.ws"], [f"{name}.w"]))
-        nodes.append(helper.make_node("MatMul", [x, f"{name}.w"], [f"{name}.mm"]))
-        out = qdq(f"{name}.mm", f"{name}.out", 0.05, 128)
-        nodes.append(helper.make_node("Add", [out, const(f"{name}.bias", bias)], [f"{name}.y"]))
-        return f"{name}.y"
-
-    h = linear(qdq("x", "in", 0.04, 120), "fc1", _block_codes(rng, hidden, k, sparsity),
-               rng.standard_normal((1, hidden)).astype(np.float32))
-    nodes.append(helper.make_node("Div", [h, const("sqrt2", np.float32(np.sqrt(2)))], ["g.div"]))
-    nodes.append(helper.make_node("Erf", ["g.div"], ["g.erf"]))
-    nodes.append(helper.make_node("Add", ["g.erf", const("one", np.float32(1))], ["g.add"]))
-    nodes.append(helper.make_node("Mul", [h, "g.add"], ["g.mul"]))
-    nodes.append(helper.make_node("Mul", ["g.mul", const("half", np.float32(0.5))], ["g.out"]))
-    y = linear(qdq("g.out", "hid", 0.02, 10), "fc2", _block_codes(rng, m, hidden, sparsity),
-               rng.standard_normal(m).astype(np.float32))
-    nodes.append(helper.make_node("Identity", [y], ["y"]))
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, m])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
 def test_an_int8_mlp_becomes_one_node_that_computes_what_the_layers_did(core, tmp_path, monkeypatch) -> None:
     from onnx.reference import ReferenceEvaluator
 
     rng = np.random.default_rng(3)
-    original = _qdq_mlp(rng, 24, 36, 16, 0.8)
+    original = qdq_mlp_model(_block_codes(rng, 36, 24, 0.8), _block_codes(rng, 16, 36, 0.8), 5)
     fused = onnx.ModelProto()
     fused.CopyFrom(original)
     assert to_sparse_kernels(fused, min_sparsity=0.5) == 2
@@ -236,7 +195,7 @@ def test_an_int8_mlp_becomes_one_node_that_computes_what_the_layers_did(core, tm
     expected = ReferenceEvaluator(original).run(None, {"x": x})[0]
     reference = ReferenceEvaluator(fused, new_ops=[SparseLinear, SparseMLP]).run(None, {"x": x})[0]
     # ONNX's QuantizeLinear divides by the scale, the kernels multiply by its inverse: a rare near-tie
-    # may land one code step away in fc1's or fc2's output (steps of 0.05, here at most a few)
+    # may land one code step away in fc1's or fc2's output (steps of 0.05)
     assert np.abs(reference - expected).max() < 0.5 and np.mean(reference == expected) > 0.9
     got = _run(core, str(path), x, "avx512", monkeypatch)
     np.testing.assert_allclose(got, reference, atol=INT8_ATOL, rtol=0)
