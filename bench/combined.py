@@ -67,6 +67,10 @@ class CombinedSetting:
     token_locations: tuple[int, ...] | None = None
     fuse_tokens: bool = False  # dropped tokens averaged into one (EViT) instead of lost
     int8_patch_embed: bool = False  # INT8 also covers the patch embedding (a ConvInteger on DeepSparse)
+    # the masks' pattern and scope: unstructured and global suit DeepSparse; 1x4 blocks in every layer
+    # (scope "layer") are what vitsparse's own kernels (openvino-sparse) run
+    mask_pattern: str = "unstructured"
+    mask_scope: str = "global"
 
     def passes(self) -> list[str]:
         chosen = [("vtp", self.vtp_rate > 0), ("head-channels", self.head_budget > 0),
@@ -82,6 +86,8 @@ class CombinedSetting:
             settings["fuse_tokens"] = True
         if self.int8 and self.int8_patch_embed:
             settings["int8_patch_embed"] = True
+        if (self.mask_pattern, self.mask_scope) != ("unstructured", "global"):
+            settings.update(mask_pattern=self.mask_pattern, mask_scope=self.mask_scope)
         return settings
 
     def quant_config(self) -> QuantConfig:
@@ -143,10 +149,10 @@ def _read_thresholds(stage, after, found) -> None:
 
 
 def _read_masks(stage, after, found) -> None:
-    if (stage.saliency, stage.scope, stage.solver) != (MASK_SALIENCY, "global", MASK_SOLVER):
-        raise ValueError(f"the combined rows' masks are {MASK_SALIENCY}, global, solver {MASK_SOLVER}")
+    if (stage.saliency, stage.solver) != (MASK_SALIENCY, MASK_SOLVER):
+        raise ValueError(f"the combined rows' masks are {MASK_SALIENCY} with solver {MASK_SOLVER}")
     found.update(sparsity=stage.sparsity, mask_steps=stage.steps, mask_recover_epochs=stage.epochs,
-                 mask_epochs=after)
+                 mask_epochs=after, mask_pattern=stage.pattern, mask_scope=stage.scope)
 
 
 def _read_int8(stage, after, found) -> None:
@@ -224,7 +230,9 @@ def combined_speed_graph(model: torch.nn.Module, setting: CombinedSetting, recip
     if setting.keep_rate < 1:
         manager.run(setting.token_drop_pass(manager.structure.depth))
     if setting.sparsity > 0:
-        manager.run(SparsityPass(saliency="magnitude", sparsity=setting.sparsity))
+        # per layer, whatever the recipe's scope: random weights give no global ranking worth keeping
+        pattern = setting.mask_pattern
+        manager.run(SparsityPass(saliency="magnitude", sparsity=setting.sparsity, pattern=pattern))
     return manager
 
 

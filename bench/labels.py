@@ -13,7 +13,8 @@ def combined_setting_label(settings: dict) -> str:
         "vtp": f"vtp {settings.get('vtp_rate', 0):g}",
         "head-channels": f"heads {settings.get('head_budget', 0):g}",
         "token-drop": token_drop,
-        "magnitude": f"{100 * settings.get('sparsity', 0):g} % zeros",
+        "magnitude": f"{100 * settings.get('sparsity', 0):g} % zeros"
+                     + (f" in {settings['mask_pattern']} blocks" if "mask_pattern" in settings else ""),
         "int8": "int8" + (" + patch embed" if settings.get("int8_patch_embed") else ""),
     }
     return ", ".join(parts[p] for p in passes if p in parts)

@@ -150,7 +150,9 @@ def run_staged(manager: PassManager, setting, schedule: StagedSchedule, dense: t
     if setting.keep_rate < 1:
         _token_stage(stages, setting)
     if setting.sparsity > 0:
-        _mask_stage(stages, setting.sparsity)
+        _mask_stage(stages, SparsityConfig(saliency=MASK_SALIENCY, sparsity=setting.sparsity,
+                                           scope=setting.mask_scope, pattern=setting.mask_pattern,
+                                           solver=MASK_SOLVER))
     if setting.int8:
         manager.run(QuantizePass(setting.quant_config(), calibration=calibration))
         stages.tune(schedule.qat_epochs, lr=1e-4)  # gentle: the calibrated ranges stay valid
@@ -175,10 +177,9 @@ def _token_stage(stages: _Stages, setting) -> None:
     stages.done("token-drop")
 
 
-def _mask_stage(stages: _Stages, sparsity: float) -> None:
+def _mask_stage(stages: _Stages, config: SparsityConfig) -> None:
     """Second-order masks raised in cubic steps with recovery in between, then a fixed-mask fine-tune."""
     schedule = stages.schedule
-    config = SparsityConfig(saliency=MASK_SALIENCY, sparsity=sparsity, scope="global", solver=MASK_SOLVER)
     gradual_prune(stages.manager, config, GradualConfig(steps=schedule.mask_steps),
                   recover=lambda gm, step: stages.tune(schedule.mask_recover_epochs),
                   calibration=stages.calibration)

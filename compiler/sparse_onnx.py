@@ -7,8 +7,11 @@ A MatMul reading a constant weight with enough zeros (and the bias Add after it)
 - `int8_1x4`: an INT8 (QDQ) layer's codes in 1×4 blocks along the input channel (row offsets, block
   per non-zero block, 4 codes each, per-row code sums), with the input's QuantizeLinear folded into
   the node's attributes and the input and weight scales into one per-row scale.
+An INT8 MLP (fc1 → its output Q/DQ → bias and an elementwise activation → fc2) then becomes one
+`com.vitsparse::SparseMLP` node: the activation is evaluated onto a table of 256 codes per hidden
+channel, and one kernel runs both layers with the hidden activations kept in cache.
 Only OpenVINO with vitsparse's extension (the `openvino-sparse` engine) runs such a file; the
-reference op below (numpy) is what export verification and the kernel tests compare against.
+reference ops below (numpy) are what export verification and the kernel tests compare against.
 Layers below `min_sparsity` stay dense MatMuls, since the dense kernels win there.
 """
 

@@ -399,7 +399,7 @@ def test_prune_and_bench_takes_its_combined_settings_from_the_recipe_files(tmp_p
     edited.write_text((RECIPES_DIR / "combined.yaml").read_text().replace("rate: 0.2", "rate: 0.3"))
     assert SPEC.parse(str(edited)).setting.vtp_rate == 0.3
     edited.write_text("stages:\n  - sparsity: {saliency: magnitude, sparsity: 0.5}\n")
-    with pytest.raises(ValueError, match="masks are obs-fisher, global"):
+    with pytest.raises(ValueError, match="masks are obs-fisher with solver"):
         SPEC.parse(str(edited))
     with pytest.raises(ValueError, match="no recipe file"):
         SPEC.parse(str(tmp_path / "missing.yaml"))
