@@ -328,7 +328,8 @@ def _match_mlp(g: _Graph, fc2: onnx.NodeProto) -> _MlpMatch | None:
     quantize = g.produced_by(dequantize.input[0], "QuantizeLinear") if dequantize is not None else None
     fc1 = g.produced_by(quantize.input[0], OP_TYPE) if quantize is not None else None
     quantizer = _output_quantizer(g, fc1.output[0]) if fc1 is not None else None
-    if (quantizer is None or quantizer[1] is not dequantize or _attribute_of(fc1, "format") != "int8_1x4"
+    formats = {_attribute_of(fc1, "format"), _attribute_of(fc2, "format")} if fc1 is not None else set()
+    if (quantizer is None or quantizer[1].output[0] != source or formats != {"int8_1x4"}
             or any(id(r) not in {id(n) for n in activation} for r in g.consumers.get(source, []))):
         return None
     replaced, output, out_quant = [fc1, quantize, dequantize, *activation, fc2], fc2.output[0], (0.0, 0)
@@ -371,16 +372,25 @@ def _packed_of(g: _Graph, node: onnx.NodeProto) -> PackedWeight:
     return PackedWeight("int8_1x4", arrays[0].size - 1, _attribute_of(node, "in_features"), arrays)
 
 
+def _next_mlp(g: _Graph, skip: set[str]) -> _MlpMatch | None:
+    """The first INT8 MLP in graph order whose fc2 is not named in `skip`."""
+    for node in g.graph.node:
+        if node.op_type == OP_TYPE and node.name not in skip:
+            match = _match_mlp(g, node)
+            if match is not None:
+                return match
+    return None
+
+
 def _fuse_mlps(model: onnx.ModelProto) -> int:
     """Rewrite, in place, each INT8 MLP (`_MlpMatch`) into one SparseMLP node; returns how many."""
-    g = _Graph(model)
-    fused = 0
-    for fc2 in [n for n in g.graph.node if n.op_type == OP_TYPE and _attribute_of(n, "format") == "int8_1x4"]:
-        match = _match_mlp(g, fc2)
-        table = _activation_table(g, match) if match is not None else None
+    fused, skip = 0, set()
+    while (match := _next_mlp(g := _Graph(model), skip)) is not None:
+        table = _activation_table(g, match)
         if table is None:
+            skip.add(match.fc2.name)
             continue
-        fc1 = match.fc1
+        fc1, fc2 = match.fc1, match.fc2
         attributes = dict(act_scale=_attribute_of(fc1, "act_scale"),
                           act_zero_point=_attribute_of(fc1, "act_zero_point"),
                           fc1_out_scale=match.fc1_quant[0], fc1_out_zero_point=match.fc1_quant[1],
@@ -394,7 +404,6 @@ def _fuse_mlps(model: onnx.ModelProto) -> int:
         g.graph.node.append(node)
         g.graph.initializer.extend(inits)
         fused += 1
-        g = _Graph(model)
     return fused
 
 
