@@ -123,7 +123,8 @@ def qdq_mlp_model(fc1_codes: np.ndarray, fc2_codes: np.ndarray, n: int, seed: in
     x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, fc1_codes.shape[1]])
     y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, fc2_codes.shape[0]])
     graph = helper.make_graph(nodes, "mlp", [x_info], [y_info], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    # opset 19: the newest onnx's reference evaluator runs QuantizeLinear from 19 on
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
 
 
 def mlp_models(batch: int, sparsities: list[float], folder: Path, seed: int = 0
