@@ -48,6 +48,8 @@ class PlanSettings:
     batch_size: int = 64
     calibration_images: int = 256  # training images second-order masks, head search and INT8 read
     int8_format: Literal["qdq", "operator"] = "qdq"  # QDQ: ONNX Runtime, OpenVINO; operator: DeepSparse
+    # the artifact's pruned layers as vitsparse's sparse-kernel nodes, which only openvino-sparse runs
+    sparse_kernels: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -308,12 +308,13 @@ def _finish(
     if folder.writer:
         _label(graph, start.labels)
         _say(request, "exporting and verifying the ONNX file")
-        quant = {"quant_format": plan.settings.int8_format}
+        settings = plan.settings
         export_artifact(
             graph,
             record,
             artifact,
-            ExportConfig(dynamic_batch=True, **quant),
+            ExportConfig(dynamic_batch=True, quant_format=settings.int8_format,
+                         sparse_kernels=settings.sparse_kernels),
             overwrite=True,
             extra_meta={"recipe_plan": plan.to_dict()},
         )

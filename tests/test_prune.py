@@ -445,6 +445,21 @@ def test_eval_of_an_int8_artifact_in_the_operator_format_agrees_with_pytorch_on_
     assert evaluation.images == 260 and evaluation.agreement >= AGREEMENT
 
 
+def test_a_recipe_asking_for_sparse_kernels_gives_an_artifact_for_openvino_sparse(digits_data, tmp_path):
+    if not engine_status("openvino-sparse").available:
+        pytest.skip(engine_status("openvino-sparse").reason)
+    recipe = tmp_path / "magnitude.yaml"
+    text = (RECIPES_DIR / "magnitude.yaml").read_text()
+    recipe.write_text(text.replace("stages:", "sparse_kernels: true\nstages:"))
+    assert prune(recipe, digits_data, tmp_path / "run") == 0
+    artifact = load_artifact(tmp_path / "run" / "artifact")
+    assert artifact.meta["sparse_kernels"]["layers"] > 0
+    evaluation = evaluate_artifact(
+        artifact, digits_data / "val", "openvino-sparse", reference=torch_reference(artifact)
+    )
+    assert evaluation.images == 260 and evaluation.agreement >= AGREEMENT
+
+
 def test_the_recipes_readme_documents_every_stage_and_key() -> None:
     import dataclasses
 
