@@ -329,7 +329,10 @@ def _match_mlp(g: _Graph, fc2: onnx.NodeProto) -> _MlpMatch | None:
     fc1 = g.produced_by(quantize.input[0], OP_TYPE) if quantize is not None else None
     quantizer = _output_quantizer(g, fc1.output[0]) if fc1 is not None else None
     formats = {_attribute_of(fc1, "format"), _attribute_of(fc2, "format")} if fc1 is not None else set()
+    # the fused kernel quantizes fc1's sums without a bias: a bias folded into fc1 (added before its
+    # output quantization) would be lost
     if (quantizer is None or quantizer[1].output[0] != source or formats != {"int8_1x4"}
+            or np.any(g.constant(fc1.input[6]))
             or any(id(r) not in {id(n) for n in activation} for r in g.consumers.get(source, []))):
         return None
     replaced, output, out_quant = [fc1, quantize, dequantize, *activation, fc2], fc2.output[0], (0.0, 0)
