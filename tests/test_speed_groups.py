@@ -127,6 +127,23 @@ def test_only_rows_with_sparse_layers_are_timed_on_the_kernel_engine() -> None:
     assert masked.timed_on(engines) == list(engines)
 
 
+def test_an_int8_row_is_timed_on_the_kernel_engine_only_with_all_zero_1x4_blocks() -> None:
+    """INT8 layers run sparse in 1×4 blocks: 90 % unstructured zeros leave almost no empty block, the
+    export keeps every layer dense, and the kernel engine would repeat the openvino column."""
+    from vitsparse.compiler import PassManager
+    from vitsparse.pruners import MagnitudePass, QuantConfig, QuantizePass, SparsityConfig
+
+    images = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    timed = {}
+    for pattern in ("1x4", "unstructured"):
+        manager = PassManager(trace(build_model("digits-vit")), recipe=Recipe())
+        manager.run(MagnitudePass(SparsityConfig(sparsity=0.9, pattern=pattern)))
+        manager.run(QuantizePass(QuantConfig(), calibration=images))
+        row = Row("digits-vit", "int8", {"sparsity": 0.9, "pattern": pattern})
+        timed[pattern] = SpeedCandidate(row, manager.graph_module, Recipe()).timed_on(("openvino-sparse",))
+    assert timed == {"1x4": ["openvino-sparse"], "unstructured": []}
+
+
 def test_the_kernel_engine_is_never_a_dense_alternative() -> None:
     dense = Row("deit", "dense", speed=[_entry("openvino", 9.0), _entry("openvino-sparse", 1.0)])
     assert speed.best_dense_alternatives([dense]) == {1: ("openvino fp32", 9.0)}
