@@ -86,22 +86,6 @@ struct F32Panel {
     static void run(Args&&... args) { f32_panel<Tiles>(std::forward<Args>(args)...); }
 };
 
-// Runs `panel(n0, m0, rows, tiles, out)` over every (column panel, output block) task.
-template <typename PanelFn>
-void run_tasks(std::int64_t rows_total, std::int64_t n, std::int64_t padded_n, float* y,
-               const ParallelFor& parallel_for, PanelFn panel) {
-    const TaskGrid grid(rows_total, padded_n, kTiles * kLanes);
-    parallel_for(grid.size(), [&](std::size_t task) {
-        alignas(32) float out[kRowBlock * kTiles * kLanes];
-        const std::int64_t n0 = grid.panel(task) * grid.panel_columns, m0 = grid.row_block(task) * kRowBlock;
-        const std::int64_t columns = std::min(grid.panel_columns, padded_n - n0);
-        const std::int64_t rows = std::min(kRowBlock, rows_total - m0);
-        const int tiles = static_cast<int>(columns / kLanes);
-        panel(n0, m0, rows, tiles, out);
-        store_transposed(out, tiles * kLanes, std::min(columns, n - n0), rows, y + n0 * rows_total + m0, rows_total);
-    });
-}
-
 }  // namespace
 
 void int8_avx2(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
@@ -117,9 +101,10 @@ void int8_avx2(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t
             }
         }
     });
-    run_tasks(w.rows, n, padded_n, y, parallel_for, [&](std::int64_t n0, std::int64_t m0, std::int64_t rows, int tiles, float* out) {
+    run_task_grid<kLanes, kTiles>(w.rows, n, padded_n, kTiles, y, parallel_for,
+                                  [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
         run_panel<kTiles, Int8Panel>(tiles, w, packed, padded_n, n0, m0, rows, out);
-    });
+    }, store_transposed);
 }
 
 void f32_avx2(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
@@ -131,9 +116,10 @@ void f32_avx2(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_st
             for (std::int64_t k = 0; k < w.cols; ++k) packed[k * padded_n + i] = i < n ? x[i * x_stride + k] : 0.0f;
         }
     });
-    run_tasks(w.rows, n, padded_n, y, parallel_for, [&](std::int64_t n0, std::int64_t m0, std::int64_t rows, int tiles, float* out) {
+    run_task_grid<kLanes, kTiles>(w.rows, n, padded_n, kTiles, y, parallel_for,
+                                  [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
         run_panel<kTiles, F32Panel>(tiles, w, packed, padded_n, n0, m0, rows, out);
-    });
+    }, store_transposed);
 }
 
 }  // namespace vitsparse::detail

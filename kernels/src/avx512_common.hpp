@@ -80,22 +80,12 @@ void float_panel(const float* bias, std::int64_t m0, std::int64_t rows, float* o
     }
 }
 
-// Every task of a product: `compute(tiles, n0, m0, rows, out)` fills out[16][tiles × 16] for 16 output
-// channels from m0 (`rows` of them real) over the panel of input rows from n0, then out goes to y.
+// Every task of a product (run_task_grid), panels narrowed by panel_tiles, written through 16×16 transposes.
 template <int MaxTiles, typename Compute>
 void run_tasks(std::int64_t out_features, std::int64_t n, std::int64_t padded_n, float* y,
                const ParallelFor& parallel_for, Compute compute) {
-    const TaskGrid grid(out_features, padded_n, panel_tiles(out_features, MaxTiles) * kLanes);
-    parallel_for(grid.size(), [&](std::size_t task) {
-        alignas(64) float out[kRowBlock * MaxTiles * kLanes];
-        const std::int64_t n0 = grid.panel(task) * grid.panel_columns, m0 = grid.row_block(task) * kRowBlock;
-        const std::int64_t columns = std::min(grid.panel_columns, padded_n - n0);
-        const std::int64_t rows = std::min(kRowBlock, out_features - m0);
-        const int tiles = static_cast<int>(columns / kLanes);
-        compute(tiles, n0, m0, rows, out);
-        store_transposed(out, tiles * kLanes, std::min(columns, n - n0), rows, y + n0 * out_features + m0,
-                         out_features);
-    });
+    run_task_grid<kLanes, MaxTiles>(out_features, n, padded_n, panel_tiles(out_features, MaxTiles), y,
+                                    parallel_for, compute, store_transposed);
 }
 
 }  // namespace

@@ -78,6 +78,25 @@ struct TaskGrid {
     std::int64_t row_block(std::size_t task) const { return static_cast<std::int64_t>(task) % row_blocks; }
 };
 
+// Every task of a product, on each instruction set: `compute(tiles, n0, m0, rows, out)` fills
+// out[16][tiles × Lanes] for 16 output channels from m0 (`rows` of them real) over the panel of input
+// rows from n0 (panels of `panel_tiles` tiles, the last one narrower); then `store(out, out_stride,
+// columns, rows, y_block, y_stride)` writes it to y row-major.
+template <std::int64_t Lanes, int MaxTiles, typename Compute, typename Store>
+void run_task_grid(std::int64_t out_features, std::int64_t n, std::int64_t padded_n, int panel_tiles, float* y,
+                   const ParallelFor& parallel_for, Compute compute, Store store) {
+    const TaskGrid grid(out_features, padded_n, panel_tiles * Lanes);
+    parallel_for(grid.size(), [&](std::size_t task) {
+        alignas(64) float out[kRowBlock * MaxTiles * Lanes];
+        const std::int64_t n0 = grid.panel(task) * grid.panel_columns, m0 = grid.row_block(task) * kRowBlock;
+        const std::int64_t columns = std::min(grid.panel_columns, padded_n - n0);
+        const std::int64_t rows = std::min(kRowBlock, out_features - m0);
+        const int tiles = static_cast<int>(columns / Lanes);
+        compute(tiles, n0, m0, rows, out);
+        store(out, tiles * Lanes, std::min(columns, n - n0), rows, y + n0 * out_features + m0, out_features);
+    });
+}
+
 // float -> bfloat16, rounding to nearest even (what vcvtneps2bf16 does; NaN stays NaN).
 inline std::uint16_t to_bf16(float value) {
     std::uint32_t bits;
