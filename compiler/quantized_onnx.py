@@ -69,9 +69,11 @@ class _Graph:
 
 
 def _attribute(node: onnx.NodeProto, name: str, default=None):
+    """A node attribute's value (strings decoded), or `default`."""
     for attr in node.attribute:
         if attr.name == name:
-            return helper.get_attribute_value(attr)
+            value = helper.get_attribute_value(attr)
+            return value.decode() if isinstance(value, bytes) else value
     return default
 
 

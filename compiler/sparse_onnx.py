@@ -24,7 +24,7 @@ import onnx
 from onnx import helper
 from onnx.reference.op_run import OpRun
 
-from .quantized_onnx import QuantizedOnnxError, _bias_of, _Graph, _operands, _topological_sort
+from .quantized_onnx import QuantizedOnnxError, _attribute, _bias_of, _Graph, _operands, _topological_sort
 
 DOMAIN = "com.vitsparse"
 OP_TYPE = "SparseLinear"
@@ -275,14 +275,6 @@ ACTIVATION_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Erf", "Tanh", "S
                             "Gelu", "HardSigmoid", "HardSwish", "Clip"})
 
 
-def _attribute_of(node: onnx.NodeProto, name: str, default=None):
-    """A node attribute's value (strings decoded), or `default`."""
-    found = [helper.get_attribute_value(a) for a in node.attribute if a.name == name]
-    if not found:
-        return default
-    return found[0].decode() if isinstance(found[0], bytes) else found[0]
-
-
 @dataclass
 class _MlpMatch:
     """An INT8 MLP in a graph: fc1 → its output Q → DQ → elementwise activation → fc2 [→ Q → DQ]."""
@@ -328,7 +320,7 @@ def _match_mlp(g: _Graph, fc2: onnx.NodeProto) -> _MlpMatch | None:
     quantize = g.produced_by(dequantize.input[0], "QuantizeLinear") if dequantize is not None else None
     fc1 = g.produced_by(quantize.input[0], OP_TYPE) if quantize is not None else None
     quantizer = _output_quantizer(g, fc1.output[0]) if fc1 is not None else None
-    formats = {_attribute_of(fc1, "format"), _attribute_of(fc2, "format")} if fc1 is not None else set()
+    formats = {_attribute(fc1, "format"), _attribute(fc2, "format")} if fc1 is not None else set()
     # the fused kernel quantizes fc1's sums without a bias: a bias folded into fc1 (added before its
     # output quantization) would be lost
     if (quantizer is None or quantizer[1].output[0] != source or formats != {"int8_1x4"}
@@ -365,14 +357,14 @@ def _activation_table(g: _Graph, match: _MlpMatch) -> np.ndarray | None:
     if hidden.size != values.size:  # a constant that varies along another axis than the channels
         return None
     hidden, fc2 = hidden.reshape(values.shape), match.fc2
-    codes = quantize_u8(hidden, _attribute_of(fc2, "act_scale"), _attribute_of(fc2, "act_zero_point"))
+    codes = quantize_u8(hidden, _attribute(fc2, "act_scale"), _attribute(fc2, "act_zero_point"))
     return np.ascontiguousarray(codes.T.astype(np.uint8))
 
 
 def _packed_of(g: _Graph, node: onnx.NodeProto) -> PackedWeight:
     """The packed INT8 weight an int8_1x4 SparseLinear node reads."""
     arrays = tuple(g.constant(i) for i in node.input[1:])
-    return PackedWeight("int8_1x4", arrays[0].size - 1, _attribute_of(node, "in_features"), arrays)
+    return PackedWeight("int8_1x4", arrays[0].size - 1, _attribute(node, "in_features"), arrays)
 
 
 def _next_mlp(g: _Graph, skip: set[str]) -> _MlpMatch | None:
@@ -394,10 +386,10 @@ def _fuse_mlps(model: onnx.ModelProto) -> int:
             skip.add(match.fc2.name)
             continue
         fc1, fc2 = match.fc1, match.fc2
-        attributes = dict(act_scale=_attribute_of(fc1, "act_scale"),
-                          act_zero_point=_attribute_of(fc1, "act_zero_point"),
+        attributes = dict(act_scale=_attribute(fc1, "act_scale"),
+                          act_zero_point=_attribute(fc1, "act_zero_point"),
                           fc1_out_scale=match.fc1_quant[0], fc1_out_zero_point=match.fc1_quant[1],
-                          hidden_zero_point=_attribute_of(fc2, "act_zero_point"),
+                          hidden_zero_point=_attribute(fc2, "act_zero_point"),
                           out_scale=match.out_quant[0], out_zero_point=match.out_quant[1])
         name = fc1.name.removesuffix("_sparse") + "_mlp_sparse"
         node, inits = make_mlp_node(name, fc1.input[0], match.output, _packed_of(g, fc1),
