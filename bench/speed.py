@@ -29,8 +29,8 @@ TORCH = "torch"
 INT8 = "int8"
 # the sparse engines: never counted as a dense alternative. openvino-sparse runs vitsparse's kernels, so
 # a row without sparse layers would only repeat its openvino column there, and is not timed on it
-SPARSE_ENGINES = ("deepsparse", "openvino-sparse")
 KERNEL_ENGINE = "openvino-sparse"
+SPARSE_ENGINES = ("deepsparse", KERNEL_ENGINE)
 ORT_ENGINE = "onnxruntime"  # dense INT8 (QDQ) here is the alternative the INT8 table is measured against
 # how each engine wants a graph written when the default ONNX form does not suit it: DeepSparse has
 # no Gather, so VTP's feature selections go to it as one-hot products (which it runs sparse); OpenVINO

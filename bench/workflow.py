@@ -38,6 +38,7 @@ from .report import is_int8_row, write_report
 from .schema import Row
 from .spec import INT8_SUFFIX, DigitsContext, Entry, MethodSpec, SpeedContext
 from .speed import (
+    KERNEL_ENGINE,
     SPEED_MODEL_ATOL,
     TORCH,
     SpeedCandidate,
@@ -49,7 +50,7 @@ from .speed import (
 
 ENGINES = (*RUNTIME_ENGINES, TORCH)  # the CPU engines plus dense PyTorch as the baseline
 PRECISION_COLUMNS = ("openvino:bf16",)  # timed beside the f32 columns where the CPU can run them
-EXTRA_ENGINES = ("openvino-sparse",)  # built by vitsparse itself: timed by the full profile or when named
+EXTRA_ENGINES = (KERNEL_ENGINE,)  # built by vitsparse itself: timed by the full profile or when named
 SPEED_MODEL_SEED = 0  # the speed model's random weights: one model across runs, whatever ran before
 NONE = "none"  # `--only none`, `-e none`: an empty list
 
