@@ -285,14 +285,14 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _bench_engine_flags(parser: argparse.ArgumentParser) -> None:
-    from vitsparse.runtime.cli import configure_bench_parser
+    from vitsparse.runtime.bench_cli import configure_bench_parser
 
     configure_bench_parser(parser)
 
 
 @command("bench", "benchmark one ONNX file on a CPU engine (DeepSparse's flags)", _bench_engine_flags)
 def _bench(args: argparse.Namespace) -> int:
-    from vitsparse.runtime.cli import run_bench
+    from vitsparse.runtime.bench_cli import run_bench
 
     return run_bench(args)
 

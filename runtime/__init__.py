@@ -5,13 +5,13 @@ package stays cheap and works where neither is installed.
 """
 
 from .availability import ENGINES, EngineStatus, default_engine, engine_status, engine_versions
-from .batching import check_batch_size, set_batch_size
+from .batch_size import check_batch_size, set_batch_size
+from .bench_cli import configure_bench_parser, run_bench
 from .benchmark import SCENARIOS, benchmark, benchmark_model
-from .cli import configure_bench_parser, run_bench
 from .compare import compare_side_by_side
 from .deepsparse_engine import DeepSparseEngine
-from .engine import Engine
-from .engines import ENGINE_TYPES, check_engine_spec, create_engine, parse_engine_spec
+from .engine_base import Engine
+from .engine_registry import ENGINE_TYPES, check_engine_spec, create_engine, parse_engine_spec
 from .errors import (
     BatchSizeError,
     EngineLoadError,
@@ -23,9 +23,9 @@ from .errors import (
     UnknownEngineError,
     UnsupportedPrecisionError,
 )
-from .inspect import LayerMacs, OnnxReport, WeightStats, inspect_onnx
 from .jsonio import write_json_atomic
 from .onnx_file import TensorSpec, load_onnx
+from .onnx_sparsity import LayerMacs, OnnxReport, WeightStats, inspect_onnx
 from .onnxruntime_engine import OnnxRuntimeEngine
 from .openvino_engine import OpenVinoEngine
 from .results import BenchmarkResult, latency_summary

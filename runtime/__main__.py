@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import configure_bench_parser, run_bench
+from .bench_cli import configure_bench_parser, run_bench
 from .eval_cli import configure_eval_parser, run_eval
 from .serve_cli import configure_serve_parser, run_serve
 

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .engine import Engine
-from .engines import create_engine
+from .engine_base import Engine
+from .engine_registry import create_engine
 from .errors import RuntimeInputError
 from .results import BenchmarkResult, latency_summary
 from .timing import Budget, Call, concurrent_calls, timed_calls

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .engine import Engine
+from .engine_base import Engine
 from .errors import EngineLoadError, EngineUnavailableError, first_line
 
 # DeepSparse 1.8 runs a weight this sparse with its sparse kernels, which return wrong numbers (no

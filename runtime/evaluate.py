@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import Artifact
-from .engines import create_engine
+from .engine_registry import create_engine
 from .errors import RuntimeInputError
 from .preprocess import ImageError, decode_image
 

@@ -15,8 +15,8 @@ import os
 import numpy as np
 import onnx
 
-from .batching import set_batch_size
-from .engine import Engine
+from .batch_size import set_batch_size
+from .engine_base import Engine
 from .errors import EngineLoadError, EngineUnavailableError, first_line
 from .onnx_file import graph_inputs
 

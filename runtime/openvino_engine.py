@@ -22,9 +22,9 @@ import re
 import numpy as np
 import onnx
 
-from .engine import Engine
+from .engine_base import Engine
 from .errors import EngineLoadError, EngineUnavailableError, UnsupportedPrecisionError, first_line
-from .inspect import LayerMacs, layer_macs
+from .onnx_sparsity import LayerMacs, layer_macs
 
 DEVICE = "CPU"
 INT8_PRECISIONS = ("u8", "i8")  # runtimePrecision values of an operation computing in 8-bit integers

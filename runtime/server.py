@@ -29,9 +29,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from .artifact import Artifact, ArtifactError
-from .batcher import BatcherClosedError, DynamicBatcher, QueueFullError
-from .engine import Engine
-from .engines import create_engine
+from .dynamic_batcher import BatcherClosedError, DynamicBatcher, QueueFullError
+from .engine_base import Engine
+from .engine_registry import create_engine
 from .errors import BatchSizeError, EngineLoadError, RuntimeInputError, first_line
 from .metrics import ServerMetrics
 from .preprocess import (

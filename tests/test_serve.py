@@ -30,7 +30,7 @@ from starlette.testclient import TestClient
 
 from vitsparse.runtime import ENGINES, engine_status
 from vitsparse.runtime.artifact import ArtifactError, load_artifact, parse_artifact_spec
-from vitsparse.runtime.batcher import DynamicBatcher, QueueFullError
+from vitsparse.runtime.dynamic_batcher import DynamicBatcher, QueueFullError
 from vitsparse.runtime.metrics import ServerMetrics
 from vitsparse.runtime.preprocess import ImageError, ImageTooLargeError, Preprocessing, decode_image
 from vitsparse.runtime.server import ServeConfig, ServeConfigError, build_models, create_app

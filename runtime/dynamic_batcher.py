@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .engine import Engine
+from .engine_base import Engine
 
 
 class QueueFullError(RuntimeError):

@@ -6,7 +6,7 @@ import os
 
 from .availability import engine_status
 from .deepsparse_engine import DeepSparseEngine
-from .engine import Engine
+from .engine_base import Engine
 from .errors import EngineUnavailableError, UnknownEngineError
 from .onnxruntime_engine import OnnxRuntimeEngine
 from .openvino_engine import OpenVinoEngine

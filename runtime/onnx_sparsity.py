@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .batching import fixed_batch_size, infer_shapes
+from .batch_size import fixed_batch_size, infer_shapes
 from .onnx_file import load_onnx
 
 PRUNABLE_OPS = ("MatMul", "Gemm", "Conv")

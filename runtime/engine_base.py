@@ -15,7 +15,7 @@ from typing import ClassVar
 import numpy as np
 import onnx
 
-from .batching import check_batch_size, fixed_batch_size
+from .batch_size import check_batch_size, fixed_batch_size
 from .errors import EngineLoadError, InputMismatchError, RuntimeInputError, UnsupportedPrecisionError
 from .onnx_file import TensorSpec, graph_inputs, graph_outputs, load_onnx
 from .quantized import check_int8_support, quantization_format
