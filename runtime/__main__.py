@@ -14,12 +14,16 @@ COMMANDS = {"serve": ("serve exported models over HTTP (KServe v2)", configure_s
             "eval": ("top-1/top-5 of an exported model over images", configure_eval_parser, run_eval)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vitsparse.runtime", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, configure, _) in COMMANDS.items():
         configure(sub.add_parser(name, help=help_text, description=help_text))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command][2](args)
     except (ValueError, FileNotFoundError) as err:  # user mistakes: one line, no traceback
