@@ -22,13 +22,13 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from vitsparse.compiler import ExportConfig, PassManager, Recipe, export_artifact, trace
-from vitsparse.compiler.recipe import atomic_path
 from vitsparse.compiler.trace import SERVING_KEY
 from vitsparse.models import build_model, evaluate
 from vitsparse.models.data import model_data_config
 from vitsparse.pruners import distributed as dist_utils
 from vitsparse.pruners.checkpoints import EpochStore, is_writer, resumable
 from vitsparse.pruners.distributed import process_device
+from vitsparse.runtime.atomic import atomic_path
 
 from .plan import RecipePlan, load_plan
 from .prune_data import ImageData, PruneLoaders, check_image_data, make_loaders

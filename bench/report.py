@@ -550,7 +550,7 @@ def write_report(directory: Path, meta: dict[str, Any], rows: list[Row]) -> dict
 
 def write_files_atomically(directory: Path, files: dict[str, tuple[str, Any]]) -> dict[str, Path]:
     """`files` maps a key to (file name, writer of a path); each is written to a temp file, then renamed."""
-    from vitsparse.compiler.recipe import atomic_path
+    from vitsparse.runtime.atomic import atomic_path
 
     written = {}
     for key, (name, write) in files.items():

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,9 @@ from typing import Any
 import torch.fx as fx
 
 from vitsparse.compiler import Recipe
-from vitsparse.compiler.recipe import atomic_path, load_weights, replay, save_weights
+from vitsparse.compiler.recipe import load_weights, replay, save_weights
 from vitsparse.models import build_model
+from vitsparse.runtime.atomic import atomic_dir, atomic_path
 
 RUN_FILE = "run.json"
 STATUS_RUNNING, STATUS_FINISHED = "running", "finished"
@@ -100,18 +100,10 @@ class RunFolder:
         """The graph after stage `index`: written to a temp folder, then renamed into place."""
         if not self.writer:
             return
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        target = self.stage_dir(index)
-        staging = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=f".{target.name}.", suffix=".tmp"))
-        try:
+        with atomic_dir(self.stage_dir(index)) as staging:
             record.save(staging / "recipe.json")
             save_weights(gm, staging / "weights.safetensors")
             (staging / "stage.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def drop_intermediate_stages(self, last: int) -> None:
         """A finished run keeps the starting model and the last stage; the rest only served resuming."""

@@ -14,10 +14,7 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -28,6 +25,8 @@ import onnx
 import torch
 import torch.fx as fx
 from torch import nn
+
+from vitsparse.runtime.atomic import atomic_dir
 
 from .errors import CompilerError
 from .flops import count_costs
@@ -235,30 +234,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-@contextlib.contextmanager
-def _staging_dir(target: Path) -> Iterator[Path]:
-    """A temp folder beside `target`, removed on any error or Ctrl-C."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
-        yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _publish(staging: Path, target: Path, overwrite: bool) -> None:
-    """Move a finished staging folder into place; an old artifact is replaced only when asked."""
-    if target.exists():
-        if not overwrite:
-            raise ExportError(f"{target} already exists; pass overwrite=True to replace it")
-        trash = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, trash)
-        os.replace(staging, target)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, target)
-
-
 def export_artifact(gm: fx.GraphModule, recipe: Recipe, directory: str | os.PathLike,
                     config: ExportConfig | None = None, *, overwrite: bool = False,
                     extra_meta: dict[str, Any] | None = None) -> ExportResult:
@@ -270,7 +245,7 @@ def export_artifact(gm: fx.GraphModule, recipe: Recipe, directory: str | os.Path
     target = Path(directory)
     folded = fold_for_export(gm, config.feature_select)
     costs = count_costs(folded)
-    with _staging_dir(target) as staging:
+    with atomic_dir(target) as staging:
         write_onnx(folded, staging / "model.onnx", config)
         quantization = finish_quantized(staging / "model.onnx", config)
         sparse_kernels = finish_sparse(staging / "model.onnx", config)
@@ -295,7 +270,8 @@ def export_artifact(gm: fx.GraphModule, recipe: Recipe, directory: str | os.Path
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         onnx.checker.check_model(str(staging / "model.onnx"))
-        _publish(staging, target, overwrite)
+        if target.exists() and not overwrite:
+            raise ExportError(f"{target} already exists; pass overwrite=True to replace it")
     return ExportResult(target, error, meta)
 
 

@@ -7,11 +7,8 @@ safetensors file. No module is ever pickled.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,8 @@ import torch
 import torch.fx as fx
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from vitsparse.runtime.atomic import atomic_path
 
 from .errors import RecipeError
 from .passes import PassManager, PassRecord, pass_from_record
@@ -82,25 +81,6 @@ class Recipe:
         if not path.is_file():
             raise RecipeError(f"recipe file {path} does not exist")
         return cls.from_json(path.read_text(encoding="utf-8"))
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path` and move it over `path` only if the block succeeds.
-
-    Readers see the old file or the whole new one, never a part; on error or Ctrl-C the temp
-    file is removed.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def replay(base_model: nn.Module, recipe: Recipe) -> fx.GraphModule:

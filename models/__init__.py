@@ -5,7 +5,7 @@ from .data import imagefolder_loader, model_data_config
 from .digits import DigitsDatasets, DigitsLoaders, DigitsViTConfig, digits_datasets, digits_loaders
 from .evaluate import EvalResult, evaluate
 from .factory import build_model, list_builtin_models, register_builtin
-from .pretrained import cached_weights_path, digits_vit, read_cached_metrics
+from .pretrained import cached_weights_path, digits_vit
 from .train import TrainMetrics, shifted_train_loader, train_digits_vit
 from .weights import load_checkpoint, read_state_dict, save_state_dict
 
@@ -26,7 +26,6 @@ __all__ = [
     "list_builtin_models",
     "load_checkpoint",
     "model_data_config",
-    "read_cached_metrics",
     "read_state_dict",
     "register_builtin",
     "save_state_dict",

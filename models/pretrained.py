@@ -11,7 +11,8 @@ from pathlib import Path
 
 from timm.models.vision_transformer import VisionTransformer
 
-from .cache import atomic_path
+from vitsparse.runtime.atomic import atomic_path
+
 from .cache import cache_dir as default_cache_dir
 from .digits import FORMAT_VERSION, DigitsViTConfig, build_digits_architecture
 from .train import TrainMetrics, train_digits_vit
@@ -84,13 +85,3 @@ def _write_cache(
     except OSError as err:
         warnings.warn(f"could not cache digits-vit weights at {path}: {err}", RuntimeWarning, stacklevel=3)
 
-
-def read_cached_metrics(
-    config: DigitsViTConfig | None = None, cache_dir: str | os.PathLike | None = None
-) -> dict | None:
-    """The metrics sidecar of the cached weights for ``config``, or None when there is none yet."""
-    sidecar = metrics_path(cached_weights_path(config, cache_dir))
-    try:
-        return json.loads(sidecar.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None

@@ -14,7 +14,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from .cache import atomic_path
+from vitsparse.runtime.atomic import atomic_path
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")

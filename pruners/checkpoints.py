@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from vitsparse.compiler.recipe import atomic_path
+from vitsparse.runtime.atomic import atomic_path
 
 EpochReport = Callable[[dict[str, Any]], None]
 

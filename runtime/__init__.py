@@ -4,6 +4,7 @@ DeepSparse, ONNX Runtime and OpenVINO are imported lazily, when an engine is bui
 package stays cheap and works where neither is installed.
 """
 
+from .atomic import write_json_atomic
 from .availability import ENGINES, EngineStatus, default_engine, engine_status, engine_versions
 from .batch_size import check_batch_size, set_batch_size
 from .bench_cli import configure_bench_parser, run_bench
@@ -23,7 +24,6 @@ from .errors import (
     UnknownEngineError,
     UnsupportedPrecisionError,
 )
-from .jsonio import write_json_atomic
 from .onnx_file import TensorSpec, load_onnx
 from .onnx_sparsity import LayerMacs, OnnxReport, WeightStats, inspect_onnx
 from .onnxruntime_engine import OnnxRuntimeEngine

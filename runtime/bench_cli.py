@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 
+from .atomic import write_json_atomic
 from .availability import ENGINES, default_engine
 from .benchmark import SCENARIOS, benchmark_model
-from .jsonio import write_json_atomic
 
 
 def configure_bench_parser(parser: argparse.ArgumentParser) -> None:

@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from .artifact import load_artifact
+from .atomic import write_json_atomic
 from .availability import ENGINES, default_engine
 from .evaluate import Reference, evaluate_artifact
-from .jsonio import write_json_atomic
 
 
 def configure_eval_parser(parser: argparse.ArgumentParser) -> None:

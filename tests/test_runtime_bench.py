@@ -26,6 +26,7 @@ from vitsparse.runtime import (
     run_bench,
     write_json_atomic,
 )
+from vitsparse.runtime.atomic import atomic_dir, atomic_path
 from vitsparse.runtime.timing import Budget, concurrent_calls, timed_calls
 
 from helpers import BLOCK_TORCH
@@ -181,3 +182,29 @@ def test_engines_run_where_torch_is_missing(model) -> None:
     done = subprocess.run([sys.executable, "-c", RUN_WITHOUT_TORCH, str(model)], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_atomic_path_publishes_a_readable_file_and_cleans_up_on_failure(tmp_path) -> None:
+    target = tmp_path / "sub" / "w.bin"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and target.stat().st_mode & 0o777 == 0o644
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError
+    assert target.read_bytes() == b"new" and [p.name for p in target.parent.iterdir()] == ["w.bin"]
+
+
+def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path) -> None:
+    target = tmp_path / "stage"
+    with atomic_dir(target) as staging:
+        (staging / "a").write_text("1")
+    with pytest.raises(RuntimeError), atomic_dir(target) as staging:
+        (staging / "b").write_text("2")
+        raise RuntimeError
+    assert [p.name for p in target.iterdir()] == ["a"]
+    with atomic_dir(target) as staging:
+        (staging / "b").write_text("2")
+    assert [p.name for p in target.iterdir()] == ["b"] and [p.name for p in tmp_path.iterdir()] == ["stage"]
+    assert target.stat().st_mode & 0o777 == 0o755
