@@ -43,11 +43,6 @@ def speed_pattern(row: Row) -> str | None:
     return _mask_pattern(row.settings.get("pattern"))
 
 
-def _best_over_dense(row: Row, batch: int) -> SpeedEntry | None:
-    entries = [s for s in row.speed if s.batch == batch and s.speedup_vs_best_dense is not None]
-    return max(entries, key=lambda s: s.speedup_vs_best_dense) if entries else None
-
-
 def best_dense_line(rows: list[Row]) -> str:
     """'batch 1: openvino int8 (12.3 ms); batch 16: …' — what every speed-up below is measured against."""
     parts = []

@@ -51,8 +51,7 @@ from vitsparse.pruners.token_drop import check_locations, default_locations, sca
 from vitsparse.pruners.token_thresholds import keep_rate_for_ratio, token_costs
 from vitsparse.pruners.vtp import DEFAULT_L1
 
-AUGMENTATIONS = ("timm", "shift", "none")  # timm's training transform; whole-pixel shifts; none
-Augment = Literal["timm", "shift", "none"]
+Augment = Literal["timm", "shift", "none"]  # timm's training transform; whole-pixel shifts; none
 
 
 @dataclass

@@ -27,7 +27,7 @@ from .masked import (
 from .obs_fisher import FisherObsSettings
 from .obs_layerwise import LayerwiseObsSettings
 from .patterns import Pattern, check_mask_pattern, parse_pattern
-from .quantize import QuantConfig, QuantizePass, quantized_layers
+from .quantize import QuantConfig, QuantizePass
 from .saliency import SALIENCIES, SCOPE_NAMES, SaliencyRequest, check_sparsity, register_saliency
 from .sparsity_pass import SparsityConfig, SparsityPass
 from .targets import DEFAULT_TARGETS, TARGET_KINDS, select_targets
@@ -48,7 +48,7 @@ __all__ = [
     "LayerwiseObsSettings",
     "MagnitudePass", "MaskPass", "MaskedConv2d", "MaskedLinear", "Pattern", "SALIENCIES", "SCOPE_NAMES",
     "QuantConfig", "QuantizePass", "SaliencyRequest", "SparsityConfig", "SparsityPass", "TARGET_KINDS",
-    "apply_masks_", "quantized_layers",
+    "apply_masks_",
     "check_mask_pattern", "check_sparsity", "decode_mask", "distillation_loss", "encode_mask", "finetune",
     "install_mask", "make_calibration", "mask_digest", "mask_sparsity", "masked_modules", "parse_pattern",
     "register_saliency", "select_targets",

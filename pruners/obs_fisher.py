@@ -106,15 +106,6 @@ def woodbury_update_(hinv: torch.Tensor, grad: torch.Tensor, num_grads: int) -> 
     hinv.baddbmm_(row.transpose(1, 2), row, alpha=-1.0)
 
 
-def woodbury_inverse(grads: torch.Tensor, damp: float) -> torch.Tensor:
-    """(λI + (1/m) Σ g gᵀ)⁻¹ per block from gradients (m, N, B) by m rank-1 updates (for tests)."""
-    m, n, b = grads.shape
-    hinv = torch.eye(b, dtype=grads.dtype, device=grads.device).repeat(n, 1, 1) / damp
-    for grad in grads:
-        woodbury_update_(hinv, grad, m)
-    return hinv
-
-
 def _gradient_batches(calibration: Calibration | None, settings: FisherObsSettings) -> list[Batch]:
     """The first num_grads · grad_batch_size calibration images (and labels), cut per gradient."""
     need = settings.num_grads * settings.grad_batch_size

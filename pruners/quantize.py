@@ -269,8 +269,3 @@ def _observer_hook(inputs: RangeStats, outputs: RangeStats, stage: str, config: 
             else:
                 stats.observe_histogram(values, config.bins)
     return hook
-
-
-def quantized_layers(module: nn.Module) -> dict[str, nn.Module]:
-    """Every fake-quantized layer in `module`, by qualified name."""
-    return {name: m for name, m in module.named_modules() if isinstance(m, QUANT_LAYERS)}

@@ -69,11 +69,6 @@ def graph_outputs(model: onnx.ModelProto) -> list[TensorSpec]:
     return [_spec(value) for value in model.graph.output]
 
 
-def has_external_data(model: onnx.ModelProto) -> bool:
-    """Whether some initializer is stored outside the .onnx file."""
-    return any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
-
-
 def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
     tensor = value.type.tensor_type
     shape = tuple(dim.dim_value if dim.HasField("dim_value") else None for dim in tensor.shape.dim)

@@ -22,12 +22,21 @@ from vitsparse.pruners.obs_fisher import (
     FisherObsSettings,
     greedy_obs,
     obs_closed_form,
-    woodbury_inverse,
+    woodbury_update_,
 )
 
 from helpers import small_vit
 
 FAST = {"num_grads": 8}  # small-model tests: few gradients keep them quick
+
+
+def woodbury_inverse(grads: torch.Tensor, damp: float) -> torch.Tensor:
+    """(λI + (1/m) Σ g gᵀ)⁻¹ per block from gradients (m, N, B) by m rank-1 updates."""
+    m, _, b = grads.shape
+    hinv = torch.eye(b, dtype=grads.dtype).repeat(grads.shape[1], 1, 1) / damp
+    for grad in grads:
+        woodbury_update_(hinv, grad, m)
+    return hinv
 
 
 def _tiny_vit() -> nn.Module:

@@ -21,7 +21,7 @@ from vitsparse.compiler.quantized_onnx import (
 from vitsparse.compiler.reference_ops import FAST_REFERENCE_OPS
 from vitsparse.pruners import FinetuneConfig, MagnitudePass, finetune
 from vitsparse.pruners.quant_observers import OBSERVERS, RangeStats, activation_qparams
-from vitsparse.pruners.quantize import QuantConfig, QuantizePass, quantized_layers
+from vitsparse.pruners.quantize import QUANT_LAYERS, QuantConfig, QuantizePass
 
 from helpers import small_vit
 
@@ -87,7 +87,7 @@ def test_quantized_zeros_stay_zero_through_fine_tuning_export_and_the_rewrite(tm
     loader = DataLoader(TensorDataset(IMAGES, torch.randint(0, 1000, (16,))), batch_size=8)
     tuned = finetune(manager.graph_module, loader, None, FinetuneConfig(epochs=1, lr=1e-2),
                      progress=False).model
-    layers = quantized_layers(tuned)
+    layers = {name: m for name, m in tuned.named_modules() if isinstance(m, QUANT_LAYERS)}
     assert len(layers) == 8
     for layer in layers.values():
         assert torch.all(layer.weight[~layer.weight_mask] == 0)
