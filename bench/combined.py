@@ -173,10 +173,11 @@ def shipped_combined(name: str) -> tuple[CombinedSetting, StagedSchedule]:
     return from_plan(load_plan(RECIPES_DIR / f"{name}.yaml"))
 
 
-# every method at a heavier setting, tokens dropped from block 1 on (fused, which costs DeepSparse ~3 %
-# and gains digits-vit ~3 pt), INT8 down to the patch embedding: measured on deit_small at batch 16,
-# 10–11x dense PyTorch on DeepSparse where the combined recipe in INT8 gave ~3x (the first blocks, at
-# full token count, cost most there: softmax, LayerNorm and shuffles, not the INT8 products)
+# every method at a heavier setting, tokens dropped from block 1 on (fused: the dropped tokens are
+# merged into one, which keeps more accuracy), INT8 down to the patch embedding: the setting that
+# shows how fast the methods together can make a model. Dropping tokens early matters because the
+# first blocks, at full token count, spend their time in softmax, LayerNorm and shuffles, which INT8
+# does not speed up
 SPEED_RECIPE, _ = shipped_combined("combined-int8-speed")
 
 

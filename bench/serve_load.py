@@ -45,8 +45,8 @@ class LoadConfig:
     concurrency: int = 8
     seconds: float = 20.0
     warmup_seconds: float = 2.0  # per round and setting, not counted
-    # dynamic batching compiles these (every size up to the largest: a part-full batch is not padded,
-    # measured to matter: 1,8 halved the dense requests/sec); batch-1 compiles (1,)
+    # dynamic batching compiles these: every size up to the largest, so a part-full batch runs at its
+    # own size instead of being padded to the next compiled one; batch-1 compiles (1,)
     batch_sizes: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
     max_delay_ms: float = 10.0
     num_cores: int | None = None

@@ -163,8 +163,8 @@ def is_baseline(row: Row) -> bool:
 
 def timing_groups(candidates: list[SpeedCandidate], models_per_group: int) -> list[list[int]]:
     """Candidate indices timed together: every group holds the baselines (the dense model first) and at
-    most `models_per_group` others, so the engines compiled at once fit in memory (20 models on four
-    engines at batch 16 took 24 GiB) while every ratio is still measured side by side."""
+    most `models_per_group` others, so the engines compiled at once fit in memory (every model holds
+    one compiled engine per engine kind) while every ratio is still measured side by side."""
     baselines = _baseline_indices(candidates)
     others = [i for i in range(len(candidates)) if i not in baselines]
     chunks = [others[k:k + models_per_group] for k in range(0, len(others), models_per_group)]

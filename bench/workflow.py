@@ -341,7 +341,7 @@ def _guesses(plan: TimingPlan) -> dict[str, float]:
 def check_disk_space(output_dir: Path, model: torch.nn.Module, graphs: int, batch_sizes: int) -> None:
     """OSError before any work when the artifacts will not fit: each timed graph is exported at every batch
     size as model.onnx and weights.safetensors (about 8 bytes a parameter; VTP's and the combined rows'
-    engine forms add half as much again). The default profile on DeiT-S wrote 4.1 GB."""
+    engine forms add half as much again)."""
     params = sum(p.numel() for p in model.parameters())
     needed = 8 * params * 1.5 * batch_sizes * graphs
     existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())

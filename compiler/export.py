@@ -2,7 +2,7 @@
 
 ONNX is written with the TorchScript exporter (`dynamo=False`) at a static batch size and opset
 14 by default: opset 17 turns LayerNorm into `LayerNormalization`, which DeepSparse 1.8 does not
-run natively (its fraction_of_supported_ops drops from 1.0 to ~0.94 on DeiT-S). Verification
+run natively (part of the graph then falls outside its runtime). Verification
 runs the file with onnx's reference evaluator, so the compiler needs no inference engine.
 """
 

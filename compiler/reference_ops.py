@@ -1,12 +1,11 @@
 """Faster numpy versions of onnx reference ops, for verifying exports at real batch sizes.
 
-onnx's reference Conv loops in Python and its Erf calls math.erf per element: verifying a batch of
-16 DeiT-S images took 29 s, of which 15 s in the patch-embedding Conv and 8 s in GELU's Erf (and,
-once those were fast, 1.5 s of its 6 in LayerNorm's Pow by 2, a general power). These
+onnx's reference Conv loops in Python, its Erf calls math.erf per element and its Pow is a general
+power even for LayerNorm's square, which makes verifying a real batch of a ViT slow. These
 keep the reference semantics: the Conv fast path covers only non-overlapping patches (stride equal
 to the kernel, no padding, dilation or groups) and defers everything else to onnx's own code.
 The integer ops (INT8 exports) multiply in float64, which BLAS runs and which holds every
-UINT8×INT8 sum exactly (|sum| < 2^53), where onnx's integer matmul takes minutes for DeiT-S.
+UINT8×INT8 sum exactly (|sum| < 2^53), where onnx's integer matmul loops without BLAS.
 
 QuantizeLinear and DequantizeLinear are here because onnx ≥ 1.15 (the only onnx on Python ≥ 3.12)
 implements them only from opset 19 while the exporter writes opset 14; one implementation of the

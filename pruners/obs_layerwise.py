@@ -194,7 +194,7 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float, name: str) -> torch.Ten
 
     Factorised in float64 (a damped, rank-deficient H is badly conditioned; the matrices are small).
     H⁻¹ = L⁻ᵀL⁻¹ is formed by a triangular solve and a matmul rather than `cholesky_inverse`, whose
-    threaded LAPACK routine (potri) ran 10-100× slower on a busy 2-core CPU.
+    threaded LAPACK routine (potri) slows down badly when the CPU's cores are busy.
     """
     H = hessian.double()
     mean_diag = float(H.diagonal().mean())

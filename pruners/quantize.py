@@ -5,7 +5,7 @@ per layer (asymmetric UINT8): its input, and its output before the bias. It quan
 symmetrically per output channel (INT8, zero point 0), so every pruned zero stays exactly zero. The
 output is requantized because ONNX Runtime fuses a QDQ MatMul into its integer kernel
 (QLinearMatMul) only when the product is quantized: without it, it dequantizes every weight on every
-call and ran slower than FP32. The layers subclass the masked layers:
+call, which is slower than FP32. The layers subclass the masked layers:
 masks stay in force through quantization-aware fine-tuning, and `fold_for_export` turns them into
 frozen layers that `torch.onnx.export` writes as QuantizeLinear/DequantizeLinear pairs (the QDQ
 format ONNX Runtime runs); `compiler.quantized_onnx` rewrites that into DeepSparse's operator format.

@@ -90,7 +90,7 @@ def _slice_mlp_hidden(gm: fx.GraphModule, block: BlockStructure, kept: torch.Ten
 
 def deepsparse_rejects_hidden(width: int) -> bool:
     """DeepSparse 1.8.0 aborts compiling fc1 → GELU → fc2 when the hidden width is 1–16 above a
-    multiple of 64 (assertion in fused_ops.cpp:250; measured on deit_small for widths 769–1096)."""
+    multiple of 64 (an assertion inside DeepSparse's fused MLP kernel)."""
     return 1 <= width % 64 <= 16
 
 

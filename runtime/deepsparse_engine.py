@@ -18,9 +18,9 @@ from onnx import numpy_helper
 from .engine_base import Engine
 from .errors import EngineLoadError, EngineUnavailableError, first_line
 
-# DeepSparse 1.8 runs a weight this sparse with its sparse kernels, which return wrong numbers (no
-# error) when the weight's reduction width is not a multiple of 16: measured on timm ViTs whose
-# sliced Linear layers had 120, 232 or 472 inputs, wrong from 45 % sparsity, right up to 40 %.
+# DeepSparse 1.8 runs a weight about this sparse or sparser with its sparse kernels, which return wrong
+# numbers (no error) when the weight's reduction width is not a multiple of 16 (a sliced Linear's
+# input count often is not); such weights are refused, with advice on slicing to a multiple of 16.
 SPARSE_KERNEL_SPARSITY = 0.4
 SPARSE_KERNEL_WIDTH = 16
 

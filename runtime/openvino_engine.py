@@ -31,9 +31,8 @@ INT8_PRECISIONS = ("u8", "i8")  # runtimePrecision values of an operation comput
 # precision name -> (OpenVINO's hint value, the CPU capability it needs, or None)
 PRECISION_HINTS: dict[str, tuple[str, str | None]] = {"f32": ("f32", None), "bf16": ("bf16", "BF16")}
 # OpenVINO pins a compiled model's threads to cores by default on Linux. With several compiled models in
-# one process (a side-by-side timing, a server with replicas), a model then ran in one of two modes,
-# chosen by which model ran before it: DeiT-S VTP 40 % INT8 at batch 16 took 163 or 225 ms, dense INT8
-# 240 or 290 ms, for whole blocks of calls on a 2-core VM. Unpinned, every call took the fast time.
+# one process (a side-by-side timing, a server with replicas), a model's speed then depends on which
+# model ran before it, in two distinct modes; unpinned, every call runs at the fast one.
 UNPINNED = {"ENABLE_CPU_PINNING": False}
 
 

@@ -146,8 +146,8 @@ def build_models(artifacts: Sequence[Artifact], config: ServeConfig,
     if repeated:
         raise ArtifactError(f"two artifacts are named {', '.join(repeated)}; name them with NAME=DIR")
     if config.num_streams > 1 and len(config.batch_sizes) > 1:
-        # measured (deit_small, DeepSparse, 2 cores): batch sizes 1,2,4,8 with 2 streams ran at 0.5x the
-        # requests/sec of batch 1 with 2 streams; each engine seems to place its streams on the same cores
+        # one engine per batch size, each with its own streams: the engines place their streams on the
+        # same cores, so several sizes with several streams serve fewer requests/sec than one size
         LOG.warning("--num-streams %d with several batch sizes runs one engine per size, and concurrent "
                     "calls on different engines compete for the same cores; prefer --num-streams 1 with "
                     "batching, or --batch-sizes 1 with streams", config.num_streams)
