@@ -76,6 +76,6 @@ import importlib.abc, sys
 class BlockTorch(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name == "torch" or name.startswith("torch."):
-            raise ModuleNotFoundError("No module named 'torch'")
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 sys.meta_path.insert(0, BlockTorch())
 """
