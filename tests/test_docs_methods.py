@@ -1,4 +1,7 @@
-"""The method pages' Python examples run as written, each after the README API example's set-up."""
+"""The Python examples of the method pages (docs/methods/*.md) run as written, each after the README API
+example's set-up, found by the name on its marker line: masks.md (masks-second-order, masks-gradual),
+vtp.md (vtp), head-channels.md (head-channels), token-drop.md (token-drop-fixed, token-drop-learned),
+int8.md (int8, int8-openvino) and sparse-kernels.md (sparse-kernels-export)."""
 
 from __future__ import annotations
 
@@ -99,3 +102,15 @@ def test_openvino_example_runs(tmp_path, monkeypatch, capsys) -> None:
     run_python("int8-openvino", namespace)
     assert capsys.readouterr().out.strip().splitlines()[-1] == "f32 qdq"
     assert namespace["logits"].shape == (1, 10)
+
+
+def test_sparse_kernel_example_runs(tmp_path, monkeypatch) -> None:
+    import onnx
+
+    monkeypatch.chdir(tmp_path)  # the example writes its artifact folder here
+    namespace = _after_setup("sparse-kernels-export")
+    expected = {"layers": 24, "min_sparsity": 0.75, "precision": "f32"}
+    assert namespace["artifact"].meta["sparse_kernels"] == expected
+    model = onnx.load(str(tmp_path / "int8-sparse" / "model.onnx"))
+    kinds = sorted(n.op_type for n in model.graph.node if n.domain == "com.vitsparse")
+    assert kinds == ["SparseLinear"] * 12 + ["SparseMLP"] * 6  # qkv, proj alone; fc1 and fc2 fused per block
