@@ -1,4 +1,4 @@
-"""results.json: the versioned record of one prune-and-bench run (documented in README).
+"""results.json: the versioned record of one prune-and-bench run (documented in docs/results-schema.md).
 
 {"schema": 10, "meta": {...}, "rows": [{"model", "method", "entry", "settings", "top1", "top1_oneshot",
  "top1_sparse_trained", "top1_seeds", "macs", "attention_macs", "params", "nonzero_params",
