@@ -28,11 +28,13 @@ from vitsparse.models.data import model_data_config
 from vitsparse.pruners import distributed as dist_utils
 from vitsparse.pruners.checkpoints import EpochStore, is_writer, resumable
 from vitsparse.pruners.distributed import process_device
+from vitsparse.runtime import check_engine_spec
 from vitsparse.runtime.atomic import atomic_path
 
 from .plan import RecipePlan, load_plan
 from .prune_data import ImageData, PruneLoaders, check_image_data, make_loaders
 from .run_folder import RunFolder
+from .speed import TORCH
 from .stages import StageContext
 
 
@@ -55,6 +57,11 @@ class PruneRequest:
     engines: tuple[str, ...] | None = None  # None: every engine installed here
     device: str | None = None
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        for column in self.engines or ():
+            if column != TORCH:
+                check_engine_spec(column)  # a misspelt engine fails now, not after the training
 
     def fingerprint(self, plan: RecipePlan) -> dict[str, Any]:
         """What a resumed run must share with the run it continues."""

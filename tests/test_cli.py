@@ -69,3 +69,12 @@ def test_building_the_command_line_imports_no_torch() -> None:
     code = ("import sys; from vitsparse.bench.cli import build_parser; build_parser(); "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_prune_refuses_a_misspelt_engine_before_any_work(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    code = main(["prune", "digits-vit", "--recipe", "recipes/magnitude.yaml", "--data", str(tmp_path),
+                 "-o", str(out), "--engines", "onnxruntime,openvinoo"])
+    assert code == 2
+    assert "unknown engine 'openvinoo'" in capsys.readouterr().err
+    assert not out.exists()
