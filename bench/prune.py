@@ -193,6 +193,8 @@ def _announce(request: PruneRequest, plan: RecipePlan, data: ImageData, folder: 
         request,
         f"recipe {plan.source}: {len(plan.stages)} stages, {plan.training_epochs()} training epochs; "
         f"data {len(data.train)} train / {len(data.val)} val images, {len(data.classes)} classes"
+        + ("; new head: training steps learn from labels, not from the starting model" if request.replace_head
+           else "")
         + (
             f"; skipped {skipped} files that are not readable images ({data.skipped[0]}, ...)"
             if skipped
@@ -218,12 +220,13 @@ def _run_stages(
         folder.log("stage", index=0, stage="start", top1=top1)
         last = 0
     _barrier()  # rank 0 has written the starting model every rank's teacher is read from
-    teacher, _ = folder.load_stage(0)
+    # a new head (--replace-head) starts random: its outputs would teach noise, so steps learn from labels
+    teacher = None if request.replace_head else folder.load_stage(0)[0].eval()
     graph, record = folder.load_stage(last) if last else (start.graph, start.record)
     info = folder.stage_info(last)
     ctx = StageContext(
         PassManager(graph, recipe=record),
-        teacher.eval(),
+        teacher,
         loaders.train,
         loaders.calibration,
         plan.settings.seed,

@@ -63,7 +63,7 @@ class StageContext:
     """
 
     manager: PassManager
-    teacher: nn.Module
+    teacher: nn.Module | None  # None when the starting model's head is new: steps then learn from labels
     loader: Callable[[str], DataLoader]
     calibration: torch.Tensor
     seed: int = 0

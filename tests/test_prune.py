@@ -486,3 +486,22 @@ def test_the_report_times_the_pruned_model_beside_the_starting_one(digits_data, 
     assert all(e["speedup_vs_dense_same_engine"] > 0 for e in rows[1]["speed"])
     assert "## Speed" in (tmp_path / "run" / "report.md").read_text()
     assert (tmp_path / "run" / "speedup.png").is_file() and not (tmp_path / "run" / ".speed").exists()
+
+
+@pytest.mark.parametrize("replace_head", [False, True])
+def test_a_new_head_trains_from_labels_not_from_the_starting_model(digits_data, tmp_path, monkeypatch,
+                                                                    replace_head) -> None:
+    from vitsparse.bench import stages
+
+    teachers = []
+
+    def recording_finetune(model, train, val=None, config=None, teacher=None, progress=True):
+        teachers.append(teacher)
+
+    monkeypatch.setattr(stages, "finetune", recording_finetune)
+    head = ["--replace-head"] if replace_head else []
+    recipe = str(RECIPES_DIR / "magnitude.yaml")
+    code = main(["prune", "digits-vit", "--pretrained", *head, "--recipe", recipe, "--data", str(digits_data),
+                 "-o", str(tmp_path / "run"), "--epochs", "1", "--skip-speed"])
+    assert code == 0 and len(teachers) == 1
+    assert (teachers[0] is None) == replace_head
