@@ -205,7 +205,8 @@ def _bench_flags(parser: argparse.ArgumentParser) -> None:
                         help="seconds per timing block")
     parser.add_argument("--rounds", type=int, help="alternating timing rounds")
     parser.add_argument("-ncores", "--num-cores", type=int, metavar="N", help="cores for every engine")
-    parser.add_argument("-o", "--output-dir", type=Path, default=Path("bench/results"), metavar="DIR")
+    parser.add_argument("-o", "--output-dir", type=Path, default=Path("bench/results"), metavar="DIR",
+                        help="the run's folder goes under this one (default bench/results)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the closing line")
 
 
@@ -374,7 +375,8 @@ def _load_test_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-ncores", "--num-cores", type=int, help="cores per engine")
     parser.add_argument("-nstreams", "--num-streams", type=int, default=1,
                         help="batches each server runs at once (default 1)")
-    parser.add_argument("-o", "--output-dir", type=Path, default=Path("bench/results"))
+    parser.add_argument("-o", "--output-dir", type=Path, default=Path("bench/results"),
+                        help="the run's folder goes under this one (default bench/results)")
 
 
 @command("load-test", "load-test `vitsparse serve` on loopback: batch-1 vs dynamic batching, dense vs masked",

@@ -27,7 +27,8 @@ def configure_bench_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-s", "--scenario", choices=tuple(SCENARIOS), default="sync",
                         help="sync: one stream, calls in sequence; async: several streams at once")
     parser.add_argument("-nstreams", "--num_streams", type=int, default=None,
-                        help="concurrent streams for async (default: the number of cores)")
+                        help="concurrent streams for async; sync takes only 1 (default: -ncores, else the "
+                             "CPU count, at least 2)")
     parser.add_argument("-t", "--time", type=float, default=10.0, help="seconds to time (default 10)")
     parser.add_argument("-w", "--warmup_time", type=float, default=2.0, help="warm-up seconds (default 2)")
     parser.add_argument("-x", "--export_path", default=None, help="write the result as JSON to this file")
