@@ -40,22 +40,23 @@ def _makefile_targets() -> set[str]:
     return set(re.findall(r"^([a-z][a-z-]*):", text, flags=re.M))
 
 
+def _check_parses(parser, words: list[str], program: str) -> None:
+    try:
+        parser.parse_args(words)
+    except SystemExit as exit_:
+        raise AssertionError(f"`{program} {shlex.join(words)}` does not parse (exit {exit_.code})") from None
+
+
 def _check_vitsparse(words: list[str]) -> None:
     from vitsparse.bench.cli import build_parser
 
-    try:
-        build_parser().parse_args(words)
-    except SystemExit as exit_:
-        raise AssertionError(f"`vitsparse {shlex.join(words)}` does not parse (exit {exit_.code})") from None
+    _check_parses(build_parser(), words, "vitsparse")
 
 
 def _check_runtime(words: list[str]) -> None:
     from vitsparse.runtime.__main__ import build_parser
 
-    try:
-        build_parser().parse_args(words)
-    except SystemExit:
-        raise AssertionError(f"`python -m vitsparse.runtime {shlex.join(words)}` does not parse") from None
+    _check_parses(build_parser(), words, "python -m vitsparse.runtime")
 
 
 def _check_python_code(code: str) -> None:
