@@ -100,3 +100,14 @@ def test_every_module_the_runtime_imports_is_in_requirements_runtime() -> None:
                if DISTRIBUTIONS.get(module, module).lower() not in listed}
     assert not missing, f"imported by runtime/ but not in requirements-runtime.txt: {missing}"
     assert "torch" not in listed
+
+
+def test_requirements_runtime_pins_what_pyproject_pins() -> None:
+    """The runtime's requirement lines are copies of pyproject.toml's: each must match one exactly."""
+    import tomllib
+
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pinned = {re.sub(r"\s+", "", d).replace('"', "'") for d in dependencies}
+    lines = [line.split("#", 1)[0].strip() for line in REQUIREMENTS.read_text().splitlines()]
+    drifted = [line for line in lines if line and re.sub(r"\s+", "", line).replace('"', "'") not in pinned]
+    assert not drifted, f"requirements-runtime.txt lines that differ from pyproject.toml: {drifted}"
