@@ -243,6 +243,7 @@ def export_artifact(gm: fx.GraphModule, recipe: Recipe, directory: str | os.Path
     """
     config = config or ExportConfig()
     target = Path(directory)
+    _check_target(target, overwrite)  # before the minutes of export and verification, not after
     folded = fold_for_export(gm, config.feature_select)
     costs = count_costs(folded)
     with atomic_dir(target) as staging:
@@ -270,9 +271,13 @@ def export_artifact(gm: fx.GraphModule, recipe: Recipe, directory: str | os.Path
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         onnx.checker.check_model(str(staging / "model.onnx"))
-        if target.exists() and not overwrite:
-            raise ExportError(f"{target} already exists; pass overwrite=True to replace it")
+        _check_target(target, overwrite)  # again: it may have appeared meanwhile
     return ExportResult(target, error, meta)
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    if target.exists() and not overwrite:
+        raise ExportError(f"{target} already exists; pass overwrite=True to replace it")
 
 
 __all__ = ["ARTIFACT_FILES", "ExportConfig", "ExportError", "ExportResult", "export_artifact",

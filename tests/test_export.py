@@ -87,6 +87,18 @@ def test_existing_artifact_is_replaced_only_when_asked(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
 
+def test_an_existing_artifact_is_refused_before_any_export_work(tmp_path, monkeypatch) -> None:
+    gm, recipe = _graph(depth=1)
+    (tmp_path / "art").mkdir()
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("exported before refusing the existing folder")
+
+    monkeypatch.setattr(export_module, "write_onnx", no_work)
+    with pytest.raises(ExportError, match="already exists"):
+        export_artifact(gm, recipe, tmp_path / "art")
+
+
 def test_bad_export_settings_are_clear_errors() -> None:
     with pytest.raises(ExportError, match="opset 18 is not supported"):
         ExportConfig(opset=18)
