@@ -1,5 +1,5 @@
-// AVX-512 kernels, one layer per call. Activations are packed column-major in panels so that one
-// 64-byte load holds 16 input rows: for INT8, 4 consecutive input channels per row as uint8 (what
+// AVX-512 kernels, one layer per call. Activations are packed column-major so that one 64-byte load
+// holds 16 input rows: for INT8, 4 consecutive input channels per row as uint8 (what
 // vpdpbusd multiplies with a broadcast 1×4 block; avx512_int8.hpp), for f32 one channel per row. Each
 // task computes 16 output channels × one panel of input rows, then transposes 16×16 tiles to write y
 // row-major with scale and bias applied.
@@ -31,18 +31,25 @@ struct F32Panel {
 
 }  // namespace
 
+// The activations are packed panel by panel, every panel contiguous, so that a task's loads stay
+// within a few pages instead of striding across the whole packed input.
 void int8_avx512(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                  std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
-    const std::int64_t padded_n = round_up(n, kLanes), groups = ceil_div(w.cols, 4);
-    auto* packed = static_cast<std::uint8_t*>(workspace(static_cast<std::size_t>(groups * padded_n * 4)));
+    const int full_tiles = panel_tiles(w.rows, kInt8Tiles);
+    const std::int64_t width = full_tiles * kLanes;
+    const std::int64_t padded_n = round_up(n, kLanes), panel_bytes = ceil_div(w.cols, 4) * width * 4;
+    auto* packed = static_cast<std::uint8_t*>(
+        workspace(static_cast<std::size_t>(ceil_div(padded_n, width) * panel_bytes)));
     parallel_for(static_cast<std::size_t>(padded_n / kLanes), [&](std::size_t chunk) {
-        pack_int8(x, n, x_stride, w.cols, act_scale, act_zero_point, packed, padded_n,
-                  static_cast<std::int64_t>(chunk) * kLanes);
+        const std::int64_t first = static_cast<std::int64_t>(chunk) * kLanes, n0 = first / width * width;
+        pack_int8(x + n0 * x_stride, n - n0, x_stride, w.cols, act_scale, act_zero_point,
+                  packed + n0 / width * panel_bytes, width, first - n0);
     });
-    run_tasks<kInt8Tiles>(w.rows, n, padded_n, y, parallel_for,
-                          [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
-        run_panel<kInt8Tiles, Int8Panel>(tiles, w, packed, padded_n, n0, m0, rows, act_zero_point, out);
-    });
+    run_task_grid<kLanes, kInt8Tiles>(w.rows, n, padded_n, full_tiles, y, parallel_for,
+                                      [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
+        run_panel<kInt8Tiles, Int8Panel>(tiles, w, packed + n0 / width * panel_bytes, width, 0, m0, rows,
+                                         act_zero_point, out);
+    }, store_transposed);
 }
 
 void f32_avx512(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,

@@ -21,10 +21,11 @@ inline __m512i quantize16(__m512 values, __m512 inverse, __m512i zero_point) {
 }
 
 // Quantizes 16 input rows from `first` (rows past n read as the zero point) into the INT8 panel layout:
-// for each group of 4 channels, 64 bytes holding the group's 4 codes of each row in row order. Works
+// for each group of 4 channels, 64 bytes holding the group's 4 codes of each row in row order, the
+// groups `width` rows apart (the panel's width, or every input row when there is one panel). Works
 // on 16 channels (4 groups) at a time: one row load each, then a 4×4 transpose of 32-bit groups.
 void pack_int8(const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols, float scale,
-               std::int32_t zero_point, std::uint8_t* packed, std::int64_t padded_n, std::int64_t first) {
+               std::int32_t zero_point, std::uint8_t* packed, std::int64_t width, std::int64_t first) {
     const __m512 inverse = _mm512_set1_ps(1.0f / scale);
     const __m512i zero_v = _mm512_set1_epi32(zero_point);
     const std::int64_t groups = ceil_div(cols, 4);
@@ -52,7 +53,7 @@ void pack_int8(const float* x, std::int64_t n, std::int64_t x_stride, std::int64
         const __m512i out[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
                                 _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
         for (std::int64_t g = 0; g < 4 && k0 / 4 + g < groups; ++g) {
-            _mm512_store_si512(packed + ((k0 / 4 + g) * padded_n + first) * 4, out[g]);
+            _mm512_store_si512(packed + ((k0 / 4 + g) * width + first) * 4, out[g]);
         }
     }
 }
@@ -65,15 +66,16 @@ inline __m512i dot_accumulate(__m512i acc, __m512i activations, __m512i weights)
     return acc;
 }
 
-// acc[t] += blocks [begin, end) of a row times tile t of the panel at `panel` (packed activations).
+// acc[t] += blocks [begin, end) of a row times tile t of the panel at `panel` (packed activations, groups
+// `width` rows apart).
 template <int Tiles>
-inline void accumulate_blocks(const Int8Blocks& w, const std::uint8_t* panel, std::int64_t padded_n,
+inline void accumulate_blocks(const Int8Blocks& w, const std::uint8_t* panel, std::int64_t width,
                               std::int32_t begin, std::int32_t end, __m512i* acc) {
     for (std::int32_t b = begin; b < end; ++b) {
         std::int32_t block;
         std::memcpy(&block, w.values + 4 * static_cast<std::int64_t>(b), 4);
         const __m512i weights = _mm512_set1_epi32(block);
-        const std::uint8_t* a = panel + static_cast<std::int64_t>(w.block_col[b]) * padded_n * 4;
+        const std::uint8_t* a = panel + static_cast<std::int64_t>(w.block_col[b]) * width * 4;
 #pragma GCC unroll 8
         for (int t = 0; t < Tiles; ++t) acc[t] = dot_accumulate(acc[t], _mm512_load_si512(a + 64 * t), weights);
     }
@@ -103,14 +105,14 @@ inline void finish_row(const Int8Blocks& w, std::int64_t m, std::int32_t zero_po
 
 // 16 output channels from m0 (`rows` of them real) over one panel of input rows from n0, into out.
 template <int Tiles>
-void int8_panel(const Int8Blocks& w, const std::uint8_t* packed, std::int64_t padded_n, std::int64_t n0,
+void int8_panel(const Int8Blocks& w, const std::uint8_t* packed, std::int64_t width, std::int64_t n0,
                 std::int64_t m0, std::int64_t rows, std::int32_t zero_point, float* out) {
     const std::uint8_t* panel = packed + n0 * 4;
     for (std::int64_t r = 0; r < kRowBlock; ++r) {
         __m512i acc[Tiles];
         for (int t = 0; t < Tiles; ++t) acc[t] = _mm512_setzero_si512();
         if (r < rows) {
-            accumulate_blocks<Tiles>(w, panel, padded_n, w.row_ptr[m0 + r], w.row_ptr[m0 + r + 1], acc);
+            accumulate_blocks<Tiles>(w, panel, width, w.row_ptr[m0 + r], w.row_ptr[m0 + r + 1], acc);
             finish_row<Tiles>(w, m0 + r, zero_point, acc, out + r * Tiles * kLanes);
         } else {
             for (int t = 0; t < Tiles; ++t) _mm512_store_ps(out + r * Tiles * kLanes + t * kLanes, _mm512_setzero_ps());

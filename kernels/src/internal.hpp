@@ -64,33 +64,50 @@ inline float int8_result(const Int8Blocks& w, std::int64_t m, std::int32_t sum) 
 }
 
 // The tasks of a product: output-channel blocks × column panels, panel-major so that one thread's
-// consecutive tasks reuse the same packed activations from cache.
+// consecutive tasks reuse the same packed activations from cache. When y starts inside a 64-byte line
+// (OpenVINO's output buffers may) and every row shares that offset, the first block is shorter, so
+// that all the others write whole lines instead of splitting each 64-byte store across two.
 struct TaskGrid {
+    std::int64_t rows;
+    std::int64_t shift;  // output channels the first block lacks: y's offset within its line, in floats
     std::int64_t row_blocks;
     std::int64_t panels;
     std::int64_t panel_columns;
 
-    TaskGrid(std::int64_t rows, std::int64_t columns, std::int64_t panel_columns_)
-        : row_blocks(ceil_div(rows, kRowBlock)), panels(ceil_div(columns, panel_columns_)),
-          panel_columns(panel_columns_) {}
+    TaskGrid(std::int64_t rows_, std::int64_t columns, std::int64_t panel_columns_, const float* y)
+        : rows(rows_), shift(line_offset(y, rows_)), row_blocks(ceil_div(rows_ + shift, kRowBlock)),
+          panels(ceil_div(columns, panel_columns_)), panel_columns(panel_columns_) {}
     std::size_t size() const { return static_cast<std::size_t>(row_blocks * panels); }
     std::int64_t panel(std::size_t task) const { return static_cast<std::int64_t>(task) / row_blocks; }
-    std::int64_t row_block(std::size_t task) const { return static_cast<std::int64_t>(task) % row_blocks; }
+    // the task's first output channel and how many it computes (up to kRowBlock)
+    std::int64_t first_row(std::size_t task) const {
+        return std::max<std::int64_t>(0, static_cast<std::int64_t>(task) % row_blocks * kRowBlock - shift);
+    }
+    std::int64_t row_count(std::size_t task) const {
+        const std::int64_t end = static_cast<std::int64_t>(task) % row_blocks * kRowBlock - shift + kRowBlock;
+        return std::min(end, rows) - first_row(task);
+    }
+
+    static std::int64_t line_offset(const float* y, std::int64_t rows) {
+        const auto address = reinterpret_cast<std::uintptr_t>(y);
+        if (address % sizeof(float) != 0 || rows * sizeof(float) % 64 != 0) return 0;
+        return static_cast<std::int64_t>(address % 64 / sizeof(float));
+    }
 };
 
 // Every task of a product, on each instruction set: `compute(tiles, n0, m0, rows, out)` fills
-// out[16][tiles × Lanes] for 16 output channels from m0 (`rows` of them real) over the panel of input
-// rows from n0 (panels of `panel_tiles` tiles, the last one narrower); then `store(out, out_stride,
-// columns, rows, y_block, y_stride)` writes it to y row-major.
+// out[16][tiles × Lanes] for `rows` output channels from m0 (the rest stay zero) over the panel of
+// input rows from n0 (panels of `panel_tiles` tiles, the last one narrower); then `store(out,
+// out_stride, columns, rows, y_block, y_stride)` writes it to y row-major.
 template <std::int64_t Lanes, int MaxTiles, typename Compute, typename Store>
 void run_task_grid(std::int64_t out_features, std::int64_t n, std::int64_t padded_n, int panel_tiles, float* y,
                    const ParallelFor& parallel_for, Compute compute, Store store) {
-    const TaskGrid grid(out_features, padded_n, panel_tiles * Lanes);
+    const TaskGrid grid(out_features, padded_n, panel_tiles * Lanes, y);
     parallel_for(grid.size(), [&](std::size_t task) {
         alignas(64) float out[kRowBlock * MaxTiles * Lanes];
-        const std::int64_t n0 = grid.panel(task) * grid.panel_columns, m0 = grid.row_block(task) * kRowBlock;
+        const std::int64_t n0 = grid.panel(task) * grid.panel_columns, m0 = grid.first_row(task);
         const std::int64_t columns = std::min(grid.panel_columns, padded_n - n0);
-        const std::int64_t rows = std::min(kRowBlock, out_features - m0);
+        const std::int64_t rows = grid.row_count(task);
         const int tiles = static_cast<int>(columns / Lanes);
         compute(tiles, n0, m0, rows, out);
         store(out, tiles * Lanes, std::min(columns, n - n0), rows, y + n0 * out_features + m0, out_features);
