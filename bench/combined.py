@@ -140,6 +140,10 @@ def _read_scores(stage, after, found) -> None:
 
 
 def _read_tokens(stage, after, found) -> None:
+    if stage.keep_rate is None:
+        raise ValueError("the combined rows drop tokens at a static keep_rate: give token-drop a "
+                         f"keep_rate instead of flops_ratio {stage.flops_ratio} (the ratio alone is for "
+                         "`vitsparse prune`)")
     found.update(keep_rate=stage.keep_rate, token_epochs=after, fuse_tokens=stage.fuse,
                  token_locations=stage.locations)
 

@@ -401,6 +401,9 @@ def test_prune_and_bench_takes_its_combined_settings_from_the_recipe_files(tmp_p
     edited.write_text("stages:\n  - sparsity: {saliency: magnitude, sparsity: 0.5}\n")
     with pytest.raises(ValueError, match="masks are obs-fisher with solver"):
         SPEC.parse(str(edited))
+    edited.write_text("stages:\n  - token-drop: {flops_ratio: 0.65}\n")
+    with pytest.raises(ValueError, match="give token-drop a keep_rate instead of flops_ratio 0.65"):
+        SPEC.parse(str(edited))
     with pytest.raises(ValueError, match="no recipe file"):
         SPEC.parse(str(tmp_path / "missing.yaml"))
 
