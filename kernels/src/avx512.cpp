@@ -47,7 +47,7 @@ void int8_avx512(const Int8Blocks& w, const float* x, std::int64_t n, std::int64
     });
     run_task_grid<kLanes, kInt8Tiles>(w.rows, n, padded_n, full_tiles, y, parallel_for,
                                       [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
-        run_panel<kInt8Tiles, Int8Panel>(tiles, w, packed + n0 / width * panel_bytes, width, 0, m0, rows,
+        run_panel<kInt8Tiles, Int8Panel>(tiles, w, packed + n0 / width * panel_bytes, width, m0, rows,
                                          act_zero_point, out);
     }, store_transposed);
 }

@@ -103,11 +103,10 @@ inline void finish_row(const Int8Blocks& w, std::int64_t m, std::int32_t zero_po
     }
 }
 
-// 16 output channels from m0 (`rows` of them real) over one panel of input rows from n0, into out.
+// 16 output channels from m0 (`rows` of them real) over the packed panel at `panel`, into out.
 template <int Tiles>
-void int8_panel(const Int8Blocks& w, const std::uint8_t* packed, std::int64_t width, std::int64_t n0,
-                std::int64_t m0, std::int64_t rows, std::int32_t zero_point, float* out) {
-    const std::uint8_t* panel = packed + n0 * 4;
+void int8_panel(const Int8Blocks& w, const std::uint8_t* panel, std::int64_t width, std::int64_t m0,
+                std::int64_t rows, std::int32_t zero_point, float* out) {
     for (std::int64_t r = 0; r < kRowBlock; ++r) {
         __m512i acc[Tiles];
         for (int t = 0; t < Tiles; ++t) acc[t] = _mm512_setzero_si512();

@@ -64,9 +64,10 @@ void mlp_panel(const Int8Mlp& mlp, const float* x, std::int64_t n, std::int64_t 
         hidden_group<Tiles>(mlp, packed_x, width, m, act_zero_point, hidden + m * width);
     }
     alignas(64) float out[kRowBlock * Tiles * kLanes];
-    for (std::int64_t m0 = 0; m0 < fc2.rows; m0 += kRowBlock) {
-        const std::int64_t rows = std::min(kRowBlock, fc2.rows - m0);
-        int8_panel<Tiles>(fc2, hidden, width, 0, m0, rows, mlp.hidden_zero_point, out);
+    const RowBlocks blocks(fc2.rows, y);
+    for (std::int64_t block = 0; block < blocks.count; ++block) {
+        const std::int64_t m0 = blocks.first(block), rows = blocks.size(block);
+        int8_panel<Tiles>(fc2, hidden, width, m0, rows, mlp.hidden_zero_point, out);
         store_transposed(out, width, std::min(width, n - n0), rows, y + n0 * fc2.rows + m0, fc2.rows);
     }
 }

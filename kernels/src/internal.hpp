@@ -63,29 +63,19 @@ inline float int8_result(const Int8Blocks& w, std::int64_t m, std::int32_t sum) 
     return value + (w.bias ? w.bias[m] : 0.0f);
 }
 
-// The tasks of a product: output-channel blocks × column panels, panel-major so that one thread's
-// consecutive tasks reuse the same packed activations from cache. When y starts inside a 64-byte line
-// (OpenVINO's output buffers may) and every row shares that offset, the first block is shorter, so
+// The blocks of up to kRowBlock output channels a product writes y in. When y starts inside a 64-byte
+// line (OpenVINO's output buffers do) and every row shares that offset, the first block is shorter, so
 // that all the others write whole lines instead of splitting each 64-byte store across two.
-struct TaskGrid {
+struct RowBlocks {
     std::int64_t rows;
-    std::int64_t shift;  // output channels the first block lacks: y's offset within its line, in floats
-    std::int64_t row_blocks;
-    std::int64_t panels;
-    std::int64_t panel_columns;
+    std::int64_t shift;  // channels the first block lacks: y's offset within its line, in floats
+    std::int64_t count;
 
-    TaskGrid(std::int64_t rows_, std::int64_t columns, std::int64_t panel_columns_, const float* y)
-        : rows(rows_), shift(line_offset(y, rows_)), row_blocks(ceil_div(rows_ + shift, kRowBlock)),
-          panels(ceil_div(columns, panel_columns_)), panel_columns(panel_columns_) {}
-    std::size_t size() const { return static_cast<std::size_t>(row_blocks * panels); }
-    std::int64_t panel(std::size_t task) const { return static_cast<std::int64_t>(task) / row_blocks; }
-    // the task's first output channel and how many it computes (up to kRowBlock)
-    std::int64_t first_row(std::size_t task) const {
-        return std::max<std::int64_t>(0, static_cast<std::int64_t>(task) % row_blocks * kRowBlock - shift);
-    }
-    std::int64_t row_count(std::size_t task) const {
-        const std::int64_t end = static_cast<std::int64_t>(task) % row_blocks * kRowBlock - shift + kRowBlock;
-        return std::min(end, rows) - first_row(task);
+    RowBlocks(std::int64_t rows_, const float* y)
+        : rows(rows_), shift(line_offset(y, rows_)), count(ceil_div(rows_ + shift, kRowBlock)) {}
+    std::int64_t first(std::int64_t block) const { return std::max<std::int64_t>(0, block * kRowBlock - shift); }
+    std::int64_t size(std::int64_t block) const {
+        return std::min(block * kRowBlock - shift + kRowBlock, rows) - first(block);
     }
 
     static std::int64_t line_offset(const float* y, std::int64_t rows) {
@@ -93,6 +83,20 @@ struct TaskGrid {
         if (address % sizeof(float) != 0 || rows * sizeof(float) % 64 != 0) return 0;
         return static_cast<std::int64_t>(address % 64 / sizeof(float));
     }
+};
+
+// The tasks of a product: row blocks × column panels, panel-major so that one thread's consecutive
+// tasks reuse the same packed activations from cache.
+struct TaskGrid {
+    RowBlocks blocks;
+    std::int64_t panels;
+    std::int64_t panel_columns;
+
+    TaskGrid(std::int64_t rows, std::int64_t columns, std::int64_t panel_columns_, const float* y)
+        : blocks(rows, y), panels(ceil_div(columns, panel_columns_)), panel_columns(panel_columns_) {}
+    std::size_t size() const { return static_cast<std::size_t>(blocks.count * panels); }
+    std::int64_t panel(std::size_t task) const { return static_cast<std::int64_t>(task) / blocks.count; }
+    std::int64_t row_block(std::size_t task) const { return static_cast<std::int64_t>(task) % blocks.count; }
 };
 
 // Every task of a product, on each instruction set: `compute(tiles, n0, m0, rows, out)` fills
@@ -105,9 +109,9 @@ void run_task_grid(std::int64_t out_features, std::int64_t n, std::int64_t padde
     const TaskGrid grid(out_features, padded_n, panel_tiles * Lanes, y);
     parallel_for(grid.size(), [&](std::size_t task) {
         alignas(64) float out[kRowBlock * MaxTiles * Lanes];
-        const std::int64_t n0 = grid.panel(task) * grid.panel_columns, m0 = grid.first_row(task);
+        const std::int64_t n0 = grid.panel(task) * grid.panel_columns, block = grid.row_block(task);
+        const std::int64_t m0 = grid.blocks.first(block), rows = grid.blocks.size(block);
         const std::int64_t columns = std::min(grid.panel_columns, padded_n - n0);
-        const std::int64_t rows = grid.row_count(task);
         const int tiles = static_cast<int>(columns / Lanes);
         compute(tiles, n0, m0, rows, out);
         store(out, tiles * Lanes, std::min(columns, n - n0), rows, y + n0 * out_features + m0, out_features);
