@@ -10,6 +10,7 @@
 // read at L2 speed). The last row shows that case.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
