@@ -12,7 +12,7 @@ import pytest
 
 from vitsparse.bench.prune_report import cpu_flags
 
-PROBE = Path(__file__).resolve().parent.parent / "kernels" / "probes" / "load_rate.cpp"
+PROBES = Path(__file__).resolve().parent.parent / "kernels" / "probes"
 COMPILER = shutil.which("g++")
 WORKING_SETS = ["4 KiB", "16 KiB", "32 KiB", "64 KiB", "256 KiB", "1024 KiB", "16 KiB, never written"]
 
@@ -20,14 +20,26 @@ needs_vnni = pytest.mark.skipif(
     COMPILER is None or not {"avx512f", "avx512_vnni"} <= set(cpu_flags()),
     reason="needs g++ and a CPU with AVX-512 VNNI",
 )
+# what the probes' build lines (at their top) need, plus -Werror
+# (and -Wno-maybe-uninitialized: gcc 12 warns about its own AVX-512 intrinsics)
+FLAGS = ["-O2", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-Wno-maybe-uninitialized", "-mavx512f",
+         "-mavx512bw", "-mavx512vnni", "-pthread"]
+
+
+def _build(folder: Path, name: str) -> Path:
+    binary = folder / name
+    subprocess.run([COMPILER, *FLAGS, str(PROBES / f"{name}.cpp"), "-o", str(binary)], check=True)
+    return binary
 
 
 @pytest.fixture(scope="module")
 def load_rate(tmp_path_factory) -> Path:
-    binary = tmp_path_factory.mktemp("probe") / "load_rate"
-    subprocess.run([COMPILER, "-O2", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-mavx512f", "-mavx512vnni",
-                    str(PROBE), "-o", str(binary)], check=True)
-    return binary
+    return _build(tmp_path_factory.mktemp("probe"), "load_rate")
+
+
+@pytest.fixture(scope="module")
+def block16x4_rate(tmp_path_factory) -> Path:
+    return _build(tmp_path_factory.mktemp("probe"), "block16x4_rate")
 
 
 @needs_vnni
@@ -44,3 +56,24 @@ def test_the_load_rate_probe_prints_one_row_per_working_set(load_rate) -> None:
 def test_the_load_rate_probe_refuses_a_bad_iteration_count(load_rate) -> None:
     done = subprocess.run([str(load_rate), "0"], capture_output=True, text=True)
     assert done.returncode == 2 and "usage" in done.stderr
+
+
+@needs_vnni
+@pytest.mark.parametrize("args", [["64", "64", "7", "0.3", "2", "3"], ["48", "32", "1", "0.5", "2", "3"],
+                                  ["384", "384", "100", "0.9", "1", "3"], ["32", "16", "9", "1.0", "2", "3"]])
+def test_the_16x4_probe_checks_its_sums_before_timing(block16x4_rate, args) -> None:
+    out = subprocess.run([str(block16x4_rate), *args], capture_output=True, text=True, check=True).stdout
+    error = float(re.search(r"largest error (\S+)$", out.strip()).group(1))
+    assert error < 1e-3
+    assert re.search(r": \d+\.\d{3} ms \(fastest of 3 calls\)", out)
+
+
+# none; K not a multiple of 16; sparsity above 1; no input rows
+BAD_ARGUMENTS = [[], ["30", "16", "8", "0.5"], ["32", "16", "8", "1.5"], ["32", "16", "0", "0.5"]]
+
+
+@needs_vnni
+@pytest.mark.parametrize("args", BAD_ARGUMENTS)
+def test_the_16x4_probe_refuses_bad_arguments(block16x4_rate, args) -> None:
+    done = subprocess.run([str(block16x4_rate), *args], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr
