@@ -109,6 +109,13 @@ def test_deepsparse_is_installed_wherever_it_can_be() -> None:
         assert "deepsparse" in AVAILABLE, engine_status("deepsparse").reason
 
 
+def test_the_engines_vitsparse_depends_on_are_installed() -> None:
+    """ONNX Runtime and OpenVINO are dependencies on every Python: tests that skip where an engine is
+    missing (tests/test_openvino.py) must not skip quietly because an install broke."""
+    for name in ("onnxruntime", "openvino"):
+        assert name in AVAILABLE, engine_status(name).reason
+
+
 def test_deepsparse_runs_the_whole_graph(mlp) -> None:
     if "deepsparse" not in AVAILABLE:  # only on Python >= 3.12, where DeepSparse 1.8 does not install
         pytest.skip(engine_status("deepsparse").reason)
