@@ -73,9 +73,11 @@ def _block_codes(rng, rows: int, cols: int, sparsity: float) -> np.ndarray:
 
 
 # (rows of x, in features, out features, sparsity): ViT-like, K not a multiple of 4 or 16, N = 1,
-# more rows than one panel, an all-zero weight, a dense one, one output channel, and wide inputs
+# more rows than one panel, an all-zero weight, a dense one, one output channel, wide inputs, and enough
+# rows for a panel per task (uneven panels; panels narrowed for a row stride of 2 KiB)
 SHAPES = [(197, 64, 48, 0.9), (5, 10, 7, 0.5), (1, 13, 17, 0.0), (300, 37, 33, 0.75), (33, 64, 20, 1.0),
-          (16, 16, 1, 0.3), (129, 130, 19, 0.6), (40, 1000, 24, 0.8), (3, 777, 5, 0.97)]
+          (16, 16, 1, 0.3), (129, 130, 19, 0.6), (40, 1000, 24, 0.8), (3, 777, 5, 0.97), (515, 42, 48, 0.9),
+          (600, 24, 512, 0.8)]
 
 
 @pytest.mark.parametrize("isa", ISAS)

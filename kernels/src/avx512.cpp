@@ -29,12 +29,38 @@ struct F32Panel {
     static void run(Args&&... args) { f32_panel<Tiles>(std::forward<Args>(args)...); }
 };
 
-}  // namespace
+// Many input rows: one task per panel. It packs its panel into its own thread's workspace and runs
+// every output channel over it while the codes are still in cache, so there is no second pass over a
+// packed copy of x and no wait between packing and products. Panels hold at most kOwnPanelTiles tiles
+// (fewer where panel_tiles says y's row stride needs it), as even as the tile count allows.
+constexpr int kOwnPanelTiles = 4;
+constexpr std::int64_t kOwnPanelsFrom = 8;  // panels below which threads share panels instead
 
-// The activations are packed panel by panel, every panel contiguous, so that a task's loads stay
-// within a few pages instead of striding across the whole packed input.
-void int8_avx512(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
-                 std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
+void int8_own_panels(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                     std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
+    const std::int64_t tiles = ceil_div(n, kLanes), panels = ceil_div(tiles, panel_tiles(w.rows, kOwnPanelTiles));
+    const RowBlocks blocks(w.rows, y);
+    parallel_for(static_cast<std::size_t>(panels), [&](std::size_t panel) {
+        const auto p = static_cast<std::int64_t>(panel);
+        const std::int64_t n0 = tiles * p / panels * kLanes, width = tiles * (p + 1) / panels * kLanes - n0;
+        auto* packed = static_cast<std::uint8_t*>(workspace(static_cast<std::size_t>(ceil_div(w.cols, 4) * width * 4)));
+        for (std::int64_t first = 0; first < width; first += kLanes) {
+            pack_int8(x + n0 * x_stride, n - n0, x_stride, w.cols, act_scale, act_zero_point, packed, width, first);
+        }
+        alignas(64) float out[kRowBlock * kOwnPanelTiles * kLanes];
+        for (std::int64_t block = 0; block < blocks.count; ++block) {
+            const std::int64_t m0 = blocks.first(block), rows = blocks.size(block);
+            run_panel<kOwnPanelTiles, Int8Panel>(static_cast<int>(width / kLanes), w, packed, width, m0, rows,
+                                                 act_zero_point, out);
+            store_transposed(out, width, std::min(width, n - n0), rows, y + n0 * w.rows + m0, w.rows);
+        }
+    });
+}
+
+// Few input rows: x is packed once, panel by panel (every panel contiguous, so that a task's loads stay
+// within a few pages), then the tasks are row blocks × panels so that every thread has work.
+void int8_shared_panels(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride,
+                        float act_scale, std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
     const int full_tiles = panel_tiles(w.rows, kInt8Tiles);
     const std::int64_t width = full_tiles * kLanes;
     const std::int64_t padded_n = round_up(n, kLanes), panel_bytes = ceil_div(w.cols, 4) * width * 4;
@@ -50,6 +76,16 @@ void int8_avx512(const Int8Blocks& w, const float* x, std::int64_t n, std::int64
         run_panel<kInt8Tiles, Int8Panel>(tiles, w, packed + n0 / width * panel_bytes, width, m0, rows,
                                          act_zero_point, out);
     }, store_transposed);
+}
+
+}  // namespace
+
+void int8_avx512(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                 std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
+    if (ceil_div(n, kLanes * kOwnPanelTiles) >= kOwnPanelsFrom) {
+        return int8_own_panels(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
+    }
+    int8_shared_panels(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
 }
 
 void f32_avx512(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,

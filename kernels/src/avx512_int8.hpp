@@ -20,10 +20,20 @@ inline __m512i quantize16(__m512 values, __m512 inverse, __m512i zero_point) {
     return _mm512_min_epi32(_mm512_max_epi32(codes, _mm512_setzero_si512()), _mm512_set1_epi32(255));
 }
 
+// round(x × inverse) + zero point for 16 floats, left for the packs to saturate to [0, 255]: NaN, -inf and
+// values below -2^31 convert to INT_MIN (code 0, as quantize16 gives them); the min keeps +inf and
+// large values from doing the same.
+inline __m512i unsaturated_codes(__m512 values, __m512 inverse, __m512i zero_point) {
+    const __m512 steps = _mm512_min_ps(_mm512_set1_ps(512.0f), _mm512_mul_ps(values, inverse));
+    return _mm512_add_epi32(_mm512_cvtps_epi32(steps), zero_point);
+}
+
 // Quantizes 16 input rows from `first` (rows past n read as the zero point) into the INT8 panel layout:
 // for each group of 4 channels, 64 bytes holding the group's 4 codes of each row in row order, the
 // groups `width` rows apart (the panel's width, or every input row when there is one panel). Works
-// on 16 channels (4 groups) at a time: one row load each, then a 4×4 transpose of 32-bit groups.
+// on 16 channels (4 groups) at a time: one row load each; the saturating packs of rows 4q..4q+3 leave
+// group L's codes of those rows in 128-bit lane L, and a 4×4 transpose of lanes puts each group in one
+// register.
 void pack_int8(const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols, float scale,
                std::int32_t zero_point, std::uint8_t* packed, std::int64_t width, std::int64_t first) {
     const __m512 inverse = _mm512_set1_ps(1.0f / scale);
@@ -32,26 +42,21 @@ void pack_int8(const float* x, std::int64_t n, std::int64_t x_stride, std::int64
     for (std::int64_t k0 = 0; k0 < cols; k0 += 16) {
         const std::int64_t left = std::min<std::int64_t>(16, cols - k0);
         const __mmask16 lanes = static_cast<__mmask16>((1u << left) - 1u);
-        __m128i rows[16];
+        __m512i codes[16];  // channels past cols and rows past n read 0.0: the zero point
         for (int r = 0; r < 16; ++r) {
-            __m512i codes = zero_v;
-            if (first + r < n) {
-                const __m512 values = _mm512_maskz_loadu_ps(lanes, x + (first + r) * x_stride + k0);
-                codes = _mm512_mask_blend_epi32(lanes, zero_v, quantize16(values, inverse, zero_v));
-            }
-            rows[r] = _mm512_cvtepi32_epi8(codes);
+            const __m512 values = first + r < n ? _mm512_maskz_loadu_ps(lanes, x + (first + r) * x_stride + k0)
+                                                : _mm512_setzero_ps();
+            codes[r] = unsaturated_codes(values, inverse, zero_v);
         }
-        // quads[L] holds rows L, 4 + L, 8 + L, 12 + L, one per 128-bit lane: 4 groups of 4 codes each
-        __m512i quads[4];
-        for (int L = 0; L < 4; ++L) {
-            quads[L] = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(
-                _mm512_castsi128_si512(rows[L]), rows[4 + L], 1), rows[8 + L], 2), rows[12 + L], 3);
+        __m512i quads[4];  // quads[q] lane L: group L of rows 4q..4q+3, 4 codes each
+        for (int q = 0; q < 4; ++q) {
+            quads[q] = _mm512_packus_epi16(_mm512_packs_epi32(codes[4 * q], codes[4 * q + 1]),
+                                           _mm512_packs_epi32(codes[4 * q + 2], codes[4 * q + 3]));
         }
-        // per lane, a 4×4 transpose of 32-bit groups: out[g] lane q = group g of rows 4q..4q+3
-        const __m512i t0 = _mm512_unpacklo_epi32(quads[0], quads[1]), t1 = _mm512_unpackhi_epi32(quads[0], quads[1]);
-        const __m512i t2 = _mm512_unpacklo_epi32(quads[2], quads[3]), t3 = _mm512_unpackhi_epi32(quads[2], quads[3]);
-        const __m512i out[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
-                                _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+        const __m512i t0 = _mm512_shuffle_i32x4(quads[0], quads[1], 0x44), t1 = _mm512_shuffle_i32x4(quads[0], quads[1], 0xEE);
+        const __m512i t2 = _mm512_shuffle_i32x4(quads[2], quads[3], 0x44), t3 = _mm512_shuffle_i32x4(quads[2], quads[3], 0xEE);
+        const __m512i out[4] = {_mm512_shuffle_i32x4(t0, t2, 0x88), _mm512_shuffle_i32x4(t0, t2, 0xDD),
+                                _mm512_shuffle_i32x4(t1, t3, 0x88), _mm512_shuffle_i32x4(t1, t3, 0xDD)};
         for (std::int64_t g = 0; g < 4 && k0 / 4 + g < groups; ++g) {
             _mm512_store_si512(packed + ((k0 / 4 + g) * width + first) * 4, out[g]);
         }
