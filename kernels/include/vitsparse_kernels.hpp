@@ -26,9 +26,15 @@ Isa selected_isa();
 Isa best_cpu_isa();
 const char* isa_name(Isa isa);
 
-// Runs body(i) for i in [0, count), possibly on several threads, returning when all are done.
-using ParallelFor = std::function<void(std::size_t count, const std::function<void(std::size_t)>& body)>;
-void serial_for(std::size_t count, const std::function<void(std::size_t)>& body);
+// The host's thread pool: run(count, body) runs body(i) for i in [0, count), possibly on several threads,
+// and returns when all are done. `threads` is how many run at once, which the kernels size tasks by.
+struct ParallelFor {
+    using Body = std::function<void(std::size_t)>;
+    std::function<void(std::size_t count, const Body& body)> run;
+    std::size_t threads = 1;
+    void operator()(std::size_t count, const Body& body) const { run(count, body); }
+};
+ParallelFor serial_for();  // one thread, in order
 
 struct Int8Blocks {
     std::int64_t rows = 0;              // M, output channels

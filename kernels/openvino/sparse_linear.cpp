@@ -69,15 +69,15 @@ bool SparseLinear::evaluate(ov::TensorVector& outputs, const ov::TensorVector& i
         w.out_scale = m_out_scale;
         w.out_zero_point = static_cast<std::int32_t>(m_out_zero_point);
         sparse_linear_int8(w, data<float>(x), n, m_in_features, m_act_scale,
-                           static_cast<std::int32_t>(m_act_zero_point), y, isa, host_parallel_for);
+                           static_cast<std::int32_t>(m_act_zero_point), y, isa, host_threads());
     } else if (m_format == kBf16) {
         Bf16Pairs w{rows, m_in_features, data<std::int32_t>(inputs[1]), data<std::int32_t>(inputs[2]),
                     data<std::uint16_t>(inputs[3]), data<float>(inputs[4])};
-        sparse_linear_bf16(w, data<float>(x), n, m_in_features, y, isa, host_parallel_for);
+        sparse_linear_bf16(w, data<float>(x), n, m_in_features, y, isa, host_threads());
     } else {
         F32Csr w{rows, m_in_features, data<std::int32_t>(inputs[1]), data<std::int32_t>(inputs[2]),
                  data<float>(inputs[3]), data<float>(inputs[4])};
-        sparse_linear_f32(w, data<float>(x), n, m_in_features, y, isa, host_parallel_for);
+        sparse_linear_f32(w, data<float>(x), n, m_in_features, y, isa, host_threads());
     }
     return true;
 }

@@ -83,7 +83,7 @@ bool SparseMLP::evaluate(ov::TensorVector& outputs, const ov::TensorVector& inpu
     shape.back() = static_cast<std::size_t>(mlp.fc2.rows);
     outputs[0].set_shape(shape);
     sparse_mlp_int8(mlp, data<float>(x), n, m_in_features, m_act_scale, static_cast<std::int32_t>(m_act_zero_point),
-                    outputs[0].data<float>(), selected_isa(), host_parallel_for);
+                    outputs[0].data<float>(), selected_isa(), host_threads());
     return true;
 }
 

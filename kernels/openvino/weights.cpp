@@ -3,6 +3,7 @@
 #include <openvino/core/parallel.hpp>
 #include <openvino/op/constant.hpp>
 
+#include <algorithm>
 #include <cmath>
 
 namespace vitsparse::extension {
@@ -99,8 +100,10 @@ ov::PartialShape linear_output_shape(const ov::Node* node, std::int64_t in_featu
     return shape;
 }
 
-void host_parallel_for(std::size_t count, const std::function<void(std::size_t)>& body) {
-    ov::parallel_for(count, [&](std::size_t i) { body(i); });
+ParallelFor host_threads() {
+    return {[](std::size_t count, const ParallelFor::Body& body) {
+        ov::parallel_for(count, [&](std::size_t i) { body(i); });
+    }, static_cast<std::size_t>(std::max(1, ::parallel_get_max_threads()))};
 }
 
 }  // namespace vitsparse::extension

@@ -43,6 +43,7 @@ std::string check_quantization(const char* what, float scale, std::int64_t zero_
 // x's shape with its last dimension (in_features) replaced by out_features; checks the feature count.
 ov::PartialShape linear_output_shape(const ov::Node* node, std::int64_t in_features, std::int64_t out_features);
 
-void host_parallel_for(std::size_t count, const std::function<void(std::size_t)>& body);
+// OpenVINO's pool, as the compiled model set it up (INFERENCE_NUM_THREADS, streams).
+ParallelFor host_threads();
 
 }  // namespace vitsparse::extension

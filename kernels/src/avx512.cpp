@@ -29,16 +29,26 @@ struct F32Panel {
     static void run(Args&&... args) { f32_panel<Tiles>(std::forward<Args>(args)...); }
 };
 
-// Many input rows: one task per panel. It packs its panel into its own thread's workspace and runs
-// every output channel over it while the codes are still in cache, so there is no second pass over a
-// packed copy of x and no wait between packing and products. Panels hold at most kOwnPanelTiles tiles
-// (fewer where panel_tiles says y's row stride needs it), as even as the tile count allows.
+// Panels that split evenly among the threads: one task per panel. It packs its panel into its own
+// thread's workspace and runs every output channel over it while the codes are still in cache, so
+// there is no second pass over a packed copy of x and no wait between packing and products. Panels
+// hold at most kOwnPanelTiles tiles (fewer where panel_tiles says y's row stride needs it), as even as
+// the tile count allows.
 constexpr int kOwnPanelTiles = 4;
-constexpr std::int64_t kOwnPanelsFrom = 8;  // panels below which threads share panels instead
+
+std::int64_t own_panel_count(std::int64_t n, std::int64_t rows) {
+    return ceil_div(ceil_div(n, kLanes), panel_tiles(rows, kOwnPanelTiles));
+}
+
+// Whether `panels` tasks keep `threads` threads busy: at most an eighth of the threads' turns idle
+// (4 panels on 2 threads do, 7 do not).
+bool panels_fill_threads(std::int64_t panels, std::int64_t threads) {
+    return ceil_div(panels, threads) * threads * 8 <= panels * 9;
+}
 
 void int8_own_panels(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                      std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
-    const std::int64_t tiles = ceil_div(n, kLanes), panels = ceil_div(tiles, panel_tiles(w.rows, kOwnPanelTiles));
+    const std::int64_t tiles = ceil_div(n, kLanes), panels = own_panel_count(n, w.rows);
     const RowBlocks blocks(w.rows, y);
     parallel_for(static_cast<std::size_t>(panels), [&](std::size_t panel) {
         const auto p = static_cast<std::int64_t>(panel);
@@ -57,8 +67,8 @@ void int8_own_panels(const Int8Blocks& w, const float* x, std::int64_t n, std::i
     });
 }
 
-// Few input rows: x is packed once, panel by panel (every panel contiguous, so that a task's loads stay
-// within a few pages), then the tasks are row blocks × panels so that every thread has work.
+// Panels that would leave threads idle: x is packed once, panel by panel (every panel contiguous, so
+// that a task's loads stay within a few pages), then the tasks are row blocks × panels.
 void int8_shared_panels(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride,
                         float act_scale, std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
     const int full_tiles = panel_tiles(w.rows, kInt8Tiles);
@@ -82,7 +92,8 @@ void int8_shared_panels(const Int8Blocks& w, const float* x, std::int64_t n, std
 
 void int8_avx512(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                  std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
-    if (ceil_div(n, kLanes * kOwnPanelTiles) >= kOwnPanelsFrom) {
+    const auto threads = static_cast<std::int64_t>(std::max<std::size_t>(1, parallel_for.threads));
+    if (panels_fill_threads(own_panel_count(n, w.rows), threads)) {
         return int8_own_panels(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
     }
     int8_shared_panels(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);

@@ -39,8 +39,10 @@ Isa selected_isa() {
     return static_cast<int>(wanted) < static_cast<int>(best) ? wanted : best;
 }
 
-void serial_for(std::size_t count, const std::function<void(std::size_t)>& body) {
-    for (std::size_t i = 0; i < count; ++i) body(i);
+ParallelFor serial_for() {
+    return {[](std::size_t count, const ParallelFor::Body& body) {
+        for (std::size_t i = 0; i < count; ++i) body(i);
+    }, 1};
 }
 
 namespace {
