@@ -140,6 +140,21 @@ def test_int8_sums_do_not_saturate(core, tmp_path, monkeypatch, isa) -> None:
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n", [40, 515], ids=["shared-panels", "panel-per-task"])
+def test_non_finite_activations_quantize_to_the_ends_of_the_range(core, tmp_path, monkeypatch, isa, n) -> None:
+    """NaN and -inf become code 0 and +inf code 255, as the scalar kernel's clamps give them."""
+    rng = np.random.default_rng(n)
+    codes = _block_codes(rng, 32, 48, 0.5)
+    packed = pack_int8_blocks(codes, np.full(32, 0.01, np.float32), None)
+    x = rng.standard_normal((n, 48)).astype(np.float32)
+    x.flat[::7] = np.resize(np.array([np.nan, np.inf, -np.inf], np.float32), x.flat[::7].shape)
+    got = _run(core, _layer_file(tmp_path / "l.onnx", packed, [n, 48], act_scale=0.04, act_zero_point=120),
+               x, isa, monkeypatch)
+    ends = np.nan_to_num(x, nan=-1e30, posinf=1e30, neginf=-1e30)
+    np.testing.assert_allclose(got, sparse_linear(ends, packed, 0.04, 120), atol=INT8_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_a_strided_input_is_read_by_its_rows(core, tmp_path, monkeypatch, isa) -> None:
     """x as a 3-d tensor (batch, tokens, features) and as a sliced, non-contiguous numpy view."""
     rng = np.random.default_rng(3)
