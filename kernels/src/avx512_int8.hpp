@@ -53,8 +53,10 @@ void pack_int8(const float* x, std::int64_t n, std::int64_t x_stride, std::int64
             quads[q] = _mm512_packus_epi16(_mm512_packs_epi32(codes[4 * q], codes[4 * q + 1]),
                                            _mm512_packs_epi32(codes[4 * q + 2], codes[4 * q + 3]));
         }
-        const __m512i t0 = _mm512_shuffle_i32x4(quads[0], quads[1], 0x44), t1 = _mm512_shuffle_i32x4(quads[0], quads[1], 0xEE);
-        const __m512i t2 = _mm512_shuffle_i32x4(quads[2], quads[3], 0x44), t3 = _mm512_shuffle_i32x4(quads[2], quads[3], 0xEE);
+        const __m512i t0 = _mm512_shuffle_i32x4(quads[0], quads[1], 0x44);  // lanes 0, 1 of quads 0 and 1
+        const __m512i t1 = _mm512_shuffle_i32x4(quads[0], quads[1], 0xEE);  // lanes 2, 3
+        const __m512i t2 = _mm512_shuffle_i32x4(quads[2], quads[3], 0x44);
+        const __m512i t3 = _mm512_shuffle_i32x4(quads[2], quads[3], 0xEE);
         const __m512i out[4] = {_mm512_shuffle_i32x4(t0, t2, 0x88), _mm512_shuffle_i32x4(t0, t2, 0xDD),
                                 _mm512_shuffle_i32x4(t1, t3, 0x88), _mm512_shuffle_i32x4(t1, t3, 0xDD)};
         for (std::int64_t g = 0; g < 4 && k0 / 4 + g < groups; ++g) {
