@@ -141,7 +141,8 @@ def test_int8_sums_do_not_saturate(core, tmp_path, monkeypatch, isa) -> None:
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n", [40, 515], ids=["shared-panels", "panel-per-task"])
-def test_non_finite_activations_quantize_to_the_ends_of_the_range(core, tmp_path, monkeypatch, isa, n) -> None:
+def test_non_finite_activations_quantize_to_the_ends_of_the_range(core, tmp_path, monkeypatch, isa,
+                                                                   n) -> None:
     """NaN and -inf become code 0 and +inf code 255, as the scalar kernel's clamps give them."""
     rng = np.random.default_rng(n)
     codes = _block_codes(rng, 32, 48, 0.5)
