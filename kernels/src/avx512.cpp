@@ -36,8 +36,8 @@ struct F32Panel {
 // the tile count allows.
 constexpr int kOwnPanelTiles = 4;
 
-std::int64_t own_panel_count(std::int64_t n, std::int64_t rows) {
-    return ceil_div(ceil_div(n, kLanes), panel_tiles(rows, kOwnPanelTiles));
+EvenPanels own_panels(std::int64_t n, std::int64_t rows) {
+    return EvenPanels(n, kLanes, panel_tiles(rows, kOwnPanelTiles));
 }
 
 // Whether `panels` tasks keep `threads` threads busy: at most an eighth of the threads' turns idle
@@ -46,24 +46,24 @@ bool panels_fill_threads(std::int64_t panels, std::int64_t threads) {
     return ceil_div(panels, threads) * threads * 8 <= panels * 9;
 }
 
+template <int Tiles>
+struct OwnPanel {
+    static void run(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                    std::int32_t act_zero_point, std::int64_t n0, float* y) {
+        const auto bytes = static_cast<std::size_t>(ceil_div(w.cols, 4) * Tiles * kLanes * 4);
+        auto* packed = static_cast<std::uint8_t*>(workspace(bytes));
+        pack_panel<Tiles>(x, n, x_stride, w.cols, act_scale, act_zero_point, n0, packed);
+        int8_panel_to_y<Tiles>(w, packed, act_zero_point, n0, n, y);
+    }
+};
+
 void int8_own_panels(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                      std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
-    const std::int64_t tiles = ceil_div(n, kLanes), panels = own_panel_count(n, w.rows);
-    const RowBlocks blocks(w.rows, y);
-    parallel_for(static_cast<std::size_t>(panels), [&](std::size_t panel) {
+    const EvenPanels panels = own_panels(n, w.rows);
+    parallel_for(static_cast<std::size_t>(panels.count), [&](std::size_t panel) {
         const auto p = static_cast<std::int64_t>(panel);
-        const std::int64_t n0 = tiles * p / panels * kLanes, width = tiles * (p + 1) / panels * kLanes - n0;
-        auto* packed = static_cast<std::uint8_t*>(workspace(static_cast<std::size_t>(ceil_div(w.cols, 4) * width * 4)));
-        for (std::int64_t first = 0; first < width; first += kLanes) {
-            pack_int8(x + n0 * x_stride, n - n0, x_stride, w.cols, act_scale, act_zero_point, packed, width, first);
-        }
-        alignas(64) float out[kRowBlock * kOwnPanelTiles * kLanes];
-        for (std::int64_t block = 0; block < blocks.count; ++block) {
-            const std::int64_t m0 = blocks.first(block), rows = blocks.size(block);
-            run_panel<kOwnPanelTiles, Int8Panel>(static_cast<int>(width / kLanes), w, packed, width, m0, rows,
-                                                 act_zero_point, out);
-            store_transposed(out, width, std::min(width, n - n0), rows, y + n0 * w.rows + m0, w.rows);
-        }
+        run_panel<kOwnPanelTiles, OwnPanel>(static_cast<int>(panels.tile_count(p)), w, x, n, x_stride, act_scale,
+                                            act_zero_point, panels.first_tile(p) * kLanes, y);
     });
 }
 
@@ -93,7 +93,7 @@ void int8_shared_panels(const Int8Blocks& w, const float* x, std::int64_t n, std
 void int8_avx512(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                  std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
     const auto threads = static_cast<std::int64_t>(std::max<std::size_t>(1, parallel_for.threads));
-    if (panels_fill_threads(own_panel_count(n, w.rows), threads)) {
+    if (panels_fill_threads(own_panels(n, w.rows).count, threads)) {
         return int8_own_panels(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
     }
     int8_shared_panels(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);

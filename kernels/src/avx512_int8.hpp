@@ -126,6 +126,30 @@ void int8_panel(const Int8Blocks& w, const std::uint8_t* panel, std::int64_t wid
     }
 }
 
+// Packs the Tiles × 16 input rows from n0 into one panel at `packed` (rows past n: the zero point).
+template <int Tiles>
+void pack_panel(const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols, float scale,
+                std::int32_t zero_point, std::int64_t n0, std::uint8_t* packed) {
+    for (int t = 0; t < Tiles; ++t) {
+        pack_int8(x + n0 * x_stride, n - n0, x_stride, cols, scale, zero_point, packed, Tiles * kLanes, t * kLanes);
+    }
+}
+
+// Every output channel of `w` over the packed panel of the Tiles × 16 input rows from n0, written to y
+// (n rows of w.rows floats) 16 channels at a time.
+template <int Tiles>
+void int8_panel_to_y(const Int8Blocks& w, const std::uint8_t* panel, std::int32_t zero_point, std::int64_t n0,
+                     std::int64_t n, float* y) {
+    constexpr std::int64_t width = Tiles * kLanes;
+    alignas(64) float out[kRowBlock * width];
+    const RowBlocks blocks(w.rows, y);
+    for (std::int64_t block = 0; block < blocks.count; ++block) {
+        const std::int64_t m0 = blocks.first(block), rows = blocks.size(block);
+        int8_panel<Tiles>(w, panel, width, m0, rows, zero_point, out);
+        store_transposed(out, width, std::min(width, n - n0), rows, y + n0 * w.rows + m0, w.rows);
+    }
+}
+
 template <int Tiles>
 struct Int8Panel {
     template <typename... Args>

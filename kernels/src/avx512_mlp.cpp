@@ -57,19 +57,11 @@ void mlp_panel(const Int8Mlp& mlp, const float* x, std::int64_t n, std::int64_t 
     auto* packed_x = static_cast<std::uint8_t*>(
         workspace(static_cast<std::size_t>(input_bytes + ceil_div(fc1.rows, 4) * width * 4)));
     std::uint8_t* hidden = packed_x + input_bytes;
-    for (int t = 0; t < Tiles; ++t) {
-        pack_int8(x + n0 * x_stride, n - n0, x_stride, fc1.cols, act_scale, act_zero_point, packed_x, width, t * kLanes);
-    }
+    pack_panel<Tiles>(x, n, x_stride, fc1.cols, act_scale, act_zero_point, n0, packed_x);
     for (std::int64_t m = 0; m < fc1.rows; m += 4) {
         hidden_group<Tiles>(mlp, packed_x, width, m, act_zero_point, hidden + m * width);
     }
-    alignas(64) float out[kRowBlock * Tiles * kLanes];
-    const RowBlocks blocks(fc2.rows, y);
-    for (std::int64_t block = 0; block < blocks.count; ++block) {
-        const std::int64_t m0 = blocks.first(block), rows = blocks.size(block);
-        int8_panel<Tiles>(fc2, hidden, width, m0, rows, mlp.hidden_zero_point, out);
-        store_transposed(out, width, std::min(width, n - n0), rows, y + n0 * fc2.rows + m0, fc2.rows);
-    }
+    int8_panel_to_y<Tiles>(fc2, hidden, mlp.hidden_zero_point, n0, n, y);
 }
 
 template <int Tiles>
@@ -82,13 +74,11 @@ struct MlpPanel {
 
 void mlp_avx512_vbmi(const Int8Mlp& mlp, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                      std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
-    // panels of at most kInt8Tiles tiles, as even as the tile count allows (13 tiles: 7 and 6)
-    const std::int64_t tiles = ceil_div(n, kLanes), panels = ceil_div(tiles, kInt8Tiles);
-    parallel_for(static_cast<std::size_t>(panels), [&](std::size_t panel) {
+    const EvenPanels panels(n, kLanes, kInt8Tiles);
+    parallel_for(static_cast<std::size_t>(panels.count), [&](std::size_t panel) {
         const auto p = static_cast<std::int64_t>(panel);
-        const std::int64_t first = tiles * p / panels, last = tiles * (p + 1) / panels;
-        run_panel<kInt8Tiles, MlpPanel>(static_cast<int>(last - first), mlp, x, n, x_stride, act_scale,
-                                        act_zero_point, first * kLanes, y);
+        run_panel<kInt8Tiles, MlpPanel>(static_cast<int>(panels.tile_count(p)), mlp, x, n, x_stride, act_scale,
+                                        act_zero_point, panels.first_tile(p) * kLanes, y);
     });
 }
 

@@ -85,6 +85,18 @@ struct RowBlocks {
     }
 };
 
+// Panels of at most `max_tiles` tiles of `Lanes` input rows over n rows, as even as the tile count
+// allows (13 tiles, 8 at most: 7 and 6), for kernels whose tasks each take one whole panel.
+struct EvenPanels {
+    std::int64_t tiles;
+    std::int64_t count;
+
+    EvenPanels(std::int64_t n, std::int64_t lanes, std::int64_t max_tiles)
+        : tiles(ceil_div(n, lanes)), count(ceil_div(tiles, max_tiles)) {}
+    std::int64_t first_tile(std::int64_t panel) const { return tiles * panel / count; }
+    std::int64_t tile_count(std::int64_t panel) const { return first_tile(panel + 1) - first_tile(panel); }
+};
+
 // The tasks of a product: row blocks × column panels, panel-major so that one thread's consecutive
 // tasks reuse the same packed activations from cache.
 struct TaskGrid {
