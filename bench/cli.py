@@ -361,7 +361,9 @@ def _load_test_flags(parser: argparse.ArgumentParser) -> None:
                              "SPARSITY@PATTERN (default 0,0.9; e.g. 0,0.9,0.9@1x4)")
     parser.add_argument("--artifacts", nargs="+", metavar="[NAME=]DIR",
                         help="serve these exported artifacts instead of building them")
-    parser.add_argument("-e", "--engine", help="engine (default: deepsparse where available)")
+    parser.add_argument("-e", "--engine", metavar="ENGINE",
+                        help="engine of the servers (default: openvino-sparse where its kernels are built, "
+                             "else openvino, else onnxruntime)")
     parser.add_argument("-c", "--concurrency", type=int, default=8, help="concurrent clients (default 8)")
     parser.add_argument("-t", "--time", type=float, default=20.0,
                         help="seconds measured per setting, over all rounds (default 20)")
@@ -385,7 +387,7 @@ def _load_test(args: argparse.Namespace) -> int:
     import datetime as dt
     import os
 
-    from vitsparse.runtime import default_engine
+    from vitsparse.runtime import check_engine_spec, default_engine
     from vitsparse.runtime.artifact import parse_artifact_spec
 
     from .serve_load import LoadConfig, build_load_artifacts, load_test, summary, write_load_report
@@ -394,6 +396,7 @@ def _load_test(args: argparse.Namespace) -> int:
                         seconds=args.time, warmup_seconds=args.warmup_time,
                         batch_sizes=tuple(args.batch_sizes), max_delay_ms=args.max_delay_ms,
                         num_cores=args.num_cores, num_streams=args.num_streams, rounds=args.rounds)
+    check_engine_spec(config.engine)  # before minutes of building artifacts and starting servers
     started = dt.datetime.now()
     run_dir = args.output_dir / f"{started.strftime('%Y%m%d-%H%M%S')}-load"
     if args.artifacts:
@@ -401,7 +404,8 @@ def _load_test(args: argparse.Namespace) -> int:
         artifacts = {name or Path(path).resolve().name: Path(path) for name, path in specs}
     else:
         artifacts = build_load_artifacts(args.model, tuple(args.masks), run_dir / "artifacts",
-                                         pretrained=args.pretrained, checkpoint=args.checkpoint,
+                                         engine=config.engine, pretrained=args.pretrained,
+                                         checkpoint=args.checkpoint,
                                          model_kwargs=dict(args.model_kwargs or {}))
     results = load_test(artifacts, config)
     meta = {"started": started.isoformat(timespec="seconds"), "model": args.model, "engine": config.engine,

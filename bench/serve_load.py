@@ -271,14 +271,17 @@ def engine_batch_ms(artifact: Path, engine: str, sizes: tuple[int, ...], num_cor
     return medians
 
 
-def build_load_artifacts(model_name: str, settings: tuple, directory: Path, *,
+def build_load_artifacts(model_name: str, settings: tuple, directory: Path, *, engine: str | None = None,
                          pretrained: bool = False, checkpoint: str | None = None,
                          model_kwargs: dict | None = None) -> dict[str, Path]:
     """One servable artifact per `SpeedSetting` (sparsity 0: dense; else magnitude masks of its
-    pattern), batch dimension dynamic."""
+    pattern), batch dimension dynamic, written the way `engine` wants it (openvino-sparse: pruned
+    layers as sparse-kernel nodes)."""
     from vitsparse.compiler import ExportConfig, PassManager, Recipe, export_artifact, trace
     from vitsparse.models import build_model
     from vitsparse.pruners import MagnitudePass
+
+    from .speed import ENGINE_EXPORT
 
     kwargs = dict(model_kwargs or {})
     model = build_model(model_name, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
@@ -291,7 +294,8 @@ def build_load_artifacts(model_name: str, settings: tuple, directory: Path, *,
             name += "" if setting.pattern == "unstructured" else f"-{setting.pattern.replace(':', 'of')}"
             manager.run(MagnitudePass(sparsity=setting.sparsity, pattern=setting.pattern))
         artifacts[name] = export_artifact(manager.graph_module, manager.recipe, directory / name,
-                                          ExportConfig(dynamic_batch=True), overwrite=True).directory
+                                          ExportConfig(dynamic_batch=True, **ENGINE_EXPORT.get(engine, {})),
+                                          overwrite=True).directory
     return artifacts
 
 

@@ -1,9 +1,10 @@
 """Which CPU inference engines this Python can run, and why not when one cannot.
 
-DeepSparse 1.8.0 (the last real release) installs only on Python < 3.12 with numpy < 2 and
-onnx < 1.15; elsewhere (a GPU training machine on Python 3.12, say) vitsparse still installs
-and falls back to ONNX Runtime, saying so. OpenVINO is a dense baseline and an engine for users who
-must not run DeepSparse; it is never the default.
+The default engine is the deployable one: OpenVINO with vitsparse's sparse kernels where `make install`
+built them (it runs every file plain OpenVINO runs, and the sparse-kernel nodes besides), plain OpenVINO
+where they are not built, ONNX Runtime where OpenVINO is missing. DeepSparse 1.8.0 (the last real
+release: end of life, licensed for evaluation, Python < 3.12 with numpy < 2 and onnx < 1.15 only) runs
+when it is named.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ def _deepsparse_status() -> EngineStatus:
     if sys.version_info >= (3, 12):
         version = f"{sys.version_info[0]}.{sys.version_info[1]}"
         return EngineStatus("deepsparse", False, f"DeepSparse 1.8.0 needs Python < 3.12 and this is "
-                                                 f"Python {version}; ONNX Runtime is used instead")
+                                                 f"Python {version}")
     if importlib.util.find_spec("deepsparse") is None:
         return EngineStatus("deepsparse", False, "DeepSparse is not installed (pip install "
-                                                 "'deepsparse==1.8.0'); ONNX Runtime is used instead")
+                                                 "'deepsparse==1.8.0')")
     return EngineStatus("deepsparse", True, "installed")
 
 
@@ -82,6 +83,10 @@ def engine_versions() -> dict[str, str]:
     return versions
 
 
+DEFAULT_ORDER = ("openvino-sparse", "openvino", "onnxruntime")  # the first available is the default
+
+
 def default_engine() -> str:
-    """The sparse engine when it is available, ONNX Runtime otherwise."""
-    return "deepsparse" if engine_status("deepsparse").available else "onnxruntime"
+    """The engine the commands run when none is named: the first of DEFAULT_ORDER available here
+    (ONNX Runtime when none is, so that its own error says why)."""
+    return next((name for name in DEFAULT_ORDER if engine_status(name).available), DEFAULT_ORDER[-1])

@@ -17,7 +17,8 @@ def configure_bench_parser(parser: argparse.ArgumentParser) -> None:
     """Add the bench flags: the same short and long names as `deepsparse.benchmark`."""
     parser.add_argument("model_path", metavar="MODEL.onnx", help="ONNX file to benchmark")
     parser.add_argument("-e", "--engine", choices=ENGINES, default=None,
-                        help="engine to run (default: deepsparse where it is available, else onnxruntime)")
+                        help="engine to run (default: openvino-sparse where its kernels are built, else "
+                             "openvino, else onnxruntime)")
     parser.add_argument("--precision", default=None,
                         help="precision of the float layers: f32, or bf16 on OpenVINO where the CPU has it "
                              "(default: f32)")

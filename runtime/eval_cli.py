@@ -20,7 +20,8 @@ def configure_eval_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifact", metavar="ARTIFACT_DIR", help="an exported artifact directory")
     parser.add_argument("--data", required=True, help="image folder: DIR/<class>/<image>.jpg|png")
     parser.add_argument("-e", "--engine", choices=ENGINES, default=None,
-                        help="engine (default: deepsparse where it is available, else onnxruntime)")
+                        help="engine (default: openvino-sparse where its kernels are built, else openvino, "
+                             "else onnxruntime)")
     parser.add_argument("--precision", default=None, help="f32, or bf16 on OpenVINO (default: f32)")
     parser.add_argument("-b", "--batch-size", type=int, default=16,
                         help="images per call for a dynamic-batch artifact (default 16)")

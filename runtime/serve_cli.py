@@ -35,7 +35,8 @@ def configure_serve_parser(parser: argparse.ArgumentParser) -> None:
                         help="exported artifact directories (NAME=DIR names the model; default: the "
                              "folder name)")
     parser.add_argument("--engine", choices=ENGINES, default=None,
-                        help="engine (default: deepsparse where it is available, else onnxruntime)")
+                        help="engine (default: openvino-sparse where its kernels are built, else openvino, "
+                             "else onnxruntime)")
     parser.add_argument("--precision", default=None,
                         help="precision of the float layers: f32, or bf16 on OpenVINO where the CPU has it "
                              "(default: f32)")

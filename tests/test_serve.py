@@ -549,3 +549,27 @@ def test_load_test_counts_every_request_and_writes_its_report(artifact, tmp_path
     assert json.loads(files["results"].read_text())["results"][1]["mode"] == DYNAMIC
     assert "| tiny | dynamic | 1,2,3 | 3 |" in files["report"].read_text() and files["plot"].stat().st_size
     assert any("dynamic batching" in line for line in summary(results))
+
+
+def test_load_test_artifacts_are_written_for_the_engine_that_serves_them(tmp_path) -> None:
+    """openvino-sparse gets its masked layers as sparse-kernel nodes (or masks would buy it nothing);
+    another engine gets plain MatMuls it can run."""
+    from vitsparse.bench.methods import parse_speed_setting
+    from vitsparse.bench.serve_load import build_load_artifacts
+    from vitsparse.runtime.sparse_extension import DOMAIN
+
+    settings = (parse_speed_setting("0"), parse_speed_setting("0.9"))
+    kwargs = {"img_size": 32}
+    for engine, sparse_nodes in (("openvino-sparse", True), ("onnxruntime", False)):
+        artifacts = build_load_artifacts("deit_tiny_patch16_224", settings, tmp_path / engine, engine=engine,
+                                         model_kwargs=kwargs)
+        domains = {name: {n.domain for n in onnx.load(path / "model.onnx").graph.node}
+                   for name, path in artifacts.items()}
+        assert DOMAIN not in domains["dense"] and (DOMAIN in domains["masked90"]) == sparse_nodes
+
+
+def test_load_test_refuses_an_unknown_engine_before_building_anything(tmp_path, capsys) -> None:
+    from vitsparse.bench.cli import main as cli_main
+
+    assert cli_main(["load-test", "-e", "tensorrt", "-o", str(tmp_path)]) == 2
+    assert "unknown engine 'tensorrt'" in capsys.readouterr().err and not any(tmp_path.iterdir())
