@@ -56,6 +56,9 @@ class PlanSettings:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.calibration_images < 1:
             raise ValueError(f"calibration_images must be >= 1, got {self.calibration_images}")
+        if self.sparse_kernels and self.int8_format == "operator":
+            raise ValueError("sparse_kernels: true needs int8_format: qdq (the sparse-kernel nodes replace "
+                             "the QDQ layers; the operator format is DeepSparse's)")
 
 
 @dataclass(frozen=True)

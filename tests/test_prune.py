@@ -72,8 +72,8 @@ def prune(recipe: Path, data: Path, out: Path, *extra: str, model: str = "digits
     )
 
 
-def classify(artifact: Path, image: Path) -> dict:
-    config = ServeConfig(engine="onnxruntime")
+def classify(artifact: Path, image: Path, engine: str = "onnxruntime") -> dict:
+    config = ServeConfig(engine=engine)
     metrics = ServerMetrics()
     app = create_app(build_models([load_artifact(artifact)], config, metrics), config, metrics)
     with TestClient(app) as client:
@@ -87,7 +87,10 @@ def classify(artifact: Path, image: Path) -> dict:
 
 
 def engines_for(artifact) -> list[str]:
-    """The engines here that run the artifact, an INT8 file only where its format runs as INT8."""
+    """The engines here that run the artifact: one with sparse-kernel nodes only on openvino-sparse, an
+    INT8 file only where its format runs as INT8."""
+    if (artifact.meta.get("sparse_kernels") or {}).get("layers"):
+        return ["openvino-sparse"]
     form = (artifact.meta.get("quantization") or {}).get("format")
     return [e for e in ENGINES if engine_status(e).available and (e, form) not in UNSUPPORTED]
 
@@ -106,13 +109,19 @@ def test_every_shipped_recipe_gives_an_artifact_that_eval_and_serve_accept(
     artifact = load_artifact(out / "artifact")
     reference = torch_reference(artifact)
     engines = engines_for(artifact)
-    assert "onnxruntime" in engines
+    if load_plan(recipe).settings.sparse_kernels:
+        assert artifact.meta["sparse_kernels"]["layers"] > 0 and engines == ["openvino-sparse"]
+        if not engine_status("openvino-sparse").available:
+            pytest.skip(engine_status("openvino-sparse").reason)
+    else:
+        assert "onnxruntime" in engines
     for engine in engines:
         evaluation = evaluate_artifact(artifact, digits_data / "val", engine, reference=reference)
         assert evaluation.images == 260 and evaluation.agreement >= AGREEMENT, engine
         # served preprocessing (the server's) against trained (timm's): within a point
         assert abs(evaluation.top1 - results["rows"][1]["top1"]) <= 0.01, engine
-    reply = classify(out / "artifact", next((digits_data / "val" / "7").iterdir()))
+    reply = classify(out / "artifact", next((digits_data / "val" / "7").iterdir()),
+                     "onnxruntime" if "onnxruntime" in engines else engines[0])
     assert reply["predictions"][0]["label"] in [str(d) for d in range(10)]
 
 
@@ -166,6 +175,11 @@ def test_the_shipped_recipes_use_every_stage() -> None:
         ),
         ("stages:\n  - token-drop: {keep_rate: 0.5, flops_ratio: 0.5}\n", "stage 1", "give exactly one"),
         ("seed: zero\nstages:\n  - finetune: {}\n", "plan.yaml: seed", "must be a whole number"),
+        (
+            "int8_format: operator\nsparse_kernels: true\nstages:\n  - int8: {}\n",
+            "plan.yaml",
+            "sparse_kernels: true needs int8_format: qdq",
+        ),
         ("stages: []\n", "plan.yaml", "non-empty list `stages`"),
         ("stages:\n  - finetune: {epochs: 2\n", "plan.yaml", "not valid YAML"),
     ],
@@ -444,21 +458,6 @@ def test_eval_of_an_int8_artifact_in_the_operator_format_agrees_with_pytorch_on_
     assert artifact.meta["quantization"]["format"] == "operator"
     evaluation = evaluate_artifact(
         artifact, digits_data / "val", "deepsparse", reference=torch_reference(artifact)
-    )
-    assert evaluation.images == 260 and evaluation.agreement >= AGREEMENT
-
-
-def test_a_recipe_asking_for_sparse_kernels_gives_an_artifact_for_openvino_sparse(digits_data, tmp_path):
-    if not engine_status("openvino-sparse").available:
-        pytest.skip(engine_status("openvino-sparse").reason)
-    recipe = tmp_path / "magnitude.yaml"
-    text = (RECIPES_DIR / "magnitude.yaml").read_text()
-    recipe.write_text(text.replace("stages:", "sparse_kernels: true\nstages:"))
-    assert prune(recipe, digits_data, tmp_path / "run") == 0
-    artifact = load_artifact(tmp_path / "run" / "artifact")
-    assert artifact.meta["sparse_kernels"]["layers"] > 0
-    evaluation = evaluate_artifact(
-        artifact, digits_data / "val", "openvino-sparse", reference=torch_reference(artifact)
     )
     assert evaluation.images == 260 and evaluation.agreement >= AGREEMENT
 
