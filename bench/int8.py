@@ -245,7 +245,9 @@ class Int8Spec(MethodSpec):
             parts.append("## INT8 speed\n\nEvery model timed as INT8. The operator format runs on "
                          "DeepSparse, QDQ on ONNX Runtime and OpenVINO (DeepSparse and ONNX Runtime refuse "
                          "each other's form); median latency, this run. MACs in INT8: the share of the "
-                         "file's MatMul, Gemm and Conv MACs that OpenVINO's executed graph runs in u8/i8."
+                         "file's MatMul, Gemm and Conv MACs that OpenVINO's executed graph runs in u8/i8 "
+                         "(on openvino-sparse, a sparse-kernel node counts as the products it replaces, "
+                         "in INT8 when its kernel is)."
                          "\n\n" + speed)
         return "\n\n".join(parts)
 

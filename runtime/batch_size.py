@@ -17,6 +17,7 @@ import onnx
 from onnx import helper, shape_inference
 
 from .errors import BatchSizeError, first_line
+from .kernel_nodes import matmul_stand_ins
 from .onnx_file import graph_inputs
 
 SHAPE_ONLY_MIN_NUMEL = 1024  # initializers at least this large keep only their shape in `shape_only`
@@ -48,6 +49,7 @@ def shape_only(model: onnx.ModelProto) -> onnx.ModelProto:
     """A light copy for shape inference: large float initializers become graph inputs of the same type.
 
     Integer initializers (Reshape targets, indices) keep their values, which shape inference needs.
+    vitsparse's sparse-kernel nodes become MatMuls of the same shapes (kernel_nodes.py).
     """
     light = onnx.ModelProto(ir_version=model.ir_version)
     light.opset_import.extend(model.opset_import)
@@ -64,6 +66,7 @@ def shape_only(model: onnx.ModelProto) -> onnx.ModelProto:
                 graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
         else:
             graph.initializer.append(init)
+    matmul_stand_ins(graph)
     return light
 
 

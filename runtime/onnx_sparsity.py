@@ -2,9 +2,10 @@
 
 Weights are the initializers. The prunable layers are MatMul, Gemm and Conv; their weights are the
 initializers with ndim >= 2 that feed one of them (directly or through Transpose/Identity/Cast).
-MACs are counted for every MatMul, Gemm and Conv node (attention matmuls included) as output numel
-x reduction dimension, with shapes from onnx shape inference at a batch of 1 when the batch is
-symbolic; elementwise ops, norms and softmax are not counted, as in compiler/flops.py.
+MACs are counted for every MatMul, Gemm and Conv node (attention matmuls included), and for each
+product of a sparse-kernel node as the dense product it replaces, as output numel x reduction
+dimension, with shapes from onnx shape inference at a batch of 1 when the batch is symbolic;
+elementwise ops, norms and softmax are not counted, as in compiler/flops.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from .batch_size import fixed_batch_size, infer_shapes
+from .kernel_nodes import kernel_layers
 from .onnx_file import load_onnx
 
 PRUNABLE_OPS = ("MatMul", "Gemm", "Conv")
@@ -42,12 +44,14 @@ class WeightStats:
 
 @dataclass
 class LayerMacs:
-    """One MatMul/Gemm/Conv node: its output shape and MACs (None when shapes are unknown)."""
+    """One MatMul/Gemm/Conv node, or one product of a sparse-kernel node (kernel_nodes.py): its output
+    shape and MACs (None when shapes are unknown), a sparse product's counted as the dense one it replaces."""
 
     name: str
     op_type: str
     output_shape: Shape | None
     macs: int | None
+    int8_kernel: bool = False  # a sparse-kernel product computed in INT8
 
 
 @dataclass
@@ -125,7 +129,8 @@ def _prunable_consumers(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def _layer_macs(model: onnx.ModelProto, batch_size: int) -> list[LayerMacs]:
-    inferred = infer_shapes(model, batch_size)
+    inferred = infer_shapes(model, batch_size)  # sparse-kernel nodes in it: MatMuls named after them
+    kernels = {layer.name: layer for layers in kernel_layers(model.graph).values() for layer in layers}
     shapes = _known_shapes(inferred)
     layers = []
     for index, node in enumerate(inferred.graph.node):
@@ -134,7 +139,10 @@ def _layer_macs(model: onnx.ModelProto, batch_size: int) -> list[LayerMacs]:
         out = shapes.get(node.output[0])
         reduction = _REDUCTION[node.op_type](node, shapes)
         macs = math.prod(out) * reduction if out is not None and reduction is not None else None
-        layers.append(LayerMacs(node.name or f"{node.op_type}_{index}", node.op_type, out, macs))
+        kernel = kernels.get(node.name)
+        op_type = kernel.op_type if kernel else node.op_type
+        layers.append(LayerMacs(node.name or f"{node.op_type}_{index}", op_type, out, macs,
+                                bool(kernel and kernel.int8)))
     return layers
 
 

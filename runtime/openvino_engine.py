@@ -11,7 +11,8 @@ taking an idle infer request, so several threads can run at once.
 `int8_mac_share` reads the compiled (executed) graph: each MatMul/Gemm/Conv node of the file is found
 in the `originalLayersNames` of the operation that runs it, and its MACs count as INT8 when that
 operation's `runtimePrecision` is u8 or i8 (a quantized layer whose dequantization OpenVINO could not
-fuse runs as f32 and shows up here).
+fuse runs as f32 and shows up here). A sparse-kernel node's products (openvino-sparse) count as INT8
+when its kernel is, whatever precision OpenVINO reports for the custom operation.
 """
 
 from __future__ import annotations
@@ -166,10 +167,11 @@ def executed_precisions(compiled) -> dict[str, str]:
 
 
 def int8_share(layers: list[LayerMacs], precisions: dict[str, str]) -> float | None:
-    """MACs of the layers whose executed precision is INT8 over all layers' MACs; a layer missing from
-    `precisions` counts as not INT8. None when no layer has known MACs."""
+    """MACs of the layers whose executed precision is INT8 (or whose sparse kernel is) over all layers'
+    MACs; a layer missing from `precisions` counts as not INT8. None when no layer has known MACs."""
     total = sum(layer.macs or 0 for layer in layers)
     if not total:
         return None
-    int8 = sum(layer.macs or 0 for layer in layers if precisions.get(layer.name) in INT8_PRECISIONS)
+    int8 = sum(layer.macs or 0 for layer in layers
+               if layer.int8_kernel or precisions.get(layer.name) in INT8_PRECISIONS)
     return int8 / total

@@ -31,7 +31,13 @@ from vitsparse.compiler.sparse_onnx import (
     unpack,
 )
 from vitsparse.pruners import MagnitudePass, QuantConfig, QuantizePass, SparsityConfig
-from vitsparse.runtime import EngineLoadError, EngineUnavailableError, create_engine, engine_status
+from vitsparse.runtime import (
+    EngineLoadError,
+    EngineUnavailableError,
+    create_engine,
+    engine_status,
+    inspect_onnx,
+)
 from vitsparse.runtime.sparse_extension import ENV_DIR, ENV_ISA, LIBRARY, add_extension
 
 from helpers import small_vit
@@ -298,6 +304,24 @@ def test_a_masked_vit_exported_with_sparse_kernels_matches_torch(tmp_path, quant
     (logits,) = engine.run([images.numpy()])
     limit = 0.2 if quantize else 1e-4  # INT8: the export's own tolerance against fake-quantized torch
     assert np.abs(logits - expected).max() < limit
+
+
+def test_sparse_nodes_count_as_the_products_they_replace(tmp_path) -> None:
+    """MACs and shapes follow the graph through SparseLinear and SparseMLP, and on openvino-sparse their
+    INT8 kernels count as INT8: the same figures as the plain export on openvino."""
+    manager, _, _ = _masked_vit(quantize=True)
+    reports, shares = {}, {}
+    for engine, sparse_kernels in (("openvino", False), ("openvino-sparse", True)):
+        result = export_artifact(manager.graph_module, manager.recipe, tmp_path / engine,
+                                 ExportConfig(batch_size=2, sparse_kernels=sparse_kernels))
+        reports[engine] = inspect_onnx(result.directory / "model.onnx")
+        shares[engine] = create_engine(engine, result.directory / "model.onnx", batch_size=2).int8_mac_share
+    plain, sparse = reports["openvino"], reports["openvino-sparse"]
+    assert sparse.layers_without_macs == 0 and sparse.macs == plain.macs
+    assert [layer.macs for layer in sparse.layers] == [layer.macs for layer in plain.layers]
+    kinds = [layer.op_type for layer in sparse.layers if layer.int8_kernel]
+    assert kinds == ["SparseLinear", "SparseLinear", "SparseMLP", "SparseMLP"] * 2  # qkv, proj, fc1, fc2
+    assert 0.5 < shares["openvino"] < 1 and shares["openvino-sparse"] == pytest.approx(shares["openvino"])
 
 
 def test_below_the_minimum_sparsity_a_layer_stays_dense(tmp_path) -> None:

@@ -1,0 +1,76 @@
+"""vitsparse's sparse-kernel nodes (SparseLinear, SparseMLP) seen as the matrix products they compute.
+
+onnx's shape inference knows nothing of them, so every shape after the first one would be unknown, and
+a MAC count would skip them. `matmul_stand_ins` rewrites them, in a shape-only copy, into MatMuls of
+the same shapes; `kernel_layers` names those products and says which run in INT8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+from onnx import helper
+
+from .sparse_extension import DOMAIN
+
+LINEAR_OP, MLP_OP = "SparseLinear", "SparseMLP"
+# SparseMLP's inputs: x, fc1's 5 weight arrays, the activation table, then fc2's; each weight's first
+# array holds its row offsets (output channels + 1)
+MLP_FC2_INPUT = 7
+
+
+@dataclass(frozen=True)
+class KernelLayer:
+    """One product a sparse-kernel node computes: [n, in_features] × [in_features, out_features]."""
+
+    name: str
+    op_type: str  # the node's: SparseLinear or SparseMLP
+    in_features: int
+    out_features: int
+    int8: bool  # the kernel computes it in INT8, whatever precision the engine reports for the node
+
+
+def kernel_layers(graph: onnx.GraphProto) -> dict[str, list[KernelLayer]]:
+    """Node name -> the products of each vitsparse node in `graph` (fc1 then fc2 for SparseMLP)."""
+    dims = {init.name: tuple(init.dims) for init in graph.initializer}
+    dims.update({value.name: tuple(d.dim_value for d in value.type.tensor_type.shape.dim)
+                 for value in graph.input})
+    found = {}
+    for node in graph.node:
+        if node.domain != DOMAIN:
+            continue
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        in_features, rows = int(attributes["in_features"]), dims[node.input[1]][0] - 1
+        if node.op_type == MLP_OP:
+            out = dims[node.input[MLP_FC2_INPUT]][0] - 1
+            found[node.name] = [KernelLayer(f"{node.name}/fc1", MLP_OP, in_features, rows, True),
+                                KernelLayer(f"{node.name}/fc2", MLP_OP, rows, out, True)]
+        else:
+            int8 = attributes.get("format", b"") in (b"int8_1x4", "int8_1x4")
+            found[node.name] = [KernelLayer(node.name, LINEAR_OP, in_features, rows, int8)]
+    return found
+
+
+def matmul_stand_ins(graph: onnx.GraphProto) -> None:
+    """Replace, in place, each vitsparse node by a chain of MatMuls named after its products, each
+    reading a value-less graph input of shape [in_features, out_features]."""
+    layers = kernel_layers(graph)
+    if not layers:
+        return
+    nodes = []
+    for node in graph.node:
+        if node.name not in layers or node.domain != DOMAIN:
+            nodes.append(node)
+            continue
+        current = node.input[0]
+        for index, layer in enumerate(layers[node.name]):
+            weight = f"{layer.name}/stand_in_weight"
+            graph.input.append(helper.make_tensor_value_info(weight, onnx.TensorProto.FLOAT,
+                                                             [layer.in_features, layer.out_features]))
+            last = index == len(layers[node.name]) - 1
+            output = node.output[0] if last else f"{layer.name}/stand_in_output"
+            nodes.append(helper.make_node("MatMul", [current, weight], [output], layer.name))
+            current = output
+    del graph.node[:]
+    graph.node.extend(nodes)
