@@ -164,6 +164,9 @@ def element_mask(rng: np.random.Generator, rows: int, cols: int, sparsity: float
     return keep.reshape(rows, cols)
 
 
+PRECISIONS = ("int8", "bf16", "f32")
+
+
 def layer_models(layer: str, batch: int, sparsities: list[float], folder: Path, seed: int = 0
                  ) -> dict[tuple[str, float | None], Path]:
     """(precision, sparsity or None) -> an ONNX file of that layer at that batch size."""
@@ -230,7 +233,7 @@ def time_side_by_side(compiled: dict, x: np.ndarray, rounds: int, seconds: float
 
 
 def run(threads: int, sparsities: list[float], batches: list[int], layers: list[str], rounds: int,
-        seconds: float) -> list[Timing]:
+        seconds: float, precisions: tuple[str, ...] = PRECISIONS) -> list[Timing]:
     import openvino
 
     core = openvino.Core()
@@ -239,7 +242,8 @@ def run(threads: int, sparsities: list[float], batches: list[int], layers: list[
     with tempfile.TemporaryDirectory() as tmp:
         for batch in batches:
             for layer in layers:
-                files = layer_models(layer, batch, sparsities, Path(tmp))
+                files = {key: path for key, path in layer_models(layer, batch, sparsities, Path(tmp)).items()
+                         if key[0] in precisions}
                 config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
                           "ENABLE_CPU_PINNING": False, "PERF_COUNT": True}
                 compiled = {}
@@ -309,11 +313,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", default=",".join([*SHAPES, "mlp"]))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=0.2, help="per model per round")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS),
+                        help=f"kernels to time, each against the dense MatMul in its precision "
+                             f"(default {','.join(PRECISIONS)})")
     parser.add_argument("-o", "--output", type=Path, help="write the timings here as JSON")
     args = parser.parse_args(argv)
     sparsities = [float(s) for s in args.sparsities.split(",")]
+    precisions = tuple(args.precisions.split(","))
+    if not set(precisions) <= set(PRECISIONS):
+        parser.error(f"--precisions: choose from {', '.join(PRECISIONS)}, got {args.precisions!r}")
     results = run(args.threads, sparsities, [int(b) for b in args.batches.split(",")], args.layers.split(","),
-                  args.rounds, args.seconds)
+                  args.rounds, args.seconds, precisions)
     rows = speedups(results)
     print(markdown(rows))
     if args.output:

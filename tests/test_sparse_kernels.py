@@ -5,6 +5,7 @@ refused with a clear error, and pruned ViTs exported with sparse kernels matchin
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -387,3 +388,17 @@ def test_a_bf16_export_runs_its_layers_in_bfloat16_within_the_stated_tolerance(t
     engine = create_engine("openvino-sparse", result.directory / "model.onnx", batch_size=2, precision="bf16")
     (logits,) = engine.run([images.numpy()])
     assert 1e-5 < np.abs(logits - expected).max() < config.bf16_atol
+
+
+def test_the_microbenchmark_times_only_the_precisions_asked_for(tmp_path, capsys) -> None:
+    from vitsparse.bench import kernel_speed
+
+    output = tmp_path / "timings.json"
+    assert kernel_speed.main(["--sparsities", "0.9", "--batches", "1", "--layers", "proj", "--rounds", "1",
+                              "--seconds", "0.01", "--precisions", "int8", "-o", str(output)]) == 0
+    timings = json.loads(output.read_text())["timings"]
+    assert {(t["precision"], t["sparsity"]) for t in timings} == {("int8", None), ("int8", 0.9)}
+    assert "| proj | 1 | int8 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        kernel_speed.main(["--precisions", "int4"])
+    assert "--precisions: choose from int8, bf16, f32" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 // AVX2 kernels, for CPUs without AVX-512 VNNI. INT8 activations are packed as int16 with the zero
-// point already subtracted, two channels per row, so vpmaddwd sums exact pairs (vpmaddubsw would
-// saturate at 16 bits); f32 activations are packed one channel per row. 8 input rows per tile.
+// point already subtracted, two channels per 32-bit lane, so vpmaddwd sums exact pairs (vpmaddubsw would
+// saturate at 16 bits); f32 activations are packed one channel per row. 8 input rows per tile: the
+// packing and the writing of y go through 8×8 transposes of 32-bit elements.
 #include <immintrin.h>
 
 #include "internal.hpp"
@@ -12,11 +13,104 @@ namespace {
 constexpr std::int64_t kLanes = 8;
 constexpr int kTiles = 8;
 
-// out[r][c] -> y[n0 + c][m0 + r], plainly: the AVX2 kernels are the fallback, not the fast path.
+// r[0..7] rows -> r[0..7] columns of the 8×8 matrix of 32-bit elements they hold.
+inline void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; ++i) {
+        u[4 * i + 0] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; ++j) {
+        r[j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x20);
+        r[4 + j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x31);
+    }
+}
+
+// Lanes [0, count) of 8 set: a mask for maskload/maskstore.
+inline __m256i first_lanes(std::int64_t count) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::max<std::int64_t>(0, count))),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// 8 floats of row `row` from column k0 (columns past cols and rows past n read 0.0).
+inline __m256 load_row(const float* x, std::int64_t row, std::int64_t n, std::int64_t x_stride,
+                       std::int64_t k0, std::int64_t cols) {
+    if (row >= n) return _mm256_setzero_ps();
+    const float* from = x + row * x_stride + k0;
+    return k0 + kLanes <= cols ? _mm256_loadu_ps(from) : _mm256_maskload_ps(from, first_lanes(cols - k0));
+}
+
+// out[r][c] (r < 16 output channels from m0, c < columns input rows from n0) -> y[n0 + c][m0 + r].
 void store_transposed(const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t rows,
                       float* y, std::int64_t y_stride) {
-    for (std::int64_t c = 0; c < columns; ++c) {
-        for (std::int64_t r = 0; r < rows; ++r) y[c * y_stride + r] = out[r * out_stride + c];
+    for (std::int64_t c0 = 0; c0 < columns; c0 += kLanes) {
+        const std::int64_t count = std::min<std::int64_t>(kLanes, columns - c0);
+        for (std::int64_t r0 = 0; r0 < rows; r0 += kLanes) {
+            __m256 tile[8];
+            for (int r = 0; r < 8; ++r) tile[r] = _mm256_load_ps(out + (r0 + r) * out_stride + c0);
+            transpose8(tile);
+            float* to = y + c0 * y_stride + r0;
+            if (rows - r0 >= kLanes) {
+                for (std::int64_t c = 0; c < count; ++c) _mm256_storeu_ps(to + c * y_stride, tile[c]);
+            } else {
+                const __m256i lanes = first_lanes(rows - r0);
+                for (std::int64_t c = 0; c < count; ++c) _mm256_maskstore_ps(to + c * y_stride, lanes, tile[c]);
+            }
+        }
+    }
+}
+
+// code - zero point for 8 floats: round(x × inverse) half to even, plus the zero point, saturated to
+// [0, 255], as quantize_u8 computes it. The min keeps +inf and large values from converting to
+// INT_MIN; NaN, -inf and values below -2^31 convert to INT_MIN, which saturates to code 0.
+inline __m256i centered_codes(__m256 values, __m256 inverse, __m256i zero_point) {
+    const __m256i codes = _mm256_add_epi32(
+        _mm256_cvtps_epi32(_mm256_min_ps(_mm256_set1_ps(512.0f), _mm256_mul_ps(values, inverse))), zero_point);
+    const __m256i clamped = _mm256_min_epi32(_mm256_max_epi32(codes, _mm256_setzero_si256()), _mm256_set1_epi32(255));
+    return _mm256_sub_epi32(clamped, zero_point);
+}
+
+// Quantizes the 8 input rows from `first` into the int16 pair layout: 32-bit element (p, i) of `packed`,
+// at p × padded_n + i, holds channels 2p and 2p + 1 of row i. 16 channels at a time: per row, the
+// saturating pack of its two 8-channel halves gives its 8 pairs; an 8×8 transpose gives each pair's rows.
+void pack_int16_pairs(const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols,
+                      std::int64_t pairs, float scale, std::int32_t zero_point, std::int32_t* packed,
+                      std::int64_t padded_n, std::int64_t first) {
+    const __m256 inverse = _mm256_set1_ps(1.0f / scale);
+    const __m256i zero_v = _mm256_set1_epi32(zero_point);
+    for (std::int64_t k0 = 0; k0 < cols; k0 += 2 * kLanes) {
+        __m256 rows[8];
+        for (int r = 0; r < 8; ++r) {
+            const __m256i low = centered_codes(load_row(x, first + r, n, x_stride, k0, cols), inverse, zero_v);
+            const __m256i high = centered_codes(load_row(x, first + r, n, x_stride, k0 + kLanes, cols), inverse,
+                                                zero_v);
+            // packs interleaves 64-bit groups per 128-bit lane (pairs 0 1 4 5 | 2 3 6 7): put them in order
+            rows[r] = _mm256_castsi256_ps(_mm256_permute4x64_epi64(_mm256_packs_epi32(low, high), 0xD8));
+        }
+        transpose8(rows);
+        for (std::int64_t p = 0; p < kLanes && k0 / 2 + p < pairs; ++p) {
+            _mm256_store_ps(reinterpret_cast<float*>(packed + (k0 / 2 + p) * padded_n + first), rows[p]);
+        }
+    }
+}
+
+// The 8 float channels of x from k0 for the 8 input rows from `first`, transposed into packed
+// (channel k of row i at k × padded_n + i).
+void pack_floats(const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols, float* packed,
+                 std::int64_t padded_n, std::int64_t first) {
+    for (std::int64_t k0 = 0; k0 < cols; k0 += kLanes) {
+        __m256 rows[8];
+        for (int r = 0; r < 8; ++r) rows[r] = load_row(x, first + r, n, x_stride, k0, cols);
+        transpose8(rows);
+        for (std::int64_t k = 0; k < kLanes && k0 + k < cols; ++k) {
+            _mm256_store_ps(packed + (k0 + k) * padded_n + first, rows[k]);
+        }
     }
 }
 
@@ -35,23 +129,25 @@ inline __m256 int8_results(const Int8Blocks& w, std::int64_t m, __m256i sums) {
 }
 
 template <int Tiles>
-void int8_panel(const Int8Blocks& w, const std::int16_t* packed, std::int64_t padded_n, std::int64_t n0,
+void int8_panel(const Int8Blocks& w, const std::int32_t* packed, std::int64_t padded_n, std::int64_t n0,
                 std::int64_t m0, std::int64_t rows, float* out) {
     for (std::int64_t r = 0; r < rows; ++r) {
         const std::int64_t m = m0 + r;
         __m256i acc[Tiles];
         for (int t = 0; t < Tiles; ++t) acc[t] = _mm256_setzero_si256();
         for (std::int32_t b = w.row_ptr[m]; b < w.row_ptr[m + 1]; ++b) {
-            const std::int8_t* v = w.values + 4 * static_cast<std::int64_t>(b);
-            const __m256i low = _mm256_set1_epi32(static_cast<std::uint16_t>(v[0]) | (static_cast<std::uint32_t>(static_cast<std::uint16_t>(v[1])) << 16));
-            const __m256i high = _mm256_set1_epi32(static_cast<std::uint16_t>(v[2]) | (static_cast<std::uint32_t>(static_cast<std::uint16_t>(v[3])) << 16));
-            const std::int64_t pair = 2 * static_cast<std::int64_t>(w.block_col[b]);
-            const std::int16_t* a0 = packed + (pair * padded_n + n0) * 2;
-            const std::int16_t* a1 = a0 + padded_n * 2;
+            std::int32_t block;
+            std::memcpy(&block, w.values + 4 * static_cast<std::int64_t>(b), 4);
+            const __m128i codes = _mm_cvtepi8_epi16(_mm_cvtsi32_si128(block));  // 4 int16 weights
+            const __m256i low = _mm256_broadcastd_epi32(codes);                   // channels 0, 1
+            const __m256i high = _mm256_broadcastd_epi32(_mm_srli_si128(codes, 4));  // channels 2, 3
+            const std::int32_t* a0 = packed + 2 * static_cast<std::int64_t>(w.block_col[b]) * padded_n + n0;
+            const std::int32_t* a1 = a0 + padded_n;
             for (int t = 0; t < Tiles; ++t) {
-                const __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(a0 + 16 * t));
-                const __m256i x1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(a1 + 16 * t));
-                acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(_mm256_madd_epi16(x0, low), _mm256_madd_epi16(x1, high)));
+                const __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(a0 + kLanes * t));
+                const __m256i x1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(a1 + kLanes * t));
+                acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(_mm256_madd_epi16(x0, low),
+                                                                   _mm256_madd_epi16(x1, high)));
             }
         }
         for (int t = 0; t < Tiles; ++t) _mm256_store_ps(out + r * Tiles * kLanes + t * kLanes, int8_results(w, m, acc[t]));
@@ -91,15 +187,11 @@ struct F32Panel {
 void int8_avx2(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
     const std::int64_t padded_n = round_up(n, kLanes), pairs = 2 * ceil_div(w.cols, 4);
-    auto* packed = static_cast<std::int16_t*>(workspace(static_cast<std::size_t>(pairs * padded_n * 2) * 2));
+    auto* packed = static_cast<std::int32_t*>(
+        workspace(static_cast<std::size_t>(pairs * padded_n) * sizeof(std::int32_t)));
     parallel_for(static_cast<std::size_t>(padded_n / kLanes), [&](std::size_t chunk) {
-        for (std::int64_t i = static_cast<std::int64_t>(chunk) * kLanes; i < static_cast<std::int64_t>(chunk + 1) * kLanes; ++i) {
-            for (std::int64_t k = 0; k < 2 * pairs; ++k) {
-                const bool real = i < n && k < w.cols;
-                const std::int32_t code = real ? quantize_u8(x[i * x_stride + k], 1.0f / act_scale, act_zero_point) : act_zero_point;
-                packed[((k / 2) * padded_n + i) * 2 + k % 2] = static_cast<std::int16_t>(code - act_zero_point);
-            }
-        }
+        pack_int16_pairs(x, n, x_stride, w.cols, pairs, act_scale, act_zero_point, packed, padded_n,
+                         static_cast<std::int64_t>(chunk) * kLanes);
     });
     run_task_grid<kLanes, kTiles>(w.rows, n, padded_n, kTiles, y, parallel_for,
                                   [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
@@ -112,9 +204,7 @@ void f32_avx2(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_st
     const std::int64_t padded_n = round_up(n, kLanes);
     auto* packed = static_cast<float*>(workspace(static_cast<std::size_t>(w.cols * padded_n) * sizeof(float)));
     parallel_for(static_cast<std::size_t>(padded_n / kLanes), [&](std::size_t chunk) {
-        for (std::int64_t i = static_cast<std::int64_t>(chunk) * kLanes; i < static_cast<std::int64_t>(chunk + 1) * kLanes; ++i) {
-            for (std::int64_t k = 0; k < w.cols; ++k) packed[k * padded_n + i] = i < n ? x[i * x_stride + k] : 0.0f;
-        }
+        pack_floats(x, n, x_stride, w.cols, packed, padded_n, static_cast<std::int64_t>(chunk) * kLanes);
     });
     run_task_grid<kLanes, kTiles>(w.rows, n, padded_n, kTiles, y, parallel_for,
                                   [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
