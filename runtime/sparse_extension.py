@@ -19,8 +19,8 @@ LIBRARY = "libvitsparse_openvino.so"
 ENGINE = "openvino-sparse"  # the engine that loads the extension
 DOMAIN = "com.vitsparse"  # the ONNX domain of the extension's nodes (SparseLinear, SparseMLP)
 ENV_DIR = "VITSPARSE_KERNELS_DIR"
-ENV_ISA = "VITSPARSE_KERNEL_ISA"  # scalar | avx2 | avx512: the kernels never use more than this
-ISAS = ("scalar", "avx2", "avx512")
+ENV_ISA = "VITSPARSE_KERNEL_ISA"  # scalar | avx2 | avxvnni | avx512: the kernels never use more than this
+ISAS = ("scalar", "avx2", "avxvnni", "avx512")
 
 
 def extension_path() -> Path:

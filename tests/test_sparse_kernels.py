@@ -46,7 +46,7 @@ from helpers import small_vit
 STATUS = engine_status("openvino-sparse")
 # CI builds the extension with `make install`: there a missing library is a failure, not a skip
 pytestmark = pytest.mark.skipif(not STATUS.available and os.environ.get("CI") != "true", reason=STATUS.reason)
-ISAS = ("avx512", "avx2", "scalar")  # a path the CPU lacks runs the next one down: still checked
+ISAS = ("avx512", "avxvnni", "avx2", "scalar")  # a path the CPU lacks runs the next one down: still checked
 F32_RTOL = 1e-5  # of the output's largest magnitude: float sums in another order
 INT8_ATOL = 1e-3  # integer sums are exact; the rescale is one FMA or a multiply and an add
 

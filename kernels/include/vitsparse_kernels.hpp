@@ -18,9 +18,10 @@
 
 namespace vitsparse {
 
-enum class Isa { scalar = 0, avx2 = 1, avx512 = 2 };
+// avxvnni: AVX2 with AVX-VNNI (256-bit vpdpbusd), for the INT8 kernel; the other kernels run their AVX2 path
+enum class Isa { scalar = 0, avx2 = 1, avxvnni = 2, avx512 = 3 };
 
-// The best instruction set this CPU runs, lowered by VITSPARSE_KERNEL_ISA=scalar|avx2|avx512 if set
+// The best instruction set this CPU runs, lowered by VITSPARSE_KERNEL_ISA=scalar|avx2|avxvnni|avx512 if set
 // (an ISA the CPU lacks is never used; an unknown value throws std::invalid_argument).
 Isa selected_isa();
 Isa best_cpu_isa();

@@ -1,70 +1,13 @@
-// AVX2 kernels, for CPUs without AVX-512 VNNI. INT8 activations are packed as int16 with the zero
-// point already subtracted, two channels per 32-bit lane, so vpmaddwd sums exact pairs (vpmaddubsw would
-// saturate at 16 bits); f32 activations are packed one channel per row. 8 input rows per tile: the
-// packing and the writing of y go through 8×8 transposes of 32-bit elements.
-#include <immintrin.h>
-
-#include "internal.hpp"
+// AVX2 kernels, for CPUs without AVX-512 VNNI (for INT8, without AVX-VNNI either: avx2_vnni.cpp). INT8
+// activations are packed as int16 with the zero point already subtracted, two channels per 32-bit lane,
+// so vpmaddwd sums exact pairs (vpmaddubsw would saturate at 16 bits); f32 activations are packed one
+// channel per row. 8 input rows per tile: the packing and the writing of y go through 8×8 transposes of
+// 32-bit elements.
+#include "avx2_common.hpp"
 
 namespace vitsparse::detail {
 
 namespace {
-
-constexpr std::int64_t kLanes = 8;
-constexpr int kTiles = 8;
-
-// r[0..7] rows -> r[0..7] columns of the 8×8 matrix of 32-bit elements they hold.
-inline void transpose8(__m256 r[8]) {
-    __m256 t[8], u[8];
-    for (int i = 0; i < 4; ++i) {
-        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 2; ++i) {
-        u[4 * i + 0] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
-        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
-        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-    }
-    for (int j = 0; j < 4; ++j) {
-        r[j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x20);
-        r[4 + j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x31);
-    }
-}
-
-// Lanes [0, count) of 8 set: a mask for maskload/maskstore.
-inline __m256i first_lanes(std::int64_t count) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::max<std::int64_t>(0, count))),
-                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-// 8 floats of row `row` from column k0 (columns past cols and rows past n read 0.0).
-inline __m256 load_row(const float* x, std::int64_t row, std::int64_t n, std::int64_t x_stride,
-                       std::int64_t k0, std::int64_t cols) {
-    if (row >= n) return _mm256_setzero_ps();
-    const float* from = x + row * x_stride + k0;
-    return k0 + kLanes <= cols ? _mm256_loadu_ps(from) : _mm256_maskload_ps(from, first_lanes(cols - k0));
-}
-
-// out[r][c] (r < 16 output channels from m0, c < columns input rows from n0) -> y[n0 + c][m0 + r].
-void store_transposed(const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t rows,
-                      float* y, std::int64_t y_stride) {
-    for (std::int64_t c0 = 0; c0 < columns; c0 += kLanes) {
-        const std::int64_t count = std::min<std::int64_t>(kLanes, columns - c0);
-        for (std::int64_t r0 = 0; r0 < rows; r0 += kLanes) {
-            __m256 tile[8];
-            for (int r = 0; r < 8; ++r) tile[r] = _mm256_load_ps(out + (r0 + r) * out_stride + c0);
-            transpose8(tile);
-            float* to = y + c0 * y_stride + r0;
-            if (rows - r0 >= kLanes) {
-                for (std::int64_t c = 0; c < count; ++c) _mm256_storeu_ps(to + c * y_stride, tile[c]);
-            } else {
-                const __m256i lanes = first_lanes(rows - r0);
-                for (std::int64_t c = 0; c < count; ++c) _mm256_maskstore_ps(to + c * y_stride, lanes, tile[c]);
-            }
-        }
-    }
-}
 
 // code - zero point for 8 floats: round(x × inverse) half to even, plus the zero point, saturated to
 // [0, 255], as quantize_u8 computes it. The min keeps +inf and large values from converting to
@@ -112,20 +55,6 @@ void pack_floats(const float* x, std::int64_t n, std::int64_t x_stride, std::int
             _mm256_store_ps(packed + (k0 + k) * padded_n + first, rows[k]);
         }
     }
-}
-
-// int8_result (internal.hpp) for 8 sums of output channel m.
-inline __m256 int8_results(const Int8Blocks& w, std::int64_t m, __m256i sums) {
-    __m256 value = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(w.scale[m]));
-    if (w.out_scale > 0.0f) {
-        const float zero_point = static_cast<float>(w.out_zero_point);
-        const __m256 steps = _mm256_round_ps(_mm256_mul_ps(value, _mm256_set1_ps(1.0f / w.out_scale)),
-                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        const __m256 clamped = _mm256_min_ps(_mm256_max_ps(steps, _mm256_set1_ps(-zero_point)),
-                                             _mm256_set1_ps(255.0f - zero_point));
-        value = _mm256_mul_ps(clamped, _mm256_set1_ps(w.out_scale));
-    }
-    return _mm256_add_ps(value, _mm256_set1_ps(w.bias ? w.bias[m] : 0.0f));
 }
 
 template <int Tiles>

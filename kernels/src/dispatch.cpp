@@ -14,13 +14,17 @@ Isa best_cpu_isa() {
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni")) {
         return Isa::avx512;
     }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
-    return Isa::scalar;
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return Isa::scalar;
+#ifdef VITSPARSE_HAVE_AVXVNNI
+    if (__builtin_cpu_supports("avxvnni")) return Isa::avxvnni;
+#endif
+    return Isa::avx2;
 }
 
 const char* isa_name(Isa isa) {
     switch (isa) {
         case Isa::avx512: return "avx512";
+        case Isa::avxvnni: return "avxvnni";
         case Isa::avx2: return "avx2";
         default: return "scalar";
     }
@@ -34,8 +38,9 @@ Isa selected_isa() {
     Isa wanted;
     if (name == "scalar") wanted = Isa::scalar;
     else if (name == "avx2") wanted = Isa::avx2;
+    else if (name == "avxvnni") wanted = Isa::avxvnni;
     else if (name == "avx512") wanted = Isa::avx512;
-    else throw std::invalid_argument("VITSPARSE_KERNEL_ISA must be scalar, avx2 or avx512, not '" + name + "'");
+    else throw std::invalid_argument("VITSPARSE_KERNEL_ISA must be scalar, avx2, avxvnni or avx512, not '" + name + "'");
     return static_cast<int>(wanted) < static_cast<int>(best) ? wanted : best;
 }
 
@@ -99,6 +104,12 @@ void sparse_linear_int8(const Int8Blocks& w, const float* x, std::int64_t n, std
     if (n <= 0) return;
     switch (isa) {
         case Isa::avx512: return detail::int8_avx512(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
+#ifdef VITSPARSE_HAVE_AVXVNNI
+        case Isa::avxvnni:
+            return detail::int8_avx2_vnni(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
+#else
+        case Isa::avxvnni:
+#endif
         case Isa::avx2: return detail::int8_avx2(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
         default: return detail::int8_scalar(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
     }
@@ -160,6 +171,7 @@ void sparse_linear_f32(const F32Csr& w, const float* x, std::int64_t n, std::int
     if (n <= 0) return;
     switch (isa) {
         case Isa::avx512: return detail::f32_avx512(w, x, n, x_stride, y, parallel_for);
+        case Isa::avxvnni:
         case Isa::avx2: return detail::f32_avx2(w, x, n, x_stride, y, parallel_for);
         default: return detail::f32_scalar(w, x, n, x_stride, y, parallel_for);
     }

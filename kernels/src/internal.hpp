@@ -160,6 +160,8 @@ void int8_scalar(const Int8Blocks& w, const float* x, std::int64_t n, std::int64
                  std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for);
 void int8_avx2(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for);
+void int8_avx2_vnni(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                    std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for);
 void int8_avx512(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                  std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for);
 void mlp_avx512_vbmi(const Int8Mlp& mlp, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
