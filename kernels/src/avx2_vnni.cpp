@@ -46,9 +46,12 @@ void pack_u8_groups(const float* x, std::int64_t n, std::int64_t x_stride, std::
     }
 }
 
-// acc += 4-byte dot products of activations (uint8) and weights (int8), per 32-bit lane.
+// acc += 4-byte dot products of activations (uint8) and weights (int8), per 32-bit lane. Written as asm
+// for the reason avx512_int8.hpp gives: gcc copies the accumulator around the intrinsic (here it even
+// spilled accumulators to the stack).
 inline __m256i dot_accumulate(__m256i acc, __m256i activations, __m256i weights) {
-    return _mm256_dpbusd_avx_epi32(acc, activations, weights);
+    asm("%{vex%} vpdpbusd %[w], %[a], %[acc]" : [acc] "+x"(acc) : [a] "x"(activations), [w] "x"(weights));
+    return acc;
 }
 
 template <int Tiles>
