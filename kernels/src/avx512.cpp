@@ -29,23 +29,6 @@ struct F32Panel {
     static void run(Args&&... args) { f32_panel<Tiles>(std::forward<Args>(args)...); }
 };
 
-// Panels that split evenly among the threads: one task per panel. It packs its panel into its own
-// thread's workspace and runs every output channel over it while the codes are still in cache, so
-// there is no second pass over a packed copy of x and no wait between packing and products. Panels
-// hold at most kOwnPanelTiles tiles (fewer where panel_tiles says y's row stride needs it), as even as
-// the tile count allows.
-constexpr int kOwnPanelTiles = 4;
-
-EvenPanels own_panels(std::int64_t n, std::int64_t rows) {
-    return EvenPanels(n, kLanes, panel_tiles(rows, kOwnPanelTiles));
-}
-
-// Whether `panels` tasks keep `threads` threads busy: at most an eighth of the threads' turns idle
-// (4 panels on 2 threads do, 7 do not).
-bool panels_fill_threads(std::int64_t panels, std::int64_t threads) {
-    return ceil_div(panels, threads) * threads * 8 <= panels * 9;
-}
-
 template <int Tiles>
 struct OwnPanel {
     static void run(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
@@ -93,7 +76,7 @@ void int8_shared_panels(const Int8Blocks& w, const float* x, std::int64_t n, std
 void int8_avx512(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                  std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
     const auto threads = static_cast<std::int64_t>(std::max<std::size_t>(1, parallel_for.threads));
-    if (panels_fill_threads(own_panels(n, w.rows).count, threads)) {
+    if (panels_fill_threads(own_panels(n, w.rows).count, threads, 8)) {
         return int8_own_panels(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
     }
     int8_shared_panels(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);

@@ -67,10 +67,44 @@ int panel_tiles(std::int64_t rows, int max_tiles) {
     return tiles;
 }
 
+// Panels that split evenly among the threads get one task each: it packs its panel into its own thread's
+// workspace and runs every output channel over it while the panel is still in cache, so there is no
+// second pass over a packed copy of x and no wait between packing and products. Panels hold at most
+// kOwnPanelTiles tiles (fewer where panel_tiles says y's row stride needs it), as even as the tile
+// count allows.
+constexpr int kOwnPanelTiles = 4;
+
+inline EvenPanels own_panels(std::int64_t n, std::int64_t rows) {
+    return EvenPanels(n, kLanes, panel_tiles(rows, kOwnPanelTiles));
+}
+
+// Whether `panels` tasks keep `threads` threads busy: at least `busy_per_idle` panels for each turn a
+// thread sits idle. INT8 asks 8 (on 2 threads, 4 panels pass and 7 do not); bf16, whose products weigh
+// more against its packing, asks 4 (7 pass, 3 do not).
+inline bool panels_fill_threads(std::int64_t panels, std::int64_t threads, std::int64_t busy_per_idle) {
+    const std::int64_t idle = ceil_div(panels, threads) * threads - panels;
+    return idle * busy_per_idle <= panels;
+}
+
+// Every output channel (`rows` of them) over one panel of Tiles × 16 input rows from n0, written to y
+// (n rows of `rows` floats) 16 channels at a time: compute(m0, count, out) fills out[16][Tiles × 16]
+// for the `count` channels from m0.
+template <int Tiles, typename Compute>
+void panel_to_y(std::int64_t rows, std::int64_t n0, std::int64_t n, float* y, Compute compute) {
+    constexpr std::int64_t width = Tiles * kLanes;
+    alignas(64) float out[kRowBlock * width];
+    const RowBlocks blocks(rows, y);
+    for (std::int64_t block = 0; block < blocks.count; ++block) {
+        const std::int64_t m0 = blocks.first(block), count = blocks.size(block);
+        compute(m0, count, out);
+        store_transposed(out, width, std::min(width, n - n0), count, y + n0 * rows + m0, rows);
+    }
+}
+
 // The float kernels' panel: for each of 16 output channels from m0, accumulators start at its bias,
 // `accumulate(m, acc)` adds its products (rows past `rows` stay zero), and they land in out[r].
 template <int Tiles, typename Accumulate>
-void float_panel(const float* bias, std::int64_t m0, std::int64_t rows, float* out, Accumulate accumulate) {
+[[gnu::always_inline]] inline void float_panel(const float* bias, std::int64_t m0, std::int64_t rows, float* out, Accumulate accumulate) {
     for (std::int64_t r = 0; r < kRowBlock; ++r) {
         __m512 acc[Tiles];
         const __m512 start = _mm512_set1_ps(r < rows && bias ? bias[m0 + r] : 0.0f);

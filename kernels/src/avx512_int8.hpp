@@ -140,14 +140,9 @@ void pack_panel(const float* x, std::int64_t n, std::int64_t x_stride, std::int6
 template <int Tiles>
 void int8_panel_to_y(const Int8Blocks& w, const std::uint8_t* panel, std::int32_t zero_point, std::int64_t n0,
                      std::int64_t n, float* y) {
-    constexpr std::int64_t width = Tiles * kLanes;
-    alignas(64) float out[kRowBlock * width];
-    const RowBlocks blocks(w.rows, y);
-    for (std::int64_t block = 0; block < blocks.count; ++block) {
-        const std::int64_t m0 = blocks.first(block), rows = blocks.size(block);
-        int8_panel<Tiles>(w, panel, width, m0, rows, zero_point, out);
-        store_transposed(out, width, std::min(width, n - n0), rows, y + n0 * w.rows + m0, w.rows);
-    }
+    panel_to_y<Tiles>(w.rows, n0, n, y, [&](std::int64_t m0, std::int64_t rows, float* out) {
+        int8_panel<Tiles>(w, panel, Tiles * kLanes, m0, rows, zero_point, out);
+    });
 }
 
 template <int Tiles>
