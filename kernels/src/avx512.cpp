@@ -11,9 +11,10 @@ namespace {
 
 constexpr int kF32Tiles = 4;
 
+// Inlined at each call for the reason bf16_panel is (avx512_bf16.cpp).
 template <int Tiles>
-void f32_panel(const F32Csr& w, const float* packed, std::int64_t padded_n, std::int64_t n0, std::int64_t m0,
-               std::int64_t rows, float* out) {
+[[gnu::always_inline]] inline void f32_panel(const F32Csr& w, const float* packed, std::int64_t padded_n,
+                                             std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
     float_panel<Tiles>(w.bias, m0, rows, out, [&](std::int64_t m, __m512* acc) {
         for (std::int32_t j = w.row_ptr[m]; j < w.row_ptr[m + 1]; ++j) {
             const __m512 weight = _mm512_set1_ps(w.values[j]);
@@ -27,6 +28,37 @@ template <int Tiles>
 struct F32Panel {
     template <typename... Args>
     static void run(Args&&... args) { f32_panel<Tiles>(std::forward<Args>(args)...); }
+};
+
+// The 16 input rows from `first` (rows past n read as 0), one 64-byte line per input channel, lines
+// `width` floats apart: a 16×16 transpose per 16 channels.
+void pack_f32(const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols, float* packed,
+              std::int64_t width, std::int64_t first) {
+    for (std::int64_t k0 = 0; k0 < cols; k0 += kLanes) {
+        const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<std::int64_t>(kLanes, cols - k0)) - 1u);
+        __m512 tile[16];
+        for (int r = 0; r < 16; ++r) {
+            tile[r] = first + r < n ? _mm512_maskz_loadu_ps(lanes, x + (first + r) * x_stride + k0) : _mm512_setzero_ps();
+        }
+        transpose16(tile);
+        for (int c = 0; c < 16; ++c) _mm512_store_ps(packed + (k0 + c) * width + first, tile[c]);
+    }
+}
+
+// The panel of Tiles × 16 input rows from n0, packed into this thread's workspace, through every output
+// channel into y (the panel-per-task layout, avx512_common.hpp).
+template <int Tiles>
+struct F32OwnPanel {
+    static void run(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t n0,
+                    float* y) {
+        constexpr std::int64_t width = Tiles * kLanes;
+        const auto bytes = static_cast<std::size_t>(round_up(w.cols, kLanes) * width) * sizeof(float);
+        auto* packed = static_cast<float*>(workspace(bytes));
+        for (int t = 0; t < Tiles; ++t) pack_f32(x + n0 * x_stride, n - n0, x_stride, w.cols, packed, width, t * kLanes);
+        panel_to_y<Tiles>(w.rows, n0, n, y, [&](std::int64_t m0, std::int64_t rows, float* out) {
+            f32_panel<Tiles>(w, packed, width, 0, m0, rows, out);
+        });
+    }
 };
 
 template <int Tiles>
@@ -84,20 +116,19 @@ void int8_avx512(const Int8Blocks& w, const float* x, std::int64_t n, std::int64
 
 void f32_avx512(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
                 const ParallelFor& parallel_for) {
+    const EvenPanels panels = own_panels(n, w.rows);
+    const auto threads = static_cast<std::int64_t>(std::max<std::size_t>(1, parallel_for.threads));
+    if (panels_fill_threads(panels.count, threads, 4)) {
+        return parallel_for(static_cast<std::size_t>(panels.count), [&](std::size_t panel) {
+            const auto p = static_cast<std::int64_t>(panel);
+            run_panel<kOwnPanelTiles, F32OwnPanel>(static_cast<int>(panels.tile_count(p)), w, x, n, x_stride,
+                                                   panels.first_tile(p) * kLanes, y);
+        });
+    }
     const std::int64_t padded_n = round_up(n, kLanes), padded_k = round_up(w.cols, kLanes);
     auto* packed = static_cast<float*>(workspace(static_cast<std::size_t>(padded_k * padded_n) * sizeof(float)));
     parallel_for(static_cast<std::size_t>(padded_n / kLanes), [&](std::size_t chunk) {
-        const std::int64_t first = static_cast<std::int64_t>(chunk) * kLanes;
-        for (std::int64_t k0 = 0; k0 < w.cols; k0 += kLanes) {
-            const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<std::int64_t>(kLanes, w.cols - k0)) - 1u);
-            __m512 tile[16];
-            for (int r = 0; r < 16; ++r) {
-                tile[r] = first + r < n ? _mm512_maskz_loadu_ps(lanes, x + (first + r) * x_stride + k0)
-                                        : _mm512_setzero_ps();
-            }
-            transpose16(tile);
-            for (int c = 0; c < 16; ++c) _mm512_store_ps(packed + (k0 + c) * padded_n + first, tile[c]);
-        }
+        pack_f32(x, n, x_stride, w.cols, packed, padded_n, static_cast<std::int64_t>(chunk) * kLanes);
     });
     run_tasks<kF32Tiles>(w.rows, n, padded_n, y, parallel_for,
                          [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
