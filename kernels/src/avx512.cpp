@@ -72,16 +72,6 @@ struct OwnPanel {
     }
 };
 
-void int8_own_panels(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
-                     std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
-    const EvenPanels panels = own_panels(n, w.rows);
-    parallel_for(static_cast<std::size_t>(panels.count), [&](std::size_t panel) {
-        const auto p = static_cast<std::int64_t>(panel);
-        run_panel<kOwnPanelTiles, OwnPanel>(static_cast<int>(panels.tile_count(p)), w, x, n, x_stride, act_scale,
-                                            act_zero_point, panels.first_tile(p) * kLanes, y);
-    });
-}
-
 // Panels that would leave threads idle: x is packed once, panel by panel (every panel contiguous, so
 // that a task's loads stay within a few pages), then the tasks are row blocks × panels.
 void int8_shared_panels(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride,
@@ -107,24 +97,13 @@ void int8_shared_panels(const Int8Blocks& w, const float* x, std::int64_t n, std
 
 void int8_avx512(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                  std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
-    const auto threads = static_cast<std::int64_t>(std::max<std::size_t>(1, parallel_for.threads));
-    if (panels_fill_threads(own_panels(n, w.rows).count, threads, 8)) {
-        return int8_own_panels(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
-    }
+    if (run_own_panels<OwnPanel>(n, w.rows, y, parallel_for, 8, w, x, n, x_stride, act_scale, act_zero_point)) return;
     int8_shared_panels(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
 }
 
 void f32_avx512(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
                 const ParallelFor& parallel_for) {
-    const EvenPanels panels = own_panels(n, w.rows);
-    const auto threads = static_cast<std::int64_t>(std::max<std::size_t>(1, parallel_for.threads));
-    if (panels_fill_threads(panels.count, threads, 4)) {
-        return parallel_for(static_cast<std::size_t>(panels.count), [&](std::size_t panel) {
-            const auto p = static_cast<std::int64_t>(panel);
-            run_panel<kOwnPanelTiles, F32OwnPanel>(static_cast<int>(panels.tile_count(p)), w, x, n, x_stride,
-                                                   panels.first_tile(p) * kLanes, y);
-        });
-    }
+    if (run_own_panels<F32OwnPanel>(n, w.rows, y, parallel_for, 4, w, x, n, x_stride)) return;
     const std::int64_t padded_n = round_up(n, kLanes), padded_k = round_up(w.cols, kLanes);
     auto* packed = static_cast<float*>(workspace(static_cast<std::size_t>(padded_k * padded_n) * sizeof(float)));
     parallel_for(static_cast<std::size_t>(padded_n / kLanes), [&](std::size_t chunk) {

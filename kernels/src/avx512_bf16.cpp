@@ -85,15 +85,7 @@ struct OwnPanel {
 
 void bf16_avx512(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
                  const ParallelFor& parallel_for) {
-    const EvenPanels panels = own_panels(n, w.rows);
-    const auto threads = static_cast<std::int64_t>(std::max<std::size_t>(1, parallel_for.threads));
-    if (panels_fill_threads(panels.count, threads, 4)) {
-        return parallel_for(static_cast<std::size_t>(panels.count), [&](std::size_t panel) {
-            const auto p = static_cast<std::int64_t>(panel);
-            run_panel<kOwnPanelTiles, OwnPanel>(static_cast<int>(panels.tile_count(p)), w, x, n, x_stride,
-                                                panels.first_tile(p) * kLanes, y);
-        });
-    }
+    if (run_own_panels<OwnPanel>(n, w.rows, y, parallel_for, 4, w, x, n, x_stride)) return;
     const std::int64_t padded_n = round_up(n, kLanes), pairs = round_up(ceil_div(w.cols, 2), 8);
     auto* packed = static_cast<std::uint16_t*>(workspace(static_cast<std::size_t>(pairs * padded_n * 4)));
     parallel_for(static_cast<std::size_t>(padded_n / kLanes), [&](std::size_t chunk) {

@@ -101,6 +101,23 @@ void panel_to_y(std::int64_t rows, std::int64_t n0, std::int64_t n, float* y, Co
     }
 }
 
+// The panel-per-task layout, where panels_fill_threads(..., busy_per_idle) says it keeps the threads busy:
+// Panel<tiles>::run(args..., n0, y) for each panel of the n input rows, one task each. Returns false,
+// having run nothing, where the kernel should take its shared layout instead.
+template <template <int> class Panel, typename... Args>
+bool run_own_panels(std::int64_t n, std::int64_t rows, float* y, const ParallelFor& parallel_for,
+                    std::int64_t busy_per_idle, const Args&... args) {
+    const EvenPanels panels = own_panels(n, rows);
+    const auto threads = static_cast<std::int64_t>(std::max<std::size_t>(1, parallel_for.threads));
+    if (!panels_fill_threads(panels.count, threads, busy_per_idle)) return false;
+    parallel_for(static_cast<std::size_t>(panels.count), [&](std::size_t panel) {
+        const auto p = static_cast<std::int64_t>(panel);
+        run_panel<kOwnPanelTiles, Panel>(static_cast<int>(panels.tile_count(p)), args..., panels.first_tile(p) * kLanes,
+                                         y);
+    });
+    return true;
+}
+
 // The float kernels' panel: for each of 16 output channels from m0, accumulators start at its bias,
 // `accumulate(m, acc)` adds its products (rows past `rows` stay zero), and they land in out[r].
 template <int Tiles, typename Accumulate>
