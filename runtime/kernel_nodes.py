@@ -32,24 +32,36 @@ class KernelLayer:
 
 
 def kernel_layers(graph: onnx.GraphProto) -> dict[str, list[KernelLayer]]:
-    """Node name -> the products of each vitsparse node in `graph` (fc1 then fc2 for SparseMLP)."""
+    """Node name -> the products of each vitsparse node in `graph` (fc1 then fc2 for SparseMLP). A node
+    whose shapes cannot be read is left out: the engine that loads it says what is wrong with it."""
     dims = {init.name: tuple(init.dims) for init in graph.initializer}
     dims.update({value.name: tuple(d.dim_value for d in value.type.tensor_type.shape.dim)
                  for value in graph.input})
     found = {}
     for node in graph.node:
-        if node.domain != DOMAIN:
-            continue
-        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        in_features, rows = int(attributes["in_features"]), dims[node.input[1]][0] - 1
-        if node.op_type == MLP_OP:
-            out = dims[node.input[MLP_FC2_INPUT]][0] - 1
-            found[node.name] = [KernelLayer(f"{node.name}/fc1", MLP_OP, in_features, rows, True),
-                                KernelLayer(f"{node.name}/fc2", MLP_OP, rows, out, True)]
-        else:
-            int8 = attributes.get("format", b"") in (b"int8_1x4", "int8_1x4")
-            found[node.name] = [KernelLayer(node.name, LINEAR_OP, in_features, rows, int8)]
+        if node.domain == DOMAIN:
+            products = _products(node, dims)
+            if products:
+                found[node.name] = products
     return found
+
+
+def _products(node: onnx.NodeProto, dims: dict[str, tuple[int, ...]]) -> list[KernelLayer] | None:
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+    def rows(index: int) -> int | None:  # output channels of the weight whose row offsets are input `index`
+        shape = dims.get(node.input[index]) if index < len(node.input) else None
+        return shape[0] - 1 if shape and len(shape) == 1 and shape[0] > 1 else None
+
+    in_features, fc1 = attributes.get("in_features"), rows(1)
+    if not isinstance(in_features, int) or in_features < 1 or fc1 is None:
+        return None
+    if node.op_type == MLP_OP:
+        fc2 = rows(MLP_FC2_INPUT)
+        return None if fc2 is None else [KernelLayer(f"{node.name}/fc1", MLP_OP, in_features, fc1, True),
+                                         KernelLayer(f"{node.name}/fc2", MLP_OP, fc1, fc2, True)]
+    int8 = attributes.get("format") in (b"int8_1x4", "int8_1x4")
+    return [KernelLayer(node.name, LINEAR_OP, in_features, fc1, int8)] if node.op_type == LINEAR_OP else None
 
 
 def matmul_stand_ins(graph: onnx.GraphProto) -> None:

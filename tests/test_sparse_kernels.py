@@ -256,7 +256,7 @@ def _malformed(packed, part: int, value) -> object:
 
 @pytest.mark.parametrize(("case", "message"), [
     ("block past the end", "outside"), ("offsets decrease", "decrease"), ("too few codes", "codes"),
-    ("bad format", "format must be"),
+    ("bad format", "format must be"), ("no in_features", "in_features"), ("no weights", "takes 7 inputs"),
 ])
 def test_a_malformed_node_is_refused_with_a_clear_error(core, tmp_path, case, message) -> None:
     packed = pack_int8_blocks(_block_codes(np.random.default_rng(0), 4, 16, 0.5), np.ones(4, np.float32))
@@ -270,12 +270,20 @@ def test_a_malformed_node_is_refused_with_a_clear_error(core, tmp_path, case, me
     elif case == "too few codes":
         packed = _malformed(packed, 2, packed.arrays[2][:-1])
     path = _layer_file(tmp_path / "l.onnx", packed, [2, 16], **attributes)
+    model = onnx.load(path)
+    node = model.graph.node[0]
     if case == "bad format":
-        model = onnx.load(path)
-        next(a for a in model.graph.node[0].attribute if a.name == "format").s = b"int4_2x2"
-        onnx.save(model, path)
+        next(a for a in node.attribute if a.name == "format").s = b"int4_2x2"
+    elif case == "no in_features":
+        kept = [a for a in node.attribute if a.name != "in_features"]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+    elif case == "no weights":
+        del node.input[1:]
+    onnx.save(model, path)
     with pytest.raises(EngineLoadError, match=message):
         create_engine("openvino-sparse", path, batch_size=2)
+    assert inspect_onnx(path).path == str(path)  # the inspector reads what the engine refuses
 
 
 def _masked_vit(quantize: bool):
