@@ -81,5 +81,14 @@ inline __m256 int8_results(const Int8Blocks& w, std::int64_t m, __m256i sums) {
     return _mm256_add_ps(value, _mm256_set1_ps(w.bias ? w.bias[m] : 0.0f));
 }
 
+// run_panels_per_task (internal.hpp) with 8-row tiles: panels of up to 64 input rows, narrowed as
+// panel_tiles narrows the AVX-512 kernels' 16-row tiles.
+template <template <int> class Panel, typename... Args>
+bool run_own_panels(std::int64_t n, std::int64_t rows, float* y, const ParallelFor& parallel_for,
+                    std::int64_t busy_per_idle, const Args&... args) {
+    return run_panels_per_task<kLanes, kTiles, Panel>(n, 2 * panel_tiles(rows, kTiles / 2), y, parallel_for,
+                                                      busy_per_idle, args...);
+}
+
 }  // namespace
 }  // namespace vitsparse::detail

@@ -54,9 +54,11 @@ inline __m256i dot_accumulate(__m256i acc, __m256i activations, __m256i weights)
     return acc;
 }
 
+// Inlined at each call for the reason bf16_panel is (avx512_bf16.cpp).
 template <int Tiles>
-void int8_panel(const Int8Blocks& w, const std::int32_t* packed, std::int64_t padded_n, std::int64_t n0,
-                std::int64_t m0, std::int64_t rows, std::int32_t zero_point, float* out) {
+[[gnu::always_inline]] inline void int8_panel(const Int8Blocks& w, const std::int32_t* packed,
+                                              std::int64_t padded_n, std::int64_t n0, std::int64_t m0,
+                                              std::int64_t rows, std::int32_t zero_point, float* out) {
     for (std::int64_t r = 0; r < rows; ++r) {
         const std::int64_t m = m0 + r;
         __m256i acc[Tiles];
@@ -76,6 +78,25 @@ void int8_panel(const Int8Blocks& w, const std::int32_t* packed, std::int64_t pa
     }
 }
 
+// The panel of Tiles × 8 input rows from n0, packed into this thread's workspace, through every output
+// channel into y (the panel-per-task layout, internal.hpp).
+template <int Tiles>
+struct OwnPanel {
+    static void run(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                    std::int32_t act_zero_point, std::int64_t n0, float* y) {
+        constexpr std::int64_t width = Tiles * kLanes;
+        const std::int64_t groups = ceil_div(w.cols, 4);
+        auto* packed = static_cast<std::int32_t*>(workspace(static_cast<std::size_t>(groups * width) * 4));
+        for (int t = 0; t < Tiles; ++t) {
+            pack_u8_groups(x + n0 * x_stride, n - n0, x_stride, w.cols, groups, act_scale, act_zero_point, packed,
+                           width, t * kLanes);
+        }
+        panel_rows_to_y<kLanes, Tiles>(w.rows, n0, n, y, [&](std::int64_t m0, std::int64_t rows, float* out) {
+            int8_panel<Tiles>(w, packed, width, 0, m0, rows, act_zero_point, out);
+        }, store_transposed);
+    }
+};
+
 template <int Tiles>
 struct Int8Panel {
     template <typename... Args>
@@ -86,6 +107,7 @@ struct Int8Panel {
 
 void int8_avx2_vnni(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                     std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
+    if (run_own_panels<OwnPanel>(n, w.rows, y, parallel_for, 4, w, x, n, x_stride, act_scale, act_zero_point)) return;
     const std::int64_t padded_n = round_up(n, kLanes), groups = ceil_div(w.cols, 4);
     auto* packed = static_cast<std::int32_t*>(
         workspace(static_cast<std::size_t>(groups * padded_n) * sizeof(std::int32_t)));

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <numeric>
 
 #include "vitsparse_kernels.hpp"
 
@@ -152,6 +153,62 @@ void run_panel(int tiles, Args&&... args) {
         if (tiles == MaxTiles) return Panel<MaxTiles>::run(std::forward<Args>(args)...);
         if constexpr (MaxTiles > 1) return run_panel<MaxTiles - 1, Panel>(tiles, std::forward<Args>(args)...);
     }
+}
+
+// Tiles of 16 input rows per panel for an output of `rows` floats per input row. A task writes 16 × tiles
+// lines of y, one per input row; when the row stride maps them onto few L1 sets (every 64 lines apart for 1536
+// channels, 16 KiB / 12 ways) they evict one another before the stores drain, so the panel narrows
+// until at most ~16 lines share a set. L1 has 64 sets of 64-byte lines on every x86 CPU with AVX-512.
+inline int panel_tiles(std::int64_t rows, int max_tiles) {
+    constexpr std::int64_t kSets = 64;
+    const std::int64_t line_stride = rows * 4 % 64 == 0 ? rows * 4 / 64 % kSets : 1;
+    const std::int64_t sets_used = line_stride == 0 ? 1 : kSets / std::gcd(kSets, line_stride);
+    int tiles = max_tiles;
+    while (tiles > 1 && tiles > sets_used) tiles /= 2;
+    return tiles;
+}
+
+// The panel-per-task layout. Where panels split evenly enough among the threads, each gets one task: it
+// packs its panel into its own thread's workspace and runs every output channel over it while the panel
+// is still in cache, so there is no second pass over a packed copy of x and no wait between packing and
+// products. Panels are as even as the tile count allows.
+// Whether `panels` tasks keep `threads` threads busy: at least `busy_per_idle` panels for each turn a
+// thread sits idle. INT8 asks 8 (on 2 threads, 4 panels pass and 7 do not); bf16, whose products weigh
+// more against its packing, asks 4 (7 pass, 3 do not).
+inline bool panels_fill_threads(std::int64_t panels, std::int64_t threads, std::int64_t busy_per_idle) {
+    const std::int64_t idle = ceil_div(panels, threads) * threads - panels;
+    return idle * busy_per_idle <= panels;
+}
+
+// Every output channel (`rows` of them) over one panel of Tiles × Lanes input rows from n0, written to y
+// (n rows of `rows` floats) 16 channels at a time: compute(m0, count, out) fills out[16][Tiles × Lanes]
+// for the `count` channels from m0, and store writes it (as run_task_grid's store does).
+template <std::int64_t Lanes, int Tiles, typename Compute, typename Store>
+void panel_rows_to_y(std::int64_t rows, std::int64_t n0, std::int64_t n, float* y, Compute compute, Store store) {
+    constexpr std::int64_t width = Tiles * Lanes;
+    alignas(64) float out[kRowBlock * width];
+    const RowBlocks blocks(rows, y);
+    for (std::int64_t block = 0; block < blocks.count; ++block) {
+        const std::int64_t m0 = blocks.first(block), count = blocks.size(block);
+        compute(m0, count, out);
+        store(out, width, std::min(width, n - n0), count, y + n0 * rows + m0, rows);
+    }
+}
+
+// Panel<tiles>::run(args..., n0, y) for each panel (at most `panel_tiles` tiles of Lanes rows) of the n
+// input rows, one task each, where panels_fill_threads(..., busy_per_idle) says they keep the threads
+// busy. Returns false, having run nothing, where the kernel should take its shared layout instead.
+template <std::int64_t Lanes, int MaxTiles, template <int> class Panel, typename... Args>
+bool run_panels_per_task(std::int64_t n, int panel_tiles, float* y, const ParallelFor& parallel_for,
+                         std::int64_t busy_per_idle, const Args&... args) {
+    const EvenPanels panels(n, Lanes, panel_tiles);
+    const auto threads = static_cast<std::int64_t>(std::max<std::size_t>(1, parallel_for.threads));
+    if (!panels_fill_threads(panels.count, threads, busy_per_idle)) return false;
+    parallel_for(static_cast<std::size_t>(panels.count), [&](std::size_t panel) {
+        const auto p = static_cast<std::int64_t>(panel);
+        run_panel<MaxTiles, Panel>(static_cast<int>(panels.tile_count(p)), args..., panels.first_tile(p) * Lanes, y);
+    });
+    return true;
 }
 
 }  // namespace
