@@ -1,6 +1,6 @@
 // What the AVX2 files share (avx2.cpp, and avx2_vnni.cpp for CPUs with AVX-VNNI): 8 input rows per
-// tile, the 8×8 transpose of 32-bit elements that packing and the writing of y go through, and the INT8
-// result of a row's sums. Included only by files compiled with AVX2 flags; internal linkage, as
+// tile, the 8×8 transpose of 32-bit elements that packing and the writing of y go through, the INT8
+// result of a row's sums, and the panel-per-task layout with 8-row tiles. Included only by files compiled with AVX2 flags; internal linkage, as
 // avx512_common.hpp.
 #pragma once
 

@@ -38,7 +38,8 @@ void pack_f32(const float* x, std::int64_t n, std::int64_t x_stride, std::int64_
         const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<std::int64_t>(kLanes, cols - k0)) - 1u);
         __m512 tile[16];
         for (int r = 0; r < 16; ++r) {
-            tile[r] = first + r < n ? _mm512_maskz_loadu_ps(lanes, x + (first + r) * x_stride + k0) : _mm512_setzero_ps();
+            tile[r] = first + r < n ? _mm512_maskz_loadu_ps(lanes, x + (first + r) * x_stride + k0)
+                                    : _mm512_setzero_ps();
         }
         transpose16(tile);
         for (int c = 0; c < 16; ++c) _mm512_store_ps(packed + (k0 + c) * width + first, tile[c]);
@@ -46,7 +47,7 @@ void pack_f32(const float* x, std::int64_t n, std::int64_t x_stride, std::int64_
 }
 
 // The panel of Tiles × 16 input rows from n0, packed into this thread's workspace, through every output
-// channel into y (the panel-per-task layout, avx512_common.hpp).
+// channel into y (the panel-per-task layout, internal.hpp).
 template <int Tiles>
 struct F32OwnPanel {
     static void run(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t n0,
@@ -54,13 +55,17 @@ struct F32OwnPanel {
         constexpr std::int64_t width = Tiles * kLanes;
         const auto bytes = static_cast<std::size_t>(round_up(w.cols, kLanes) * width) * sizeof(float);
         auto* packed = static_cast<float*>(workspace(bytes));
-        for (int t = 0; t < Tiles; ++t) pack_f32(x + n0 * x_stride, n - n0, x_stride, w.cols, packed, width, t * kLanes);
+        for (int t = 0; t < Tiles; ++t) {
+            pack_f32(x + n0 * x_stride, n - n0, x_stride, w.cols, packed, width, t * kLanes);
+        }
         panel_to_y<Tiles>(w.rows, n0, n, y, [&](std::int64_t m0, std::int64_t rows, float* out) {
             f32_panel<Tiles>(w, packed, width, 0, m0, rows, out);
         });
     }
 };
 
+// The INT8 panel of Tiles × 16 input rows from n0, packed into this thread's workspace, through every
+// output channel into y (the panel-per-task layout, internal.hpp).
 template <int Tiles>
 struct OwnPanel {
     static void run(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,

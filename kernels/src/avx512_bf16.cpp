@@ -64,7 +64,7 @@ struct Bf16Panel {
 };
 
 // The panel of Tiles × 16 input rows from n0, packed into this thread's workspace, through every output
-// channel into y (the panel-per-task layout, avx512_common.hpp).
+// channel into y (the panel-per-task layout, internal.hpp).
 template <int Tiles>
 struct OwnPanel {
     static void run(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t n0,

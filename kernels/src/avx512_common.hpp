@@ -74,7 +74,8 @@ bool run_own_panels(std::int64_t n, std::int64_t rows, float* y, const ParallelF
 // The float kernels' panel: for each of 16 output channels from m0, accumulators start at its bias,
 // `accumulate(m, acc)` adds its products (rows past `rows` stay zero), and they land in out[r].
 template <int Tiles, typename Accumulate>
-[[gnu::always_inline]] inline void float_panel(const float* bias, std::int64_t m0, std::int64_t rows, float* out, Accumulate accumulate) {
+[[gnu::always_inline]] inline void float_panel(const float* bias, std::int64_t m0, std::int64_t rows, float* out,
+                                               Accumulate accumulate) {
     for (std::int64_t r = 0; r < kRowBlock; ++r) {
         __m512 acc[Tiles];
         const __m512 start = _mm512_set1_ps(r < rows && bias ? bias[m0 + r] : 0.0f);

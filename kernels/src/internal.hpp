@@ -156,9 +156,10 @@ void run_panel(int tiles, Args&&... args) {
 }
 
 // Tiles of 16 input rows per panel for an output of `rows` floats per input row. A task writes 16 × tiles
-// lines of y, one per input row; when the row stride maps them onto few L1 sets (every 64 lines apart for 1536
-// channels, 16 KiB / 12 ways) they evict one another before the stores drain, so the panel narrows
-// until at most ~16 lines share a set. L1 has 64 sets of 64-byte lines on every x86 CPU with AVX-512.
+// lines of y, one per input row; when the row stride maps them onto few L1 sets (every 64 lines apart
+// for 1536 channels, 16 KiB / 12 ways) they evict one another before the stores drain, so the panel
+// narrows until at most ~16 lines share a set. L1 has 64 sets of 64-byte lines on every x86 CPU with
+// AVX-512; the AVX2 kernels count their 8-row tiles in pairs.
 inline int panel_tiles(std::int64_t rows, int max_tiles) {
     constexpr std::int64_t kSets = 64;
     const std::int64_t line_stride = rows * 4 % 64 == 0 ? rows * 4 / 64 % kSets : 1;
@@ -168,13 +169,15 @@ inline int panel_tiles(std::int64_t rows, int max_tiles) {
     return tiles;
 }
 
-// The panel-per-task layout. Where panels split evenly enough among the threads, each gets one task: it
-// packs its panel into its own thread's workspace and runs every output channel over it while the panel
-// is still in cache, so there is no second pass over a packed copy of x and no wait between packing and
-// products. Panels are as even as the tile count allows.
+// The panel-per-task layout (below: panels_fill_threads, panel_rows_to_y, run_panels_per_task). Where
+// panels split evenly enough among the threads, each gets one task: it packs its panel into its own
+// thread's workspace and runs every output channel over it while the panel is still in cache, so there
+// is no second pass over a packed copy of x and no wait between packing and products. Panels are as
+// even as the tile count allows.
+
 // Whether `panels` tasks keep `threads` threads busy: at least `busy_per_idle` panels for each turn a
-// thread sits idle. INT8 asks 8 (on 2 threads, 4 panels pass and 7 do not); bf16, whose products weigh
-// more against its packing, asks 4 (7 pass, 3 do not).
+// thread sits idle. The AVX-512 INT8 kernel asks 8 (on 2 threads, 4 panels pass and 7 do not); the
+// others, whose products weigh more against their packing, ask 4 (7 pass, 3 do not).
 inline bool panels_fill_threads(std::int64_t panels, std::int64_t threads, std::int64_t busy_per_idle) {
     const std::int64_t idle = ceil_div(panels, threads) * threads - panels;
     return idle * busy_per_idle <= panels;
