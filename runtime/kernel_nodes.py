@@ -2,7 +2,8 @@
 
 onnx's shape inference knows nothing of them, so every shape after the first one would be unknown, and
 a MAC count would skip them. `matmul_stand_ins` rewrites them, in a shape-only copy, into MatMuls of
-the same shapes; `kernel_layers` names those products and says which run in INT8.
+the same shapes; `kernel_layers` names those products, says which run in INT8 and where each one's
+packed weight values are.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from .sparse_extension import DOMAIN
 
 LINEAR_OP, MLP_OP = "SparseLinear", "SparseMLP"
 # SparseMLP's inputs: x, fc1's 5 weight arrays, the activation table, then fc2's; each weight's first
-# array holds its row offsets (output channels + 1)
+# array holds its row offsets (output channels + 1), its third the values of its non-zero blocks
 MLP_FC2_INPUT = 7
+VALUES_OFFSET = 2  # from a weight's first array to its values
+INT8_FORMAT = "int8_1x4"  # SparseMLP's only format
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,13 @@ class KernelLayer:
     op_type: str  # the node's: SparseLinear or SparseMLP
     in_features: int
     out_features: int
-    int8: bool  # the kernel computes it in INT8, whatever precision the engine reports for the node
+    format: str  # the packed weight's (compiler/sparse_onnx.py): int8_1x4, bf16_1x2 or f32_csr
+    values: str  # the initializer holding the weight's stored values
+
+    @property
+    def int8(self) -> bool:
+        """The kernel computes it in INT8, whatever precision the engine reports for the node."""
+        return self.format == INT8_FORMAT
 
 
 def kernel_layers(graph: onnx.GraphProto) -> dict[str, list[KernelLayer]]:
@@ -53,15 +62,22 @@ def _products(node: onnx.NodeProto, dims: dict[str, tuple[int, ...]]) -> list[Ke
         shape = dims.get(node.input[index]) if index < len(node.input) else None
         return shape[0] - 1 if shape and len(shape) == 1 and shape[0] > 1 else None
 
+    def values(index: int) -> str:
+        return node.input[index + VALUES_OFFSET] if index + VALUES_OFFSET < len(node.input) else ""
+
     in_features, fc1 = attributes.get("in_features"), rows(1)
     if not isinstance(in_features, int) or in_features < 1 or fc1 is None:
         return None
     if node.op_type == MLP_OP:
         fc2 = rows(MLP_FC2_INPUT)
-        return None if fc2 is None else [KernelLayer(f"{node.name}/fc1", MLP_OP, in_features, fc1, True),
-                                         KernelLayer(f"{node.name}/fc2", MLP_OP, fc1, fc2, True)]
-    int8 = attributes.get("format") in (b"int8_1x4", "int8_1x4")
-    return [KernelLayer(node.name, LINEAR_OP, in_features, fc1, int8)] if node.op_type == LINEAR_OP else None
+        return None if fc2 is None else [
+            KernelLayer(f"{node.name}/fc1", MLP_OP, in_features, fc1, INT8_FORMAT, values(1)),
+            KernelLayer(f"{node.name}/fc2", MLP_OP, fc1, fc2, INT8_FORMAT, values(MLP_FC2_INPUT))]
+    if node.op_type != LINEAR_OP:
+        return None
+    form = attributes.get("format")
+    form = form.decode() if isinstance(form, bytes) else str(form)
+    return [KernelLayer(node.name, LINEAR_OP, in_features, fc1, form, values(1))]
 
 
 def matmul_stand_ins(graph: onnx.GraphProto) -> None:

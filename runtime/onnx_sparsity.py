@@ -1,7 +1,11 @@
 """Per-weight sparsity and per-layer MACs of an ONNX file, read without running it.
 
-Weights are the initializers. The prunable layers are MatMul, Gemm and Conv; their weights are the
-initializers with ndim >= 2 that feed one of them (directly or through Transpose/Identity/Cast).
+Weights are the initializers: float ones, and integer ones that a DequantizeLinear reads as its data
+(INT8 weights); other integer arrays are shapes, indices and zero points. The prunable layers are
+MatMul, Gemm and Conv; their weights are the initializers with ndim >= 2 that feed one of them
+(directly or through Transpose/Identity/Cast/DequantizeLinear). A sparse-kernel node's product
+(kernel_nodes.py) counts as one prunable weight of its dense shape, with its stored non-zeros, in place
+of its packed arrays.
 MACs are counted for every MatMul, Gemm and Conv node (attention matmuls included), and for each
 product of a sparse-kernel node as the dense product it replaces, as output numel x reduction
 dimension, with shapes from onnx shape inference at a batch of 1 when the batch is symbolic;
@@ -24,8 +28,7 @@ from .kernel_nodes import kernel_layers
 from .onnx_file import load_onnx
 
 PRUNABLE_OPS = ("MatMul", "Gemm", "Conv")
-PASSTHROUGH_OPS = ("Transpose", "Identity", "Cast")
-NON_PARAM_KINDS = "iub"  # integer and bool initializers are shapes and indices, not parameters
+PASSTHROUGH_OPS = ("Transpose", "Identity", "Cast", "DequantizeLinear")
 Shape = tuple[int, ...]
 
 
@@ -40,6 +43,7 @@ class WeightStats:
     nonzeros: int
     sparsity: float
     layer_op: str | None = None
+    param: bool = True  # a model parameter, not a shape, index or zero point
 
 
 @dataclass
@@ -78,7 +82,7 @@ def inspect_onnx(path: str | os.PathLike) -> OnnxReport:
     """Read an ONNX file's weights and shapes: per-weight sparsity, totals and MACs."""
     model = load_onnx(path, load_weights=True)
     weights = _weight_stats(model)
-    params = [w for w in weights if np.dtype(w.dtype).kind not in NON_PARAM_KINDS]
+    params = [w for w in weights if w.param]
     prunable = [w for w in weights if w.layer_op is not None]
     prunable_numel = sum(w.numel for w in prunable)
     prunable_nonzeros = sum(w.nonzeros for w in prunable)
@@ -101,14 +105,40 @@ def layer_macs(path: str | os.PathLike) -> list[LayerMacs]:
 
 def _weight_stats(model: onnx.ModelProto) -> list[WeightStats]:
     feeds = _prunable_consumers(model)
-    stats = []
-    for init in model.graph.initializer:
-        array = numpy_helper.to_array(init)
-        numel, nonzeros = int(array.size), int(np.count_nonzero(array))
-        layer_op = feeds.get(init.name) if array.ndim >= 2 else None
-        stats.append(WeightStats(init.name, tuple(array.shape), str(array.dtype), numel, nonzeros,
-                                 1.0 - nonzeros / numel if numel else 0.0, layer_op))
+    graph = model.graph
+    dequantized = {node.input[0] for node in graph.node if node.op_type == "DequantizeLinear" and node.input}
+    kernels = [layer for layers in kernel_layers(graph).values() for layer in layers]
+    packed_values = {layer.values for layer in kernels}
+    stats, arrays = [], {}
+    for init in graph.initializer:
+        array = arrays[init.name] = numpy_helper.to_array(init)
+        if init.name not in packed_values:
+            stats.append(_stats(init.name, tuple(array.shape), str(array.dtype), int(np.count_nonzero(array)),
+                                feeds.get(init.name) if array.ndim >= 2 else None,
+                                param=array.dtype.kind not in "iub" or init.name in dequantized))
+    for layer in kernels:
+        if layer.values in arrays:
+            nonzeros = _stored_nonzeros(layer.format, arrays[layer.values])
+            stats.append(_stats(f"{layer.name}/weight", (layer.out_features, layer.in_features),
+                                KERNEL_DTYPES.get(layer.format, "float32"), nonzeros, layer.op_type))
     return stats
+
+
+KERNEL_DTYPES = {"int8_1x4": "int8", "bf16_1x2": "bfloat16", "f32_csr": "float32"}
+
+
+def _stats(name: str, shape: Shape, dtype: str, nonzeros: int, layer_op: str | None,
+           param: bool = True) -> WeightStats:
+    numel = math.prod(shape)
+    sparsity = 1.0 - nonzeros / numel if numel else 0.0
+    return WeightStats(name, shape, dtype, numel, nonzeros, sparsity, layer_op, param)
+
+
+def _stored_nonzeros(form: str, values: np.ndarray) -> int:
+    """Non-zero weights among a packed weight's stored values (bf16 pairs are int32s of two bfloat16s)."""
+    if form == "bf16_1x2":
+        return int(np.count_nonzero(np.ascontiguousarray(values).view(np.uint16) & 0x7FFF))
+    return int(np.count_nonzero(values))
 
 
 def _prunable_consumers(model: onnx.ModelProto) -> dict[str, str]:

@@ -15,9 +15,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from torch import nn
 
 from vitsparse.bench.kernel_speed import qdq_mlp_model, save_layer_model
-from vitsparse.compiler import ExportConfig, PassManager, Recipe, export_artifact, trace
+from vitsparse.compiler import ExportConfig, PassManager, Recipe, export_artifact, fold_for_export, trace
 from vitsparse.compiler.sparse_onnx import (
     SparseLinear,
     SparseMLP,
@@ -331,6 +332,34 @@ def test_sparse_nodes_count_as_the_products_they_replace(tmp_path) -> None:
     kinds = [layer.op_type for layer in sparse.layers if layer.int8_kernel]
     assert kinds == ["SparseLinear", "SparseLinear", "SparseMLP", "SparseMLP"] * 2  # qkv, proj, fc1, fc2
     assert 0.5 < shares["openvino"] < 1 and shares["openvino-sparse"] == pytest.approx(shares["openvino"])
+
+
+@pytest.mark.parametrize("quantize, precision", [(False, "f32"), (False, "bf16"), (True, "f32")],
+                         ids=["f32", "bf16", "int8"])
+def test_sparse_nodes_count_their_weights_as_the_plain_export_does(tmp_path, quantize, precision) -> None:
+    """Each product of a kernel node is one prunable weight of its dense shape with its stored non-zeros,
+    and INT8 weights count as parameters: the plain and the sparse-kernel file report the same
+    prunable weights as the model's own layers."""
+    manager, _, _ = _masked_vit(quantize)
+    reports = {}
+    for sparse_kernels in (False, True):
+        config = ExportConfig(batch_size=2, sparse_kernels=sparse_kernels, sparse_precision=precision)
+        result = export_artifact(manager.graph_module, manager.recipe, tmp_path / str(sparse_kernels), config)
+        reports[sparse_kernels] = inspect_onnx(result.directory / "model.onnx")
+    plain, sparse = reports[False], reports[True]
+    folded = fold_for_export(manager.graph_module)
+    layers = [m for m in folded.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert plain.prunable_params == sparse.prunable_params == sum(m.weight.numel() for m in layers)
+    nonzeros = sum(int(m.weight.count_nonzero()) for m in layers)
+    # INT8 rounds some small weights to code 0; float keeps every non-zero (bf16 rounding keeps them too)
+    assert (plain.prunable_nonzeros < nonzeros) if quantize else (plain.prunable_nonzeros == nonzeros)
+    assert sparse.prunable_nonzeros == plain.prunable_nonzeros and sparse.prunable_sparsity > 0.6
+    kernel_weights = [w for w in sparse.weights if w.layer_op in ("SparseLinear", "SparseMLP")]
+    assert len(kernel_weights) == 8 and all(w.param for w in kernel_weights)
+    stored = "int8" if quantize else {"f32": "float32", "bf16": "bfloat16"}[precision]
+    assert {w.dtype for w in kernel_weights} == {stored}
+    # the stored index arrays and row sums are not parameters; biases and scales are
+    assert abs(sparse.params - plain.params) < 0.01 * plain.params
 
 
 def test_below_the_minimum_sparsity_a_layer_stays_dense(tmp_path) -> None:
