@@ -22,6 +22,7 @@ from vitsparse.compiler import ExportConfig, PassManager, Recipe, export_artifac
 from vitsparse.compiler.sparse_onnx import (
     SparseLinear,
     SparseMLP,
+    from_bf16_bits,
     make_mlp_node,
     make_node,
     pack_bf16_pairs,
@@ -29,6 +30,7 @@ from vitsparse.compiler.sparse_onnx import (
     pack_int8_blocks,
     sparse_linear,
     sparse_mlp,
+    to_bf16_bits,
     to_sparse_kernels,
     unpack,
 )
@@ -128,6 +130,20 @@ def test_bf16_kernel_matches_numpy(core, tmp_path, monkeypatch, isa, shape) -> N
     got = _run(core, _layer_file(tmp_path / "l.onnx", packed, [n, k]), x, isa, monkeypatch)
     expected = sparse_linear(x, packed)
     np.testing.assert_allclose(got, expected, atol=F32_RTOL * np.abs(expected).max(), rtol=0)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_bf16_kernels_round_activations_half_to_even(core, tmp_path, monkeypatch, isa) -> None:
+    """Through an identity weight, y is x rounded to bfloat16: ties go to the even neighbour (1 + 2^-8 to 1,
+    1 + 3 × 2^-8 up to 1 + 2^-6), on every path, as vdpbf16ps's inputs are."""
+    ties = np.array([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), -(1 + 3 * 2**-8)], np.float32)
+    x = np.random.default_rng(7).standard_normal((20, 17)).astype(np.float32)  # 8-row tiles and a part
+    x[:, :4] = ties * np.float32(2.0) ** np.arange(-10, 10, dtype=np.float32)[:, None]  # still ties, scaled
+    packed = pack_bf16_pairs(np.eye(x.shape[1], dtype=np.float32))
+    got = _run(core, _layer_file(tmp_path / "l.onnx", packed, list(x.shape)), x, isa, monkeypatch)
+    expected = from_bf16_bits(to_bf16_bits(x))
+    assert list(expected[10, :4]) == [1.0, 1 + 2**-6, -1.0, -(1 + 2**-6)]  # row 10: scale 1
+    np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize("isa", ISAS)

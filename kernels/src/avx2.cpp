@@ -1,8 +1,11 @@
-// AVX2 kernels, for CPUs without AVX-512 VNNI (for INT8, without AVX-VNNI either: avx2_vnni.cpp). INT8
-// activations are packed as int16 with the zero point already subtracted, two channels per 32-bit lane,
-// so vpmaddwd sums exact pairs (vpmaddubsw would saturate at 16 bits); f32 activations are packed one
-// channel per row. 8 input rows per tile: the packing and the writing of y go through 8×8 transposes of
+// AVX2 kernels, for CPUs without AVX-512 VNNI (for INT8, without AVX-VNNI either: avx2_vnni.cpp), and
+// for bf16 on CPUs without AVX-512 BF16. INT8 activations are packed as int16 with the zero point
+// already subtracted, two channels per 32-bit lane, so vpmaddwd sums exact pairs (vpmaddubsw would
+// saturate at 16 bits); float activations are packed one channel per row, rounded to bfloat16 for the
+// bf16 kernel. 8 input rows per tile: the packing and the writing of y go through 8×8 transposes of
 // 32-bit elements.
+#include <type_traits>
+
 #include "avx2_common.hpp"
 
 namespace vitsparse::detail {
@@ -43,16 +46,33 @@ void pack_int16_pairs(const float* x, std::int64_t n, std::int64_t x_stride, std
     }
 }
 
+// 8 floats rounded to the nearest bfloat16, ties to even, and back (to_bf16, internal.hpp): what
+// vdpbf16ps multiplies. NaN stays NaN.
+inline __m256 round_to_bf16(__m256 values) {
+    const __m256i bits = _mm256_castps_si256(values);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+    const __m256i nan = _mm256_or_si256(bits, _mm256_set1_epi32(0x400000));
+    const __m256 is_nan = _mm256_cmp_ps(values, values, _CMP_UNORD_Q);
+    const __m256 chosen = _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(nan), is_nan);
+    return _mm256_and_ps(chosen, _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
 // The 8 float channels of x from k0 for the 8 input rows from `first`, transposed into packed
-// (channel k of row i at k × padded_n + i).
-void pack_floats(const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols, float* packed,
-                 std::int64_t padded_n, std::int64_t first) {
-    for (std::int64_t k0 = 0; k0 < cols; k0 += kLanes) {
+// (channel k of row i at k × width + i) for channels below `padded_cols` (those past cols read 0.0),
+// rounded to bfloat16 for the bf16 kernel.
+template <bool Bf16>
+void pack_floats(const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols, std::int64_t padded_cols,
+                 float* packed, std::int64_t width, std::int64_t first) {
+    for (std::int64_t k0 = 0; k0 < padded_cols; k0 += kLanes) {
         __m256 rows[8];
-        for (int r = 0; r < 8; ++r) rows[r] = load_row(x, first + r, n, x_stride, k0, cols);
+        for (int r = 0; r < 8; ++r) {
+            rows[r] = load_row(x, first + r, n, x_stride, k0, cols);
+            if constexpr (Bf16) rows[r] = round_to_bf16(rows[r]);
+        }
         transpose8(rows);
-        for (std::int64_t k = 0; k < kLanes && k0 + k < cols; ++k) {
-            _mm256_store_ps(packed + (k0 + k) * padded_n + first, rows[k]);
+        for (std::int64_t k = 0; k < kLanes && k0 + k < padded_cols; ++k) {
+            _mm256_store_ps(packed + (k0 + k) * width + first, rows[k]);
         }
     }
 }
@@ -85,9 +105,10 @@ template <int Tiles>
     }
 }
 
+// Inlined at each call for the reason bf16_panel is (avx512_bf16.cpp).
 template <int Tiles>
-void f32_panel(const F32Csr& w, const float* packed, std::int64_t padded_n, std::int64_t n0, std::int64_t m0,
-               std::int64_t rows, float* out) {
+[[gnu::always_inline]] inline void f32_panel(const F32Csr& w, const float* packed, std::int64_t padded_n,
+                                             std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
     for (std::int64_t r = 0; r < rows; ++r) {
         const std::int64_t m = m0 + r;
         __m256 acc[Tiles];
@@ -96,6 +117,29 @@ void f32_panel(const F32Csr& w, const float* packed, std::int64_t padded_n, std:
             const __m256 weight = _mm256_set1_ps(w.values[j]);
             const float* a = packed + static_cast<std::int64_t>(w.col[j]) * padded_n + n0;
             for (int t = 0; t < Tiles; ++t) acc[t] = _mm256_fmadd_ps(_mm256_load_ps(a + kLanes * t), weight, acc[t]);
+        }
+        for (int t = 0; t < Tiles; ++t) _mm256_store_ps(out + r * Tiles * kLanes + t * kLanes, acc[t]);
+    }
+}
+
+// The bf16 pairs on CPUs without AVX-512 BF16: each pair's two weights widened to float32 and two FMAs
+// on activations packed already rounded to bfloat16, so every product is exact, as in vdpbf16ps.
+template <int Tiles>
+[[gnu::always_inline]] inline void bf16_panel(const Bf16Pairs& w, const float* packed, std::int64_t padded_n,
+                                              std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
+    for (std::int64_t r = 0; r < rows; ++r) {
+        const std::int64_t m = m0 + r;
+        __m256 acc[Tiles];
+        for (int t = 0; t < Tiles; ++t) acc[t] = _mm256_set1_ps(w.bias ? w.bias[m] : 0.0f);
+        for (std::int32_t b = w.row_ptr[m]; b < w.row_ptr[m + 1]; ++b) {
+            const __m256 w0 = _mm256_set1_ps(from_bf16(w.values[2 * static_cast<std::int64_t>(b)]));
+            const __m256 w1 = _mm256_set1_ps(from_bf16(w.values[2 * static_cast<std::int64_t>(b) + 1]));
+            const float* a0 = packed + 2 * static_cast<std::int64_t>(w.block_col[b]) * padded_n + n0;
+            const float* a1 = a0 + padded_n;
+            for (int t = 0; t < Tiles; ++t) {
+                acc[t] = _mm256_fmadd_ps(_mm256_load_ps(a0 + kLanes * t), w0, acc[t]);
+                acc[t] = _mm256_fmadd_ps(_mm256_load_ps(a1 + kLanes * t), w1, acc[t]);
+            }
         }
         for (int t = 0; t < Tiles; ++t) _mm256_store_ps(out + r * Tiles * kLanes + t * kLanes, acc[t]);
     }
@@ -132,6 +176,60 @@ struct F32Panel {
     static void run(Args&&... args) { f32_panel<Tiles>(std::forward<Args>(args)...); }
 };
 
+template <int Tiles>
+struct Bf16Panel {
+    template <typename... Args>
+    static void run(Args&&... args) { bf16_panel<Tiles>(std::forward<Args>(args)...); }
+};
+
+// Input channels a float weight's packing holds: bf16 pairs read channels in twos.
+template <typename Weight>
+std::int64_t packed_channels(const Weight& w) {
+    return std::is_same_v<Weight, Bf16Pairs> ? round_up(w.cols, 2) : w.cols;
+}
+
+// The float panel of Tiles × 8 input rows from n0, packed into this thread's workspace, through every
+// output channel into y (the panel-per-task layout, internal.hpp). Weight is F32Csr or Bf16Pairs.
+template <typename Weight, template <int> class Panel>
+struct FloatOwnPanel {
+    template <int Tiles>
+    struct Of {
+        static void run(const Weight& w, const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t n0,
+                        float* y) {
+            constexpr std::int64_t width = Tiles * kLanes;
+            const std::int64_t channels = packed_channels(w);
+            auto* packed = static_cast<float*>(workspace(static_cast<std::size_t>(channels * width) * sizeof(float)));
+            for (int t = 0; t < Tiles; ++t) {
+                pack_floats<std::is_same_v<Weight, Bf16Pairs>>(x + n0 * x_stride, n - n0, x_stride, w.cols, channels,
+                                                               packed, width, t * kLanes);
+            }
+            panel_rows_to_y<kLanes, Tiles>(w.rows, n0, n, y, [&](std::int64_t m0, std::int64_t rows, float* out) {
+                Panel<Tiles>::run(w, packed, width, 0, m0, rows, out);
+            }, store_transposed);
+        }
+    };
+};
+
+// A float product: the panel-per-task layout where its panels keep the threads busy, else x packed once
+// and tasks of row blocks × panels.
+template <typename Weight, template <int> class Panel>
+void float_product(const Weight& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
+                   const ParallelFor& parallel_for) {
+    if (run_own_panels<FloatOwnPanel<Weight, Panel>::template Of>(n, w.rows, y, parallel_for, 4, w, x, n, x_stride)) {
+        return;
+    }
+    const std::int64_t padded_n = round_up(n, kLanes), channels = packed_channels(w);
+    auto* packed = static_cast<float*>(workspace(static_cast<std::size_t>(channels * padded_n) * sizeof(float)));
+    parallel_for(static_cast<std::size_t>(padded_n / kLanes), [&](std::size_t chunk) {
+        pack_floats<std::is_same_v<Weight, Bf16Pairs>>(x, n, x_stride, w.cols, channels, packed, padded_n,
+                                                       static_cast<std::int64_t>(chunk) * kLanes);
+    });
+    run_task_grid<kLanes, kTiles>(w.rows, n, padded_n, kTiles, y, parallel_for,
+                                  [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
+        run_panel<kTiles, Panel>(tiles, w, packed, padded_n, n0, m0, rows, out);
+    }, store_transposed);
+}
+
 }  // namespace
 
 void int8_avx2(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
@@ -152,15 +250,12 @@ void int8_avx2(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t
 
 void f32_avx2(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
               const ParallelFor& parallel_for) {
-    const std::int64_t padded_n = round_up(n, kLanes);
-    auto* packed = static_cast<float*>(workspace(static_cast<std::size_t>(w.cols * padded_n) * sizeof(float)));
-    parallel_for(static_cast<std::size_t>(padded_n / kLanes), [&](std::size_t chunk) {
-        pack_floats(x, n, x_stride, w.cols, packed, padded_n, static_cast<std::int64_t>(chunk) * kLanes);
-    });
-    run_task_grid<kLanes, kTiles>(w.rows, n, padded_n, kTiles, y, parallel_for,
-                                  [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
-        run_panel<kTiles, F32Panel>(tiles, w, packed, padded_n, n0, m0, rows, out);
-    }, store_transposed);
+    float_product<F32Csr, F32Panel>(w, x, n, x_stride, y, parallel_for);
+}
+
+void bf16_avx2(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
+               const ParallelFor& parallel_for) {
+    float_product<Bf16Pairs, Bf16Panel>(w, x, n, x_stride, y, parallel_for);
 }
 
 }  // namespace vitsparse::detail

@@ -163,6 +163,7 @@ void sparse_linear_bf16(const Bf16Pairs& w, const float* x, std::int64_t n, std:
                         Isa isa, const ParallelFor& parallel_for) {
     if (n <= 0) return;
     if (isa == Isa::avx512 && cpu_has_avx512_bf16()) return detail::bf16_avx512(w, x, n, x_stride, y, parallel_for);
+    if (isa != Isa::scalar) return detail::bf16_avx2(w, x, n, x_stride, y, parallel_for);
     detail::bf16_scalar(w, x, n, x_stride, y, parallel_for);
 }
 

@@ -228,6 +228,8 @@ void mlp_avx512_vbmi(const Int8Mlp& mlp, const float* x, std::int64_t n, std::in
                      std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for);
 void bf16_scalar(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
                  const ParallelFor& parallel_for);
+void bf16_avx2(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
+               const ParallelFor& parallel_for);
 void bf16_avx512(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
                  const ParallelFor& parallel_for);
 void f32_scalar(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
