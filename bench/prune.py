@@ -313,9 +313,9 @@ def _finish(
 ) -> PruneResult:
     from .prune_report import write_prune_report
 
-    graph, record = folder.load_stage(len(plan.stages))
     artifact = request.out / "artifact"
-    if folder.writer:
+    if folder.writer:  # the other ranks must not read the last stage: rank 0 may not have written it yet
+        graph, record = folder.load_stage(len(plan.stages))
         _label(graph, start.labels)
         _say(request, "exporting and verifying the ONNX file")
         settings = plan.settings

@@ -394,6 +394,20 @@ def test_torchrun_on_two_cpu_processes_ends_with_identical_weights_and_masks(dig
     assert json.loads((tmp_path / "out" / "run.json").read_text())["status"] == "finished"
 
 
+def test_a_rank_other_than_0_finishes_without_reading_the_last_checkpoint(tmp_path) -> None:
+    """Only rank 0 writes OUT, and it may still be saving the last stage when another rank ends its
+    stages: that rank must not read it (under load on CI, torchrun's rank 1 once failed that way)."""
+    from types import SimpleNamespace
+
+    from vitsparse.bench.prune import _finish
+    from vitsparse.bench.run_folder import RunFolder
+
+    stages = [{"stage": "start", "top1": 0.9}, {"stage": "finetune", "top1": 0.8}]
+    result = _finish(SimpleNamespace(out=tmp_path), SimpleNamespace(stages=[object()]),
+                     RunFolder(tmp_path, writer=False), None, None, stages)
+    assert (result.top1_before, result.top1_after) == (0.9, 0.8) and not any(tmp_path.iterdir())
+
+
 def test_the_digits_folder_holds_digits_vit_splits_as_pngs(digits_data) -> None:
     image = Image.open(next((digits_data / "train" / "0").iterdir()))
     assert image.size == (8, 8) and image.mode == "L"
