@@ -4,8 +4,6 @@
 // saturate at 16 bits); float activations are packed one channel per row, rounded to bfloat16 for the
 // bf16 kernel. 8 input rows per tile: the packing and the writing of y go through 8×8 transposes of
 // 32-bit elements.
-#include <type_traits>
-
 #include "avx2_common.hpp"
 
 namespace vitsparse::detail {
@@ -105,21 +103,30 @@ template <int Tiles>
     }
 }
 
-// Inlined at each call for the reason bf16_panel is (avx512_bf16.cpp).
+// The float kernels' panel: for each of `rows` output channels from m0, accumulators start at its bias,
+// `accumulate(m, acc)` adds its products, and they land in out[r]. Inlined at each call for the reason
+// bf16_panel is (avx512_bf16.cpp).
+template <int Tiles, typename Accumulate>
+[[gnu::always_inline]] inline void float_panel(const float* bias, std::int64_t m0, std::int64_t rows, float* out,
+                                               Accumulate accumulate) {
+    for (std::int64_t r = 0; r < rows; ++r) {
+        __m256 acc[Tiles];
+        for (int t = 0; t < Tiles; ++t) acc[t] = _mm256_set1_ps(bias ? bias[m0 + r] : 0.0f);
+        accumulate(m0 + r, acc);
+        for (int t = 0; t < Tiles; ++t) _mm256_store_ps(out + r * Tiles * kLanes + t * kLanes, acc[t]);
+    }
+}
+
 template <int Tiles>
 [[gnu::always_inline]] inline void f32_panel(const F32Csr& w, const float* packed, std::int64_t padded_n,
                                              std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
-    for (std::int64_t r = 0; r < rows; ++r) {
-        const std::int64_t m = m0 + r;
-        __m256 acc[Tiles];
-        for (int t = 0; t < Tiles; ++t) acc[t] = _mm256_set1_ps(w.bias ? w.bias[m] : 0.0f);
+    float_panel<Tiles>(w.bias, m0, rows, out, [&](std::int64_t m, __m256* acc) {
         for (std::int32_t j = w.row_ptr[m]; j < w.row_ptr[m + 1]; ++j) {
             const __m256 weight = _mm256_set1_ps(w.values[j]);
             const float* a = packed + static_cast<std::int64_t>(w.col[j]) * padded_n + n0;
             for (int t = 0; t < Tiles; ++t) acc[t] = _mm256_fmadd_ps(_mm256_load_ps(a + kLanes * t), weight, acc[t]);
         }
-        for (int t = 0; t < Tiles; ++t) _mm256_store_ps(out + r * Tiles * kLanes + t * kLanes, acc[t]);
-    }
+    });
 }
 
 // The bf16 pairs on CPUs without AVX-512 BF16: each pair's two weights widened to float32 and two FMAs
@@ -127,10 +134,7 @@ template <int Tiles>
 template <int Tiles>
 [[gnu::always_inline]] inline void bf16_panel(const Bf16Pairs& w, const float* packed, std::int64_t padded_n,
                                               std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
-    for (std::int64_t r = 0; r < rows; ++r) {
-        const std::int64_t m = m0 + r;
-        __m256 acc[Tiles];
-        for (int t = 0; t < Tiles; ++t) acc[t] = _mm256_set1_ps(w.bias ? w.bias[m] : 0.0f);
+    float_panel<Tiles>(w.bias, m0, rows, out, [&](std::int64_t m, __m256* acc) {
         for (std::int32_t b = w.row_ptr[m]; b < w.row_ptr[m + 1]; ++b) {
             const __m256 w0 = _mm256_set1_ps(from_bf16(w.values[2 * static_cast<std::int64_t>(b)]));
             const __m256 w1 = _mm256_set1_ps(from_bf16(w.values[2 * static_cast<std::int64_t>(b) + 1]));
@@ -141,121 +145,78 @@ template <int Tiles>
                 acc[t] = _mm256_fmadd_ps(_mm256_load_ps(a1 + kLanes * t), w1, acc[t]);
             }
         }
-        for (int t = 0; t < Tiles; ++t) _mm256_store_ps(out + r * Tiles * kLanes + t * kLanes, acc[t]);
-    }
-}
-
-template <int Tiles>
-struct Int8Panel {
-    template <typename... Args>
-    static void run(Args&&... args) { int8_panel<Tiles>(std::forward<Args>(args)...); }
-};
-
-// The panel of Tiles × 8 input rows from n0, packed into this thread's workspace, through every output
-// channel into y (the panel-per-task layout, internal.hpp).
-template <int Tiles>
-struct OwnPanel {
-    static void run(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
-                    std::int32_t act_zero_point, std::int64_t n0, float* y) {
-        constexpr std::int64_t width = Tiles * kLanes;
-        const std::int64_t pairs = 2 * ceil_div(w.cols, 4);
-        auto* packed = static_cast<std::int32_t*>(workspace(static_cast<std::size_t>(pairs * width) * 4));
-        for (int t = 0; t < Tiles; ++t) {
-            pack_int16_pairs(x + n0 * x_stride, n - n0, x_stride, w.cols, pairs, act_scale, act_zero_point, packed,
-                             width, t * kLanes);
-        }
-        panel_rows_to_y<kLanes, Tiles>(w.rows, n0, n, y, [&](std::int64_t m0, std::int64_t rows, float* out) {
-            int8_panel<Tiles>(w, packed, width, 0, m0, rows, out);
-        }, store_transposed);
-    }
-};
-
-template <int Tiles>
-struct F32Panel {
-    template <typename... Args>
-    static void run(Args&&... args) { f32_panel<Tiles>(std::forward<Args>(args)...); }
-};
-
-template <int Tiles>
-struct Bf16Panel {
-    template <typename... Args>
-    static void run(Args&&... args) { bf16_panel<Tiles>(std::forward<Args>(args)...); }
-};
-
-// Input channels a float weight's packing holds: bf16 pairs read channels in twos.
-template <typename Weight>
-std::int64_t packed_channels(const Weight& w) {
-    return std::is_same_v<Weight, Bf16Pairs> ? round_up(w.cols, 2) : w.cols;
-}
-
-// The float panel of Tiles × 8 input rows from n0, packed into this thread's workspace, through every
-// output channel into y (the panel-per-task layout, internal.hpp). Weight is F32Csr or Bf16Pairs.
-template <typename Weight, template <int> class Panel>
-struct FloatOwnPanel {
-    template <int Tiles>
-    struct Of {
-        static void run(const Weight& w, const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t n0,
-                        float* y) {
-            constexpr std::int64_t width = Tiles * kLanes;
-            const std::int64_t channels = packed_channels(w);
-            auto* packed = static_cast<float*>(workspace(static_cast<std::size_t>(channels * width) * sizeof(float)));
-            for (int t = 0; t < Tiles; ++t) {
-                pack_floats<std::is_same_v<Weight, Bf16Pairs>>(x + n0 * x_stride, n - n0, x_stride, w.cols, channels,
-                                                               packed, width, t * kLanes);
-            }
-            panel_rows_to_y<kLanes, Tiles>(w.rows, n0, n, y, [&](std::int64_t m0, std::int64_t rows, float* out) {
-                Panel<Tiles>::run(w, packed, width, 0, m0, rows, out);
-            }, store_transposed);
-        }
-    };
-};
-
-// A float product: the panel-per-task layout where its panels keep the threads busy, else x packed once
-// and tasks of row blocks × panels.
-template <typename Weight, template <int> class Panel>
-void float_product(const Weight& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
-                   const ParallelFor& parallel_for) {
-    if (run_own_panels<FloatOwnPanel<Weight, Panel>::template Of>(n, w.rows, y, parallel_for, 4, w, x, n, x_stride)) {
-        return;
-    }
-    const std::int64_t padded_n = round_up(n, kLanes), channels = packed_channels(w);
-    auto* packed = static_cast<float*>(workspace(static_cast<std::size_t>(channels * padded_n) * sizeof(float)));
-    parallel_for(static_cast<std::size_t>(padded_n / kLanes), [&](std::size_t chunk) {
-        pack_floats<std::is_same_v<Weight, Bf16Pairs>>(x, n, x_stride, w.cols, channels, packed, padded_n,
-                                                       static_cast<std::int64_t>(chunk) * kLanes);
     });
-    run_task_grid<kLanes, kTiles>(w.rows, n, padded_n, kTiles, y, parallel_for,
-                                  [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
-        run_panel<kTiles, Panel>(tiles, w, packed, padded_n, n0, m0, rows, out);
-    }, store_transposed);
 }
+
+// The layouts (avx2_common.hpp) of the three kernels.
+struct Int8PairsLayout {
+    using Word = std::int32_t;
+    const Int8Blocks& w;
+    float act_scale;
+    std::int32_t act_zero_point;
+
+    std::int64_t rows() const { return w.rows; }
+    std::int64_t words() const { return 2 * ceil_div(w.cols, 4); }
+    void pack(const float* x, std::int64_t n, std::int64_t x_stride, Word* packed, std::int64_t width,
+              std::int64_t first) const {
+        pack_int16_pairs(x, n, x_stride, w.cols, words(), act_scale, act_zero_point, packed, width, first);
+    }
+    template <int Tiles>
+    [[gnu::always_inline]] void panel(const Word* packed, std::int64_t width, std::int64_t n0, std::int64_t m0,
+                                      std::int64_t rows, float* out) const {
+        int8_panel<Tiles>(w, packed, width, n0, m0, rows, out);
+    }
+};
+
+struct F32Layout {
+    using Word = float;
+    const F32Csr& w;
+
+    std::int64_t rows() const { return w.rows; }
+    std::int64_t words() const { return w.cols; }
+    void pack(const float* x, std::int64_t n, std::int64_t x_stride, Word* packed, std::int64_t width,
+              std::int64_t first) const {
+        pack_floats<false>(x, n, x_stride, w.cols, words(), packed, width, first);
+    }
+    template <int Tiles>
+    [[gnu::always_inline]] void panel(const Word* packed, std::int64_t width, std::int64_t n0, std::int64_t m0,
+                                      std::int64_t rows, float* out) const {
+        f32_panel<Tiles>(w, packed, width, n0, m0, rows, out);
+    }
+};
+
+struct Bf16Layout {
+    using Word = float;
+    const Bf16Pairs& w;
+
+    std::int64_t rows() const { return w.rows; }
+    std::int64_t words() const { return round_up(w.cols, 2); }  // pairs read channels in twos
+    void pack(const float* x, std::int64_t n, std::int64_t x_stride, Word* packed, std::int64_t width,
+              std::int64_t first) const {
+        pack_floats<true>(x, n, x_stride, w.cols, words(), packed, width, first);
+    }
+    template <int Tiles>
+    [[gnu::always_inline]] void panel(const Word* packed, std::int64_t width, std::int64_t n0, std::int64_t m0,
+                                      std::int64_t rows, float* out) const {
+        bf16_panel<Tiles>(w, packed, width, n0, m0, rows, out);
+    }
+};
 
 }  // namespace
 
 void int8_avx2(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
-    if (run_own_panels<OwnPanel>(n, w.rows, y, parallel_for, 4, w, x, n, x_stride, act_scale, act_zero_point)) return;
-    const std::int64_t padded_n = round_up(n, kLanes), pairs = 2 * ceil_div(w.cols, 4);
-    auto* packed = static_cast<std::int32_t*>(
-        workspace(static_cast<std::size_t>(pairs * padded_n) * sizeof(std::int32_t)));
-    parallel_for(static_cast<std::size_t>(padded_n / kLanes), [&](std::size_t chunk) {
-        pack_int16_pairs(x, n, x_stride, w.cols, pairs, act_scale, act_zero_point, packed, padded_n,
-                         static_cast<std::int64_t>(chunk) * kLanes);
-    });
-    run_task_grid<kLanes, kTiles>(w.rows, n, padded_n, kTiles, y, parallel_for,
-                                  [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
-        run_panel<kTiles, Int8Panel>(tiles, w, packed, padded_n, n0, m0, rows, out);
-    }, store_transposed);
+    run_product(Int8PairsLayout{w, act_scale, act_zero_point}, x, n, x_stride, y, parallel_for);
 }
 
 void f32_avx2(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
               const ParallelFor& parallel_for) {
-    float_product<F32Csr, F32Panel>(w, x, n, x_stride, y, parallel_for);
+    run_product(F32Layout{w}, x, n, x_stride, y, parallel_for);
 }
 
 void bf16_avx2(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
                const ParallelFor& parallel_for) {
-    float_product<Bf16Pairs, Bf16Panel>(w, x, n, x_stride, y, parallel_for);
+    run_product(Bf16Layout{w}, x, n, x_stride, y, parallel_for);
 }
 
 }  // namespace vitsparse::detail

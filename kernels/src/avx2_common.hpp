@@ -1,10 +1,12 @@
 // What the AVX2 files share (avx2.cpp, and avx2_vnni.cpp for CPUs with AVX-VNNI): 8 input rows per
 // tile, the 8×8 transpose of 32-bit elements that packing and the writing of y go through, the INT8
-// result of a row's sums, and the panel-per-task layout with 8-row tiles. Included only by files compiled with AVX2 flags; internal linkage, as
-// avx512_common.hpp.
+// result of a row's sums, and run_product, which runs any kernel's layout in both task layouts.
+// Included only by files compiled with AVX2 flags; internal linkage, as avx512_common.hpp.
 #pragma once
 
 #include <immintrin.h>
+
+#include <utility>
 
 #include "internal.hpp"
 
@@ -88,6 +90,68 @@ bool run_own_panels(std::int64_t n, std::int64_t rows, float* y, const ParallelF
                     std::int64_t busy_per_idle, const Args&... args) {
     return run_panels_per_task<kLanes, kTiles, Panel>(n, 2 * panel_tiles(rows, kTiles / 2), y, parallel_for,
                                                       busy_per_idle, args...);
+}
+
+// Every AVX2 kernel is one Layout run by run_product. A Layout packs x into 32-bit words and runs output
+// channels over them:
+//   using Word;                          (float or std::int32_t)
+//   std::int64_t rows() const;           output channels
+//   std::int64_t words() const;          packed words per input row
+//   void pack(x, n, x_stride, packed, width, first) const;
+//                                        the 8 input rows from `first` (rows past n: zeros), word w of
+//                                        row i at w × width + i
+//   template <int Tiles> void panel(packed, width, n0, m0, rows, out) const;
+//                                        out[r][0, Tiles × 8) for the `rows` output channels from m0,
+//                                        over the packed input rows from n0
+template <typename Layout>
+struct LayoutPanel {
+    template <int Tiles>
+    struct Of {
+        template <typename... Args>
+        static void run(const Layout& layout, Args&&... args) {
+            layout.template panel<Tiles>(std::forward<Args>(args)...);
+        }
+    };
+};
+
+// The panel of Tiles × 8 input rows from n0, packed into this thread's workspace, through every output
+// channel into y (the panel-per-task layout, internal.hpp).
+template <typename Layout>
+struct LayoutOwnPanel {
+    template <int Tiles>
+    struct Of {
+        static void run(const Layout& layout, const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t n0,
+                        float* y) {
+            using Word = typename Layout::Word;
+            constexpr std::int64_t width = Tiles * kLanes;
+            auto* packed = static_cast<Word*>(workspace(static_cast<std::size_t>(layout.words() * width) * sizeof(Word)));
+            for (int t = 0; t < Tiles; ++t) layout.pack(x + n0 * x_stride, n - n0, x_stride, packed, width, t * kLanes);
+            panel_rows_to_y<kLanes, Tiles>(layout.rows(), n0, n, y, [&](std::int64_t m0, std::int64_t rows, float* out) {
+                layout.template panel<Tiles>(packed, width, 0, m0, rows, out);
+            }, store_transposed);
+        }
+    };
+};
+
+// One product: the panel-per-task layout where its panels keep the threads busy, else x packed once and
+// tasks of 16 output channels × one panel.
+template <typename Layout>
+void run_product(const Layout& layout, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
+                 const ParallelFor& parallel_for) {
+    if (run_own_panels<LayoutOwnPanel<Layout>::template Of>(n, layout.rows(), y, parallel_for, 4, layout, x, n,
+                                                            x_stride)) {
+        return;
+    }
+    using Word = typename Layout::Word;
+    const std::int64_t padded_n = round_up(n, kLanes);
+    auto* packed = static_cast<Word*>(workspace(static_cast<std::size_t>(layout.words() * padded_n) * sizeof(Word)));
+    parallel_for(static_cast<std::size_t>(padded_n / kLanes), [&](std::size_t chunk) {
+        layout.pack(x, n, x_stride, packed, padded_n, static_cast<std::int64_t>(chunk) * kLanes);
+    });
+    run_task_grid<kLanes, kTiles>(layout.rows(), n, padded_n, kTiles, y, parallel_for,
+                                  [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
+        run_panel<kTiles, LayoutPanel<Layout>::template Of>(tiles, layout, packed, padded_n, n0, m0, rows, out);
+    }, store_transposed);
 }
 
 }  // namespace

@@ -78,47 +78,31 @@ template <int Tiles>
     }
 }
 
-// The panel of Tiles × 8 input rows from n0, packed into this thread's workspace, through every output
-// channel into y (the panel-per-task layout, internal.hpp).
-template <int Tiles>
-struct OwnPanel {
-    static void run(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
-                    std::int32_t act_zero_point, std::int64_t n0, float* y) {
-        constexpr std::int64_t width = Tiles * kLanes;
-        const std::int64_t groups = ceil_div(w.cols, 4);
-        auto* packed = static_cast<std::int32_t*>(workspace(static_cast<std::size_t>(groups * width) * 4));
-        for (int t = 0; t < Tiles; ++t) {
-            pack_u8_groups(x + n0 * x_stride, n - n0, x_stride, w.cols, groups, act_scale, act_zero_point, packed,
-                           width, t * kLanes);
-        }
-        panel_rows_to_y<kLanes, Tiles>(w.rows, n0, n, y, [&](std::int64_t m0, std::int64_t rows, float* out) {
-            int8_panel<Tiles>(w, packed, width, 0, m0, rows, act_zero_point, out);
-        }, store_transposed);
-    }
-};
+// The kernel's layout (avx2_common.hpp).
+struct Int8GroupsLayout {
+    using Word = std::int32_t;
+    const Int8Blocks& w;
+    float act_scale;
+    std::int32_t act_zero_point;
 
-template <int Tiles>
-struct Int8Panel {
-    template <typename... Args>
-    static void run(Args&&... args) { int8_panel<Tiles>(std::forward<Args>(args)...); }
+    std::int64_t rows() const { return w.rows; }
+    std::int64_t words() const { return ceil_div(w.cols, 4); }
+    void pack(const float* x, std::int64_t n, std::int64_t x_stride, Word* packed, std::int64_t width,
+              std::int64_t first) const {
+        pack_u8_groups(x, n, x_stride, w.cols, words(), act_scale, act_zero_point, packed, width, first);
+    }
+    template <int Tiles>
+    [[gnu::always_inline]] void panel(const Word* packed, std::int64_t width, std::int64_t n0, std::int64_t m0,
+                                      std::int64_t rows, float* out) const {
+        int8_panel<Tiles>(w, packed, width, n0, m0, rows, act_zero_point, out);
+    }
 };
 
 }  // namespace
 
 void int8_avx2_vnni(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                     std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
-    if (run_own_panels<OwnPanel>(n, w.rows, y, parallel_for, 4, w, x, n, x_stride, act_scale, act_zero_point)) return;
-    const std::int64_t padded_n = round_up(n, kLanes), groups = ceil_div(w.cols, 4);
-    auto* packed = static_cast<std::int32_t*>(
-        workspace(static_cast<std::size_t>(groups * padded_n) * sizeof(std::int32_t)));
-    parallel_for(static_cast<std::size_t>(padded_n / kLanes), [&](std::size_t chunk) {
-        pack_u8_groups(x, n, x_stride, w.cols, groups, act_scale, act_zero_point, packed, padded_n,
-                       static_cast<std::int64_t>(chunk) * kLanes);
-    });
-    run_task_grid<kLanes, kTiles>(w.rows, n, padded_n, kTiles, y, parallel_for,
-                                  [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
-        run_panel<kTiles, Int8Panel>(tiles, w, packed, padded_n, n0, m0, rows, act_zero_point, out);
-    }, store_transposed);
+    run_product(Int8GroupsLayout{w, act_scale, act_zero_point}, x, n, x_stride, y, parallel_for);
 }
 
 }  // namespace vitsparse::detail
