@@ -4,6 +4,8 @@
 // saturate at 16 bits); float activations are packed one channel per row, rounded to bfloat16 for the
 // bf16 kernel. 8 input rows per tile: the packing and the writing of y go through 8×8 transposes of
 // 32-bit elements.
+#include <type_traits>
+
 #include "avx2_common.hpp"
 
 namespace vitsparse::detail {
@@ -148,7 +150,7 @@ template <int Tiles>
     });
 }
 
-// The layouts (avx2_common.hpp) of the three kernels.
+// The layouts (avx2_common.hpp) of the three kernels: INT8 here, the float two below.
 struct Int8PairsLayout {
     using Word = std::int32_t;
     const Int8Blocks& w;
@@ -168,37 +170,28 @@ struct Int8PairsLayout {
     }
 };
 
-struct F32Layout {
+// F32Csr or Bf16Pairs: the activations packed as floats (rounded to bfloat16 for pairs, whose packing
+// holds channels in twos).
+template <typename Weight>
+struct FloatLayout {
+    static constexpr bool kBf16 = std::is_same_v<Weight, Bf16Pairs>;
     using Word = float;
-    const F32Csr& w;
+    const Weight& w;
 
     std::int64_t rows() const { return w.rows; }
-    std::int64_t words() const { return w.cols; }
+    std::int64_t words() const { return kBf16 ? round_up(w.cols, 2) : w.cols; }
     void pack(const float* x, std::int64_t n, std::int64_t x_stride, Word* packed, std::int64_t width,
               std::int64_t first) const {
-        pack_floats<false>(x, n, x_stride, w.cols, words(), packed, width, first);
+        pack_floats<kBf16>(x, n, x_stride, w.cols, words(), packed, width, first);
     }
     template <int Tiles>
     [[gnu::always_inline]] void panel(const Word* packed, std::int64_t width, std::int64_t n0, std::int64_t m0,
                                       std::int64_t rows, float* out) const {
-        f32_panel<Tiles>(w, packed, width, n0, m0, rows, out);
-    }
-};
-
-struct Bf16Layout {
-    using Word = float;
-    const Bf16Pairs& w;
-
-    std::int64_t rows() const { return w.rows; }
-    std::int64_t words() const { return round_up(w.cols, 2); }  // pairs read channels in twos
-    void pack(const float* x, std::int64_t n, std::int64_t x_stride, Word* packed, std::int64_t width,
-              std::int64_t first) const {
-        pack_floats<true>(x, n, x_stride, w.cols, words(), packed, width, first);
-    }
-    template <int Tiles>
-    [[gnu::always_inline]] void panel(const Word* packed, std::int64_t width, std::int64_t n0, std::int64_t m0,
-                                      std::int64_t rows, float* out) const {
-        bf16_panel<Tiles>(w, packed, width, n0, m0, rows, out);
+        if constexpr (kBf16) {
+            bf16_panel<Tiles>(w, packed, width, n0, m0, rows, out);
+        } else {
+            f32_panel<Tiles>(w, packed, width, n0, m0, rows, out);
+        }
     }
 };
 
@@ -211,12 +204,12 @@ void int8_avx2(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t
 
 void f32_avx2(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
               const ParallelFor& parallel_for) {
-    run_product(F32Layout{w}, x, n, x_stride, y, parallel_for);
+    run_product(FloatLayout<F32Csr>{w}, x, n, x_stride, y, parallel_for);
 }
 
 void bf16_avx2(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
                const ParallelFor& parallel_for) {
-    run_product(Bf16Layout{w}, x, n, x_stride, y, parallel_for);
+    run_product(FloatLayout<Bf16Pairs>{w}, x, n, x_stride, y, parallel_for);
 }
 
 }  // namespace vitsparse::detail
