@@ -55,6 +55,15 @@ def test_rows_of_one_profile_entry_are_one_setting_across_models() -> None:
     assert "| `heads=0.3` | openvino, 3.00×, **0.60×** | 97.00 ± 1.00 % |" in table
 
 
+def test_the_summary_names_the_fastest_engine_when_pytorch_was_not_timed() -> None:
+    """`-e openvino,openvino-sparse` times no PyTorch: the summary still names the fastest engine and its
+    speed-up over the best dense alternative (it printed only dashes)."""
+    timed = Row(SPEED_MODEL, "int8", {"sparsity": 0.9}, entry="int8=0.9@1x4",
+                speed=[SpeedEntry("openvino", 16, 110.0, {"p50": 140.0}, speedup_vs_best_dense=1.03),
+                       SpeedEntry("openvino-sparse", 16, 175.0, {"p50": 90.0}, speedup_vs_best_dense=1.59)])
+    assert "| `int8=0.9@1x4` | openvino-sparse, –, **1.59×** | – |" in lead_table([timed])
+
+
 def test_speed_rows_find_the_digits_row_of_the_same_setting() -> None:
     setting = CombinedSetting(int8=True).settings()
     digits = Row("digits-vit", "combined", setting, top1=0.97, top1_seeds=[0.96, 0.97, 0.98])
