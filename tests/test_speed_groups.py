@@ -90,6 +90,22 @@ def test_without_a_dense_int8_baseline_there_is_no_int8_speed_up() -> None:
     assert entry.speedup_vs_ort_int8 is None and entry.speedup_vs_dense_torch == pytest.approx(10.0)
 
 
+@pytest.mark.parametrize("column, dense_column", [("openvino-sparse", "openvino"),
+                                                  ("openvino-sparse:bf16", "openvino:bf16")])
+def test_openvino_sparse_is_compared_with_the_dense_model_on_openvino(column, dense_column) -> None:
+    """The dense model has no sparse layers, so it is timed on openvino only: that is openvino-sparse's
+    same-engine baseline (the report's pattern table showed '–' for the whole column)."""
+    entry = _entry(column, 5.0)
+    other_precision = "openvino:bf16" if dense_column == "openvino" else "openvino"
+    baselines = [Row("deit", "dense", speed=[_entry("torch", 20.0), _entry(dense_column, 10.0),
+                                            _entry(other_precision, 40.0)])]
+    speed._fill_speedups(baselines, [entry])
+    assert entry.speedup_vs_dense_same_engine == pytest.approx(2.0)
+    other = _entry("onnxruntime", 5.0)
+    speed._fill_speedups(baselines, [other])
+    assert other.speedup_vs_dense_same_engine is None  # no dense model on ONNX Runtime
+
+
 def test_a_failed_export_names_its_candidate_and_batch(tmp_path: Path) -> None:
     """A run of dozens of candidates says which one's export failed, not only by how much."""
     candidate = _candidates()[2]
