@@ -251,15 +251,19 @@ def _baselines(ctx: SpeedContext) -> list[SpeedCandidate]:
 def _speed_candidates(planned: list[PlannedEntry], ctx: SpeedContext, progress: RunProgress
                       ) -> list[SpeedCandidate]:
     """The baselines, then each entry's graphs (one per distinct row: `heads=0.3:full` and `heads=0.3:l1`
-    time the same shapes)."""
+    time the same shapes). A baseline an entry also asks for (`int8=dense`'s QDQ file) takes its label,
+    so the report counts it with the entry's other rows."""
     candidates = _baselines(ctx)
-    seen = {c.row.label() for c in candidates}
+    seen = {c.row.label(): c for c in candidates}
     for item in planned:
         for candidate in item.spec.speed_candidates(item.setting, ctx):
             _stamped([candidate.row], item.entry)
-            if candidate.row.label() not in seen:
-                seen.add(candidate.row.label())
+            known = seen.get(candidate.row.label())
+            if known is None:
+                seen[candidate.row.label()] = candidate
                 candidates.append(candidate)
+            elif known.row.entry is None:
+                known.row.entry = candidate.row.entry
         progress.done("graph", f"{item.entry.label} on {ctx.model_name}")
     return candidates
 

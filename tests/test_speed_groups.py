@@ -26,6 +26,25 @@ def _candidates() -> list[SpeedCandidate]:
     return [SpeedCandidate(row, graph, Recipe()) for row in rows]
 
 
+def test_a_baseline_an_entry_asks_for_carries_the_entry(monkeypatch) -> None:
+    """`int8=dense` asks for the dense QDQ file, which is already a baseline: that row takes the entry's
+    label, so the summary compares OpenVINO's INT8 with DeepSparse's (it saw only DeepSparse's)."""
+    from types import SimpleNamespace
+
+    from vitsparse.bench import workflow
+
+    baselines = _candidates()[:2]
+    monkeypatch.setattr(workflow, "_baselines", lambda ctx: baselines)
+    asked = [SpeedCandidate(Row("digits-vit", "int8", {"base": "dense", "format": form}), None, Recipe())
+             for form in ("qdq", "operator")]
+    item = SimpleNamespace(entry=SimpleNamespace(label="int8=dense"), setting=None,
+                           spec=SimpleNamespace(speed_candidates=lambda setting, ctx: asked))
+    progress = SimpleNamespace(done=lambda *args: None)
+    candidates = workflow._speed_candidates([item], SimpleNamespace(model_name="digits-vit"), progress)
+    assert [c.row.entry for c in candidates] == [None, "int8=dense", "int8=dense"]
+    assert candidates[1] is baselines[1]  # timed once, as the baseline
+
+
 def test_every_group_holds_the_baselines_and_at_most_the_given_number_of_others() -> None:
     candidates = _candidates()
     assert timing_groups(candidates, 2) == [[0, 1, 2, 3], [0, 1, 4]]
