@@ -306,10 +306,7 @@ def best_dense_alternatives(rows: list[Row]) -> dict[int, tuple[str, float]]:
 def dense_engine(column: str) -> str:
     """The column a dense model is timed in for `column`: openvino's for openvino-sparse (a file without
     sparse layers runs the same there, and is not timed on it), else the column itself."""
-    name, precision = parse_engine_spec(column)
-    if name != KERNEL_ENGINE:
-        return column
-    return "openvino" + (f":{precision}" if precision else "")
+    return "openvino" + column[len(KERNEL_ENGINE):] if engine_name(column) == KERNEL_ENGINE else column
 
 
 def _fill_speedups(baselines: list[Row], entries: list[SpeedEntry]) -> None:
@@ -322,8 +319,7 @@ def _fill_speedups(baselines: list[Row], entries: list[SpeedEntry]) -> None:
                 if s.engine == ORT_ENGINE}
     for entry in entries:
         torch_dense = dense.get((TORCH, entry.batch))
-        dense_there = dense.get((dense_engine(entry.engine), entry.batch))
-        same_engine = dense.get((entry.engine, entry.batch), dense_there)
+        same_engine = dense.get((dense_engine(entry.engine), entry.batch))
         median = entry.latency_ms["p50"]
         entry.speedup_vs_dense_torch = torch_dense / median if torch_dense else None
         entry.speedup_vs_dense_same_engine = same_engine / median if same_engine else None

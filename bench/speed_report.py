@@ -83,7 +83,7 @@ def engine_pattern_table(rows: list[Row]) -> str:
 def _fastest(rows: list[Row], batch: int) -> SpeedEntry | None:
     """The entry with the lowest median latency among `rows` at `batch` (all on the speed model), whether
     or not dense PyTorch was timed beside it."""
-    entries = [s for r in rows for s in r.speed if s.batch == batch and "p50" in s.latency_ms]
+    entries = [s for r in rows for s in r.speed if s.batch == batch]
     return min(entries, key=lambda s: s.latency_ms["p50"]) if entries else None
 
 

@@ -109,16 +109,18 @@ def _weight_stats(model: onnx.ModelProto) -> list[WeightStats]:
     dequantized = {node.input[0] for node in graph.node if node.op_type == "DequantizeLinear" and node.input}
     kernels = [layer for layers in kernel_layers(graph).values() for layer in layers]
     packed_values = {layer.values for layer in kernels}
-    stats, arrays = [], {}
+    stats, stored = [], {}  # stored: a kernel node's values, kept until its product is counted
     for init in graph.initializer:
-        array = arrays[init.name] = numpy_helper.to_array(init)
-        if init.name not in packed_values:
-            stats.append(_stats(init.name, tuple(array.shape), str(array.dtype), int(np.count_nonzero(array)),
-                                feeds.get(init.name) if array.ndim >= 2 else None,
-                                param=array.dtype.kind not in "iub" or init.name in dequantized))
+        array = numpy_helper.to_array(init)
+        if init.name in packed_values:
+            stored[init.name] = array
+            continue
+        stats.append(_stats(init.name, tuple(array.shape), str(array.dtype), int(np.count_nonzero(array)),
+                            feeds.get(init.name) if array.ndim >= 2 else None,
+                            param=array.dtype.kind not in "iub" or init.name in dequantized))
     for layer in kernels:
-        if layer.values in arrays:
-            nonzeros = _stored_nonzeros(layer.format, arrays[layer.values])
+        if layer.values in stored:
+            nonzeros = _stored_nonzeros(layer.format, stored[layer.values])
             stats.append(_stats(f"{layer.name}/weight", (layer.out_features, layer.in_features),
                                 KERNEL_DTYPES.get(layer.format, "float32"), nonzeros, layer.op_type))
     return stats
