@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from vitsparse.compiler import Recipe
 from vitsparse.compiler.export import library_versions
+from vitsparse.compiler.kernel_crossover import cpu_flags
 from vitsparse.models import evaluate
 from vitsparse.runtime.availability import engine_versions
 
@@ -124,19 +125,6 @@ def _meta(request, plan, engines) -> dict[str, Any]:
         "engines_left_out": engines_left_out(),
         "versions": {**library_versions(), **engine_versions()},
     }
-
-
-def cpu_flags() -> list[str]:
-    """The vector-instruction flags of this CPU (what kernels can use), from /proc/cpuinfo."""
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next(
-        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
-    )
-    return [f for f in wanted if f in flags]
 
 
 def markdown(meta: dict[str, Any], rows: list[Row]) -> str:

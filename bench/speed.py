@@ -19,7 +19,8 @@ from vitsparse.compiler import (
     export_artifact,
     fold_for_export,
 )
-from vitsparse.compiler.sparse_onnx import BLOCK, DEFAULT_MIN_SPARSITY, block_sparsity
+from vitsparse.compiler.kernel_crossover import default_min_sparsity
+from vitsparse.compiler.sparse_onnx import BLOCK, block_sparsity
 from vitsparse.compiler.trace import example_input
 from vitsparse.runtime import check_engine_spec, compare_side_by_side, create_engine, parse_engine_spec
 
@@ -71,14 +72,15 @@ class SpeedCandidate:
 
 def has_sparse_layers(graph: torch.nn.Module) -> bool:
     """Whether the sparse-kernel export would rewrite a layer of `graph`: a masked linear with at least
-    DEFAULT_MIN_SPARSITY zeros, counted as the export counts them (INT8: all-zero 1×4 blocks)."""
+    the export's default share of zeros for its precision on this CPU, counted as the export counts
+    them (INT8: all-zero 1×4 blocks)."""
     for module in graph.modules():
         mask = getattr(module, "weight_mask", None)
         if mask is None or mask.dim() != 2:  # the export rewrites MatMuls, not convolutions
             continue
         quantized = hasattr(module, "act_scale")
         zeros = block_sparsity(mask.cpu().numpy(), BLOCK) if quantized else module.sparsity()
-        if zeros >= DEFAULT_MIN_SPARSITY:
+        if zeros >= default_min_sparsity("int8" if quantized else "f32"):
             return True
     return False
 

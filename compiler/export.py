@@ -30,10 +30,11 @@ from vitsparse.runtime.atomic import atomic_dir
 
 from .errors import CompilerError
 from .flops import count_costs
+from .kernel_crossover import default_min_sparsity
 from .quantized_onnx import count_integer_layers, fold_weight_quantizers, to_operator_format
 from .recipe import Recipe, save_weights
 from .rewrite import SelectFeatures
-from .sparse_onnx import DEFAULT_MIN_SPARSITY, SparseLinear, SparseMLP, to_sparse_kernels
+from .sparse_onnx import SparseLinear, SparseMLP, to_sparse_kernels
 from .trace import INPUT_SHAPE_KEY, SERVING_KEY, carry_meta, example_input, input_shape_of
 
 SUPPORTED_OPSETS = range(14, 18)
@@ -68,7 +69,8 @@ class ExportConfig:
     quant_format: str = "qdq"
     quant_atol: float = 0.1
     # pruned MatMuls with at least sparse_min_sparsity zeros become SparseLinear nodes that only the
-    # `openvino-sparse` engine runs (vitsparse's kernels); None: the kernels' measured crossover. Float
+    # `openvino-sparse` engine runs (vitsparse's kernels); None: the kernels' measured crossover for
+    # each layer's precision on this CPU (kernel_crossover.py; higher where it has AMX). Float
     # layers run in sparse_precision: "f32", or "bf16" (weights and inputs rounded to bfloat16, 1×2
     # blocks), verified within bf16_atol
     sparse_kernels: bool = False
@@ -155,11 +157,14 @@ def finish_sparse(path: Path, config: ExportConfig) -> dict[str, Any] | None:
     """Rewrite pruned MatMuls into SparseLinear nodes when the config asks; what was done, or None."""
     if not config.sparse_kernels:
         return None
-    threshold = DEFAULT_MIN_SPARSITY if config.sparse_min_sparsity is None else config.sparse_min_sparsity
+    chosen = config.sparse_min_sparsity
+    threshold = default_min_sparsity(config.sparse_precision) if chosen is None else chosen
+    int8_threshold = default_min_sparsity("int8") if chosen is None else chosen
     model = onnx.load(str(path))
-    layers = to_sparse_kernels(model, threshold, config.sparse_precision)
+    layers = to_sparse_kernels(model, threshold, config.sparse_precision, int8_threshold)
     onnx.save(model, str(path))
-    return {"layers": layers, "min_sparsity": threshold, "precision": config.sparse_precision}
+    return {"layers": layers, "min_sparsity": threshold, "int8_min_sparsity": int8_threshold,
+            "precision": config.sparse_precision}
 
 
 def verify_onnx(path: Path, gm: fx.GraphModule, config: ExportConfig) -> float:

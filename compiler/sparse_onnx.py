@@ -12,7 +12,8 @@ An INT8 MLP (fc1 → its output Q/DQ → bias and an elementwise activation → 
 channel, and one kernel runs both layers with the hidden activations kept in cache.
 Only OpenVINO with vitsparse's extension (the `openvino-sparse` engine) runs such a file; the
 reference ops below (numpy) are what export verification and the kernel tests compare against.
-Layers below `min_sparsity` stay dense MatMuls, since the dense kernels win there.
+Layers below `min_sparsity` stay dense MatMuls, since the dense kernels win there (kernel_crossover.py
+has the measured crossovers).
 """
 
 from __future__ import annotations
@@ -30,9 +31,6 @@ DOMAIN = "com.vitsparse"
 OP_TYPE = "SparseLinear"
 MLP_OP_TYPE = "SparseMLP"
 BLOCK = 4  # input channels per INT8 block: the pruners' 1x4 pattern and one vpdpbusd lane
-# below this share of zeros (INT8: of all-zero blocks) OpenVINO's dense MatMul wins on DeiT-S's shapes
-# (the crossover `python -m vitsparse.bench.kernel_speed` reports), so such layers stay dense
-DEFAULT_MIN_SPARSITY = 0.75
 
 
 @dataclass(frozen=True)
@@ -236,14 +234,15 @@ def _output_quantizer(g: _Graph, output: str):
     return quantize, dequantize, (float(scale.reshape(())), _uint8_zero_point(zero_point))
 
 
-def _replacement(g: _Graph, node: onnx.NodeProto, min_sparsity: float, precision: str):
+def _replacement(g: _Graph, node: onnx.NodeProto, min_sparsity: float, precision: str,
+                 int8_min_sparsity: float):
     """(SparseLinear node, initializers, nodes it replaces) for a sparse enough MatMul, else None."""
     ops = _operands(g, node.input[0], node.input[1])
     if ops is not None:  # a QDQ layer: x → Q → DQ → MatMul(·, DQ(codes))
         quantize = g.produced_by(ops.input_codes, "QuantizeLinear")
         zero_point = g.constant(ops.input_zero_point)
         if (ops.weight.ndim != 2 or np.any(ops.weight_zero_point) or zero_point is None
-                or zero_point.size != 1 or block_sparsity(ops.weight.T) < min_sparsity):
+                or zero_point.size != 1 or block_sparsity(ops.weight.T) < int8_min_sparsity):
             return None
         act_zero_point = _uint8_zero_point(zero_point)
         x, scale = quantize.input[0], ops.input_scale * ops.weight_scale
@@ -405,14 +404,16 @@ def _fuse_mlps(model: onnx.ModelProto) -> int:
     return fused
 
 
-def to_sparse_kernels(model: onnx.ModelProto, min_sparsity: float, precision: str = "f32") -> int:
-    """Rewrite, in place, every MatMul whose constant weight has at least `min_sparsity` zeros (INT8:
-    all-zero 1×4 blocks; float in `precision` "bf16": all-zero pairs) into a SparseLinear node; returns
-    how many were rewritten."""
+def to_sparse_kernels(model: onnx.ModelProto, min_sparsity: float, precision: str = "f32",
+                      int8_min_sparsity: float | None = None) -> int:
+    """Rewrite, in place, every MatMul whose constant weight has at least `min_sparsity` zeros (float in
+    `precision` "bf16": all-zero pairs) or, INT8, `int8_min_sparsity` all-zero 1×4 blocks (None: the
+    same) into a SparseLinear node; returns how many were rewritten."""
     g = _Graph(model)
     rewritten = 0
     for node in [n for n in g.graph.node if n.op_type == "MatMul"]:
-        found = _replacement(g, node, min_sparsity, precision)
+        found = _replacement(g, node, min_sparsity, precision,
+                             min_sparsity if int8_min_sparsity is None else int8_min_sparsity)
         if found is None:
             continue
         new, inits, removed = found

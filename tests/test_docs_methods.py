@@ -9,6 +9,8 @@ import json
 
 import pytest
 
+from vitsparse.compiler.kernel_crossover import default_min_sparsity
+
 from doc_examples import example, run_python
 
 pytestmark = pytest.mark.slow  # trains and quantizes digits-vit
@@ -109,7 +111,8 @@ def test_sparse_kernel_example_runs(tmp_path, monkeypatch) -> None:
 
     monkeypatch.chdir(tmp_path)  # the example writes its artifact folder here
     namespace = _after_setup("sparse-kernels-export")
-    expected = {"layers": 24, "min_sparsity": 0.75, "precision": "f32"}
+    expected = {"layers": 24, "min_sparsity": 0.75, "int8_min_sparsity": default_min_sparsity("int8"),
+                "precision": "f32"}
     assert namespace["artifact"].meta["sparse_kernels"] == expected
     model = onnx.load(str(tmp_path / "int8-sparse" / "model.onnx"))
     kinds = sorted(n.op_type for n in model.graph.node if n.domain == "com.vitsparse")
