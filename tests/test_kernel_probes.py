@@ -77,3 +77,37 @@ BAD_ARGUMENTS = [[], ["30", "16", "8", "0.5"], ["32", "16", "8", "1.5"], ["32", 
 def test_the_16x4_probe_refuses_bad_arguments(block16x4_rate, args) -> None:
     done = subprocess.run([str(block16x4_rate), *args], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr
+
+
+needs_amx = pytest.mark.skipif(
+    COMPILER is None or not {"avx512f", "amx_tile", "amx_int8"} <= set(cpu_flags()),
+    reason="needs g++ and a CPU with AMX-INT8",
+)
+AMX_FLAGS = ["-O2", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-Wno-maybe-uninitialized", "-mavx512f",
+             "-mavx512bw", "-mamx-tile", "-mamx-int8"]
+
+
+@pytest.fixture(scope="module")
+def amx16x4_rate(tmp_path_factory) -> Path:
+    binary = tmp_path_factory.mktemp("probe") / "amx16x4_rate"
+    subprocess.run([COMPILER, *AMX_FLAGS, str(PROBES / "amx16x4_rate.cpp"), "-o", str(binary)], check=True)
+    return binary
+
+
+# a partial tile of 16 blocks, one input row, several output groups, no block at all, every block
+@needs_amx
+@pytest.mark.parametrize("args", [["64", "64", "7", "0.3", "3"], ["48", "32", "1", "0.5", "3"],
+                                  ["384", "384", "100", "0.9", "3"], ["32", "16", "9", "1.0", "3"],
+                                  ["128", "32", "33", "0.0", "3"]])
+def test_the_amx_probe_checks_its_sums_before_timing(amx16x4_rate, args) -> None:
+    out = subprocess.run([str(amx16x4_rate), *args], capture_output=True, text=True, check=True).stdout
+    error = float(re.search(r"largest error (\S+)$", out.strip()).group(1))
+    assert error < 1e-3
+    assert re.search(r": \d+\.\d{3} ms \(fastest of 3 calls, one core\)", out)
+
+
+@needs_amx
+@pytest.mark.parametrize("args", BAD_ARGUMENTS)
+def test_the_amx_probe_refuses_bad_arguments(amx16x4_rate, args) -> None:
+    done = subprocess.run([str(amx16x4_rate), *args], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr
