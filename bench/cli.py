@@ -259,6 +259,8 @@ def _prune_flags(parser: argparse.ArgumentParser) -> None:
                         help="cap every training step at this many epochs (a quick trial)")
     parser.add_argument("--skip-speed", action="store_true", help="do not time the engines at the end")
     parser.add_argument("--engines", type=_csv(str), help="engines to time (default: every one installed)")
+    parser.add_argument("-t", "--time", type=float, default=1.0, metavar="S",
+                        help="seconds per timing block, per engine and model (default 1.0)")
     parser.add_argument("--device", help="train on this device (default: cuda when there is one, else cpu)")
 
 
@@ -275,7 +277,8 @@ def _prune(args: argparse.Namespace) -> int:
                            pretrained=args.pretrained, checkpoint=args.checkpoint,
                            model_kwargs=dict(args.model_kwargs), replace_head=args.replace_head,
                            resume=args.resume, overwrite=args.overwrite, epochs=args.epochs,
-                           speed=not args.skip_speed, engines=args.engines, device=args.device,
+                           speed=not args.skip_speed, engines=args.engines, speed_seconds=args.time,
+                           device=args.device,
                            progress=sys.stderr.isatty())
     result = run_prune(request)
     if not is_writer():  # under torchrun, rank 0 speaks for the run

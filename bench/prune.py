@@ -55,10 +55,13 @@ class PruneRequest:
     epochs: int | None = None  # every training step capped at this many epochs
     speed: bool = True
     engines: tuple[str, ...] | None = None  # None: every engine installed here
+    speed_seconds: float = 1.0  # per timing block, engine and model
     device: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if not self.speed_seconds > 0:
+            raise ValueError(f"--time must be > 0 seconds, got {self.speed_seconds}")
         for column in self.engines or ():
             if column != TORCH:
                 check_engine_spec(column)  # a misspelt engine fails now, not after the training

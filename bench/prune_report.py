@@ -78,7 +78,8 @@ def write_prune_report(
     int8 = any(s.kind == "int8" for s in plan.stages)
     engines = request.engines or available_engines()
     timing = TimingPlan(
-        batch_sizes=BATCH_SIZES, engines=engines, rounds=2, seconds_per_block=1.0, num_cores=None
+        batch_sizes=BATCH_SIZES, engines=engines, rounds=2, seconds_per_block=request.speed_seconds,
+        num_cores=None,
     )
     if request.speed:
         scratch = request.out / ".speed"

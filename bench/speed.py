@@ -27,6 +27,7 @@ from vitsparse.runtime import check_engine_spec, compare_side_by_side, create_en
 from .schema import Row, SpeedEntry
 
 TORCH = "torch"
+WARMUP_SECONDS = 0.5  # before each timed block, at most
 INT8 = "int8"
 # the sparse engines: never counted as a dense alternative. openvino-sparse runs vitsparse's kernels, so
 # a row without sparse layers would only repeat its openvino column there, and is not timed on it
@@ -98,6 +99,12 @@ class TimingPlan:
     seconds_per_block: float
     num_cores: int | None
     models_per_group: int = MODELS_PER_GROUP
+
+    @property
+    def warmup_seconds(self) -> float:
+        """Each block's warm-up: half a second, or the block's own length where that is shorter (a quick
+        run's blocks would otherwise spend most of their time warming up)."""
+        return min(WARMUP_SECONDS, self.seconds_per_block)
 
 
 def artifact_slug(row: Row, suffix: str = "") -> str:
@@ -230,7 +237,7 @@ def _time_group(candidates: list[SpeedCandidate], indices: list[int], batch: int
 
     timed = compare_side_by_side({labels[k]: fn for k, fn in runners.items()}, batch_size=batch,
                                  rounds=plan.rounds, seconds_per_block=plan.seconds_per_block,
-                                 on_block=on_block)
+                                 warmup=plan.warmup_seconds, on_block=on_block)
     del runners
     gc.collect()  # an engine in a reference cycle would otherwise hold its memory into the next group
     entries: dict[int, list[SpeedEntry]] = {index: [] for index in indices}

@@ -339,7 +339,8 @@ def _guesses(plan: TimingPlan) -> dict[str, float]:
     """Seconds a step takes before one has been timed: a speed graph (tracing, a pass, costs) and a timing
     group (a full group's engines compiled, then every runner timed in each round)."""
     runners = plan.models_per_group * len(plan.engines)
-    return {"graph": 10.0, "timing": runners * (3.0 + plan.rounds * (plan.seconds_per_block + 0.5))}
+    return {"graph": 10.0,
+            "timing": runners * (3.0 + plan.rounds * (plan.seconds_per_block + plan.warmup_seconds))}
 
 
 def check_disk_space(output_dir: Path, model: torch.nn.Module, graphs: int, batch_sizes: int) -> None:

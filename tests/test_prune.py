@@ -272,6 +272,13 @@ def test_a_checkpoint_that_is_not_a_state_dict_is_refused(digits_data, tmp_path,
     assert code == 2 and "state dict" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("seconds", ["0", "-1"])
+def test_a_timing_block_of_no_time_is_refused_before_any_work(digits_data, tmp_path, capsys, seconds) -> None:
+    code = main(["prune", "digits-vit", "--recipe", str(RECIPES[0]), "--data", str(digits_data),
+                 "-o", str(tmp_path / "out"), "--time", seconds])
+    assert code == 2 and "--time must be > 0" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_an_output_folder_holding_another_run_is_refused_unless_resumed_or_overwritten(
     digits_data, tmp_path, capsys
 ) -> None:
@@ -493,6 +500,8 @@ def test_the_report_times_the_pruned_model_beside_the_starting_one(digits_data, 
             "1",
             "--engines",
             "onnxruntime,torch",
+            "--time",
+            "0.05",
         ]
     )
     assert code == 0

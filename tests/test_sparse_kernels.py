@@ -444,7 +444,8 @@ def test_a_bf16_export_runs_its_layers_in_bfloat16_within_the_stated_tolerance(t
     with torch.no_grad():
         expected = manager.graph_module(images).numpy()
     # (90 % all-zero pairs: below the default threshold where the CPU has AMX-BF16)
-    config = ExportConfig(batch_size=2, sparse_kernels=True, sparse_precision="bf16", sparse_min_sparsity=0.75)
+    config = ExportConfig(batch_size=2, sparse_kernels=True, sparse_precision="bf16",
+                          sparse_min_sparsity=0.75)
     result = export_artifact(manager.graph_module, manager.recipe, tmp_path / "artifact", config)
     assert result.meta["sparse_kernels"]["precision"] == "bf16" and result.meta["verification_limit"] == 0.1
     model = onnx.load(str(result.directory / "model.onnx"))

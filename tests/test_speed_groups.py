@@ -54,11 +54,13 @@ def test_every_group_holds_the_baselines_and_at_most_the_given_number_of_others(
 
 def test_each_row_is_compared_with_the_baselines_timed_beside_it(tmp_path: Path, monkeypatch) -> None:
     groups_timed: list[list[str]] = []
+    warmups: list[float] = []
 
-    def fake_compare(runners, *, batch_size, rounds, seconds_per_block, on_block):
+    def fake_compare(runners, *, batch_size, rounds, seconds_per_block, warmup, on_block):
         """The n-th group runs at 1/(n+1) of the speed: baselines 10(n+1) ms, the rest 5(n+1) ms."""
         slowdown = len(groups_timed) + 1
         groups_timed.append(list(runners))
+        warmups.append(warmup)
         for label in runners:
             on_block(label)
         return {label: BenchmarkResult(label, batch_size, "sync", 1, 10, 1.0, 10.0 * batch_size,
@@ -73,6 +75,7 @@ def test_each_row_is_compared_with_the_baselines_timed_beside_it(tmp_path: Path,
     measure_speed(candidates, plan, tmp_path)
 
     assert len(groups_timed) == 2 and all(len(labels) <= 4 for labels in groups_timed)
+    assert warmups == [0.1, 0.1]  # as long as the 0.1 s blocks, not the usual half second
     assert all(any(label.startswith("dense") for label in labels) for labels in groups_timed)
     dense, dense_int8, *masked = (c.row for c in candidates)
     assert [s.latency_ms["p50"] for s in dense.speed + dense_int8.speed] == [10.0, 10.0]  # the first group's
@@ -182,3 +185,9 @@ def test_an_int8_row_is_timed_on_the_kernel_engine_only_with_all_zero_1x4_blocks
 def test_the_kernel_engine_is_never_a_dense_alternative() -> None:
     dense = Row("deit", "dense", speed=[_entry("openvino", 9.0), _entry("openvino-sparse", 1.0)])
     assert speed.best_dense_alternatives([dense]) == {1: ("openvino fp32", 9.0)}
+
+
+def test_a_short_block_warms_up_no_longer_than_it_is_timed() -> None:
+    quick = TimingPlan(batch_sizes=(1,), engines=("openvino",), rounds=1, seconds_per_block=0.05, num_cores=1)
+    long = TimingPlan(batch_sizes=(1,), engines=("openvino",), rounds=1, seconds_per_block=2.0, num_cores=1)
+    assert quick.warmup_seconds == 0.05 and long.warmup_seconds == 0.5
