@@ -120,7 +120,7 @@ def _meta(request, plan, engines) -> dict[str, Any]:
         "plan": plan.to_dict(),
         "data": str(request.data),
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
-        "cpu_flags": cpu_flags(),
+        "cpu_flags": list(cpu_flags()),
         "python": platform.python_version(),
         "engines": list(engines),
         "engines_left_out": engines_left_out(),

@@ -27,8 +27,8 @@ from vitsparse.runtime import check_engine_spec, compare_side_by_side, create_en
 from .schema import Row, SpeedEntry
 
 TORCH = "torch"
-WARMUP_SECONDS = 0.5  # before each timed block, at most
 INT8 = "int8"
+WARMUP_SECONDS = 0.5  # before each timed block, at most
 # the sparse engines: never counted as a dense alternative. openvino-sparse runs vitsparse's kernels, so
 # a row without sparse layers would only repeat its openvino column there, and is not timed on it
 KERNEL_ENGINE = "openvino-sparse"

@@ -3,14 +3,15 @@
 The sparse-kernel export keeps a layer a dense MatMul below this share of zeros. The figures are the
 crossovers `python -m vitsparse.bench.kernel_speed` measured on DeiT-S's linear shapes (every layer,
 batch 1 and 16, rounded up to the next 5 %). Where the CPU has AMX, OpenVINO runs dense INT8 and bf16
-on the tile unit, about four times the vector unit's peak, and the kernels (vpdpbusd, vdpbf16ps) pay
-only at higher sparsity: docs/results/2026-12-06-amx-crossover.md.
+on the tile unit, and the kernels (vpdpbusd, vdpbf16ps, and the transposes that write their output)
+pay only at higher sparsity: docs/results/2026-12-06-amx-crossover.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 # the vector-instruction flags kernels and engines choose by, as /proc/cpuinfo names them
@@ -36,15 +37,16 @@ CROSSOVERS: dict[str, Crossover] = {
 }
 
 
-def cpu_flags() -> list[str]:
-    """This CPU's KERNEL_FLAGS, from /proc/cpuinfo (empty where there is none)."""
+@cache
+def cpu_flags() -> tuple[str, ...]:
+    """This CPU's KERNEL_FLAGS, from /proc/cpuinfo (empty where there is none); read once per process."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return []
+        return ()
     lines = text.splitlines()
     flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    return [flag for flag in KERNEL_FLAGS if flag in flags]
+    return tuple(flag for flag in KERNEL_FLAGS if flag in flags)
 
 
 def default_min_sparsity(precision: str, flags: Iterable[str] | None = None) -> float:

@@ -26,9 +26,9 @@ FLAGS = ["-O2", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-Wno-maybe-uniniti
          "-mavx512bw", "-mavx512vnni", "-pthread"]
 
 
-def _build(folder: Path, name: str) -> Path:
+def _build(folder: Path, name: str, flags: list[str] = FLAGS) -> Path:
     binary = folder / name
-    subprocess.run([COMPILER, *FLAGS, str(PROBES / f"{name}.cpp"), "-o", str(binary)], check=True)
+    subprocess.run([COMPILER, *flags, str(PROBES / f"{name}.cpp"), "-o", str(binary)], check=True)
     return binary
 
 
@@ -83,15 +83,11 @@ needs_amx = pytest.mark.skipif(
     COMPILER is None or not {"avx512f", "amx_tile", "amx_int8"} <= set(cpu_flags()),
     reason="needs g++ and a CPU with AMX-INT8",
 )
-AMX_FLAGS = ["-O2", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-Wno-maybe-uninitialized", "-mavx512f",
-             "-mavx512bw", "-mamx-tile", "-mamx-int8"]
 
 
 @pytest.fixture(scope="module")
 def amx16x4_rate(tmp_path_factory) -> Path:
-    binary = tmp_path_factory.mktemp("probe") / "amx16x4_rate"
-    subprocess.run([COMPILER, *AMX_FLAGS, str(PROBES / "amx16x4_rate.cpp"), "-o", str(binary)], check=True)
-    return binary
+    return _build(tmp_path_factory.mktemp("probe"), "amx16x4_rate", [*FLAGS, "-mamx-tile", "-mamx-int8"])
 
 
 # a partial tile of 16 blocks, one input row, several output groups, no block at all, every block
