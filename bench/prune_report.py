@@ -18,9 +18,9 @@ import torch.fx as fx
 
 from vitsparse.compiler import Recipe
 from vitsparse.compiler.export import library_versions
-from vitsparse.compiler.kernel_crossover import cpu_flags
 from vitsparse.models import evaluate
 from vitsparse.runtime.availability import engine_versions
+from vitsparse.runtime.kernel_crossover import cpu_flags
 
 from .accuracy import make_row
 from .report import _pct, plot_speedup, speed_table, write_files_atomically

@@ -19,10 +19,10 @@ from vitsparse.compiler import (
     export_artifact,
     fold_for_export,
 )
-from vitsparse.compiler.kernel_crossover import default_min_sparsity
 from vitsparse.compiler.sparse_onnx import BLOCK, block_sparsity
 from vitsparse.compiler.trace import example_input
 from vitsparse.runtime import check_engine_spec, compare_side_by_side, create_engine, parse_engine_spec
+from vitsparse.runtime.kernel_crossover import default_min_sparsity
 
 from .schema import Row, SpeedEntry
 

@@ -27,10 +27,10 @@ import torch.fx as fx
 from torch import nn
 
 from vitsparse.runtime.atomic import atomic_dir
+from vitsparse.runtime.kernel_crossover import default_min_sparsity
 
 from .errors import CompilerError
 from .flops import count_costs
-from .kernel_crossover import default_min_sparsity
 from .quantized_onnx import count_integer_layers, fold_weight_quantizers, to_operator_format
 from .recipe import Recipe, save_weights
 from .rewrite import SelectFeatures
@@ -70,7 +70,7 @@ class ExportConfig:
     quant_atol: float = 0.1
     # pruned MatMuls with at least sparse_min_sparsity zeros become SparseLinear nodes that only the
     # `openvino-sparse` engine runs (vitsparse's kernels); None: the kernels' measured crossover for
-    # each layer's precision on this CPU (kernel_crossover.py; higher where it has AMX). Float
+    # each layer's precision on this CPU (runtime/kernel_crossover.py; higher where it has AMX). Float
     # layers run in sparse_precision: "f32", or "bf16" (weights and inputs rounded to bfloat16, 1×2
     # blocks), verified within bf16_atol
     sparse_kernels: bool = False

@@ -2,17 +2,21 @@
 
 onnx's shape inference knows nothing of them, so every shape after the first one would be unknown, and
 a MAC count would skip them. `matmul_stand_ins` rewrites them, in a shape-only copy, into MatMuls of
-the same shapes; `kernel_layers` names those products, says which run in INT8 and where each one's
-packed weight values are.
+the same shapes; `kernel_layers` names those products, says which run in INT8, where each one's packed weight
+values are and how many zeros it has; `below_crossover` finds those that dense OpenVINO would run
+faster on this CPU.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import onnx
 from onnx import helper
 
+from .kernel_crossover import default_min_sparsity
 from .sparse_extension import DOMAIN
 
 LINEAR_OP, MLP_OP = "SparseLinear", "SparseMLP"
@@ -21,6 +25,9 @@ LINEAR_OP, MLP_OP = "SparseLinear", "SparseMLP"
 MLP_FC2_INPUT = 7
 VALUES_OFFSET = 2  # from a weight's first array to its values
 INT8_FORMAT = "int8_1x4"  # SparseMLP's only format
+# packed format -> (the precision its kernel computes in, input channels per block, stored values per
+# block: INT8 keeps 4 codes, bf16 one int32 holding both halves, f32 one float)
+FORMATS = {INT8_FORMAT: ("int8", 4, 4), "bf16_1x2": ("bf16", 2, 1), "f32_csr": ("f32", 1, 1)}
 
 
 @dataclass(frozen=True)
@@ -33,11 +40,27 @@ class KernelLayer:
     out_features: int
     format: str  # the packed weight's (compiler/sparse_onnx.py): int8_1x4, bf16_1x2 or f32_csr
     values: str  # the initializer holding the weight's stored values
+    stored_values: int | None = None  # how many the initializer holds (None: not known)
 
     @property
     def int8(self) -> bool:
         """The kernel computes it in INT8, whatever precision the engine reports for the node."""
         return self.format == INT8_FORMAT
+
+    @property
+    def precision(self) -> str | None:
+        """int8, bf16 or f32: what the kernel computes in (None for a format this module does not know)."""
+        return FORMATS[self.format][0] if self.format in FORMATS else None
+
+    @property
+    def zero_share(self) -> float | None:
+        """The share of all-zero blocks (of 4 input channels in INT8, 2 in bf16, single weights in f32),
+        as the export's `sparse_min_sparsity` counts them; None where the format or count is unknown."""
+        if self.format not in FORMATS or self.stored_values is None:
+            return None
+        _, width, per_block = FORMATS[self.format]
+        blocks = self.out_features * math.ceil(self.in_features / width)
+        return 1.0 - self.stored_values / per_block / blocks
 
 
 def kernel_layers(graph: onnx.GraphProto) -> dict[str, list[KernelLayer]]:
@@ -65,19 +88,34 @@ def _products(node: onnx.NodeProto, dims: dict[str, tuple[int, ...]]) -> list[Ke
     def values(index: int) -> str:
         return node.input[index + VALUES_OFFSET] if index + VALUES_OFFSET < len(node.input) else ""
 
+    def stored(index: int) -> int | None:
+        shape = dims.get(values(index))
+        return math.prod(shape) if shape is not None and len(shape) == 1 else None
+
     in_features, fc1 = attributes.get("in_features"), rows(1)
     if not isinstance(in_features, int) or in_features < 1 or fc1 is None:
         return None
     if node.op_type == MLP_OP:
         fc2 = rows(MLP_FC2_INPUT)
         return None if fc2 is None else [
-            KernelLayer(f"{node.name}/fc1", MLP_OP, in_features, fc1, INT8_FORMAT, values(1)),
-            KernelLayer(f"{node.name}/fc2", MLP_OP, fc1, fc2, INT8_FORMAT, values(MLP_FC2_INPUT))]
+            KernelLayer(f"{node.name}/fc1", MLP_OP, in_features, fc1, INT8_FORMAT, values(1), stored(1)),
+            KernelLayer(f"{node.name}/fc2", MLP_OP, fc1, fc2, INT8_FORMAT, values(MLP_FC2_INPUT),
+                        stored(MLP_FC2_INPUT))]
     if node.op_type != LINEAR_OP:
         return None
     form = attributes.get("format")
     form = form.decode() if isinstance(form, bytes) else str(form)
-    return [KernelLayer(node.name, LINEAR_OP, in_features, fc1, form, values(1))]
+    return [KernelLayer(node.name, LINEAR_OP, in_features, fc1, form, values(1), stored(1))]
+
+
+def below_crossover(graph: onnx.GraphProto, flags: Iterable[str] | None = None) -> list[KernelLayer]:
+    """The products of `graph`'s vitsparse nodes with fewer zeros than the crossover of their precision
+    on a CPU with `flags` (None: this one), where OpenVINO's dense MatMul runs faster than the kernel:
+    a file exported on a CPU without AMX and run on one with it, or with a low `sparse_min_sparsity`."""
+    flags = None if flags is None else tuple(flags)
+    return [layer for layers in kernel_layers(graph).values() for layer in layers
+            if layer.zero_share is not None and layer.precision is not None
+            and layer.zero_share < default_min_sparsity(layer.precision, flags)]
 
 
 def matmul_stand_ins(graph: onnx.GraphProto) -> None:

@@ -3,21 +3,55 @@
 A file exported with `ExportConfig(sparse_kernels=True)` holds SparseLinear nodes for its pruned
 linears; the extension built by `make install` runs them with vitsparse's kernels and OpenVINO runs
 the rest of the graph as the `openvino` engine would (same hints, INT8 and bf16 included). A file
-without such nodes runs exactly as on `openvino`.
+without such nodes runs exactly as on `openvino`. Loading warns where a node has fewer zeros than this
+CPU's crossover: the export chose by the CPU it ran on, and dense OpenVINO runs such a layer faster here.
 """
 
 from __future__ import annotations
 
+import warnings
+
+import onnx
+
+from .kernel_crossover import default_min_sparsity
+from .kernel_nodes import KernelLayer, below_crossover, kernel_layers
 from .openvino_engine import OpenVinoEngine, _import_openvino
 from .sparse_extension import add_extension
+
+
+class KernelCrossoverWarning(UserWarning):
+    """A file's sparse-kernel nodes include layers that dense OpenVINO would run faster on this CPU."""
+
+
+def crossover_message(slow: list[KernelLayer], total: int) -> str:
+    """What KernelCrossoverWarning says about `slow`, `total` kernel products in all."""
+    shares = sorted(layer.zero_share for layer in slow if layer.zero_share is not None)
+    low, high = f"{shares[0]:.0%}", f"{shares[-1]:.0%}"
+    span = low if low == high else f"{low}-{high}"
+    crossovers = ", ".join(f"{precision} {default_min_sparsity(precision):.0%}"
+                           for precision in sorted({layer.precision for layer in slow if layer.precision}))
+    names = ", ".join(layer.name for layer in slow[:3]) + (", ..." if len(slow) > 3 else "")
+    return (f"{len(slow)} of the file's {total} sparse-kernel products have {span} zeros, below"
+            f" this CPU's crossover ({crossovers}), where dense OpenVINO runs faster: {names}. "
+            f"The export chose by the CPU it ran on: export on this kind of CPU, or with a higher "
+            f"sparse_min_sparsity, to keep those layers dense.")
 
 
 class OpenVinoSparseEngine(OpenVinoEngine):
     """OpenVinoEngine whose Core has vitsparse's extension loaded."""
 
     name = "openvino-sparse"
+    below_crossover: list[KernelLayer] = []  # set by loading: the products dense OpenVINO runs faster here
 
     def _core(self):
         core = _import_openvino().Core()
         add_extension(core)
         return core
+
+    def _load(self, model: onnx.ModelProto) -> None:
+        super()._load(model)
+        self.below_crossover = below_crossover(model.graph)
+        if self.below_crossover:
+            total = sum(len(layers) for layers in kernel_layers(model.graph).values())
+            message = crossover_message(self.below_crossover, total)
+            warnings.warn(KernelCrossoverWarning(message), stacklevel=2)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from vitsparse.compiler.kernel_crossover import default_min_sparsity
+from vitsparse.runtime.kernel_crossover import default_min_sparsity
 
 from doc_examples import example, run_python
 

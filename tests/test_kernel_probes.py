@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vitsparse.compiler.kernel_crossover import cpu_flags
+from vitsparse.runtime.kernel_crossover import cpu_flags
 
 PROBES = Path(__file__).resolve().parent.parent / "kernels" / "probes"
 COMPILER = shutil.which("g++")

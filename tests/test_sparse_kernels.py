@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,9 @@ from vitsparse.runtime import (
     create_engine,
     engine_status,
     inspect_onnx,
+    kernel_crossover,
 )
+from vitsparse.runtime.openvino_sparse_engine import KernelCrossoverWarning
 from vitsparse.runtime.sparse_extension import ENV_DIR, ENV_ISA, LIBRARY, add_extension
 
 from helpers import small_vit
@@ -397,6 +400,28 @@ def test_int8_layers_have_a_threshold_of_their_own() -> None:
     assert to_sparse_kernels(model, min_sparsity=0.9, int8_min_sparsity=0.5) == 2
 
 
+@pytest.mark.parametrize("amx", [False, True], ids=["vector-cpu", "amx-cpu"])
+def test_the_engine_warns_of_kernel_nodes_below_this_cpus_crossover(tmp_path, monkeypatch, amx) -> None:
+    """A file exported where 80 % zero blocks pay (no AMX) warns on a CPU where dense INT8 wins there."""
+    flags = ("avx2", "avx512f", "avx512_vnni") + (("amx_tile", "amx_int8") if amx else ())
+    monkeypatch.setattr(kernel_crossover, "cpu_flags", lambda: flags)
+    codes = _block_codes(np.random.default_rng(5), 40, 32, 0.8)
+    path = _layer_file(tmp_path / "l.onnx", pack_int8_blocks(codes, np.full(40, 0.01, np.float32)), [2, 32],
+                       act_scale=0.05, act_zero_point=128)
+    share = 1.0 - codes.reshape(40, 8, 4).any(axis=2).mean()
+    assert 0.75 <= share < 0.85  # between the crossovers without AMX and with it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = create_engine("openvino-sparse", path, batch_size=2)
+    raised = [w.message for w in caught if isinstance(w.message, KernelCrossoverWarning)]
+    assert [layer.name for layer in engine.below_crossover] == (["layer"] if amx else [])
+    assert len(raised) == (1 if amx else 0)
+    if amx:
+        message = str(raised[0])
+        assert f"1 of the file's 1 sparse-kernel products have {share:.0%} zeros" in message
+        assert "crossover (int8 85%)" in message and "layer" in message
+
+
 def test_the_engine_says_why_it_is_unavailable(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv(ENV_DIR, str(tmp_path))
     assert not engine_status("openvino-sparse").available
@@ -437,6 +462,8 @@ def test_the_int8_verification_runs_the_sparse_kernel_export_on_its_engine(tmp_p
     assert any(node.op_type == "SparseLinear" for node in model.graph.node)
 
 
+# (with AMX-BF16 the engine warns that dense OpenVINO would be faster: the layers are below 95 %)
+@pytest.mark.filterwarnings("ignore::vitsparse.runtime.openvino_sparse_engine.KernelCrossoverWarning")
 def test_a_bf16_export_runs_its_layers_in_bfloat16_within_the_stated_tolerance(tmp_path) -> None:
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     manager = PassManager(trace(small_vit(depth=2)), recipe=Recipe(base={"model": "test"}))

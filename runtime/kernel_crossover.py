@@ -1,6 +1,8 @@
 """Below which sparsity OpenVINO's dense kernels beat vitsparse's sparse ones, per precision and CPU.
 
-The sparse-kernel export keeps a layer a dense MatMul below this share of zeros. The figures are the
+The sparse-kernel export keeps a layer a dense MatMul below this share of zeros, and `openvino-sparse`
+warns when it loads a file whose kernel nodes have fewer zeros than the crossover of the CPU it runs
+on (runtime/kernel_nodes.py, `below_crossover`). The figures are the
 crossovers `python -m vitsparse.bench.kernel_speed` measured on DeiT-S's linear shapes (every layer,
 batch 1 and 16, rounded up to the next 5 %). Where the CPU has AMX, OpenVINO runs dense INT8 and bf16
 on the tile unit, and the kernels (vpdpbusd, vdpbf16ps, and the transposes that write their output)
