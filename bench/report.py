@@ -373,6 +373,15 @@ def speed_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _kernel_threshold_note(thresholds: dict[str, float] | None) -> str:
+    """Why a model has no openvino-sparse figures: none of its layers reaches this CPU's threshold."""
+    if not thresholds:
+        return ""
+    return (f" openvino-sparse times a model only where a layer reaches this CPU's sparse-kernel threshold "
+            f"({thresholds['int8']:.0%} all-zero 1×4 blocks in INT8, {thresholds['f32']:.0%} zeros in f32); "
+            f"without one, the export keeps every layer dense and the model would run as on openvino.")
+
+
 def markdown_report(meta: dict[str, Any], rows: list[Row]) -> str:
     """The lead table, then each method's section (one per spec, in registry order), then what every row
     measured and what the run left out."""
@@ -383,7 +392,8 @@ def markdown_report(meta: dict[str, Any], rows: list[Row]) -> str:
         f"Run {meta['date']} on {meta['machine']} ({meta['cpu_cores']} cores), {meta['wall_s']:.0f} s, "
         f"peak memory {meta['peak_rss_mb'] / 1024:.1f} GiB. Speed model: {meta['speed_model']}, weights "
         f"{meta['speed_weights']}. All speeds come from this one run, engines timed in alternating blocks."
-        + "".join(f" No {name} columns: {why}." for name, why in meta.get("engines_left_out", {}).items()),
+        + "".join(f" No {name} columns: {why}." for name, why in meta.get("engines_left_out", {}).items())
+        + _kernel_threshold_note(meta.get("sparse_kernel_thresholds")),
         _lead_section(rows),
     ]
     seen: set[str] = set()

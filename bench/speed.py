@@ -71,17 +71,24 @@ class SpeedCandidate:
                 and (engine_name(e) != KERNEL_ENGINE or has_sparse_layers(self.graph))]
 
 
+def kernel_thresholds() -> dict[str, float]:
+    """The share of zeros from which the sparse-kernel export turns a masked linear into a kernel node on
+    this CPU, INT8 (all-zero 1×4 blocks) and float (zeros), as prune-and-bench exports them."""
+    return {"int8": default_min_sparsity("int8"), "f32": default_min_sparsity("f32")}
+
+
 def has_sparse_layers(graph: torch.nn.Module) -> bool:
     """Whether the sparse-kernel export would rewrite a layer of `graph`: a masked linear with at least
     the export's default share of zeros for its precision on this CPU, counted as the export counts
     them (INT8: all-zero 1×4 blocks)."""
+    thresholds = kernel_thresholds()
     for module in graph.modules():
         mask = getattr(module, "weight_mask", None)
         if mask is None or mask.dim() != 2:  # the export rewrites MatMuls, not convolutions
             continue
         quantized = hasattr(module, "act_scale")
         zeros = block_sparsity(mask.cpu().numpy(), BLOCK) if quantized else module.sparsity()
-        if zeros >= default_min_sparsity("int8" if quantized else "f32"):
+        if zeros >= thresholds["int8" if quantized else "f32"]:
             return True
     return False
 

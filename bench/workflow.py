@@ -44,6 +44,7 @@ from .speed import (
     SpeedCandidate,
     TimingPlan,
     engine_name,
+    kernel_thresholds,
     measure_speed,
     timing_groups,
 )
@@ -298,6 +299,8 @@ def _meta(opts: BenchOptions, plan: TimingPlan, entries: list[Entry], progress: 
         },
         "versions": {**library_versions(), **engine_versions()},
         "engines_left_out": engines_left_out(),
+        "sparse_kernel_thresholds": (kernel_thresholds() if KERNEL_ENGINE in map(engine_name, plan.engines)
+                                     else None),
         "python": platform.python_version(),
         "wall_s": round(progress.elapsed(), 1),
         "peak_rss_mb": _peak_rss_mb(),

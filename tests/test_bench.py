@@ -23,7 +23,7 @@ from vitsparse.bench.report import (
     paired_difference,
 )
 from vitsparse.bench.schema import Row, SpeedEntry
-from vitsparse.bench.speed import MODELS_PER_GROUP, engine_name
+from vitsparse.bench.speed import MODELS_PER_GROUP, engine_name, kernel_thresholds
 from vitsparse.bench.workflow import BenchOptions, available_engines, run_prune_and_bench
 from vitsparse.compiler.export import ARTIFACT_FILES
 from vitsparse.models import digits_loaders
@@ -80,9 +80,11 @@ def timed(rows: list[dict], method: str, **settings) -> dict:
 def test_results_follow_the_schema(run_dir: Path) -> None:
     doc = json.loads((run_dir / "results.json").read_text())
     meta = doc["meta"]
-    assert doc["schema"] == 10 and meta["profile"] == "default" and meta["speed_weights"] == "random (seed 0)"
+    assert doc["schema"] == 11 and meta["profile"] == "default" and meta["speed_weights"] == "random (seed 0)"
     assert 0 < meta["wall_s"] and 100 < meta["peak_rss_mb"] < 64 * 1024
     assert "vtp=0.2+int8" in meta["left_out"] and "vtp=0.4+int8" not in meta["left_out"]
+    kernels = "openvino-sparse" in map(engine_name, meta["engines"])
+    assert meta["sparse_kernel_thresholds"] == (kernel_thresholds() if kernels else None)
     keys = {"model", "method", "entry", "settings", "top1", "top1_oneshot", "top1_sparse_trained",
             "top1_seeds", "macs", "attention_macs", "params", "nonzero_params", "prune_seconds",
             "calibration_samples", "artifact", "speed"}
@@ -369,6 +371,17 @@ def test_a_speed_only_report_has_no_empty_accuracy_table() -> None:
     with_accuracy = markdown_report(meta, [*rows, Row("digits-vit", "dense", top1=0.98)])
     assert "## Every accuracy row" in with_accuracy
     assert "| digits-vit | dense | – | 98.00 % |" in with_accuracy
+
+
+def test_the_report_says_which_models_openvino_sparse_times() -> None:
+    timed = SpeedEntry("openvino", 1, 10.0, {"p50": 100.0, "p99": 120.0}, 1.0, 1.0)
+    rows = [Row("deit_small_patch16_224", "dense", speed=[timed])]
+    meta = {"profile": "full", "date": "2026-12-06", "machine": "test", "cpu_cores": 2, "wall_s": 1.0,
+            "peak_rss_mb": 900.0, "speed_model": "deit_small_patch16_224", "speed_weights": "random (seed 0)"}
+    assert "sparse-kernel threshold" not in markdown_report({**meta, "sparse_kernel_thresholds": None}, rows)
+    report = markdown_report({**meta, "sparse_kernel_thresholds": {"int8": 0.85, "f32": 0.75}}, rows)
+    assert ("openvino-sparse times a model only where a layer reaches this CPU's sparse-kernel threshold "
+            "(85% all-zero 1×4 blocks in INT8, 75% zeros in f32)") in report
 
 
 def test_each_combined_seed_calibrates_on_its_own_draw() -> None:
