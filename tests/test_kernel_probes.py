@@ -1,5 +1,6 @@
-"""kernels/probes/: the stand-alone C++ probes the results pages quote build and print what they claim to.
-No speed is checked here: the figures live in docs/results/."""
+"""kernels/probes/ (the stand-alone C++ probes) and kernels/bench/kernel_time.cpp (one-core kernel
+timings): what the results pages quote builds and prints what it claims to. No speed is checked here:
+the figures live in docs/results/."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from vitsparse.runtime.kernel_crossover import cpu_flags
+from vitsparse.runtime.sparse_extension import ENV_ISA, extension_path
 
 PROBES = Path(__file__).resolve().parent.parent / "kernels" / "probes"
 COMPILER = shutil.which("g++")
@@ -107,3 +109,44 @@ def test_the_amx_probe_checks_its_sums_before_timing(amx16x4_rate, args) -> None
 def test_the_amx_probe_refuses_bad_arguments(amx16x4_rate, args) -> None:
     done = subprocess.run([str(amx16x4_rate), *args], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr
+
+
+BUILD = extension_path().parent / "build"  # where `make install` configured the kernels
+needs_build = pytest.mark.skipif(
+    shutil.which("cmake") is None or not (BUILD / "CMakeCache.txt").exists(),
+    reason=f"needs cmake and the kernels' build folder ({BUILD}) that make install makes",
+)
+
+
+@pytest.fixture(scope="module")
+def kernel_time() -> Path:
+    subprocess.run(["cmake", "--build", str(BUILD), "--target", "kernel_time"], check=True,
+                   capture_output=True)
+    return BUILD / "kernel_time"
+
+
+@needs_build
+@pytest.mark.parametrize("isa", ["scalar", "avx512"])
+def test_the_kernel_timer_times_each_kernel_on_the_path_asked_for(kernel_time, monkeypatch, isa) -> None:
+    monkeypatch.setenv(ENV_ISA, isa)
+    linear = subprocess.run([str(kernel_time), "linear", "13", "17", "5", "0.5", "3", "--cold"],
+                            capture_output=True, text=True, check=True).stdout
+    mlp = subprocess.run([str(kernel_time), "mlp", "20", "0.1", "2"], capture_output=True, text=True,
+                         check=True).stdout
+    number = r"\d+\.\d{3}"
+    assert re.fullmatch(rf"linear K13 M17 N5 density 0\.50: median {number} ms, fastest {number} ms "
+                        rf"\(3 calls, one thread, cold caches, \w+\)\n", linear)
+    assert re.fullmatch(rf"mlp 384-1536-384 N20 density 0\.10: median {number} ms, fastest {number} ms "
+                        rf"\(2 calls, one thread, hot caches, \w+\)\n", mlp)
+    if isa == "scalar":  # a path above the CPU's runs the next one down, so only scalar is certain
+        assert linear.endswith("scalar)\n") and mlp.endswith("scalar)\n")
+
+
+@needs_build
+@pytest.mark.parametrize("args, message", [(["conv"], "unknown kernel conv"),
+                                           (["linear", "8", "0", "4", "0.5"], "M must be a positive integer"),
+                                           (["mlp", "4", "1.5"], r"DENSITY must be in \(0, 1\]"),
+                                           (["mlp", "4"], "wrong number of arguments")])
+def test_the_kernel_timer_refuses_bad_arguments(kernel_time, args, message) -> None:
+    result = subprocess.run([str(kernel_time), *args], capture_output=True, text=True)
+    assert result.returncode == 2 and re.search(message, result.stderr) and "usage:" in result.stderr
