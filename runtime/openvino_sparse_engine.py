@@ -9,7 +9,9 @@ CPU's crossover: the export chose by the CPU it ran on, and dense OpenVINO runs 
 
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 
 import onnx
 
@@ -37,6 +39,16 @@ def crossover_message(slow: list[KernelLayer], total: int) -> str:
             f"sparse_min_sparsity, to keep those layers dense.")
 
 
+def _outside_runtime() -> int:
+    """The `stacklevel` of the first caller outside this package, so that a warning names the user's line
+    (create_engine, the engine's constructor and its loading steps all live here)."""
+    package, level = Path(__file__).parent, 2  # 1 is the function that calls warnings.warn
+    frame = sys._getframe(2)
+    while frame is not None and Path(frame.f_code.co_filename).parent == package:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class OpenVinoSparseEngine(OpenVinoEngine):
     """OpenVinoEngine whose Core has vitsparse's extension loaded."""
 
@@ -54,4 +66,4 @@ class OpenVinoSparseEngine(OpenVinoEngine):
         if self.below_crossover:
             total = sum(len(layers) for layers in kernel_layers(model.graph).values())
             message = crossover_message(self.below_crossover, total)
-            warnings.warn(KernelCrossoverWarning(message), stacklevel=2)
+            warnings.warn(KernelCrossoverWarning(message), stacklevel=_outside_runtime())

@@ -413,10 +413,12 @@ def test_the_engine_warns_of_kernel_nodes_below_this_cpus_crossover(tmp_path, mo
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         engine = create_engine("openvino-sparse", path, batch_size=2)
-    raised = [w.message for w in caught if isinstance(w.message, KernelCrossoverWarning)]
+    records = [w for w in caught if isinstance(w.message, KernelCrossoverWarning)]
+    raised = [w.message for w in records]
     assert [layer.name for layer in engine.below_crossover] == (["layer"] if amx else [])
     assert len(raised) == (1 if amx else 0)
     if amx:
+        assert Path(records[0].filename) == Path(__file__)  # it names the caller's line, not the runtime's
         message = str(raised[0])
         assert f"1 of the file's 1 sparse-kernel products have {share:.0%} zeros" in message
         assert "crossover (int8 85%)" in message and "layer" in message
