@@ -45,7 +45,7 @@ class KernelLayer:
     @property
     def int8(self) -> bool:
         """The kernel computes it in INT8, whatever precision the engine reports for the node."""
-        return self.format == INT8_FORMAT
+        return self.precision == "int8"
 
     @property
     def precision(self) -> str | None:
