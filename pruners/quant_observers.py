@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 QMIN, QMAX = 0, 255  # asymmetric UINT8 activations
+SYMMETRIC_ZERO_POINT = 128  # UINT8 codes shifted by 128: signed INT8
 
 
 @dataclass
@@ -91,3 +92,12 @@ def activation_qparams(low: float, high: float) -> tuple[float, int]:
         return 1.0, 0
     zero_point = int(min(max(round(-low / scale), QMIN), QMAX))
     return float(scale), zero_point
+
+
+def symmetric_qparams(low: float, high: float) -> tuple[float, int]:
+    """UINT8 scale and zero point 128 for a range centred on 0 that holds [low, high]: codes stand for
+    -128 … 127 steps, the signed INT8 grid OpenVINO's INT8 attention needs from its inputs."""
+    largest = max(-low, high, 0.0)
+    if largest <= 0:  # a site that only ever saw zeros
+        return 1.0, SYMMETRIC_ZERO_POINT
+    return float(largest / (QMAX - SYMMETRIC_ZERO_POINT)), SYMMETRIC_ZERO_POINT

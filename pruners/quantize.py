@@ -1,7 +1,9 @@
 """Static INT8 as a pass: the block linears become fake-quantized layers that train and export as QDQ.
 
 `QuantizePass(QuantConfig(observer="percentile"), calibration=images)` calibrates two activation ranges
-per layer (asymmetric UINT8): its input, and its output before the bias. It quantizes each weight
+per layer (UINT8): its input, and its output before the bias. The outputs of `symmetric_outputs` layers
+(qkv, the attention MatMuls' inputs) get zero point 128: OpenVINO runs attention in INT8 only then, and
+in f32 at 127. The rest are asymmetric. It quantizes each weight
 symmetrically per output channel (INT8, zero point 0), so every pruned zero stays exactly zero. The
 output is requantized because ONNX Runtime fuses a QDQ MatMul into its integer kernel
 (QLinearMatMul) only when the product is quantized: without it, it dequantizes every weight on every
@@ -34,7 +36,7 @@ from vitsparse.compiler import (
 
 from .calibration import Calibration, make_calibration
 from .masked import MaskedConv2d, MaskedLinear
-from .quant_observers import NEEDS_HISTOGRAM, OBSERVERS, RangeStats, activation_qparams
+from .quant_observers import NEEDS_HISTOGRAM, OBSERVERS, RangeStats, activation_qparams, symmetric_qparams
 from .targets import DEFAULT_TARGETS, check_target_kinds, select_targets
 
 WEIGHT_QMAX = 127  # symmetric: codes in [-127, 127]; ONNX's INT8 range (-128, 127) is what export declares
@@ -66,10 +68,12 @@ class _QuantMixin:
     frozen: bool = False
     channel_dim: int
 
-    def _init_quant(self, ranges: LayerRanges) -> None:
+    def _init_quant(self, ranges: LayerRanges, symmetric_output: bool = False) -> None:
         device = self.weight.device
-        for prefix, (low, high) in (("act", ranges.input), ("out", ranges.output)):
-            scale, zero_point = activation_qparams(low, high)
+        output_qparams = symmetric_qparams if symmetric_output else activation_qparams
+        for prefix, (low, high), qparams in (("act", ranges.input, activation_qparams),
+                                             ("out", ranges.output, output_qparams)):
+            scale, zero_point = qparams(low, high)
             self.register_buffer(f"{prefix}_scale", torch.tensor(scale, dtype=torch.float32, device=device))
             self.register_buffer(f"{prefix}_zero_point", torch.tensor(zero_point, dtype=torch.int32,
                                                                       device=device))
@@ -144,8 +148,9 @@ class LayerRanges:
         return cls((float(in_low), float(in_high)), (float(out_low), float(out_high)))
 
 
-def quantize_layer(layer: nn.Module, ranges: LayerRanges) -> nn.Module:
-    """The quantized layer sharing `layer`'s parameters and keeping its mask (all true if it had none)."""
+def quantize_layer(layer: nn.Module, ranges: LayerRanges, symmetric_output: bool = False) -> nn.Module:
+    """The quantized layer sharing `layer`'s parameters and keeping its mask (all true if it had none);
+    `symmetric_output` quantizes its output with zero point 128 (`symmetric_qparams`)."""
     base = next((t for t in QUANT_TYPES if isinstance(layer, t)), None)
     if base is None:
         raise PassError(f"cannot quantize a {type(layer).__name__}; INT8 supports Linear and Conv2d")
@@ -153,7 +158,7 @@ def quantize_layer(layer: nn.Module, ranges: LayerRanges) -> nn.Module:
     mask = getattr(layer, "weight_mask", None)
     if mask is not None:
         new.weight_mask = mask
-    new._init_quant(ranges)
+    new._init_quant(ranges, symmetric_output)
     return new
 
 
@@ -166,9 +171,13 @@ class QuantConfig:
     percentile: float = 99.99  # the `percentile` observer's clip point, per tail
     bins: int = 2048  # histogram bins of the `percentile` and `mse` observers
     calibration_images: int = 256  # read no more than this many images
+    # layer kinds whose output is quantized with zero point 128 (`symmetric_qparams`); () for none
+    symmetric_outputs: tuple[str, ...] = ("qkv",)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", check_target_kinds(self.targets))
+        symmetric = tuple(self.symmetric_outputs)
+        object.__setattr__(self, "symmetric_outputs", check_target_kinds(symmetric) if symmetric else ())
         if self.observer not in OBSERVERS:
             raise ValueError(f"unknown observer {self.observer!r}; choose from {sorted(OBSERVERS)}")
         if not 50.0 < self.percentile <= 100.0:
@@ -201,9 +210,12 @@ class QuantizePass(GraphPass):
         missing = sorted(set(names) - set(ranges))
         if missing:
             raise PassError(f"no recorded activation range for {missing}")
+        kinds = self.config.symmetric_outputs
+        symmetric = set(select_targets(structure, kinds)) if kinds else set()
         for name in names:
-            replace_module(gm, name, quantize_layer(gm.get_submodule(name), ranges[name]))
-        params = {**asdict(self.config), "targets": list(self.config.targets)}
+            replace_module(gm, name, quantize_layer(gm.get_submodule(name), ranges[name], name in symmetric))
+        params = {**asdict(self.config), "targets": list(self.config.targets),
+                  "symmetric_outputs": list(self.config.symmetric_outputs)}
         decisions = {"ranges": {name: ranges[name].to_json() for name in names}}
         record = PassRecord(self.name, params=params, decisions=decisions)
         if self.calibration is not None:
@@ -224,7 +236,9 @@ class QuantizePass(GraphPass):
     @classmethod
     def from_record(cls, record: PassRecord) -> QuantizePass:
         try:
-            config = QuantConfig(**{**record.params, "targets": tuple(record.params.get("targets", ()))})
+            # a record from before symmetric_outputs existed replays as it ran: every output asymmetric
+            config = QuantConfig(**{**record.params, "targets": tuple(record.params.get("targets", ())),
+                                    "symmetric_outputs": tuple(record.params.get("symmetric_outputs", ()))})
             ranges = {name: LayerRanges.from_json(data) for name, data in record.decisions["ranges"].items()}
         except (KeyError, TypeError, ValueError) as err:
             raise RecipeError(f"int8 record is malformed: {err}") from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 import pytest
@@ -20,7 +22,7 @@ from vitsparse.compiler.quantized_onnx import (
 )
 from vitsparse.compiler.reference_ops import FAST_REFERENCE_OPS
 from vitsparse.pruners import FinetuneConfig, MagnitudePass, finetune
-from vitsparse.pruners.quant_observers import OBSERVERS, RangeStats, activation_qparams
+from vitsparse.pruners.quant_observers import OBSERVERS, RangeStats, activation_qparams, symmetric_qparams
 from vitsparse.pruners.quantize import QUANT_LAYERS, QuantConfig, QuantizePass
 
 from helpers import small_vit
@@ -82,6 +84,35 @@ def test_activation_ranges_always_hold_zero() -> None:
     assert activation_qparams(0.0, 0.0) == (1.0, 0)
 
 
+def test_symmetric_ranges_centre_on_zero_point_128() -> None:
+    assert symmetric_qparams(-0.5, 2.54) == (pytest.approx(0.02), 128)  # +127 steps reach the larger end
+    assert symmetric_qparams(-2.54, 1.0) == (pytest.approx(0.02), 128)
+    assert symmetric_qparams(0.5, 1.27) == (pytest.approx(0.01), 128)
+    assert symmetric_qparams(0.0, 0.0) == (1.0, 128)
+
+
+def test_qkv_outputs_are_symmetric_and_the_other_quantizers_asymmetric() -> None:
+    manager = _quantized()
+    layers = dict(manager.graph_module.named_modules())
+    record = manager.recipe.passes[-1]
+    assert record.params["symmetric_outputs"] == ["qkv"]
+    for name, ranges in record.decisions["ranges"].items():
+        layer = layers[name]
+        out_low, out_high = ranges["output"]
+        if name.endswith("qkv"):
+            assert int(layer.out_zero_point) == 128
+            assert float(layer.out_scale) == pytest.approx(max(-out_low, out_high) / 127)
+        else:
+            assert (float(layer.out_scale), int(layer.out_zero_point)) == pytest.approx(
+                activation_qparams(out_low, out_high))
+        assert (float(layer.act_scale), int(layer.act_zero_point)) == pytest.approx(
+            activation_qparams(*ranges["input"]))
+    others = [name for name in record.decisions["ranges"] if not name.endswith("qkv")]
+    assert {int(layers[name].out_zero_point) for name in others} != {128}
+    everything = _quantized(symmetric_outputs=("qkv", "proj", "fc1", "fc2")).graph_module
+    assert {int(m.out_zero_point) for m in everything.modules() if isinstance(m, QUANT_LAYERS)} == {128}
+
+
 def test_quantized_zeros_stay_zero_through_fine_tuning_export_and_the_rewrite(tmp_path) -> None:
     manager = _quantized(sparsity=0.75)
     loader = DataLoader(TensorDataset(IMAGES, torch.randint(0, 1000, (16,))), batch_size=8)
@@ -138,6 +169,16 @@ def test_replaying_the_recipe_installs_the_recorded_ranges() -> None:
         assert torch.equal(replayed.graph_module(IMAGES[:2]), manager.graph_module(IMAGES[:2]))
 
 
+def test_a_record_from_before_symmetric_outputs_replays_every_output_asymmetric() -> None:
+    record = copy.deepcopy(_quantized().recipe.passes[-1])
+    del record.params["symmetric_outputs"]
+    replayed = PassManager(trace(small_vit(depth=2)))
+    replayed.run(QuantizePass.from_record(record))
+    qkv = replayed.graph_module.get_submodule("blocks.0.attn.qkv")
+    assert (float(qkv.out_scale), int(qkv.out_zero_point)) == pytest.approx(
+        activation_qparams(*record.decisions["ranges"]["blocks.0.attn.qkv"]["output"]))
+
+
 def test_bad_input_gives_clear_errors(tmp_path) -> None:
     with pytest.raises(ValueError, match="calibration images"):
         QuantizePass()
@@ -145,6 +186,8 @@ def test_bad_input_gives_clear_errors(tmp_path) -> None:
         QuantizePass(calibration=torch.empty(0, 3, 32, 32))
     with pytest.raises(ValueError, match="unknown observer"):
         QuantConfig(observer="kl")
+    with pytest.raises(ValueError, match="unknown target layer kinds"):
+        QuantConfig(symmetric_outputs=("attn",))
     headless = PassManager(trace(small_vit(depth=2, num_classes=0)))
     with pytest.raises(PassError, match="no layer to quantize"):
         headless.run(QuantizePass(QuantConfig(targets=("head",)), calibration=IMAGES))
