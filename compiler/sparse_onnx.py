@@ -9,7 +9,9 @@ A MatMul reading a constant weight with enough zeros (and the bias Add after it)
   the node's attributes and the input and weight scales into one per-row scale.
 An INT8 MLP (fc1 → its output Q/DQ → bias and an elementwise activation → fc2) then becomes one
 `com.vitsparse::SparseMLP` node: the activation is evaluated onto a table of 256 codes per hidden
-channel, and one kernel runs both layers with the hidden activations kept in cache.
+channel, and one kernel runs both layers with the hidden activations kept in cache. Last, an INT8 node
+followed by the block's residual Add (after proj's output Q/DQ and the bias, or after the MLP's bias)
+takes all of them in: the residual becomes an input the kernels add where they write the output.
 Only OpenVINO with vitsparse's extension (the `openvino-sparse` engine) runs such a file; the
 reference ops below (numpy) are what export verification and the kernel tests compare against.
 Layers below `min_sparsity` stay dense MatMuls, since the dense kernels win there (kernel_crossover.py
@@ -165,13 +167,21 @@ def sparse_mlp(x: np.ndarray, fc1: PackedWeight, table: np.ndarray, fc2: PackedW
     return sparse_linear(hidden.astype(np.float32), fc2, 1.0, hidden_zero_point, out_scale, out_zero_point)
 
 
+# the arrays of each format, in the order a node reads them after x
+WEIGHT_PARTS = {"f32_csr": ("row_ptr", "col", "values", "bias"),
+                "bf16_1x2": ("row_ptr", "block_col", "values", "bias"),
+                "int8_1x4": ("row_ptr", "block_col", "values", "row_sums", "scale", "bias")}
+
+
+def _plus(y: np.ndarray, addend: tuple[np.ndarray, ...]) -> np.ndarray:
+    """y plus a node's optional addend input (the residual an INT8 node adds to its output)."""
+    return (y + addend[0]).astype(np.float32) if addend else y
+
+
 def _initializers(prefix: str, packed: PackedWeight, count: int | None = None) -> list[onnx.TensorProto]:
     """The first `count` (default all) arrays of a packed weight as initializers named prefix.part."""
-    parts = {"f32_csr": ("row_ptr", "col", "values", "bias"),
-             "bf16_1x2": ("row_ptr", "block_col", "values", "bias"),
-             "int8_1x4": ("row_ptr", "block_col", "values", "row_sums", "scale", "bias")}[packed.format]
     return [onnx.numpy_helper.from_array(array, f"{prefix}.{part}")
-            for part, array in list(zip(parts, packed.arrays, strict=True))[:count]]
+            for part, array in list(zip(WEIGHT_PARTS[packed.format], packed.arrays, strict=True))[:count]]
 
 
 def make_node(name: str, x: str, output: str, packed: PackedWeight, act_scale: float = 1.0,
@@ -404,11 +414,86 @@ def _fuse_mlps(model: onnx.ModelProto) -> int:
     return fused
 
 
+@dataclass
+class _ResidualMatch:
+    """An INT8 kernel node's output chain: [Q → DQ] → [Add bias] → Add(residual), each tensor read once."""
+
+    node: onnx.NodeProto
+    quant: tuple[float, int] | None  # the output quantizer's scale and uint8 zero point, if folded here
+    bias: np.ndarray | None
+    residual: str
+    replaced: list[onnx.NodeProto]
+    output: str
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Every tensor whose shape ONNX's shape inference fixes, by name (the graph before the rewrite)."""
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True).graph  # Shape → Reshape chains too
+    shapes = {}
+    for info in [*inferred.value_info, *inferred.input, *inferred.output]:
+        dims = info.type.tensor_type.shape.dim
+        if info.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            shapes[info.name] = tuple(d.dim_value for d in dims)
+    return shapes
+
+
+def _match_residual(g: _Graph, node: onnx.NodeProto, shapes: dict) -> _ResidualMatch | None:
+    """The chain after an INT8 SparseLinear (its output quantizer, bias and residual Add) or after a
+    SparseMLP (bias and residual Add), when the residual has the output's shape."""
+    quant, replaced, end = None, [], node.output[0]
+    if node.op_type == OP_TYPE:
+        if _attribute(node, "format") != "int8_1x4" or len(node.input) != 7 or _attribute(node, "out_scale"):
+            return None
+        found = _output_quantizer(g, end)
+        if found is not None:
+            quant, replaced, end = found[2], [found[0], found[1]], found[1].output[0]
+    elif node.op_type != MLP_OP_TYPE or len(node.input) != 13:
+        return None
+    rows, bias = g.constant(node.input[-1]).size, _bias_of(g, end)  # the node's own bias: one per row
+    if bias is not None and bias[1].size == rows and bias[1].shape[-1:] == (rows,):  # (192,) or (1, 1, 192)
+        replaced, end = [*replaced, bias[0]], bias[0].output[0]
+    else:
+        bias = None
+    readers = g.consumers.get(end, [])
+    if len(readers) != 1 or readers[0].op_type != "Add":
+        return None
+    add = readers[0]
+    residual = add.input[1] if add.input[0] == end else add.input[0]
+    shape = shapes.get(add.output[0])
+    same = shape is not None and shape == shapes.get(residual) == shapes.get(end)
+    if g.constant(residual) is not None or not same:
+        return None  # a constant or broadcast addend stays an Add
+    return _ResidualMatch(node, quant, None if bias is None else bias[1].reshape(rows), residual,
+                          [*replaced, add], add.output[0])
+
+
+def _fuse_residuals(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> int:
+    """Fold, in place, each INT8 kernel node's output chain (`_ResidualMatch`) into the node: the
+    quantizer into out_scale/out_zero_point, the bias into its bias, the residual as an added input
+    the kernels add where they write the output. Returns how many nodes took one in."""
+    g = _Graph(model)
+    matches = [m for n in list(g.graph.node) if (m := _match_residual(g, n, shapes)) is not None]
+    for match in matches:
+        node = match.node
+        if match.quant is not None:
+            node.attribute.extend([helper.make_attribute("out_scale", float(match.quant[0])),
+                                   helper.make_attribute("out_zero_point", int(match.quant[1]))])
+        if match.bias is not None:
+            bias = node.input[-1]
+            g.set_constant(bias, (g.constant(bias) + match.bias).astype(np.float32))
+        node.input.append(match.residual)
+        node.output[0] = match.output
+        for old in match.replaced:
+            g.graph.node.remove(old)
+    return len(matches)
+
+
 def to_sparse_kernels(model: onnx.ModelProto, min_sparsity: float, precision: str = "f32",
                       int8_min_sparsity: float | None = None) -> int:
     """Rewrite, in place, every MatMul whose constant weight has at least `min_sparsity` zeros (float in
     `precision` "bf16": all-zero pairs) or, INT8, `int8_min_sparsity` all-zero 1×4 blocks (None: the
     same) into a SparseLinear node; returns how many were rewritten."""
+    shapes = _static_shapes(model)
     g = _Graph(model)
     rewritten = 0
     for node in [n for n in g.graph.node if n.op_type == "MatMul"]:
@@ -430,6 +515,8 @@ def to_sparse_kernels(model: onnx.ModelProto, min_sparsity: float, precision: st
         if _fuse_mlps(model):
             _topological_sort(model.graph)
             _Graph(model).prune()
+        if _fuse_residuals(model, shapes):
+            _topological_sort(model.graph)
     return rewritten
 
 
@@ -440,8 +527,10 @@ class SparseLinear(OpRun):
 
     def _run(self, x, *arrays, format=None, in_features=None, act_scale=1.0, act_zero_point=0,  # noqa: A002
              out_scale=0.0, out_zero_point=0):
-        packed = PackedWeight(format, int(arrays[0].size - 1), int(in_features), tuple(arrays))
-        return (sparse_linear(x, packed, act_scale, act_zero_point, out_scale, out_zero_point),)
+        count = len(WEIGHT_PARTS[format])  # an INT8 node may read one more: its addend
+        packed = PackedWeight(format, int(arrays[0].size - 1), int(in_features), tuple(arrays[:count]))
+        y = sparse_linear(x, packed, act_scale, act_zero_point, out_scale, out_zero_point)
+        return (_plus(y, arrays[count:]),)
 
 
 class SparseMLP(OpRun):
@@ -452,7 +541,8 @@ class SparseMLP(OpRun):
     def _run(self, x, *arrays, in_features=None, act_scale=1.0, act_zero_point=0, fc1_out_scale=1.0,
              fc1_out_zero_point=0, hidden_zero_point=0, out_scale=0.0, out_zero_point=0):
         fc1 = PackedWeight("int8_1x4", int(arrays[0].size - 1), int(in_features), tuple(arrays[:5]))
-        fc2 = PackedWeight("int8_1x4", int(arrays[6].size - 1), fc1.rows, tuple(arrays[6:]))
         table = arrays[5].reshape(fc1.rows, 256)
-        return (sparse_mlp(x, fc1, table, fc2, act_scale, act_zero_point, fc1_out_scale, fc1_out_zero_point,
-                           hidden_zero_point, out_scale, out_zero_point),)
+        fc2 = PackedWeight("int8_1x4", int(arrays[6].size - 1), fc1.rows, tuple(arrays[6:12]))
+        y = sparse_mlp(x, fc1, table, fc2, act_scale, act_zero_point, fc1_out_scale, fc1_out_zero_point,
+                       hidden_zero_point, out_scale, out_zero_point)
+        return (_plus(y, arrays[12:]),)

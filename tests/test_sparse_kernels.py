@@ -72,11 +72,22 @@ def _layer_file(path, packed, x_shape, **attributes) -> str:
     return str(path)
 
 
-def _run(core, path: str, x: np.ndarray, isa: str, monkeypatch) -> np.ndarray:
+def _run(core, path: str, x: np.ndarray, isa: str, monkeypatch, **inputs: np.ndarray) -> np.ndarray:
     monkeypatch.setenv(ENV_ISA, isa)
     config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2}
     compiled = core.compile_model(path, "CPU", config)
-    return compiled({"x": x})[0]
+    return compiled({"x": x, **inputs})[0]
+
+
+def _with_addend(path: str, shape: list[int], **attributes) -> str:
+    """The one-node file at `path` with a float input "r" of `shape` as its node's addend (and these
+    attributes added to the node)."""
+    model = onnx.load(path)
+    model.graph.node[0].input.append("r")
+    model.graph.node[0].attribute.extend(onnx.helper.make_attribute(k, v) for k, v in attributes.items())
+    model.graph.input.append(onnx.helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, shape))
+    onnx.save(model, path)
+    return path
 
 
 def _block_codes(rng, rows: int, cols: int, sparsity: float) -> np.ndarray:
@@ -105,6 +116,26 @@ def test_int8_kernel_matches_numpy(core, tmp_path, monkeypatch, isa, shape) -> N
     path = _layer_file(tmp_path / "l.onnx", packed, [n, k], act_scale=0.04, act_zero_point=120)
     got = _run(core, path, x, isa, monkeypatch)
     np.testing.assert_allclose(got, sparse_linear(x, packed, 0.04, 120), atol=INT8_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"n{s[0]}-k{s[1]}-m{s[2]}-s{s[3]}" for s in SHAPES])
+def test_int8_kernel_adds_its_addend_after_the_bias(core, tmp_path, monkeypatch, isa, shape) -> None:
+    """The residual an INT8 node takes in: every output element gets its own addend element, after the
+    output quantizer (half the shapes have one) and the bias."""
+    n, k, m, sparsity = shape
+    rng = np.random.default_rng(n * 1000 + k + 1)
+    codes = _block_codes(rng, m, k, sparsity)
+    scale, bias = rng.random(m).astype(np.float32) * 0.01, rng.standard_normal(m).astype(np.float32)
+    packed = pack_int8_blocks(codes, scale, bias)
+    out = {"out_scale": 0.02, "out_zero_point": 128} if SHAPES.index(shape) % 2 else {}
+    x = (rng.standard_normal((n, k)) * 3).astype(np.float32)
+    addend = (rng.standard_normal((n, m)) * 10).astype(np.float32)
+    path = _layer_file(tmp_path / "l.onnx", packed, [n, k], act_scale=0.04, act_zero_point=120)
+    path = _with_addend(path, [n, m], **out)
+    got = _run(core, path, x, isa, monkeypatch, r=addend)
+    expected = sparse_linear(x, packed, 0.04, 120, **out) + addend
+    np.testing.assert_allclose(got, expected, atol=INT8_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -225,6 +256,29 @@ def test_int8_mlp_kernel_matches_numpy(core, tmp_path, monkeypatch, isa, shape) 
     np.testing.assert_allclose(got, sparse_mlp(x, fc1, table, fc2, **attributes), atol=INT8_ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", MLP_SHAPES, ids=[f"n{s[0]}-k{s[1]}-h{s[2]}-s{s[4]}" for s in MLP_SHAPES])
+def test_int8_mlp_kernel_adds_its_addend(core, tmp_path, monkeypatch, isa, shape) -> None:
+    rng = np.random.default_rng(shape[0] * 1000 + shape[2] + 1)
+    path, attributes, fc1, table, fc2 = _mlp_file(tmp_path / "mlp.onnx", rng, shape)
+    x = (rng.standard_normal((shape[0], shape[1])) * 3).astype(np.float32)
+    addend = (rng.standard_normal((shape[0], shape[3])) * 10).astype(np.float32)
+    got = _run(core, _with_addend(path, [shape[0], shape[3]]), x, isa, monkeypatch, r=addend)
+    expected = sparse_mlp(x, fc1, table, fc2, **attributes) + addend
+    np.testing.assert_allclose(got, expected, atol=INT8_ATOL, rtol=0)
+
+
+def test_an_addend_of_another_shape_is_refused_with_a_clear_error(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    path, *_ = _mlp_file(tmp_path / "mlp.onnx", rng, (2, 16, 8, 4, 0.5, 0.0))
+    with pytest.raises(EngineLoadError, match="addend's shape"):
+        create_engine("openvino-sparse", _with_addend(path, [2, 5]), batch_size=2)
+    packed = pack_f32_csr(np.eye(4, dtype=np.float32))
+    with pytest.raises(EngineLoadError, match="takes 5 inputs, got 6"):  # only INT8 nodes take one
+        path = _layer_file(tmp_path / "f.onnx", packed, [2, 4])
+        create_engine("openvino-sparse", _with_addend(path, [2, 4]), batch_size=2)
+
+
 def test_an_int8_mlp_becomes_one_node_that_computes_what_the_layers_did(core, tmp_path, monkeypatch) -> None:
     from onnx.reference import ReferenceEvaluator
 
@@ -243,6 +297,36 @@ def test_an_int8_mlp_becomes_one_node_that_computes_what_the_layers_did(core, tm
     # may land one code step away in fc1's or fc2's output (steps of 0.05)
     assert np.abs(reference - expected).max() < 0.5 and np.mean(reference == expected) > 0.9
     got = _run(core, str(path), x, "avx512", monkeypatch)
+    np.testing.assert_allclose(got, reference, atol=INT8_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("shape", ["same", "broadcast"])
+def test_a_residual_add_after_a_kernel_node_becomes_its_addend(core, tmp_path, monkeypatch, shape) -> None:
+    """MLP → its bias → + r: r becomes the node's addend (the bias going into the node) when it has the
+    output's shape; a broadcast r stays an Add."""
+    from onnx.reference import ReferenceEvaluator
+
+    rng = np.random.default_rng(4)
+    original = qdq_mlp_model(_block_codes(rng, 36, 24, 0.8), _block_codes(rng, 16, 36, 0.8), 5)
+    identity = next(node for node in original.graph.node if node.op_type == "Identity")
+    original.graph.node.remove(identity)
+    original.graph.node.append(onnx.helper.make_node("Add", [identity.input[0], "r"], ["y"]))
+    r_shape = [5, 16] if shape == "same" else [1, 16]
+    original.graph.input.append(onnx.helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, r_shape))
+    fused = onnx.ModelProto()
+    fused.CopyFrom(original)
+    assert to_sparse_kernels(fused, min_sparsity=0.5) == 2
+    types = [node.op_type for node in fused.graph.node]
+    assert types == (["SparseMLP"] if shape == "same" else ["SparseMLP", "Add", "Add"])
+    assert (fused.graph.node[0].input[-1] == "r") == (shape == "same")
+    path = tmp_path / "fused.onnx"
+    onnx.save(fused, str(path))
+    x = (rng.standard_normal((5, 24)) * 2).astype(np.float32)
+    r = (rng.standard_normal(r_shape) * 5).astype(np.float32)
+    expected = ReferenceEvaluator(original).run(None, {"x": x, "r": r})[0]
+    reference = ReferenceEvaluator(fused, new_ops=[SparseLinear, SparseMLP]).run(None, {"x": x, "r": r})[0]
+    assert np.abs(reference - expected).max() < 0.5 and np.mean(np.abs(reference - expected) < 1e-5) > 0.9
+    got = _run(core, str(path), x, "avx512", monkeypatch, r=r)
     np.testing.assert_allclose(got, reference, atol=INT8_ATOL, rtol=0)
 
 
@@ -326,6 +410,11 @@ def test_a_masked_vit_exported_with_sparse_kernels_matches_torch(tmp_path, quant
     counts = [sum(node.op_type == op for node in model.graph.node) for op in ("SparseLinear", "SparseMLP")]
     # qkv, proj, fc1, fc2 of 2 blocks; INT8 fuses each block's fc1 and fc2 into one SparseMLP node
     assert counts == ([4, 2] if quantize else [8, 0])
+    # INT8: proj and the MLP take in the residual Add after them (with proj's output Q → DQ and both
+    # biases); qkv keeps its quantizer in the graph, for OpenVINO's INT8 attention
+    with_addend = sorted(node.name.split("_")[0] for node in model.graph.node
+                         if node.op_type in ("SparseLinear", "SparseMLP") and len(node.input) in (8, 14))
+    assert with_addend == (["fc1", "fc1", "proj", "proj"] if quantize else [])
     assert result.meta["sparse_kernels"]["layers"] == 8
     # the unmasked layers (patch embedding, head) stay OpenVINO's own
     assert any(node.op_type in ("MatMul", "Gemm") for node in model.graph.node)

@@ -50,6 +50,9 @@ struct Int8Blocks {
     // QuantizeLinear then DequantizeLinear with this scale and zero point, as a QDQ model's layer output
     float out_scale = 0.0f;
     std::int32_t out_zero_point = 0;
+    // added to y after the bias (n rows of `rows` floats, laid out as y), or nullptr: the residual a
+    // transformer block adds to the layer's output, read where the result is written
+    const float* addend = nullptr;
 };
 
 struct Bf16Pairs {

@@ -19,10 +19,13 @@ void SparseLinear::validate_and_infer_types() {
     const auto* types = weight_types(m_format);
     NODE_VALIDATION_CHECK(this, types != nullptr, "format must be '", kInt8, "', '", kBf16, "' or '", kF32,
                           "', not '", m_format, "'");
-    NODE_VALIDATION_CHECK(this, get_input_size() == types->size() + 1, "format ", m_format, " takes ",
-                          types->size() + 1, " inputs, got ", get_input_size());
+    const std::size_t inputs = types->size() + 1;  // x and the weight; INT8 may add an addend
+    const bool int8 = m_format == kInt8;
+    NODE_VALIDATION_CHECK(this, get_input_size() == inputs || (int8 && get_input_size() == inputs + 1), "format ",
+                          m_format, " takes ", inputs, " inputs", int8 ? " (one more with an addend)" : "", ", got ",
+                          get_input_size());
     NODE_VALIDATION_CHECK(this, m_in_features > 0, "in_features must be positive, got ", m_in_features);
-    if (m_format == kInt8) {
+    if (int8) {
         std::string problem = check_quantization("act", m_act_scale, m_act_zero_point, false);
         if (problem.empty()) problem = check_quantization("out", m_out_scale, m_out_zero_point, true);
         NODE_VALIDATION_CHECK(this, problem.empty(), problem);
@@ -31,7 +34,9 @@ void SparseLinear::validate_and_infer_types() {
     const std::string problem = check_weight(m_format, m_in_features, weight);
     NODE_VALIDATION_CHECK(this, problem.empty(), "malformed sparse weight: ", problem);
     const auto rows = static_cast<std::int64_t>(weight[0].get_size()) - 1;
-    set_output_type(0, ov::element::f32, linear_output_shape(this, m_in_features, rows));
+    const ov::PartialShape output = linear_output_shape(this, m_in_features, rows);
+    check_addend(this, inputs, output);
+    set_output_type(0, ov::element::f32, output);
 }
 
 std::shared_ptr<ov::Node> SparseLinear::clone_with_new_inputs(const ov::OutputVector& inputs) const {
@@ -68,6 +73,7 @@ bool SparseLinear::evaluate(ov::TensorVector& outputs, const ov::TensorVector& i
         Int8Blocks w = int8_blocks(m_in_features, &inputs[1], true);
         w.out_scale = m_out_scale;
         w.out_zero_point = static_cast<std::int32_t>(m_out_zero_point);
+        if (inputs.size() > weight_types(m_format)->size() + 1) w.addend = data<float>(inputs.back());
         sparse_linear_int8(w, data<float>(x), n, m_in_features, m_act_scale,
                            static_cast<std::int32_t>(m_act_zero_point), y, isa, host_threads());
     } else if (m_format == kBf16) {

@@ -11,8 +11,9 @@ class SparseLinear : public ov::op::Op {
 public:
     OPENVINO_OP("SparseLinear", "vitsparse");
 
-    // format "int8_1x4" inputs: x, row_ptr, block_col, values, row_sums, scale, bias (out_scale > 0:
-    //   sum × scale fake-quantized to uint8 with out_scale and out_zero_point before the bias)
+    // format "int8_1x4" inputs: x, row_ptr, block_col, values, row_sums, scale, bias[, addend] (out_scale
+    //   > 0: sum × scale fake-quantized to uint8 with out_scale and out_zero_point before the bias; the
+    //   addend, of the output's shape, is added last)
     // format "f32_csr" inputs:  x, row_ptr, col, values, bias
     // format "bf16_1x2" inputs: x, row_ptr, block_col, values (a bfloat16 pair per int32), bias
     SparseLinear() = default;

@@ -9,6 +9,7 @@ using namespace extension;
 
 namespace {
 constexpr std::size_t kFc1 = 1, kTable = 6, kFc2 = 7, kInputs = 13;  // first input of each part
+constexpr std::size_t kAddend = kInputs;  // optional: added to the output
 }
 
 SparseMLP::SparseMLP(const ov::OutputVector& inputs, std::int64_t in_features, float act_scale,
@@ -21,8 +22,8 @@ SparseMLP::SparseMLP(const ov::OutputVector& inputs, std::int64_t in_features, f
 }
 
 void SparseMLP::validate_and_infer_types() {
-    NODE_VALIDATION_CHECK(this, get_input_size() == kInputs, "SparseMLP takes ", kInputs, " inputs, got ",
-                          get_input_size());
+    NODE_VALIDATION_CHECK(this, get_input_size() == kInputs || get_input_size() == kInputs + 1, "SparseMLP takes ",
+                          kInputs, " inputs (one more with an addend), got ", get_input_size());
     NODE_VALIDATION_CHECK(this, m_in_features > 0, "in_features must be positive, got ", m_in_features);
     std::string problem = check_quantization("act", m_act_scale, m_act_zero_point, false);
     if (problem.empty()) problem = check_quantization("fc1_out", m_fc1_out_scale, m_fc1_out_zero_point, false);
@@ -41,7 +42,9 @@ void SparseMLP::validate_and_infer_types() {
     NODE_VALIDATION_CHECK(this, table[0].get_size() == static_cast<std::size_t>(hidden * 256), "the table holds ",
                           table[0].get_size(), " codes, 256 per hidden channel (", hidden * 256, ") expected");
     const auto rows = static_cast<std::int64_t>(fc2[0].get_size()) - 1;
-    set_output_type(0, ov::element::f32, linear_output_shape(this, m_in_features, rows));
+    const ov::PartialShape output = linear_output_shape(this, m_in_features, rows);
+    check_addend(this, kAddend, output);
+    set_output_type(0, ov::element::f32, output);
 }
 
 std::shared_ptr<ov::Node> SparseMLP::clone_with_new_inputs(const ov::OutputVector& inputs) const {
@@ -79,6 +82,7 @@ bool SparseMLP::evaluate(ov::TensorVector& outputs, const ov::TensorVector& inpu
     mlp.fc2 = int8_blocks(mlp.fc1.rows, &inputs[kFc2], true);
     mlp.fc2.out_scale = m_out_scale;
     mlp.fc2.out_zero_point = static_cast<std::int32_t>(m_out_zero_point);
+    if (inputs.size() > kAddend) mlp.fc2.addend = data<float>(inputs[kAddend]);
     const auto n = static_cast<std::int64_t>(ov::shape_size(shape) / static_cast<std::size_t>(m_in_features));
     shape.back() = static_cast<std::size_t>(mlp.fc2.rows);
     outputs[0].set_shape(shape);

@@ -100,6 +100,17 @@ ov::PartialShape linear_output_shape(const ov::Node* node, std::int64_t in_featu
     return shape;
 }
 
+bool check_addend(const ov::Node* node, std::size_t index, const ov::PartialShape& output) {
+    if (node->get_input_size() <= index) return false;
+    NODE_VALIDATION_CHECK(node, node->get_input_element_type(index) == ov::element::f32 ||
+                                    node->get_input_element_type(index).is_dynamic(),
+                          "the addend must be f32, got ", node->get_input_element_type(index));
+    const ov::PartialShape& shape = node->get_input_partial_shape(index);
+    NODE_VALIDATION_CHECK(node, shape.compatible(output), "the addend's shape ", shape,
+                          " differs from the output's ", output);
+    return true;
+}
+
 ParallelFor host_threads() {
     return {[](std::size_t count, const ParallelFor::Body& body) {
         ov::parallel_for(count, [&](std::size_t i) { body(i); });

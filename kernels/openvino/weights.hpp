@@ -43,6 +43,10 @@ std::string check_quantization(const char* what, float scale, std::int64_t zero_
 // x's shape with its last dimension (in_features) replaced by out_features; checks the feature count.
 ov::PartialShape linear_output_shape(const ov::Node* node, std::int64_t in_features, std::int64_t out_features);
 
+// Checks the optional addend input `index` (the residual an INT8 node adds to its output): f32, of the
+// output's shape. Returns whether the node has one.
+bool check_addend(const ov::Node* node, std::size_t index, const ov::PartialShape& output);
+
 // OpenVINO's pool, as the compiled model set it up (INFERENCE_NUM_THREADS, streams).
 ParallelFor host_threads();
 

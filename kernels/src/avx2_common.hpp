@@ -49,9 +49,10 @@ inline __m256 load_row(const float* x, std::int64_t row, std::int64_t n, std::in
     return k0 + kLanes <= cols ? _mm256_loadu_ps(from) : _mm256_maskload_ps(from, first_lanes(cols - k0));
 }
 
-// out[r][c] (r < 16 output channels from m0, c < columns input rows from n0) -> y[n0 + c][m0 + r].
-void store_transposed(const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t rows,
-                      float* y, std::int64_t y_stride) {
+// out[r][c] (r < 16 output channels from m0, c < columns input rows from n0) -> y[n0 + c][m0 + r], plus
+// addend[n0 + c][m0 + r] (laid out as y) where addend is given.
+void store_transposed_adding(const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t rows,
+                             float* y, std::int64_t y_stride, const float* addend) {
     for (std::int64_t c0 = 0; c0 < columns; c0 += kLanes) {
         const std::int64_t count = std::min<std::int64_t>(kLanes, columns - c0);
         for (std::int64_t r0 = 0; r0 < rows; r0 += kLanes) {
@@ -59,14 +60,25 @@ void store_transposed(const float* out, std::int64_t out_stride, std::int64_t co
             for (int r = 0; r < 8; ++r) tile[r] = _mm256_load_ps(out + (r0 + r) * out_stride + c0);
             transpose8(tile);
             float* to = y + c0 * y_stride + r0;
+            const __m256i lanes = first_lanes(std::min<std::int64_t>(kLanes, rows - r0));
+            if (addend != nullptr) {
+                const float* from = addend + c0 * y_stride + r0;
+                for (std::int64_t c = 0; c < count; ++c) {
+                    tile[c] = _mm256_add_ps(tile[c], _mm256_maskload_ps(from + c * y_stride, lanes));
+                }
+            }
             if (rows - r0 >= kLanes) {
                 for (std::int64_t c = 0; c < count; ++c) _mm256_storeu_ps(to + c * y_stride, tile[c]);
             } else {
-                const __m256i lanes = first_lanes(rows - r0);
                 for (std::int64_t c = 0; c < count; ++c) _mm256_maskstore_ps(to + c * y_stride, lanes, tile[c]);
             }
         }
     }
+}
+
+void store_transposed(const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t rows,
+                      float* y, std::int64_t y_stride) {
+    store_transposed_adding(out, out_stride, columns, rows, y, y_stride, nullptr);
 }
 
 // int8_result (internal.hpp) for 8 sums of output channel m.
@@ -97,12 +109,23 @@ bool run_own_panels(std::int64_t n, std::int64_t rows, float* y, const ParallelF
 //   using Word;                          (float or std::int32_t)
 //   std::int64_t rows() const;           output channels
 //   std::int64_t words() const;          packed words per input row
+//   const float* addend() const;         added to y where the result is written (laid out as y), or nullptr
 //   void pack(x, n, x_stride, packed, width, first) const;
 //                                        the 8 input rows from `first` (rows past n: zeros), word w of
 //                                        row i at w × width + i
 //   template <int Tiles> void panel(packed, width, n0, m0, rows, out) const;
 //                                        out[r][0, Tiles × 8) for the `rows` output channels from m0,
 //                                        over the packed input rows from n0
+// store_transposed into a part of y, the product's whole output, adding the part of the layout's
+// addend laid out as that part is where it has one.
+template <typename Layout>
+auto layout_store(const Layout& layout, const float* y) {
+    return [addend = layout.addend(), y](const float* out, std::int64_t out_stride, std::int64_t columns,
+                                         std::int64_t rows, float* part, std::int64_t y_stride) {
+        store_transposed_adding(out, out_stride, columns, rows, part, y_stride, addend ? addend + (part - y) : nullptr);
+    };
+}
+
 template <typename Layout>
 struct LayoutPanel {
     template <int Tiles>
@@ -128,7 +151,7 @@ struct LayoutOwnPanel {
             for (int t = 0; t < Tiles; ++t) layout.pack(x + n0 * x_stride, n - n0, x_stride, packed, width, t * kLanes);
             panel_rows_to_y<kLanes, Tiles>(layout.rows(), n0, n, y, [&](std::int64_t m0, std::int64_t rows, float* out) {
                 layout.template panel<Tiles>(packed, width, 0, m0, rows, out);
-            }, store_transposed);
+            }, layout_store(layout, y));
         }
     };
 };
@@ -151,7 +174,7 @@ void run_product(const Layout& layout, const float* x, std::int64_t n, std::int6
     run_task_grid<kLanes, kTiles>(layout.rows(), n, padded_n, kTiles, y, parallel_for,
                                   [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
         run_panel<kTiles, LayoutPanel<Layout>::template Of>(tiles, layout, packed, padded_n, n0, m0, rows, out);
-    }, store_transposed);
+    }, layout_store(layout, y));
 }
 
 }  // namespace

@@ -35,21 +35,32 @@ inline void transpose16(__m512 r[16]) {
     }
 }
 
-// out[r][c] (r < 16 output channels from m0, c < columns input rows from n0) -> y[n0 + c][m0 + r].
-void store_transposed(const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t rows,
-                      float* y, std::int64_t y_stride) {
+// out[r][c] (r < 16 output channels from m0, c < columns input rows from n0) -> y[n0 + c][m0 + r], plus
+// addend[n0 + c][m0 + r] (laid out as y) where addend is given.
+void store_transposed_adding(const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t rows,
+                             float* y, std::int64_t y_stride, const float* addend) {
     const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1u);
     for (std::int64_t c0 = 0; c0 < columns; c0 += kLanes) {
         __m512 tile[16];
         for (int r = 0; r < 16; ++r) tile[r] = _mm512_load_ps(out + r * out_stride + c0);
         transpose16(tile);
         const std::int64_t count = std::min<std::int64_t>(kLanes, columns - c0);
+        if (addend != nullptr) {
+            for (std::int64_t c = 0; c < count; ++c) {
+                tile[c] = _mm512_add_ps(tile[c], _mm512_maskz_loadu_ps(row_mask, addend + (c0 + c) * y_stride));
+            }
+        }
         if (rows == kRowBlock) {
             for (std::int64_t c = 0; c < count; ++c) _mm512_storeu_ps(y + (c0 + c) * y_stride, tile[c]);
         } else {
             for (std::int64_t c = 0; c < count; ++c) _mm512_mask_storeu_ps(y + (c0 + c) * y_stride, row_mask, tile[c]);
         }
     }
+}
+
+void store_transposed(const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t rows,
+                      float* y, std::int64_t y_stride) {
+    store_transposed_adding(out, out_stride, columns, rows, y, y_stride, nullptr);
 }
 
 // Panels of input rows that split evenly enough among the threads get one task each (the panel-per-task

@@ -25,7 +25,7 @@ void int8_scalar(const Int8Blocks& w, const float* x, std::int64_t n, std::int64
                     const std::int32_t* a = centered.data() + 4 * static_cast<std::int64_t>(w.block_col[b]);
                     for (int j = 0; j < 4; ++j) sum += a[j] * w.values[4 * static_cast<std::int64_t>(b) + j];
                 }
-                y[i * w.rows + m] = int8_result(w, m, sum);
+                y[i * w.rows + m] = int8_result(w, m, sum) + (w.addend ? w.addend[i * w.rows + m] : 0.0f);
             }
         }
     });
