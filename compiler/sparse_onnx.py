@@ -445,6 +445,8 @@ def _match_residual(g: _Graph, node: onnx.NodeProto, shapes: dict) -> _ResidualM
         if _attribute(node, "format") != "int8_1x4" or len(node.input) != 7 or _attribute(node, "out_scale"):
             return None
         found = _output_quantizer(g, end)
+        if found is not None and np.any(g.constant(node.input[-1])):
+            return None  # the kernels fake-quantize before the bias, this graph after it
         if found is not None:
             quant, replaced, end = found[2], [found[0], found[1]], found[1].output[0]
     elif node.op_type != MLP_OP_TYPE or len(node.input) != 13:
@@ -461,8 +463,8 @@ def _match_residual(g: _Graph, node: onnx.NodeProto, shapes: dict) -> _ResidualM
     residual = add.input[1] if add.input[0] == end else add.input[0]
     shape = shapes.get(add.output[0])
     same = shape is not None and shape == shapes.get(residual) == shapes.get(end)
-    if g.constant(residual) is not None or not same:
-        return None  # a constant or broadcast addend stays an Add
+    if residual == end or g.constant(residual) is not None or not same:
+        return None  # y + y, and a constant or broadcast addend, stay an Add
     return _ResidualMatch(node, quant, None if bias is None else bias[1].reshape(rows), residual,
                           [*replaced, add], add.output[0])
 

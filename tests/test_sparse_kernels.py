@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from vitsparse.bench.kernel_speed import qdq_mlp_model, save_layer_model
+from vitsparse.bench.kernel_speed import dense_int8_model, qdq_mlp_model, save_layer_model
 from vitsparse.compiler import ExportConfig, PassManager, Recipe, export_artifact, fold_for_export, trace
 from vitsparse.compiler.sparse_onnx import (
     SparseLinear,
@@ -328,6 +328,34 @@ def test_a_residual_add_after_a_kernel_node_becomes_its_addend(core, tmp_path, m
     assert np.abs(reference - expected).max() < 0.5 and np.mean(np.abs(reference - expected) < 1e-5) > 0.9
     got = _run(core, str(path), x, "avx512", monkeypatch, r=r)
     np.testing.assert_allclose(got, reference, atol=INT8_ATOL, rtol=0)
+
+
+def test_a_quantizer_after_the_bias_keeps_the_residual_add_out_of_the_node(tmp_path) -> None:
+    """MatMul → + bias → Q → DQ → + r: the kernels would quantize before the bias, so nothing is folded."""
+    from onnx.reference import ReferenceEvaluator
+
+    rng = np.random.default_rng(5)
+    codes = _block_codes(rng, 16, 24, 0.8)
+    scale, bias = rng.random(16).astype(np.float32) * 0.01, rng.standard_normal(16).astype(np.float32)
+    dense_int8_model(codes, scale, bias, 3, tmp_path / "layer.onnx")
+    original = onnx.load(str(tmp_path / "layer.onnx"))
+    graph = original.graph
+    graph.node[-1].output[0] = "biased"
+    graph.initializer.extend([onnx.numpy_helper.from_array(np.float32(0.05), "os"),
+                              onnx.numpy_helper.from_array(np.uint8(128), "oz")])
+    graph.node.extend([onnx.helper.make_node("QuantizeLinear", ["biased", "os", "oz"], ["oq"]),
+                       onnx.helper.make_node("DequantizeLinear", ["oq", "os", "oz"], ["odq"]),
+                       onnx.helper.make_node("Add", ["odq", "r"], ["y"])])
+    graph.input.append(onnx.helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, [3, 16]))
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(original)
+    assert to_sparse_kernels(rewritten, min_sparsity=0.5) == 1
+    types = [node.op_type for node in rewritten.graph.node]
+    assert types == ["SparseLinear", "QuantizeLinear", "DequantizeLinear", "Add"]
+    x, r = rng.standard_normal((3, 24)).astype(np.float32), rng.standard_normal((3, 16)).astype(np.float32)
+    expected = ReferenceEvaluator(original).run(None, {"x": x, "r": r})[0]
+    got = ReferenceEvaluator(rewritten, new_ops=[SparseLinear, SparseMLP]).run(None, {"x": x, "r": r})[0]
+    assert np.abs(got - expected).max() <= 0.05 + 1e-6 and np.mean(np.abs(got - expected) < 1e-5) > 0.9
 
 
 def test_a_malformed_mlp_node_is_refused_with_a_clear_error(tmp_path) -> None:
