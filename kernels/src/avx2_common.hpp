@@ -116,16 +116,6 @@ bool run_own_panels(std::int64_t n, std::int64_t rows, float* y, const ParallelF
 //   template <int Tiles> void panel(packed, width, n0, m0, rows, out) const;
 //                                        out[r][0, Tiles × 8) for the `rows` output channels from m0,
 //                                        over the packed input rows from n0
-// store_transposed into a part of y, the product's whole output, adding the part of the layout's
-// addend laid out as that part is where it has one.
-template <typename Layout>
-auto layout_store(const Layout& layout, const float* y) {
-    return [addend = layout.addend(), y](const float* out, std::int64_t out_stride, std::int64_t columns,
-                                         std::int64_t rows, float* part, std::int64_t y_stride) {
-        store_transposed_adding(out, out_stride, columns, rows, part, y_stride, addend ? addend + (part - y) : nullptr);
-    };
-}
-
 template <typename Layout>
 struct LayoutPanel {
     template <int Tiles>
@@ -136,6 +126,17 @@ struct LayoutPanel {
         }
     };
 };
+
+// store_transposed into a part of y, the product's whole output, adding the part of the layout's
+// addend laid out as that part is where it has one.
+template <typename Layout>
+auto layout_store(const Layout& layout, const float* y) {
+    return [addend = layout.addend(), y](const float* out, std::int64_t out_stride, std::int64_t columns,
+                                         std::int64_t rows, float* part, std::int64_t y_stride) {
+        const float* part_addend = addend ? addend + (part - y) : nullptr;
+        store_transposed_adding(out, out_stride, columns, rows, part, y_stride, part_addend);
+    };
+}
 
 // The panel of Tiles × 8 input rows from n0, packed into this thread's workspace, through every output
 // channel into y (the panel-per-task layout, internal.hpp).
