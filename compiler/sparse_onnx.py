@@ -173,6 +173,12 @@ WEIGHT_PARTS = {"f32_csr": ("row_ptr", "col", "values", "bias"),
                 "int8_1x4": ("row_ptr", "block_col", "values", "row_sums", "scale", "bias")}
 
 
+# inputs of a node without an addend: x and the weight's arrays; SparseMLP: x, fc1's arrays but its bias,
+# the table, fc2's arrays
+LINEAR_INPUTS = {fmt: 1 + len(parts) for fmt, parts in WEIGHT_PARTS.items()}
+MLP_INPUTS = 1 + 2 * len(WEIGHT_PARTS["int8_1x4"])
+
+
 def _plus(y: np.ndarray, addend: tuple[np.ndarray, ...]) -> np.ndarray:
     """y plus a node's optional addend input (the residual an INT8 node adds to its output)."""
     return (y + addend[0]).astype(np.float32) if addend else y
@@ -442,14 +448,15 @@ def _match_residual(g: _Graph, node: onnx.NodeProto, shapes: dict) -> _ResidualM
     SparseMLP (bias and residual Add), when the residual has the output's shape."""
     quant, replaced, end = None, [], node.output[0]
     if node.op_type == OP_TYPE:
-        if _attribute(node, "format") != "int8_1x4" or len(node.input) != 7 or _attribute(node, "out_scale"):
+        if _attribute(node, "format") != "int8_1x4" or len(node.input) != LINEAR_INPUTS["int8_1x4"] \
+                or _attribute(node, "out_scale"):
             return None
         found = _output_quantizer(g, end)
         if found is not None and np.any(g.constant(node.input[-1])):
             return None  # the kernels fake-quantize before the bias, this graph after it
         if found is not None:
             quant, replaced, end = found[2], [found[0], found[1]], found[1].output[0]
-    elif node.op_type != MLP_OP_TYPE or len(node.input) != 13:
+    elif node.op_type != MLP_OP_TYPE or len(node.input) != MLP_INPUTS:
         return None
     rows, bias = g.constant(node.input[-1]).size, _bias_of(g, end)  # the node's own bias: one per row
     if bias is not None and bias[1].size == rows and bias[1].shape[-1:] == (rows,):  # (192,) or (1, 1, 192)
@@ -547,4 +554,4 @@ class SparseMLP(OpRun):
         fc2 = PackedWeight("int8_1x4", int(arrays[6].size - 1), fc1.rows, tuple(arrays[6:12]))
         y = sparse_mlp(x, fc1, table, fc2, act_scale, act_zero_point, fc1_out_scale, fc1_out_zero_point,
                        hidden_zero_point, out_scale, out_zero_point)
-        return (_plus(y, arrays[12:]),)
+        return (_plus(y, arrays[MLP_INPUTS - 1:]),)

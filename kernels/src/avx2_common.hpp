@@ -127,17 +127,6 @@ struct LayoutPanel {
     };
 };
 
-// store_transposed into a part of y, the product's whole output, adding the part of the layout's
-// addend laid out as that part is where it has one.
-template <typename Layout>
-auto layout_store(const Layout& layout, const float* y) {
-    return [addend = layout.addend(), y](const float* out, std::int64_t out_stride, std::int64_t columns,
-                                         std::int64_t rows, float* part, std::int64_t y_stride) {
-        const float* part_addend = addend ? addend + (part - y) : nullptr;
-        store_transposed_adding(out, out_stride, columns, rows, part, y_stride, part_addend);
-    };
-}
-
 // The panel of Tiles × 8 input rows from n0, packed into this thread's workspace, through every output
 // channel into y (the panel-per-task layout, internal.hpp).
 template <typename Layout>
@@ -152,7 +141,7 @@ struct LayoutOwnPanel {
             for (int t = 0; t < Tiles; ++t) layout.pack(x + n0 * x_stride, n - n0, x_stride, packed, width, t * kLanes);
             panel_rows_to_y<kLanes, Tiles>(layout.rows(), n0, n, y, [&](std::int64_t m0, std::int64_t rows, float* out) {
                 layout.template panel<Tiles>(packed, width, 0, m0, rows, out);
-            }, layout_store(layout, y));
+            }, store_plus(store_transposed_adding, layout.addend(), y));
         }
     };
 };
@@ -175,7 +164,7 @@ void run_product(const Layout& layout, const float* x, std::int64_t n, std::int6
     run_task_grid<kLanes, kTiles>(layout.rows(), n, padded_n, kTiles, y, parallel_for,
                                   [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
         run_panel<kTiles, LayoutPanel<Layout>::template Of>(tiles, layout, packed, padded_n, n0, m0, rows, out);
-    }, layout_store(layout, y));
+    }, store_plus(store_transposed_adding, layout.addend(), y));
 }
 
 }  // namespace

@@ -95,7 +95,7 @@ void int8_shared_panels(const Int8Blocks& w, const float* x, std::int64_t n, std
                                       [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
         run_panel<kInt8Tiles, Int8Panel>(tiles, w, packed + n0 / width * panel_bytes, width, m0, rows,
                                          act_zero_point, out);
-    }, int8_store(w, y));
+    }, store_plus(store_transposed_adding, w.addend, y));
 }
 
 }  // namespace

@@ -135,16 +135,6 @@ void pack_panel(const float* x, std::int64_t n, std::int64_t x_stride, std::int6
     }
 }
 
-// store_transposed into a part of y, the whole output of an INT8 layer, adding the part of w.addend
-// laid out as that part is where the layer has one.
-inline auto int8_store(const Int8Blocks& w, const float* y) {
-    return [&w, y](const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t rows, float* part,
-                   std::int64_t y_stride) {
-        const float* addend = w.addend ? w.addend + (part - y) : nullptr;
-        store_transposed_adding(out, out_stride, columns, rows, part, y_stride, addend);
-    };
-}
-
 // Every output channel of `w` over the packed panel of the Tiles × 16 input rows from n0, written to y
 // (n rows of w.rows floats) 16 channels at a time.
 template <int Tiles>
@@ -152,7 +142,7 @@ void int8_panel_to_y(const Int8Blocks& w, const std::uint8_t* panel, std::int32_
                      std::int64_t n, float* y) {
     panel_rows_to_y<kLanes, Tiles>(w.rows, n0, n, y, [&](std::int64_t m0, std::int64_t rows, float* out) {
         int8_panel<Tiles>(w, panel, Tiles * kLanes, m0, rows, zero_point, out);
-    }, int8_store(w, y));
+    }, store_plus(store_transposed_adding, w.addend, y));
 }
 
 template <int Tiles>

@@ -131,6 +131,17 @@ void run_task_grid(std::int64_t out_features, std::int64_t n, std::int64_t padde
     });
 }
 
+// The store panel_rows_to_y and run_task_grid take, writing into a part of y (the product's whole output)
+// through store_adding(out, out_stride, columns, rows, part, y_stride, part's addend): the part of
+// `addend` (laid out as y, or nullptr) that lies where that part does.
+template <typename StoreAdding>
+auto store_plus(StoreAdding store_adding, const float* addend, const float* y) {
+    return [=](const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t rows, float* part,
+               std::int64_t y_stride) {
+        store_adding(out, out_stride, columns, rows, part, y_stride, addend ? addend + (part - y) : nullptr);
+    };
+}
+
 // float -> bfloat16, rounding to nearest even (what vcvtneps2bf16 does; NaN stays NaN).
 inline std::uint16_t to_bf16(float value) {
     std::uint32_t bits;
