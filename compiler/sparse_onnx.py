@@ -9,9 +9,10 @@ A MatMul reading a constant weight with enough zeros (and the bias Add after it)
   the node's attributes and the input and weight scales into one per-row scale.
 An INT8 MLP (fc1 → its output Q/DQ → bias and an elementwise activation → fc2) then becomes one
 `com.vitsparse::SparseMLP` node: the activation is evaluated onto a table of 256 codes per hidden
-channel, and one kernel runs both layers with the hidden activations kept in cache. Last, an INT8 node
+channel, and one kernel runs both layers with the hidden activations kept in cache. Then an INT8 node
 followed by the block's residual Add (after proj's output Q/DQ and the bias, or after the MLP's bias)
-takes all of them in: the residual becomes an input the kernels add where they write the output.
+takes all of them in: the residual becomes an input the kernels add where they write the output. Last,
+an INT8 qkv node writes attention's q, kᵀ and v in the layout the attention reads (sparse_heads.py).
 Only OpenVINO with vitsparse's extension (the `openvino-sparse` engine) runs such a file; the
 reference ops below (numpy) are what export verification and the kernel tests compare against.
 Layers below `min_sparsity` stay dense MatMuls, since the dense kernels win there (kernel_crossover.py
@@ -165,6 +166,16 @@ def sparse_mlp(x: np.ndarray, fc1: PackedWeight, table: np.ndarray, fc2: PackedW
     hidden = np.asarray(table)[np.arange(fc1.rows), codes].astype(np.int64) - hidden_zero_point
     # codes minus the zero point, read back by fc2 with scale 1 and that zero point: the codes themselves
     return sparse_linear(hidden.astype(np.float32), fc2, 1.0, hidden_zero_point, out_scale, out_zero_point)
+
+
+def split_heads(y: np.ndarray, heads: int) -> np.ndarray:
+    """qkv's output y [batch, tokens, 3 × heads × head_dim] as a SparseLinear node with `heads` writes it:
+    y's shape, holding for part, batch item and head in turn the head's q or v (tokens × head_dim) or
+    kᵀ (head_dim × tokens), what a Reshape to [3, batch, heads, tokens, head_dim] reads."""
+    batch, tokens, rows = y.shape
+    parts = y.reshape(batch, tokens, 3, heads, rows // (3 * heads)).transpose(2, 0, 3, 1, 4)
+    laid = [parts[0], parts[1].transpose(0, 1, 3, 2), parts[2]]
+    return np.stack([p.reshape(batch, heads, -1) for p in laid]).reshape(y.shape).astype(np.float32)
 
 
 # the arrays of each format, in the order a node reads them after x
@@ -524,7 +535,9 @@ def to_sparse_kernels(model: onnx.ModelProto, min_sparsity: float, precision: st
         if _fuse_mlps(model):
             _topological_sort(model.graph)
             _Graph(model).prune()
-        if _fuse_residuals(model, shapes):
+        from .sparse_heads import fuse_attention_heads  # (it imports this module)
+
+        if _fuse_residuals(model, shapes) + fuse_attention_heads(model, shapes):
             _topological_sort(model.graph)
     return rewritten
 
@@ -535,11 +548,12 @@ class SparseLinear(OpRun):
     op_domain = DOMAIN
 
     def _run(self, x, *arrays, format=None, in_features=None, act_scale=1.0, act_zero_point=0,  # noqa: A002
-             out_scale=0.0, out_zero_point=0):
+             out_scale=0.0, out_zero_point=0, heads=0):
         count = len(WEIGHT_PARTS[format])  # an INT8 node may read one more: its addend
         packed = PackedWeight(format, int(arrays[0].size - 1), int(in_features), tuple(arrays[:count]))
         y = sparse_linear(x, packed, act_scale, act_zero_point, out_scale, out_zero_point)
-        return (_plus(y, arrays[count:]),)
+        y = _plus(y, arrays[count:])
+        return (split_heads(y, heads) if heads else y,)
 
 
 class SparseMLP(OpRun):

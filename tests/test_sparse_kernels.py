@@ -31,6 +31,7 @@ from vitsparse.compiler.sparse_onnx import (
     pack_int8_blocks,
     sparse_linear,
     sparse_mlp,
+    split_heads,
     to_bf16_bits,
     to_sparse_kernels,
     unpack,
@@ -136,6 +137,78 @@ def test_int8_kernel_adds_its_addend_after_the_bias(core, tmp_path, monkeypatch,
     got = _run(core, path, x, isa, monkeypatch, r=addend)
     expected = sparse_linear(x, packed, 0.04, 120, **out) + addend
     np.testing.assert_allclose(got, expected, atol=INT8_ATOL, rtol=0)
+
+
+# (batch, tokens, in features, heads, head dim): DeiT's 197 tokens in several panels, batch items
+# meeting inside a panel, fewer tokens than a tile, N = 1, K not a multiple of 4, three heads
+HEADS_SHAPES = [(1, 197, 64, 2, 16), (3, 50, 37, 1, 32), (2, 5, 24, 2, 16), (1, 1, 16, 1, 16),
+                (4, 70, 20, 3, 16)]
+
+
+def _heads_file(path, packed, x_shape, heads: int) -> str:
+    """A one-node file whose INT8 node writes attention's q, kᵀ and v for `heads` heads."""
+    node, inits = make_node("layer", "x", "y", packed, act_scale=0.04, act_zero_point=120)
+    node.attribute.append(onnx.helper.make_attribute("heads", heads))
+    save_layer_model([node], inits, x_shape, packed.rows, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", HEADS_SHAPES, ids=["b{}-t{}-k{}-h{}x{}".format(*s) for s in HEADS_SHAPES])
+def test_int8_kernel_split_into_heads_writes_q_kt_and_v(core, tmp_path, monkeypatch, isa, shape) -> None:
+    """A qkv node with `heads` writes the plain product laid out head by head (q and v token-major,
+    k transposed), on every path; onnx's reference evaluator computes the same."""
+    batch, tokens, k, heads, head_dim = shape
+    m = 3 * heads * head_dim
+    rng = np.random.default_rng(tokens * 100 + k)
+    codes = _block_codes(rng, m, k, 0.7)
+    scale, bias = rng.random(m).astype(np.float32) * 0.01, rng.standard_normal(m).astype(np.float32)
+    packed = pack_int8_blocks(codes, scale, bias)
+    x = (rng.standard_normal((batch, tokens, k)) * 3).astype(np.float32)
+    path = _heads_file(tmp_path / "l.onnx", packed, [batch, tokens, k], heads)
+    expected = split_heads(sparse_linear(x, packed, 0.04, 120), heads)
+    np.testing.assert_allclose(_run(core, path, x, isa, monkeypatch), expected, atol=INT8_ATOL, rtol=0)
+    from onnx.reference import ReferenceEvaluator
+
+    (reference,) = ReferenceEvaluator(path, new_ops=[SparseLinear]).run(None, {"x": x})
+    np.testing.assert_allclose(reference, expected, atol=INT8_ATOL, rtol=0)
+
+
+def test_split_heads_puts_each_element_where_attention_reads_it() -> None:
+    """The layout itself, element by element: y[b, t, (part, head, d)] lands at q[b, h, t, d],
+    kᵀ[b, h, d, t] and v[b, h, t, d] of a Reshape to [3, batch, heads, tokens, head_dim]."""
+    batch, tokens, heads, head_dim = 2, 3, 2, 4
+    y = np.arange(batch * tokens * 3 * heads * head_dim, dtype=np.float32).reshape(batch, tokens, -1)
+    laid = split_heads(y, heads).reshape(3, batch, heads, tokens * head_dim)
+    q, k, v = (laid[p].reshape(batch, heads, tokens, head_dim) for p in (0, 1, 2))
+    k_t = laid[1].reshape(batch, heads, head_dim, tokens)
+    for b, t, h, d in np.ndindex(batch, tokens, heads, head_dim):
+        assert q[b, h, t, d] == y[b, t, h * head_dim + d]
+        assert k_t[b, h, d, t] == y[b, t, (heads + h) * head_dim + d]
+        assert v[b, h, t, d] == y[b, t, (2 * heads + h) * head_dim + d]
+    assert not np.array_equal(k, k_t.transpose(0, 1, 3, 2))  # k's slab really is transposed
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("f32 weight", "only an int8_1x4 node"), ("not 3 parts", "not 3 parts of 5 heads"),
+    ("head of 8 channels", "multiple of 16"), ("with an addend", "takes no addend"),
+    ("x of rank 2", "reads x as"),
+])
+def test_a_node_split_into_heads_is_refused_where_it_cannot_be(tmp_path, case, message) -> None:
+    rng = np.random.default_rng(3)
+    m, heads, x_shape = {"not 3 parts": (48, 5, [2, 3, 16]), "head of 8 channels": (24, 1, [2, 3, 16]),
+                         "x of rank 2": (48, 1, [6, 16])}.get(case, (48, 1, [2, 3, 16]))
+    packed = pack_int8_blocks(_block_codes(rng, m, 16, 0.5), np.ones(m, np.float32))
+    if case == "f32 weight":
+        packed = pack_f32_csr(rng.standard_normal((m, 16)).astype(np.float32))
+    node, inits = make_node("layer", "x", "y", packed, act_scale=0.1, act_zero_point=0)
+    node.attribute.append(onnx.helper.make_attribute("heads", heads))
+    path = tmp_path / "l.onnx"
+    save_layer_model([node], inits, x_shape, m, path)
+    if case == "with an addend":
+        _with_addend(str(path), [*x_shape[:-1], m])
+    with pytest.raises(EngineLoadError, match=message):
+        create_engine("openvino-sparse", path, batch_size=2)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -445,6 +518,11 @@ def test_a_masked_vit_exported_with_sparse_kernels_matches_torch(tmp_path, quant
     with_addend = sorted(node.name.split("_")[0] for node in model.graph.node
                          if node.op_type in ("SparseLinear", "SparseMLP") and len(node.input) in (8, 14))
     assert with_addend == (["fc1", "fc1", "proj", "proj"] if quantize else [])
+    # INT8: qkv writes q, kᵀ and v for its 3 heads, and the transposes between it and attention are gone
+    heads = [a.i for node in model.graph.node for a in node.attribute if a.name == "heads"]
+    assert heads == ([3, 3] if quantize else [])
+    perms = [list(a.ints) for node in model.graph.node if node.op_type == "Transpose" for a in node.attribute]
+    assert ([2, 0, 3, 1, 4] in perms, [0, 1, 3, 2] in perms) == ((False, False) if quantize else (True, True))
     assert result.meta["sparse_kernels"]["layers"] == 8
     # the unmasked layers (patch embedding, head) stay OpenVINO's own
     assert any(node.op_type in ("MatMul", "Gemm") for node in model.graph.node)
@@ -452,6 +530,65 @@ def test_a_masked_vit_exported_with_sparse_kernels_matches_torch(tmp_path, quant
     (logits,) = engine.run([images.numpy()])
     limit = 0.2 if quantize else 1e-4  # INT8: the export's own tolerance against fake-quantized torch
     assert np.abs(logits - expected).max() < limit
+
+
+def _qdq_vit_file(tmp_path) -> tuple[onnx.ModelProto, np.ndarray]:
+    """The masked INT8 ViT's plain QDQ export, and its images."""
+    manager, images, _ = _masked_vit(quantize=True)
+    result = export_artifact(manager.graph_module, manager.recipe, tmp_path / "plain",
+                             ExportConfig(batch_size=2))
+    return onnx.load(str(result.directory / "model.onnx")), images.numpy()
+
+
+def test_qkv_writing_the_heads_changes_no_result(tmp_path, monkeypatch) -> None:
+    """The same INT8 ViT with and without qkv writing q, kᵀ and v (and without k's bias, which the
+    softmax cancels): the same logits on openvino-sparse, to float rounding."""
+    import vitsparse.compiler.sparse_heads as sparse_heads
+
+    model, images = _qdq_vit_file(tmp_path)
+    logits = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(sparse_heads, "fuse_attention_heads", lambda model, shapes: 0)
+        rewritten = onnx.ModelProto()
+        rewritten.CopyFrom(model)
+        to_sparse_kernels(rewritten, 0.5, "f32", 0.5)
+        assert any(a.name == "heads" for node in rewritten.graph.node for a in node.attribute) == fused
+        onnx.save(rewritten, str(tmp_path / f"{fused}.onnx"))
+        engine = create_engine("openvino-sparse", tmp_path / f"{fused}.onnx", batch_size=2, precision="f32")
+        (logits[fused],) = engine.run([images])
+    np.testing.assert_allclose(logits[True], logits[False], atol=1e-4 * np.abs(logits[False]).max(), rtol=0)
+
+
+@pytest.mark.parametrize("change", ["no softmax", "a factor per key", "k read twice"])
+def test_qkv_keeps_its_layout_where_k_bias_may_matter(tmp_path, change) -> None:
+    """k's bias is only left out where k reaches a softmax over keys through scalings by one number:
+    any other graph keeps the plain qkv node."""
+    model, _ = _qdq_vit_file(tmp_path)
+    graph = model.graph
+    if change == "no softmax":
+        for node in graph.node:
+            if node.op_type == "Softmax":
+                node.op_type = "Sigmoid"
+                del node.attribute[:]
+    elif change == "a factor per key":  # the scores (5 keys) times a factor per key before the softmax
+        softmax = next(node for node in graph.node if node.op_type == "Softmax")
+        factors = onnx.numpy_helper.from_array(np.linspace(1, 2, 5, dtype=np.float32), "per_key")
+        graph.initializer.append(factors)
+        graph.node.append(onnx.helper.make_node("Mul", [softmax.input[0], "per_key"], ["scaled_scores"]))
+        softmax.input[0] = "scaled_scores"
+    else:  # k also read by another node
+        k_transpose = next(node for node in graph.node if node.op_type == "Transpose"
+                           and list(node.attribute[0].ints) == [0, 1, 3, 2])
+        graph.node.append(onnx.helper.make_node("Identity", [k_transpose.input[0]], ["k_again"]))
+        graph.output.append(onnx.helper.make_tensor_value_info("k_again", onnx.TensorProto.FLOAT, None))
+    from vitsparse.compiler.quantized_onnx import _topological_sort
+
+    _topological_sort(graph)
+    to_sparse_kernels(model, 0.5, "f32", 0.5)
+    heads = [a.i for node in graph.node for a in node.attribute if a.name == "heads"]
+    # every softmax changed, or only the first block's k
+    assert heads == ([] if change == "no softmax" else [3])
 
 
 def test_sparse_nodes_count_as_the_products_they_replace(tmp_path) -> None:

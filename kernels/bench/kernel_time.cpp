@@ -2,12 +2,13 @@
 // pages call "the harness". Built on demand from the extension's build folder (make install made it):
 //
 //   cmake --build .venv/lib/vitsparse/build --target kernel_time
-//   .venv/lib/vitsparse/build/kernel_time linear K M N DENSITY [CALLS] [--cold]
+//   .venv/lib/vitsparse/build/kernel_time linear K M N DENSITY [CALLS] [--cold] [--heads H]
 //   .venv/lib/vitsparse/build/kernel_time mlp N DENSITY [CALLS] [--cold]
 //
 // linear: x [N, K] times a [M, K] weight; mlp: DeiT-S's MLP (384 → 1536 → 384, the fused SparseMLP
 // kernel). DENSITY is the share of non-zero 1×4 blocks. --cold evicts the caches (writes 16 MiB) before
-// every call, as a layer inside a model meets them. Prints the median and fastest of CALLS (default 50).
+// every call, as a layer inside a model meets them. --heads H times the linear as attention's qkv (one
+// batch item of N tokens) writing q, kᵀ and v for H heads. Prints the median and fastest of CALLS (default 50).
 // VITSPARSE_KERNEL_ISA=scalar|avx2|avxvnni|avx512 caps the instruction set, as it does in the engine.
 #include <vitsparse_kernels.hpp>
 
@@ -59,7 +60,7 @@ struct RandomBlocks {
 };
 
 [[noreturn]] void usage(const char* why) {
-    std::fprintf(stderr, "kernel_time: %s\nusage: kernel_time linear K M N DENSITY [CALLS] [--cold]\n"
+    std::fprintf(stderr, "kernel_time: %s\nusage: kernel_time linear K M N DENSITY [CALLS] [--cold] [--heads H]\n"
                          "       kernel_time mlp N DENSITY [CALLS] [--cold]\n", why);
     std::exit(2);
 }
@@ -101,6 +102,11 @@ int main(int argc, char** argv) {
     std::vector<std::string> args(argv + 1, argv + argc);
     const bool cold = std::find(args.begin(), args.end(), "--cold") != args.end();
     args.erase(std::remove(args.begin(), args.end(), "--cold"), args.end());
+    long heads = 0;  // --heads H: the linear is attention's qkv over one batch item, split into H heads
+    if (auto at = std::find(args.begin(), args.end(), "--heads"); at != args.end() && at + 1 != args.end()) {
+        heads = positive((at + 1)->c_str(), "H");
+        args.erase(at, at + 2);
+    }
     if (args.empty()) usage("name a kernel: linear or mlp");
     const bool mlp = args[0] == "mlp";
     if (!mlp && args[0] != "linear") usage(("unknown kernel " + args[0]).c_str());
@@ -131,9 +137,13 @@ int main(int argc, char** argv) {
     const long n = positive(args[3].c_str(), "N");
     const double density = density_of(args[4].c_str());
     RandomBlocks weight(k, m, density, rng);
+    weight.blocks.heads = heads;
+    weight.blocks.tokens = n;
+    if (const std::string problem = vitsparse::check_heads(weight.blocks); !problem.empty()) usage(problem.c_str());
     std::vector<float> x(static_cast<std::size_t>(n) * k), y(static_cast<std::size_t>(n) * m);
     for (float& value : x) value = uniform(rng);
-    std::snprintf(label, sizeof label, "linear K%ld M%ld N%ld density %.2f", k, m, n, density);
+    std::snprintf(label, sizeof label, "linear K%ld M%ld N%ld density %.2f%s", k, m, n, density,
+                  heads ? (", " + std::to_string(heads) + " heads").c_str() : "");
     time_calls(label, calls, cold, [&] {
         vitsparse::sparse_linear_int8(weight.blocks, x.data(), n, k, 0.01f, 128, y.data(), isa, one_thread);
     });

@@ -53,6 +53,13 @@ struct Int8Blocks {
     // added to y after the bias (n rows of `rows` floats, laid out as y), or nullptr: the residual a
     // transformer block adds to the layer's output, read where the result is written
     const float* addend = nullptr;
+    // heads > 0: the product is attention's qkv and writes q, kᵀ and v where the attention products read
+    // them, with no transposes between. Its rows are 3 parts (q, k, v) × heads × head_dim channels, its n
+    // input rows batch items of `tokens` rows, and y holds, for part p, batch item b and head h, at
+    // ((p × batch + b) × heads + h) × tokens × head_dim, a tokens × head_dim matrix (q, v) or a
+    // head_dim × tokens one (kᵀ), row-major. head_dim must be a multiple of 16; no addend with it.
+    std::int64_t heads = 0;
+    std::int64_t tokens = 0;
 };
 
 struct Bf16Pairs {
@@ -77,8 +84,12 @@ struct F32Csr {
 std::string check_int8_blocks(const Int8Blocks& w, std::int64_t nonzero_blocks);
 std::string check_f32_csr(const F32Csr& w, std::int64_t nonzeros);
 std::string check_bf16_pairs(const Bf16Pairs& w, std::int64_t nonzero_blocks);
+// Checks Int8Blocks::heads against the rows (3 parts × heads × a head_dim that is a multiple of 16) and
+// the addend (none with heads); returns "" or what is wrong.
+std::string check_heads(const Int8Blocks& w);
 
-// x: n rows of w.cols floats, row stride x_stride; y: n rows of w.rows floats (contiguous).
+// x: n rows of w.cols floats, row stride x_stride; y: n rows of w.rows floats (contiguous), or with
+// w.heads, the same floats laid out head by head (n then a multiple of w.tokens, else invalid_argument).
 void sparse_linear_int8(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride,
                         float act_scale, std::int32_t act_zero_point, float* y, Isa isa,
                         const ParallelFor& parallel_for);

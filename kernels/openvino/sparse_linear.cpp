@@ -9,9 +9,9 @@ using namespace extension;
 
 SparseLinear::SparseLinear(const ov::OutputVector& inputs, std::string format, std::int64_t in_features,
                            float act_scale, std::int64_t act_zero_point, float out_scale,
-                           std::int64_t out_zero_point)
+                           std::int64_t out_zero_point, std::int64_t heads)
     : Op(inputs), m_format(std::move(format)), m_in_features(in_features), m_act_scale(act_scale),
-      m_act_zero_point(act_zero_point), m_out_scale(out_scale), m_out_zero_point(out_zero_point) {
+      m_act_zero_point(act_zero_point), m_out_scale(out_scale), m_out_zero_point(out_zero_point), m_heads(heads) {
     constructor_validate_and_infer_types();
 }
 
@@ -36,12 +36,25 @@ void SparseLinear::validate_and_infer_types() {
     const auto rows = static_cast<std::int64_t>(weight[0].get_size()) - 1;
     const ov::PartialShape output = linear_output_shape(this, m_in_features, rows);
     check_addend(this, inputs, output);
+    if (m_heads != 0) check_heads(weight);
     set_output_type(0, ov::element::f32, output);
+}
+
+void SparseLinear::check_heads(const std::vector<ov::Tensor>& weight) const {
+    NODE_VALIDATION_CHECK(this, m_format == kInt8, "only an int8_1x4 node splits its output into heads");
+    NODE_VALIDATION_CHECK(this, get_input_size() == weight.size() + 1, "a node split into heads takes no addend");
+    Int8Blocks w = int8_blocks(m_in_features, weight.data(), true);
+    w.heads = m_heads;
+    const std::string problem = vitsparse::check_heads(w);
+    NODE_VALIDATION_CHECK(this, problem.empty(), problem);
+    NODE_VALIDATION_CHECK(this, get_input_partial_shape(0).rank().compatible(3),
+                          "a node split into heads reads x as [batch, tokens, ", m_in_features, "], got ",
+                          get_input_partial_shape(0));
 }
 
 std::shared_ptr<ov::Node> SparseLinear::clone_with_new_inputs(const ov::OutputVector& inputs) const {
     return std::make_shared<SparseLinear>(inputs, m_format, m_in_features, m_act_scale, m_act_zero_point,
-                                          m_out_scale, m_out_zero_point);
+                                          m_out_scale, m_out_zero_point, m_heads);
 }
 
 bool SparseLinear::visit_attributes(ov::AttributeVisitor& visitor) {
@@ -51,6 +64,7 @@ bool SparseLinear::visit_attributes(ov::AttributeVisitor& visitor) {
     visitor.on_attribute("act_zero_point", m_act_zero_point);
     visitor.on_attribute("out_scale", m_out_scale);
     visitor.on_attribute("out_zero_point", m_out_zero_point);
+    visitor.on_attribute("heads", m_heads);
     return true;
 }
 
@@ -65,6 +79,9 @@ bool SparseLinear::evaluate(ov::TensorVector& outputs, const ov::TensorVector& i
                     "SparseLinear: x has ", shape.empty() ? 0 : shape.back(), " features, the weight ", m_in_features);
     const auto rows = static_cast<std::int64_t>(inputs[1].get_size()) - 1;
     const auto n = static_cast<std::int64_t>(ov::shape_size(shape) / static_cast<std::size_t>(m_in_features));
+    OPENVINO_ASSERT(m_heads == 0 || shape.size() == 3, "SparseLinear: a node split into heads reads x as [batch, ",
+                    "tokens, features], got ", shape);
+    const std::size_t tokens = shape.size() > 1 ? shape[1] : 1;
     shape.back() = static_cast<std::size_t>(rows);
     outputs[0].set_shape(shape);
     float* y = outputs[0].data<float>();
@@ -74,6 +91,8 @@ bool SparseLinear::evaluate(ov::TensorVector& outputs, const ov::TensorVector& i
         w.out_scale = m_out_scale;
         w.out_zero_point = static_cast<std::int32_t>(m_out_zero_point);
         if (inputs.size() > weight_types(m_format)->size() + 1) w.addend = data<float>(inputs.back());
+        w.heads = m_heads;
+        w.tokens = static_cast<std::int64_t>(tokens);
         sparse_linear_int8(w, data<float>(x), n, m_in_features, m_act_scale,
                            static_cast<std::int32_t>(m_act_zero_point), y, isa, host_threads());
     } else if (m_format == kBf16) {

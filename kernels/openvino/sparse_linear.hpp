@@ -4,6 +4,9 @@
 #pragma once
 
 #include <openvino/op/op.hpp>
+#include <openvino/runtime/tensor.hpp>
+
+#include <vector>
 
 namespace vitsparse {
 
@@ -13,12 +16,16 @@ public:
 
     // format "int8_1x4" inputs: x, row_ptr, block_col, values, row_sums, scale, bias[, addend] (out_scale
     //   > 0: sum × scale fake-quantized to uint8 with out_scale and out_zero_point before the bias; the
-    //   addend, of the output's shape, is added last)
+    //   addend, of the output's shape, is added last). heads > 0: the node is attention's qkv over x
+    //   [batch, tokens, in_features]; y keeps its shape but holds q, kᵀ and v head by head, as
+    //   Int8Blocks::heads lays them out, for a Reshape to [3, batch, heads, tokens, head_dim] to read
+    //   (no addend then)
     // format "f32_csr" inputs:  x, row_ptr, col, values, bias
     // format "bf16_1x2" inputs: x, row_ptr, block_col, values (a bfloat16 pair per int32), bias
     SparseLinear() = default;
     SparseLinear(const ov::OutputVector& inputs, std::string format, std::int64_t in_features, float act_scale,
-                 std::int64_t act_zero_point, float out_scale = 0.0f, std::int64_t out_zero_point = 0);
+                 std::int64_t act_zero_point, float out_scale = 0.0f, std::int64_t out_zero_point = 0,
+                 std::int64_t heads = 0);
 
     void validate_and_infer_types() override;
     std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& inputs) const override;
@@ -27,12 +34,15 @@ public:
     bool has_evaluate() const override;
 
 private:
+    void check_heads(const std::vector<ov::Tensor>& weight) const;
+
     std::string m_format;
     std::int64_t m_in_features = 0;
     float m_act_scale = 1.0f;
     std::int64_t m_act_zero_point = 0;
     float m_out_scale = 0.0f;
     std::int64_t m_out_zero_point = 0;
+    std::int64_t m_heads = 0;
 };
 
 }  // namespace vitsparse

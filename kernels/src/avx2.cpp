@@ -158,7 +158,7 @@ struct Int8PairsLayout {
     std::int32_t act_zero_point;
 
     std::int64_t rows() const { return w.rows; }
-    const float* addend() const { return w.addend; }
+    OutputLayout output() const { return output_of(w); }
     std::int64_t words() const { return 2 * ceil_div(w.cols, 4); }
     void pack(const float* x, std::int64_t n, std::int64_t x_stride, Word* packed, std::int64_t width,
               std::int64_t first) const {
@@ -180,7 +180,7 @@ struct FloatLayout {
     const Weight& w;
 
     std::int64_t rows() const { return w.rows; }
-    const float* addend() const { return nullptr; }
+    OutputLayout output() const { return {}; }
     std::int64_t words() const { return kBf16 ? round_up(w.cols, 2) : w.cols; }
     void pack(const float* x, std::int64_t n, std::int64_t x_stride, Word* packed, std::int64_t width,
               std::int64_t first) const {

@@ -49,36 +49,37 @@ inline __m256 load_row(const float* x, std::int64_t row, std::int64_t n, std::in
     return k0 + kLanes <= cols ? _mm256_loadu_ps(from) : _mm256_maskload_ps(from, first_lanes(cols - k0));
 }
 
-// out[r][c] (r < 16 output channels from m0, c < columns input rows from n0) -> y[n0 + c][m0 + r], plus
-// addend[n0 + c][m0 + r] (laid out as y) where addend is given.
-void store_transposed_adding(const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t rows,
-                             float* y, std::int64_t y_stride, const float* addend) {
+// out[r][c] (r < `rows` output channels, c < columns input rows) -> row_at(c)[r], plus addend[c ×
+// addend_stride + r] where addend is given (store_into, internal.hpp, gives the row addresses).
+constexpr auto store_transposed_to = [](const float* out, std::int64_t out_stride, std::int64_t columns,
+                                        std::int64_t rows, auto row_at, const float* addend,
+                                        std::int64_t addend_stride) {
     for (std::int64_t c0 = 0; c0 < columns; c0 += kLanes) {
         const std::int64_t count = std::min<std::int64_t>(kLanes, columns - c0);
         for (std::int64_t r0 = 0; r0 < rows; r0 += kLanes) {
             __m256 tile[8];
             for (int r = 0; r < 8; ++r) tile[r] = _mm256_load_ps(out + (r0 + r) * out_stride + c0);
             transpose8(tile);
-            float* to = y + c0 * y_stride + r0;
             const __m256i lanes = first_lanes(std::min<std::int64_t>(kLanes, rows - r0));
             if (addend != nullptr) {
-                const float* from = addend + c0 * y_stride + r0;
+                const float* from = addend + c0 * addend_stride + r0;
                 for (std::int64_t c = 0; c < count; ++c) {
-                    tile[c] = _mm256_add_ps(tile[c], _mm256_maskload_ps(from + c * y_stride, lanes));
+                    tile[c] = _mm256_add_ps(tile[c], _mm256_maskload_ps(from + c * addend_stride, lanes));
                 }
             }
             if (rows - r0 >= kLanes) {
-                for (std::int64_t c = 0; c < count; ++c) _mm256_storeu_ps(to + c * y_stride, tile[c]);
+                for (std::int64_t c = 0; c < count; ++c) _mm256_storeu_ps(row_at(c0 + c) + r0, tile[c]);
             } else {
-                for (std::int64_t c = 0; c < count; ++c) _mm256_maskstore_ps(to + c * y_stride, lanes, tile[c]);
+                for (std::int64_t c = 0; c < count; ++c) _mm256_maskstore_ps(row_at(c0 + c) + r0, lanes, tile[c]);
             }
         }
     }
-}
+};
 
-void store_transposed(const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t rows,
-                      float* y, std::int64_t y_stride) {
-    store_transposed_adding(out, out_stride, columns, rows, y, y_stride, nullptr);
+// out[r][c] (r < 16 output channels from m0, c < columns input rows from n0) -> y[n0 + c][m0 + r].
+inline void store_transposed(const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t rows,
+                             float* y, std::int64_t y_stride) {
+    store_transposed_to(out, out_stride, columns, rows, [=](std::int64_t c) { return y + c * y_stride; }, nullptr, 0);
 }
 
 // int8_result (internal.hpp) for 8 sums of output channel m.
@@ -109,7 +110,7 @@ bool run_own_panels(std::int64_t n, std::int64_t rows, float* y, const ParallelF
 //   using Word;                          (float or std::int32_t)
 //   std::int64_t rows() const;           output channels
 //   std::int64_t words() const;          packed words per input row
-//   const float* addend() const;         added to y where the result is written (laid out as y), or nullptr
+//   OutputLayout output() const;         how y is laid out (internal.hpp: row-major, an addend, heads)
 //   void pack(x, n, x_stride, packed, width, first) const;
 //                                        the 8 input rows from `first` (rows past n: zeros), word w of
 //                                        row i at w × width + i
@@ -134,14 +135,15 @@ struct LayoutOwnPanel {
     template <int Tiles>
     struct Of {
         static void run(const Layout& layout, const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t n0,
-                        float* y) {
+                        float* y, BlockRange range = {}) {
             using Word = typename Layout::Word;
             constexpr std::int64_t width = Tiles * kLanes;
             auto* packed = static_cast<Word*>(workspace(static_cast<std::size_t>(layout.words() * width) * sizeof(Word)));
             for (int t = 0; t < Tiles; ++t) layout.pack(x + n0 * x_stride, n - n0, x_stride, packed, width, t * kLanes);
             panel_rows_to_y<kLanes, Tiles>(layout.rows(), n0, n, y, [&](std::int64_t m0, std::int64_t rows, float* out) {
                 layout.template panel<Tiles>(packed, width, 0, m0, rows, out);
-            }, store_plus(store_transposed_adding, layout.addend(), y));
+            }, store_into(store_transposed_to, layout.output(), layout.rows(), n, y),
+               layout.output().head_dim(layout.rows()), range);
         }
     };
 };
@@ -151,6 +153,10 @@ struct LayoutOwnPanel {
 template <typename Layout>
 void run_product(const Layout& layout, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
                  const ParallelFor& parallel_for) {
+    if (layout.output().heads > 0) {
+        return run_heads_per_thread<kLanes, kTiles, LayoutOwnPanel<Layout>::template Of>(
+            n, 2 * panel_tiles(layout.rows(), kTiles / 2), y, parallel_for, layout, x, n, x_stride);
+    }
     if (run_own_panels<LayoutOwnPanel<Layout>::template Of>(n, layout.rows(), y, parallel_for, 4, layout, x, n,
                                                             x_stride)) {
         return;
@@ -164,7 +170,7 @@ void run_product(const Layout& layout, const float* x, std::int64_t n, std::int6
     run_task_grid<kLanes, kTiles>(layout.rows(), n, padded_n, kTiles, y, parallel_for,
                                   [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
         run_panel<kTiles, LayoutPanel<Layout>::template Of>(tiles, layout, packed, padded_n, n0, m0, rows, out);
-    }, store_plus(store_transposed_adding, layout.addend(), y));
+    }, store_into(store_transposed_to, layout.output(), layout.rows(), n, y));
 }
 
 }  // namespace

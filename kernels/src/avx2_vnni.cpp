@@ -86,7 +86,7 @@ struct Int8GroupsLayout {
     std::int32_t act_zero_point;
 
     std::int64_t rows() const { return w.rows; }
-    const float* addend() const { return w.addend; }
+    OutputLayout output() const { return output_of(w); }
     std::int64_t words() const { return ceil_div(w.cols, 4); }
     void pack(const float* x, std::int64_t n, std::int64_t x_stride, Word* packed, std::int64_t width,
               std::int64_t first) const {

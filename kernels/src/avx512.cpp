@@ -69,11 +69,11 @@ struct F32OwnPanel {
 template <int Tiles>
 struct OwnPanel {
     static void run(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
-                    std::int32_t act_zero_point, std::int64_t n0, float* y) {
+                    std::int32_t act_zero_point, std::int64_t n0, float* y, BlockRange range = {}) {
         const auto bytes = static_cast<std::size_t>(ceil_div(w.cols, 4) * Tiles * kLanes * 4);
         auto* packed = static_cast<std::uint8_t*>(workspace(bytes));
         pack_panel<Tiles>(x, n, x_stride, w.cols, act_scale, act_zero_point, n0, packed);
-        int8_panel_to_y<Tiles>(w, packed, act_zero_point, n0, n, y);
+        int8_panel_to_y<Tiles>(w, packed, act_zero_point, n0, n, y, range);
     }
 };
 
@@ -95,13 +95,18 @@ void int8_shared_panels(const Int8Blocks& w, const float* x, std::int64_t n, std
                                       [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
         run_panel<kInt8Tiles, Int8Panel>(tiles, w, packed + n0 / width * panel_bytes, width, m0, rows,
                                          act_zero_point, out);
-    }, store_plus(store_transposed_adding, w.addend, y));
+    }, store_into(store_transposed_to, output_of(w), w.rows, n, y));
 }
 
 }  // namespace
 
 void int8_avx512(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                  std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
+    if (w.heads > 0) {
+        return run_heads_per_thread<kLanes, kOwnPanelTiles, OwnPanel>(n, panel_tiles(w.rows, kOwnPanelTiles), y,
+                                                                      parallel_for, w, x, n, x_stride, act_scale,
+                                                                      act_zero_point);
+    }
     if (run_own_panels<OwnPanel>(n, w.rows, y, parallel_for, 8, w, x, n, x_stride, act_scale, act_zero_point)) return;
     int8_shared_panels(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
 }

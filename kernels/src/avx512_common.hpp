@@ -35,10 +35,11 @@ inline void transpose16(__m512 r[16]) {
     }
 }
 
-// out[r][c] (r < 16 output channels from m0, c < columns input rows from n0) -> y[n0 + c][m0 + r], plus
-// addend[n0 + c][m0 + r] (laid out as y) where addend is given.
-void store_transposed_adding(const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t rows,
-                             float* y, std::int64_t y_stride, const float* addend) {
+// out[r][c] (r < `rows` output channels, c < columns input rows) -> row_at(c)[r], plus addend[c ×
+// addend_stride + r] where addend is given (store_into, internal.hpp, gives the row addresses).
+constexpr auto store_transposed_to = [](const float* out, std::int64_t out_stride, std::int64_t columns,
+                                        std::int64_t rows, auto row_at, const float* addend,
+                                        std::int64_t addend_stride) {
     const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1u);
     for (std::int64_t c0 = 0; c0 < columns; c0 += kLanes) {
         __m512 tile[16];
@@ -47,20 +48,21 @@ void store_transposed_adding(const float* out, std::int64_t out_stride, std::int
         const std::int64_t count = std::min<std::int64_t>(kLanes, columns - c0);
         if (addend != nullptr) {
             for (std::int64_t c = 0; c < count; ++c) {
-                tile[c] = _mm512_add_ps(tile[c], _mm512_maskz_loadu_ps(row_mask, addend + (c0 + c) * y_stride));
+                tile[c] = _mm512_add_ps(tile[c], _mm512_maskz_loadu_ps(row_mask, addend + (c0 + c) * addend_stride));
             }
         }
         if (rows == kRowBlock) {
-            for (std::int64_t c = 0; c < count; ++c) _mm512_storeu_ps(y + (c0 + c) * y_stride, tile[c]);
+            for (std::int64_t c = 0; c < count; ++c) _mm512_storeu_ps(row_at(c0 + c), tile[c]);
         } else {
-            for (std::int64_t c = 0; c < count; ++c) _mm512_mask_storeu_ps(y + (c0 + c) * y_stride, row_mask, tile[c]);
+            for (std::int64_t c = 0; c < count; ++c) _mm512_mask_storeu_ps(row_at(c0 + c), row_mask, tile[c]);
         }
     }
-}
+};
 
-void store_transposed(const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t rows,
-                      float* y, std::int64_t y_stride) {
-    store_transposed_adding(out, out_stride, columns, rows, y, y_stride, nullptr);
+// out[r][c] (r < 16 output channels from m0, c < columns input rows from n0) -> y[n0 + c][m0 + r].
+inline void store_transposed(const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t rows,
+                             float* y, std::int64_t y_stride) {
+    store_transposed_to(out, out_stride, columns, rows, [=](std::int64_t c) { return y + c * y_stride; }, nullptr, 0);
 }
 
 // Panels of input rows that split evenly enough among the threads get one task each (the panel-per-task

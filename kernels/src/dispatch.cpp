@@ -84,6 +84,21 @@ std::string check_int8_blocks(const Int8Blocks& w, std::int64_t nonzero_blocks) 
     return error;
 }
 
+std::string check_heads(const Int8Blocks& w) {
+    if (w.heads == 0) return "";
+    const std::string heads = std::to_string(w.heads), rows = std::to_string(w.rows);
+    if (w.heads < 0) return "heads must not be negative, got " + heads;
+    if (w.rows % (3 * w.heads) != 0) {
+        return "qkv's " + rows + " output channels are not 3 parts of " + heads + " heads";
+    }
+    if (w.rows / (3 * w.heads) % detail::kRowBlock != 0) {
+        return "a head of " + std::to_string(w.rows / (3 * w.heads)) +
+               " channels: the kernels write heads of a multiple of " + std::to_string(detail::kRowBlock);
+    }
+    if (w.addend != nullptr) return "a node split into heads takes no addend";
+    return "";
+}
+
 std::string check_bf16_pairs(const Bf16Pairs& w, std::int64_t nonzero_blocks) {
     if (w.cols < 1) return "the weight has no input channels";
     std::string error = check_offsets(w.row_ptr, w.rows, nonzero_blocks);
@@ -102,6 +117,10 @@ void sparse_linear_int8(const Int8Blocks& w, const float* x, std::int64_t n, std
                         float act_scale, std::int32_t act_zero_point, float* y, Isa isa,
                         const ParallelFor& parallel_for) {
     if (n <= 0) return;
+    if (w.heads != 0 && (w.tokens < 1 || n % w.tokens != 0)) {
+        throw std::invalid_argument("a product split into heads needs whole batch items: " + std::to_string(n) +
+                                    " input rows of " + std::to_string(w.tokens) + " tokens each");
+    }
     switch (isa) {
         case Isa::avx512: return detail::int8_avx512(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
 #ifdef VITSPARSE_HAVE_AVXVNNI

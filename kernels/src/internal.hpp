@@ -64,24 +64,32 @@ inline float int8_result(const Int8Blocks& w, std::int64_t m, std::int32_t sum) 
     return value + (w.bias ? w.bias[m] : 0.0f);
 }
 
-// The blocks of up to kRowBlock output channels a product writes y in. When y starts inside a 64-byte
-// line (OpenVINO's output buffers do) and every row shares that offset, the first block is shorter, so
-// that all the others write whole lines instead of splitting each 64-byte store across two.
+// The blocks of up to kRowBlock output channels a product writes y in, group by group of channels: all
+// rows, or where y is split into attention heads (head_dim > 0), each head, so that no block spans two.
+// When y starts inside a 64-byte line (OpenVINO's output buffers do) and every row shares that offset,
+// each group's first block is shorter, so that all the others write whole lines instead of splitting
+// each 64-byte store across two.
 struct RowBlocks {
     std::int64_t rows;
-    std::int64_t shift;  // channels the first block lacks: y's offset within its line, in floats
+    std::int64_t group;      // channels per group
+    std::int64_t shift;      // channels each group's first block lacks: y's offset within its line, in floats
+    std::int64_t per_group;  // blocks per group
     std::int64_t count;
 
-    RowBlocks(std::int64_t rows_, const float* y)
-        : rows(rows_), shift(line_offset(y, rows_)), count(ceil_div(rows_ + shift, kRowBlock)) {}
-    std::int64_t first(std::int64_t block) const { return std::max<std::int64_t>(0, block * kRowBlock - shift); }
+    RowBlocks(std::int64_t rows_, const float* y, std::int64_t head_dim = 0)
+        : rows(rows_), group(head_dim > 0 ? head_dim : rows_), shift(line_offset(y, group)),
+          per_group(ceil_div(group + shift, kRowBlock)), count(rows_ / group * per_group) {}
+    std::int64_t first(std::int64_t block) const {
+        return block / per_group * group + std::max<std::int64_t>(0, block % per_group * kRowBlock - shift);
+    }
     std::int64_t size(std::int64_t block) const {
-        return std::min(block * kRowBlock - shift + kRowBlock, rows) - first(block);
+        const std::int64_t start = block % per_group * kRowBlock - shift;
+        return std::min(start + kRowBlock, group) - std::max<std::int64_t>(0, start);
     }
 
-    static std::int64_t line_offset(const float* y, std::int64_t rows) {
+    static std::int64_t line_offset(const float* y, std::int64_t row) {  // row: floats from one row to the next
         const auto address = reinterpret_cast<std::uintptr_t>(y);
-        if (address % sizeof(float) != 0 || rows * sizeof(float) % 64 != 0) return 0;
+        if (address % sizeof(float) != 0 || row * sizeof(float) % 64 != 0) return 0;
         return static_cast<std::int64_t>(address % 64 / sizeof(float));
     }
 };
@@ -131,14 +139,106 @@ void run_task_grid(std::int64_t out_features, std::int64_t n, std::int64_t padde
     });
 }
 
-// The store panel_rows_to_y and run_task_grid take, writing into a part of y (the product's whole output)
-// through store_adding(out, out_stride, columns, rows, part, y_stride, part's addend): the part of
-// `addend` (laid out as y, or nullptr) that lies where that part does.
-template <typename StoreAdding>
-auto store_plus(StoreAdding store_adding, const float* addend, const float* y) {
-    return [=](const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t rows, float* part,
+// How an INT8 product writes y (Int8Blocks): row-major, plus an addend laid out as y (or nullptr), or
+// split into attention heads.
+struct OutputLayout {
+    const float* addend = nullptr;
+    std::int64_t heads = 0;
+    std::int64_t tokens = 0;
+
+    bool row_major() const { return heads == 0; }
+    std::int64_t head_dim(std::int64_t rows) const { return heads == 0 ? 0 : rows / (3 * heads); }
+};
+
+inline OutputLayout output_of(const Int8Blocks& w) { return {w.addend, w.heads, w.tokens}; }
+
+// to[0, count) = from[0, count) in fixed-size copies of 16 floats (one vector move on AVX-512, the
+// file's widest on the others), the last one overlapping the one before where count is not a multiple
+// of 16; one float at a time only below 16.
+inline void copy_floats(float* to, const float* from, std::int64_t count) {
+    if (count < 16) {
+        for (std::int64_t j = 0; j < count; ++j) to[j] = from[j];
+        return;
+    }
+    std::int64_t j = 0;
+    for (; j + 16 <= count; j += 16) __builtin_memcpy(to + j, from + j, 16 * sizeof(float));
+    if (j < count) __builtin_memcpy(to + count - 16, from + count - 16, 16 * sizeof(float));
+}
+
+// Where a qkv product's results go when split into heads (Int8Blocks::heads): the slab of each part,
+// batch item and head, q and v token-major, kᵀ channel-major.
+struct HeadsLayout {
+    std::int64_t heads = 0, tokens = 0, head_dim = 0, batch = 0;
+
+    HeadsLayout() = default;  // row-major: none
+    HeadsLayout(const OutputLayout& layout, std::int64_t rows, std::int64_t n)
+        : heads(layout.heads), tokens(layout.tokens), head_dim(rows / (3 * layout.heads)), batch(n / layout.tokens) {}
+    // group: part × heads + head, that is output channel / head_dim
+    bool transposed(std::int64_t group) const { return group / heads == 1; }
+    std::int64_t slab(std::int64_t group, std::int64_t b) const {
+        return ((group / heads * batch + b) * heads + group % heads) * tokens * head_dim;
+    }
+    std::int64_t offset(std::int64_t i, std::int64_t m) const {
+        const std::int64_t group = m / head_dim, d = m % head_dim, t = i % tokens;
+        return slab(group, i / tokens) + (transposed(group) ? d * tokens + t : t * head_dim + d);
+    }
+
+    // Writes out[count][columns] (channels m0.. of one head × input rows n0..; out_stride apart) into y:
+    // kᵀ row by row as it is; q and v through store_to, the transposed store, row by row of tokens. The
+    // row addresses step batch item by batch item (no division per row: these run for every block).
+    template <typename StoreTo>
+    void store(StoreTo store_to, const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t count,
+               std::int64_t n0, std::int64_t m0, float* y) const {
+        const std::int64_t group = m0 / head_dim, slab_stride = heads * tokens * head_dim;
+        std::int64_t b = n0 / tokens, t = n0 % tokens;
+        float* head = y + slab(group, b);  // this batch item's slab of the head
+        if (transposed(group)) {
+            head += m0 % head_dim * tokens;
+            for (std::int64_t c = 0; c < columns; head += slab_stride, t = 0) {  // one batch item at a time
+                const std::int64_t run = std::min(columns - c, tokens - t);
+                for (std::int64_t r = 0; r < count; ++r) {
+                    copy_floats(head + r * tokens + t, out + r * out_stride + c, run);
+                }
+                c += run;
+            }
+            return;
+        }
+        head += m0 % head_dim;
+        constexpr std::int64_t kChunk = 128;  // columns whose row addresses are listed at once
+        float* rows_at[kChunk];
+        for (std::int64_t c0 = 0; c0 < columns; c0 += kChunk) {  // c0: a multiple of 16, so out + c0 stays aligned
+            const std::int64_t width = std::min(kChunk, columns - c0);
+            for (std::int64_t c = 0; c < width; ++c, ++t) {
+                if (t == tokens) t = 0, head += slab_stride;
+                rows_at[c] = head + t * head_dim;
+            }
+            store_to(out + c0, out_stride, width, count, [&](std::int64_t c) { return rows_at[c]; }, nullptr, 0);
+        }
+    }
+};
+
+// Where y holds output element (input row i, channel m) of a product of `rows` channels over n input rows.
+inline std::int64_t output_index(const OutputLayout& layout, std::int64_t rows, std::int64_t n, std::int64_t i,
+                                 std::int64_t m) {
+    return layout.row_major() ? i * rows + m : HeadsLayout(layout, rows, n).offset(i, m);
+}
+
+// The store panel_rows_to_y and run_task_grid take for an INT8 product of `rows` output channels over n
+// input rows, writing the block at `part` (its place in the row-major grid over y) through
+// store_to(out, out_stride, columns, rows, row_at, addend, addend_stride): each ISA's transposed store,
+// column c going to row_at(c) plus the addend row at addend + c × addend_stride.
+template <typename StoreTo>
+auto store_into(StoreTo store_to, const OutputLayout& layout, std::int64_t rows, std::int64_t n, float* y) {
+    const HeadsLayout heads = layout.row_major() ? HeadsLayout() : HeadsLayout(layout, rows, n);
+    return [=](const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t count, float* part,
                std::int64_t y_stride) {
-        store_adding(out, out_stride, columns, rows, part, y_stride, addend ? addend + (part - y) : nullptr);
+        if (layout.row_major()) {
+            store_to(out, out_stride, columns, count, [=](std::int64_t c) { return part + c * y_stride; },
+                     layout.addend ? layout.addend + (part - y) : nullptr, y_stride);
+            return;
+        }
+        const std::int64_t offset = part - y;
+        heads.store(store_to, out, out_stride, columns, count, offset / rows, offset % rows, y);
     };
 }
 
@@ -194,15 +294,24 @@ inline bool panels_fill_threads(std::int64_t panels, std::int64_t threads, std::
     return idle * busy_per_idle <= panels;
 }
 
+// Part `part` of `parts` contiguous runs of a product's row blocks (RowBlocks).
+struct BlockRange {
+    std::int64_t part = 0;
+    std::int64_t parts = 1;
+};
+
 // Every output channel (`rows` of them) over one panel of Tiles × Lanes input rows from n0, written to y
 // (n rows of `rows` floats) 16 channels at a time: compute(m0, count, out) fills out[16][Tiles × Lanes]
-// for the `count` channels from m0, and store writes it (as run_task_grid's store does).
+// for the `count` channels from m0, and store writes it (as run_task_grid's store does). head_dim > 0:
+// y is split into heads of that many channels (RowBlocks); range: the row blocks to run (all by default).
 template <std::int64_t Lanes, int Tiles, typename Compute, typename Store>
-void panel_rows_to_y(std::int64_t rows, std::int64_t n0, std::int64_t n, float* y, Compute compute, Store store) {
+void panel_rows_to_y(std::int64_t rows, std::int64_t n0, std::int64_t n, float* y, Compute compute, Store store,
+                     std::int64_t head_dim = 0, BlockRange range = {}) {
     constexpr std::int64_t width = Tiles * Lanes;
     alignas(64) float out[kRowBlock * width];
-    const RowBlocks blocks(rows, y);
-    for (std::int64_t block = 0; block < blocks.count; ++block) {
+    const RowBlocks blocks(rows, y, head_dim);
+    for (std::int64_t block = blocks.count * range.part / range.parts;
+         block < blocks.count * (range.part + 1) / range.parts; ++block) {
         const std::int64_t m0 = blocks.first(block), count = blocks.size(block);
         compute(m0, count, out);
         store(out, width, std::min(width, n - n0), count, y + n0 * rows + m0, rows);
@@ -223,6 +332,25 @@ bool run_panels_per_task(std::int64_t n, int panel_tiles, float* y, const Parall
         run_panel<MaxTiles, Panel>(static_cast<int>(panels.tile_count(p)), args..., panels.first_tile(p) * Lanes, y);
     });
     return true;
+}
+
+// Where y is split into heads (Int8Blocks::heads), a panel per task would leave each thread's results
+// spread over all of y, and threads would share the lines where their panels meet in the rows of kᵀ.
+// Instead each thread runs its contiguous part of the row blocks over every panel, packing the panels
+// itself: it writes one contiguous part of y (the part the next node's thread reads), whole rows of kᵀ
+// and no line another thread writes, for the price of every thread packing all of x.
+// Panel<tiles>::run(args..., n0, y, range) as run_panels_per_task calls it.
+template <std::int64_t Lanes, int MaxTiles, template <int> class Panel, typename... Args>
+void run_heads_per_thread(std::int64_t n, int panel_tiles, float* y, const ParallelFor& parallel_for,
+                          const Args&... args) {
+    const EvenPanels panels(n, Lanes, panel_tiles);
+    const auto threads = static_cast<std::int64_t>(std::max<std::size_t>(1, parallel_for.threads));
+    parallel_for(static_cast<std::size_t>(threads), [&](std::size_t part) {
+        for (std::int64_t p = 0; p < panels.count; ++p) {
+            run_panel<MaxTiles, Panel>(static_cast<int>(panels.tile_count(p)), args..., panels.first_tile(p) * Lanes, y,
+                                       BlockRange{static_cast<std::int64_t>(part), threads});
+        }
+    });
 }
 
 }  // namespace

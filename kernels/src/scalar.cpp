@@ -12,6 +12,7 @@ constexpr std::int64_t kRowsPerTask = 8;  // input rows per task
 void int8_scalar(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                  std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
     const std::int64_t padded_cols = round_up(w.cols, 4);
+    const OutputLayout layout = output_of(w);
     parallel_for(static_cast<std::size_t>(ceil_div(n, kRowsPerTask)), [&](std::size_t task) {
         std::vector<std::int32_t> centered(static_cast<std::size_t>(padded_cols), 0);  // code - zero point
         const std::int64_t end = std::min(n, static_cast<std::int64_t>(task + 1) * kRowsPerTask);
@@ -25,7 +26,8 @@ void int8_scalar(const Int8Blocks& w, const float* x, std::int64_t n, std::int64
                     const std::int32_t* a = centered.data() + 4 * static_cast<std::int64_t>(w.block_col[b]);
                     for (int j = 0; j < 4; ++j) sum += a[j] * w.values[4 * static_cast<std::int64_t>(b) + j];
                 }
-                y[i * w.rows + m] = int8_result(w, m, sum) + (w.addend ? w.addend[i * w.rows + m] : 0.0f);
+                const std::int64_t at = output_index(layout, w.rows, n, i, m);
+                y[at] = int8_result(w, m, sum) + (w.addend ? w.addend[at] : 0.0f);
             }
         }
     });

@@ -1,0 +1,156 @@
+"""The export rewrite that lets an INT8 qkv SparseLinear write attention's q, kᵀ and v itself.
+
+timm's attention reshapes qkv's output to [batch, tokens, 3, heads, head_dim], transposes it to
+[3, batch, heads, tokens, head_dim], splits q, k and v, and transposes k again for q · kᵀ. OpenVINO runs
+those two transposes as nodes of their own. A SparseLinear node with `heads` writes its output straight
+into that layout instead (kᵀ already transposed, see `split_heads`), so both transposes go:
+
+    SparseLinear → Q → DQ → Add(bias) → Reshape → Transpose → Split → Squeeze (k: → Transpose)
+becomes
+    SparseLinear(heads) → Q → DQ → Reshape → Add(bias of q and v) → Split → Squeeze (k: → Reshape)
+
+The output quantizer stays in the graph, where OpenVINO needs it to run attention in INT8. k's bias is
+left out: it adds q · b_k to every score of a query row, a constant per row that the softmax cancels,
+so the rewrite only applies where k reaches a softmax over keys through scalings alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .quantized_onnx import _attribute, _bias_of, _Graph
+from .sparse_onnx import LINEAR_INPUTS, OP_TYPE, _output_quantizer
+
+KERNEL_ROWS = 16  # output channels the kernels write at a time: a head must hold a whole number of them
+SCALINGS = frozenset({"Mul", "Div"})  # by a one-element tensor: between kᵀ and the scores
+# between the scores and the softmax: a scale (by one number), a mask
+SCORE_OPS = frozenset({"Mul", "Div", "Add", "Sub"})
+
+
+@dataclass
+class _HeadsMatch:
+    """A qkv node's chain up to q, k and v (see the module docstring), with what the rewrite needs."""
+
+    node: onnx.NodeProto
+    dequantize: onnx.NodeProto
+    bias_add: onnx.NodeProto
+    bias: np.ndarray  # (3, heads, head_dim)
+    reshape: onnx.NodeProto
+    transpose: onnx.NodeProto
+    split: onnx.NodeProto
+    k_transpose: onnx.NodeProto
+    shape: tuple[int, ...]  # the Reshape's output: batch, tokens, 3, heads, head_dim
+
+
+def _single_reader(g: _Graph, name: str, op_type: str) -> onnx.NodeProto | None:
+    readers = g.consumers.get(name, [])
+    return readers[0] if len(readers) == 1 and readers[0].op_type == op_type else None
+
+
+def _is_one_element(g: _Graph, name: str, shapes: dict) -> bool:
+    shape = shapes.get(name)
+    constant = g.constant(name)
+    return (constant is not None and constant.size == 1) or (shape is not None and int(np.prod(shape)) == 1)
+
+
+def _reaches_softmax_over_keys(g: _Graph, k_transposed: str, shapes: dict) -> bool:
+    """Whether kᵀ only goes, through scalings by one number, into a MatMul as its right operand whose
+    scores only go, through elementwise ops, into a Softmax over the last axis."""
+    end = k_transposed
+    while (reader := _single_reader(g, end, "MatMul")) is None:
+        readers = g.consumers.get(end, [])
+        if len(readers) != 1 or readers[0].op_type not in SCALINGS:
+            return False
+        other = [name for name in readers[0].input if name != end]
+        if len(other) != 1 or (readers[0].op_type == "Div" and readers[0].input[0] != end) \
+                or not _is_one_element(g, other[0], shapes):
+            return False
+        end = readers[0].output[0]
+    if reader.input[1] != end or reader.input[0] == end:
+        return False
+    scores = reader.output[0]
+    rank = len(shapes.get(scores, ()))
+    while True:
+        readers = g.consumers.get(scores, [])
+        if len(readers) != 1:
+            return False
+        if readers[0].op_type == "Softmax":
+            return rank > 0 and _attribute(readers[0], "axis", -1) in (-1, rank - 1)
+        op, other = readers[0], [name for name in readers[0].input if name != scores]
+        if op.op_type not in SCORE_OPS or len(other) != 1 or shapes.get(op.output[0]) != shapes.get(scores):
+            return False
+        if op.op_type in SCALINGS and not _is_one_element(g, other[0], shapes):
+            return False  # a factor per key would make the row's constant differ between keys
+        scores = op.output[0]
+
+
+def _match_heads(g: _Graph, node: onnx.NodeProto, shapes: dict) -> _HeadsMatch | None:
+    """The chain from an INT8 SparseLinear without addend, output quantizer or bias of its own to q, k
+    and v, where every shape on it is static."""
+    if node.op_type != OP_TYPE or _attribute(node, "format") != "int8_1x4" or _attribute(node, "heads") \
+            or len(node.input) != LINEAR_INPUTS["int8_1x4"] or _attribute(node, "out_scale") \
+            or np.any(g.constant(node.input[-1])):
+        return None
+    found = _output_quantizer(g, node.output[0])
+    bias = None if found is None else _bias_of(g, found[1].output[0])
+    reshape = None if bias is None else _single_reader(g, bias[0].output[0], "Reshape")
+    transpose = None if reshape is None else _single_reader(g, reshape.output[0], "Transpose")
+    split = None if transpose is None else _single_reader(g, transpose.output[0], "Split")
+    shape = None if reshape is None else shapes.get(reshape.output[0])
+    if split is None or shape is None or len(shape) != 5 or shape[2] != 3 \
+            or list(_attribute(transpose, "perm", [])) != [2, 0, 3, 1, 4] \
+            or _attribute(split, "axis", 0) != 0 or len(split.output) != 3 \
+            or shapes.get(node.input[0]) != (shape[0], shape[1], _attribute(node, "in_features")):
+        return None
+    rows = g.constant(node.input[1]).size - 1
+    if bias[1].size != rows or bias[1].shape[-1:] != (rows,) or shape[3] * shape[4] * 3 != rows \
+            or shape[4] % KERNEL_ROWS:
+        return None
+    squeezes = [_single_reader(g, out, "Squeeze") for out in split.output]
+    if any(s is None or list(g.constant(s.input[1]) if len(s.input) > 1 else _attribute(s, "axes", [])) != [0]
+           for s in squeezes):
+        return None
+    k_transpose = _single_reader(g, squeezes[1].output[0], "Transpose")
+    if k_transpose is None or list(_attribute(k_transpose, "perm", [])) != [0, 1, 3, 2] \
+            or not _reaches_softmax_over_keys(g, k_transpose.output[0], shapes):
+        return None
+    return _HeadsMatch(node, found[1], bias[0], bias[1].reshape(3, shape[3], shape[4]), reshape, transpose,
+                       split, k_transpose, shape)
+
+
+def _rewrite(g: _Graph, match: _HeadsMatch) -> None:
+    """The rewrite in the module docstring, in place."""
+    batch, tokens, _, heads, head_dim = match.shape
+    name = match.node.name
+    match.node.attribute.append(helper.make_attribute("heads", heads))
+    g.set_constant(f"{name}.heads_shape", np.array([3, batch, heads, tokens, head_dim], np.int64))
+    match.reshape.input[:] = [match.dequantize.output[0], f"{name}.heads_shape"]
+    bias = match.bias.copy()
+    bias[1] = 0  # k's: cancelled by the softmax (module docstring)
+    g.set_constant(f"{name}.heads_bias", bias.reshape(3, 1, heads, 1, head_dim).astype(np.float32))
+    match.bias_add.input[:] = [match.reshape.output[0], f"{name}.heads_bias"]
+    match.split.input[0] = match.bias_add.output[0]
+    g.set_constant(f"{name}.k_shape", np.array([batch, heads, head_dim, tokens], np.int64))
+    k_reshape = helper.make_node("Reshape", [match.k_transpose.input[0], f"{name}.k_shape"],
+                                 list(match.k_transpose.output), f"{name}.k_transposed")
+    g.graph.node.remove(match.transpose)
+    g.graph.node.remove(match.k_transpose)
+    g.graph.node.append(k_reshape)
+    changed = {match.node.output[0], match.dequantize.input[0], match.dequantize.output[0],
+               match.reshape.output[0]}
+    for info in [i for i in g.graph.value_info if i.name in changed]:
+        g.graph.value_info.remove(info)
+
+
+def fuse_attention_heads(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> int:
+    """Let each INT8 qkv SparseLinear whose chain matches write q, kᵀ and v (module docstring), in place;
+    `shapes` are the static shapes of the graph before the sparse rewrite. Returns how many did."""
+    g = _Graph(model)
+    matches = [m for n in list(g.graph.node) if (m := _match_heads(g, n, shapes)) is not None]
+    for match in matches:
+        _rewrite(g, match)
+    return len(matches)
