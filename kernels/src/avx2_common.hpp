@@ -135,30 +135,26 @@ struct LayoutOwnPanel {
     template <int Tiles>
     struct Of {
         static void run(const Layout& layout, const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t n0,
-                        float* y, BlockRange range = {}) {
+                        float* y) {
             using Word = typename Layout::Word;
             constexpr std::int64_t width = Tiles * kLanes;
             auto* packed = static_cast<Word*>(workspace(static_cast<std::size_t>(layout.words() * width) * sizeof(Word)));
             for (int t = 0; t < Tiles; ++t) layout.pack(x + n0 * x_stride, n - n0, x_stride, packed, width, t * kLanes);
             panel_rows_to_y<kLanes, Tiles>(layout.rows(), n0, n, y, [&](std::int64_t m0, std::int64_t rows, float* out) {
                 layout.template panel<Tiles>(packed, width, 0, m0, rows, out);
-            }, store_into(store_transposed_to, layout.output(), layout.rows(), n, y),
-               layout.output().head_dim(layout.rows()), range);
+            }, store_into(store_transposed_to, layout.output(), layout.rows(), n, y));
         }
     };
 };
 
-// One product: the panel-per-task layout where its panels keep the threads busy, else x packed once and
-// tasks of 16 output channels × one panel.
+// One product: the panel-per-task layout where its panels keep the threads busy (and y is row-major),
+// else x packed once and tasks of 16 output channels × one panel.
 template <typename Layout>
 void run_product(const Layout& layout, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
                  const ParallelFor& parallel_for) {
-    if (layout.output().heads > 0) {
-        return run_heads_per_thread<kLanes, kTiles, LayoutOwnPanel<Layout>::template Of>(
-            n, 2 * panel_tiles(layout.rows(), kTiles / 2), y, parallel_for, layout, x, n, x_stride);
-    }
-    if (run_own_panels<LayoutOwnPanel<Layout>::template Of>(n, layout.rows(), y, parallel_for, 4, layout, x, n,
-                                                            x_stride)) {
+    const OutputLayout output = layout.output();  // split into heads: the shared panels (run_task_grid says why)
+    if (output.row_major() && run_own_panels<LayoutOwnPanel<Layout>::template Of>(n, layout.rows(), y, parallel_for, 4,
+                                                                                  layout, x, n, x_stride)) {
         return;
     }
     using Word = typename Layout::Word;
@@ -170,7 +166,7 @@ void run_product(const Layout& layout, const float* x, std::int64_t n, std::int6
     run_task_grid<kLanes, kTiles>(layout.rows(), n, padded_n, kTiles, y, parallel_for,
                                   [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
         run_panel<kTiles, LayoutPanel<Layout>::template Of>(tiles, layout, packed, padded_n, n0, m0, rows, out);
-    }, store_into(store_transposed_to, layout.output(), layout.rows(), n, y));
+    }, store_into(store_transposed_to, output, layout.rows(), n, y), output.head_dim(layout.rows()));
 }
 
 }  // namespace

@@ -69,11 +69,11 @@ struct F32OwnPanel {
 template <int Tiles>
 struct OwnPanel {
     static void run(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
-                    std::int32_t act_zero_point, std::int64_t n0, float* y, BlockRange range = {}) {
+                    std::int32_t act_zero_point, std::int64_t n0, float* y) {
         const auto bytes = static_cast<std::size_t>(ceil_div(w.cols, 4) * Tiles * kLanes * 4);
         auto* packed = static_cast<std::uint8_t*>(workspace(bytes));
         pack_panel<Tiles>(x, n, x_stride, w.cols, act_scale, act_zero_point, n0, packed);
-        int8_panel_to_y<Tiles>(w, packed, act_zero_point, n0, n, y, range);
+        int8_panel_to_y<Tiles>(w, packed, act_zero_point, n0, n, y);
     }
 };
 
@@ -81,7 +81,9 @@ struct OwnPanel {
 // that a task's loads stay within a few pages), then the tasks are row blocks × panels.
 void int8_shared_panels(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride,
                         float act_scale, std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
-    const int full_tiles = panel_tiles(w.rows, kInt8Tiles);
+    const OutputLayout output = output_of(w);
+    // split into heads, every thread reads every panel: panels of the own-panel width, which stay in L1
+    const int full_tiles = panel_tiles(w.rows, output.row_major() ? kInt8Tiles : kOwnPanelTiles);
     const std::int64_t width = full_tiles * kLanes;
     const std::int64_t padded_n = round_up(n, kLanes), panel_bytes = ceil_div(w.cols, 4) * width * 4;
     auto* packed = static_cast<std::uint8_t*>(
@@ -95,19 +97,18 @@ void int8_shared_panels(const Int8Blocks& w, const float* x, std::int64_t n, std
                                       [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
         run_panel<kInt8Tiles, Int8Panel>(tiles, w, packed + n0 / width * panel_bytes, width, m0, rows,
                                          act_zero_point, out);
-    }, store_into(store_transposed_to, output_of(w), w.rows, n, y));
+    }, store_into(store_transposed_to, output, w.rows, n, y), output.head_dim(w.rows));
 }
 
 }  // namespace
 
 void int8_avx512(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                  std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
-    if (w.heads > 0) {
-        return run_heads_per_thread<kLanes, kOwnPanelTiles, OwnPanel>(n, panel_tiles(w.rows, kOwnPanelTiles), y,
-                                                                      parallel_for, w, x, n, x_stride, act_scale,
-                                                                      act_zero_point);
+    // split into heads: the shared panels (run_task_grid says why)
+    if (w.heads == 0 &&
+        run_own_panels<OwnPanel>(n, w.rows, y, parallel_for, 8, w, x, n, x_stride, act_scale, act_zero_point)) {
+        return;
     }
-    if (run_own_panels<OwnPanel>(n, w.rows, y, parallel_for, 8, w, x, n, x_stride, act_scale, act_zero_point)) return;
     int8_shared_panels(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
 }
 

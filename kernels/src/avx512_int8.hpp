@@ -139,10 +139,10 @@ void pack_panel(const float* x, std::int64_t n, std::int64_t x_stride, std::int6
 // (n rows of w.rows floats) 16 channels at a time.
 template <int Tiles>
 void int8_panel_to_y(const Int8Blocks& w, const std::uint8_t* panel, std::int32_t zero_point, std::int64_t n0,
-                     std::int64_t n, float* y, BlockRange range = {}) {
+                     std::int64_t n, float* y) {
     panel_rows_to_y<kLanes, Tiles>(w.rows, n0, n, y, [&](std::int64_t m0, std::int64_t rows, float* out) {
         int8_panel<Tiles>(w, panel, Tiles * kLanes, m0, rows, zero_point, out);
-    }, store_into(store_transposed_to, output_of(w), w.rows, n, y), output_of(w).head_dim(w.rows), range);
+    }, store_into(store_transposed_to, output_of(w), w.rows, n, y));
 }
 
 template <int Tiles>

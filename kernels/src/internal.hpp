@@ -113,8 +113,9 @@ struct TaskGrid {
     std::int64_t panels;
     std::int64_t panel_columns;
 
-    TaskGrid(std::int64_t rows, std::int64_t columns, std::int64_t panel_columns_, const float* y)
-        : blocks(rows, y), panels(ceil_div(columns, panel_columns_)), panel_columns(panel_columns_) {}
+    TaskGrid(std::int64_t rows, std::int64_t columns, std::int64_t panel_columns_, const float* y,
+             std::int64_t head_dim)
+        : blocks(rows, y, head_dim), panels(ceil_div(columns, panel_columns_)), panel_columns(panel_columns_) {}
     std::size_t size() const { return static_cast<std::size_t>(blocks.count * panels); }
     std::int64_t panel(std::size_t task) const { return static_cast<std::int64_t>(task) / blocks.count; }
     std::int64_t row_block(std::size_t task) const { return static_cast<std::int64_t>(task) % blocks.count; }
@@ -123,19 +124,36 @@ struct TaskGrid {
 // Every task of a product, on each instruction set: `compute(tiles, n0, m0, rows, out)` fills
 // out[16][tiles × Lanes] for `rows` output channels from m0 (the rest stay zero) over the panel of
 // input rows from n0 (panels of `panel_tiles` tiles, the last one narrower); then `store(out,
-// out_stride, columns, rows, y_block, y_stride)` writes it to y row-major.
+// out_stride, columns, rows, y_block, y_stride)` writes it to y row-major, or, where y is split into
+// heads of head_dim > 0 channels, where y_block's place in the row-major grid says (store_into).
+// Split into heads, a task per (panel, block) would leave each thread's results spread over all of y,
+// and threads would share the lines where their panels meet in the rows of kᵀ. Instead each thread
+// runs its contiguous part of the row blocks over every panel: it writes one contiguous part of y (the
+// part the next node's thread reads), whole rows of kᵀ and no line another thread writes.
 template <std::int64_t Lanes, int MaxTiles, typename Compute, typename Store>
 void run_task_grid(std::int64_t out_features, std::int64_t n, std::int64_t padded_n, int panel_tiles, float* y,
-                   const ParallelFor& parallel_for, Compute compute, Store store) {
-    const TaskGrid grid(out_features, padded_n, panel_tiles * Lanes, y);
-    parallel_for(grid.size(), [&](std::size_t task) {
+                   const ParallelFor& parallel_for, Compute compute, Store store, std::int64_t head_dim = 0) {
+    const TaskGrid grid(out_features, padded_n, panel_tiles * Lanes, y, head_dim);
+    auto run = [&](std::int64_t panel, std::int64_t block) {
         alignas(64) float out[kRowBlock * MaxTiles * Lanes];
-        const std::int64_t n0 = grid.panel(task) * grid.panel_columns, block = grid.row_block(task);
+        const std::int64_t n0 = panel * grid.panel_columns;
         const std::int64_t m0 = grid.blocks.first(block), rows = grid.blocks.size(block);
         const std::int64_t columns = std::min(grid.panel_columns, padded_n - n0);
         const int tiles = static_cast<int>(columns / Lanes);
         compute(tiles, n0, m0, rows, out);
         store(out, tiles * Lanes, std::min(columns, n - n0), rows, y + n0 * out_features + m0, out_features);
+    };
+    if (head_dim == 0) {
+        parallel_for(grid.size(), [&](std::size_t task) { run(grid.panel(task), grid.row_block(task)); });
+        return;
+    }
+    const auto parts = static_cast<std::int64_t>(std::max<std::size_t>(1, parallel_for.threads));
+    parallel_for(static_cast<std::size_t>(parts), [&](std::size_t part) {
+        const auto p = static_cast<std::int64_t>(part);
+        const std::int64_t first = grid.blocks.count * p / parts, end = grid.blocks.count * (p + 1) / parts;
+        for (std::int64_t panel = 0; panel < grid.panels; ++panel) {
+            for (std::int64_t block = first; block < end; ++block) run(panel, block);
+        }
     });
 }
 
@@ -294,24 +312,15 @@ inline bool panels_fill_threads(std::int64_t panels, std::int64_t threads, std::
     return idle * busy_per_idle <= panels;
 }
 
-// Part `part` of `parts` contiguous runs of a product's row blocks (RowBlocks).
-struct BlockRange {
-    std::int64_t part = 0;
-    std::int64_t parts = 1;
-};
-
 // Every output channel (`rows` of them) over one panel of Tiles × Lanes input rows from n0, written to y
 // (n rows of `rows` floats) 16 channels at a time: compute(m0, count, out) fills out[16][Tiles × Lanes]
-// for the `count` channels from m0, and store writes it (as run_task_grid's store does). head_dim > 0:
-// y is split into heads of that many channels (RowBlocks); range: the row blocks to run (all by default).
+// for the `count` channels from m0, and store writes it (as run_task_grid's store does).
 template <std::int64_t Lanes, int Tiles, typename Compute, typename Store>
-void panel_rows_to_y(std::int64_t rows, std::int64_t n0, std::int64_t n, float* y, Compute compute, Store store,
-                     std::int64_t head_dim = 0, BlockRange range = {}) {
+void panel_rows_to_y(std::int64_t rows, std::int64_t n0, std::int64_t n, float* y, Compute compute, Store store) {
     constexpr std::int64_t width = Tiles * Lanes;
     alignas(64) float out[kRowBlock * width];
-    const RowBlocks blocks(rows, y, head_dim);
-    for (std::int64_t block = blocks.count * range.part / range.parts;
-         block < blocks.count * (range.part + 1) / range.parts; ++block) {
+    const RowBlocks blocks(rows, y);
+    for (std::int64_t block = 0; block < blocks.count; ++block) {
         const std::int64_t m0 = blocks.first(block), count = blocks.size(block);
         compute(m0, count, out);
         store(out, width, std::min(width, n - n0), count, y + n0 * rows + m0, rows);
@@ -332,25 +341,6 @@ bool run_panels_per_task(std::int64_t n, int panel_tiles, float* y, const Parall
         run_panel<MaxTiles, Panel>(static_cast<int>(panels.tile_count(p)), args..., panels.first_tile(p) * Lanes, y);
     });
     return true;
-}
-
-// Where y is split into heads (Int8Blocks::heads), a panel per task would leave each thread's results
-// spread over all of y, and threads would share the lines where their panels meet in the rows of kᵀ.
-// Instead each thread runs its contiguous part of the row blocks over every panel, packing the panels
-// itself: it writes one contiguous part of y (the part the next node's thread reads), whole rows of kᵀ
-// and no line another thread writes, for the price of every thread packing all of x.
-// Panel<tiles>::run(args..., n0, y, range) as run_panels_per_task calls it.
-template <std::int64_t Lanes, int MaxTiles, template <int> class Panel, typename... Args>
-void run_heads_per_thread(std::int64_t n, int panel_tiles, float* y, const ParallelFor& parallel_for,
-                          const Args&... args) {
-    const EvenPanels panels(n, Lanes, panel_tiles);
-    const auto threads = static_cast<std::int64_t>(std::max<std::size_t>(1, parallel_for.threads));
-    parallel_for(static_cast<std::size_t>(threads), [&](std::size_t part) {
-        for (std::int64_t p = 0; p < panels.count; ++p) {
-            run_panel<MaxTiles, Panel>(static_cast<int>(panels.tile_count(p)), args..., panels.first_tile(p) * Lanes, y,
-                                       BlockRange{static_cast<std::int64_t>(part), threads});
-        }
-    });
 }
 
 }  // namespace
