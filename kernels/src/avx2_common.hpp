@@ -166,7 +166,7 @@ void run_product(const Layout& layout, const float* x, std::int64_t n, std::int6
     run_task_grid<kLanes, kTiles>(layout.rows(), n, padded_n, kTiles, y, parallel_for,
                                   [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
         run_panel<kTiles, LayoutPanel<Layout>::template Of>(tiles, layout, packed, padded_n, n0, m0, rows, out);
-    }, store_into(store_transposed_to, output, layout.rows(), n, y), output.head_dim(layout.rows()));
+    }, store_into(store_transposed_to, output, layout.rows(), n, y), !output.row_major());
 }
 
 }  // namespace

@@ -97,7 +97,7 @@ void int8_shared_panels(const Int8Blocks& w, const float* x, std::int64_t n, std
                                       [&](int tiles, std::int64_t n0, std::int64_t m0, std::int64_t rows, float* out) {
         run_panel<kInt8Tiles, Int8Panel>(tiles, w, packed + n0 / width * panel_bytes, width, m0, rows,
                                          act_zero_point, out);
-    }, store_into(store_transposed_to, output, w.rows, n, y), output.head_dim(w.rows));
+    }, store_into(store_transposed_to, output, w.rows, n, y), !output.row_major());
 }
 
 }  // namespace

@@ -64,32 +64,26 @@ inline float int8_result(const Int8Blocks& w, std::int64_t m, std::int32_t sum) 
     return value + (w.bias ? w.bias[m] : 0.0f);
 }
 
-// The blocks of up to kRowBlock output channels a product writes y in, group by group of channels: all
-// rows, or where y is split into attention heads (head_dim > 0), each head, so that no block spans two.
-// When y starts inside a 64-byte line (OpenVINO's output buffers do) and every row shares that offset,
-// each group's first block is shorter, so that all the others write whole lines instead of splitting
-// each 64-byte store across two.
+// The blocks of up to kRowBlock output channels a product writes y in. When y starts inside a 64-byte
+// line (OpenVINO's output buffers do) and every row shares that offset, the first block is shorter, so
+// that all the others write whole lines instead of splitting each 64-byte store across two. Not where y
+// is split into heads (row_major false): blocks start at 0, and since a head's width is a multiple of
+// 16, none spans two heads (a shift per head measured no faster).
 struct RowBlocks {
     std::int64_t rows;
-    std::int64_t group;      // channels per group
-    std::int64_t shift;      // channels each group's first block lacks: y's offset within its line, in floats
-    std::int64_t per_group;  // blocks per group
+    std::int64_t shift;  // channels the first block lacks: y's offset within its line, in floats
     std::int64_t count;
 
-    RowBlocks(std::int64_t rows_, const float* y, std::int64_t head_dim = 0)
-        : rows(rows_), group(head_dim > 0 ? head_dim : rows_), shift(line_offset(y, group)),
-          per_group(ceil_div(group + shift, kRowBlock)), count(rows_ / group * per_group) {}
-    std::int64_t first(std::int64_t block) const {
-        return block / per_group * group + std::max<std::int64_t>(0, block % per_group * kRowBlock - shift);
-    }
+    RowBlocks(std::int64_t rows_, const float* y, bool row_major = true)
+        : rows(rows_), shift(row_major ? line_offset(y, rows_) : 0), count(ceil_div(rows_ + shift, kRowBlock)) {}
+    std::int64_t first(std::int64_t block) const { return std::max<std::int64_t>(0, block * kRowBlock - shift); }
     std::int64_t size(std::int64_t block) const {
-        const std::int64_t start = block % per_group * kRowBlock - shift;
-        return std::min(start + kRowBlock, group) - std::max<std::int64_t>(0, start);
+        return std::min(block * kRowBlock - shift + kRowBlock, rows) - first(block);
     }
 
-    static std::int64_t line_offset(const float* y, std::int64_t row) {  // row: floats from one row to the next
+    static std::int64_t line_offset(const float* y, std::int64_t rows) {
         const auto address = reinterpret_cast<std::uintptr_t>(y);
-        if (address % sizeof(float) != 0 || row * sizeof(float) % 64 != 0) return 0;
+        if (address % sizeof(float) != 0 || rows * sizeof(float) % 64 != 0) return 0;
         return static_cast<std::int64_t>(address % 64 / sizeof(float));
     }
 };
@@ -113,9 +107,8 @@ struct TaskGrid {
     std::int64_t panels;
     std::int64_t panel_columns;
 
-    TaskGrid(std::int64_t rows, std::int64_t columns, std::int64_t panel_columns_, const float* y,
-             std::int64_t head_dim)
-        : blocks(rows, y, head_dim), panels(ceil_div(columns, panel_columns_)), panel_columns(panel_columns_) {}
+    TaskGrid(std::int64_t rows, std::int64_t columns, std::int64_t panel_columns_, const float* y, bool row_major)
+        : blocks(rows, y, row_major), panels(ceil_div(columns, panel_columns_)), panel_columns(panel_columns_) {}
     std::size_t size() const { return static_cast<std::size_t>(blocks.count * panels); }
     std::int64_t panel(std::size_t task) const { return static_cast<std::int64_t>(task) / blocks.count; }
     std::int64_t row_block(std::size_t task) const { return static_cast<std::int64_t>(task) % blocks.count; }
@@ -125,15 +118,15 @@ struct TaskGrid {
 // out[16][tiles × Lanes] for `rows` output channels from m0 (the rest stay zero) over the panel of
 // input rows from n0 (panels of `panel_tiles` tiles, the last one narrower); then `store(out,
 // out_stride, columns, rows, y_block, y_stride)` writes it to y row-major, or, where y is split into
-// heads of head_dim > 0 channels, where y_block's place in the row-major grid says (store_into).
+// heads, where y_block's place in the row-major grid says (store_into).
 // Split into heads, a task per (panel, block) would leave each thread's results spread over all of y,
 // and threads would share the lines where their panels meet in the rows of kᵀ. Instead each thread
 // runs its contiguous part of the row blocks over every panel: it writes one contiguous part of y (the
 // part the next node's thread reads), whole rows of kᵀ and no line another thread writes.
 template <std::int64_t Lanes, int MaxTiles, typename Compute, typename Store>
 void run_task_grid(std::int64_t out_features, std::int64_t n, std::int64_t padded_n, int panel_tiles, float* y,
-                   const ParallelFor& parallel_for, Compute compute, Store store, std::int64_t head_dim = 0) {
-    const TaskGrid grid(out_features, padded_n, panel_tiles * Lanes, y, head_dim);
+                   const ParallelFor& parallel_for, Compute compute, Store store, bool split_into_heads = false) {
+    const TaskGrid grid(out_features, padded_n, panel_tiles * Lanes, y, !split_into_heads);
     auto run = [&](std::int64_t panel, std::int64_t block) {
         alignas(64) float out[kRowBlock * MaxTiles * Lanes];
         const std::int64_t n0 = panel * grid.panel_columns;
@@ -143,7 +136,7 @@ void run_task_grid(std::int64_t out_features, std::int64_t n, std::int64_t padde
         compute(tiles, n0, m0, rows, out);
         store(out, tiles * Lanes, std::min(columns, n - n0), rows, y + n0 * out_features + m0, out_features);
     };
-    if (head_dim == 0) {
+    if (!split_into_heads) {
         parallel_for(grid.size(), [&](std::size_t task) { run(grid.panel(task), grid.row_block(task)); });
         return;
     }
@@ -165,7 +158,6 @@ struct OutputLayout {
     std::int64_t tokens = 0;
 
     bool row_major() const { return heads == 0; }
-    std::int64_t head_dim(std::int64_t rows) const { return heads == 0 ? 0 : rows / (3 * heads); }
 };
 
 inline OutputLayout output_of(const Int8Blocks& w) { return {w.addend, w.heads, w.tokens}; }
