@@ -47,6 +47,7 @@ class _HeadsMatch:
 
 
 def _single_reader(g: _Graph, name: str, op_type: str) -> onnx.NodeProto | None:
+    """The node reading `name`, when it is the only one and of `op_type`."""
     readers = g.consumers.get(name, [])
     return readers[0] if len(readers) == 1 and readers[0].op_type == op_type else None
 
@@ -85,6 +86,8 @@ def _reaches_softmax_over_keys(g: _Graph, k_transposed: str, shapes: dict) -> bo
             return False
         if op.op_type in SCALINGS and not _is_one_element(g, other[0], shapes):
             return False  # a factor per key would make the row's constant differ between keys
+        if op.op_type == "Div" and op.input[0] != scores:
+            return False  # a number divided by the scores
         scores = op.output[0]
 
 

@@ -560,7 +560,7 @@ def test_qkv_writing_the_heads_changes_no_result(tmp_path, monkeypatch) -> None:
     np.testing.assert_allclose(logits[True], logits[False], atol=1e-4 * np.abs(logits[False]).max(), rtol=0)
 
 
-@pytest.mark.parametrize("change", ["no softmax", "a factor per key", "k read twice"])
+@pytest.mark.parametrize("change", ["no softmax", "a factor per key", "scores as divisor", "k read twice"])
 def test_qkv_keeps_its_layout_where_k_bias_may_matter(tmp_path, change) -> None:
     """k's bias is only left out where k reaches a softmax over keys through scalings by one number:
     any other graph keeps the plain qkv node."""
@@ -577,6 +577,11 @@ def test_qkv_keeps_its_layout_where_k_bias_may_matter(tmp_path, change) -> None:
         graph.initializer.append(factors)
         graph.node.append(onnx.helper.make_node("Mul", [softmax.input[0], "per_key"], ["scaled_scores"]))
         softmax.input[0] = "scaled_scores"
+    elif change == "scores as divisor":  # one number divided by the scores before the softmax
+        softmax = next(node for node in graph.node if node.op_type == "Softmax")
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array(2.0, np.float32), "numerator"))
+        graph.node.append(onnx.helper.make_node("Div", ["numerator", softmax.input[0]], ["divided_scores"]))
+        softmax.input[0] = "divided_scores"
     else:  # k also read by another node
         k_transpose = next(node for node in graph.node if node.op_type == "Transpose"
                            and list(node.attribute[0].ints) == [0, 1, 3, 2])
