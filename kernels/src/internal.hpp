@@ -176,13 +176,13 @@ inline void copy_floats(float* to, const float* from, std::int64_t count) {
 }
 
 // Where a qkv product's results go when split into heads (Int8Blocks::heads): the slab of each part,
-// batch item and head, q and v token-major, kᵀ channel-major.
+// batch item and head, q and v token-major, kᵀ channel-major. All zero for a row-major layout.
 struct HeadsLayout {
-    std::int64_t heads = 0, tokens = 0, head_dim = 0, batch = 0;
+    std::int64_t heads, tokens, head_dim, batch;
 
-    HeadsLayout() = default;  // row-major: none
     HeadsLayout(const OutputLayout& layout, std::int64_t rows, std::int64_t n)
-        : heads(layout.heads), tokens(layout.tokens), head_dim(rows / (3 * layout.heads)), batch(n / layout.tokens) {}
+        : heads(layout.heads), tokens(layout.tokens), head_dim(heads > 0 ? rows / (3 * heads) : 0),
+          batch(tokens > 0 ? n / tokens : 0) {}
     // group: part × heads + head, that is output channel / head_dim
     bool transposed(std::int64_t group) const { return group / heads == 1; }
     std::int64_t slab(std::int64_t group, std::int64_t b) const {
@@ -227,19 +227,13 @@ struct HeadsLayout {
     }
 };
 
-// Where y holds output element (input row i, channel m) of a product of `rows` channels over n input rows.
-inline std::int64_t output_index(const OutputLayout& layout, std::int64_t rows, std::int64_t n, std::int64_t i,
-                                 std::int64_t m) {
-    return layout.row_major() ? i * rows + m : HeadsLayout(layout, rows, n).offset(i, m);
-}
-
 // The store panel_rows_to_y and run_task_grid take for an INT8 product of `rows` output channels over n
 // input rows, writing the block at `part` (its place in the row-major grid over y) through
 // store_to(out, out_stride, columns, rows, row_at, addend, addend_stride): each ISA's transposed store,
 // column c going to row_at(c) plus the addend row at addend + c × addend_stride.
 template <typename StoreTo>
 auto store_into(StoreTo store_to, const OutputLayout& layout, std::int64_t rows, std::int64_t n, float* y) {
-    const HeadsLayout heads = layout.row_major() ? HeadsLayout() : HeadsLayout(layout, rows, n);
+    const HeadsLayout heads(layout, rows, n);
     return [=](const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t count, float* part,
                std::int64_t y_stride) {
         if (layout.row_major()) {

@@ -13,6 +13,7 @@ void int8_scalar(const Int8Blocks& w, const float* x, std::int64_t n, std::int64
                  std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
     const std::int64_t padded_cols = round_up(w.cols, 4);
     const OutputLayout layout = output_of(w);
+    const HeadsLayout heads(layout, w.rows, n);
     parallel_for(static_cast<std::size_t>(ceil_div(n, kRowsPerTask)), [&](std::size_t task) {
         std::vector<std::int32_t> centered(static_cast<std::size_t>(padded_cols), 0);  // code - zero point
         const std::int64_t end = std::min(n, static_cast<std::int64_t>(task + 1) * kRowsPerTask);
@@ -26,7 +27,7 @@ void int8_scalar(const Int8Blocks& w, const float* x, std::int64_t n, std::int64
                     const std::int32_t* a = centered.data() + 4 * static_cast<std::int64_t>(w.block_col[b]);
                     for (int j = 0; j < 4; ++j) sum += a[j] * w.values[4 * static_cast<std::int64_t>(b) + j];
                 }
-                const std::int64_t at = output_index(layout, w.rows, n, i, m);
+                const std::int64_t at = layout.row_major() ? i * w.rows + m : heads.offset(i, m);
                 y[at] = int8_result(w, m, sum) + (w.addend ? w.addend[at] : 0.0f);
             }
         }
