@@ -41,6 +41,11 @@ class _Graph:
         init = self.initializers.get(name)
         return numpy_helper.to_array(init) if init is not None else None
 
+    def single_reader(self, name: str, op_type: str) -> onnx.NodeProto | None:
+        """The node reading `name`, when it is the only one and of `op_type`."""
+        readers = self.consumers.get(name, [])
+        return readers[0] if len(readers) == 1 and readers[0].op_type == op_type else None
+
     def produced_by(self, name: str, op_type: str) -> onnx.NodeProto | None:
         node = self.producer.get(name)
         return node if node is not None and node.op_type == op_type else None
@@ -161,10 +166,9 @@ def _operands(g: _Graph, activation: str, weight: str) -> _Operands | None:
 
 def _bias_of(g: _Graph, output: str) -> tuple[onnx.NodeProto, np.ndarray] | None:
     """The Add that adds a constant bias to `output`, when it is the only reader."""
-    readers = g.consumers.get(output, [])
-    if len(readers) != 1 or readers[0].op_type != "Add":
+    add = g.single_reader(output, "Add")
+    if add is None:
         return None
-    add = readers[0]
     other = add.input[1] if add.input[0] == output else add.input[0]
     bias = g.constant(other)
     return (add, bias) if bias is not None else None

@@ -26,9 +26,8 @@ from .quantized_onnx import _attribute, _bias_of, _Graph
 from .sparse_onnx import LINEAR_INPUTS, OP_TYPE, _output_quantizer
 
 KERNEL_ROWS = 16  # output channels the kernels write at a time: a head must hold a whole number of them
-SCALINGS = frozenset({"Mul", "Div"})  # by a one-element tensor: between kᵀ and the scores
-# between the scores and the softmax: a scale (by one number), a mask
-SCORE_OPS = frozenset({"Mul", "Div", "Add", "Sub"})
+SCALINGS = frozenset({"Mul", "Div"})  # by a one-element tensor: between kᵀ and the scores, and after
+ADDITIONS = frozenset({"Add", "Sub"})  # of anything (a mask) between the scores and the softmax
 
 
 @dataclass
@@ -46,29 +45,27 @@ class _HeadsMatch:
     shape: tuple[int, ...]  # the Reshape's output: batch, tokens, 3, heads, head_dim
 
 
-def _single_reader(g: _Graph, name: str, op_type: str) -> onnx.NodeProto | None:
-    """The node reading `name`, when it is the only one and of `op_type`."""
-    readers = g.consumers.get(name, [])
-    return readers[0] if len(readers) == 1 and readers[0].op_type == op_type else None
-
-
 def _is_one_element(g: _Graph, name: str, shapes: dict) -> bool:
     shape = shapes.get(name)
     constant = g.constant(name)
     return (constant is not None and constant.size == 1) or (shape is not None and int(np.prod(shape)) == 1)
 
 
+def _scales_by_one_number(g: _Graph, op: onnx.NodeProto, operand: str, shapes: dict) -> bool:
+    """Whether `op` multiplies `operand` by one number or divides it by one: what keeps a constant per
+    query row of the scores constant per row."""
+    other = [name for name in op.input if name != operand]
+    return op.op_type in SCALINGS and len(other) == 1 and _is_one_element(g, other[0], shapes) \
+        and (op.op_type != "Div" or op.input[0] == operand)
+
+
 def _reaches_softmax_over_keys(g: _Graph, k_transposed: str, shapes: dict) -> bool:
     """Whether kᵀ only goes, through scalings by one number, into a MatMul as its right operand whose
-    scores only go, through elementwise ops, into a Softmax over the last axis."""
+    scores only go, through scalings by one number and additions, into a Softmax over the last axis."""
     end = k_transposed
-    while (reader := _single_reader(g, end, "MatMul")) is None:
+    while (reader := g.single_reader(end, "MatMul")) is None:
         readers = g.consumers.get(end, [])
-        if len(readers) != 1 or readers[0].op_type not in SCALINGS:
-            return False
-        other = [name for name in readers[0].input if name != end]
-        if len(other) != 1 or (readers[0].op_type == "Div" and readers[0].input[0] != end) \
-                or not _is_one_element(g, other[0], shapes):
+        if len(readers) != 1 or not _scales_by_one_number(g, readers[0], end, shapes):
             return False
         end = readers[0].output[0]
     if reader.input[1] != end or reader.input[0] == end:
@@ -79,15 +76,14 @@ def _reaches_softmax_over_keys(g: _Graph, k_transposed: str, shapes: dict) -> bo
         readers = g.consumers.get(scores, [])
         if len(readers) != 1:
             return False
-        if readers[0].op_type == "Softmax":
-            return rank > 0 and _attribute(readers[0], "axis", -1) in (-1, rank - 1)
-        op, other = readers[0], [name for name in readers[0].input if name != scores]
-        if op.op_type not in SCORE_OPS or len(other) != 1 or shapes.get(op.output[0]) != shapes.get(scores):
+        op = readers[0]
+        if op.op_type == "Softmax":
+            return rank > 0 and _attribute(op, "axis", -1) in (-1, rank - 1)
+        other = [name for name in op.input if name != scores]
+        added = op.op_type in ADDITIONS and len(other) == 1  # a mask: the row's constant stays one
+        if not (added or _scales_by_one_number(g, op, scores, shapes)) \
+                or shapes.get(op.output[0]) != shapes.get(scores):
             return False
-        if op.op_type in SCALINGS and not _is_one_element(g, other[0], shapes):
-            return False  # a factor per key would make the row's constant differ between keys
-        if op.op_type == "Div" and op.input[0] != scores:
-            return False  # a number divided by the scores
         scores = op.output[0]
 
 
@@ -100,9 +96,9 @@ def _match_heads(g: _Graph, node: onnx.NodeProto, shapes: dict) -> _HeadsMatch |
         return None
     found = _output_quantizer(g, node.output[0])
     bias = None if found is None else _bias_of(g, found[1].output[0])
-    reshape = None if bias is None else _single_reader(g, bias[0].output[0], "Reshape")
-    transpose = None if reshape is None else _single_reader(g, reshape.output[0], "Transpose")
-    split = None if transpose is None else _single_reader(g, transpose.output[0], "Split")
+    reshape = None if bias is None else g.single_reader(bias[0].output[0], "Reshape")
+    transpose = None if reshape is None else g.single_reader(reshape.output[0], "Transpose")
+    split = None if transpose is None else g.single_reader(transpose.output[0], "Split")
     shape = None if reshape is None else shapes.get(reshape.output[0])
     if split is None or shape is None or len(shape) != 5 or shape[2] != 3 \
             or list(_attribute(transpose, "perm", [])) != [2, 0, 3, 1, 4] \
@@ -113,11 +109,11 @@ def _match_heads(g: _Graph, node: onnx.NodeProto, shapes: dict) -> _HeadsMatch |
     if bias[1].size != rows or bias[1].shape[-1:] != (rows,) or shape[3] * shape[4] * 3 != rows \
             or shape[4] % KERNEL_ROWS:
         return None
-    squeezes = [_single_reader(g, out, "Squeeze") for out in split.output]
+    squeezes = [g.single_reader(out, "Squeeze") for out in split.output]
     if any(s is None or list(g.constant(s.input[1]) if len(s.input) > 1 else _attribute(s, "axes", [])) != [0]
            for s in squeezes):
         return None
-    k_transpose = _single_reader(g, squeezes[1].output[0], "Transpose")
+    k_transpose = g.single_reader(squeezes[1].output[0], "Transpose")
     if k_transpose is None or list(_attribute(k_transpose, "perm", [])) != [0, 1, 3, 2] \
             or not _reaches_softmax_over_keys(g, k_transpose.output[0], shapes):
         return None

@@ -246,14 +246,10 @@ def _uint8_zero_point(zero_point: np.ndarray) -> int:
 def _output_quantizer(g: _Graph, output: str):
     """(QuantizeLinear, DequantizeLinear, (scale, uint8 zero point)) when `output` is only read by a
     per-tensor Q whose only reader is the DQ with the same parameters, else None."""
-    readers = g.consumers.get(output, [])
-    if len(readers) != 1 or readers[0].op_type != "QuantizeLinear":
+    quantize = g.single_reader(output, "QuantizeLinear")
+    dequantize = None if quantize is None else g.single_reader(quantize.output[0], "DequantizeLinear")
+    if dequantize is None or len(quantize.input) < 3:
         return None
-    quantize = readers[0]
-    after = g.consumers.get(quantize.output[0], [])
-    if len(after) != 1 or after[0].op_type != "DequantizeLinear" or len(quantize.input) < 3:
-        return None
-    dequantize = after[0]
     scale, zero_point = g.constant(quantize.input[1]), g.constant(quantize.input[2])
     if (scale is None or zero_point is None or scale.size != 1 or zero_point.size != 1
             or list(dequantize.input[1:3]) != list(quantize.input[1:3])):
@@ -474,10 +470,9 @@ def _match_residual(g: _Graph, node: onnx.NodeProto, shapes: dict) -> _ResidualM
         replaced, end = [*replaced, bias[0]], bias[0].output[0]
     else:
         bias = None
-    readers = g.consumers.get(end, [])
-    if len(readers) != 1 or readers[0].op_type != "Add":
+    add = g.single_reader(end, "Add")
+    if add is None:
         return None
-    add = readers[0]
     residual = add.input[1] if add.input[0] == end else add.input[0]
     shape = shapes.get(add.output[0])
     same = shape is not None and shape == shapes.get(residual) == shapes.get(end)
