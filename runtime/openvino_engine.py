@@ -82,6 +82,7 @@ class OpenVinoEngine(Engine):
             network = core.read_model(str(self.model_path))
             network.reshape({port: _batched(port.get_partial_shape(), self.batch_size)
                              for port in network.inputs})
+            self._prepare(network)
             self._compiled = core.compile_model(network, DEVICE, self._config())
         except Exception as exc:  # OpenVINO raises RuntimeError with the plugin's message
             reason = openvino_reason(exc)
@@ -90,6 +91,9 @@ class OpenVinoEngine(Engine):
         for _ in range(self.num_streams):
             self._requests.put(self._compiled.create_infer_request())
         self._effective = self._compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+    def _prepare(self, network) -> None:
+        """Changes to the read openvino.Model before it is compiled: none here."""
 
     def _config(self) -> dict[str, object]:
         """The compile hints: precision, latency (one stream) or throughput mode, thread count, no pinning."""

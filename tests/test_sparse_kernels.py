@@ -40,12 +40,14 @@ from vitsparse.pruners import MagnitudePass, QuantConfig, QuantizePass, Sparsity
 from vitsparse.runtime import (
     EngineLoadError,
     EngineUnavailableError,
+    UnsupportedPrecisionError,
+    check_engine_spec,
     create_engine,
     engine_status,
     inspect_onnx,
     kernel_crossover,
 )
-from vitsparse.runtime.openvino_sparse_engine import KernelCrossoverWarning
+from vitsparse.runtime.openvino_sparse_engine import KernelCrossoverWarning, bf16_kernel_io
 from vitsparse.runtime.sparse_extension import ENV_DIR, ENV_ISA, LIBRARY, add_extension
 
 from helpers import small_vit
@@ -341,6 +343,124 @@ def test_int8_mlp_kernel_adds_its_addend(core, tmp_path, monkeypatch, isa, shape
     np.testing.assert_allclose(got, expected, atol=INT8_ATOL, rtol=0)
 
 
+def _bf16(values: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16, to nearest even, as floats (no NaN here)."""
+    bits = np.asarray(values, np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).astype(np.uint32).view(np.float32)
+
+
+def _run_bf16(core, path: str, x: np.ndarray, isa: str, monkeypatch, **inputs: np.ndarray):
+    """The one-node file with its INT8 node reading x (and its addend) and writing y as bf16
+    (bf16_kernel_io), under the f32 hint, so that the Converts around it do convert: its output, and the
+    precision OpenVINO ran the node in."""
+    monkeypatch.setenv(ENV_ISA, isa)
+    network = core.read_model(path)
+    assert bf16_kernel_io(network) == 1
+    compiled = core.compile_model(network, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                   "INFERENCE_NUM_THREADS": 2})
+    ran_in = {_rt(op, "runtimePrecision") for op in _kernel_ops(compiled)}
+    return compiled({"x": x, **inputs})[0], ran_in
+
+
+def _rt(op, key: str) -> str:
+    """A runtime-model node's execution info: layerType, runtimePrecision and the like."""
+    return op.get_rt_info()[key].astype(str)
+
+
+def _kernel_ops(compiled) -> list:
+    """The nodes of a compiled model OpenVINO runs through their own `evaluate`: vitsparse's."""
+    ops = compiled.get_runtime_model().get_ordered_ops()
+    return [op for op in ops if _rt(op, "layerType") == "Reference"]
+
+
+def _assert_bf16_close(got: np.ndarray, exact: np.ndarray) -> None:
+    """got is exact rounded to bfloat16: every element a bfloat16 value, within one bfloat16 step of the
+    rounded float result (the float sums may differ in their last bits, and a rounding step with them)."""
+    np.testing.assert_array_equal(got, _bf16(got))
+    np.testing.assert_allclose(got, _bf16(exact), rtol=2.0 ** -7, atol=INT8_ATOL)
+
+
+# (rows of x, in features, out features, sparsity, with an addend): a panel per task and shared panels,
+# N = 1 and K not a multiple of 4, fewer output channels than a block, y's rows half a line of bfloat16
+BF16_SHAPES = [(197, 64, 48, 0.9, True), (1, 13, 17, 0.0, False), (300, 37, 33, 0.75, True),
+               (16, 16, 1, 0.3, True), (600, 24, 512, 0.8, False), (129, 130, 16, 0.6, True)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", BF16_SHAPES, ids=["n{}-k{}-m{}-s{}-r{}".format(*s) for s in BF16_SHAPES])
+def test_int8_kernel_reads_and_writes_bf16(core, tmp_path, monkeypatch, isa, shape) -> None:
+    """Given bf16 x (and addend), an INT8 node computes as for their float values and writes y rounded
+    to bfloat16 once, on every path."""
+    n, k, m, sparsity, with_addend = shape
+    rng = np.random.default_rng(n * 1000 + k + 2)
+    codes = _block_codes(rng, m, k, sparsity)
+    scale, bias = rng.random(m).astype(np.float32) * 0.01, rng.standard_normal(m).astype(np.float32)
+    packed = pack_int8_blocks(codes, scale, bias)
+    x = (rng.standard_normal((n, k)) * 3).astype(np.float32)
+    path = _layer_file(tmp_path / "l.onnx", packed, [n, k], act_scale=0.04, act_zero_point=120)
+    exact = sparse_linear(_bf16(x), packed, 0.04, 120)
+    inputs = {}
+    if with_addend:
+        inputs["r"] = (rng.standard_normal((n, m)) * 10).astype(np.float32)
+        path = _with_addend(path, [n, m])
+        exact = exact + _bf16(inputs["r"])
+    got, ran_in = _run_bf16(core, path, x, isa, monkeypatch, **inputs)
+    assert ran_in == {"bf16"}
+    _assert_bf16_close(got, exact)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", HEADS_SHAPES[:3], ids=["b{}-t{}-k{}-h{}x{}".format(*s)
+                                                         for s in HEADS_SHAPES[:3]])
+def test_int8_kernel_split_into_heads_writes_bf16(core, tmp_path, monkeypatch, isa, shape) -> None:
+    batch, tokens, k, heads, head_dim = shape
+    m = 3 * heads * head_dim
+    rng = np.random.default_rng(tokens * 100 + k + 2)
+    packed = pack_int8_blocks(_block_codes(rng, m, k, 0.7), rng.random(m).astype(np.float32) * 0.01,
+                              rng.standard_normal(m).astype(np.float32))
+    x = (rng.standard_normal((batch, tokens, k)) * 3).astype(np.float32)
+    got, ran_in = _run_bf16(core, _heads_file(tmp_path / "l.onnx", packed, [batch, tokens, k], heads), x, isa,
+                            monkeypatch)
+    assert ran_in == {"bf16"}
+    _assert_bf16_close(got, split_heads(sparse_linear(_bf16(x), packed, 0.04, 120), heads))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", MLP_SHAPES[:4], ids=[f"n{s[0]}-k{s[1]}-h{s[2]}-s{s[4]}"
+                                                       for s in MLP_SHAPES[:4]])
+def test_int8_mlp_kernel_reads_and_writes_bf16(core, tmp_path, monkeypatch, isa, shape) -> None:
+    rng = np.random.default_rng(shape[0] * 1000 + shape[2] + 2)
+    path, attributes, fc1, table, fc2 = _mlp_file(tmp_path / "mlp.onnx", rng, shape)
+    x = (rng.standard_normal((shape[0], shape[1])) * 3).astype(np.float32)
+    addend = (rng.standard_normal((shape[0], shape[3])) * 10).astype(np.float32)
+    got, ran_in = _run_bf16(core, _with_addend(path, [shape[0], shape[3]]), x, isa, monkeypatch, r=addend)
+    assert ran_in == {"bf16"}
+    _assert_bf16_close(got, sparse_mlp(_bf16(x), fc1, table, fc2, **attributes) + _bf16(addend))
+
+
+def test_bf16_io_is_refused_where_a_node_cannot_take_it(core, tmp_path) -> None:
+    """An addend of another type than x, and bf16 x for the float formats, fail with clear errors;
+    bf16_kernel_io leaves the float formats alone."""
+    import openvino.opset13 as opset
+
+    rng = np.random.default_rng(0)
+    packed = pack_int8_blocks(_block_codes(rng, 4, 16, 0.5), np.ones(4, np.float32))
+    path = _layer_file(tmp_path / "l.onnx", packed, [2, 16], act_scale=0.1, act_zero_point=0)
+    path = _with_addend(path, [2, 4])
+    network = core.read_model(path)
+    node = next(op for op in network.get_ordered_ops() if op.get_type_name() == "SparseLinear")
+    node.input(0).replace_source_output(opset.convert(node.input_value(0), "bf16").output(0))
+    with pytest.raises(RuntimeError, match="the addend must be bf16 as x is, got f32"):
+        node.validate_and_infer_types()
+    path = _layer_file(tmp_path / "f.onnx", pack_f32_csr(np.eye(4, dtype=np.float32)), [2, 4])
+    network = core.read_model(path)
+    assert bf16_kernel_io(network) == 0
+    node = next(op for op in network.get_ordered_ops() if op.get_type_name() == "SparseLinear")
+    node.input(0).replace_source_output(opset.convert(node.input_value(0), "bf16").output(0))
+    with pytest.raises(RuntimeError, match="x must be f32, got bf16"):
+        node.validate_and_infer_types()
+
+
 def test_an_addend_of_another_shape_is_refused_with_a_clear_error(tmp_path) -> None:
     rng = np.random.default_rng(0)
     path, *_ = _mlp_file(tmp_path / "mlp.onnx", rng, (2, 16, 8, 4, 0.5, 0.0))
@@ -530,6 +650,32 @@ def test_a_masked_vit_exported_with_sparse_kernels_matches_torch(tmp_path, quant
     (logits,) = engine.run([images.numpy()])
     limit = 0.2 if quantize else 1e-4  # INT8: the export's own tolerance against fake-quantized torch
     assert np.abs(logits - expected).max() < limit
+
+
+def test_an_int8_export_on_bf16_keeps_its_kernel_nodes_in_bf16(tmp_path) -> None:
+    """With the bf16 hint the INT8 kernel nodes read and write bfloat16 as the nodes around them do:
+    OpenVINO runs them in bf16 with no Reorder on either side, and the logits are those of the f32 hint
+    within bfloat16's error."""
+    from vitsparse.runtime import openvino_engine
+
+    if "BF16" not in openvino_engine.cpu_capabilities():
+        with pytest.raises(UnsupportedPrecisionError, match="it has no BF16"):
+            check_engine_spec("openvino-sparse:bf16")
+        pytest.skip("this CPU has no bf16 instructions (refused with a clear error, checked above)")
+    manager, images, _ = _masked_vit(True)
+    result = export_artifact(manager.graph_module, manager.recipe, tmp_path / "artifact",
+                             ExportConfig(batch_size=2, sparse_kernels=True))
+    path = result.directory / "model.onnx"
+    (f32,) = create_engine("openvino-sparse", path, batch_size=2, precision="f32").run([images.numpy()])
+    engine = create_engine("openvino-sparse", path, batch_size=2, precision="bf16")
+    (logits,) = engine.run([images.numpy()])
+    kernels = _kernel_ops(engine._compiled)
+    assert len(kernels) == 6  # qkv, proj and the MLP of 2 blocks
+    assert {_rt(op, "runtimePrecision") for op in kernels} == {"bf16"}
+    neighbours = [port.get_source_output().get_node() for op in kernels for port in op.inputs()]
+    neighbours += [port.get_node() for op in kernels for port in op.output(0).get_target_inputs()]
+    assert "Reorder" not in {_rt(node, "layerType") for node in neighbours}
+    assert np.abs(logits - f32).max() <= 0.05 * (np.abs(f32).max() + 1)
 
 
 def _qdq_vit_file(tmp_path) -> tuple[onnx.ModelProto, np.ndarray]:

@@ -37,6 +37,14 @@ struct ParallelFor {
 };
 ParallelFor serial_for();  // one thread, in order
 
+// A bfloat16 value: the top 16 bits of a float32. The INT8 kernels read x and write y (and read the
+// addend) as bfloat16 where the host computes its float parts in bfloat16 (OpenVINO's bf16 precision
+// hint), so that no conversion runs between them and the nodes around them; inside, they compute as
+// for float32 x and round each result to bfloat16 once, to nearest even.
+struct Bf16 {
+    std::uint16_t bits;
+};
+
 struct Int8Blocks {
     std::int64_t rows = 0;              // M, output channels
     std::int64_t cols = 0;              // K, input channels
@@ -50,9 +58,10 @@ struct Int8Blocks {
     // QuantizeLinear then DequantizeLinear with this scale and zero point, as a QDQ model's layer output
     float out_scale = 0.0f;
     std::int32_t out_zero_point = 0;
-    // added to y after the bias (n rows of `rows` floats, laid out as y), or nullptr: the residual a
-    // transformer block adds to the layer's output, read where the result is written
-    const float* addend = nullptr;
+    // added to y after the bias (n rows of `rows` values of y's element type, float or Bf16, laid out
+    // as y), or nullptr: the residual a transformer block adds to the layer's output, read where the
+    // result is written
+    const void* addend = nullptr;
     // heads > 0: the product is attention's qkv and writes q, kᵀ and v where the attention products read
     // them, with no transposes between. Its rows are 3 parts (q, k, v) × heads × head_dim channels, its n
     // input rows batch items of `tokens` rows, and y holds, for part p, batch item b and head h, at
@@ -90,8 +99,12 @@ std::string check_heads(const Int8Blocks& w);
 
 // x: n rows of w.cols floats, row stride x_stride; y: n rows of w.rows floats (contiguous), or with
 // w.heads, the same floats laid out head by head (n then a multiple of w.tokens, else invalid_argument).
+// The Bf16 overloads read x and the addend and write y as bfloat16 (Bf16).
 void sparse_linear_int8(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride,
                         float act_scale, std::int32_t act_zero_point, float* y, Isa isa,
+                        const ParallelFor& parallel_for);
+void sparse_linear_int8(const Int8Blocks& w, const Bf16* x, std::int64_t n, std::int64_t x_stride,
+                        float act_scale, std::int32_t act_zero_point, Bf16* y, Isa isa,
                         const ParallelFor& parallel_for);
 // A pruned INT8 MLP, y = fc2(table(fc1(x))), its hidden activations kept in cache, never written out:
 // fc1's results are quantized to uint8 codes (fc1_out_scale, fc1_out_zero_point); table[m][code] (256
@@ -108,6 +121,8 @@ struct Int8Mlp {
 };
 void sparse_mlp_int8(const Int8Mlp& mlp, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                      std::int32_t act_zero_point, float* y, Isa isa, const ParallelFor& parallel_for);
+void sparse_mlp_int8(const Int8Mlp& mlp, const Bf16* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                     std::int32_t act_zero_point, Bf16* y, Isa isa, const ParallelFor& parallel_for);
 bool cpu_has_avx512_vbmi();
 
 // bfloat16 runs on AVX-512 BF16 where the CPU has it (isa avx512), on the scalar kernel otherwise.

@@ -34,10 +34,11 @@ void SparseLinear::validate_and_infer_types() {
     const std::string problem = check_weight(m_format, m_in_features, weight);
     NODE_VALIDATION_CHECK(this, problem.empty(), "malformed sparse weight: ", problem);
     const auto rows = static_cast<std::int64_t>(weight[0].get_size()) - 1;
+    const ov::element::Type io = io_type(this, int8);
     const ov::PartialShape output = linear_output_shape(this, m_in_features, rows);
     check_addend(this, inputs, output);
     if (m_heads != 0) check_heads(weight);
-    set_output_type(0, ov::element::f32, output);
+    set_output_type(0, io, output);
 }
 
 void SparseLinear::check_heads(const std::vector<ov::Tensor>& weight) const {
@@ -69,7 +70,8 @@ bool SparseLinear::visit_attributes(ov::AttributeVisitor& visitor) {
 }
 
 bool SparseLinear::has_evaluate() const {
-    return get_input_element_type(0) == ov::element::f32;
+    const ov::element::Type x = get_input_element_type(0);
+    return x == ov::element::f32 || (m_format == kInt8 && x == ov::element::bf16);
 }
 
 bool SparseLinear::evaluate(ov::TensorVector& outputs, const ov::TensorVector& inputs) const {
@@ -84,25 +86,30 @@ bool SparseLinear::evaluate(ov::TensorVector& outputs, const ov::TensorVector& i
     const std::size_t tokens = shape.size() > 1 ? shape[1] : 1;
     shape.back() = static_cast<std::size_t>(rows);
     outputs[0].set_shape(shape);
-    float* y = outputs[0].data<float>();
     const Isa isa = selected_isa();
     if (m_format == kInt8) {
         Int8Blocks w = int8_blocks(m_in_features, &inputs[1], true);
         w.out_scale = m_out_scale;
         w.out_zero_point = static_cast<std::int32_t>(m_out_zero_point);
-        if (inputs.size() > weight_types(m_format)->size() + 1) w.addend = data<float>(inputs.back());
+        if (inputs.size() > weight_types(m_format)->size() + 1) w.addend = inputs.back().data();
         w.heads = m_heads;
         w.tokens = static_cast<std::int64_t>(tokens);
-        sparse_linear_int8(w, data<float>(x), n, m_in_features, m_act_scale,
-                           static_cast<std::int32_t>(m_act_zero_point), y, isa, host_threads());
+        const auto zero_point = static_cast<std::int32_t>(m_act_zero_point);
+        if (x.get_element_type() == ov::element::bf16) {
+            sparse_linear_int8(w, data<Bf16>(x), n, m_in_features, m_act_scale, zero_point,
+                               mutable_data<Bf16>(outputs[0]), isa, host_threads());
+        } else {
+            sparse_linear_int8(w, data<float>(x), n, m_in_features, m_act_scale, zero_point,
+                               mutable_data<float>(outputs[0]), isa, host_threads());
+        }
     } else if (m_format == kBf16) {
         Bf16Pairs w{rows, m_in_features, data<std::int32_t>(inputs[1]), data<std::int32_t>(inputs[2]),
                     data<std::uint16_t>(inputs[3]), data<float>(inputs[4])};
-        sparse_linear_bf16(w, data<float>(x), n, m_in_features, y, isa, host_threads());
+        sparse_linear_bf16(w, data<float>(x), n, m_in_features, mutable_data<float>(outputs[0]), isa, host_threads());
     } else {
         F32Csr w{rows, m_in_features, data<std::int32_t>(inputs[1]), data<std::int32_t>(inputs[2]),
                  data<float>(inputs[3]), data<float>(inputs[4])};
-        sparse_linear_f32(w, data<float>(x), n, m_in_features, y, isa, host_threads());
+        sparse_linear_f32(w, data<float>(x), n, m_in_features, mutable_data<float>(outputs[0]), isa, host_threads());
     }
     return true;
 }

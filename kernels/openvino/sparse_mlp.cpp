@@ -42,9 +42,10 @@ void SparseMLP::validate_and_infer_types() {
     NODE_VALIDATION_CHECK(this, table[0].get_size() == static_cast<std::size_t>(hidden * 256), "the table holds ",
                           table[0].get_size(), " codes, 256 per hidden channel (", hidden * 256, ") expected");
     const auto rows = static_cast<std::int64_t>(fc2[0].get_size()) - 1;
+    const ov::element::Type io = io_type(this, true);
     const ov::PartialShape output = linear_output_shape(this, m_in_features, rows);
     check_addend(this, kAddend, output);
-    set_output_type(0, ov::element::f32, output);
+    set_output_type(0, io, output);
 }
 
 std::shared_ptr<ov::Node> SparseMLP::clone_with_new_inputs(const ov::OutputVector& inputs) const {
@@ -65,7 +66,7 @@ bool SparseMLP::visit_attributes(ov::AttributeVisitor& visitor) {
 }
 
 bool SparseMLP::has_evaluate() const {
-    return get_input_element_type(0) == ov::element::f32;
+    return get_input_element_type(0) == ov::element::f32 || get_input_element_type(0) == ov::element::bf16;
 }
 
 bool SparseMLP::evaluate(ov::TensorVector& outputs, const ov::TensorVector& inputs) const {
@@ -82,12 +83,18 @@ bool SparseMLP::evaluate(ov::TensorVector& outputs, const ov::TensorVector& inpu
     mlp.fc2 = int8_blocks(mlp.fc1.rows, &inputs[kFc2], true);
     mlp.fc2.out_scale = m_out_scale;
     mlp.fc2.out_zero_point = static_cast<std::int32_t>(m_out_zero_point);
-    if (inputs.size() > kAddend) mlp.fc2.addend = data<float>(inputs[kAddend]);
+    if (inputs.size() > kAddend) mlp.fc2.addend = inputs[kAddend].data();
     const auto n = static_cast<std::int64_t>(ov::shape_size(shape) / static_cast<std::size_t>(m_in_features));
     shape.back() = static_cast<std::size_t>(mlp.fc2.rows);
     outputs[0].set_shape(shape);
-    sparse_mlp_int8(mlp, data<float>(x), n, m_in_features, m_act_scale, static_cast<std::int32_t>(m_act_zero_point),
-                    outputs[0].data<float>(), selected_isa(), host_threads());
+    const auto zero_point = static_cast<std::int32_t>(m_act_zero_point);
+    if (x.get_element_type() == ov::element::bf16) {
+        sparse_mlp_int8(mlp, data<Bf16>(x), n, m_in_features, m_act_scale, zero_point, mutable_data<Bf16>(outputs[0]),
+                        selected_isa(), host_threads());
+    } else {
+        sparse_mlp_int8(mlp, data<float>(x), n, m_in_features, m_act_scale, zero_point,
+                        mutable_data<float>(outputs[0]), selected_isa(), host_threads());
+    }
     return true;
 }
 

@@ -84,10 +84,15 @@ std::string check_quantization(const char* what, float scale, std::int64_t zero_
     return "";
 }
 
+ov::element::Type io_type(const ov::Node* node, bool bf16_allowed) {
+    const ov::element::Type x = node->get_input_element_type(0);
+    if (x.is_dynamic()) return ov::element::f32;
+    NODE_VALIDATION_CHECK(node, x == ov::element::f32 || (bf16_allowed && x == ov::element::bf16),
+                          bf16_allowed ? "x must be f32 or bf16, got " : "x must be f32, got ", x);
+    return x;
+}
+
 ov::PartialShape linear_output_shape(const ov::Node* node, std::int64_t in_features, std::int64_t out_features) {
-    NODE_VALIDATION_CHECK(node, node->get_input_element_type(0) == ov::element::f32 ||
-                                    node->get_input_element_type(0).is_dynamic(),
-                          "x must be f32, got ", node->get_input_element_type(0));
     ov::PartialShape shape = node->get_input_partial_shape(0);
     NODE_VALIDATION_CHECK(node, shape.rank().is_dynamic() || shape.rank().get_length() >= 1,
                           "x must have at least one dimension");
@@ -102,9 +107,8 @@ ov::PartialShape linear_output_shape(const ov::Node* node, std::int64_t in_featu
 
 bool check_addend(const ov::Node* node, std::size_t index, const ov::PartialShape& output) {
     if (node->get_input_size() <= index) return false;
-    NODE_VALIDATION_CHECK(node, node->get_input_element_type(index) == ov::element::f32 ||
-                                    node->get_input_element_type(index).is_dynamic(),
-                          "the addend must be f32, got ", node->get_input_element_type(index));
+    const ov::element::Type type = node->get_input_element_type(index), x = io_type(node, true);
+    NODE_VALIDATION_CHECK(node, type == x || type.is_dynamic(), "the addend must be ", x, " as x is, got ", type);
     const ov::PartialShape& shape = node->get_input_partial_shape(index);
     NODE_VALIDATION_CHECK(node, shape.compatible(output), "the addend's shape ", shape,
                           " differs from the output's ", output);

@@ -40,14 +40,24 @@ Int8Blocks int8_blocks(std::int64_t in_features, const ov::Tensor* t, bool with_
 // "" when scale and zero point are a usable uint8 quantization (what = the attributes' name), else why not.
 std::string check_quantization(const char* what, float scale, std::int64_t zero_point, bool optional);
 
+// x's element type, which y takes: f32, or bf16 where `bf16_allowed` (the INT8 kernels read and write
+// bfloat16 too); f32 while x's is not known yet.
+ov::element::Type io_type(const ov::Node* node, bool bf16_allowed);
+
 // x's shape with its last dimension (in_features) replaced by out_features; checks the feature count.
 ov::PartialShape linear_output_shape(const ov::Node* node, std::int64_t in_features, std::int64_t out_features);
 
-// Checks the optional addend input `index` (the residual an INT8 node adds to its output): f32, of the
-// output's shape. Returns whether the node has one.
+// Checks the optional addend input `index` (the residual an INT8 node adds to its output): of x's element
+// type and the output's shape. Returns whether the node has one.
 bool check_addend(const ov::Node* node, std::size_t index, const ov::PartialShape& output);
 
 // OpenVINO's pool, as the compiled model set it up (INFERENCE_NUM_THREADS, streams).
 ParallelFor host_threads();
+
+// A tensor's data as T, for T = Bf16 where its element type is bf16.
+template <typename T>
+T* mutable_data(ov::Tensor& tensor) {
+    return static_cast<T*>(tensor.data());
+}
 
 }  // namespace vitsparse::extension

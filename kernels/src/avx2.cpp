@@ -25,7 +25,8 @@ inline __m256i centered_codes(__m256 values, __m256 inverse, __m256i zero_point)
 // Quantizes the 8 input rows from `first` into the int16 pair layout: 32-bit element (p, i) of `packed`,
 // at p × padded_n + i, holds channels 2p and 2p + 1 of row i. 16 channels at a time: per row, the
 // saturating pack of its two 8-channel halves gives its 8 pairs; an 8×8 transpose gives each pair's rows.
-void pack_int16_pairs(const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols,
+template <typename In>
+void pack_int16_pairs(const In* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols,
                       std::int64_t pairs, float scale, std::int32_t zero_point, std::int32_t* packed,
                       std::int64_t padded_n, std::int64_t first) {
     const __m256 inverse = _mm256_set1_ps(1.0f / scale);
@@ -48,7 +49,7 @@ void pack_int16_pairs(const float* x, std::int64_t n, std::int64_t x_stride, std
 
 // 8 floats rounded to the nearest bfloat16, ties to even, and back (to_bf16, internal.hpp): what
 // vdpbf16ps multiplies. NaN stays NaN.
-inline __m256 round_to_bf16(__m256 values) {
+inline __m256 round_to_bf16_and_back(__m256 values) {
     const __m256i bits = _mm256_castps_si256(values);
     const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
     const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
@@ -61,14 +62,14 @@ inline __m256 round_to_bf16(__m256 values) {
 // The 8 float channels of x from k0 for the 8 input rows from `first`, transposed into packed
 // (channel k of row i at k × width + i) for channels below `padded_cols` (those past cols read 0.0),
 // rounded to bfloat16 for the bf16 kernel.
-template <bool Bf16>
+template <bool RoundToBf16>
 void pack_floats(const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols, std::int64_t padded_cols,
                  float* packed, std::int64_t width, std::int64_t first) {
     for (std::int64_t k0 = 0; k0 < padded_cols; k0 += kLanes) {
         __m256 rows[8];
         for (int r = 0; r < 8; ++r) {
             rows[r] = load_row(x, first + r, n, x_stride, k0, cols);
-            if constexpr (Bf16) rows[r] = round_to_bf16(rows[r]);
+            if constexpr (RoundToBf16) rows[r] = round_to_bf16_and_back(rows[r]);
         }
         transpose8(rows);
         for (std::int64_t k = 0; k < kLanes && k0 + k < padded_cols; ++k) {
@@ -160,7 +161,8 @@ struct Int8PairsLayout {
     std::int64_t rows() const { return w.rows; }
     OutputLayout output() const { return output_of(w); }
     std::int64_t words() const { return 2 * ceil_div(w.cols, 4); }
-    void pack(const float* x, std::int64_t n, std::int64_t x_stride, Word* packed, std::int64_t width,
+    template <typename In>
+    void pack(const In* x, std::int64_t n, std::int64_t x_stride, Word* packed, std::int64_t width,
               std::int64_t first) const {
         pack_int16_pairs(x, n, x_stride, w.cols, words(), act_scale, act_zero_point, packed, width, first);
     }
@@ -199,10 +201,15 @@ struct FloatLayout {
 
 }  // namespace
 
-void int8_avx2(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
-               std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
+template <typename In, typename Out>
+void int8_avx2(const Int8Blocks& w, const In* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+               std::int32_t act_zero_point, Out* y, const ParallelFor& parallel_for) {
     run_product(Int8PairsLayout{w, act_scale, act_zero_point}, x, n, x_stride, y, parallel_for);
 }
+
+#define INT8_AVX2_ARGS(In, Out)                                                                                \
+    const Int8Blocks&, const In*, std::int64_t, std::int64_t, float, std::int32_t, Out*, const ParallelFor&
+VITSPARSE_INT8_IO_PAIRS(int8_avx2, INT8_AVX2_ARGS);
 
 void f32_avx2(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
               const ParallelFor& parallel_for) {

@@ -41,37 +41,72 @@ inline __m256i first_lanes(std::int64_t count) {
                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// 8 floats of row `row` from column k0 (columns past cols and rows past n read 0.0).
-inline __m256 load_row(const float* x, std::int64_t row, std::int64_t n, std::int64_t x_stride,
-                       std::int64_t k0, std::int64_t cols) {
+// The first `count` of 8 floats or bfloat16 values at p, as floats (the other lanes 0.0).
+inline __m256 load_lanes(const float* p, std::int64_t count) {
+    return count >= kLanes ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_lanes(count));
+}
+inline __m256 load_lanes(const Bf16* p, std::int64_t count) {
+    alignas(16) Bf16 part[kLanes] = {};
+    if (count < kLanes) std::memcpy(part, p, static_cast<std::size_t>(std::max<std::int64_t>(0, count)) * 2);
+    const __m128i bits = count >= kLanes ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
+                                         : _mm_load_si128(reinterpret_cast<const __m128i*>(part));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+// 8 floats rounded to bfloat16, to nearest even (to_bf16, internal.hpp; NaN stays NaN).
+inline __m128i round_to_bf16(__m256 values) {
+    const __m256i bits = _mm256_castps_si256(values);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i half = _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff));  // ties to even
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, half), 16);
+    const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40));
+    const __m256 nan = _mm256_cmp_ps(values, values, _CMP_UNORD_Q);
+    const __m256i chosen = _mm256_castps_si256(
+        _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(quiet_nan), nan));
+    return _mm_packus_epi32(_mm256_castsi256_si128(chosen), _mm256_extracti128_si256(chosen, 1));  // all <= 0xffff
+}
+
+// The first `count` of 8 floats to p, as they are or rounded to bfloat16.
+inline void store_lanes(float* p, __m256 values, std::int64_t count) {
+    if (count >= kLanes) return _mm256_storeu_ps(p, values);
+    _mm256_maskstore_ps(p, first_lanes(count), values);
+}
+inline void store_lanes(Bf16* p, __m256 values, std::int64_t count) {
+    const __m128i bits = round_to_bf16(values);
+    if (count >= kLanes) return _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bits);
+    alignas(16) Bf16 part[kLanes];
+    _mm_store_si128(reinterpret_cast<__m128i*>(part), bits);
+    std::memcpy(p, part, static_cast<std::size_t>(std::max<std::int64_t>(0, count)) * sizeof(Bf16));
+}
+
+// 8 values of row `row` of x (floats or Bf16) from column k0 as floats (columns past cols and rows past
+// n read 0.0).
+template <typename In>
+inline __m256 load_row(const In* x, std::int64_t row, std::int64_t n, std::int64_t x_stride, std::int64_t k0,
+                       std::int64_t cols) {
     if (row >= n) return _mm256_setzero_ps();
-    const float* from = x + row * x_stride + k0;
-    return k0 + kLanes <= cols ? _mm256_loadu_ps(from) : _mm256_maskload_ps(from, first_lanes(cols - k0));
+    return load_lanes(x + row * x_stride + k0, cols - k0);
 }
 
 // out[r][c] (r < `rows` output channels, c < columns input rows) -> row_at(c)[r], plus addend[c ×
-// addend_stride + r] where addend is given (store_into, internal.hpp, gives the row addresses).
+// addend_stride + r] where addend is given (store_into, internal.hpp, gives the row addresses). Rows and
+// addend hold y's element type, float or Bf16.
 constexpr auto store_transposed_to = [](const float* out, std::int64_t out_stride, std::int64_t columns,
-                                        std::int64_t rows, auto row_at, const float* addend,
-                                        std::int64_t addend_stride) {
+                                        std::int64_t rows, auto row_at, auto addend, std::int64_t addend_stride) {
     for (std::int64_t c0 = 0; c0 < columns; c0 += kLanes) {
         const std::int64_t count = std::min<std::int64_t>(kLanes, columns - c0);
         for (std::int64_t r0 = 0; r0 < rows; r0 += kLanes) {
             __m256 tile[8];
             for (int r = 0; r < 8; ++r) tile[r] = _mm256_load_ps(out + (r0 + r) * out_stride + c0);
             transpose8(tile);
-            const __m256i lanes = first_lanes(std::min<std::int64_t>(kLanes, rows - r0));
+            const std::int64_t lanes = std::min<std::int64_t>(kLanes, rows - r0);
             if (addend != nullptr) {
-                const float* from = addend + c0 * addend_stride + r0;
+                const auto* from = addend + c0 * addend_stride + r0;
                 for (std::int64_t c = 0; c < count; ++c) {
-                    tile[c] = _mm256_add_ps(tile[c], _mm256_maskload_ps(from + c * addend_stride, lanes));
+                    tile[c] = _mm256_add_ps(tile[c], load_lanes(from + c * addend_stride, lanes));
                 }
             }
-            if (rows - r0 >= kLanes) {
-                for (std::int64_t c = 0; c < count; ++c) _mm256_storeu_ps(row_at(c0 + c) + r0, tile[c]);
-            } else {
-                for (std::int64_t c = 0; c < count; ++c) _mm256_maskstore_ps(row_at(c0 + c) + r0, lanes, tile[c]);
-            }
+            for (std::int64_t c = 0; c < count; ++c) store_lanes(row_at(c0 + c) + r0, tile[c], lanes);
         }
     }
 };
@@ -79,7 +114,8 @@ constexpr auto store_transposed_to = [](const float* out, std::int64_t out_strid
 // out[r][c] (r < 16 output channels from m0, c < columns input rows from n0) -> y[n0 + c][m0 + r].
 inline void store_transposed(const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t rows,
                              float* y, std::int64_t y_stride) {
-    store_transposed_to(out, out_stride, columns, rows, [=](std::int64_t c) { return y + c * y_stride; }, nullptr, 0);
+    store_transposed_to(out, out_stride, columns, rows, [=](std::int64_t c) { return y + c * y_stride; },
+                        static_cast<const float*>(nullptr), 0);
 }
 
 // int8_result (internal.hpp) for 8 sums of output channel m.
@@ -98,11 +134,11 @@ inline __m256 int8_results(const Int8Blocks& w, std::int64_t m, __m256i sums) {
 
 // run_panels_per_task (internal.hpp) with 8-row tiles: panels of up to 64 input rows, narrowed as
 // panel_tiles narrows the AVX-512 kernels' 16-row tiles.
-template <template <int> class Panel, typename... Args>
-bool run_own_panels(std::int64_t n, std::int64_t rows, float* y, const ParallelFor& parallel_for,
+template <template <int> class Panel, typename Out, typename... Args>
+bool run_own_panels(std::int64_t n, std::int64_t rows, Out* y, const ParallelFor& parallel_for,
                     std::int64_t busy_per_idle, const Args&... args) {
-    return run_panels_per_task<kLanes, kTiles, Panel>(n, 2 * panel_tiles(rows, kTiles / 2), y, parallel_for,
-                                                      busy_per_idle, args...);
+    return run_panels_per_task<kLanes, kTiles, Panel>(n, 2 * panel_tiles(rows, kTiles / 2, sizeof(Out)), y,
+                                                      parallel_for, busy_per_idle, args...);
 }
 
 // Every AVX2 kernel is one Layout run by run_product. A Layout packs x into 32-bit words and runs output
@@ -113,7 +149,7 @@ bool run_own_panels(std::int64_t n, std::int64_t rows, float* y, const ParallelF
 //   OutputLayout output() const;         how y is laid out (internal.hpp: row-major, an addend, heads)
 //   void pack(x, n, x_stride, packed, width, first) const;
 //                                        the 8 input rows from `first` (rows past n: zeros), word w of
-//                                        row i at w × width + i
+//                                        row i at w × width + i (x: floats, or for INT8 also Bf16)
 //   template <int Tiles> void panel(packed, width, n0, m0, rows, out) const;
 //                                        out[r][0, Tiles × 8) for the `rows` output channels from m0,
 //                                        over the packed input rows from n0
@@ -134,8 +170,9 @@ template <typename Layout>
 struct LayoutOwnPanel {
     template <int Tiles>
     struct Of {
-        static void run(const Layout& layout, const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t n0,
-                        float* y) {
+        template <typename In, typename Out>
+        static void run(const Layout& layout, const In* x, std::int64_t n, std::int64_t x_stride, std::int64_t n0,
+                        Out* y) {
             using Word = typename Layout::Word;
             constexpr std::int64_t width = Tiles * kLanes;
             auto* packed = static_cast<Word*>(workspace(static_cast<std::size_t>(layout.words() * width) * sizeof(Word)));
@@ -149,8 +186,8 @@ struct LayoutOwnPanel {
 
 // One product: the panel-per-task layout where its panels keep the threads busy (and y is row-major),
 // else x packed once and tasks of 16 output channels × one panel.
-template <typename Layout>
-void run_product(const Layout& layout, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
+template <typename Layout, typename In, typename Out>
+void run_product(const Layout& layout, const In* x, std::int64_t n, std::int64_t x_stride, Out* y,
                  const ParallelFor& parallel_for) {
     const OutputLayout output = layout.output();  // split into heads: the shared panels (run_task_grid says why)
     if (output.row_major() && run_own_panels<LayoutOwnPanel<Layout>::template Of>(n, layout.rows(), y, parallel_for, 4,

@@ -21,7 +21,8 @@ inline __m256i unsaturated_codes(__m256 values, __m256 inverse, __m256i zero_poi
 // g × padded_n + i, holds channels 4g..4g+3 of row i as uint8 codes. 32 channels at a time: per row,
 // two saturating packs turn its 32 codes into 8 groups (in the order 0 2 4 6 | 1 3 5 7, which one
 // permute puts right); an 8×8 transpose gives each group its 8 rows.
-void pack_u8_groups(const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols, std::int64_t groups,
+template <typename In>
+void pack_u8_groups(const In* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols, std::int64_t groups,
                     float scale, std::int32_t zero_point, std::int32_t* packed, std::int64_t padded_n,
                     std::int64_t first) {
     const __m256 inverse = _mm256_set1_ps(1.0f / scale);
@@ -88,7 +89,8 @@ struct Int8GroupsLayout {
     std::int64_t rows() const { return w.rows; }
     OutputLayout output() const { return output_of(w); }
     std::int64_t words() const { return ceil_div(w.cols, 4); }
-    void pack(const float* x, std::int64_t n, std::int64_t x_stride, Word* packed, std::int64_t width,
+    template <typename In>
+    void pack(const In* x, std::int64_t n, std::int64_t x_stride, Word* packed, std::int64_t width,
               std::int64_t first) const {
         pack_u8_groups(x, n, x_stride, w.cols, words(), act_scale, act_zero_point, packed, width, first);
     }
@@ -101,9 +103,14 @@ struct Int8GroupsLayout {
 
 }  // namespace
 
-void int8_avx2_vnni(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
-                    std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
+template <typename In, typename Out>
+void int8_avx2_vnni(const Int8Blocks& w, const In* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                    std::int32_t act_zero_point, Out* y, const ParallelFor& parallel_for) {
     run_product(Int8GroupsLayout{w, act_scale, act_zero_point}, x, n, x_stride, y, parallel_for);
 }
+
+#define INT8_AVX2_VNNI_ARGS(In, Out)                                                                           \
+    const Int8Blocks&, const In*, std::int64_t, std::int64_t, float, std::int32_t, Out*, const ParallelFor&
+VITSPARSE_INT8_IO_PAIRS(int8_avx2_vnni, INT8_AVX2_VNNI_ARGS);
 
 }  // namespace vitsparse::detail

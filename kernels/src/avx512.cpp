@@ -68,8 +68,9 @@ struct F32OwnPanel {
 // output channel into y (the panel-per-task layout, internal.hpp).
 template <int Tiles>
 struct OwnPanel {
-    static void run(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
-                    std::int32_t act_zero_point, std::int64_t n0, float* y) {
+    template <typename In, typename Out>
+    static void run(const Int8Blocks& w, const In* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                    std::int32_t act_zero_point, std::int64_t n0, Out* y) {
         const auto bytes = static_cast<std::size_t>(ceil_div(w.cols, 4) * Tiles * kLanes * 4);
         auto* packed = static_cast<std::uint8_t*>(workspace(bytes));
         pack_panel<Tiles>(x, n, x_stride, w.cols, act_scale, act_zero_point, n0, packed);
@@ -79,11 +80,12 @@ struct OwnPanel {
 
 // Panels that would leave threads idle: x is packed once, panel by panel (every panel contiguous, so
 // that a task's loads stay within a few pages), then the tasks are row blocks × panels.
-void int8_shared_panels(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride,
-                        float act_scale, std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
+template <typename In, typename Out>
+void int8_shared_panels(const Int8Blocks& w, const In* x, std::int64_t n, std::int64_t x_stride,
+                        float act_scale, std::int32_t act_zero_point, Out* y, const ParallelFor& parallel_for) {
     const OutputLayout output = output_of(w);
     // split into heads, every thread reads every panel: panels of the own-panel width, which stay in L1
-    const int full_tiles = panel_tiles(w.rows, output.row_major() ? kInt8Tiles : kOwnPanelTiles);
+    const int full_tiles = panel_tiles(w.rows, output.row_major() ? kInt8Tiles : kOwnPanelTiles, sizeof(Out));
     const std::int64_t width = full_tiles * kLanes;
     const std::int64_t padded_n = round_up(n, kLanes), panel_bytes = ceil_div(w.cols, 4) * width * 4;
     auto* packed = static_cast<std::uint8_t*>(
@@ -102,8 +104,9 @@ void int8_shared_panels(const Int8Blocks& w, const float* x, std::int64_t n, std
 
 }  // namespace
 
-void int8_avx512(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
-                 std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
+template <typename In, typename Out>
+void int8_avx512(const Int8Blocks& w, const In* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                 std::int32_t act_zero_point, Out* y, const ParallelFor& parallel_for) {
     // split into heads: the shared panels (run_task_grid says why)
     if (w.heads == 0 &&
         run_own_panels<OwnPanel>(n, w.rows, y, parallel_for, 8, w, x, n, x_stride, act_scale, act_zero_point)) {
@@ -111,6 +114,10 @@ void int8_avx512(const Int8Blocks& w, const float* x, std::int64_t n, std::int64
     }
     int8_shared_panels(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
 }
+
+#define INT8_AVX512_ARGS(In, Out)                                                                              \
+    const Int8Blocks&, const In*, std::int64_t, std::int64_t, float, std::int32_t, Out*, const ParallelFor&
+VITSPARSE_INT8_IO_PAIRS(int8_avx512, INT8_AVX512_ARGS);
 
 void f32_avx512(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
                 const ParallelFor& parallel_for) {

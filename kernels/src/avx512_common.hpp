@@ -35,11 +35,39 @@ inline void transpose16(__m512 r[16]) {
     }
 }
 
+// The lanes of `mask` of 16 floats or bfloat16 values at p, as floats (the other lanes 0.0).
+inline __m512 load_lanes(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 load_lanes(const Bf16* p, __mmask16 mask) {
+    const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+}
+
+// 16 floats rounded to bfloat16, to nearest even (to_bf16, internal.hpp; NaN stays NaN).
+inline __m256i round_to_bf16(__m512 values) {
+    const __m512i bits = _mm512_castps_si512(values);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i half = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff));  // ties to even
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, half), 16);
+    const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+    const __mmask16 nan = _mm512_cmp_ps_mask(values, values, _CMP_UNORD_Q);
+    return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet_nan));
+}
+
+// 16 floats to p, as they are or rounded to bfloat16: all lanes, or those of `mask`.
+inline void store_lanes(float* p, __m512 values) { _mm512_storeu_ps(p, values); }
+inline void store_lanes(Bf16* p, __m512 values) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), round_to_bf16(values));
+}
+inline void store_lanes(float* p, __m512 values, __mmask16 mask) { _mm512_mask_storeu_ps(p, mask, values); }
+inline void store_lanes(Bf16* p, __m512 values, __mmask16 mask) {
+    _mm256_mask_storeu_epi16(p, mask, round_to_bf16(values));
+}
+
 // out[r][c] (r < `rows` output channels, c < columns input rows) -> row_at(c)[r], plus addend[c ×
-// addend_stride + r] where addend is given (store_into, internal.hpp, gives the row addresses).
+// addend_stride + r] where addend is given (store_into, internal.hpp, gives the row addresses). Rows and
+// addend hold y's element type, float or Bf16.
 constexpr auto store_transposed_to = [](const float* out, std::int64_t out_stride, std::int64_t columns,
-                                        std::int64_t rows, auto row_at, const float* addend,
-                                        std::int64_t addend_stride) {
+                                        std::int64_t rows, auto row_at, auto addend, std::int64_t addend_stride) {
     const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1u);
     for (std::int64_t c0 = 0; c0 < columns; c0 += kLanes) {
         __m512 tile[16];
@@ -48,13 +76,13 @@ constexpr auto store_transposed_to = [](const float* out, std::int64_t out_strid
         const std::int64_t count = std::min<std::int64_t>(kLanes, columns - c0);
         if (addend != nullptr) {
             for (std::int64_t c = 0; c < count; ++c) {
-                tile[c] = _mm512_add_ps(tile[c], _mm512_maskz_loadu_ps(row_mask, addend + (c0 + c) * addend_stride));
+                tile[c] = _mm512_add_ps(tile[c], load_lanes(addend + (c0 + c) * addend_stride, row_mask));
             }
         }
         if (rows == kRowBlock) {
-            for (std::int64_t c = 0; c < count; ++c) _mm512_storeu_ps(row_at(c0 + c), tile[c]);
+            for (std::int64_t c = 0; c < count; ++c) store_lanes(row_at(c0 + c), tile[c]);
         } else {
-            for (std::int64_t c = 0; c < count; ++c) _mm512_mask_storeu_ps(row_at(c0 + c), row_mask, tile[c]);
+            for (std::int64_t c = 0; c < count; ++c) store_lanes(row_at(c0 + c), tile[c], row_mask);
         }
     }
 };
@@ -62,7 +90,8 @@ constexpr auto store_transposed_to = [](const float* out, std::int64_t out_strid
 // out[r][c] (r < 16 output channels from m0, c < columns input rows from n0) -> y[n0 + c][m0 + r].
 inline void store_transposed(const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t rows,
                              float* y, std::int64_t y_stride) {
-    store_transposed_to(out, out_stride, columns, rows, [=](std::int64_t c) { return y + c * y_stride; }, nullptr, 0);
+    store_transposed_to(out, out_stride, columns, rows, [=](std::int64_t c) { return y + c * y_stride; },
+                        static_cast<const float*>(nullptr), 0);
 }
 
 // Panels of input rows that split evenly enough among the threads get one task each (the panel-per-task
@@ -77,11 +106,11 @@ void panel_to_y(std::int64_t rows, std::int64_t n0, std::int64_t n, float* y, Co
 }
 
 // run_panels_per_task (internal.hpp) with 16-row tiles.
-template <template <int> class Panel, typename... Args>
-bool run_own_panels(std::int64_t n, std::int64_t rows, float* y, const ParallelFor& parallel_for,
+template <template <int> class Panel, typename Out, typename... Args>
+bool run_own_panels(std::int64_t n, std::int64_t rows, Out* y, const ParallelFor& parallel_for,
                     std::int64_t busy_per_idle, const Args&... args) {
-    return run_panels_per_task<kLanes, kOwnPanelTiles, Panel>(n, panel_tiles(rows, kOwnPanelTiles), y, parallel_for,
-                                                             busy_per_idle, args...);
+    return run_panels_per_task<kLanes, kOwnPanelTiles, Panel>(n, panel_tiles(rows, kOwnPanelTiles, sizeof(Out)), y,
+                                                             parallel_for, busy_per_idle, args...);
 }
 
 // The float kernels' panel: for each of 16 output channels from m0, accumulators start at its bias,

@@ -33,8 +33,9 @@ inline __m512i unsaturated_codes(__m512 values, __m512 inverse, __m512i zero_poi
 // groups `width` rows apart (the panel's width, or every input row when there is one panel). Works
 // on 16 channels (4 groups) at a time: one row load each; the saturating packs of rows 4q..4q+3 leave
 // group L's codes of those rows in 128-bit lane L, and a 4×4 transpose of lanes puts each group in one
-// register.
-void pack_int8(const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols, float scale,
+// register. x holds floats or Bf16.
+template <typename In>
+void pack_int8(const In* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols, float scale,
                std::int32_t zero_point, std::uint8_t* packed, std::int64_t width, std::int64_t first) {
     const __m512 inverse = _mm512_set1_ps(1.0f / scale);
     const __m512i zero_v = _mm512_set1_epi32(zero_point);
@@ -44,7 +45,7 @@ void pack_int8(const float* x, std::int64_t n, std::int64_t x_stride, std::int64
         const __mmask16 lanes = static_cast<__mmask16>((1u << left) - 1u);
         __m512i codes[16];  // channels past cols and rows past n read 0.0: the zero point
         for (int r = 0; r < 16; ++r) {
-            const __m512 values = first + r < n ? _mm512_maskz_loadu_ps(lanes, x + (first + r) * x_stride + k0)
+            const __m512 values = first + r < n ? load_lanes(x + (first + r) * x_stride + k0, lanes)
                                                 : _mm512_setzero_ps();
             codes[r] = unsaturated_codes(values, inverse, zero_v);
         }
@@ -127,8 +128,8 @@ void int8_panel(const Int8Blocks& w, const std::uint8_t* panel, std::int64_t wid
 }
 
 // Packs the Tiles × 16 input rows from n0 into one panel at `packed` (rows past n: the zero point).
-template <int Tiles>
-void pack_panel(const float* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols, float scale,
+template <int Tiles, typename In>
+void pack_panel(const In* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols, float scale,
                 std::int32_t zero_point, std::int64_t n0, std::uint8_t* packed) {
     for (int t = 0; t < Tiles; ++t) {
         pack_int8(x + n0 * x_stride, n - n0, x_stride, cols, scale, zero_point, packed, Tiles * kLanes, t * kLanes);
@@ -136,10 +137,10 @@ void pack_panel(const float* x, std::int64_t n, std::int64_t x_stride, std::int6
 }
 
 // Every output channel of `w` over the packed panel of the Tiles × 16 input rows from n0, written to y
-// (n rows of w.rows floats) 16 channels at a time.
-template <int Tiles>
+// (n rows of w.rows floats or Bf16) 16 channels at a time.
+template <int Tiles, typename Out>
 void int8_panel_to_y(const Int8Blocks& w, const std::uint8_t* panel, std::int32_t zero_point, std::int64_t n0,
-                     std::int64_t n, float* y) {
+                     std::int64_t n, Out* y) {
     panel_rows_to_y<kLanes, Tiles>(w.rows, n0, n, y, [&](std::int64_t m0, std::int64_t rows, float* out) {
         int8_panel<Tiles>(w, panel, Tiles * kLanes, m0, rows, zero_point, out);
     }, store_into(store_transposed_to, output_of(w), w.rows, n, y));

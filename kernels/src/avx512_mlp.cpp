@@ -81,9 +81,9 @@ void hidden_group(const Int8Mlp& mlp, const std::uint8_t* packed_x, std::int64_t
 }
 
 // The whole MLP for the Tiles × 16 input rows from n0.
-template <int Tiles>
-void mlp_panel(const Int8Mlp& mlp, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
-               std::int32_t act_zero_point, std::int64_t n0, float* y) {
+template <int Tiles, typename In, typename Out>
+void mlp_panel(const Int8Mlp& mlp, const In* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+               std::int32_t act_zero_point, std::int64_t n0, Out* y) {
     constexpr std::int64_t width = Tiles * kLanes;
     const Int8Blocks &fc1 = mlp.fc1, &fc2 = mlp.fc2;
     const std::int64_t input_bytes = ceil_div(fc1.cols, 4) * width * 4;
@@ -105,8 +105,9 @@ struct MlpPanel {
 
 }  // namespace
 
-void mlp_avx512_vbmi(const Int8Mlp& mlp, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
-                     std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
+template <typename In, typename Out>
+void mlp_avx512_vbmi(const Int8Mlp& mlp, const In* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                     std::int32_t act_zero_point, Out* y, const ParallelFor& parallel_for) {
     const EvenPanels panels(n, kLanes, kInt8Tiles);
     parallel_for(static_cast<std::size_t>(panels.count), [&](std::size_t panel) {
         const auto p = static_cast<std::int64_t>(panel);
@@ -114,5 +115,9 @@ void mlp_avx512_vbmi(const Int8Mlp& mlp, const float* x, std::int64_t n, std::in
                                         act_zero_point, panels.first_tile(p) * kLanes, y);
     });
 }
+
+#define MLP_AVX512_ARGS(In, Out)                                                                               \
+    const Int8Mlp&, const In*, std::int64_t, std::int64_t, float, std::int32_t, Out*, const ParallelFor&
+VITSPARSE_INT8_IO_PAIRS(mlp_avx512_vbmi, MLP_AVX512_ARGS);
 
 }  // namespace vitsparse::detail

@@ -113,9 +113,11 @@ std::string check_f32_csr(const F32Csr& w, std::int64_t nonzeros) {
     return error;
 }
 
-void sparse_linear_int8(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride,
-                        float act_scale, std::int32_t act_zero_point, float* y, Isa isa,
-                        const ParallelFor& parallel_for) {
+namespace {
+
+template <typename In, typename Out>
+void linear_int8(const Int8Blocks& w, const In* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                 std::int32_t act_zero_point, Out* y, Isa isa, const ParallelFor& parallel_for) {
     if (n <= 0) return;
     if (w.heads != 0 && (w.tokens < 1 || n % w.tokens != 0)) {
         throw std::invalid_argument("a product split into heads needs whole batch items: " + std::to_string(n) +
@@ -134,6 +136,20 @@ void sparse_linear_int8(const Int8Blocks& w, const float* x, std::int64_t n, std
     }
 }
 
+}  // namespace
+
+void sparse_linear_int8(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride,
+                        float act_scale, std::int32_t act_zero_point, float* y, Isa isa,
+                        const ParallelFor& parallel_for) {
+    linear_int8(w, x, n, x_stride, act_scale, act_zero_point, y, isa, parallel_for);
+}
+
+void sparse_linear_int8(const Int8Blocks& w, const Bf16* x, std::int64_t n, std::int64_t x_stride,
+                        float act_scale, std::int32_t act_zero_point, Bf16* y, Isa isa,
+                        const ParallelFor& parallel_for) {
+    linear_int8(w, x, n, x_stride, act_scale, act_zero_point, y, isa, parallel_for);
+}
+
 bool cpu_has_avx512_vbmi() {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512vbmi");
@@ -142,14 +158,16 @@ bool cpu_has_avx512_vbmi() {
 namespace {
 
 // fc1, the table and fc2 one after another through the per-layer kernels of `isa`: the MLP on CPUs
-// without the fused kernel, and the reference the fused kernel is tested against.
-void mlp_composed(const Int8Mlp& mlp, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
-                  std::int32_t act_zero_point, float* y, Isa isa, const ParallelFor& parallel_for) {
+// without the fused kernel, and the reference the fused kernel is tested against. The hidden values
+// are floats whatever x and y hold.
+template <typename T>
+void mlp_composed(const Int8Mlp& mlp, const T* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                  std::int32_t act_zero_point, T* y, Isa isa, const ParallelFor& parallel_for) {
     Int8Blocks fc1 = mlp.fc1;
     fc1.bias = nullptr;
     fc1.out_scale = 0.0f;
     std::vector<float> hidden(static_cast<std::size_t>(n * fc1.rows));
-    sparse_linear_int8(fc1, x, n, x_stride, act_scale, act_zero_point, hidden.data(), isa, parallel_for);
+    linear_int8(fc1, x, n, x_stride, act_scale, act_zero_point, hidden.data(), isa, parallel_for);
     const float inverse = 1.0f / mlp.fc1_out_scale;
     parallel_for(static_cast<std::size_t>(n), [&](std::size_t i) {
         float* row = hidden.data() + static_cast<std::int64_t>(i) * fc1.rows;
@@ -159,18 +177,29 @@ void mlp_composed(const Int8Mlp& mlp, const float* x, std::int64_t n, std::int64
         }
     });
     // fc2 quantizes (code - zero point) with scale 1 and the hidden zero point back to the code itself
-    sparse_linear_int8(mlp.fc2, hidden.data(), n, fc1.rows, 1.0f, mlp.hidden_zero_point, y, isa, parallel_for);
+    linear_int8(mlp.fc2, hidden.data(), n, fc1.rows, 1.0f, mlp.hidden_zero_point, y, isa, parallel_for);
+}
+
+template <typename T>
+void mlp_int8(const Int8Mlp& mlp, const T* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+              std::int32_t act_zero_point, T* y, Isa isa, const ParallelFor& parallel_for) {
+    if (n <= 0) return;
+    if (isa == Isa::avx512 && cpu_has_avx512_vbmi()) {
+        return detail::mlp_avx512_vbmi(mlp, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
+    }
+    mlp_composed(mlp, x, n, x_stride, act_scale, act_zero_point, y, isa, parallel_for);
 }
 
 }  // namespace
 
 void sparse_mlp_int8(const Int8Mlp& mlp, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                      std::int32_t act_zero_point, float* y, Isa isa, const ParallelFor& parallel_for) {
-    if (n <= 0) return;
-    if (isa == Isa::avx512 && cpu_has_avx512_vbmi()) {
-        return detail::mlp_avx512_vbmi(mlp, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
-    }
-    mlp_composed(mlp, x, n, x_stride, act_scale, act_zero_point, y, isa, parallel_for);
+    mlp_int8(mlp, x, n, x_stride, act_scale, act_zero_point, y, isa, parallel_for);
+}
+
+void sparse_mlp_int8(const Int8Mlp& mlp, const Bf16* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                     std::int32_t act_zero_point, Bf16* y, Isa isa, const ParallelFor& parallel_for) {
+    mlp_int8(mlp, x, n, x_stride, act_scale, act_zero_point, y, isa, parallel_for);
 }
 
 bool cpu_has_avx512_bf16() {

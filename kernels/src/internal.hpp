@@ -64,27 +64,54 @@ inline float int8_result(const Int8Blocks& w, std::int64_t m, std::int32_t sum) 
     return value + (w.bias ? w.bias[m] : 0.0f);
 }
 
+// float -> bfloat16, rounding to nearest even (what vcvtneps2bf16 does; NaN stays NaN). Branch-free, so
+// that loops over it vectorize.
+inline std::uint16_t to_bf16(float value) {
+    std::uint32_t bits;
+    std::memcpy(&bits, &value, 4);
+    const std::uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    const std::uint32_t quiet_nan = (bits >> 16) | 0x40u;
+    return static_cast<std::uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+}
+
+inline float from_bf16(std::uint16_t value) {
+    const std::uint32_t bits = static_cast<std::uint32_t>(value) << 16;
+    float out;
+    std::memcpy(&out, &bits, 4);
+    return out;
+}
+
+// The INT8 kernels' x and y elements: float, or Bf16, which a float result is rounded to once.
+inline float to_float(float value) { return value; }
+inline float to_float(Bf16 value) { return from_bf16(value.bits); }
+inline void store_value(float* to, float value) { *to = value; }
+inline void store_value(Bf16* to, float value) { to->bits = to_bf16(value); }
+
 // The blocks of up to kRowBlock output channels a product writes y in. When y starts inside a 64-byte
 // line (OpenVINO's output buffers do) and every row shares that offset, the first block is shorter, so
-// that all the others write whole lines instead of splitting each 64-byte store across two. Not where y
-// is split into heads (row_major false): blocks start at 0, and since a head's width is a multiple of
-// 16, none spans two heads (a shift per head measured no faster).
+// that all the others write whole lines (half lines of bfloat16) instead of splitting each store across
+// two. Not where y is split into heads (row_major false): blocks start at 0, and since a head's width is
+// a multiple of 16, none spans two heads (a shift per head measured no faster).
 struct RowBlocks {
     std::int64_t rows;
-    std::int64_t shift;  // channels the first block lacks: y's offset within its line, in floats
+    std::int64_t shift;  // channels the first block lacks: y's offset within a block's bytes, in elements
     std::int64_t count;
 
-    RowBlocks(std::int64_t rows_, const float* y, bool row_major = true)
-        : rows(rows_), shift(row_major ? line_offset(y, rows_) : 0), count(ceil_div(rows_ + shift, kRowBlock)) {}
+    // element_bytes: y's element size (4 for float, 2 for Bf16)
+    RowBlocks(std::int64_t rows_, const void* y, std::size_t element_bytes, bool row_major = true)
+        : rows(rows_), shift(row_major ? line_offset(y, rows_, static_cast<std::int64_t>(element_bytes)) : 0),
+          count(ceil_div(rows_ + shift, kRowBlock)) {}
     std::int64_t first(std::int64_t block) const { return std::max<std::int64_t>(0, block * kRowBlock - shift); }
     std::int64_t size(std::int64_t block) const {
         return std::min(block * kRowBlock - shift + kRowBlock, rows) - first(block);
     }
 
-    static std::int64_t line_offset(const float* y, std::int64_t rows) {
-        const auto address = reinterpret_cast<std::uintptr_t>(y);
-        if (address % sizeof(float) != 0 || rows * sizeof(float) % 64 != 0) return 0;
-        return static_cast<std::int64_t>(address % 64 / sizeof(float));
+    static std::int64_t line_offset(const void* y, std::int64_t rows, std::int64_t element_bytes) {
+        const std::int64_t block_bytes = kRowBlock * element_bytes;  // a line for float
+        const auto offset = static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(y) %
+                                                      static_cast<std::uintptr_t>(block_bytes));
+        if (offset % element_bytes != 0 || rows * element_bytes % block_bytes != 0) return 0;
+        return offset / element_bytes;
     }
 };
 
@@ -107,8 +134,10 @@ struct TaskGrid {
     std::int64_t panels;
     std::int64_t panel_columns;
 
-    TaskGrid(std::int64_t rows, std::int64_t columns, std::int64_t panel_columns_, const float* y, bool row_major)
-        : blocks(rows, y, row_major), panels(ceil_div(columns, panel_columns_)), panel_columns(panel_columns_) {}
+    TaskGrid(std::int64_t rows, std::int64_t columns, std::int64_t panel_columns_, const void* y,
+             std::size_t element_bytes, bool row_major)
+        : blocks(rows, y, element_bytes, row_major), panels(ceil_div(columns, panel_columns_)),
+          panel_columns(panel_columns_) {}
     std::size_t size() const { return static_cast<std::size_t>(blocks.count * panels); }
     std::int64_t panel(std::size_t task) const { return static_cast<std::int64_t>(task) / blocks.count; }
     std::int64_t row_block(std::size_t task) const { return static_cast<std::int64_t>(task) % blocks.count; }
@@ -123,10 +152,10 @@ struct TaskGrid {
 // and threads would share the lines where their panels meet in the rows of kᵀ. Instead each thread
 // runs its contiguous part of the row blocks over every panel: it writes one contiguous part of y (the
 // part the next node's thread reads), whole rows of kᵀ and no line another thread writes.
-template <std::int64_t Lanes, int MaxTiles, typename Compute, typename Store>
-void run_task_grid(std::int64_t out_features, std::int64_t n, std::int64_t padded_n, int panel_tiles, float* y,
+template <std::int64_t Lanes, int MaxTiles, typename Out, typename Compute, typename Store>
+void run_task_grid(std::int64_t out_features, std::int64_t n, std::int64_t padded_n, int panel_tiles, Out* y,
                    const ParallelFor& parallel_for, Compute compute, Store store, bool split_into_heads = false) {
-    const TaskGrid grid(out_features, padded_n, panel_tiles * Lanes, y, !split_into_heads);
+    const TaskGrid grid(out_features, padded_n, panel_tiles * Lanes, y, sizeof(Out), !split_into_heads);
     auto run = [&](std::int64_t panel, std::int64_t block) {
         alignas(64) float out[kRowBlock * MaxTiles * Lanes];
         const std::int64_t n0 = panel * grid.panel_columns;
@@ -150,10 +179,10 @@ void run_task_grid(std::int64_t out_features, std::int64_t n, std::int64_t padde
     });
 }
 
-// How an INT8 product writes y (Int8Blocks): row-major, plus an addend laid out as y (or nullptr), or
-// split into attention heads.
+// How an INT8 product writes y (Int8Blocks): row-major, plus an addend laid out as y and of its element
+// type (or nullptr), or split into attention heads.
 struct OutputLayout {
-    const float* addend = nullptr;
+    const void* addend = nullptr;
     std::int64_t heads = 0;
     std::int64_t tokens = 0;
 
@@ -165,7 +194,7 @@ inline OutputLayout output_of(const Int8Blocks& w) { return {w.addend, w.heads, 
 // to[0, count) = from[0, count) in fixed-size copies of 16 floats (one vector move on AVX-512, the
 // file's widest on the others), the last one overlapping the one before where count is not a multiple
 // of 16; one float at a time only below 16.
-inline void copy_floats(float* to, const float* from, std::int64_t count) {
+inline void copy_row(float* to, const float* from, std::int64_t count) {
     if (count < 16) {
         for (std::int64_t j = 0; j < count; ++j) to[j] = from[j];
         return;
@@ -173,6 +202,11 @@ inline void copy_floats(float* to, const float* from, std::int64_t count) {
     std::int64_t j = 0;
     for (; j + 16 <= count; j += 16) __builtin_memcpy(to + j, from + j, 16 * sizeof(float));
     if (j < count) __builtin_memcpy(to + count - 16, from + count - 16, 16 * sizeof(float));
+}
+
+// The same rounded to bfloat16 (a loop the compiler vectorizes with the file's instruction set).
+inline void copy_row(Bf16* to, const float* from, std::int64_t count) {
+    for (std::int64_t j = 0; j < count; ++j) to[j].bits = to_bf16(from[j]);
 }
 
 // Where a qkv product's results go when split into heads (Int8Blocks::heads): the slab of each part,
@@ -196,18 +230,18 @@ struct HeadsLayout {
     // Writes out[count][columns] (channels m0.. of one head × input rows n0..; out_stride apart) into y:
     // kᵀ row by row as it is; q and v through store_to, the transposed store, row by row of tokens. The
     // row addresses step batch item by batch item (no division per row: these run for every block).
-    template <typename StoreTo>
+    template <typename StoreTo, typename Out>
     void store(StoreTo store_to, const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t count,
-               std::int64_t n0, std::int64_t m0, float* y) const {
+               std::int64_t n0, std::int64_t m0, Out* y) const {
         const std::int64_t group = m0 / head_dim, slab_stride = heads * tokens * head_dim;
         std::int64_t b = n0 / tokens, t = n0 % tokens;
-        float* head = y + slab(group, b);  // this batch item's slab of the head
+        Out* head = y + slab(group, b);  // this batch item's slab of the head
         if (transposed(group)) {
             head += m0 % head_dim * tokens;
             for (std::int64_t c = 0; c < columns; head += slab_stride, t = 0) {  // one batch item at a time
                 const std::int64_t run = std::min(columns - c, tokens - t);
                 for (std::int64_t r = 0; r < count; ++r) {
-                    copy_floats(head + r * tokens + t, out + r * out_stride + c, run);
+                    copy_row(head + r * tokens + t, out + r * out_stride + c, run);
                 }
                 c += run;
             }
@@ -215,14 +249,15 @@ struct HeadsLayout {
         }
         head += m0 % head_dim;
         constexpr std::int64_t kChunk = 128;  // columns whose row addresses are listed at once
-        float* rows_at[kChunk];
+        Out* rows_at[kChunk];
         for (std::int64_t c0 = 0; c0 < columns; c0 += kChunk) {  // c0: a multiple of 16, so out + c0 stays aligned
             const std::int64_t width = std::min(kChunk, columns - c0);
             for (std::int64_t c = 0; c < width; ++c, ++t) {
                 if (t == tokens) t = 0, head += slab_stride;
                 rows_at[c] = head + t * head_dim;
             }
-            store_to(out + c0, out_stride, width, count, [&](std::int64_t c) { return rows_at[c]; }, nullptr, 0);
+            store_to(out + c0, out_stride, width, count, [&](std::int64_t c) { return rows_at[c]; },
+                     static_cast<const Out*>(nullptr), 0);
         }
     }
 };
@@ -231,34 +266,20 @@ struct HeadsLayout {
 // input rows, writing the block at `part` (its place in the row-major grid over y) through
 // store_to(out, out_stride, columns, rows, row_at, addend, addend_stride): each ISA's transposed store,
 // column c going to row_at(c) plus the addend row at addend + c × addend_stride.
-template <typename StoreTo>
-auto store_into(StoreTo store_to, const OutputLayout& layout, std::int64_t rows, std::int64_t n, float* y) {
+template <typename StoreTo, typename Out>
+auto store_into(StoreTo store_to, const OutputLayout& layout, std::int64_t rows, std::int64_t n, Out* y) {
     const HeadsLayout heads(layout, rows, n);
-    return [=](const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t count, float* part,
+    const auto* addend = static_cast<const Out*>(layout.addend);
+    return [=](const float* out, std::int64_t out_stride, std::int64_t columns, std::int64_t count, Out* part,
                std::int64_t y_stride) {
         if (layout.row_major()) {
             store_to(out, out_stride, columns, count, [=](std::int64_t c) { return part + c * y_stride; },
-                     layout.addend ? layout.addend + (part - y) : nullptr, y_stride);
+                     addend ? addend + (part - y) : nullptr, y_stride);
             return;
         }
         const std::int64_t offset = part - y;
         heads.store(store_to, out, out_stride, columns, count, offset / rows, offset % rows, y);
     };
-}
-
-// float -> bfloat16, rounding to nearest even (what vcvtneps2bf16 does; NaN stays NaN).
-inline std::uint16_t to_bf16(float value) {
-    std::uint32_t bits;
-    std::memcpy(&bits, &value, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((bits >> 16) | 0x40u);
-    return static_cast<std::uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
-inline float from_bf16(std::uint16_t value) {
-    const std::uint32_t bits = static_cast<std::uint32_t>(value) << 16;
-    float out;
-    std::memcpy(&out, &bits, 4);
-    return out;
 }
 
 // Calls Panel<tiles> for the panel's tile count (the last panel may be narrower).
@@ -275,9 +296,10 @@ void run_panel(int tiles, Args&&... args) {
 // for 1536 channels, 16 KiB / 12 ways) they evict one another before the stores drain, so the panel
 // narrows until at most ~16 lines share a set. L1 has 64 sets of 64-byte lines on every x86 CPU with
 // AVX-512; the AVX2 kernels count their 8-row tiles in pairs.
-inline int panel_tiles(std::int64_t rows, int max_tiles) {
+inline int panel_tiles(std::int64_t rows, int max_tiles, std::int64_t element_bytes = 4) {
     constexpr std::int64_t kSets = 64;
-    const std::int64_t line_stride = rows * 4 % 64 == 0 ? rows * 4 / 64 % kSets : 1;
+    const std::int64_t row_bytes = rows * element_bytes;
+    const std::int64_t line_stride = row_bytes % 64 == 0 ? row_bytes / 64 % kSets : 1;
     const std::int64_t sets_used = line_stride == 0 ? 1 : kSets / std::gcd(kSets, line_stride);
     int tiles = max_tiles;
     while (tiles > 1 && tiles > sets_used) tiles /= 2;
@@ -299,13 +321,13 @@ inline bool panels_fill_threads(std::int64_t panels, std::int64_t threads, std::
 }
 
 // Every output channel (`rows` of them) over one panel of Tiles × Lanes input rows from n0, written to y
-// (n rows of `rows` floats) 16 channels at a time: compute(m0, count, out) fills out[16][Tiles × Lanes]
+// (n rows of `rows` floats or Bf16) 16 channels at a time: compute(m0, count, out) fills out[16][Tiles × Lanes]
 // for the `count` channels from m0, and store writes it (as run_task_grid's store does).
-template <std::int64_t Lanes, int Tiles, typename Compute, typename Store>
-void panel_rows_to_y(std::int64_t rows, std::int64_t n0, std::int64_t n, float* y, Compute compute, Store store) {
+template <std::int64_t Lanes, int Tiles, typename Out, typename Compute, typename Store>
+void panel_rows_to_y(std::int64_t rows, std::int64_t n0, std::int64_t n, Out* y, Compute compute, Store store) {
     constexpr std::int64_t width = Tiles * Lanes;
     alignas(64) float out[kRowBlock * width];
-    const RowBlocks blocks(rows, y);
+    const RowBlocks blocks(rows, y, sizeof(Out));
     for (std::int64_t block = 0; block < blocks.count; ++block) {
         const std::int64_t m0 = blocks.first(block), count = blocks.size(block);
         compute(m0, count, out);
@@ -316,8 +338,8 @@ void panel_rows_to_y(std::int64_t rows, std::int64_t n0, std::int64_t n, float* 
 // Panel<tiles>::run(args..., n0, y) for each panel (at most `panel_tiles` tiles of Lanes rows) of the n
 // input rows, one task each, where panels_fill_threads(..., busy_per_idle) says they keep the threads
 // busy. Returns false, having run nothing, where the kernel should take its shared layout instead.
-template <std::int64_t Lanes, int MaxTiles, template <int> class Panel, typename... Args>
-bool run_panels_per_task(std::int64_t n, int panel_tiles, float* y, const ParallelFor& parallel_for,
+template <std::int64_t Lanes, int MaxTiles, template <int> class Panel, typename Out, typename... Args>
+bool run_panels_per_task(std::int64_t n, int panel_tiles, Out* y, const ParallelFor& parallel_for,
                          std::int64_t busy_per_idle, const Args&... args) {
     const EvenPanels panels(n, Lanes, panel_tiles);
     const auto threads = static_cast<std::int64_t>(std::max<std::size_t>(1, parallel_for.threads));
@@ -331,16 +353,30 @@ bool run_panels_per_task(std::int64_t n, int panel_tiles, float* y, const Parall
 
 }  // namespace
 
-void int8_scalar(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
-                 std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for);
-void int8_avx2(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
-               std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for);
-void int8_avx2_vnni(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
-                    std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for);
-void int8_avx512(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
-                 std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for);
-void mlp_avx512_vbmi(const Int8Mlp& mlp, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
-                     std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for);
+// The INT8 entry points read x as In and write y (and read the addend) as Out, each float or Bf16; every
+// kernel file instantiates the four pairs (INT8_IO_PAIRS).
+template <typename In, typename Out>
+void int8_scalar(const Int8Blocks& w, const In* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                 std::int32_t act_zero_point, Out* y, const ParallelFor& parallel_for);
+template <typename In, typename Out>
+void int8_avx2(const Int8Blocks& w, const In* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+               std::int32_t act_zero_point, Out* y, const ParallelFor& parallel_for);
+template <typename In, typename Out>
+void int8_avx2_vnni(const Int8Blocks& w, const In* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                    std::int32_t act_zero_point, Out* y, const ParallelFor& parallel_for);
+template <typename In, typename Out>
+void int8_avx512(const Int8Blocks& w, const In* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                 std::int32_t act_zero_point, Out* y, const ParallelFor& parallel_for);
+template <typename In, typename Out>
+void mlp_avx512_vbmi(const Int8Mlp& mlp, const In* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                     std::int32_t act_zero_point, Out* y, const ParallelFor& parallel_for);
+
+// Explicit instantiations of an INT8 entry point for every (In, Out) pair.
+#define VITSPARSE_INT8_IO_PAIRS(entry, ...)                                                \
+    template void entry<float, float>(__VA_ARGS__(float, float));                          \
+    template void entry<Bf16, Bf16>(__VA_ARGS__(Bf16, Bf16));                              \
+    template void entry<Bf16, float>(__VA_ARGS__(Bf16, float));                            \
+    template void entry<float, Bf16>(__VA_ARGS__(float, Bf16))
 void bf16_scalar(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
                  const ParallelFor& parallel_for);
 void bf16_avx2(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,

@@ -9,17 +9,20 @@ namespace {
 constexpr std::int64_t kRowsPerTask = 8;  // input rows per task
 }
 
-void int8_scalar(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride, float act_scale,
-                 std::int32_t act_zero_point, float* y, const ParallelFor& parallel_for) {
+template <typename In, typename Out>
+void int8_scalar(const Int8Blocks& w, const In* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                 std::int32_t act_zero_point, Out* y, const ParallelFor& parallel_for) {
     const std::int64_t padded_cols = round_up(w.cols, 4);
     const OutputLayout layout = output_of(w);
+    const auto* addend = static_cast<const Out*>(w.addend);
     const HeadsLayout heads(layout, w.rows, n);
     parallel_for(static_cast<std::size_t>(ceil_div(n, kRowsPerTask)), [&](std::size_t task) {
         std::vector<std::int32_t> centered(static_cast<std::size_t>(padded_cols), 0);  // code - zero point
         const std::int64_t end = std::min(n, static_cast<std::int64_t>(task + 1) * kRowsPerTask);
         for (std::int64_t i = static_cast<std::int64_t>(task) * kRowsPerTask; i < end; ++i) {
             for (std::int64_t k = 0; k < w.cols; ++k) {
-                centered[k] = quantize_u8(x[i * x_stride + k], 1.0f / act_scale, act_zero_point) - act_zero_point;
+                centered[k] = quantize_u8(to_float(x[i * x_stride + k]), 1.0f / act_scale, act_zero_point) -
+                              act_zero_point;
             }
             for (std::int64_t m = 0; m < w.rows; ++m) {
                 std::int32_t sum = 0;
@@ -28,11 +31,15 @@ void int8_scalar(const Int8Blocks& w, const float* x, std::int64_t n, std::int64
                     for (int j = 0; j < 4; ++j) sum += a[j] * w.values[4 * static_cast<std::int64_t>(b) + j];
                 }
                 const std::int64_t at = layout.row_major() ? i * w.rows + m : heads.offset(i, m);
-                y[at] = int8_result(w, m, sum) + (w.addend ? w.addend[at] : 0.0f);
+                store_value(y + at, int8_result(w, m, sum) + (addend ? to_float(addend[at]) : 0.0f));
             }
         }
     });
 }
+
+#define INT8_SCALAR_ARGS(In, Out)                                                                              \
+    const Int8Blocks&, const In*, std::int64_t, std::int64_t, float, std::int32_t, Out*, const ParallelFor&
+VITSPARSE_INT8_IO_PAIRS(int8_scalar, INT8_SCALAR_ARGS);
 
 void bf16_scalar(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
                  const ParallelFor& parallel_for) {
