@@ -64,7 +64,7 @@ DEFAULT = Profile(
     seconds_per_block=0.5,
     # heads: 2 seeds, the fewest with a spread (the paired difference to l1 and its standard error)
     seeds={"heads": 2, "tokens": 1, "combined": 1},
-    extra_columns=False,  # openvino:bf16 and openvino-sparse: `full`'s, or one `-e` away
+    extra_columns=False,  # openvino:bf16 and openvino-sparse (f32, bf16): `full`'s, or one `-e` away
 )
 
 FULL = Profile(
