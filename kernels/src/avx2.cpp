@@ -207,9 +207,7 @@ void int8_avx2(const Int8Blocks& w, const In* x, std::int64_t n, std::int64_t x_
     run_product(Int8PairsLayout{w, act_scale, act_zero_point}, x, n, x_stride, y, parallel_for);
 }
 
-#define INT8_AVX2_ARGS(In, Out)                                                                                \
-    const Int8Blocks&, const In*, std::int64_t, std::int64_t, float, std::int32_t, Out*, const ParallelFor&
-VITSPARSE_INT8_IO_PAIRS(int8_avx2, INT8_AVX2_ARGS);
+VITSPARSE_INT8_IO_PAIRS(int8_avx2, VITSPARSE_INT8_ARGS);
 
 void f32_avx2(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
               const ParallelFor& parallel_for) {

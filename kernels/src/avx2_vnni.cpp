@@ -109,8 +109,6 @@ void int8_avx2_vnni(const Int8Blocks& w, const In* x, std::int64_t n, std::int64
     run_product(Int8GroupsLayout{w, act_scale, act_zero_point}, x, n, x_stride, y, parallel_for);
 }
 
-#define INT8_AVX2_VNNI_ARGS(In, Out)                                                                           \
-    const Int8Blocks&, const In*, std::int64_t, std::int64_t, float, std::int32_t, Out*, const ParallelFor&
-VITSPARSE_INT8_IO_PAIRS(int8_avx2_vnni, INT8_AVX2_VNNI_ARGS);
+VITSPARSE_INT8_IO_PAIRS(int8_avx2_vnni, VITSPARSE_INT8_ARGS);
 
 }  // namespace vitsparse::detail

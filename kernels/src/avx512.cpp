@@ -115,9 +115,7 @@ void int8_avx512(const Int8Blocks& w, const In* x, std::int64_t n, std::int64_t 
     int8_shared_panels(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
 }
 
-#define INT8_AVX512_ARGS(In, Out)                                                                              \
-    const Int8Blocks&, const In*, std::int64_t, std::int64_t, float, std::int32_t, Out*, const ParallelFor&
-VITSPARSE_INT8_IO_PAIRS(int8_avx512, INT8_AVX512_ARGS);
+VITSPARSE_INT8_IO_PAIRS(int8_avx512, VITSPARSE_INT8_ARGS);
 
 void f32_avx512(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
                 const ParallelFor& parallel_for) {

@@ -116,8 +116,6 @@ void mlp_avx512_vbmi(const Int8Mlp& mlp, const In* x, std::int64_t n, std::int64
     });
 }
 
-#define MLP_AVX512_ARGS(In, Out)                                                                               \
-    const Int8Mlp&, const In*, std::int64_t, std::int64_t, float, std::int32_t, Out*, const ParallelFor&
-VITSPARSE_INT8_IO_PAIRS(mlp_avx512_vbmi, MLP_AVX512_ARGS);
+VITSPARSE_INT8_IO_PAIRS(mlp_avx512_vbmi, VITSPARSE_MLP_ARGS);
 
 }  // namespace vitsparse::detail

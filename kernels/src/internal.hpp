@@ -371,7 +371,14 @@ template <typename In, typename Out>
 void mlp_avx512_vbmi(const Int8Mlp& mlp, const In* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                      std::int32_t act_zero_point, Out* y, const ParallelFor& parallel_for);
 
-// Explicit instantiations of an INT8 entry point for every (In, Out) pair.
+// The parameter types of the INT8 entry points above (a layer; the MLP), for INT8_IO_PAIRS.
+#define VITSPARSE_INT8_ARGS(In, Out)                                                                           \
+    const Int8Blocks&, const In*, std::int64_t, std::int64_t, float, std::int32_t, Out*, const ParallelFor&
+#define VITSPARSE_MLP_ARGS(In, Out)                                                                            \
+    const Int8Mlp&, const In*, std::int64_t, std::int64_t, float, std::int32_t, Out*, const ParallelFor&
+
+// Explicit instantiations of an INT8 entry point for every (In, Out) pair: its file ends with
+// VITSPARSE_INT8_IO_PAIRS(entry, VITSPARSE_INT8_ARGS) (or _MLP_ARGS).
 #define VITSPARSE_INT8_IO_PAIRS(entry, ...)                                                \
     template void entry<float, float>(__VA_ARGS__(float, float));                          \
     template void entry<Bf16, Bf16>(__VA_ARGS__(Bf16, Bf16));                              \

@@ -37,9 +37,7 @@ void int8_scalar(const Int8Blocks& w, const In* x, std::int64_t n, std::int64_t 
     });
 }
 
-#define INT8_SCALAR_ARGS(In, Out)                                                                              \
-    const Int8Blocks&, const In*, std::int64_t, std::int64_t, float, std::int32_t, Out*, const ParallelFor&
-VITSPARSE_INT8_IO_PAIRS(int8_scalar, INT8_SCALAR_ARGS);
+VITSPARSE_INT8_IO_PAIRS(int8_scalar, VITSPARSE_INT8_ARGS);
 
 void bf16_scalar(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
                  const ParallelFor& parallel_for) {
