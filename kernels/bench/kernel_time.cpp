@@ -2,13 +2,14 @@
 // pages call "the harness". Built on demand from the extension's build folder (make install made it):
 //
 //   cmake --build .venv/lib/vitsparse/build --target kernel_time
-//   .venv/lib/vitsparse/build/kernel_time linear K M N DENSITY [CALLS] [--cold] [--heads H]
-//   .venv/lib/vitsparse/build/kernel_time mlp N DENSITY [CALLS] [--cold]
+//   .venv/lib/vitsparse/build/kernel_time linear K M N DENSITY [CALLS] [--cold] [--heads H] [--bf16]
+//   .venv/lib/vitsparse/build/kernel_time mlp N DENSITY [CALLS] [--cold] [--bf16]
 //
 // linear: x [N, K] times a [M, K] weight; mlp: DeiT-S's MLP (384 → 1536 → 384, the fused SparseMLP
 // kernel). DENSITY is the share of non-zero 1×4 blocks. --cold evicts the caches (writes 16 MiB) before
 // every call, as a layer inside a model meets them. --heads H times the linear as attention's qkv (one
-// batch item of N tokens) writing q, kᵀ and v for H heads. Prints the median and fastest of CALLS (default 50).
+// batch item of N tokens) writing q, kᵀ and v for H heads. --bf16 reads x and writes y as bfloat16.
+// Prints the median and fastest of CALLS (default 50).
 // VITSPARSE_KERNEL_ISA=scalar|avx2|avxvnni|avx512 caps the instruction set, as it does in the engine.
 #include <vitsparse_kernels.hpp>
 
@@ -19,6 +20,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -60,8 +62,8 @@ struct RandomBlocks {
 };
 
 [[noreturn]] void usage(const char* why) {
-    std::fprintf(stderr, "kernel_time: %s\nusage: kernel_time linear K M N DENSITY [CALLS] [--cold] [--heads H]\n"
-                         "       kernel_time mlp N DENSITY [CALLS] [--cold]\n", why);
+    std::fprintf(stderr, "kernel_time: %s\nusage: kernel_time linear K M N DENSITY [CALLS] [--cold] [--heads H] "
+                         "[--bf16]\n       kernel_time mlp N DENSITY [CALLS] [--cold] [--bf16]\n", why);
     std::exit(2);
 }
 
@@ -77,6 +79,22 @@ double density_of(const char* text) {
     const double value = std::strtod(text, &end);
     if (end == text || *end != '\0' || !(value > 0.0 && value <= 1.0)) usage("DENSITY must be in (0, 1]");
     return value;
+}
+
+// x's floats as T: themselves, or cut to bfloat16 (the time does not depend on how they round).
+template <typename T>
+std::vector<T> values_as(const std::vector<float>& x) {
+    if constexpr (std::is_same_v<T, float>) {
+        return x;
+    } else {
+        std::vector<T> out(x.size());
+        for (std::size_t i = 0; i < x.size(); ++i) {
+            std::uint32_t bits;
+            std::memcpy(&bits, &x[i], 4);
+            out[i].bits = static_cast<std::uint16_t>(bits >> 16);
+        }
+        return out;
+    }
 }
 
 // Median and fastest of `calls` timed calls of `run`, in ms, evicting the caches first when `cold`.
@@ -102,6 +120,8 @@ int main(int argc, char** argv) {
     std::vector<std::string> args(argv + 1, argv + argc);
     const bool cold = std::find(args.begin(), args.end(), "--cold") != args.end();
     args.erase(std::remove(args.begin(), args.end(), "--cold"), args.end());
+    const bool bf16 = std::find(args.begin(), args.end(), "--bf16") != args.end();  // x and y as Bf16
+    args.erase(std::remove(args.begin(), args.end(), "--bf16"), args.end());
     long heads = 0;  // --heads H: the linear is attention's qkv over one batch item, split into H heads
     if (auto at = std::find(args.begin(), args.end(), "--heads"); at != args.end() && at + 1 != args.end()) {
         heads = positive((at + 1)->c_str(), "H");
@@ -125,12 +145,17 @@ int main(int argc, char** argv) {
         std::vector<std::uint8_t> table(1536 * 256);
         for (std::size_t i = 0; i < table.size(); ++i) table[i] = static_cast<std::uint8_t>(i % 256);
         vitsparse::Int8Mlp layers{fc1.blocks, 0.05f, 128, table.data(), 0, fc2.blocks};
-        std::vector<float> x(static_cast<std::size_t>(n) * 384), y(static_cast<std::size_t>(n) * 384);
+        std::vector<float> x(static_cast<std::size_t>(n) * 384);
         for (float& value : x) value = uniform(rng);
-        std::snprintf(label, sizeof label, "mlp 384-1536-384 N%ld density %.2f", n, density);
-        time_calls(label, calls, cold, [&] {
-            vitsparse::sparse_mlp_int8(layers, x.data(), n, 384, 0.01f, 128, y.data(), isa, one_thread);
-        });
+        std::snprintf(label, sizeof label, "mlp 384-1536-384 N%ld density %.2f%s", n, density, bf16 ? ", bf16" : "");
+        auto time_mlp = [&](auto element) {
+            using T = decltype(element);
+            std::vector<T> xs = values_as<T>(x), y(static_cast<std::size_t>(n) * 384);
+            time_calls(label, calls, cold, [&] {
+                vitsparse::sparse_mlp_int8(layers, xs.data(), n, 384, 0.01f, 128, y.data(), isa, one_thread);
+            });
+        };
+        bf16 ? time_mlp(vitsparse::Bf16{}) : time_mlp(0.0f);
         return 0;
     }
     const long k = positive(args[1].c_str(), "K"), m = positive(args[2].c_str(), "M");
@@ -140,12 +165,17 @@ int main(int argc, char** argv) {
     weight.blocks.heads = heads;
     weight.blocks.tokens = n;
     if (const std::string problem = vitsparse::check_heads(weight.blocks); !problem.empty()) usage(problem.c_str());
-    std::vector<float> x(static_cast<std::size_t>(n) * k), y(static_cast<std::size_t>(n) * m);
+    std::vector<float> x(static_cast<std::size_t>(n) * k);
     for (float& value : x) value = uniform(rng);
-    std::snprintf(label, sizeof label, "linear K%ld M%ld N%ld density %.2f%s", k, m, n, density,
-                  heads ? (", " + std::to_string(heads) + " heads").c_str() : "");
-    time_calls(label, calls, cold, [&] {
-        vitsparse::sparse_linear_int8(weight.blocks, x.data(), n, k, 0.01f, 128, y.data(), isa, one_thread);
-    });
+    std::snprintf(label, sizeof label, "linear K%ld M%ld N%ld density %.2f%s%s", k, m, n, density,
+                  heads ? (", " + std::to_string(heads) + " heads").c_str() : "", bf16 ? ", bf16" : "");
+    auto time_linear = [&](auto element) {
+        using T = decltype(element);
+        std::vector<T> xs = values_as<T>(x), y(static_cast<std::size_t>(n) * m);
+        time_calls(label, calls, cold, [&] {
+            vitsparse::sparse_linear_int8(weight.blocks, xs.data(), n, k, 0.01f, 128, y.data(), isa, one_thread);
+        });
+    };
+    bf16 ? time_linear(vitsparse::Bf16{}) : time_linear(0.0f);
     return 0;
 }
