@@ -413,6 +413,7 @@ def test_int8_kernel_reads_and_writes_bf16(core, tmp_path, monkeypatch, isa, sha
 @pytest.mark.parametrize("shape", HEADS_SHAPES[:3], ids=["b{}-t{}-k{}-h{}x{}".format(*s)
                                                          for s in HEADS_SHAPES[:3]])
 def test_int8_kernel_split_into_heads_writes_bf16(core, tmp_path, monkeypatch, isa, shape) -> None:
+    """q, kᵀ and v head by head in bfloat16, kᵀ's rows rounded as they are copied, on every path."""
     batch, tokens, k, heads, head_dim = shape
     m = 3 * heads * head_dim
     rng = np.random.default_rng(tokens * 100 + k + 2)
@@ -429,6 +430,8 @@ def test_int8_kernel_split_into_heads_writes_bf16(core, tmp_path, monkeypatch, i
 @pytest.mark.parametrize("shape", MLP_SHAPES[:4], ids=[f"n{s[0]}-k{s[1]}-h{s[2]}-s{s[4]}"
                                                        for s in MLP_SHAPES[:4]])
 def test_int8_mlp_kernel_reads_and_writes_bf16(core, tmp_path, monkeypatch, isa, shape) -> None:
+    """The MLP node with bf16 x, addend and y: fused on AVX-512 VBMI, composed through float hidden
+    values on the other paths."""
     rng = np.random.default_rng(shape[0] * 1000 + shape[2] + 2)
     path, attributes, fc1, table, fc2 = _mlp_file(tmp_path / "mlp.onnx", rng, shape)
     x = (rng.standard_normal((shape[0], shape[1])) * 3).astype(np.float32)
