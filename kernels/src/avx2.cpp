@@ -47,18 +47,6 @@ void pack_int16_pairs(const In* x, std::int64_t n, std::int64_t x_stride, std::i
     }
 }
 
-// 8 floats rounded to the nearest bfloat16, ties to even, and back (to_bf16, internal.hpp): what
-// vdpbf16ps multiplies. NaN stays NaN.
-inline __m256 round_to_bf16_and_back(__m256 values) {
-    const __m256i bits = _mm256_castps_si256(values);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
-    const __m256i nan = _mm256_or_si256(bits, _mm256_set1_epi32(0x400000));
-    const __m256 is_nan = _mm256_cmp_ps(values, values, _CMP_UNORD_Q);
-    const __m256 chosen = _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(nan), is_nan);
-    return _mm256_and_ps(chosen, _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0xffff0000u))));
-}
-
 // The 8 float channels of x from k0 for the 8 input rows from `first`, transposed into packed
 // (channel k of row i at k × width + i) for channels below `padded_cols` (those past cols read 0.0),
 // rounded to bfloat16 for the bf16 kernel.

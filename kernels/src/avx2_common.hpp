@@ -53,17 +53,22 @@ inline __m256 load_lanes(const Bf16* p, std::int64_t count) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
 }
 
-// 8 floats rounded to bfloat16, to nearest even (to_bf16, internal.hpp; NaN stays NaN).
-inline __m128i round_to_bf16(__m256 values) {
+// 8 floats rounded to the nearest bfloat16, ties to even, and back (to_bf16, internal.hpp): what
+// vdpbf16ps multiplies, and what a bfloat16 y holds. NaN stays NaN.
+inline __m256 round_to_bf16_and_back(__m256 values) {
     const __m256i bits = _mm256_castps_si256(values);
     const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    const __m256i half = _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff));  // ties to even
-    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, half), 16);
-    const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40));
-    const __m256 nan = _mm256_cmp_ps(values, values, _CMP_UNORD_Q);
-    const __m256i chosen = _mm256_castps_si256(
-        _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(quiet_nan), nan));
-    return _mm_packus_epi32(_mm256_castsi256_si128(chosen), _mm256_extracti128_si256(chosen, 1));  // all <= 0xffff
+    const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+    const __m256i nan = _mm256_or_si256(bits, _mm256_set1_epi32(0x400000));
+    const __m256 is_nan = _mm256_cmp_ps(values, values, _CMP_UNORD_Q);
+    const __m256 chosen = _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(nan), is_nan);
+    return _mm256_and_ps(chosen, _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// The same as 8 bfloat16 values.
+inline __m128i round_to_bf16(__m256 values) {
+    const __m256i high = _mm256_srli_epi32(_mm256_castps_si256(round_to_bf16_and_back(values)), 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));  // all <= 0xffff
 }
 
 // The first `count` of 8 floats to p, as they are or rounded to bfloat16.
