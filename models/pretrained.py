@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from timm.models.vision_transformer import VisionTransformer
@@ -46,15 +48,46 @@ def digits_vit(
     """The trained ``digits-vit`` in eval mode: loaded from the cache, or trained once and cached.
 
     A cache file that cannot be read is retrained with a warning; an unwritable cache only warns.
+    Processes that want the same entry at once (torchrun ranks, parallel test workers) train it once:
+    the others wait for the first and load what it wrote.
     """
     config = config if config is not None else DigitsViTConfig()
     path = cached_weights_path(config, cache_dir)
-    model = _load_cached(config, path)
-    if model is None:
-        logger.info("training digits-vit for the first time; weights will be cached at %s", path)
-        model, metrics = train_digits_vit(config, progress=progress)
-        _write_cache(model, metrics, config, path)
+    with _entry_lock(path):
+        model = _load_cached(config, path)
+        if model is None:
+            logger.info("training digits-vit for the first time; weights will be cached at %s", path)
+            model, metrics = train_digits_vit(config, progress=progress)
+            _write_cache(model, metrics, config, path)
     return model.eval()
+
+
+@contextlib.contextmanager
+def _entry_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the cache entry at `path` (a file under `<cache>/.locks/`).
+
+    Where the platform has no `fcntl` or the cache folder is not writable there is no lock: concurrent
+    first uses then each train, and the atomic writes keep the entry whole.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock = path.parent / ".locks" / f"{path.stem}.lock"
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a")
+    except OSError:
+        yield
+        return
+    with handle:  # closing the file releases the lock
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another process to finish digits-vit's cache entry %s", path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _load_cached(config: DigitsViTConfig, path: Path) -> VisionTransformer | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -78,13 +80,33 @@ def test_build_model_digits_vit_pretrained_uses_cache(tmp_path, no_training):
 def test_cache_written_atomically_then_loaded_without_training(tmp_path, monkeypatch):
     first = digits_vit(TINY, cache_dir=tmp_path, progress=False)
     path = cached_weights_path(TINY, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, path.with_suffix(".json").name])
+    written = sorted(p.name for p in tmp_path.iterdir() if p.is_file())  # no temp file left; .locks/ aside
+    assert written == sorted([path.name, path.with_suffix(".json").name])
     sidecar = json.loads(path.with_suffix(".json").read_text())
     assert {"test_top1", "val_top1", "train_seconds", "torch_version"} <= sidecar.keys()
     assert sidecar["config"] == dataclasses.asdict(TINY)
 
     monkeypatch.setattr(pretrained_module, "train_digits_vit", _refuse_training)
     second = digits_vit(TINY, cache_dir=tmp_path, progress=False)
+    assert_same_state(first, second)
+
+
+def test_concurrent_first_uses_train_the_entry_once(tmp_path, monkeypatch):
+    """Two callers at once (threads here; torchrun ranks or test workers in practice): one trains, the
+    other waits for the entry and loads it. The first training waits up to 2 s for a second to start."""
+    calls, second_started = [], threading.Event()
+
+    def watched_training(config, progress):
+        calls.append(config)
+        if len(calls) == 2:
+            second_started.set()
+        second_started.wait(timeout=2)
+        return train_digits_vit(config, progress=progress)
+
+    monkeypatch.setattr(pretrained_module, "train_digits_vit", watched_training)
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(lambda _: digits_vit(TINY, cache_dir=tmp_path, progress=False), range(2))
+    assert len(calls) == 1
     assert_same_state(first, second)
 
 
