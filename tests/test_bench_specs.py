@@ -106,6 +106,8 @@ def test_the_combined_spec_trains_a_recipe_file_stage_by_stage(digits_ctx, tmp_p
     rows = spec.digits_rows(spec.parse(str(recipe)), digits_ctx)
     assert [s["stage"] for s in rows[0].stages] == ["vtp", "masks"]
     assert rows[0].settings["passes"] == ["vtp", "magnitude"] and len(rows[0].top1_seeds) == 2
+    assert rows[0].top1 == pytest.approx(sum(rows[0].top1_seeds) / 2) == rows[0].stages[-1]["top1"]
+    assert rows[0].stages[-1]["top1_seeds"] == rows[0].top1_seeds
 
 
 @pytest.mark.parametrize("text, rows_timed", [
