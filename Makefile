@@ -28,8 +28,10 @@ $(KERNELS): $(STAMP) $(KERNEL_SOURCES)
 	kernels/build.sh $(BIN)/python
 	touch $(KERNELS)
 
+# one pytest-xdist worker per core, at most four, a test file per worker (its module fixtures built
+# once); `make test ARGS="-n 0"` runs in one process
 test: install
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile $(ARGS)
 
 prune-and-bench: install
 	$(BIN)/vitsparse prune-and-bench --profile $(PROFILE) $(ARGS)
