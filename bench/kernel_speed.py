@@ -4,7 +4,9 @@ Each DeiT-S linear (qkv, proj, fc1, fc2) at batch 1 and 16 (197 tokens per image
 ONNX models: OpenVINO's dense MatMul in INT8 (QDQ), f32 and bf16, and a SparseLinear node at each
 sparsity (random 1×4 blocks for INT8, 1×2 for bf16, random zeros for f32). The `mlp` row is the whole
 INT8 MLP (fc1, GELU, fc2, as the QDQ export writes it) against the SparseMLP node the export makes of
-it. All models of a shape are compiled on the same threads and timed in shuffled turns, so every ratio
+it. `int8:bf16` times the INT8 files under OpenVINO's bf16 hint, the kernel node reading and writing
+bf16 as `openvino-sparse:bf16` runs it: on a CPU with AVX-512 BF16 the fastest dense INT8. All models
+of a shape are compiled on the same threads and timed in shuffled turns, so every ratio
 compares calls made side by side. Each call's time is OpenVINO's own per-node profile summed
 (`PERF_COUNT`, what benchmark_app -pc shows): the layer's work without the Python call around it,
 which at batch 1 is as long as the layer.
@@ -37,6 +39,7 @@ from vitsparse.compiler.sparse_onnx import (
     pack_int8_blocks,
     to_sparse_kernels,
 )
+from vitsparse.runtime.openvino_sparse_engine import bf16_kernel_io
 from vitsparse.runtime.sparse_extension import add_extension
 
 TOKENS = 197  # DeiT-S at 224 px: 196 patches and the class token
@@ -49,7 +52,7 @@ ACT_SCALE, ACT_ZERO_POINT = 0.05, 128
 class Timing:
     layer: str
     batch: int
-    precision: str  # int8 | f32 | bf16
+    precision: str  # one of PRECISIONS
     sparsity: float | None  # None: OpenVINO's dense MatMul
     median_ms: float  # of the nodes' summed time per call
     call_ms: float  # median wall time per Python call, for reference
@@ -164,14 +167,21 @@ def element_mask(rng: np.random.Generator, rows: int, cols: int, sparsity: float
     return keep.reshape(rows, cols)
 
 
-PRECISIONS = ("int8", "bf16", "f32")
+PRECISIONS = ("int8", "int8:bf16", "bf16", "f32")
+BF16_HINT = ("int8:bf16", "bf16")  # compiled with OpenVINO's bf16 precision hint, the others with f32
+
+
+def with_bf16_hint_twins(files: dict[tuple[str, float | None], Path]) -> dict[tuple[str, float | None], Path]:
+    """`files` and, for each INT8 file, the same file under precision `int8:bf16`."""
+    return {**files, **{("int8:bf16", sparsity): path for (precision, sparsity), path in files.items()
+                        if precision == "int8"}}
 
 
 def layer_models(layer: str, batch: int, sparsities: list[float], folder: Path, seed: int = 0
                  ) -> dict[tuple[str, float | None], Path]:
     """(precision, sparsity or None) -> an ONNX file of that layer at that batch size."""
     if layer == "mlp":
-        return mlp_models(batch, sparsities, folder, seed)
+        return with_bf16_hint_twins(mlp_models(batch, sparsities, folder, seed))
     rng = np.random.default_rng(seed)
     in_features, out_features = SHAPES[layer]
     n = batch * TOKENS
@@ -199,7 +209,7 @@ def layer_models(layer: str, batch: int, sparsities: list[float], folder: Path, 
         files[("f32", sparsity)] = path(f"f32-{sparsity}")
         sparse_model(pack_f32_csr(weight * element_mask(rng, out_features, in_features, sparsity), bias), n,
                      files[("f32", sparsity)])
-    return files
+    return with_bf16_hint_twins(files)
 
 
 def node_seconds(request) -> float:
@@ -232,6 +242,16 @@ def time_side_by_side(compiled: dict, x: np.ndarray, rounds: int, seconds: float
             for key in requests}
 
 
+def compile_layer(core, precision: str, path: Path, config: dict):
+    """`path` compiled for `precision`: under the bf16 hint for BF16_HINT, with the INT8 kernel nodes
+    reading and writing bf16 for `int8:bf16`."""
+    network = core.read_model(str(path))
+    if precision == "int8:bf16":
+        bf16_kernel_io(network)
+    hint = "bf16" if precision in BF16_HINT else "f32"
+    return core.compile_model(network, "CPU", {**config, "INFERENCE_PRECISION_HINT": hint})
+
+
 def run(threads: int, sparsities: list[float], batches: list[int], layers: list[str], rounds: int,
         seconds: float, precisions: tuple[str, ...] = PRECISIONS) -> list[Timing]:
     import openvino
@@ -246,11 +266,7 @@ def run(threads: int, sparsities: list[float], batches: list[int], layers: list[
                          if key[0] in precisions}
                 config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
                           "ENABLE_CPU_PINNING": False, "PERF_COUNT": True}
-                compiled = {}
-                for (precision, sparsity), path in files.items():
-                    hint = "bf16" if precision == "bf16" else "f32"
-                    compiled[(precision, sparsity)] = core.compile_model(
-                        str(path), "CPU", {**config, "INFERENCE_PRECISION_HINT": hint})
+                compiled = {key: compile_layer(core, key[0], path, config) for key, path in files.items()}
                 in_features = SHAPES["proj" if layer == "mlp" else layer][0]
                 x = np.random.default_rng(1).standard_normal((batch * TOKENS, in_features))
                 medians = time_side_by_side(compiled, x.astype(np.float32), rounds, seconds)

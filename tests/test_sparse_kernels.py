@@ -901,10 +901,25 @@ def test_the_microbenchmark_times_only_the_precisions_asked_for(tmp_path, capsys
 
     output = tmp_path / "timings.json"
     assert kernel_speed.main(["--sparsities", "0.9", "--batches", "1", "--layers", "proj", "--rounds", "1",
-                              "--seconds", "0.01", "--precisions", "int8", "-o", str(output)]) == 0
+                              "--seconds", "0.01", "--precisions", "int8,int8:bf16", "-o", str(output)]) == 0
     timings = json.loads(output.read_text())["timings"]
-    assert {(t["precision"], t["sparsity"]) for t in timings} == {("int8", None), ("int8", 0.9)}
-    assert "| proj | 1 | int8 |" in capsys.readouterr().out
+    assert {(t["precision"], t["sparsity"]) for t in timings} == {
+        (precision, sparsity) for precision in ("int8", "int8:bf16") for sparsity in (None, 0.9)}
+    printed = capsys.readouterr().out
+    assert "| proj | 1 | int8 |" in printed and "| proj | 1 | int8:bf16 |" in printed
     with pytest.raises(SystemExit):
         kernel_speed.main(["--precisions", "int4"])
-    assert "--precisions: choose from int8, bf16, f32" in capsys.readouterr().err
+    assert "--precisions: choose from int8, int8:bf16, bf16, f32" in capsys.readouterr().err
+
+
+def test_the_microbenchmarks_bf16_hint_pair_runs_the_kernel_node_in_bf16(core, tmp_path) -> None:
+    """`int8:bf16` compiles the INT8 kernel node as `openvino-sparse:bf16` runs it: in bf16 where the CPU
+    has BF16 (else OpenVINO keeps f32, as it does for the dense file beside it)."""
+    from vitsparse.bench import kernel_speed
+    from vitsparse.runtime import openvino_engine
+
+    path = kernel_speed.layer_models("proj", 1, [0.9], tmp_path)[("int8:bf16", 0.9)]
+    compiled = kernel_speed.compile_layer(core, "int8:bf16", path, {"INFERENCE_NUM_THREADS": 1})
+    (kernel,) = _kernel_ops(compiled)
+    expected = "bf16" if "BF16" in openvino_engine.cpu_capabilities() else "f32"
+    assert _rt(kernel, "runtimePrecision") == expected
