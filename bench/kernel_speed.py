@@ -218,11 +218,12 @@ def node_seconds(request) -> float:
                if info.status == info.Status.EXECUTED)
 
 
-def time_side_by_side(compiled: dict, x: np.ndarray, rounds: int, seconds: float) -> dict:
-    """Per compiled model: (median node ms, median call ms, calls), timed in shuffled turns of `seconds`."""
+def time_side_by_side(compiled: dict, inputs: dict, rounds: int, seconds: float) -> dict:
+    """Per compiled model: (median node ms, median call ms, calls), timed in shuffled turns of `seconds`
+    on its input in `inputs`."""
     requests = {key: model.create_infer_request() for key, model in compiled.items()}
-    for request in requests.values():
-        request.infer({0: x}, share_inputs=True, share_outputs=True)
+    for key, request in requests.items():
+        request.infer({0: inputs[key]}, share_inputs=True, share_outputs=True)
     nodes: dict = {key: [] for key in requests}
     calls: dict = {key: [] for key in requests}
     order = list(requests)
@@ -232,7 +233,7 @@ def time_side_by_side(compiled: dict, x: np.ndarray, rounds: int, seconds: float
             request, deadline = requests[key], time.perf_counter() + seconds
             while True:
                 start = time.perf_counter()
-                request.infer({0: x}, share_inputs=True, share_outputs=True)
+                request.infer({0: inputs[key]}, share_inputs=True, share_outputs=True)
                 end = time.perf_counter()
                 calls[key].append(end - start)
                 nodes[key].append(node_seconds(request))
@@ -243,13 +244,31 @@ def time_side_by_side(compiled: dict, x: np.ndarray, rounds: int, seconds: float
 
 
 def compile_layer(core, precision: str, path: Path, config: dict):
-    """`path` compiled for `precision`: under the bf16 hint for BF16_HINT, with the INT8 kernel nodes
-    reading and writing bf16 for `int8:bf16`."""
+    """`path` compiled for `precision`: under the bf16 hint for BF16_HINT. For `int8:bf16` the layer
+    reads and writes bf16 at its boundary, as it does between bf16 neighbours inside a model, and the
+    INT8 kernel node reads and writes bf16."""
+    import openvino
+
     network = core.read_model(str(path))
     if precision == "int8:bf16":
+        steps = openvino.preprocess.PrePostProcessor(network)
+        steps.input().tensor().set_element_type(openvino.Type.bf16)
+        steps.output().tensor().set_element_type(openvino.Type.bf16)
+        network = steps.build()
         bf16_kernel_io(network)
     hint = "bf16" if precision in BF16_HINT else "f32"
     return core.compile_model(network, "CPU", {**config, "INFERENCE_PRECISION_HINT": hint})
+
+
+def layer_input(precision: str, x: np.ndarray):
+    """x as `precision`'s layer reads it: a bf16 openvino.Tensor (x rounded toward zero) for `int8:bf16`."""
+    if precision != "int8:bf16":
+        return x
+    import openvino
+
+    tensor = openvino.Tensor(openvino.Type.bf16, list(x.shape))
+    tensor.data.view(np.uint16)[...] = (np.ascontiguousarray(x, np.float32).view(np.uint32) >> 16)
+    return tensor
 
 
 def run(threads: int, sparsities: list[float], batches: list[int], layers: list[str], rounds: int,
@@ -268,8 +287,9 @@ def run(threads: int, sparsities: list[float], batches: list[int], layers: list[
                           "ENABLE_CPU_PINNING": False, "PERF_COUNT": True}
                 compiled = {key: compile_layer(core, key[0], path, config) for key, path in files.items()}
                 in_features = SHAPES["proj" if layer == "mlp" else layer][0]
-                x = np.random.default_rng(1).standard_normal((batch * TOKENS, in_features))
-                medians = time_side_by_side(compiled, x.astype(np.float32), rounds, seconds)
+                x = np.random.default_rng(1).standard_normal((batch * TOKENS, in_features)).astype(np.float32)
+                inputs = {key: layer_input(key[0], x) for key in compiled}
+                medians = time_side_by_side(compiled, inputs, rounds, seconds)
                 for (precision, sparsity), (node_ms, call_ms, calls) in medians.items():
                     results.append(Timing(layer, batch, precision, sparsity, node_ms, call_ms, calls))
                 print(f"  timed {layer} at batch {batch}", file=sys.stderr, flush=True)

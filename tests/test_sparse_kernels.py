@@ -914,12 +914,24 @@ def test_the_microbenchmark_times_only_the_precisions_asked_for(tmp_path, capsys
 
 def test_the_microbenchmarks_bf16_hint_pair_runs_the_kernel_node_in_bf16(core, tmp_path) -> None:
     """`int8:bf16` compiles the INT8 kernel node as `openvino-sparse:bf16` runs it: in bf16 where the CPU
-    has BF16 (else OpenVINO keeps f32, as it does for the dense file beside it)."""
+    has BF16 (else OpenVINO keeps f32, as it does for the dense file beside it). The layer reads and
+    writes bf16, and the node reads the model's input and feeds its output with no Convert between."""
     from vitsparse.bench import kernel_speed
     from vitsparse.runtime import openvino_engine
 
     path = kernel_speed.layer_models("proj", 1, [0.9], tmp_path)[("int8:bf16", 0.9)]
     compiled = kernel_speed.compile_layer(core, "int8:bf16", path, {"INFERENCE_NUM_THREADS": 1})
     (kernel,) = _kernel_ops(compiled)
-    expected = "bf16" if "BF16" in openvino_engine.cpu_capabilities() else "f32"
-    assert _rt(kernel, "runtimePrecision") == expected
+    assert compiled.output(0).get_element_type().get_type_name() == "bf16"
+    if "BF16" in openvino_engine.cpu_capabilities():
+        assert _rt(kernel, "runtimePrecision") == "bf16"
+        layers = {_rt(op, "layerType") for op in compiled.get_runtime_model().get_ordered_ops()}
+        assert layers == {"Input", "Const", "Reference", "Output"}
+    else:
+        assert _rt(kernel, "runtimePrecision") == "f32"
+    x = np.random.default_rng(0).standard_normal((kernel_speed.TOKENS, 384)).astype(np.float32)
+    (y,) = compiled.create_infer_request().infer({0: kernel_speed.layer_input("int8:bf16", x)}).values()
+    reference = kernel_speed.compile_layer(core, "int8", path, {"INFERENCE_NUM_THREADS": 1})
+    (exact,) = reference.create_infer_request().infer({0: x}).values()
+    widened = (np.asarray(y).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    assert np.abs(widened - exact).max() <= 0.05 * (np.abs(exact).max() + 1)
