@@ -66,8 +66,10 @@ def bf16_kernel_io(network) -> int:
         for port in node.inputs():  # x and the addend: the inputs that are not the weight's constants
             source = port.get_source_output()
             if source.get_node().get_type_name() != "Constant" and source.get_element_type() == f32:
-                widened = _converted_from(source, bf16)
-                port.replace_source_output(widened or opset.convert(source, "bf16").output(0))
+                bf16_source = _converted_from(source, bf16)
+                if bf16_source is None:
+                    bf16_source = opset.convert(source, "bf16").output(0)
+                port.replace_source_output(bf16_source)
         node.validate_and_infer_types()
         back = None
         for reader in list(node.output(0).get_target_inputs()):
