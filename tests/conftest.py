@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
 
 # `make test` runs the suite in pytest-xdist workers, one per core (at most four). A worker and the
 # processes it starts run torch on their share of the cores: OpenMP threads spin while they wait, so two
-# workers with two threads each on two cores ran the suite three times slower than one worker alone.
+# workers with two threads each on two cores ran tests 2.5 times slower than one process.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     import torch
