@@ -37,6 +37,7 @@ from vitsparse.compiler.sparse_onnx import (
     pack_bf16_pairs,
     pack_f32_csr,
     pack_int8_blocks,
+    to_bf16_bits,
     to_sparse_kernels,
 )
 from vitsparse.runtime.openvino_sparse_engine import bf16_kernel_io
@@ -261,13 +262,13 @@ def compile_layer(core, precision: str, path: Path, config: dict):
 
 
 def layer_input(precision: str, x: np.ndarray):
-    """x as `precision`'s layer reads it: a bf16 openvino.Tensor (x rounded toward zero) for `int8:bf16`."""
+    """x as `precision`'s layer reads it: for `int8:bf16` a bf16 openvino.Tensor, rounded to nearest even."""
     if precision != "int8:bf16":
         return x
     import openvino
 
     tensor = openvino.Tensor(openvino.Type.bf16, list(x.shape))
-    tensor.data.view(np.uint16)[...] = (np.ascontiguousarray(x, np.float32).view(np.uint32) >> 16)
+    tensor.data.view(np.uint16)[...] = to_bf16_bits(x)
     return tensor
 
 

@@ -933,5 +933,5 @@ def test_the_microbenchmarks_bf16_hint_pair_runs_the_kernel_node_in_bf16(core, t
     (y,) = compiled.create_infer_request().infer({0: kernel_speed.layer_input("int8:bf16", x)}).values()
     reference = kernel_speed.compile_layer(core, "int8", path, {"INFERENCE_NUM_THREADS": 1})
     (exact,) = reference.create_infer_request().infer({0: x}).values()
-    widened = (np.asarray(y).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    widened = from_bf16_bits(np.asarray(y).view(np.uint16))
     assert np.abs(widened - exact).max() <= 0.05 * (np.abs(exact).max() + 1)
