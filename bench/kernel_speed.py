@@ -61,10 +61,11 @@ class Timing:
 
 
 def save_layer_model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], x_shape: list[int],
-                     out_features: int, path: Path) -> None:
-    """An ONNX file of `nodes` reading float input "x" and writing "y" (opset 14 and SparseLinear's)."""
+                     out_features: int, path: Path, output_type: int = TensorProto.FLOAT) -> None:
+    """An ONNX file of `nodes` reading float input "x" and writing "y" (float unless `output_type` says
+    otherwise; opset 14 and SparseLinear's)."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [*x_shape[:-1], out_features])
+    y = helper.make_tensor_value_info("y", output_type, [*x_shape[:-1], out_features])
     opsets = [helper.make_opsetid("", 14), helper.make_opsetid(DOMAIN, 1)]
     graph = helper.make_graph(nodes, "layer", [x], [y], inits)
     onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))

@@ -135,10 +135,11 @@ def quantize_u8(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
 
 
 def sparse_linear(x: np.ndarray, packed: PackedWeight, act_scale: float = 1.0, act_zero_point: int = 0,
-                  out_scale: float = 0.0, out_zero_point: int = 0) -> np.ndarray:
+                  out_scale: float = 0.0, out_zero_point: int = 0, int8_output: bool = False) -> np.ndarray:
     """What a SparseLinear node computes, in numpy: the reference for export checks and kernel tests.
     INT8 quantizes x (`quantize_u8`), sums exactly, scales, and with `out_scale` > 0 fake-quantizes the
-    result to uint8 before adding the bias."""
+    result to uint8 before adding the bias; with `int8_output`, returns the int8 codes of the biased
+    result instead (the uint8 ones minus 128)."""
     dense = unpack(packed)
     if packed.format == "f32_csr":
         return (x.astype(np.float32) @ dense.T + packed.arrays[3]).astype(np.float32)
@@ -149,6 +150,8 @@ def sparse_linear(x: np.ndarray, packed: PackedWeight, act_scale: float = 1.0, a
     codes = quantize_u8(x, act_scale, act_zero_point)
     sums = (codes - act_zero_point).astype(np.float64) @ dense.T.astype(np.float64)  # exact below 2^53
     value = sums.astype(np.float32) * scale
+    if int8_output:
+        return (quantize_u8(value + bias, out_scale, out_zero_point) - 128).astype(np.int8)
     if out_scale > 0:
         steps = quantize_u8(value, out_scale, out_zero_point) - out_zero_point
         value = steps.astype(np.float32) * np.float32(out_scale)
@@ -175,7 +178,7 @@ def split_heads(y: np.ndarray, heads: int) -> np.ndarray:
     batch, tokens, rows = y.shape
     parts = y.reshape(batch, tokens, 3, heads, rows // (3 * heads)).transpose(2, 0, 3, 1, 4)
     laid = [parts[0], parts[1].transpose(0, 1, 3, 2), parts[2]]
-    return np.stack([p.reshape(batch, heads, -1) for p in laid]).reshape(y.shape).astype(np.float32)
+    return np.stack([p.reshape(batch, heads, -1) for p in laid]).reshape(y.shape)
 
 
 # the arrays of each format, in the order a node reads them after x
@@ -543,10 +546,10 @@ class SparseLinear(OpRun):
     op_domain = DOMAIN
 
     def _run(self, x, *arrays, format=None, in_features=None, act_scale=1.0, act_zero_point=0,  # noqa: A002
-             out_scale=0.0, out_zero_point=0, heads=0):
+             out_scale=0.0, out_zero_point=0, heads=0, int8_output=0):
         count = len(WEIGHT_PARTS[format])  # an INT8 node may read one more: its addend
         packed = PackedWeight(format, int(arrays[0].size - 1), int(in_features), tuple(arrays[:count]))
-        y = sparse_linear(x, packed, act_scale, act_zero_point, out_scale, out_zero_point)
+        y = sparse_linear(x, packed, act_scale, act_zero_point, out_scale, out_zero_point, bool(int8_output))
         y = _plus(y, arrays[count:])
         return (split_heads(y, heads) if heads else y,)
 

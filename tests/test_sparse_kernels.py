@@ -29,6 +29,7 @@ from vitsparse.compiler.sparse_onnx import (
     pack_bf16_pairs,
     pack_f32_csr,
     pack_int8_blocks,
+    quantize_u8,
     sparse_linear,
     sparse_mlp,
     split_heads,
@@ -176,6 +177,60 @@ def test_int8_kernel_split_into_heads_writes_q_kt_and_v(core, tmp_path, monkeypa
     np.testing.assert_allclose(reference, expected, atol=INT8_ATOL, rtol=0)
 
 
+def _int8_output_file(path, packed, x_shape, heads: int, out_zero_point: int) -> str:
+    """A one-node file whose INT8 node writes int8 codes (laid out head by head where heads > 0)."""
+    node, inits = make_node("layer", "x", "y", packed, act_scale=0.04, act_zero_point=120)
+    attributes = {"out_scale": 0.05, "out_zero_point": out_zero_point, "int8_output": 1, "heads": heads}
+    node.attribute.extend(onnx.helper.make_attribute(k, v) for k, v in attributes.items())
+    save_layer_model([node], inits, x_shape, packed.rows, path, output_type=onnx.TensorProto.INT8)
+    return str(path)
+
+
+def _assert_codes_equal(got: np.ndarray, expected: np.ndarray) -> None:
+    """int8 codes equal, but for a rare step where the rounding of scale × sum + bias (one FMA, or a
+    multiply and an add) meets a tie of the quantizer."""
+    assert got.dtype == np.int8 and got.shape == expected.shape
+    differ = got.astype(np.int32) - expected
+    assert np.abs(differ).max(initial=0) <= 1 and np.count_nonzero(differ) <= max(1, differ.size // 1000)
+
+
+# (rows of x or (batch, tokens), in features, heads, head dim or out features): row-major and head by head
+CODE_SHAPES = [((197,), 64, 0, 48), ((1,), 13, 0, 17), ((600,), 24, 0, 512), ((1, 197), 64, 2, 16),
+               ((3, 50), 37, 1, 32), ((2, 5), 24, 2, 16)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("read_bf16", [False, True], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", CODE_SHAPES, ids=["n{}-k{}-h{}-m{}".format("x".join(map(str, s[0])), *s[1:])
+                                                    for s in CODE_SHAPES])
+def test_int8_kernel_writes_int8_codes(core, tmp_path, monkeypatch, isa, read_bf16, shape) -> None:
+    """With int8_output a node writes what QuantizeLinear to int8 writes of its result (zero point
+    out_zero_point − 128), saturated at both ends, row-major or head by head, reading f32 or bf16 x, on
+    every path; onnx's reference evaluator computes the same."""
+    rows, k, heads, width = shape
+    m = 3 * heads * width if heads else width
+    rng = np.random.default_rng(m * 100 + k)
+    packed = pack_int8_blocks(_block_codes(rng, m, k, 0.7), rng.random(m).astype(np.float32) * 0.01,
+                              rng.standard_normal(m).astype(np.float32) * 3)
+    x = (rng.standard_normal((*rows, k)) * 3).astype(np.float32)
+    out_zero_point = 128 if heads else 100
+    path = _int8_output_file(tmp_path / "l.onnx", packed, [*rows, k], heads, out_zero_point)
+    if read_bf16:
+        got, ran_in = _run_bf16(core, path, x, isa, monkeypatch)
+        assert ran_in == {"bf16"}
+        x = _bf16(x)
+    else:
+        got = _run(core, path, x, isa, monkeypatch)
+    value = sparse_linear(x, packed, 0.04, 120)  # with the bias
+    expected = quantize_u8(value, 0.05, out_zero_point) - 128
+    assert expected.min() == -128 and expected.max() == 127  # saturated codes among them
+    _assert_codes_equal(got, split_heads(expected, heads) if heads else expected)
+    from onnx.reference import ReferenceEvaluator
+
+    (reference,) = ReferenceEvaluator(path, new_ops=[SparseLinear]).run(None, {"x": x})
+    _assert_codes_equal(reference, split_heads(expected, heads) if heads else expected)
+
+
 def test_split_heads_puts_each_element_where_attention_reads_it() -> None:
     """The layout itself, element by element: y[b, t, (part, head, d)] lands at q[b, h, t, d],
     kᵀ[b, h, d, t] and v[b, h, t, d] of a Reshape to [3, batch, heads, tokens, head_dim]."""
@@ -209,6 +264,27 @@ def test_a_node_split_into_heads_is_refused_where_it_cannot_be(tmp_path, case, m
     save_layer_model([node], inits, x_shape, m, path)
     if case == "with an addend":
         _with_addend(str(path), [*x_shape[:-1], m])
+    with pytest.raises(EngineLoadError, match=message):
+        create_engine("openvino-sparse", path, batch_size=2)
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("f32 weight", "only an int8_1x4 node writes int8"), ("no out_scale", "needs out_scale above 0"),
+    ("with an addend", "takes no addend"), ("int8_output 2", "must be 0 or 1"),
+])
+def test_a_node_writing_int8_is_refused_where_it_cannot(tmp_path, case, message) -> None:
+    rng = np.random.default_rng(4)
+    packed = pack_int8_blocks(_block_codes(rng, 8, 16, 0.5), np.ones(8, np.float32))
+    if case == "f32 weight":
+        packed = pack_f32_csr(rng.standard_normal((8, 16)).astype(np.float32))
+    node, inits = make_node("layer", "x", "y", packed, act_scale=0.1, act_zero_point=0)
+    attributes = {"out_scale": 0.0 if case == "no out_scale" else 0.1, "out_zero_point": 128,
+                  "int8_output": 2 if case == "int8_output 2" else 1}
+    node.attribute.extend(onnx.helper.make_attribute(k, v) for k, v in attributes.items())
+    path = tmp_path / "l.onnx"
+    save_layer_model([node], inits, [2, 16], 8, path, output_type=onnx.TensorProto.INT8)
+    if case == "with an addend":
+        _with_addend(str(path), [2, 8])
     with pytest.raises(EngineLoadError, match=message):
         create_engine("openvino-sparse", path, batch_size=2)
 
@@ -641,9 +717,15 @@ def test_a_masked_vit_exported_with_sparse_kernels_matches_torch(tmp_path, quant
     with_addend = sorted(node.name.split("_")[0] for node in model.graph.node
                          if node.op_type in ("SparseLinear", "SparseMLP") and len(node.input) in (8, 14))
     assert with_addend == (["fc1", "fc1", "proj", "proj"] if quantize else [])
-    # INT8: qkv writes q, kᵀ and v for its 3 heads, and the transposes between it and attention are gone
+    # INT8: qkv writes q, kᵀ and v for its 3 heads, and the transposes between it and attention are gone;
+    # the second also quantizes its output, the first keeps the model's last QuantizeLinear, which
+    # OpenVINO needs to run attention in INT8 at all
     heads = [a.i for node in model.graph.node for a in node.attribute if a.name == "heads"]
     assert heads == ([3, 3] if quantize else [])
+    int8_output = [node.name for node in model.graph.node for a in node.attribute if a.name == "int8_output"]
+    quantizers = [node.input[0] for node in model.graph.node if node.op_type == "QuantizeLinear"]
+    assert (int8_output, quantizers) == ((["qkv_1_MatMul_sparse"], ["/qkv/MatMul_output_0"]) if quantize
+                                         else ([], []))
     perms = [list(a.ints) for node in model.graph.node if node.op_type == "Transpose" for a in node.attribute]
     assert ([2, 0, 3, 1, 4] in perms, [0, 1, 3, 2] in perms) == ((False, False) if quantize else (True, True))
     assert result.meta["sparse_kernels"]["layers"] == 8

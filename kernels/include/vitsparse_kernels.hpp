@@ -69,6 +69,9 @@ struct Int8Blocks {
     // head_dim × tokens one (kᵀ), row-major. head_dim must be a multiple of 16; no addend with it.
     std::int64_t heads = 0;
     std::int64_t tokens = 0;
+    // Set by the std::int8_t overloads of sparse_linear_int8, which write codes instead of values (leave
+    // it false): each result (sum × scale + bias) quantized as out_scale and out_zero_point say, minus 128
+    bool codes = false;
 };
 
 struct Bf16Pairs {
@@ -105,6 +108,16 @@ void sparse_linear_int8(const Int8Blocks& w, const float* x, std::int64_t n, std
                         const ParallelFor& parallel_for);
 void sparse_linear_int8(const Int8Blocks& w, const Bf16* x, std::int64_t n, std::int64_t x_stride,
                         float act_scale, std::int32_t act_zero_point, Bf16* y, Isa isa,
+                        const ParallelFor& parallel_for);
+// y as INT8 codes, laid out as the float y: what QuantizeLinear to int8 writes of each result (sum × scale
+// + bias) with scale w.out_scale (> 0) and zero point w.out_zero_point − 128, that is the uint8 code minus
+// 128. Where a quantized tensor feeds OpenVINO's INT8 attention, the node writes it in one pass instead of
+// a float tensor a QuantizeLinear then reads again. No addend (invalid_argument).
+void sparse_linear_int8(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride,
+                        float act_scale, std::int32_t act_zero_point, std::int8_t* y, Isa isa,
+                        const ParallelFor& parallel_for);
+void sparse_linear_int8(const Int8Blocks& w, const Bf16* x, std::int64_t n, std::int64_t x_stride,
+                        float act_scale, std::int32_t act_zero_point, std::int8_t* y, Isa isa,
                         const ParallelFor& parallel_for);
 // A pruned INT8 MLP, y = fc2(table(fc1(x))), its hidden activations kept in cache, never written out:
 // fc1's results are quantized to uint8 codes (fc1_out_scale, fc1_out_zero_point); table[m][code] (256

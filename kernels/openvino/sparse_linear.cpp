@@ -9,9 +9,10 @@ using namespace extension;
 
 SparseLinear::SparseLinear(const ov::OutputVector& inputs, std::string format, std::int64_t in_features,
                            float act_scale, std::int64_t act_zero_point, float out_scale,
-                           std::int64_t out_zero_point, std::int64_t heads)
+                           std::int64_t out_zero_point, std::int64_t heads, std::int64_t int8_output)
     : Op(inputs), m_format(std::move(format)), m_in_features(in_features), m_act_scale(act_scale),
-      m_act_zero_point(act_zero_point), m_out_scale(out_scale), m_out_zero_point(out_zero_point), m_heads(heads) {
+      m_act_zero_point(act_zero_point), m_out_scale(out_scale), m_out_zero_point(out_zero_point), m_heads(heads),
+      m_int8_output(int8_output) {
     constructor_validate_and_infer_types();
 }
 
@@ -38,7 +39,15 @@ void SparseLinear::validate_and_infer_types() {
     const ov::PartialShape output = linear_output_shape(this, m_in_features, rows);
     check_addend(this, inputs, output);
     if (m_heads != 0) check_heads(weight);
-    set_output_type(0, io, output);
+    if (m_int8_output != 0) check_int8_output(weight.size());
+    set_output_type(0, m_int8_output != 0 ? ov::element::i8 : io, output);
+}
+
+void SparseLinear::check_int8_output(std::size_t weight_inputs) const {
+    NODE_VALIDATION_CHECK(this, m_int8_output == 1, "int8_output must be 0 or 1, got ", m_int8_output);
+    NODE_VALIDATION_CHECK(this, m_format == kInt8, "only an int8_1x4 node writes int8");
+    NODE_VALIDATION_CHECK(this, m_out_scale > 0.0f, "a node that writes int8 needs out_scale above 0");
+    NODE_VALIDATION_CHECK(this, get_input_size() == weight_inputs + 1, "a node that writes int8 takes no addend");
 }
 
 void SparseLinear::check_heads(const std::vector<ov::Tensor>& weight) const {
@@ -55,7 +64,7 @@ void SparseLinear::check_heads(const std::vector<ov::Tensor>& weight) const {
 
 std::shared_ptr<ov::Node> SparseLinear::clone_with_new_inputs(const ov::OutputVector& inputs) const {
     return std::make_shared<SparseLinear>(inputs, m_format, m_in_features, m_act_scale, m_act_zero_point,
-                                          m_out_scale, m_out_zero_point, m_heads);
+                                          m_out_scale, m_out_zero_point, m_heads, m_int8_output);
 }
 
 bool SparseLinear::visit_attributes(ov::AttributeVisitor& visitor) {
@@ -66,6 +75,7 @@ bool SparseLinear::visit_attributes(ov::AttributeVisitor& visitor) {
     visitor.on_attribute("out_scale", m_out_scale);
     visitor.on_attribute("out_zero_point", m_out_zero_point);
     visitor.on_attribute("heads", m_heads);
+    visitor.on_attribute("int8_output", m_int8_output);
     return true;
 }
 
@@ -95,7 +105,14 @@ bool SparseLinear::evaluate(ov::TensorVector& outputs, const ov::TensorVector& i
         w.heads = m_heads;
         w.tokens = static_cast<std::int64_t>(tokens);
         const auto zero_point = static_cast<std::int32_t>(m_act_zero_point);
-        if (x.get_element_type() == ov::element::bf16) {
+        if (m_int8_output != 0) {
+            auto* y = mutable_data<std::int8_t>(outputs[0]);
+            if (x.get_element_type() == ov::element::bf16) {
+                sparse_linear_int8(w, data<Bf16>(x), n, m_in_features, m_act_scale, zero_point, y, isa, host_threads());
+            } else {
+                sparse_linear_int8(w, data<float>(x), n, m_in_features, m_act_scale, zero_point, y, isa, host_threads());
+            }
+        } else if (x.get_element_type() == ov::element::bf16) {
             sparse_linear_int8(w, data<Bf16>(x), n, m_in_features, m_act_scale, zero_point,
                                mutable_data<Bf16>(outputs[0]), isa, host_threads());
         } else {

@@ -196,6 +196,7 @@ void int8_avx2(const Int8Blocks& w, const In* x, std::int64_t n, std::int64_t x_
 }
 
 VITSPARSE_INT8_IO_PAIRS(int8_avx2, VITSPARSE_INT8_ARGS);
+VITSPARSE_INT8_CODE_PAIRS(int8_avx2, VITSPARSE_INT8_ARGS);
 
 void f32_avx2(const F32Csr& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
               const ParallelFor& parallel_for) {

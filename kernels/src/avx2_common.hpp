@@ -41,7 +41,7 @@ inline __m256i first_lanes(std::int64_t count) {
                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// The first `count` of 8 floats or bfloat16 values at p, as floats (the other lanes 0.0).
+// The first `count` of 8 floats, bfloat16 values or codes at p, as floats (the other lanes 0.0).
 inline __m256 load_lanes(const float* p, std::int64_t count) {
     return count >= kLanes ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_lanes(count));
 }
@@ -51,6 +51,12 @@ inline __m256 load_lanes(const Bf16* p, std::int64_t count) {
     const __m128i bits = count >= kLanes ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
                                          : _mm_load_si128(reinterpret_cast<const __m128i*>(part));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+inline __m256 load_lanes(const std::int8_t* p, std::int64_t count) {
+    alignas(8) std::int8_t part[kLanes] = {};
+    std::memcpy(part, p, static_cast<std::size_t>(std::clamp<std::int64_t>(count, 0, kLanes)));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(part))));
 }
 
 // 8 floats rounded to the nearest bfloat16, ties to even, and back (to_bf16, internal.hpp): what
@@ -71,7 +77,7 @@ inline __m128i round_to_bf16(__m256 values) {
     return _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));  // all <= 0xffff
 }
 
-// The first `count` of 8 floats to p, as they are or rounded to bfloat16.
+// The first `count` of 8 floats to p, as they are, rounded to bfloat16, or as codes.
 inline void store_lanes(float* p, __m256 values, std::int64_t count) {
     if (count >= kLanes) return _mm256_storeu_ps(p, values);
     _mm256_maskstore_ps(p, first_lanes(count), values);
@@ -82,6 +88,12 @@ inline void store_lanes(Bf16* p, __m256 values, std::int64_t count) {
     alignas(16) Bf16 part[kLanes];
     _mm_store_si128(reinterpret_cast<__m128i*>(part), bits);
     std::memcpy(p, part, static_cast<std::size_t>(std::max<std::int64_t>(0, count)) * sizeof(Bf16));
+}
+
+inline void store_lanes(std::int8_t* p, __m256 values, std::int64_t count) {  // codes: whole numbers in range
+    alignas(32) std::int32_t codes[kLanes];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(codes), _mm256_cvtps_epi32(values));
+    for (std::int64_t j = 0; j < std::min<std::int64_t>(count, kLanes); ++j) p[j] = static_cast<std::int8_t>(codes[j]);
 }
 
 // 8 values of row `row` of x (floats or Bf16) from column k0 as floats (columns past cols and rows past
@@ -95,7 +107,7 @@ inline __m256 load_row(const In* x, std::int64_t row, std::int64_t n, std::int64
 
 // out[r][c] (r < `rows` output channels, c < columns input rows) -> row_at(c)[r], plus addend[c ×
 // addend_stride + r] where addend is given (store_into, internal.hpp, gives the row addresses). Rows and
-// addend hold y's element type, float or Bf16.
+// addend hold y's element type, float, Bf16 or std::int8_t.
 constexpr auto store_transposed_to = [](const float* out, std::int64_t out_stride, std::int64_t columns,
                                         std::int64_t rows, auto row_at, auto addend, std::int64_t addend_stride) {
     for (std::int64_t c0 = 0; c0 < columns; c0 += kLanes) {
@@ -123,18 +135,24 @@ inline void store_transposed(const float* out, std::int64_t out_stride, std::int
                         static_cast<const float*>(nullptr), 0);
 }
 
+// round(value / out_scale) saturated to [-zero point, 255 - zero point]: a uint8 code minus its zero point.
+inline __m256 quantized_steps(const Int8Blocks& w, __m256 value) {
+    const float zero_point = static_cast<float>(w.out_zero_point);
+    const __m256 steps = _mm256_round_ps(_mm256_mul_ps(value, _mm256_set1_ps(1.0f / w.out_scale)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm256_min_ps(_mm256_max_ps(steps, _mm256_set1_ps(-zero_point)), _mm256_set1_ps(255.0f - zero_point));
+}
+
 // int8_result (internal.hpp) for 8 sums of output channel m.
 inline __m256 int8_results(const Int8Blocks& w, std::int64_t m, __m256i sums) {
     __m256 value = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(w.scale[m]));
-    if (w.out_scale > 0.0f) {
-        const float zero_point = static_cast<float>(w.out_zero_point);
-        const __m256 steps = _mm256_round_ps(_mm256_mul_ps(value, _mm256_set1_ps(1.0f / w.out_scale)),
-                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        const __m256 clamped = _mm256_min_ps(_mm256_max_ps(steps, _mm256_set1_ps(-zero_point)),
-                                             _mm256_set1_ps(255.0f - zero_point));
-        value = _mm256_mul_ps(clamped, _mm256_set1_ps(w.out_scale));
+    const __m256 bias = _mm256_set1_ps(w.bias ? w.bias[m] : 0.0f);
+    if (w.codes) {
+        const __m256 steps = quantized_steps(w, _mm256_add_ps(value, bias));
+        return _mm256_add_ps(steps, _mm256_set1_ps(static_cast<float>(w.out_zero_point - 128)));
     }
-    return _mm256_add_ps(value, _mm256_set1_ps(w.bias ? w.bias[m] : 0.0f));
+    if (w.out_scale > 0.0f) value = _mm256_mul_ps(quantized_steps(w, value), _mm256_set1_ps(w.out_scale));
+    return _mm256_add_ps(value, bias);
 }
 
 // run_panels_per_task (internal.hpp) with 8-row tiles: panels of up to 64 input rows, narrowed as

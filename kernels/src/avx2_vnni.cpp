@@ -110,5 +110,6 @@ void int8_avx2_vnni(const Int8Blocks& w, const In* x, std::int64_t n, std::int64
 }
 
 VITSPARSE_INT8_IO_PAIRS(int8_avx2_vnni, VITSPARSE_INT8_ARGS);
+VITSPARSE_INT8_CODE_PAIRS(int8_avx2_vnni, VITSPARSE_INT8_ARGS);
 
 }  // namespace vitsparse::detail

@@ -35,8 +35,11 @@ inline void transpose16(__m512 r[16]) {
     }
 }
 
-// The lanes of `mask` of 16 floats or bfloat16 values at p, as floats (the other lanes 0.0).
+// The lanes of `mask` of 16 floats, bfloat16 values or codes at p, as floats (the other lanes 0.0).
 inline __m512 load_lanes(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 load_lanes(const std::int8_t* p, __mmask16 mask) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
+}
 inline __m512 load_lanes(const Bf16* p, __mmask16 mask) {
     const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
@@ -53,8 +56,15 @@ inline __m256i round_to_bf16(__m512 values) {
     return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet_nan));
 }
 
-// 16 floats to p, as they are or rounded to bfloat16: all lanes, or those of `mask`.
+// 16 floats to p, as they are, rounded to bfloat16, or as codes (whole numbers in [-128, 127]): all
+// lanes, or those of `mask`.
 inline void store_lanes(float* p, __m512 values) { _mm512_storeu_ps(p, values); }
+inline void store_lanes(std::int8_t* p, __m512 values) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(values)));
+}
+inline void store_lanes(std::int8_t* p, __m512 values, __mmask16 mask) {
+    _mm512_mask_cvtepi32_storeu_epi8(p, mask, _mm512_cvtps_epi32(values));
+}
 inline void store_lanes(Bf16* p, __m512 values) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), round_to_bf16(values));
 }
@@ -65,7 +75,7 @@ inline void store_lanes(Bf16* p, __m512 values, __mmask16 mask) {
 
 // out[r][c] (r < `rows` output channels, c < columns input rows) -> row_at(c)[r], plus addend[c ×
 // addend_stride + r] where addend is given (store_into, internal.hpp, gives the row addresses). Rows and
-// addend hold y's element type, float or Bf16.
+// addend hold y's element type, float, Bf16 or std::int8_t.
 constexpr auto store_transposed_to = [](const float* out, std::int64_t out_stride, std::int64_t columns,
                                         std::int64_t rows, auto row_at, auto addend, std::int64_t addend_stride) {
     const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1u);

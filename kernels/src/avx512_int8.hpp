@@ -95,6 +95,16 @@ inline void finish_row(const Int8Blocks& w, std::int64_t m, std::int32_t zero_po
                        float* out) {
     const __m512i offset = _mm512_set1_epi32(zero_point * w.row_sums[m]);
     const __m512 scale = _mm512_set1_ps(w.scale[m]), bias = _mm512_set1_ps(w.bias ? w.bias[m] : 0.0f);
+    if (w.codes) {  // int8_result: the code of the result, minus 128
+        const __m512 inverse = _mm512_set1_ps(1.0f / w.out_scale);
+        const __m512i out_zero = _mm512_set1_epi32(w.out_zero_point), shift = _mm512_set1_epi32(128);
+        for (int t = 0; t < Tiles; ++t) {
+            const __m512 product = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], offset)), scale);
+            const __m512i code = quantize16(_mm512_add_ps(product, bias), inverse, out_zero);
+            _mm512_store_ps(out + t * kLanes, _mm512_cvtepi32_ps(_mm512_sub_epi32(code, shift)));
+        }
+        return;
+    }
     if (w.out_scale > 0.0f) {  // int8_result (internal.hpp): fake-quantized, then the bias
         const __m512 inverse = _mm512_set1_ps(1.0f / w.out_scale), out_scale = _mm512_set1_ps(w.out_scale);
         const __m512i out_zero = _mm512_set1_epi32(w.out_zero_point);

@@ -150,6 +150,32 @@ void sparse_linear_int8(const Int8Blocks& w, const Bf16* x, std::int64_t n, std:
     linear_int8(w, x, n, x_stride, act_scale, act_zero_point, y, isa, parallel_for);
 }
 
+namespace {
+
+template <typename In>
+void linear_int8_codes(const Int8Blocks& w, const In* x, std::int64_t n, std::int64_t x_stride, float act_scale,
+                       std::int32_t act_zero_point, std::int8_t* y, Isa isa, const ParallelFor& parallel_for) {
+    if (!(w.out_scale > 0.0f)) throw std::invalid_argument("INT8 codes need an output scale above 0");
+    if (w.addend != nullptr) throw std::invalid_argument("a product that writes INT8 codes takes no addend");
+    Int8Blocks coded = w;
+    coded.codes = true;
+    linear_int8(coded, x, n, x_stride, act_scale, act_zero_point, y, isa, parallel_for);
+}
+
+}  // namespace
+
+void sparse_linear_int8(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride,
+                        float act_scale, std::int32_t act_zero_point, std::int8_t* y, Isa isa,
+                        const ParallelFor& parallel_for) {
+    linear_int8_codes(w, x, n, x_stride, act_scale, act_zero_point, y, isa, parallel_for);
+}
+
+void sparse_linear_int8(const Int8Blocks& w, const Bf16* x, std::int64_t n, std::int64_t x_stride,
+                        float act_scale, std::int32_t act_zero_point, std::int8_t* y, Isa isa,
+                        const ParallelFor& parallel_for) {
+    linear_int8_codes(w, x, n, x_stride, act_scale, act_zero_point, y, isa, parallel_for);
+}
+
 bool cpu_has_avx512_vbmi() {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512vbmi");

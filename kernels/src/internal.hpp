@@ -58,10 +58,13 @@ inline float fake_quantize_u8(float x, float scale, std::int32_t zero_point) {
 
 // An INT8 layer's result for output channel m from its exact sum: sum × scale, fake-quantized when the
 // layer quantizes its output, plus the bias. (The vector kernels compute the same, lane by lane.)
+// With w.codes, the result's INT8 code (as a float) instead.
 inline float int8_result(const Int8Blocks& w, std::int64_t m, std::int32_t sum) {
     float value = static_cast<float>(sum) * w.scale[m];
+    const float bias = w.bias ? w.bias[m] : 0.0f;
+    if (w.codes) return static_cast<float>(quantize_u8(value + bias, 1.0f / w.out_scale, w.out_zero_point) - 128);
     if (w.out_scale > 0.0f) value = fake_quantize_u8(value, w.out_scale, w.out_zero_point);
-    return value + (w.bias ? w.bias[m] : 0.0f);
+    return value + bias;
 }
 
 // float -> bfloat16, rounding to nearest even (what vcvtneps2bf16 does; NaN stays NaN). Branch-free, so
@@ -81,11 +84,14 @@ inline float from_bf16(std::uint16_t value) {
     return out;
 }
 
-// The INT8 kernels' x and y elements: float, or Bf16, which a float result is rounded to once.
+// The INT8 kernels' x and y elements: float, or Bf16, which a float result is rounded to once; y also
+// std::int8_t, which holds codes (Int8Blocks::codes: the float results are whole numbers in its range).
 inline float to_float(float value) { return value; }
 inline float to_float(Bf16 value) { return from_bf16(value.bits); }
+inline float to_float(std::int8_t value) { return value; }
 inline void store_value(float* to, float value) { *to = value; }
 inline void store_value(Bf16* to, float value) { to->bits = to_bf16(value); }
+inline void store_value(std::int8_t* to, float value) { *to = static_cast<std::int8_t>(value); }
 
 // The blocks of up to kRowBlock output channels a product writes y in. When y starts inside a 64-byte
 // line (OpenVINO's output buffers do) and every row shares that offset, the first block is shorter, so
@@ -207,6 +213,11 @@ inline void copy_row(float* to, const float* from, std::int64_t count) {
 // The same rounded to bfloat16 (a loop the compiler vectorizes with the file's instruction set).
 inline void copy_row(Bf16* to, const float* from, std::int64_t count) {
     for (std::int64_t j = 0; j < count; ++j) to[j].bits = to_bf16(from[j]);
+}
+
+// The same as codes (whole numbers in [-128, 127]).
+inline void copy_row(std::int8_t* to, const float* from, std::int64_t count) {
+    for (std::int64_t j = 0; j < count; ++j) to[j] = static_cast<std::int8_t>(from[j]);
 }
 
 // Where a qkv product's results go when split into heads (Int8Blocks::heads): the slab of each part,
@@ -354,7 +365,8 @@ bool run_panels_per_task(std::int64_t n, int panel_tiles, Out* y, const Parallel
 }  // namespace
 
 // The INT8 entry points read x as In and write y (and read the addend) as Out, each float or Bf16; every
-// kernel file instantiates the four pairs (INT8_IO_PAIRS).
+// kernel file instantiates the four pairs (INT8_IO_PAIRS), and the per-layer ones also Out = std::int8_t
+// for codes (INT8_CODE_PAIRS).
 template <typename In, typename Out>
 void int8_scalar(const Int8Blocks& w, const In* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                  std::int32_t act_zero_point, Out* y, const ParallelFor& parallel_for);
@@ -384,6 +396,10 @@ void mlp_avx512_vbmi(const Int8Mlp& mlp, const In* x, std::int64_t n, std::int64
     template void entry<Bf16, Bf16>(__VA_ARGS__(Bf16, Bf16));                              \
     template void entry<Bf16, float>(__VA_ARGS__(Bf16, float));                            \
     template void entry<float, Bf16>(__VA_ARGS__(float, Bf16))
+// ... and the pairs that write codes (the per-layer entry points only)
+#define VITSPARSE_INT8_CODE_PAIRS(entry, ...)                                              \
+    template void entry<float, std::int8_t>(__VA_ARGS__(float, std::int8_t));              \
+    template void entry<Bf16, std::int8_t>(__VA_ARGS__(Bf16, std::int8_t))
 void bf16_scalar(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
                  const ParallelFor& parallel_for);
 void bf16_avx2(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,

@@ -38,6 +38,7 @@ void int8_scalar(const Int8Blocks& w, const In* x, std::int64_t n, std::int64_t 
 }
 
 VITSPARSE_INT8_IO_PAIRS(int8_scalar, VITSPARSE_INT8_ARGS);
+VITSPARSE_INT8_CODE_PAIRS(int8_scalar, VITSPARSE_INT8_ARGS);
 
 void bf16_scalar(const Bf16Pairs& w, const float* x, std::int64_t n, std::int64_t x_stride, float* y,
                  const ParallelFor& parallel_for) {
