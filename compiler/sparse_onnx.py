@@ -12,7 +12,8 @@ An INT8 MLP (fc1 → its output Q/DQ → bias and an elementwise activation → 
 channel, and one kernel runs both layers with the hidden activations kept in cache. Then an INT8 node
 followed by the block's residual Add (after proj's output Q/DQ and the bias, or after the MLP's bias)
 takes all of them in: the residual becomes an input the kernels add where they write the output. Last,
-an INT8 qkv node writes attention's q, kᵀ and v in the layout the attention reads (sparse_heads.py).
+an INT8 qkv node writes attention's q, kᵀ and v in the layout the attention reads (sparse_heads.py),
+and an INT8 node after a LayerNorm computes the LayerNorm itself where it quantizes x (sparse_norms.py).
 Only OpenVINO with vitsparse's extension (the `openvino-sparse` engine) runs such a file; the
 reference ops below (numpy) are what export verification and the kernel tests compare against.
 Layers below `min_sparsity` stay dense MatMuls, since the dense kernels win there (kernel_crossover.py
@@ -134,12 +135,25 @@ def quantize_u8(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     return np.clip(np.rint(np.asarray(x, np.float32) * inverse) + zero_point, 0, 255).astype(np.int64)
 
 
+def layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, epsilon: float) -> np.ndarray:
+    """torch's LayerNorm over the last axis, in float32: what a kernel node with `norm_epsilon` reads x
+    through."""
+    x = np.asarray(x, np.float32)
+    centered = x - x.mean(axis=-1, keepdims=True, dtype=np.float32)
+    variance = (centered * centered).mean(axis=-1, keepdims=True, dtype=np.float32)
+    return (centered / np.sqrt(variance + np.float32(epsilon)) * gamma + beta).astype(np.float32)
+
+
 def sparse_linear(x: np.ndarray, packed: PackedWeight, act_scale: float = 1.0, act_zero_point: int = 0,
-                  out_scale: float = 0.0, out_zero_point: int = 0, int8_output: bool = False) -> np.ndarray:
+                  out_scale: float = 0.0, out_zero_point: int = 0, int8_output: bool = False,
+                  norm: tuple[np.ndarray, np.ndarray, float] | None = None) -> np.ndarray:
     """What a SparseLinear node computes, in numpy: the reference for export checks and kernel tests.
-    INT8 quantizes x (`quantize_u8`), sums exactly, scales, and with `out_scale` > 0 fake-quantizes the
-    result to uint8 before adding the bias; with `int8_output`, returns the int8 codes of the biased
-    result instead (the uint8 ones minus 128)."""
+    INT8 reads x through `norm` (gamma, beta, epsilon; `layer_norm`) if given, quantizes it
+    (`quantize_u8`), sums exactly, scales, and with `out_scale` > 0 fake-quantizes the result to uint8
+    before adding the bias; with `int8_output`, returns the int8 codes of the biased result instead
+    (the uint8 ones minus 128)."""
+    if norm is not None:
+        x = layer_norm(x, *norm)
     dense = unpack(packed)
     if packed.format == "f32_csr":
         return (x.astype(np.float32) @ dense.T + packed.arrays[3]).astype(np.float32)
@@ -160,11 +174,13 @@ def sparse_linear(x: np.ndarray, packed: PackedWeight, act_scale: float = 1.0, a
 
 def sparse_mlp(x: np.ndarray, fc1: PackedWeight, table: np.ndarray, fc2: PackedWeight, act_scale: float,
                act_zero_point: int, fc1_out_scale: float, fc1_out_zero_point: int, hidden_zero_point: int,
-               out_scale: float = 0.0, out_zero_point: int = 0) -> np.ndarray:
-    """What a SparseMLP node computes, in numpy: fc1 (no bias) quantized to codes with its output
-    quantization, table[channel, code] as the hidden codes, then fc2 over those codes."""
+               out_scale: float = 0.0, out_zero_point: int = 0,
+               norm: tuple[np.ndarray, np.ndarray, float] | None = None) -> np.ndarray:
+    """What a SparseMLP node computes, in numpy: fc1 (no bias) over x (through `norm` if given)
+    quantized to codes with its output quantization, table[channel, code] as the hidden codes, then
+    fc2 over those codes."""
     unbiased = PackedWeight(fc1.format, fc1.rows, fc1.cols, (*fc1.arrays[:5], np.zeros(fc1.rows, np.float32)))
-    raw = sparse_linear(x, unbiased, act_scale, act_zero_point)
+    raw = sparse_linear(x, unbiased, act_scale, act_zero_point, norm=norm)
     codes = quantize_u8(raw, fc1_out_scale, fc1_out_zero_point)
     hidden = np.asarray(table)[np.arange(fc1.rows), codes].astype(np.int64) - hidden_zero_point
     # codes minus the zero point, read back by fc2 with scale 1 and that zero point: the codes themselves
@@ -191,6 +207,14 @@ WEIGHT_PARTS = {"f32_csr": ("row_ptr", "col", "values", "bias"),
 # the table, fc2's arrays
 LINEAR_INPUTS = {fmt: 1 + len(parts) for fmt, parts in WEIGHT_PARTS.items()}
 MLP_INPUTS = 1 + 2 * len(WEIGHT_PARTS["int8_1x4"])
+
+
+def _norm_inputs(arrays: tuple[np.ndarray, ...], epsilon: float):
+    """A node's inputs after its weight: (gamma, beta, epsilon) of its LayerNorm where it has one (else
+    None), and the rest (its addend, if any)."""
+    if not epsilon:
+        return None, arrays
+    return (arrays[0], arrays[1], float(epsilon)), arrays[2:]
 
 
 def _plus(y: np.ndarray, addend: tuple[np.ndarray, ...]) -> np.ndarray:
@@ -533,10 +557,13 @@ def to_sparse_kernels(model: onnx.ModelProto, min_sparsity: float, precision: st
         if _fuse_mlps(model):
             _topological_sort(model.graph)
             _Graph(model).prune()
-        from .sparse_heads import fuse_attention_heads  # (it imports this module)
+        from .sparse_heads import fuse_attention_heads  # (these import this module)
+        from .sparse_norms import fuse_layer_norms
 
         if _fuse_residuals(model, shapes) + fuse_attention_heads(model, shapes):
             _topological_sort(model.graph)
+        if fuse_layer_norms(model, shapes):
+            _Graph(model).prune()
     return rewritten
 
 
@@ -546,11 +573,13 @@ class SparseLinear(OpRun):
     op_domain = DOMAIN
 
     def _run(self, x, *arrays, format=None, in_features=None, act_scale=1.0, act_zero_point=0,  # noqa: A002
-             out_scale=0.0, out_zero_point=0, heads=0, int8_output=0):
-        count = len(WEIGHT_PARTS[format])  # an INT8 node may read one more: its addend
+             out_scale=0.0, out_zero_point=0, heads=0, int8_output=0, norm_epsilon=0.0):
+        count = len(WEIGHT_PARTS[format])  # an INT8 node may read more: its LayerNorm's, its addend
         packed = PackedWeight(format, int(arrays[0].size - 1), int(in_features), tuple(arrays[:count]))
-        y = sparse_linear(x, packed, act_scale, act_zero_point, out_scale, out_zero_point, bool(int8_output))
-        y = _plus(y, arrays[count:])
+        norm, rest = _norm_inputs(arrays[count:], norm_epsilon)
+        y = sparse_linear(x, packed, act_scale, act_zero_point, out_scale, out_zero_point, bool(int8_output),
+                          norm)
+        y = _plus(y, rest)
         return (split_heads(y, heads) if heads else y,)
 
 
@@ -560,10 +589,11 @@ class SparseMLP(OpRun):
     op_domain = DOMAIN
 
     def _run(self, x, *arrays, in_features=None, act_scale=1.0, act_zero_point=0, fc1_out_scale=1.0,
-             fc1_out_zero_point=0, hidden_zero_point=0, out_scale=0.0, out_zero_point=0):
+             fc1_out_zero_point=0, hidden_zero_point=0, out_scale=0.0, out_zero_point=0, norm_epsilon=0.0):
         fc1 = PackedWeight("int8_1x4", int(arrays[0].size - 1), int(in_features), tuple(arrays[:5]))
         table = arrays[5].reshape(fc1.rows, 256)
         fc2 = PackedWeight("int8_1x4", int(arrays[6].size - 1), fc1.rows, tuple(arrays[6:12]))
+        norm, rest = _norm_inputs(arrays[MLP_INPUTS - 1:], norm_epsilon)
         y = sparse_mlp(x, fc1, table, fc2, act_scale, act_zero_point, fc1_out_scale, fc1_out_zero_point,
-                       hidden_zero_point, out_scale, out_zero_point)
-        return (_plus(y, arrays[MLP_INPUTS - 1:]),)
+                       hidden_zero_point, out_scale, out_zero_point, norm)
+        return (_plus(y, rest),)

@@ -24,6 +24,7 @@ from vitsparse.compiler.sparse_onnx import (
     SparseLinear,
     SparseMLP,
     from_bf16_bits,
+    layer_norm,
     make_mlp_node,
     make_node,
     pack_bf16_pairs,
@@ -419,6 +420,121 @@ def test_int8_mlp_kernel_adds_its_addend(core, tmp_path, monkeypatch, isa, shape
     np.testing.assert_allclose(got, expected, atol=INT8_ATOL, rtol=0)
 
 
+# (rows of x, in features, out features, sparsity): one panel and several, N = 1 and K not a multiple of
+# 4 or 16, a panel per task (y's rows 2 KiB apart), fewer output channels than a block, wide rows
+NORM_SHAPES = [(197, 64, 48, 0.9), (1, 13, 17, 0.0), (300, 37, 33, 0.75), (600, 24, 512, 0.8),
+               (129, 130, 16, 0.6)]
+
+
+def _with_norm(path: str, k: int, rng) -> tuple[np.ndarray, np.ndarray, float]:
+    """The one-node file at `path` with its node reading x through a LayerNorm (gamma and beta appended
+    to its inputs, norm_epsilon set); returns (gamma, beta, epsilon)."""
+    gamma = (1 + 0.3 * rng.standard_normal(k)).astype(np.float32)
+    beta = (0.5 * rng.standard_normal(k)).astype(np.float32)
+    norm = (gamma, beta, 1e-6)
+    model = onnx.load(path)
+    node = model.graph.node[0]
+    for name, value in (("gamma", gamma), ("beta", beta)):
+        model.graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+        node.input.append(name)
+    node.attribute.append(onnx.helper.make_attribute("norm_epsilon", norm[2]))
+    onnx.save(model, path)
+    return norm
+
+
+def _rows_off_ties(x: np.ndarray, norm: tuple, act_scale: float) -> np.ndarray:
+    """The rows of x whose normalized values all stay 1e-4 of a quantization step away from a rounding tie:
+    there every path gives the reference's codes (elsewhere a sum in another order may round one code
+    the other way)."""
+    steps = layer_norm(x, *norm) / np.float32(act_scale)
+    off = ~np.any(np.abs(steps - np.floor(steps) - 0.5) < 1e-4, axis=-1)
+    assert off.mean() > 0.9
+    return off
+
+
+def _rows_with_offsets(rng, shape: tuple[int, int]) -> np.ndarray:
+    """x whose rows each have their own offset and spread, as a residual stream's do."""
+    spread, offset = 1 + 3 * rng.random((shape[0], 1)), 10 * rng.standard_normal((shape[0], 1))
+    return (rng.standard_normal(shape) * spread + offset).astype(np.float32)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("read_bf16", [False, True], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=[f"n{s[0]}-k{s[1]}-m{s[2]}-s{s[3]}" for s in NORM_SHAPES])
+def test_int8_kernel_normalizes_x(core, tmp_path, monkeypatch, isa, read_bf16, shape) -> None:
+    """With norm_epsilon a node reads x through a LayerNorm (each row's mean and variance, then gamma and
+    beta per channel) before quantizing it, on every path, from f32 or bf16 x; onnx's reference
+    evaluator computes the same."""
+    n, k, m, sparsity = shape
+    rng = np.random.default_rng(n * 1000 + k + 5)
+    packed = pack_int8_blocks(_block_codes(rng, m, k, sparsity), rng.random(m).astype(np.float32) * 0.01,
+                              rng.standard_normal(m).astype(np.float32))
+    x = _rows_with_offsets(rng, (n, k))
+    path = _layer_file(tmp_path / "l.onnx", packed, [n, k], act_scale=0.04, act_zero_point=120)
+    norm = _with_norm(path, k, rng)
+    if read_bf16:
+        got, ran_in = _run_bf16(core, path, x, isa, monkeypatch)
+        assert ran_in == {"bf16"}
+        x = _bf16(x)
+    else:
+        got = _run(core, path, x, isa, monkeypatch)
+    expected, rows = sparse_linear(x, packed, 0.04, 120, norm=norm), _rows_off_ties(x, norm, 0.04)
+    if read_bf16:
+        _assert_bf16_close(got[rows], expected[rows])
+        return
+    np.testing.assert_allclose(got[rows], expected[rows], atol=INT8_ATOL, rtol=0)
+    from onnx.reference import ReferenceEvaluator
+
+    (reference,) = ReferenceEvaluator(path, new_ops=[SparseLinear]).run(None, {"x": x})
+    np.testing.assert_allclose(reference[rows], expected[rows], atol=INT8_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", MLP_SHAPES[:4], ids=[f"n{s[0]}-k{s[1]}-h{s[2]}-s{s[4]}"
+                                                       for s in MLP_SHAPES[:4]])
+def test_int8_mlp_kernel_normalizes_x(core, tmp_path, monkeypatch, isa, shape) -> None:
+    """The MLP node reads x through its LayerNorm as fc1's input, on every path (the fused kernel and the
+    composed one)."""
+    rng = np.random.default_rng(shape[0] * 1000 + shape[2] + 5)
+    path, attributes, fc1, table, fc2 = _mlp_file(tmp_path / "mlp.onnx", rng, shape)
+    norm = _with_norm(path, shape[1], rng)
+    x = _rows_with_offsets(rng, (shape[0], shape[1]))
+    got = _run(core, path, x, isa, monkeypatch)
+    rows = _rows_off_ties(x, norm, attributes["act_scale"])
+    expected = sparse_mlp(x, fc1, table, fc2, **attributes, norm=norm)
+    np.testing.assert_allclose(got[rows], expected[rows], atol=INT8_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("f32 weight", "only an int8_1x4 node normalizes"), ("negative epsilon", "must be positive"),
+    ("gamma too short", "one value per input channel"), ("no gamma and beta", "takes its LayerNorm's"),
+    ("mlp without gamma and beta", "takes its LayerNorm's"),
+])
+def test_a_node_with_a_malformed_layer_norm_is_refused(tmp_path, case, message) -> None:
+    rng = np.random.default_rng(5)
+    path = str(tmp_path / "l.onnx")
+    if case.startswith("mlp"):
+        _mlp_file(path, rng, MLP_SHAPES[1])
+    else:
+        packed = pack_int8_blocks(_block_codes(rng, 8, 16, 0.5), np.ones(8, np.float32))
+        if case == "f32 weight":
+            packed = pack_f32_csr(rng.standard_normal((8, 16)).astype(np.float32))
+        _layer_file(path, packed, [2, 16], act_scale=0.1, act_zero_point=0)
+    _with_norm(path, 10 if case.startswith("mlp") else 16, rng)
+    model = onnx.load(path)
+    node = model.graph.node[0]
+    if case == "negative epsilon":
+        next(a for a in node.attribute if a.name == "norm_epsilon").f = -1e-6
+    elif case == "gamma too short":
+        gamma = next(i for i in model.graph.initializer if i.name == "gamma")
+        gamma.CopyFrom(onnx.numpy_helper.from_array(np.ones(15, np.float32), "gamma"))
+    elif "without gamma and beta" in case or case == "no gamma and beta":
+        del node.input[-2:]
+    onnx.save(model, path)
+    with pytest.raises(EngineLoadError, match=message):
+        create_engine("openvino-sparse", path, batch_size=2)
+
+
 def _bf16(values: np.ndarray) -> np.ndarray:
     """float32 values rounded to bfloat16, to nearest even, as floats (no NaN here)."""
     bits = np.asarray(values, np.float32).view(np.uint32)
@@ -713,10 +829,16 @@ def test_a_masked_vit_exported_with_sparse_kernels_matches_torch(tmp_path, quant
     # qkv, proj, fc1, fc2 of 2 blocks; INT8 fuses each block's fc1 and fc2 into one SparseMLP node
     assert counts == ([4, 2] if quantize else [8, 0])
     # INT8: proj and the MLP take in the residual Add after them (with proj's output Q → DQ and both
-    # biases); qkv keeps its quantizer in the graph, for OpenVINO's INT8 attention
-    with_addend = sorted(node.name.split("_")[0] for node in model.graph.node
-                         if node.op_type in ("SparseLinear", "SparseMLP") and len(node.input) in (8, 14))
+    # biases); qkv and the MLP compute the LayerNorm before them (its gamma and beta after the weight),
+    # which leaves only the final norm's ReduceMeans
+    constants = {init.name for init in model.graph.initializer}
+    kernel_nodes = [node for node in model.graph.node if node.op_type in ("SparseLinear", "SparseMLP")]
+    with_addend = sorted(node.name.split("_")[0] for node in kernel_nodes if node.input[-1] not in constants)
     assert with_addend == (["fc1", "fc1", "proj", "proj"] if quantize else [])
+    normalizing = sorted(node.name.split("_")[0] for node in kernel_nodes
+                         if any(a.name == "norm_epsilon" for a in node.attribute))
+    assert normalizing == (["fc1", "fc1", "qkv", "qkv"] if quantize else [])
+    assert sum(node.op_type == "ReduceMean" for node in model.graph.node) == (2 if quantize else 10)
     # INT8: qkv writes q, kᵀ and v for its 3 heads, and the transposes between it and attention are gone;
     # the second also quantizes its output, the first keeps the model's last QuantizeLinear, which
     # OpenVINO needs to run attention in INT8 at all
@@ -789,6 +911,46 @@ def test_qkv_writing_the_heads_changes_no_result(tmp_path, monkeypatch) -> None:
         engine = create_engine("openvino-sparse", tmp_path / f"{fused}.onnx", batch_size=2, precision="f32")
         (logits[fused],) = engine.run([images])
     np.testing.assert_allclose(logits[True], logits[False], atol=1e-4 * np.abs(logits[False]).max(), rtol=0)
+
+
+def _layer_normalization_model(read_elsewhere: bool) -> tuple[onnx.ModelProto, np.ndarray]:
+    """x → LayerNormalization (opset 17) → an INT8 SparseLinear → y, the normalized x also a graph
+    output where `read_elsewhere`; and an x for it."""
+    rng = np.random.default_rng(6)
+    packed = pack_int8_blocks(_block_codes(rng, 8, 16, 0.5), rng.random(8).astype(np.float32) * 0.01,
+                              rng.standard_normal(8).astype(np.float32))
+    node, inits = make_node("layer", "normalized", "y", packed, act_scale=0.04, act_zero_point=120)
+    inits += [onnx.numpy_helper.from_array((1 + 0.3 * rng.standard_normal(16)).astype(np.float32), "gamma"),
+              onnx.numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "beta")]
+    norm = onnx.helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["normalized"], "norm",
+                                 axis=-1, epsilon=1e-5)
+    outputs = [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 5, 8])]
+    if read_elsewhere:
+        outputs.append(onnx.helper.make_tensor_value_info("normalized", onnx.TensorProto.FLOAT, [2, 5, 16]))
+    graph = onnx.helper.make_graph([norm, node], "g", [onnx.helper.make_tensor_value_info(
+        "x", onnx.TensorProto.FLOAT, [2, 5, 16])], outputs, inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                          onnx.helper.make_opsetid("com.vitsparse", 1)])
+    return model, _rows_with_offsets(rng, (10, 16)).reshape(2, 5, 16)
+
+
+@pytest.mark.parametrize("read_elsewhere", [False, True], ids=["only-reader", "read-elsewhere"])
+def test_a_layer_norm_before_an_int8_node_moves_into_it(read_elsewhere) -> None:
+    """ONNX's LayerNormalization in front of an INT8 node becomes the node's own (torch's decomposed
+    form: the masked-ViT export test), with the same results; not where its output is read elsewhere."""
+    from onnx.reference import ReferenceEvaluator
+
+    from vitsparse.compiler.quantized_onnx import _Graph
+    from vitsparse.compiler.sparse_norms import fuse_layer_norms
+
+    model, x = _layer_normalization_model(read_elsewhere)
+    (before,) = ReferenceEvaluator(model, new_ops=[SparseLinear]).run(["y"], {"x": x})
+    assert fuse_layer_norms(model, {"x": (2, 5, 16)}) == (0 if read_elsewhere else 1)
+    _Graph(model).prune()
+    ops = [node.op_type for node in model.graph.node]
+    assert ops == (["LayerNormalization", "SparseLinear"] if read_elsewhere else ["SparseLinear"])
+    (after,) = ReferenceEvaluator(model, new_ops=[SparseLinear]).run(["y"], {"x": x})
+    np.testing.assert_allclose(after, before, atol=INT8_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("change", ["no softmax", "a factor per key", "scores as divisor", "k read twice"])

@@ -45,6 +45,16 @@ struct Bf16 {
     std::uint16_t bits;
 };
 
+// A LayerNorm over each row of x, computed where the INT8 kernels quantize x, so that no normalized copy
+// of x is written and read again: (x − mean) / sqrt(variance + epsilon) × gamma + beta per input channel,
+// the mean and the (biased) variance over the row, as torch's LayerNorm over the last axis.
+struct LayerNorm {
+    const float* gamma = nullptr;       // per input channel; nullptr: x is read as it is
+    const float* beta = nullptr;        // per input channel
+    float epsilon = 0.0f;
+    bool active() const { return gamma != nullptr; }
+};
+
 struct Int8Blocks {
     std::int64_t rows = 0;              // M, output channels
     std::int64_t cols = 0;              // K, input channels
@@ -72,6 +82,8 @@ struct Int8Blocks {
     // Set by the std::int8_t overloads of sparse_linear_int8, which write codes instead of values (leave
     // it false): each result (sum × scale + bias) quantized as out_scale and out_zero_point say, minus 128
     bool codes = false;
+    // x's LayerNorm, applied before x is quantized (an MLP: fc1's), or none
+    LayerNorm norm;
 };
 
 struct Bf16Pairs {

@@ -9,10 +9,11 @@ using namespace extension;
 
 SparseLinear::SparseLinear(const ov::OutputVector& inputs, std::string format, std::int64_t in_features,
                            float act_scale, std::int64_t act_zero_point, float out_scale,
-                           std::int64_t out_zero_point, std::int64_t heads, std::int64_t int8_output)
+                           std::int64_t out_zero_point, std::int64_t heads, std::int64_t int8_output,
+                           float norm_epsilon)
     : Op(inputs), m_format(std::move(format)), m_in_features(in_features), m_act_scale(act_scale),
       m_act_zero_point(act_zero_point), m_out_scale(out_scale), m_out_zero_point(out_zero_point), m_heads(heads),
-      m_int8_output(int8_output) {
+      m_int8_output(int8_output), m_norm_epsilon(norm_epsilon) {
     constructor_validate_and_infer_types();
 }
 
@@ -20,12 +21,14 @@ void SparseLinear::validate_and_infer_types() {
     const auto* types = weight_types(m_format);
     NODE_VALIDATION_CHECK(this, types != nullptr, "format must be '", kInt8, "', '", kBf16, "' or '", kF32,
                           "', not '", m_format, "'");
-    const std::size_t inputs = types->size() + 1;  // x and the weight; INT8 may add an addend
     const bool int8 = m_format == kInt8;
+    NODE_VALIDATION_CHECK(this, m_in_features > 0, "in_features must be positive, got ", m_in_features);
+    NODE_VALIDATION_CHECK(this, int8 || m_norm_epsilon == 0.0f, "only an int8_1x4 node normalizes x");
+    // x, the weight and the LayerNorm's gamma and beta; INT8 may add an addend
+    const std::size_t inputs = types->size() + 1 + check_norm(this, types->size() + 1, m_in_features, m_norm_epsilon);
     NODE_VALIDATION_CHECK(this, get_input_size() == inputs || (int8 && get_input_size() == inputs + 1), "format ",
                           m_format, " takes ", inputs, " inputs", int8 ? " (one more with an addend)" : "", ", got ",
                           get_input_size());
-    NODE_VALIDATION_CHECK(this, m_in_features > 0, "in_features must be positive, got ", m_in_features);
     if (int8) {
         std::string problem = check_quantization("act", m_act_scale, m_act_zero_point, false);
         if (problem.empty()) problem = check_quantization("out", m_out_scale, m_out_zero_point, true);
@@ -38,21 +41,21 @@ void SparseLinear::validate_and_infer_types() {
     const ov::element::Type io = io_type(this, int8);
     const ov::PartialShape output = linear_output_shape(this, m_in_features, rows);
     check_addend(this, inputs, output);
-    if (m_heads != 0) check_heads(weight);
-    if (m_int8_output != 0) check_int8_output(weight.size());
+    if (m_heads != 0) check_heads(weight, inputs);
+    if (m_int8_output != 0) check_int8_output(inputs);
     set_output_type(0, m_int8_output != 0 ? ov::element::i8 : io, output);
 }
 
-void SparseLinear::check_int8_output(std::size_t weight_inputs) const {
+void SparseLinear::check_int8_output(std::size_t inputs) const {
     NODE_VALIDATION_CHECK(this, m_int8_output == 1, "int8_output must be 0 or 1, got ", m_int8_output);
     NODE_VALIDATION_CHECK(this, m_format == kInt8, "only an int8_1x4 node writes int8");
     NODE_VALIDATION_CHECK(this, m_out_scale > 0.0f, "a node that writes int8 needs out_scale above 0");
-    NODE_VALIDATION_CHECK(this, get_input_size() == weight_inputs + 1, "a node that writes int8 takes no addend");
+    NODE_VALIDATION_CHECK(this, get_input_size() == inputs, "a node that writes int8 takes no addend");
 }
 
-void SparseLinear::check_heads(const std::vector<ov::Tensor>& weight) const {
+void SparseLinear::check_heads(const std::vector<ov::Tensor>& weight, std::size_t inputs) const {
     NODE_VALIDATION_CHECK(this, m_format == kInt8, "only an int8_1x4 node splits its output into heads");
-    NODE_VALIDATION_CHECK(this, get_input_size() == weight.size() + 1, "a node split into heads takes no addend");
+    NODE_VALIDATION_CHECK(this, get_input_size() == inputs, "a node split into heads takes no addend");
     Int8Blocks w = int8_blocks(m_in_features, weight.data(), true);
     w.heads = m_heads;
     const std::string problem = vitsparse::check_heads(w);
@@ -64,7 +67,7 @@ void SparseLinear::check_heads(const std::vector<ov::Tensor>& weight) const {
 
 std::shared_ptr<ov::Node> SparseLinear::clone_with_new_inputs(const ov::OutputVector& inputs) const {
     return std::make_shared<SparseLinear>(inputs, m_format, m_in_features, m_act_scale, m_act_zero_point,
-                                          m_out_scale, m_out_zero_point, m_heads, m_int8_output);
+                                          m_out_scale, m_out_zero_point, m_heads, m_int8_output, m_norm_epsilon);
 }
 
 bool SparseLinear::visit_attributes(ov::AttributeVisitor& visitor) {
@@ -76,6 +79,7 @@ bool SparseLinear::visit_attributes(ov::AttributeVisitor& visitor) {
     visitor.on_attribute("out_zero_point", m_out_zero_point);
     visitor.on_attribute("heads", m_heads);
     visitor.on_attribute("int8_output", m_int8_output);
+    visitor.on_attribute("norm_epsilon", m_norm_epsilon);
     return true;
 }
 
@@ -98,10 +102,12 @@ bool SparseLinear::evaluate(ov::TensorVector& outputs, const ov::TensorVector& i
     outputs[0].set_shape(shape);
     const Isa isa = selected_isa();
     if (m_format == kInt8) {
+        const std::size_t norm = weight_types(m_format)->size() + 1;  // gamma and beta, where it normalizes
         Int8Blocks w = int8_blocks(m_in_features, &inputs[1], true);
         w.out_scale = m_out_scale;
         w.out_zero_point = static_cast<std::int32_t>(m_out_zero_point);
-        if (inputs.size() > weight_types(m_format)->size() + 1) w.addend = inputs.back().data();
+        w.norm = layer_norm(&inputs[norm], m_norm_epsilon);
+        if (inputs.size() > norm + (w.norm.active() ? 2 : 0)) w.addend = inputs.back().data();
         w.heads = m_heads;
         w.tokens = static_cast<std::int64_t>(tokens);
         const auto zero_point = static_cast<std::int32_t>(m_act_zero_point);

@@ -21,13 +21,14 @@ public:
     //   Int8Blocks::heads lays them out, for a Reshape to [3, batch, heads, tokens, head_dim] to read
     //   (no addend then). int8_output 1: y is int8, what QuantizeLinear to int8 writes of sum × scale +
     //   bias with out_scale (> 0) and zero point out_zero_point − 128 (no addend then), for a
-    //   DequantizeLinear to read
+    //   DequantizeLinear to read. norm_epsilon > 0: x is read through a LayerNorm (LayerNorm in
+    //   vitsparse_kernels.hpp) whose gamma and beta come as two more inputs after bias, before the addend
     // format "f32_csr" inputs:  x, row_ptr, col, values, bias
     // format "bf16_1x2" inputs: x, row_ptr, block_col, values (a bfloat16 pair per int32), bias
     SparseLinear() = default;
     SparseLinear(const ov::OutputVector& inputs, std::string format, std::int64_t in_features, float act_scale,
                  std::int64_t act_zero_point, float out_scale = 0.0f, std::int64_t out_zero_point = 0,
-                 std::int64_t heads = 0, std::int64_t int8_output = 0);
+                 std::int64_t heads = 0, std::int64_t int8_output = 0, float norm_epsilon = 0.0f);
 
     void validate_and_infer_types() override;
     std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& inputs) const override;
@@ -36,8 +37,9 @@ public:
     bool has_evaluate() const override;
 
 private:
-    void check_heads(const std::vector<ov::Tensor>& weight) const;
-    void check_int8_output(std::size_t weight_inputs) const;
+    // inputs: how many the node takes without an addend
+    void check_heads(const std::vector<ov::Tensor>& weight, std::size_t inputs) const;
+    void check_int8_output(std::size_t inputs) const;
 
     std::string m_format;
     std::int64_t m_in_features = 0;
@@ -47,6 +49,7 @@ private:
     std::int64_t m_out_zero_point = 0;
     std::int64_t m_heads = 0;
     std::int64_t m_int8_output = 0;
+    float m_norm_epsilon = 0.0f;
 };
 
 }  // namespace vitsparse

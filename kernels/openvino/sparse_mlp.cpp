@@ -8,23 +8,25 @@ namespace vitsparse {
 using namespace extension;
 
 namespace {
-constexpr std::size_t kFc1 = 1, kTable = 6, kFc2 = 7, kInputs = 13;  // first input of each part
-constexpr std::size_t kAddend = kInputs;  // optional: added to the output
+constexpr std::size_t kFc1 = 1, kTable = 6, kFc2 = 7, kNorm = 13;  // first input of each part
 }
 
 SparseMLP::SparseMLP(const ov::OutputVector& inputs, std::int64_t in_features, float act_scale,
                      std::int64_t act_zero_point, float fc1_out_scale, std::int64_t fc1_out_zero_point,
-                     std::int64_t hidden_zero_point, float out_scale, std::int64_t out_zero_point)
+                     std::int64_t hidden_zero_point, float out_scale, std::int64_t out_zero_point,
+                     float norm_epsilon)
     : Op(inputs), m_in_features(in_features), m_act_scale(act_scale), m_act_zero_point(act_zero_point),
       m_fc1_out_scale(fc1_out_scale), m_fc1_out_zero_point(fc1_out_zero_point),
-      m_hidden_zero_point(hidden_zero_point), m_out_scale(out_scale), m_out_zero_point(out_zero_point) {
+      m_hidden_zero_point(hidden_zero_point), m_out_scale(out_scale), m_out_zero_point(out_zero_point),
+      m_norm_epsilon(norm_epsilon) {
     constructor_validate_and_infer_types();
 }
 
 void SparseMLP::validate_and_infer_types() {
-    NODE_VALIDATION_CHECK(this, get_input_size() == kInputs || get_input_size() == kInputs + 1, "SparseMLP takes ",
-                          kInputs, " inputs (one more with an addend), got ", get_input_size());
     NODE_VALIDATION_CHECK(this, m_in_features > 0, "in_features must be positive, got ", m_in_features);
+    const std::size_t inputs = kNorm + check_norm(this, kNorm, m_in_features, m_norm_epsilon);
+    NODE_VALIDATION_CHECK(this, get_input_size() == inputs || get_input_size() == inputs + 1, "SparseMLP takes ",
+                          inputs, " inputs (one more with an addend), got ", get_input_size());
     std::string problem = check_quantization("act", m_act_scale, m_act_zero_point, false);
     if (problem.empty()) problem = check_quantization("fc1_out", m_fc1_out_scale, m_fc1_out_zero_point, false);
     if (problem.empty()) problem = check_quantization("hidden", 1.0f, m_hidden_zero_point, false);
@@ -44,13 +46,14 @@ void SparseMLP::validate_and_infer_types() {
     const auto rows = static_cast<std::int64_t>(fc2[0].get_size()) - 1;
     const ov::element::Type io = io_type(this, true);
     const ov::PartialShape output = linear_output_shape(this, m_in_features, rows);
-    check_addend(this, kAddend, output);
+    check_addend(this, inputs, output);
     set_output_type(0, io, output);
 }
 
 std::shared_ptr<ov::Node> SparseMLP::clone_with_new_inputs(const ov::OutputVector& inputs) const {
     return std::make_shared<SparseMLP>(inputs, m_in_features, m_act_scale, m_act_zero_point, m_fc1_out_scale,
-                                       m_fc1_out_zero_point, m_hidden_zero_point, m_out_scale, m_out_zero_point);
+                                       m_fc1_out_zero_point, m_hidden_zero_point, m_out_scale, m_out_zero_point,
+                                       m_norm_epsilon);
 }
 
 bool SparseMLP::visit_attributes(ov::AttributeVisitor& visitor) {
@@ -62,6 +65,7 @@ bool SparseMLP::visit_attributes(ov::AttributeVisitor& visitor) {
     visitor.on_attribute("hidden_zero_point", m_hidden_zero_point);
     visitor.on_attribute("out_scale", m_out_scale);
     visitor.on_attribute("out_zero_point", m_out_zero_point);
+    visitor.on_attribute("norm_epsilon", m_norm_epsilon);
     return true;
 }
 
@@ -83,7 +87,8 @@ bool SparseMLP::evaluate(ov::TensorVector& outputs, const ov::TensorVector& inpu
     mlp.fc2 = int8_blocks(mlp.fc1.rows, &inputs[kFc2], true);
     mlp.fc2.out_scale = m_out_scale;
     mlp.fc2.out_zero_point = static_cast<std::int32_t>(m_out_zero_point);
-    if (inputs.size() > kAddend) mlp.fc2.addend = inputs[kAddend].data();
+    mlp.fc1.norm = layer_norm(&inputs[kNorm], m_norm_epsilon);
+    if (inputs.size() > kNorm + (mlp.fc1.norm.active() ? 2 : 0)) mlp.fc2.addend = inputs.back().data();
     const auto n = static_cast<std::int64_t>(ov::shape_size(shape) / static_cast<std::size_t>(m_in_features));
     shape.back() = static_cast<std::size_t>(mlp.fc2.rows);
     outputs[0].set_shape(shape);

@@ -12,11 +12,13 @@ public:
     OPENVINO_OP("SparseMLP", "vitsparse");
 
     // inputs: x; fc1's row_ptr, block_col, values, row_sums, scale; table (uint8, [hidden, 256]);
-    // fc2's row_ptr, block_col, values, row_sums, scale, bias
+    // fc2's row_ptr, block_col, values, row_sums, scale, bias; with norm_epsilon > 0, x's LayerNorm's
+    // gamma and beta; then optionally an addend (added to the output)
     SparseMLP() = default;
     SparseMLP(const ov::OutputVector& inputs, std::int64_t in_features, float act_scale,
               std::int64_t act_zero_point, float fc1_out_scale, std::int64_t fc1_out_zero_point,
-              std::int64_t hidden_zero_point, float out_scale, std::int64_t out_zero_point);
+              std::int64_t hidden_zero_point, float out_scale, std::int64_t out_zero_point,
+              float norm_epsilon = 0.0f);
 
     void validate_and_infer_types() override;
     std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& inputs) const override;
@@ -33,6 +35,7 @@ private:
     std::int64_t m_hidden_zero_point = 0; // the table's codes, fc2's input
     float m_out_scale = 0.0f;             // fc2's output quantization (0: none)
     std::int64_t m_out_zero_point = 0;
+    float m_norm_epsilon = 0.0f;          // x's LayerNorm (0: none)
 };
 
 }  // namespace vitsparse

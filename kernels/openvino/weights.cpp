@@ -115,6 +115,24 @@ bool check_addend(const ov::Node* node, std::size_t index, const ov::PartialShap
     return true;
 }
 
+std::size_t check_norm(const ov::Node* node, std::size_t first, std::int64_t in_features, float epsilon) {
+    NODE_VALIDATION_CHECK(node, epsilon >= 0.0f, "norm_epsilon must be positive (0: no LayerNorm), got ", epsilon);
+    if (epsilon == 0.0f) return 0;
+    NODE_VALIDATION_CHECK(node, node->get_input_size() >= first + 2, "a node with norm_epsilon takes its LayerNorm's ",
+                          "gamma and beta as inputs ", first + 1, " and ", first + 2);
+    for (const ov::Tensor& t : constant_inputs(node, first, {ov::element::f32, ov::element::f32})) {
+        NODE_VALIDATION_CHECK(node, static_cast<std::int64_t>(t.get_size()) == in_features, "the LayerNorm's ",
+                              "gamma and beta hold one value per input channel (", in_features, "), got ",
+                              t.get_size());
+    }
+    return 2;
+}
+
+LayerNorm layer_norm(const ov::Tensor* t, float epsilon) {
+    if (epsilon == 0.0f) return {};
+    return {data<float>(t[0]), data<float>(t[1]), epsilon};
+}
+
 ParallelFor host_threads() {
     return {[](std::size_t count, const ParallelFor::Body& body) {
         ov::parallel_for(count, [&](std::size_t i) { body(i); });

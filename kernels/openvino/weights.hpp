@@ -51,6 +51,13 @@ ov::PartialShape linear_output_shape(const ov::Node* node, std::int64_t in_featu
 // type and the output's shape. Returns whether the node has one.
 bool check_addend(const ov::Node* node, std::size_t index, const ov::PartialShape& output);
 
+// An INT8 node that normalizes x (attribute norm_epsilon > 0) reads its LayerNorm's gamma and beta, f32
+// constants of in_features values, as inputs [first, first + 2). Checks them (and epsilon: 0 for none,
+// else positive); returns how many inputs they take, 0 or 2.
+std::size_t check_norm(const ov::Node* node, std::size_t first, std::int64_t in_features, float epsilon);
+// The kernels' LayerNorm over gamma and beta at t[0], t[1]; none where epsilon is 0.
+LayerNorm layer_norm(const ov::Tensor* t, float epsilon);
+
 // OpenVINO's pool, as the compiled model set it up (INFERENCE_NUM_THREADS, streams).
 ParallelFor host_threads();
 

@@ -22,21 +22,22 @@ inline __m256i centered_codes(__m256 values, __m256 inverse, __m256i zero_point)
     return _mm256_sub_epi32(clamped, zero_point);
 }
 
-// Quantizes the 8 input rows from `first` into the int16 pair layout: 32-bit element (p, i) of `packed`,
-// at p × padded_n + i, holds channels 2p and 2p + 1 of row i. 16 channels at a time: per row, the
-// saturating pack of its two 8-channel halves gives its 8 pairs; an 8×8 transpose gives each pair's rows.
+// Quantizes the 8 input rows from `first` (normalized where `norm` is active) into the int16 pair
+// layout: 32-bit element (p, i) of `packed`, at p × padded_n + i, holds channels 2p and 2p + 1 of row i.
+// 16 channels at a time: per row, the saturating pack of its two 8-channel halves gives its 8 pairs; an
+// 8×8 transpose gives each pair's rows.
 template <typename In>
 void pack_int16_pairs(const In* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols,
-                      std::int64_t pairs, float scale, std::int32_t zero_point, std::int32_t* packed,
-                      std::int64_t padded_n, std::int64_t first) {
+                      std::int64_t pairs, float scale, std::int32_t zero_point, const LayerNorm& norm,
+                      std::int32_t* packed, std::int64_t padded_n, std::int64_t first) {
+    const PackedRows<In> source(x, n, x_stride, cols, first, norm);
     const __m256 inverse = _mm256_set1_ps(1.0f / scale);
     const __m256i zero_v = _mm256_set1_epi32(zero_point);
     for (std::int64_t k0 = 0; k0 < cols; k0 += 2 * kLanes) {
         __m256 rows[8];
         for (int r = 0; r < 8; ++r) {
-            const __m256i low = centered_codes(load_row(x, first + r, n, x_stride, k0, cols), inverse, zero_v);
-            const __m256i high = centered_codes(load_row(x, first + r, n, x_stride, k0 + kLanes, cols), inverse,
-                                                zero_v);
+            const __m256i low = centered_codes(source.load(r, k0), inverse, zero_v);
+            const __m256i high = centered_codes(source.load(r, k0 + kLanes), inverse, zero_v);
             // packs interleaves 64-bit groups per 128-bit lane (pairs 0 1 4 5 | 2 3 6 7): put them in order
             rows[r] = _mm256_castsi256_ps(_mm256_permute4x64_epi64(_mm256_packs_epi32(low, high), 0xD8));
         }
@@ -152,7 +153,8 @@ struct Int8PairsLayout {
     template <typename In>
     void pack(const In* x, std::int64_t n, std::int64_t x_stride, Word* packed, std::int64_t width,
               std::int64_t first) const {
-        pack_int16_pairs(x, n, x_stride, w.cols, words(), act_scale, act_zero_point, packed, width, first);
+        pack_int16_pairs(x, n, x_stride, w.cols, words(), act_scale, act_zero_point, w.norm, packed, width,
+                         first);
     }
     template <int Tiles>
     [[gnu::always_inline]] void panel(const Word* packed, std::int64_t width, std::int64_t n0, std::int64_t m0,

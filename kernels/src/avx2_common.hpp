@@ -105,6 +105,55 @@ inline __m256 load_row(const In* x, std::int64_t row, std::int64_t n, std::int64
     return load_lanes(x + row * x_stride + k0, cols - k0);
 }
 
+inline float horizontal_sum(__m256 values) {
+    __m128 sum = _mm_add_ps(_mm256_castps256_ps128(values), _mm256_extractf128_ps(values, 1));
+    sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+    return _mm_cvtss_f32(_mm_add_ss(sum, _mm_movehdup_ps(sum)));
+}
+
+// The LayerNorm of a row of x (RowScale, internal.hpp), summed 8 lanes at a time.
+template <typename In>
+RowScale row_scale(const In* row, std::int64_t cols, float epsilon) {
+    __m256 sum = _mm256_setzero_ps(), squares = _mm256_setzero_ps();
+    for (std::int64_t k0 = 0; k0 < cols; k0 += kLanes) {
+        sum = _mm256_add_ps(sum, load_lanes(row + k0, cols - k0));
+    }
+    const float mean = horizontal_sum(sum) / static_cast<float>(cols);
+    for (std::int64_t k0 = 0; k0 < cols; k0 += kLanes) {
+        const __m256 centered = _mm256_sub_ps(load_lanes(row + k0, cols - k0), _mm256_set1_ps(mean));
+        const __m256 kept = _mm256_and_ps(centered, _mm256_castsi256_ps(first_lanes(cols - k0)));
+        squares = _mm256_fmadd_ps(kept, kept, squares);
+    }
+    return row_scale_of(mean, horizontal_sum(squares), cols, epsilon);
+}
+
+// The 8 input rows from `first` of x as the INT8 packs read them: load(r, k0) gives 8 values of row
+// first + r from column k0 as floats (columns past cols and rows past n read 0.0), normalized where
+// `norm` is active (each row's RowScale computed once, here).
+template <typename In>
+struct PackedRows {
+    const In* x;
+    std::int64_t n, x_stride, cols, first;
+    const LayerNorm& norm;
+    RowScale scale[8];
+
+    PackedRows(const In* x_, std::int64_t n_, std::int64_t x_stride_, std::int64_t cols_, std::int64_t first_,
+               const LayerNorm& norm_)
+        : x(x_), n(n_), x_stride(x_stride_), cols(cols_), first(first_), norm(norm_) {
+        for (int r = 0; r < 8 && norm.active() && first + r < n; ++r) {
+            scale[r] = row_scale(x + (first + r) * x_stride, cols, norm.epsilon);
+        }
+    }
+    __m256 load(int r, std::int64_t k0) const {
+        const __m256 values = load_row(x, first + r, n, x_stride, k0, cols);
+        if (!norm.active() || first + r >= n) return values;
+        const __m256 normalized =
+            _mm256_fmadd_ps(values, _mm256_set1_ps(scale[r].rstd), _mm256_set1_ps(scale[r].shift));
+        return _mm256_fmadd_ps(normalized, load_lanes(norm.gamma + k0, cols - k0),
+                               load_lanes(norm.beta + k0, cols - k0));
+    }
+};
+
 // out[r][c] (r < `rows` output channels, c < columns input rows) -> row_at(c)[r], plus addend[c ×
 // addend_stride + r] where addend is given (store_into, internal.hpp, gives the row addresses). Rows and
 // addend hold y's element type, float, Bf16 or std::int8_t.

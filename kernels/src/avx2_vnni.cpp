@@ -17,14 +17,15 @@ inline __m256i unsaturated_codes(__m256 values, __m256 inverse, __m256i zero_poi
                             zero_point);
 }
 
-// Quantizes the 8 input rows from `first` into the group layout: 32-bit element (g, i) of `packed`, at
-// g × padded_n + i, holds channels 4g..4g+3 of row i as uint8 codes. 32 channels at a time: per row,
-// two saturating packs turn its 32 codes into 8 groups (in the order 0 2 4 6 | 1 3 5 7, which one
-// permute puts right); an 8×8 transpose gives each group its 8 rows.
+// Quantizes the 8 input rows from `first` (normalized where `norm` is active) into the group layout:
+// 32-bit element (g, i) of `packed`, at g × padded_n + i, holds channels 4g..4g+3 of row i as uint8
+// codes. 32 channels at a time: per row, two saturating packs turn its 32 codes into 8 groups (in the
+// order 0 2 4 6 | 1 3 5 7, which one permute puts right); an 8×8 transpose gives each group its 8 rows.
 template <typename In>
 void pack_u8_groups(const In* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols, std::int64_t groups,
-                    float scale, std::int32_t zero_point, std::int32_t* packed, std::int64_t padded_n,
-                    std::int64_t first) {
+                    float scale, std::int32_t zero_point, const LayerNorm& norm, std::int32_t* packed,
+                    std::int64_t padded_n, std::int64_t first) {
+    const PackedRows<In> source(x, n, x_stride, cols, first, norm);
     const __m256 inverse = _mm256_set1_ps(1.0f / scale);
     const __m256i zero_v = _mm256_set1_epi32(zero_point);
     const __m256i group_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -33,8 +34,7 @@ void pack_u8_groups(const In* x, std::int64_t n, std::int64_t x_stride, std::int
         for (int r = 0; r < 8; ++r) {
             __m256i codes[4];  // channels k0 + 8q .. k0 + 8q + 7; past cols: 0.0, the zero point
             for (int q = 0; q < 4; ++q) {
-                codes[q] = unsaturated_codes(load_row(x, first + r, n, x_stride, k0 + q * kLanes, cols), inverse,
-                                             zero_v);
+                codes[q] = unsaturated_codes(source.load(r, k0 + q * kLanes), inverse, zero_v);
             }
             const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(codes[0], codes[1]),
                                                       _mm256_packs_epi32(codes[2], codes[3]));
@@ -92,7 +92,7 @@ struct Int8GroupsLayout {
     template <typename In>
     void pack(const In* x, std::int64_t n, std::int64_t x_stride, Word* packed, std::int64_t width,
               std::int64_t first) const {
-        pack_u8_groups(x, n, x_stride, w.cols, words(), act_scale, act_zero_point, packed, width, first);
+        pack_u8_groups(x, n, x_stride, w.cols, words(), act_scale, act_zero_point, w.norm, packed, width, first);
     }
     template <int Tiles>
     [[gnu::always_inline]] void panel(const Word* packed, std::int64_t width, std::int64_t n0, std::int64_t m0,

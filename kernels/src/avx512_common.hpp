@@ -45,6 +45,27 @@ inline __m512 load_lanes(const Bf16* p, __mmask16 mask) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
 }
 
+// The first `count` lanes of 16 (all from 16 up).
+inline __mmask16 first_lanes(std::int64_t count) {
+    return static_cast<__mmask16>((1u << std::clamp<std::int64_t>(count, 0, 16)) - 1u);
+}
+
+// The LayerNorm of a row of x (RowScale, internal.hpp), summed 16 lanes at a time.
+template <typename In>
+RowScale row_scale(const In* row, std::int64_t cols, float epsilon) {
+    __m512 sum = _mm512_setzero_ps(), squares = _mm512_setzero_ps();
+    for (std::int64_t k0 = 0; k0 < cols; k0 += kLanes) {
+        sum = _mm512_add_ps(sum, load_lanes(row + k0, first_lanes(cols - k0)));
+    }
+    const float mean = _mm512_reduce_add_ps(sum) / static_cast<float>(cols);
+    for (std::int64_t k0 = 0; k0 < cols; k0 += kLanes) {
+        const __mmask16 lanes = first_lanes(cols - k0);
+        const __m512 centered = _mm512_maskz_sub_ps(lanes, load_lanes(row + k0, lanes), _mm512_set1_ps(mean));
+        squares = _mm512_fmadd_ps(centered, centered, squares);
+    }
+    return row_scale_of(mean, _mm512_reduce_add_ps(squares), cols, epsilon);
+}
+
 // 16 floats rounded to bfloat16, to nearest even (to_bf16, internal.hpp; NaN stays NaN).
 inline __m256i round_to_bf16(__m512 values) {
     const __m512i bits = _mm512_castps_si512(values);

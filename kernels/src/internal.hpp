@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -82,6 +83,19 @@ inline float from_bf16(std::uint16_t value) {
     float out;
     std::memcpy(&out, &bits, 4);
     return out;
+}
+
+// One row of x under a LayerNorm (Int8Blocks::norm): x × rstd + shift is the row normalized, shift being
+// −mean × rstd. Each instruction set computes it over the row (row_scale) where it quantizes x.
+struct RowScale {
+    float rstd = 1.0f;
+    float shift = 0.0f;
+};
+
+// From the row's mean and its sum of (x − mean)² over `cols` channels.
+inline RowScale row_scale_of(float mean, float centered_squares, std::int64_t cols, float epsilon) {
+    const float rstd = 1.0f / std::sqrt(centered_squares / static_cast<float>(cols) + epsilon);
+    return {rstd, -mean * rstd};
 }
 
 // The INT8 kernels' x and y elements: float, or Bf16, which a float result is rounded to once; y also

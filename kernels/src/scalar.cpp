@@ -7,7 +7,18 @@ namespace vitsparse::detail {
 
 namespace {
 constexpr std::int64_t kRowsPerTask = 8;  // input rows per task
+
+// The LayerNorm of a row of x (RowScale, internal.hpp), summed in order.
+template <typename In>
+RowScale row_scale(const In* row, std::int64_t cols, float epsilon) {
+    float sum = 0.0f;
+    for (std::int64_t k = 0; k < cols; ++k) sum += to_float(row[k]);
+    const float mean = sum / static_cast<float>(cols);
+    float squares = 0.0f;
+    for (std::int64_t k = 0; k < cols; ++k) squares += (to_float(row[k]) - mean) * (to_float(row[k]) - mean);
+    return row_scale_of(mean, squares, cols, epsilon);
 }
+}  // namespace
 
 template <typename In, typename Out>
 void int8_scalar(const Int8Blocks& w, const In* x, std::int64_t n, std::int64_t x_stride, float act_scale,
@@ -20,9 +31,12 @@ void int8_scalar(const Int8Blocks& w, const In* x, std::int64_t n, std::int64_t 
         std::vector<std::int32_t> centered(static_cast<std::size_t>(padded_cols), 0);  // code - zero point
         const std::int64_t end = std::min(n, static_cast<std::int64_t>(task + 1) * kRowsPerTask);
         for (std::int64_t i = static_cast<std::int64_t>(task) * kRowsPerTask; i < end; ++i) {
+            const In* row = x + i * x_stride;
+            const RowScale norm = w.norm.active() ? row_scale(row, w.cols, w.norm.epsilon) : RowScale{};
             for (std::int64_t k = 0; k < w.cols; ++k) {
-                centered[k] = quantize_u8(to_float(x[i * x_stride + k]), 1.0f / act_scale, act_zero_point) -
-                              act_zero_point;
+                float value = to_float(row[k]);
+                if (w.norm.active()) value = (value * norm.rstd + norm.shift) * w.norm.gamma[k] + w.norm.beta[k];
+                centered[k] = quantize_u8(value, 1.0f / act_scale, act_zero_point) - act_zero_point;
             }
             for (std::int64_t m = 0; m < w.rows; ++m) {
                 std::int32_t sum = 0;
