@@ -3,12 +3,14 @@
 //
 //   cmake --build .venv/lib/vitsparse/build --target kernel_time
 //   .venv/lib/vitsparse/build/kernel_time linear K M N DENSITY [CALLS] [--cold] [--heads H] [--bf16]
-//   .venv/lib/vitsparse/build/kernel_time mlp N DENSITY [CALLS] [--cold] [--bf16]
+//                                            [--codes] [--norm]
+//   .venv/lib/vitsparse/build/kernel_time mlp N DENSITY [CALLS] [--cold] [--bf16] [--norm]
 //
 // linear: x [N, K] times a [M, K] weight; mlp: DeiT-S's MLP (384 → 1536 → 384, the fused SparseMLP
 // kernel). DENSITY is the share of non-zero 1×4 blocks. --cold evicts the caches (writes 16 MiB) before
 // every call, as a layer inside a model meets them. --heads H times the linear as attention's qkv (one
 // batch item of N tokens) writing q, kᵀ and v for H heads. --bf16 reads x and writes y as bfloat16.
+// --codes writes y as int8 codes (the std::int8_t overloads); --norm reads x through a LayerNorm.
 // Prints the median and fastest of CALLS (default 50).
 // VITSPARSE_KERNEL_ISA=scalar|avx2|avxvnni|avx512 caps the instruction set, as it does in the engine.
 #include <vitsparse_kernels.hpp>
@@ -63,7 +65,8 @@ struct RandomBlocks {
 
 [[noreturn]] void usage(const char* why) {
     std::fprintf(stderr, "kernel_time: %s\nusage: kernel_time linear K M N DENSITY [CALLS] [--cold] [--heads H] "
-                         "[--bf16]\n       kernel_time mlp N DENSITY [CALLS] [--cold] [--bf16]\n", why);
+                         "[--bf16] [--codes] [--norm]\n       kernel_time mlp N DENSITY [CALLS] [--cold] [--bf16] "
+                         "[--norm]\n", why);
     std::exit(2);
 }
 
@@ -114,14 +117,21 @@ void time_calls(const char* label, long calls, bool cold, Run run) {
                 ms[ms.size() / 2], ms.front(), calls, cold ? "cold" : "hot", vitsparse::isa_name(vitsparse::selected_isa()));
 }
 
+// Whether `flag` is among args, which then no longer holds it.
+bool take_flag(std::vector<std::string>& args, const char* flag) {
+    const auto size = args.size();
+    args.erase(std::remove(args.begin(), args.end(), flag), args.end());
+    return args.size() != size;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
     std::vector<std::string> args(argv + 1, argv + argc);
-    const bool cold = std::find(args.begin(), args.end(), "--cold") != args.end();
-    args.erase(std::remove(args.begin(), args.end(), "--cold"), args.end());
-    const bool bf16 = std::find(args.begin(), args.end(), "--bf16") != args.end();  // x and y as Bf16
-    args.erase(std::remove(args.begin(), args.end(), "--bf16"), args.end());
+    const bool cold = take_flag(args, "--cold");
+    const bool bf16 = take_flag(args, "--bf16");  // x and y as Bf16
+    const bool codes = take_flag(args, "--codes");  // y as int8 codes
+    const bool norm = take_flag(args, "--norm");  // x through a LayerNorm (gamma 1, beta 0)
     long heads = 0;  // --heads H: the linear is attention's qkv over one batch item, split into H heads
     if (auto at = std::find(args.begin(), args.end(), "--heads"); at != args.end() && at + 1 != args.end()) {
         heads = positive((at + 1)->c_str(), "H");
@@ -137,17 +147,25 @@ int main(int argc, char** argv) {
     std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
     const vitsparse::ParallelFor one_thread = vitsparse::serial_for();
     const vitsparse::Isa isa = vitsparse::selected_isa();
-    char label[160];
+    const long k = mlp ? 384 : positive(args[1].c_str(), "K");
+    const std::vector<float> gamma(static_cast<std::size_t>(k), 1.0f), beta(static_cast<std::size_t>(k), 0.0f);
+    const vitsparse::LayerNorm layer_norm = norm ? vitsparse::LayerNorm{gamma.data(), beta.data(), 1e-6f}
+                                                 : vitsparse::LayerNorm{};
+    const std::string extras = std::string(bf16 ? ", bf16" : "") + (codes ? ", int8 codes" : "") +
+                               (norm ? ", LayerNorm" : "");
+    char label[200];
     if (mlp) {
         const long n = positive(args[1].c_str(), "N");
         const double density = density_of(args[2].c_str());
         RandomBlocks fc1(384, 1536, density, rng), fc2(1536, 384, density, rng);
         std::vector<std::uint8_t> table(1536 * 256);
         for (std::size_t i = 0; i < table.size(); ++i) table[i] = static_cast<std::uint8_t>(i % 256);
+        if (codes) usage("--codes is for linear");
+        fc1.blocks.norm = layer_norm;
         vitsparse::Int8Mlp layers{fc1.blocks, 0.05f, 128, table.data(), 0, fc2.blocks};
         std::vector<float> x(static_cast<std::size_t>(n) * 384);
         for (float& value : x) value = uniform(rng);
-        std::snprintf(label, sizeof label, "mlp 384-1536-384 N%ld density %.2f%s", n, density, bf16 ? ", bf16" : "");
+        std::snprintf(label, sizeof label, "mlp 384-1536-384 N%ld density %.2f%s", n, density, extras.c_str());
         auto time_mlp = [&](auto element) {
             using T = decltype(element);
             std::vector<T> xs = values_as<T>(x), y(static_cast<std::size_t>(n) * 384);
@@ -158,24 +176,31 @@ int main(int argc, char** argv) {
         bf16 ? time_mlp(vitsparse::Bf16{}) : time_mlp(0.0f);
         return 0;
     }
-    const long k = positive(args[1].c_str(), "K"), m = positive(args[2].c_str(), "M");
+    const long m = positive(args[2].c_str(), "M");
     const long n = positive(args[3].c_str(), "N");
     const double density = density_of(args[4].c_str());
     RandomBlocks weight(k, m, density, rng);
     weight.blocks.heads = heads;
     weight.blocks.tokens = n;
+    weight.blocks.norm = layer_norm;
+    weight.blocks.out_scale = codes ? 0.05f : 0.0f;
+    weight.blocks.out_zero_point = codes ? 128 : 0;
     if (const std::string problem = vitsparse::check_heads(weight.blocks); !problem.empty()) usage(problem.c_str());
     std::vector<float> x(static_cast<std::size_t>(n) * k);
     for (float& value : x) value = uniform(rng);
     std::snprintf(label, sizeof label, "linear K%ld M%ld N%ld density %.2f%s%s", k, m, n, density,
-                  heads ? (", " + std::to_string(heads) + " heads").c_str() : "", bf16 ? ", bf16" : "");
-    auto time_linear = [&](auto element) {
-        using T = decltype(element);
-        std::vector<T> xs = values_as<T>(x), y(static_cast<std::size_t>(n) * m);
+                  heads ? (", " + std::to_string(heads) + " heads").c_str() : "", extras.c_str());
+    auto time_linear = [&](auto input, auto output) {
+        std::vector<decltype(input)> xs = values_as<decltype(input)>(x);
+        std::vector<decltype(output)> y(static_cast<std::size_t>(n) * m);
         time_calls(label, calls, cold, [&] {
             vitsparse::sparse_linear_int8(weight.blocks, xs.data(), n, k, 0.01f, 128, y.data(), isa, one_thread);
         });
     };
-    bf16 ? time_linear(vitsparse::Bf16{}) : time_linear(0.0f);
+    if (codes) {
+        bf16 ? time_linear(vitsparse::Bf16{}, std::int8_t{}) : time_linear(0.0f, std::int8_t{});
+    } else {
+        bf16 ? time_linear(vitsparse::Bf16{}, vitsparse::Bf16{}) : time_linear(0.0f, 0.0f);
+    }
     return 0;
 }
