@@ -247,6 +247,13 @@ def test_split_heads_puts_each_element_where_attention_reads_it() -> None:
     assert not np.array_equal(k, k_t.transpose(0, 1, 3, 2))  # k's slab really is transposed
 
 
+def _small_weight(rng, rows: int, f32: bool) -> object:
+    """A half-empty INT8 weight of `rows` × 16 (float32 CSR where `f32`), for the nodes the engine refuses."""
+    if f32:
+        return pack_f32_csr(rng.standard_normal((rows, 16)).astype(np.float32))
+    return pack_int8_blocks(_block_codes(rng, rows, 16, 0.5), np.ones(rows, np.float32))
+
+
 @pytest.mark.parametrize(("case", "message"), [
     ("f32 weight", "only an int8_1x4 node"), ("not 3 parts", "not 3 parts of 5 heads"),
     ("head of 8 channels", "multiple of 16"), ("with an addend", "takes no addend"),
@@ -256,10 +263,8 @@ def test_a_node_split_into_heads_is_refused_where_it_cannot_be(tmp_path, case, m
     rng = np.random.default_rng(3)
     m, heads, x_shape = {"not 3 parts": (48, 5, [2, 3, 16]), "head of 8 channels": (24, 1, [2, 3, 16]),
                          "x of rank 2": (48, 1, [6, 16])}.get(case, (48, 1, [2, 3, 16]))
-    packed = pack_int8_blocks(_block_codes(rng, m, 16, 0.5), np.ones(m, np.float32))
-    if case == "f32 weight":
-        packed = pack_f32_csr(rng.standard_normal((m, 16)).astype(np.float32))
-    node, inits = make_node("layer", "x", "y", packed, act_scale=0.1, act_zero_point=0)
+    node, inits = make_node("layer", "x", "y", _small_weight(rng, m, case == "f32 weight"), act_scale=0.1,
+                            act_zero_point=0)
     node.attribute.append(onnx.helper.make_attribute("heads", heads))
     path = tmp_path / "l.onnx"
     save_layer_model([node], inits, x_shape, m, path)
@@ -275,10 +280,8 @@ def test_a_node_split_into_heads_is_refused_where_it_cannot_be(tmp_path, case, m
 ])
 def test_a_node_writing_int8_is_refused_where_it_cannot(tmp_path, case, message) -> None:
     rng = np.random.default_rng(4)
-    packed = pack_int8_blocks(_block_codes(rng, 8, 16, 0.5), np.ones(8, np.float32))
-    if case == "f32 weight":
-        packed = pack_f32_csr(rng.standard_normal((8, 16)).astype(np.float32))
-    node, inits = make_node("layer", "x", "y", packed, act_scale=0.1, act_zero_point=0)
+    node, inits = make_node("layer", "x", "y", _small_weight(rng, 8, case == "f32 weight"), act_scale=0.1,
+                            act_zero_point=0)
     attributes = {"out_scale": 0.0 if case == "no out_scale" else 0.1, "out_zero_point": 128,
                   "int8_output": 2 if case == "int8_output 2" else 1}
     node.attribute.extend(onnx.helper.make_attribute(k, v) for k, v in attributes.items())
@@ -516,10 +519,8 @@ def test_a_node_with_a_malformed_layer_norm_is_refused(tmp_path, case, message) 
     if case.startswith("mlp"):
         _mlp_file(path, rng, MLP_SHAPES[1])
     else:
-        packed = pack_int8_blocks(_block_codes(rng, 8, 16, 0.5), np.ones(8, np.float32))
-        if case == "f32 weight":
-            packed = pack_f32_csr(rng.standard_normal((8, 16)).astype(np.float32))
-        _layer_file(path, packed, [2, 16], act_scale=0.1, act_zero_point=0)
+        weight = _small_weight(rng, 8, case == "f32 weight")
+        _layer_file(path, weight, [2, 16], act_scale=0.1, act_zero_point=0)
     _with_norm(path, 10 if case.startswith("mlp") else 16, rng)
     model = onnx.load(path)
     node = model.graph.node[0]
