@@ -108,7 +108,7 @@ struct MlpPanel {
 template <typename In, typename Out>
 void mlp_avx512_vbmi(const Int8Mlp& mlp, const In* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                      std::int32_t act_zero_point, Out* y, const ParallelFor& parallel_for) {
-    const EvenPanels panels(n, kLanes, kInt8Tiles);
+    const EvenPanels panels(n, kLanes, kInt8Tiles, static_cast<std::int64_t>(parallel_for.threads));
     parallel_for(static_cast<std::size_t>(panels.count), [&](std::size_t panel) {
         const auto p = static_cast<std::int64_t>(panel);
         run_panel<kInt8Tiles, MlpPanel>(static_cast<int>(panels.tile_count(p)), mlp, x, n, x_stride, act_scale,

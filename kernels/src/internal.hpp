@@ -136,13 +136,16 @@ struct RowBlocks {
 };
 
 // Panels of at most `max_tiles` tiles of `Lanes` input rows over n rows, as even as the tile count
-// allows (13 tiles, 8 at most: 7 and 6), for kernels whose tasks each take one whole panel.
+// allows (13 tiles, 8 at most: 7 and 6), for kernels whose tasks each take one whole panel. Given the
+// thread count, the panels are as many as a multiple of it where there are tiles enough (197 tiles, 8
+// at most, 2 threads: 26 panels, 13 for each thread, instead of 25, 13 for one and 12 for the other).
 struct EvenPanels {
     std::int64_t tiles;
     std::int64_t count;
 
-    EvenPanels(std::int64_t n, std::int64_t lanes, std::int64_t max_tiles)
-        : tiles(ceil_div(n, lanes)), count(ceil_div(tiles, max_tiles)) {}
+    EvenPanels(std::int64_t n, std::int64_t lanes, std::int64_t max_tiles, std::int64_t threads = 1)
+        : tiles(ceil_div(n, lanes)),
+          count(std::min(tiles, round_up(ceil_div(tiles, max_tiles), std::max<std::int64_t>(1, threads)))) {}
     std::int64_t first_tile(std::int64_t panel) const { return tiles * panel / count; }
     std::int64_t tile_count(std::int64_t panel) const { return first_tile(panel + 1) - first_tile(panel); }
 };
