@@ -894,12 +894,23 @@ def _qdq_vit_file(tmp_path) -> tuple[onnx.ModelProto, np.ndarray]:
     return onnx.load(str(result.directory / "model.onnx")), images.numpy()
 
 
-def test_qkv_writing_the_heads_changes_no_result(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("zero_point", [128, 120], ids=["symmetric", "asymmetric"])
+def test_qkv_writing_the_heads_changes_no_result(tmp_path, monkeypatch, zero_point) -> None:
     """The same INT8 ViT with and without qkv writing q, kᵀ and v (and without k's bias, which the
-    softmax cancels): the same logits on openvino-sparse, to float rounding."""
+    softmax cancels) and its output codes: the same logits on openvino-sparse, to float rounding; also
+    with qkv's output quantizer moved off the symmetric zero point (the node's int8 codes then have
+    zero point −8)."""
     import vitsparse.compiler.sparse_heads as sparse_heads
 
     model, images = _qdq_vit_file(tmp_path)
+    qkv_zero_points = {node.input[2] for node in model.graph.node  # the quantizers of qkv's MatMul outputs
+                       if node.op_type == "QuantizeLinear" and node.input[0].startswith("/qkv")
+                       and node.input[0].endswith("MatMul_output_0")}
+    assert len(qkv_zero_points) == 2
+    for init in model.graph.initializer:
+        if init.name in qkv_zero_points:
+            assert int(onnx.numpy_helper.to_array(init)) == 128
+            init.CopyFrom(onnx.numpy_helper.from_array(np.array(zero_point, np.uint8), init.name))
     logits = {}
     for fused in (True, False):
         if not fused:
@@ -908,6 +919,9 @@ def test_qkv_writing_the_heads_changes_no_result(tmp_path, monkeypatch) -> None:
         rewritten.CopyFrom(model)
         to_sparse_kernels(rewritten, 0.5, "f32", 0.5)
         assert any(a.name == "heads" for node in rewritten.graph.node for a in node.attribute) == fused
+        codes_zero_points = [int(onnx.numpy_helper.to_array(init)) for init in rewritten.graph.initializer
+                             if init.name.endswith(".codes_zero_point")]
+        assert codes_zero_points == ([] if zero_point == 128 or not fused else [zero_point - 128])
         onnx.save(rewritten, str(tmp_path / f"{fused}.onnx"))
         engine = create_engine("openvino-sparse", tmp_path / f"{fused}.onnx", batch_size=2, precision="f32")
         (logits[fused],) = engine.run([images])

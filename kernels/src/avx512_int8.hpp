@@ -48,7 +48,10 @@ void pack_int8(const In* x, std::int64_t n, std::int64_t x_stride, std::int64_t 
     for (std::int64_t k0 = 0; k0 < cols; k0 += 16) {
         const __mmask16 lanes = first_lanes(cols - k0);
         __m512 gamma = _mm512_setzero_ps(), beta = _mm512_setzero_ps();
-        if (norm.active()) gamma = load_lanes(norm.gamma + k0, lanes), beta = load_lanes(norm.beta + k0, lanes);
+        if (norm.active()) {
+            gamma = load_lanes(norm.gamma + k0, lanes);
+            beta = load_lanes(norm.beta + k0, lanes);
+        }
         __m512i codes[16];  // channels past cols and rows past n read 0.0: the zero point
         for (int r = 0; r < 16; ++r) {
             __m512 values = _mm512_setzero_ps();
