@@ -130,12 +130,13 @@ def _match_heads(g: _Graph, node: onnx.NodeProto, shapes: dict) -> _HeadsMatch |
                        reshape, transpose, split, k_transpose, shape)
 
 
-def _rewrite(g: _Graph, match: _HeadsMatch) -> None:
-    """The rewrite in the module docstring, in place."""
+def _rewrite(g: _Graph, match: _HeadsMatch, quantize_in_node: bool) -> None:
+    """The rewrite in the module docstring, in place; the node takes in its output quantizer where
+    `quantize_in_node`."""
     batch, tokens, _, heads, head_dim = match.shape
     name = match.node.name
     match.node.attribute.append(helper.make_attribute("heads", heads))
-    if _activation_quantizers(g) > 1:  # the last one stays (module docstring)
+    if quantize_in_node:
         _quantize_in_node(g, match)
     g.set_constant(f"{name}.heads_shape", np.array([3, batch, heads, tokens, head_dim], np.int64))
     match.reshape.input[:] = [match.dequantize.output[0], f"{name}.heads_shape"]
@@ -173,6 +174,7 @@ def _quantize_in_node(g: _Graph, match: _HeadsMatch) -> None:
 
 
 def _activation_quantizers(g: _Graph) -> int:
+    """How many QuantizeLinear nodes the graph has on activations (not on constants)."""
     return sum(n.op_type == "QuantizeLinear" and g.constant(n.input[0]) is None for n in g.graph.node)
 
 
@@ -181,6 +183,8 @@ def fuse_attention_heads(model: onnx.ModelProto, shapes: dict[str, tuple[int, ..
     `shapes` are the static shapes of the graph before the sparse rewrite. Returns how many did."""
     g = _Graph(model)
     matches = [m for n in list(g.graph.node) if (m := _match_heads(g, n, shapes)) is not None]
+    left = _activation_quantizers(g)
     for match in reversed(matches):  # the first qkv node is the one that may keep its quantizer
-        _rewrite(g, match)
+        _rewrite(g, match, quantize_in_node=left > 1)  # the last one stays (module docstring)
+        left -= 1
     return len(matches)

@@ -50,20 +50,24 @@ def _over_last_axis(g: _Graph, reduce: onnx.NodeProto | None, rank: int | None) 
     return axes == [-1] or (rank is not None and axes == [rank - 1])
 
 
+def _input_from(g: _Graph, node: onnx.NodeProto, op_type: str) -> onnx.NodeProto | None:
+    """The first of `node`'s inputs produced by an `op_type` node: that node, or None."""
+    return next((found for name in node.input if (found := g.produced_by(name, op_type)) is not None), None)
+
+
 def _affine_end(g: _Graph, output: str, channels: int) -> tuple[str, np.ndarray, np.ndarray] | None:
     """(normalized, gamma, beta) where `output` = normalized × gamma + beta, each a constant of
     `channels` values."""
     add = g.produced_by(output, "Add")
-    mul = None if add is None else next((g.produced_by(i, "Mul") for i in add.input
-                                         if g.produced_by(i, "Mul") is not None), None)
+    mul = None if add is None else _input_from(g, add, "Mul")
     if mul is None or g.consumers.get(mul.output[0], []) != [add]:
         return None
     beta = _constant_operand(g, add, mul.output[0])
-    divided = next((i for i in mul.input if g.produced_by(i, "Div") is not None), None)
-    gamma = None if divided is None else _constant_operand(g, mul, divided)
+    div = _input_from(g, mul, "Div")
+    gamma = None if div is None else _constant_operand(g, mul, div.output[0])
     if beta is None or gamma is None or beta.size != channels or gamma.size != channels:
         return None
-    return divided, gamma.reshape(channels), beta.reshape(channels)
+    return div.output[0], gamma.reshape(channels), beta.reshape(channels)
 
 
 def _match_decomposed(g: _Graph, output: str, channels: int, shapes: dict) -> _NormMatch | None:
@@ -77,8 +81,7 @@ def _match_decomposed(g: _Graph, output: str, channels: int, shapes: dict) -> _N
         return None
     x, rank = sub.input[0], len(shapes.get(sub.input[0], ())) or None
     mean = g.produced_by(sub.input[1], "ReduceMean")
-    variance = next((g.produced_by(i, "ReduceMean") for i in add_eps.input
-                     if g.produced_by(i, "ReduceMean") is not None), None)
+    variance = _input_from(g, add_eps, "ReduceMean")
     square = None if variance is None else g.produced_by(variance.input[0], "Pow")
     epsilon = None if variance is None else _constant_operand(g, add_eps, variance.output[0])
     exponent = None if square is None else g.constant(square.input[1])
