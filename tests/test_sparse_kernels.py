@@ -247,6 +247,21 @@ def test_split_heads_puts_each_element_where_attention_reads_it() -> None:
     assert not np.array_equal(k, k_t.transpose(0, 1, 3, 2))  # k's slab really is transposed
 
 
+def _assert_refused(path, message: str) -> None:
+    """openvino-sparse refuses the file at `path` with an error that says `message`."""
+    with pytest.raises(EngineLoadError, match=message):
+        create_engine("openvino-sparse", path, batch_size=2)
+
+
+def _assert_node_refused(path, node, inits, x_shape: list[int], rows: int, message: str, with_addend: bool,
+                         output_type: int = onnx.TensorProto.FLOAT) -> None:
+    """The one-node file of `node` (with an addend input where `with_addend`) is refused with `message`."""
+    save_layer_model([node], inits, x_shape, rows, path, output_type=output_type)
+    if with_addend:
+        _with_addend(str(path), [*x_shape[:-1], rows])
+    _assert_refused(path, message)
+
+
 def _small_weight(rng, rows: int, f32: bool) -> object:
     """A half-empty INT8 weight of `rows` × 16 (float32 CSR where `f32`), for the nodes the engine refuses."""
     if f32:
@@ -266,12 +281,7 @@ def test_a_node_split_into_heads_is_refused_where_it_cannot_be(tmp_path, case, m
     node, inits = make_node("layer", "x", "y", _small_weight(rng, m, case == "f32 weight"), act_scale=0.1,
                             act_zero_point=0)
     node.attribute.append(onnx.helper.make_attribute("heads", heads))
-    path = tmp_path / "l.onnx"
-    save_layer_model([node], inits, x_shape, m, path)
-    if case == "with an addend":
-        _with_addend(str(path), [*x_shape[:-1], m])
-    with pytest.raises(EngineLoadError, match=message):
-        create_engine("openvino-sparse", path, batch_size=2)
+    _assert_node_refused(tmp_path / "l.onnx", node, inits, x_shape, m, message, case == "with an addend")
 
 
 @pytest.mark.parametrize(("case", "message"), [
@@ -285,12 +295,8 @@ def test_a_node_writing_int8_is_refused_where_it_cannot(tmp_path, case, message)
     attributes = {"out_scale": 0.0 if case == "no out_scale" else 0.1, "out_zero_point": 128,
                   "int8_output": 2 if case == "int8_output 2" else 1}
     node.attribute.extend(onnx.helper.make_attribute(k, v) for k, v in attributes.items())
-    path = tmp_path / "l.onnx"
-    save_layer_model([node], inits, [2, 16], 8, path, output_type=onnx.TensorProto.INT8)
-    if case == "with an addend":
-        _with_addend(str(path), [2, 8])
-    with pytest.raises(EngineLoadError, match=message):
-        create_engine("openvino-sparse", path, batch_size=2)
+    _assert_node_refused(tmp_path / "l.onnx", node, inits, [2, 16], 8, message, case == "with an addend",
+                         onnx.TensorProto.INT8)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -532,8 +538,7 @@ def test_a_node_with_a_malformed_layer_norm_is_refused(tmp_path, case, message) 
     elif "without gamma and beta" in case or case == "no gamma and beta":
         del node.input[-2:]
     onnx.save(model, path)
-    with pytest.raises(EngineLoadError, match=message):
-        create_engine("openvino-sparse", path, batch_size=2)
+    _assert_refused(path, message)
 
 
 def _bf16(values: np.ndarray) -> np.ndarray:
@@ -756,8 +761,7 @@ def test_a_malformed_mlp_node_is_refused_with_a_clear_error(tmp_path) -> None:
     table = next(init for init in model.graph.initializer if init.name == "mlp.table")
     table.CopyFrom(onnx.numpy_helper.from_array(np.zeros((7, 256), np.uint8), "mlp.table"))
     onnx.save(model, path)
-    with pytest.raises(EngineLoadError, match="256 per hidden channel"):
-        create_engine("openvino-sparse", path, batch_size=2)
+    _assert_refused(path, "256 per hidden channel")
 
 
 def test_packing_round_trips() -> None:
@@ -804,8 +808,7 @@ def test_a_malformed_node_is_refused_with_a_clear_error(core, tmp_path, case, me
     elif case == "no weights":
         del node.input[1:]
     onnx.save(model, path)
-    with pytest.raises(EngineLoadError, match=message):
-        create_engine("openvino-sparse", path, batch_size=2)
+    _assert_refused(path, message)
     assert inspect_onnx(path).path == str(path)  # the inspector reads what the engine refuses
 
 
