@@ -104,36 +104,36 @@ inline void accumulate_blocks(const Int8Blocks& w, const std::uint8_t* panel, st
     }
 }
 
-// out[t] = (acc[t] - zero point × row sum) × scale + bias for output channel m.
+// out[t] = acc[t] × scale + bias for output channel m, acc[t] holding the sums less zero point × row sum.
 template <int Tiles>
-inline void finish_row(const Int8Blocks& w, std::int64_t m, std::int32_t zero_point, const __m512i* acc,
-                       float* out) {
-    const __m512i offset = _mm512_set1_epi32(zero_point * w.row_sums[m]);
-    const __m512 scale = _mm512_set1_ps(w.scale[m]), bias = _mm512_set1_ps(w.bias ? w.bias[m] : 0.0f);
-    if (w.codes) {  // int8_result: the code of the result, minus 128
-        const __m512 inverse = _mm512_set1_ps(1.0f / w.out_scale);
-        const __m512i out_zero = _mm512_set1_epi32(w.out_zero_point), shift = _mm512_set1_epi32(128);
+inline void finish_row(const Int8Blocks& w, std::int64_t m, const __m512i* acc, float* out) {
+    const float bias = w.bias ? w.bias[m] : 0.0f;
+    if (w.codes) {  // int8_result: the code of the result, minus 128, as a float
+        // round(sum × scale / out_scale + bias / out_scale) + out_zero_point - 128 in one FMA; adding and
+        // subtracting 1.5 × 2^23 rounds to a whole number, half to even, as QuantizeLinear does
+        const float inverse = 1.0f / w.out_scale, magic = 12582912.0f;
+        const __m512 factor = _mm512_set1_ps(w.scale[m] * inverse);
+        const __m512 shift = _mm512_set1_ps(bias * inverse + static_cast<float>(w.out_zero_point - 128));
+        const __m512 low = _mm512_set1_ps(-128.0f), high = _mm512_set1_ps(127.0f), round = _mm512_set1_ps(magic);
         for (int t = 0; t < Tiles; ++t) {
-            const __m512 product = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], offset)), scale);
-            const __m512i code = quantize16(_mm512_add_ps(product, bias), inverse, out_zero);
-            _mm512_store_ps(out + t * kLanes, _mm512_cvtepi32_ps(_mm512_sub_epi32(code, shift)));
+            const __m512 steps = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), factor, shift);
+            const __m512 code = _mm512_sub_ps(_mm512_add_ps(steps, round), round);
+            _mm512_store_ps(out + t * kLanes, _mm512_min_ps(_mm512_max_ps(code, low), high));
         }
         return;
     }
+    const __m512 scale = _mm512_set1_ps(w.scale[m]), bias_v = _mm512_set1_ps(bias);
     if (w.out_scale > 0.0f) {  // int8_result (internal.hpp): fake-quantized, then the bias
         const __m512 inverse = _mm512_set1_ps(1.0f / w.out_scale), out_scale = _mm512_set1_ps(w.out_scale);
         const __m512i out_zero = _mm512_set1_epi32(w.out_zero_point);
         for (int t = 0; t < Tiles; ++t) {
-            const __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], offset)), scale);
+            const __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[t]), scale);
             const __m512i steps = _mm512_sub_epi32(quantize16(value, inverse, out_zero), out_zero);
-            _mm512_store_ps(out + t * kLanes, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(steps), out_scale), bias));
+            _mm512_store_ps(out + t * kLanes, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(steps), out_scale), bias_v));
         }
         return;
     }
-    for (int t = 0; t < Tiles; ++t) {
-        const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], offset));
-        _mm512_store_ps(out + t * kLanes, _mm512_fmadd_ps(sum, scale, bias));
-    }
+    for (int t = 0; t < Tiles; ++t) _mm512_store_ps(out + t * kLanes, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), scale, bias_v));
 }
 
 // 16 output channels from m0 (`rows` of them real) over the packed panel at `panel`, into out.
@@ -141,11 +141,12 @@ template <int Tiles>
 void int8_panel(const Int8Blocks& w, const std::uint8_t* panel, std::int64_t width, std::int64_t m0,
                 std::int64_t rows, std::int32_t zero_point, float* out) {
     for (std::int64_t r = 0; r < kRowBlock; ++r) {
-        __m512i acc[Tiles];
-        for (int t = 0; t < Tiles; ++t) acc[t] = _mm512_setzero_si512();
         if (r < rows) {
+            __m512i acc[Tiles];  // starting at -zero point × row sum, they end as the zero-point-corrected sums
+            const __m512i offset = _mm512_set1_epi32(-zero_point * w.row_sums[m0 + r]);
+            for (int t = 0; t < Tiles; ++t) acc[t] = offset;
             accumulate_blocks<Tiles>(w, panel, width, w.row_ptr[m0 + r], w.row_ptr[m0 + r + 1], acc);
-            finish_row<Tiles>(w, m0 + r, zero_point, acc, out + r * Tiles * kLanes);
+            finish_row<Tiles>(w, m0 + r, acc, out + r * Tiles * kLanes);
         } else {
             for (int t = 0; t < Tiles; ++t) _mm512_store_ps(out + r * Tiles * kLanes + t * kLanes, _mm512_setzero_ps());
         }
