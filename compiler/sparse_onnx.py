@@ -13,7 +13,8 @@ channel, and one kernel runs both layers with the hidden activations kept in cac
 followed by the block's residual Add (after proj's output Q/DQ and the bias, or after the MLP's bias)
 takes all of them in: the residual becomes an input the kernels add where they write the output. Last,
 an INT8 qkv node writes attention's q, kᵀ and v in the layout the attention reads (sparse_heads.py),
-and an INT8 node after a LayerNorm computes the LayerNorm itself where it quantizes x (sparse_norms.py).
+an INT8 proj node reads attention's output head by head (sparse_heads_input.py), and an INT8 node after
+a LayerNorm computes the LayerNorm itself where it quantizes x (sparse_norms.py).
 Only OpenVINO with vitsparse's extension (the `openvino-sparse` engine) runs such a file; the
 reference ops below (numpy) are what export verification and the kernel tests compare against.
 Layers below `min_sparsity` stay dense MatMuls, since the dense kernels win there (kernel_crossover.py
@@ -195,6 +196,13 @@ def split_heads(y: np.ndarray, heads: int) -> np.ndarray:
     parts = y.reshape(batch, tokens, 3, heads, rows // (3 * heads)).transpose(2, 0, 3, 1, 4)
     laid = [parts[0], parts[1].transpose(0, 1, 3, 2), parts[2]]
     return np.stack([p.reshape(batch, heads, -1) for p in laid]).reshape(y.shape)
+
+
+def merge_heads(x: np.ndarray) -> np.ndarray:
+    """Attention's output [batch, heads, tokens, head_dim] as proj reads it, [batch, tokens, heads ×
+    head_dim]: the rows a SparseLinear node with `x_heads` reads."""
+    batch, heads, tokens, head_dim = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(batch, tokens, heads * head_dim)
 
 
 # the arrays of each format, in the order a node reads them after x
@@ -558,11 +566,12 @@ def to_sparse_kernels(model: onnx.ModelProto, min_sparsity: float, precision: st
             _topological_sort(model.graph)
             _Graph(model).prune()
         from .sparse_heads import fuse_attention_heads  # (these import this module)
+        from .sparse_heads_input import read_heads_input
         from .sparse_norms import fuse_layer_norms
 
         if _fuse_residuals(model, shapes) + fuse_attention_heads(model, shapes):
             _topological_sort(model.graph)
-        if fuse_layer_norms(model, shapes):
+        if fuse_layer_norms(model, shapes) + read_heads_input(model, shapes):
             _Graph(model).prune()
     return rewritten
 
@@ -573,10 +582,11 @@ class SparseLinear(OpRun):
     op_domain = DOMAIN
 
     def _run(self, x, *arrays, format=None, in_features=None, act_scale=1.0, act_zero_point=0,  # noqa: A002
-             out_scale=0.0, out_zero_point=0, heads=0, int8_output=0, norm_epsilon=0.0):
+             out_scale=0.0, out_zero_point=0, heads=0, int8_output=0, norm_epsilon=0.0, x_heads=0):
         count = len(WEIGHT_PARTS[format])  # an INT8 node may read more: its LayerNorm's, its addend
         packed = PackedWeight(format, int(arrays[0].size - 1), int(in_features), tuple(arrays[:count]))
         norm, rest = _norm_inputs(arrays[count:], norm_epsilon)
+        x = merge_heads(x) if x_heads else x
         y = sparse_linear(x, packed, act_scale, act_zero_point, out_scale, out_zero_point, bool(int8_output),
                           norm)
         y = _plus(y, rest)

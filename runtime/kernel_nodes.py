@@ -130,6 +130,9 @@ def matmul_stand_ins(graph: onnx.GraphProto) -> None:
             nodes.append(node)
             continue
         current = node.input[0]
+        if any(a.name == "x_heads" and a.i for a in node.attribute):  # x head by head: as proj reads it
+            nodes.extend(_merged_heads(graph, node.name, current))
+            current = nodes[-1].output[0]
         for index, layer in enumerate(layers[node.name]):
             weight = f"{layer.name}/stand_in_weight"
             graph.input.append(helper.make_tensor_value_info(weight, onnx.TensorProto.FLOAT,
@@ -140,3 +143,15 @@ def matmul_stand_ins(graph: onnx.GraphProto) -> None:
             current = output
     del graph.node[:]
     graph.node.extend(nodes)
+
+
+def _merged_heads(graph: onnx.GraphProto, name: str, x: str) -> list[onnx.NodeProto]:
+    """Attention's output x [batch, heads, tokens, head_dim] transposed and reshaped to [batch, tokens,
+    heads × head_dim], the stand-in of a node that reads x head by head; the Reshape's target goes into
+    `graph` as an initializer."""
+    target = f"{name}/stand_in_heads_shape"
+    graph.initializer.append(helper.make_tensor(target, onnx.TensorProto.INT64, [3], [0, 0, -1]))
+    return [helper.make_node("Transpose", [x], [f"{name}/stand_in_tokens"], f"{name}/stand_in_transpose",
+                             perm=[0, 2, 1, 3]),
+            helper.make_node("Reshape", [f"{name}/stand_in_tokens", target], [f"{name}/stand_in_x"],
+                             f"{name}/stand_in_reshape")]

@@ -27,6 +27,7 @@ from vitsparse.compiler.sparse_onnx import (
     layer_norm,
     make_mlp_node,
     make_node,
+    merge_heads,
     pack_bf16_pairs,
     pack_f32_csr,
     pack_int8_blocks,
@@ -230,6 +231,79 @@ def test_int8_kernel_writes_int8_codes(core, tmp_path, monkeypatch, isa, read_bf
 
     (reference,) = ReferenceEvaluator(path, new_ops=[SparseLinear]).run(None, {"x": x})
     _assert_codes_equal(reference, split_heads(expected, heads) if heads else expected)
+
+
+# (batch, heads, tokens, head dim): AVX-512 reads heads of a multiple of 16 channels where they lie (DeiT's
+# 6 × 64 over 197 tokens among them); narrower or odd heads, and the other paths, read a gathered copy
+X_HEADS_SHAPES = [(2, 3, 5, 16), (1, 6, 197, 64), (2, 2, 7, 8), (3, 1, 1, 13)]
+PROJ_QUANTIZATION = {"act_scale": 0.04, "act_zero_point": 120}
+PROJ_OUTPUT = {"out_scale": 0.05, "out_zero_point": 110}
+
+
+def _x_heads_file(path, packed, x_shape: list[int], x_heads: int) -> str:
+    """A one-node file whose INT8 node, as proj (an output quantizer, the residual as addend "r"), reads
+    x [batch, heads, tokens, head dim] head by head (x_heads) and writes y [batch, tokens, rows]."""
+    batch, _, tokens, _ = x_shape
+    node, inits = make_node("layer", "x", "y", packed, **PROJ_QUANTIZATION)
+    node.attribute.append(onnx.helper.make_attribute("x_heads", x_heads))
+    save_layer_model([node], inits, x_shape, packed.rows, path)
+    model = onnx.load(str(path))
+    model.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT,
+                                                                      [batch, tokens, packed.rows]))
+    onnx.save(model, str(path))
+    return _with_addend(str(path), [batch, tokens, packed.rows], **PROJ_OUTPUT)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("read_bf16", [False, True], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", X_HEADS_SHAPES, ids=["b{}-h{}-t{}-d{}".format(*s) for s in X_HEADS_SHAPES])
+def test_int8_kernel_reads_x_head_by_head(core, tmp_path, monkeypatch, isa, read_bf16, shape) -> None:
+    """A node with x_heads reads attention's output [batch, heads, tokens, head dim] as the plain node
+    reads it transposed to [batch, tokens, heads × head dim]: the same y on every path, from f32 or bf16
+    x, and the numpy reference's; onnx's reference evaluator computes the same."""
+    batch, heads, tokens, head_dim = shape
+    k, m = heads * head_dim, 24
+    rng = np.random.default_rng(k * 10 + tokens)
+    packed = pack_int8_blocks(_block_codes(rng, m, k, 0.7), rng.random(m).astype(np.float32) * 0.01,
+                              rng.standard_normal(m).astype(np.float32))
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    addend = rng.standard_normal((batch, tokens, m)).astype(np.float32)
+    path = _x_heads_file(tmp_path / "heads.onnx", packed, list(shape), heads)
+    plain = _layer_file(tmp_path / "plain.onnx", packed, [batch, tokens, k], **PROJ_QUANTIZATION)
+    plain = _with_addend(plain, [batch, tokens, m], **PROJ_OUTPUT)
+    if read_bf16:
+        got, ran_in = _run_bf16(core, path, x, isa, monkeypatch, r=addend)
+        assert ran_in == {"bf16"}
+        plain_got, _ = _run_bf16(core, plain, merge_heads(x), isa, monkeypatch, r=addend)
+        np.testing.assert_array_equal(got, plain_got)
+        return
+    got = _run(core, path, x, isa, monkeypatch, r=addend)
+    np.testing.assert_array_equal(got, _run(core, plain, merge_heads(x), isa, monkeypatch, r=addend))
+    expected = sparse_linear(merge_heads(x), packed, **PROJ_QUANTIZATION, **PROJ_OUTPUT) + addend
+    np.testing.assert_allclose(got, expected, atol=INT8_ATOL, rtol=0)
+    from onnx.reference import ReferenceEvaluator
+
+    (reference,) = ReferenceEvaluator(path, new_ops=[SparseLinear]).run(None, {"x": x, "r": addend})
+    np.testing.assert_allclose(reference, expected, atol=INT8_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("f32 weight", "only an int8_1x4 node reads x head by head"),
+    ("3 heads of 16", "not 3 heads of equal width"),
+    ("x of rank 3", "reads it as \\[batch, 2, tokens, 8\\]"), ("x of 4 heads", "reads it as"),
+    ("split into heads too", "does not split its output"),
+])
+def test_a_node_reading_heads_is_refused_where_it_cannot(tmp_path, case, message) -> None:
+    rng = np.random.default_rng(5)
+    heads = {"3 heads of 16": 3}.get(case, 2)
+    x_shape = {"x of rank 3": [2, 5, 16], "x of 4 heads": [2, 4, 5, 4]}.get(case, [2, 2, 5, 8])
+    rows = 48 if case == "split into heads too" else 8
+    node, inits = make_node("layer", "x", "y", _small_weight(rng, rows, case == "f32 weight"), act_scale=0.1,
+                            act_zero_point=0)
+    node.attribute.append(onnx.helper.make_attribute("x_heads", heads))
+    if case == "split into heads too":
+        node.attribute.append(onnx.helper.make_attribute("heads", 1))
+    _assert_node_refused(tmp_path / "l.onnx", node, inits, x_shape, rows, message, False)
 
 
 def test_split_heads_puts_each_element_where_attention_reads_it() -> None:
@@ -854,6 +928,10 @@ def test_a_masked_vit_exported_with_sparse_kernels_matches_torch(tmp_path, quant
                                          else ([], []))
     perms = [list(a.ints) for node in model.graph.node if node.op_type == "Transpose" for a in node.attribute]
     assert ([2, 0, 3, 1, 4] in perms, [0, 1, 3, 2] in perms) == ((False, False) if quantize else (True, True))
+    # INT8: proj reads attention's output head by head, so the transpose before it goes too
+    x_heads = [(node.name.split("_")[0], a.i) for node in model.graph.node for a in node.attribute
+               if a.name == "x_heads"]
+    assert (x_heads, [0, 2, 1, 3] in perms) == (([("proj", 3)] * 2, False) if quantize else ([], True))
     assert result.meta["sparse_kernels"]["layers"] == 8
     # the unmasked layers (patch embedding, head) stay OpenVINO's own
     assert any(node.op_type in ("MatMul", "Gemm") for node in model.graph.node)
@@ -969,6 +1047,44 @@ def test_a_layer_norm_before_an_int8_node_moves_into_it(read_elsewhere) -> None:
     assert ops == (["LayerNormalization", "SparseLinear"] if read_elsewhere else ["SparseLinear"])
     (after,) = ReferenceEvaluator(model, new_ops=[SparseLinear]).run(["y"], {"x": x})
     np.testing.assert_allclose(after, before, atol=INT8_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["only reader", "read elsewhere", "other perm"])
+def test_proj_reads_attention_heads_where_only_it_reads_them(case) -> None:
+    """x [batch, heads, tokens, head dim] → Transpose(0, 2, 1, 3) → Reshape → an INT8 SparseLinear: the
+    node reads x head by head instead, with the same results; not where the reshaped x is read elsewhere
+    or the Transpose moves other axes."""
+    from onnx.reference import ReferenceEvaluator
+
+    from vitsparse.compiler.quantized_onnx import _Graph
+    from vitsparse.compiler.sparse_heads_input import read_heads_input
+
+    rng = np.random.default_rng(8)
+    packed = pack_int8_blocks(_block_codes(rng, 8, 24, 0.5), rng.random(8).astype(np.float32) * 0.01,
+                              rng.standard_normal(8).astype(np.float32))
+    node, inits = make_node("proj", "tokens", "y", packed, act_scale=0.04, act_zero_point=120)
+    inits.append(onnx.numpy_helper.from_array(np.array([2, 5, 24], np.int64), "shape"))
+    perm = [0, 2, 3, 1] if case == "other perm" else [0, 2, 1, 3]  # (3 heads of 8 over 5 tokens either way)
+    x_shape = [2, 3, 5, 8] if case != "other perm" else [2, 3, 8, 5]
+    nodes = [onnx.helper.make_node("Transpose", ["x"], ["moved"], "move", perm=perm),
+             onnx.helper.make_node("Reshape", ["moved", "shape"], ["tokens"], "merge"), node]
+    outputs = [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 5, 8])]
+    if case == "read elsewhere":
+        outputs.append(onnx.helper.make_tensor_value_info("tokens", onnx.TensorProto.FLOAT, [2, 5, 24]))
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info(
+        "x", onnx.TensorProto.FLOAT, x_shape)], outputs, inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                          onnx.helper.make_opsetid("com.vitsparse", 1)])
+    x = (rng.standard_normal(x_shape) * 3).astype(np.float32)
+    (before,) = ReferenceEvaluator(model, new_ops=[SparseLinear]).run(["y"], {"x": x})
+    moved_shape = tuple(x_shape[i] for i in perm)
+    assert read_heads_input(model, {"x": tuple(x_shape), "moved": moved_shape, "tokens": (2, 5, 24)}) \
+        == (1 if case == "only reader" else 0)
+    _Graph(model).prune()
+    ops = [node.op_type for node in model.graph.node]
+    assert ops == (["SparseLinear"] if case == "only reader" else ["Transpose", "Reshape", "SparseLinear"])
+    (after,) = ReferenceEvaluator(model, new_ops=[SparseLinear]).run(["y"], {"x": x})
+    np.testing.assert_array_equal(after, before)
 
 
 @pytest.mark.parametrize("change", ["no softmax", "a factor per key", "scores as divisor", "k read twice"])

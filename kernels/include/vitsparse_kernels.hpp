@@ -79,6 +79,10 @@ struct Int8Blocks {
     // head_dim × tokens one (kᵀ), row-major. head_dim must be a multiple of 16; no addend with it.
     std::int64_t heads = 0;
     std::int64_t tokens = 0;
+    // x_heads > 0: x is attention's output head by head, [batch, x_heads, tokens, cols / x_heads] (n input
+    // rows: batch items of `tokens` rows; x_stride unused), what the product before proj writes, so that
+    // no transpose runs between. No LayerNorm and no heads with it.
+    std::int64_t x_heads = 0;
     // Set by the std::int8_t overloads of sparse_linear_int8, which write codes instead of values (leave
     // it false): each result (sum × scale + bias) quantized as out_scale and out_zero_point say, minus 128
     bool codes = false;
@@ -111,9 +115,13 @@ std::string check_bf16_pairs(const Bf16Pairs& w, std::int64_t nonzero_blocks);
 // Checks Int8Blocks::heads against the rows (3 parts × heads × a head_dim that is a multiple of 16) and
 // the addend (none with heads); returns "" or what is wrong.
 std::string check_heads(const Int8Blocks& w);
+// Checks Int8Blocks::x_heads against the input channels (a whole number per head), the LayerNorm and
+// heads (neither with it); returns "" or what is wrong.
+std::string check_x_heads(const Int8Blocks& w);
 
 // x: n rows of w.cols floats, row stride x_stride; y: n rows of w.rows floats (contiguous), or with
-// w.heads, the same floats laid out head by head (n then a multiple of w.tokens, else invalid_argument).
+// w.heads, the same floats laid out head by head (n then a multiple of w.tokens, else invalid_argument);
+// with w.x_heads, x is read head by head (n a multiple of w.tokens too).
 // The Bf16 overloads read x and the addend and write y as bfloat16 (Bf16).
 void sparse_linear_int8(const Int8Blocks& w, const float* x, std::int64_t n, std::int64_t x_stride,
                         float act_scale, std::int32_t act_zero_point, float* y, Isa isa,

@@ -21,7 +21,8 @@ ov::OutputVector convert_linear(const ov::frontend::NodeContext& node) {
                node.get_attribute<std::int64_t>("in_features"), node.get_attribute<float>("act_scale", 1.0f),
                node.get_attribute<std::int64_t>("act_zero_point", 0), node.get_attribute<float>("out_scale", 0.0f),
                node.get_attribute<std::int64_t>("out_zero_point", 0), node.get_attribute<std::int64_t>("heads", 0),
-               node.get_attribute<std::int64_t>("int8_output", 0), node.get_attribute<float>("norm_epsilon", 0.0f))
+               node.get_attribute<std::int64_t>("int8_output", 0), node.get_attribute<float>("norm_epsilon", 0.0f),
+               node.get_attribute<std::int64_t>("x_heads", 0))
         ->outputs();
 }
 

@@ -73,7 +73,7 @@ struct OwnPanel {
                     std::int32_t act_zero_point, std::int64_t n0, Out* y) {
         const auto bytes = static_cast<std::size_t>(ceil_div(w.cols, 4) * Tiles * kLanes * 4);
         auto* packed = static_cast<std::uint8_t*>(workspace(bytes));
-        pack_panel<Tiles>(x, n, x_stride, w.cols, act_scale, act_zero_point, w.norm, n0, packed);
+        pack_panel<Tiles>(x_rows(w, x, x_stride), n, w.cols, act_scale, act_zero_point, w.norm, n0, packed);
         int8_panel_to_y<Tiles>(w, packed, act_zero_point, n0, n, y);
     }
 };
@@ -90,9 +90,10 @@ void int8_shared_panels(const Int8Blocks& w, const In* x, std::int64_t n, std::i
     const std::int64_t padded_n = round_up(n, kLanes), panel_bytes = ceil_div(w.cols, 4) * width * 4;
     auto* packed = static_cast<std::uint8_t*>(
         workspace(static_cast<std::size_t>(ceil_div(padded_n, width) * panel_bytes)));
+    const XRows<In> rows = x_rows(w, x, x_stride);
     parallel_for(static_cast<std::size_t>(padded_n / kLanes), [&](std::size_t chunk) {
         const std::int64_t first = static_cast<std::int64_t>(chunk) * kLanes, n0 = first / width * width;
-        pack_int8(x + n0 * x_stride, n - n0, x_stride, w.cols, act_scale, act_zero_point, w.norm,
+        pack_int8(rows.shifted(n0), n - n0, w.cols, act_scale, act_zero_point, w.norm,
                   packed + n0 / width * panel_bytes, width, first - n0);
     });
     run_task_grid<kLanes, kInt8Tiles>(w.rows, n, padded_n, full_tiles, y, parallel_for,

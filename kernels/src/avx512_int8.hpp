@@ -33,20 +33,23 @@ inline __m512i unsaturated_codes(__m512 values, __m512 inverse, __m512i zero_poi
 // groups `width` rows apart (the panel's width, or every input row when there is one panel). Works
 // on 16 channels (4 groups) at a time: one row load each; the saturating packs of rows 4q..4q+3 leave
 // group L's codes of those rows in 128-bit lane L, and a 4×4 transpose of lanes puts each group in one
-// register. x holds floats or Bf16; with a LayerNorm each row is normalized first.
+// register. x holds floats or Bf16, row-major or head by head (16 channels never cross a head: the
+// dispatch gathers x first where they would); with a LayerNorm (row-major only) each row is normalized first.
 template <typename In>
-void pack_int8(const In* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols, float scale,
-               std::int32_t zero_point, const LayerNorm& norm, std::uint8_t* packed, std::int64_t width,
-               std::int64_t first) {
+void pack_int8(const XRows<In>& x, std::int64_t n, std::int64_t cols, float scale, std::int32_t zero_point,
+               const LayerNorm& norm, std::uint8_t* packed, std::int64_t width, std::int64_t first) {
     const __m512 inverse = _mm512_set1_ps(1.0f / scale);
     const __m512i zero_v = _mm512_set1_epi32(zero_point);
     const std::int64_t groups = ceil_div(cols, 4);
+    const In* row_at[16];
     RowScale rows[16];
-    for (int r = 0; r < 16 && norm.active() && first + r < n; ++r) {
-        rows[r] = row_scale(x + (first + r) * x_stride, cols, norm.epsilon);
+    for (int r = 0; r < 16 && first + r < n; ++r) {
+        row_at[r] = x.row(first + r);
+        if (norm.active()) rows[r] = row_scale(row_at[r], cols, norm.epsilon);
     }
     for (std::int64_t k0 = 0; k0 < cols; k0 += 16) {
         const __mmask16 lanes = first_lanes(cols - k0);
+        const std::int64_t column = x.column(k0);
         __m512 gamma = _mm512_setzero_ps(), beta = _mm512_setzero_ps();
         if (norm.active()) {
             gamma = load_lanes(norm.gamma + k0, lanes);
@@ -56,7 +59,7 @@ void pack_int8(const In* x, std::int64_t n, std::int64_t x_stride, std::int64_t 
         for (int r = 0; r < 16; ++r) {
             __m512 values = _mm512_setzero_ps();
             if (first + r < n) {
-                values = load_lanes(x + (first + r) * x_stride + k0, lanes);
+                values = load_lanes(row_at[r] + column, lanes);
                 if (norm.active()) {  // channels past cols stay 0.0: gamma and beta are 0.0 there
                     values = _mm512_fmadd_ps(values, _mm512_set1_ps(rows[r].rstd), _mm512_set1_ps(rows[r].shift));
                     values = _mm512_fmadd_ps(values, gamma, beta);
@@ -156,11 +159,10 @@ void int8_panel(const Int8Blocks& w, const std::uint8_t* panel, std::int64_t wid
 // Packs the Tiles × 16 input rows from n0 into one panel at `packed` (rows past n: the zero point),
 // normalized where `norm` is active.
 template <int Tiles, typename In>
-void pack_panel(const In* x, std::int64_t n, std::int64_t x_stride, std::int64_t cols, float scale,
-                std::int32_t zero_point, const LayerNorm& norm, std::int64_t n0, std::uint8_t* packed) {
+void pack_panel(const XRows<In>& x, std::int64_t n, std::int64_t cols, float scale, std::int32_t zero_point,
+                const LayerNorm& norm, std::int64_t n0, std::uint8_t* packed) {
     for (int t = 0; t < Tiles; ++t) {
-        pack_int8(x + n0 * x_stride, n - n0, x_stride, cols, scale, zero_point, norm, packed, Tiles * kLanes,
-                  t * kLanes);
+        pack_int8(x.shifted(n0), n - n0, cols, scale, zero_point, norm, packed, Tiles * kLanes, t * kLanes);
     }
 }
 

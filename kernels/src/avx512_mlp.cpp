@@ -90,7 +90,7 @@ void mlp_panel(const Int8Mlp& mlp, const In* x, std::int64_t n, std::int64_t x_s
     auto* packed_x = static_cast<std::uint8_t*>(
         workspace(static_cast<std::size_t>(input_bytes + ceil_div(fc1.rows, 4) * width * 4)));
     std::uint8_t* hidden = packed_x + input_bytes;
-    pack_panel<Tiles>(x, n, x_stride, fc1.cols, act_scale, act_zero_point, fc1.norm, n0, packed_x);
+    pack_panel<Tiles>(XRows<In>{x, x_stride}, n, fc1.cols, act_scale, act_zero_point, fc1.norm, n0, packed_x);
     for (std::int64_t m = 0; m < fc1.rows; m += 4) {
         hidden_group<Tiles>(mlp, packed_x, width, m, act_zero_point, hidden + m * width);
     }

@@ -99,6 +99,18 @@ std::string check_heads(const Int8Blocks& w) {
     return "";
 }
 
+std::string check_x_heads(const Int8Blocks& w) {
+    if (w.x_heads == 0) return "";
+    const std::string heads = std::to_string(w.x_heads);
+    if (w.x_heads < 0) return "x_heads must not be negative, got " + heads;
+    if (w.cols % w.x_heads != 0) {
+        return "x's " + std::to_string(w.cols) + " input channels are not " + heads + " heads of equal width";
+    }
+    if (w.norm.active()) return "a node that reads x head by head does not normalize it";
+    if (w.heads != 0) return "a node that reads x head by head does not split its output into heads";
+    return "";
+}
+
 std::string check_bf16_pairs(const Bf16Pairs& w, std::int64_t nonzero_blocks) {
     if (w.cols < 1) return "the weight has no input channels";
     std::string error = check_offsets(w.row_ptr, w.rows, nonzero_blocks);
@@ -115,13 +127,35 @@ std::string check_f32_csr(const F32Csr& w, std::int64_t nonzeros) {
 
 namespace {
 
+// x read head by head (Int8Blocks::x_heads) as n row-major rows of w.cols values.
+template <typename In>
+std::vector<In> gather_heads(const Int8Blocks& w, const In* x, std::int64_t n) {
+    const detail::XRows<In> rows = detail::x_rows(w, x, w.cols);
+    std::vector<In> gathered(static_cast<std::size_t>(n * w.cols));
+    for (std::int64_t i = 0; i < n; ++i) {
+        for (std::int64_t k = 0; k < w.cols; k += rows.head_dim) {
+            const In* run = rows.row(i) + rows.column(k);
+            std::copy(run, run + rows.head_dim, gathered.begin() + i * w.cols + k);
+        }
+    }
+    return gathered;
+}
+
 template <typename In, typename Out>
 void linear_int8(const Int8Blocks& w, const In* x, std::int64_t n, std::int64_t x_stride, float act_scale,
                  std::int32_t act_zero_point, Out* y, Isa isa, const ParallelFor& parallel_for) {
     if (n <= 0) return;
-    if (w.heads != 0 && (w.tokens < 1 || n % w.tokens != 0)) {
+    if ((w.heads != 0 || w.x_heads != 0) && (w.tokens < 1 || n % w.tokens != 0)) {
         throw std::invalid_argument("a product split into heads needs whole batch items: " + std::to_string(n) +
                                     " input rows of " + std::to_string(w.tokens) + " tokens each");
+    }
+    if (const std::string problem = check_x_heads(w); !problem.empty()) throw std::invalid_argument(problem);
+    // AVX-512 reads x head by head where 16 channels never cross a head; every other path reads a gathered copy
+    if (w.x_heads != 0 && (isa != Isa::avx512 || w.cols / w.x_heads % 16 != 0)) {
+        const std::vector<In> gathered = gather_heads(w, x, n);
+        Int8Blocks row_major = w;
+        row_major.x_heads = 0;
+        return linear_int8(row_major, gathered.data(), n, w.cols, act_scale, act_zero_point, y, isa, parallel_for);
     }
     switch (isa) {
         case Isa::avx512: return detail::int8_avx512(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);

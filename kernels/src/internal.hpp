@@ -45,6 +45,38 @@ inline void* workspace(std::size_t bytes) {
     return buffer.get();
 }
 
+// Where the rows of an INT8 product's x lie: row-major, `stride` elements apart, or head by head
+// (Int8Blocks::x_heads): row i's channels in runs of head_dim, one per head, each a row of its batch
+// item's [tokens, head_dim] matrix of that head. `first` counts rows already passed (shifted).
+template <typename In>
+struct XRows {
+    const In* x;
+    std::int64_t stride;
+    std::int64_t heads = 0, tokens = 1, head_dim = 0, first = 0;
+
+    // Row i's first channel, and channel k's place from there (k, k + 1, ... up to the head's end lie
+    // one after the other).
+    const In* row(std::int64_t i) const {
+        i += first;
+        return heads == 0 ? x + i * stride : x + (i / tokens * heads * tokens + i % tokens) * head_dim;
+    }
+    std::int64_t column(std::int64_t k) const {
+        return heads == 0 ? k : k / head_dim * tokens * head_dim + k % head_dim;
+    }
+    XRows shifted(std::int64_t rows) const {
+        XRows rest = *this;
+        rest.first += rows;
+        return rest;
+    }
+};
+
+// x's rows as `w` says they lie.
+template <typename In>
+XRows<In> x_rows(const Int8Blocks& w, const In* x, std::int64_t x_stride) {
+    if (w.x_heads == 0) return {x, x_stride};
+    return {x, x_stride, w.x_heads, w.tokens, w.cols / w.x_heads};
+}
+
 // QuantizeLinear to uint8 as OpenVINO and torch compute it: round half to even of x × (1 / scale),
 // plus the zero point, saturated. (ONNX divides by the scale; the two differ on rare near-ties.)
 inline std::int32_t quantize_u8(float x, float inverse_scale, std::int32_t zero_point) {
