@@ -42,9 +42,16 @@ std::vector<ov::Tensor> constant_inputs(const ov::Node* node, std::size_t first,
 
 Int8Blocks int8_blocks(std::int64_t in_features, const ov::Tensor* t, bool with_bias) {
     const auto rows = static_cast<std::int64_t>(t[0].get_size()) - 1;
-    return Int8Blocks{rows, in_features, data<std::int32_t>(t[0]), data<std::int32_t>(t[1]),
-                      data<std::int8_t>(t[2]), data<std::int32_t>(t[3]), data<float>(t[4]),
-                      with_bias ? data<float>(t[5]) : nullptr};
+    Int8Blocks w;
+    w.rows = rows;
+    w.cols = in_features;
+    w.row_ptr = data<std::int32_t>(t[0]);
+    w.block_col = data<std::int32_t>(t[1]);
+    w.values = data<std::int8_t>(t[2]);
+    w.row_sums = data<std::int32_t>(t[3]);
+    w.scale = data<float>(t[4]);
+    w.bias = with_bias ? data<float>(t[5]) : nullptr;
+    return w;
 }
 
 std::string check_weight(const std::string& format, std::int64_t in_features, const std::vector<ov::Tensor>& t) {
