@@ -4,6 +4,8 @@
 
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "internal.hpp"
 
 namespace vitsparse::detail {
@@ -94,13 +96,48 @@ inline void store_lanes(Bf16* p, __m512 values, __mmask16 mask) {
     _mm256_mask_storeu_epi16(p, mask, round_to_bf16(values));
 }
 
+// 16 rows of 16 int8 codes (whole floats in [-128, 127]) at out, out_stride apart, to row_at(c) for
+// column c, as 16 bytes each. Packs of 4 rows leave in each 128-bit lane L the 4×4 bytes of those rows
+// and columns 4L..4L+3; a byte shuffle turns each into 4 columns' dwords, and a 4×4 transpose of dwords
+// between the 4 packs gathers each column's 16 rows into one lane (84 operations instead of the float
+// transpose's 128).
+template <typename RowAt>
+inline void store_codes_transposed(const float* out, std::int64_t out_stride, RowAt row_at) {
+    __m512i packs[4];
+    const __m512i columns_first = _mm512_set4_epi32(0x0f0b0703, 0x0e0a0602, 0x0d090501, 0x0c080400);
+    for (int q = 0; q < 4; ++q) {
+        __m512i rows[4];
+        for (int j = 0; j < 4; ++j) rows[j] = _mm512_cvtps_epi32(_mm512_load_ps(out + (4 * q + j) * out_stride));
+        const __m512i pack = _mm512_packs_epi16(_mm512_packs_epi32(rows[0], rows[1]),
+                                                _mm512_packs_epi32(rows[2], rows[3]));
+        packs[q] = _mm512_shuffle_epi8(pack, columns_first);  // lane L, dword c: rows 4q.. of column 4L + c
+    }
+    const __m512i low01 = _mm512_unpacklo_epi32(packs[0], packs[1]), high01 = _mm512_unpackhi_epi32(packs[0], packs[1]);
+    const __m512i low23 = _mm512_unpacklo_epi32(packs[2], packs[3]), high23 = _mm512_unpackhi_epi32(packs[2], packs[3]);
+    const __m512i column[4] = {_mm512_unpacklo_epi64(low01, low23), _mm512_unpackhi_epi64(low01, low23),
+                               _mm512_unpacklo_epi64(high01, high23), _mm512_unpackhi_epi64(high01, high23)};
+    for (int c = 0; c < 4; ++c) {  // column[c], lane L: column 4L + c
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(row_at(c)), _mm512_castsi512_si128(column[c]));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(row_at(4 + c)), _mm512_extracti32x4_epi32(column[c], 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(row_at(8 + c)), _mm512_extracti32x4_epi32(column[c], 2));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(row_at(12 + c)), _mm512_extracti32x4_epi32(column[c], 3));
+    }
+}
+
 // out[r][c] (r < `rows` output channels, c < columns input rows) -> row_at(c)[r], plus addend[c ×
 // addend_stride + r] where addend is given (store_into, internal.hpp, gives the row addresses). Rows and
 // addend hold y's element type, float, Bf16 or std::int8_t.
 constexpr auto store_transposed_to = [](const float* out, std::int64_t out_stride, std::int64_t columns,
                                         std::int64_t rows, auto row_at, auto addend, std::int64_t addend_stride) {
     const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1u);
+    using Out = std::remove_pointer_t<decltype(row_at(0))>;
     for (std::int64_t c0 = 0; c0 < columns; c0 += kLanes) {
+        if constexpr (std::is_same_v<Out, std::int8_t>) {  // codes: whole tiles transposed as bytes
+            if (rows == kRowBlock && columns - c0 >= kLanes && addend == nullptr) {
+                store_codes_transposed(out + c0, out_stride, [&](std::int64_t c) { return row_at(c0 + c); });
+                continue;
+            }
+        }
         __m512 tile[16];
         for (int r = 0; r < 16; ++r) tile[r] = _mm512_load_ps(out + r * out_stride + c0);
         transpose16(tile);
