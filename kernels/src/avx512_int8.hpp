@@ -173,7 +173,7 @@ void int8_panel_to_y(const Int8Blocks& w, const std::uint8_t* panel, std::int32_
                      std::int64_t n, Out* y) {
     panel_rows_to_y<kLanes, Tiles>(w.rows, n0, n, y, [&](std::int64_t m0, std::int64_t rows, float* out) {
         int8_panel<Tiles>(w, panel, Tiles * kLanes, m0, rows, zero_point, out);
-    }, store_into(store_transposed_to, output_of(w), w.rows, n, y));
+    }, store_into(store_transposed_to, output_of(w), w.rows, n, y), output_of(w).row_major());
 }
 
 template <int Tiles>

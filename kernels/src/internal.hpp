@@ -382,12 +382,14 @@ inline bool panels_fill_threads(std::int64_t panels, std::int64_t threads, std::
 
 // Every output channel (`rows` of them) over one panel of Tiles × Lanes input rows from n0, written to y
 // (n rows of `rows` floats or Bf16) 16 channels at a time: compute(m0, count, out) fills out[16][Tiles × Lanes]
-// for the `count` channels from m0, and store writes it (as run_task_grid's store does).
+// for the `count` channels from m0, and store writes it (as run_task_grid's store does); blocks as
+// RowBlocks lays them out for y `row_major` or split into heads.
 template <std::int64_t Lanes, int Tiles, typename Out, typename Compute, typename Store>
-void panel_rows_to_y(std::int64_t rows, std::int64_t n0, std::int64_t n, Out* y, Compute compute, Store store) {
+void panel_rows_to_y(std::int64_t rows, std::int64_t n0, std::int64_t n, Out* y, Compute compute, Store store,
+                     bool row_major = true) {
     constexpr std::int64_t width = Tiles * Lanes;
     alignas(64) float out[kRowBlock * width];
-    const RowBlocks blocks(rows, y, sizeof(Out));
+    const RowBlocks blocks(rows, y, sizeof(Out), row_major);
     for (std::int64_t block = 0; block < blocks.count; ++block) {
         const std::int64_t m0 = blocks.first(block), count = blocks.size(block);
         compute(m0, count, out);
