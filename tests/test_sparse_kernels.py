@@ -145,9 +145,10 @@ def test_int8_kernel_adds_its_addend_after_the_bias(core, tmp_path, monkeypatch,
 
 
 # (batch, tokens, in features, heads, head dim): DeiT's 197 tokens in several panels, batch items
-# meeting inside a panel, fewer tokens than a tile, N = 1, K not a multiple of 4, three heads
+# meeting inside a panel, fewer tokens than a tile, N = 1, K not a multiple of 4, three heads; and
+# enough tiles (74) for AVX-512's own panels a thread, which it takes split into heads from 64 on 2 threads
 HEADS_SHAPES = [(1, 197, 64, 2, 16), (3, 50, 37, 1, 32), (2, 5, 24, 2, 16), (1, 1, 16, 1, 16),
-                (4, 70, 20, 3, 16)]
+                (4, 70, 20, 3, 16), (6, 197, 24, 2, 16)]
 
 
 def _heads_file(path, packed, x_shape, heads: int) -> str:
@@ -198,7 +199,7 @@ def _assert_codes_equal(got: np.ndarray, expected: np.ndarray) -> None:
 
 # (rows of x or (batch, tokens), in features, heads, head dim or out features): row-major and head by head
 CODE_SHAPES = [((197,), 64, 0, 48), ((1,), 13, 0, 17), ((600,), 24, 0, 512), ((1, 197), 64, 2, 16),
-               ((3, 50), 37, 1, 32), ((2, 5), 24, 2, 16)]
+               ((3, 50), 37, 1, 32), ((2, 5), 24, 2, 16), ((6, 197), 24, 2, 16)]
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -682,8 +683,8 @@ def test_int8_kernel_reads_and_writes_bf16(core, tmp_path, monkeypatch, isa, sha
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("shape", HEADS_SHAPES[:3], ids=["b{}-t{}-k{}-h{}x{}".format(*s)
-                                                         for s in HEADS_SHAPES[:3]])
+@pytest.mark.parametrize("shape", HEADS_SHAPES[:3] + HEADS_SHAPES[-1:],
+                         ids=["b{}-t{}-k{}-h{}x{}".format(*s) for s in HEADS_SHAPES[:3] + HEADS_SHAPES[-1:]])
 def test_int8_kernel_split_into_heads_writes_bf16(core, tmp_path, monkeypatch, isa, shape) -> None:
     """q, kᵀ and v head by head in bfloat16, kᵀ's rows rounded as they are copied, on every path."""
     batch, tokens, k, heads, head_dim = shape
