@@ -11,17 +11,8 @@ namespace {
 
 constexpr int kInt8Tiles = 8;  // 16-row tiles per panel at most: 8 independent accumulator chains
 
-// Codes of 16 floats: x × inverse rounded half to even, plus the zero point, saturated to [0, 255].
-inline __m512i quantize16(__m512 values, __m512 inverse, __m512i zero_point) {
-    // clamped as floats first: past ±2^31 (or NaN) the conversion would wrap
-    const __m512 steps = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(values, inverse), _mm512_set1_ps(-512.0f)),
-                                       _mm512_set1_ps(512.0f));
-    const __m512i codes = _mm512_add_epi32(_mm512_cvtps_epi32(steps), zero_point);
-    return _mm512_min_epi32(_mm512_max_epi32(codes, _mm512_setzero_si512()), _mm512_set1_epi32(255));
-}
-
 // round(x × inverse) + zero point for 16 floats, left for the packs to saturate to [0, 255]: NaN, -inf and
-// values below -2^31 convert to INT_MIN (code 0, as quantize16 gives them); the min keeps +inf and
+// values below -2^31 convert to INT_MIN (code 0, as quantize_u8 gives them); the min keeps +inf and
 // large values from doing the same.
 inline __m512i unsaturated_codes(__m512 values, __m512 inverse, __m512i zero_point) {
     const __m512 steps = _mm512_min_ps(_mm512_set1_ps(512.0f), _mm512_mul_ps(values, inverse));
@@ -127,12 +118,17 @@ inline void finish_row(const Int8Blocks& w, std::int64_t m, const __m512i* acc, 
     }
     const __m512 scale = _mm512_set1_ps(w.scale[m]), bias_v = _mm512_set1_ps(bias);
     if (w.out_scale > 0.0f) {  // int8_result (internal.hpp): fake-quantized, then the bias
+        // steps = round(sum × scale × inverse) saturated to [-zero point, 255 - zero point], rounded to
+        // even by adding and subtracting 1.5 × 2^23 as the codes above
         const __m512 inverse = _mm512_set1_ps(1.0f / w.out_scale), out_scale = _mm512_set1_ps(w.out_scale);
-        const __m512i out_zero = _mm512_set1_epi32(w.out_zero_point);
+        const __m512 round = _mm512_set1_ps(12582912.0f);
+        const __m512 low = _mm512_set1_ps(static_cast<float>(-w.out_zero_point));
+        const __m512 high = _mm512_set1_ps(static_cast<float>(255 - w.out_zero_point));
         for (int t = 0; t < Tiles; ++t) {
-            const __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[t]), scale);
-            const __m512i steps = _mm512_sub_epi32(quantize16(value, inverse, out_zero), out_zero);
-            _mm512_store_ps(out + t * kLanes, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(steps), out_scale), bias_v));
+            const __m512 value = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[t]), scale), inverse);
+            const __m512 steps = _mm512_sub_ps(_mm512_add_ps(value, round), round);
+            const __m512 saturated = _mm512_min_ps(_mm512_max_ps(steps, low), high);
+            _mm512_store_ps(out + t * kLanes, _mm512_fmadd_ps(saturated, out_scale, bias_v));
         }
         return;
     }
