@@ -307,6 +307,28 @@ def test_a_node_reading_heads_is_refused_where_it_cannot(tmp_path, case, message
     _assert_node_refused(tmp_path / "l.onnx", node, inits, x_shape, rows, message, False)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("int8_output", [False, True], ids=["fake-quantized", "codes"])
+def test_int8_outputs_round_half_to_even(core, tmp_path, monkeypatch, isa, int8_output) -> None:
+    """A result halfway between two output steps goes to the even one, as QuantizeLinear rounds it, on
+    every path: y = x's first channel (a weight of 1 there), out_scale 2, so every odd x is a tie."""
+    k, m = 8, 16
+    codes = np.zeros((m, k), np.int8)
+    codes[:, 0] = 1
+    packed = pack_int8_blocks(codes, np.ones(m, np.float32), np.zeros(m, np.float32))
+    x = np.zeros((81, k), np.float32)
+    x[:, 0] = np.arange(-40, 41)
+    node, inits = make_node("layer", "x", "y", packed, act_scale=1.0, act_zero_point=128)
+    attributes = {"out_scale": 2.0, "out_zero_point": 128, "int8_output": int(int8_output)}
+    node.attribute.extend(onnx.helper.make_attribute(name, v) for name, v in attributes.items())
+    save_layer_model([node], inits, [81, k], m, tmp_path / "l.onnx",
+                     output_type=onnx.TensorProto.INT8 if int8_output else onnx.TensorProto.FLOAT)
+    steps = np.repeat(np.round(x[:, :1] / 2), m, axis=1)  # numpy rounds half to even: -19.5 → -20
+    assert list(steps[[0, 1, 21, 59], 0]) == [-20, -20, -10, 10]  # x = -40, -39, -19, 19
+    got = _run(core, str(tmp_path / "l.onnx"), x, isa, monkeypatch)
+    np.testing.assert_array_equal(got, steps.astype(np.int8) if int8_output else 2 * steps)
+
+
 def test_split_heads_puts_each_element_where_attention_reads_it() -> None:
     """The layout itself, element by element: y[b, t, (part, head, d)] lands at q[b, h, t, d],
     kᵀ[b, h, d, t] and v[b, h, t, d] of a Reshape to [3, batch, heads, tokens, head_dim]."""

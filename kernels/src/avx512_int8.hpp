@@ -10,6 +10,9 @@ namespace vitsparse::detail {
 namespace {
 
 constexpr int kInt8Tiles = 8;  // 16-row tiles per panel at most: 8 independent accumulator chains
+// 1.5 × 2^23: adding it to a float of magnitude below 2^22 and subtracting it again rounds that float to
+// a whole number, half to even (the build has no -ffast-math, so the compiler keeps both operations)
+constexpr float kRoundingShift = 12582912.0f;
 
 // round(x × inverse) + zero point for 16 floats, left for the packs to saturate to [0, 255]: NaN, -inf and
 // values below -2^31 convert to INT_MIN (code 0, as quantize_u8 gives them); the min keeps +inf and
@@ -103,12 +106,13 @@ template <int Tiles>
 inline void finish_row(const Int8Blocks& w, std::int64_t m, const __m512i* acc, float* out) {
     const float bias = w.bias ? w.bias[m] : 0.0f;
     if (w.codes) {  // int8_result: the code of the result, minus 128, as a float
-        // round(sum × scale / out_scale + bias / out_scale) + out_zero_point - 128 in one FMA; adding and
-        // subtracting 1.5 × 2^23 rounds to a whole number, half to even, as QuantizeLinear does
-        const float inverse = 1.0f / w.out_scale, magic = 12582912.0f;
+        // round(sum × scale / out_scale + bias / out_scale) + out_zero_point - 128 in one FMA, rounded half
+        // to even as QuantizeLinear rounds (larger magnitudes saturate either way)
+        const float inverse = 1.0f / w.out_scale;
         const __m512 factor = _mm512_set1_ps(w.scale[m] * inverse);
         const __m512 shift = _mm512_set1_ps(bias * inverse + static_cast<float>(w.out_zero_point - 128));
-        const __m512 low = _mm512_set1_ps(-128.0f), high = _mm512_set1_ps(127.0f), round = _mm512_set1_ps(magic);
+        const __m512 low = _mm512_set1_ps(-128.0f), high = _mm512_set1_ps(127.0f);
+        const __m512 round = _mm512_set1_ps(kRoundingShift);
         for (int t = 0; t < Tiles; ++t) {
             const __m512 steps = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), factor, shift);
             const __m512 code = _mm512_sub_ps(_mm512_add_ps(steps, round), round);
@@ -118,10 +122,9 @@ inline void finish_row(const Int8Blocks& w, std::int64_t m, const __m512i* acc, 
     }
     const __m512 scale = _mm512_set1_ps(w.scale[m]), bias_v = _mm512_set1_ps(bias);
     if (w.out_scale > 0.0f) {  // int8_result (internal.hpp): fake-quantized, then the bias
-        // steps = round(sum × scale × inverse) saturated to [-zero point, 255 - zero point], rounded to
-        // even by adding and subtracting 1.5 × 2^23 as the codes above
+        // steps = round(sum × scale × inverse) saturated to [-zero point, 255 - zero point]
         const __m512 inverse = _mm512_set1_ps(1.0f / w.out_scale), out_scale = _mm512_set1_ps(w.out_scale);
-        const __m512 round = _mm512_set1_ps(12582912.0f);
+        const __m512 round = _mm512_set1_ps(kRoundingShift);
         const __m512 low = _mm512_set1_ps(static_cast<float>(-w.out_zero_point));
         const __m512 high = _mm512_set1_ps(static_cast<float>(255 - w.out_zero_point));
         for (int t = 0; t < Tiles; ++t) {
