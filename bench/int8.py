@@ -228,6 +228,12 @@ class Int8Spec(MethodSpec):
         return [int8_speed_candidate(ctx, setting.masks, form) for form in ctx.int8_formats
                 if setting.masks is not None or form != "qdq"]
 
+    def shared_baselines(self, setting: Int8Setting, ctx: SpeedContext) -> list[str]:
+        """`int8=dense`'s QDQ file is the workflow's dense INT8 baseline."""
+        if setting.masks is not None or "qdq" not in ctx.int8_formats:
+            return []
+        return [Row(ctx.model_name, METHOD, Int8SpeedSetting(None, "qdq").settings()).label()]
+
     def report_section(self, rows: list[Row], meta: dict) -> str:
         parts = []
         table = int8_table(rows)

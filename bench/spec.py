@@ -121,6 +121,11 @@ class MethodSpec:
         """Graphs of the speed model to time for one setting."""
         return []
 
+    def shared_baselines(self, setting: Any, ctx: SpeedContext) -> list[str]:
+        """Labels (Row.label) of the workflow's baselines this setting also stands for, which
+        `speed_candidates` leaves out rather than build them twice: the report counts them with it."""
+        return []
+
     def report_section(self, rows: list[Row], meta: dict) -> str:
         """This method's part of report.md ('' when it has nothing to say)."""
         return ""

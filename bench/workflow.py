@@ -267,6 +267,9 @@ def _speed_candidates(planned: list[PlannedEntry], ctx: SpeedContext, progress: 
                 candidates.append(candidate)
             elif known.row.entry is None:
                 known.row.entry = candidate.row.entry
+        for label in item.spec.shared_baselines(item.setting, ctx):
+            if label in seen and seen[label].row.entry is None:
+                _stamped([seen[label].row], item.entry)
         progress.done("graph", f"{item.entry.label} on {ctx.model_name}")
     return candidates
 

@@ -38,11 +38,39 @@ def test_a_baseline_an_entry_asks_for_carries_the_entry(monkeypatch) -> None:
     asked = [SpeedCandidate(Row("digits-vit", "int8", {"base": "dense", "format": form}), None, Recipe())
              for form in ("qdq", "operator")]
     item = SimpleNamespace(entry=SimpleNamespace(label="int8=dense"), setting=None,
-                           spec=SimpleNamespace(speed_candidates=lambda setting, ctx: asked))
+                           spec=SimpleNamespace(speed_candidates=lambda setting, ctx: asked,
+                                                shared_baselines=lambda setting, ctx: []))
     progress = SimpleNamespace(done=lambda *args: None)
     candidates = workflow._speed_candidates([item], SimpleNamespace(model_name="digits-vit"), progress)
     assert [c.row.entry for c in candidates] == [None, "int8=dense", "int8=dense"]
     assert candidates[1] is baselines[1]  # timed once, as the baseline
+
+
+def test_int8_dense_counts_the_dense_qdq_baseline_as_its_own(monkeypatch) -> None:
+    """The int8 spec leaves dense QDQ to the workflow's baseline, not built twice, and names it as
+    shared: the baseline row carries `int8=dense`, so the summary weighs OpenVINO's dense INT8 beside
+    DeepSparse's (it named DeepSparse, at 0.44-0.59x, as int8=dense's fastest engine)."""
+    from types import SimpleNamespace
+
+    from vitsparse.bench import int8, workflow
+
+    baselines = _candidates()[:2]
+    monkeypatch.setattr(workflow, "_baselines", lambda ctx: baselines)
+    built = []
+
+    def fake_candidate(ctx, masks, form):  # the row the real one makes, without tracing and calibrating
+        built.append(form)
+        return SpeedCandidate(Row("digits-vit", "int8", int8.Int8SpeedSetting(masks, form).settings()), None,
+                              Recipe())
+
+    monkeypatch.setattr(int8, "int8_speed_candidate", fake_candidate)
+    spec = int8.Int8Spec()
+    item = SimpleNamespace(entry=SimpleNamespace(label="int8=dense"), setting=spec.parse("dense"), spec=spec)
+    ctx = SimpleNamespace(model_name="digits-vit", int8_formats=("qdq", "operator"))
+    candidates = workflow._speed_candidates([item], ctx, SimpleNamespace(done=lambda *args: None))
+    assert built == ["operator"]  # dense QDQ is the baseline's
+    assert [(c.row.settings.get("format"), c.row.entry) for c in candidates] == [
+        (None, None), ("qdq", "int8=dense"), ("operator", "int8=dense")]
 
 
 def test_every_group_holds_the_baselines_and_at_most_the_given_number_of_others() -> None:
