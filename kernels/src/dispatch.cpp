@@ -127,15 +127,17 @@ std::string check_f32_csr(const F32Csr& w, std::int64_t nonzeros) {
 
 namespace {
 
-// x read head by head (Int8Blocks::x_heads) as n row-major rows of w.cols values.
+// x read head by head (Int8Blocks::x_heads) as n row-major rows of w.cols values, in this file's own
+// workspace (internal linkage gives each file its own; the kernels pack into theirs), kept between calls
+// as theirs are: a fresh copy per call would page-fault on every inference.
 template <typename In>
-std::vector<In> gather_heads(const Int8Blocks& w, const In* x, std::int64_t n) {
+const In* gather_heads(const Int8Blocks& w, const In* x, std::int64_t n) {
     const detail::XRows<In> rows = detail::x_rows(w, x, w.cols);
-    std::vector<In> gathered(static_cast<std::size_t>(n * w.cols));
+    auto* gathered = static_cast<In*>(detail::workspace(static_cast<std::size_t>(n * w.cols) * sizeof(In)));
     for (std::int64_t i = 0; i < n; ++i) {
         for (std::int64_t k = 0; k < w.cols; k += rows.head_dim) {
             const In* run = rows.row(i) + rows.column(k);
-            std::copy(run, run + rows.head_dim, gathered.begin() + i * w.cols + k);
+            std::copy(run, run + rows.head_dim, gathered + i * w.cols + k);
         }
     }
     return gathered;
@@ -152,10 +154,10 @@ void linear_int8(const Int8Blocks& w, const In* x, std::int64_t n, std::int64_t 
     if (const std::string problem = check_x_heads(w); !problem.empty()) throw std::invalid_argument(problem);
     // AVX-512 reads x head by head where 16 channels never cross a head; every other path reads a gathered copy
     if (w.x_heads != 0 && (isa != Isa::avx512 || w.cols / w.x_heads % 16 != 0)) {
-        const std::vector<In> gathered = gather_heads(w, x, n);
         Int8Blocks row_major = w;
         row_major.x_heads = 0;
-        return linear_int8(row_major, gathered.data(), n, w.cols, act_scale, act_zero_point, y, isa, parallel_for);
+        return linear_int8(row_major, gather_heads(w, x, n), n, w.cols, act_scale, act_zero_point, y, isa,
+                           parallel_for);
     }
     switch (isa) {
         case Isa::avx512: return detail::int8_avx512(w, x, n, x_stride, act_scale, act_zero_point, y, parallel_for);
