@@ -251,7 +251,7 @@ struct LayoutOwnPanel {
             for (int t = 0; t < Tiles; ++t) layout.pack(x + n0 * x_stride, n - n0, x_stride, packed, width, t * kLanes);
             panel_rows_to_y<kLanes, Tiles>(layout.rows(), n0, n, y, [&](std::int64_t m0, std::int64_t rows, float* out) {
                 layout.template panel<Tiles>(packed, width, 0, m0, rows, out);
-            }, store_into(store_transposed_to, layout.output(), layout.rows(), n, y));
+            }, store_into(store_transposed_to, layout.output(), layout.rows(), n, y), layout.output().row_major());
         }
     };
 };

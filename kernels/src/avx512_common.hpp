@@ -170,7 +170,7 @@ constexpr int kOwnPanelTiles = 4;
 // through 16×16 transposes: compute(m0, count, out) fills out[16][Tiles × 16].
 template <int Tiles, typename Compute>
 void panel_to_y(std::int64_t rows, std::int64_t n0, std::int64_t n, float* y, Compute compute) {
-    panel_rows_to_y<kLanes, Tiles>(rows, n0, n, y, compute, store_transposed);
+    panel_rows_to_y<kLanes, Tiles>(rows, n0, n, y, compute, store_transposed, true);
 }
 
 // run_panels_per_task (internal.hpp) with 16-row tiles.

@@ -135,7 +135,9 @@ inline void finish_row(const Int8Blocks& w, std::int64_t m, const __m512i* acc, 
         }
         return;
     }
-    for (int t = 0; t < Tiles; ++t) _mm512_store_ps(out + t * kLanes, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), scale, bias_v));
+    for (int t = 0; t < Tiles; ++t) {
+        _mm512_store_ps(out + t * kLanes, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), scale, bias_v));
+    }
 }
 
 // 16 output channels from m0 (`rows` of them real) over the packed panel at `panel`, into out.

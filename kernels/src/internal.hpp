@@ -386,7 +386,7 @@ inline bool panels_fill_threads(std::int64_t panels, std::int64_t threads, std::
 // RowBlocks lays them out for y `row_major` or split into heads.
 template <std::int64_t Lanes, int Tiles, typename Out, typename Compute, typename Store>
 void panel_rows_to_y(std::int64_t rows, std::int64_t n0, std::int64_t n, Out* y, Compute compute, Store store,
-                     bool row_major = true) {
+                     bool row_major) {
     constexpr std::int64_t width = Tiles * Lanes;
     alignas(64) float out[kRowBlock * width];
     const RowBlocks blocks(rows, y, sizeof(Out), row_major);
