@@ -205,6 +205,11 @@ def int8_speed_candidate(ctx: SpeedContext, masks: SpeedSetting | None, form: st
                          engines=FORMAT_ENGINES[form], export={"quant_format": form})
 
 
+def _is_baseline(setting: Int8Setting, form: str) -> bool:
+    """Whether the setting's model in `form` is the workflow's dense QDQ baseline (workflow._baselines)."""
+    return setting.masks is None and form == "qdq"
+
+
 class Int8Spec(MethodSpec):
     name = METHOD
     example = "0.75@1x4"
@@ -226,13 +231,12 @@ class Int8Spec(MethodSpec):
         """The speed model under the setting's magnitude masks, quantized, in every timed format (dense
         QDQ is the workflow's baseline already)."""
         return [int8_speed_candidate(ctx, setting.masks, form) for form in ctx.int8_formats
-                if setting.masks is not None or form != "qdq"]
+                if not _is_baseline(setting, form)]
 
     def shared_baselines(self, setting: Int8Setting, ctx: SpeedContext) -> list[str]:
         """`int8=dense`'s QDQ file is the workflow's dense INT8 baseline."""
-        if setting.masks is not None or "qdq" not in ctx.int8_formats:
-            return []
-        return [Row(ctx.model_name, METHOD, Int8SpeedSetting(None, "qdq").settings()).label()]
+        return [Row(ctx.model_name, METHOD, Int8SpeedSetting(setting.masks, form).settings()).label()
+                for form in ctx.int8_formats if _is_baseline(setting, form)]
 
     def report_section(self, rows: list[Row], meta: dict) -> str:
         parts = []
