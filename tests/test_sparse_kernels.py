@@ -292,7 +292,7 @@ def test_int8_kernel_reads_x_head_by_head(core, tmp_path, monkeypatch, isa, read
     ("f32 weight", "only an int8_1x4 node reads x head by head"),
     ("3 heads of 16", "not 3 heads of equal width"),
     ("x of rank 3", "reads it as \\[batch, 2, tokens, 8\\]"), ("x of 4 heads", "reads it as"),
-    ("split into heads too", "does not split its output"),
+    ("split into heads too", "does not split its output"), ("with a LayerNorm", "does not normalize"),
 ])
 def test_a_node_reading_heads_is_refused_where_it_cannot(tmp_path, case, message) -> None:
     rng = np.random.default_rng(5)
@@ -304,6 +304,11 @@ def test_a_node_reading_heads_is_refused_where_it_cannot(tmp_path, case, message
     node.attribute.append(onnx.helper.make_attribute("x_heads", heads))
     if case == "split into heads too":
         node.attribute.append(onnx.helper.make_attribute("heads", 1))
+    if case == "with a LayerNorm":
+        save_layer_model([node], inits, x_shape, rows, tmp_path / "l.onnx")
+        _with_norm(str(tmp_path / "l.onnx"), 16, rng)
+        _assert_refused(tmp_path / "l.onnx", message)
+        return
     _assert_node_refused(tmp_path / "l.onnx", node, inits, x_shape, rows, message, False)
 
 
