@@ -6,7 +6,10 @@ on (runtime/kernel_nodes.py, `below_crossover`). The figures are the
 crossovers `python -m vitsparse.bench.kernel_speed` measured on DeiT-S's linear shapes (every layer,
 batch 1 and 16, rounded up to the next 5 %). Where the CPU has AMX, OpenVINO runs dense INT8 and bf16
 on the tile unit, and the kernels (vpdpbusd, vdpbf16ps, and the transposes that write their output)
-pay only at higher sparsity: docs/results/2026-12-06-amx-crossover.md.
+pay only at higher sparsity: docs/results/2026-12-06-amx-crossover.md. Where the CPU runs 512-bit
+vectors as two 256-bit halves (AMD Zen 4), OpenVINO's dense MatMuls, bound by their multiply-adds, slow
+down more than the kernels, and these pay from lower sparsity:
+docs/results/2026-12-07-zen4-sparse-kernels.md.
 """
 
 from __future__ import annotations
@@ -16,26 +19,34 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-# the vector-instruction flags kernels and engines choose by, as /proc/cpuinfo names them
-KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+# AVX-512 executed as two 256-bit halves; /proc/cpuinfo has no flag for it, so cpu_flags adds this name
+HALF_WIDTH_AVX512 = "half_width_avx512"
+# the vector-instruction flags kernels and engines choose by, as /proc/cpuinfo names them, and the one above
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16",
+                HALF_WIDTH_AVX512)
 
 
 @dataclass(frozen=True)
 class Crossover:
-    """A precision's crossover without AMX, and with the AMX unit OpenVINO's dense kernels use for it."""
+    """A precision's crossover on the vector unit, on a half-width one, and with the AMX unit OpenVINO's
+    dense kernels use for it."""
 
     vector: float
+    half_width: float  # where the CPU has HALF_WIDTH_AVX512 (and no AMX for this precision)
     amx: float | None = None  # None: OpenVINO runs this precision on the vector unit with AMX too
     amx_flag: str | None = None
 
     def on(self, flags: Iterable[str]) -> float:
-        return self.amx if self.amx is not None and self.amx_flag in set(flags) else self.vector
+        flags = set(flags)
+        if self.amx is not None and self.amx_flag in flags:
+            return self.amx
+        return self.half_width if HALF_WIDTH_AVX512 in flags else self.vector
 
 
 CROSSOVERS: dict[str, Crossover] = {
-    "int8": Crossover(vector=0.75, amx=0.85, amx_flag="amx_int8"),
-    "bf16": Crossover(vector=0.75, amx=0.95, amx_flag="amx_bf16"),
-    "f32": Crossover(vector=0.75),
+    "int8": Crossover(vector=0.75, half_width=0.55, amx=0.85, amx_flag="amx_int8"),
+    "bf16": Crossover(vector=0.75, half_width=0.6, amx=0.95, amx_flag="amx_bf16"),
+    "f32": Crossover(vector=0.75, half_width=0.65),
 }
 
 
@@ -46,9 +57,24 @@ def cpu_flags() -> tuple[str, ...]:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return ()
-    lines = text.splitlines()
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    fields = _first_cpu_fields(text)
+    flags = set(fields.get("flags", "").split())
+    if fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "25" and "avx512f" in flags:
+        flags.add(HALF_WIDTH_AVX512)  # family 25 with AVX-512 is Zen 4 (Zen 3, the same family, has none)
     return tuple(flag for flag in KERNEL_FLAGS if flag in flags)
+
+
+def _first_cpu_fields(cpuinfo: str) -> dict[str, str]:
+    """The `name : value` lines of /proc/cpuinfo's first processor."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip(), value.strip())
+    return fields
 
 
 def default_min_sparsity(precision: str, flags: Iterable[str] | None = None) -> float:

@@ -111,8 +111,8 @@ def test_sparse_kernel_example_runs(tmp_path, monkeypatch) -> None:
 
     monkeypatch.chdir(tmp_path)  # the example writes its artifact folder here
     namespace = _after_setup("sparse-kernels-export")
-    expected = {"layers": 24, "min_sparsity": 0.75, "int8_min_sparsity": default_min_sparsity("int8"),
-                "precision": "f32"}
+    expected = {"layers": 24, "min_sparsity": default_min_sparsity("f32"),
+                "int8_min_sparsity": default_min_sparsity("int8"), "precision": "f32"}
     assert namespace["artifact"].meta["sparse_kernels"] == expected
     model = onnx.load(str(tmp_path / "int8-sparse" / "model.onnx"))
     kinds = sorted(n.op_type for n in model.graph.node if n.domain == "com.vitsparse")

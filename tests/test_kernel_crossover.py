@@ -16,11 +16,19 @@ from vitsparse.compiler.sparse_onnx import (
     pack_f32_csr,
     pack_int8_blocks,
 )
-from vitsparse.runtime.kernel_crossover import CROSSOVERS, KERNEL_FLAGS, cpu_flags, default_min_sparsity
+from vitsparse.runtime import kernel_crossover
+from vitsparse.runtime.kernel_crossover import (
+    CROSSOVERS,
+    HALF_WIDTH_AVX512,
+    KERNEL_FLAGS,
+    cpu_flags,
+    default_min_sparsity,
+)
 from vitsparse.runtime.kernel_nodes import below_crossover, kernel_layers
 
 ZEN5 = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]
 SAPPHIRE_RAPIDS = ZEN5 + ["amx_tile", "amx_int8", "amx_bf16"]
+ZEN4 = ZEN5 + [HALF_WIDTH_AVX512]
 
 
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
@@ -38,9 +46,42 @@ def test_each_amx_unit_counts_only_for_its_own_precision() -> None:
     assert default_min_sparsity("bf16", int8_only) == default_min_sparsity("bf16", ZEN5)
 
 
+@pytest.mark.parametrize("precision", ["int8", "bf16", "f32"])
+def test_half_width_avx512_lowers_every_threshold(precision) -> None:
+    assert default_min_sparsity(precision, ZEN4) < default_min_sparsity(precision, ZEN5)
+
+
+def _cpuinfo(vendor: str, family: int, flags: str) -> str:
+    one = f"processor\t: {{}}\nvendor_id\t: {vendor}\ncpu family\t: {family}\nflags\t\t: {flags}\n\n"
+    return one.format(0) + one.format(1)
+
+
+@pytest.mark.parametrize(("vendor", "family", "flags", "half_width"), [
+    ("AuthenticAMD", 25, "fpu avx2 avx512f avx512_vnni avx512_bf16", True),  # Zen 4
+    ("AuthenticAMD", 25, "fpu avx2", False),  # Zen 3: the same family, no AVX-512
+    ("AuthenticAMD", 26, "fpu avx2 avx512f avx512_vnni avx512_bf16", False),  # Zen 5
+    ("GenuineIntel", 6, "fpu avx2 avx512f avx512_vnni amx_tile amx_int8", False),
+])
+def test_cpu_flags_name_half_width_avx512_for_zen4_only(tmp_path, monkeypatch, vendor, family, flags,
+                                                        half_width) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(_cpuinfo(vendor, family, flags))
+    real_path = kernel_crossover.Path
+    monkeypatch.setattr(kernel_crossover, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    kernel_crossover.cpu_flags.cache_clear()
+    try:
+        found = kernel_crossover.cpu_flags()
+    finally:
+        kernel_crossover.cpu_flags.cache_clear()
+    assert (HALF_WIDTH_AVX512 in found) == half_width
+    named = set(flags.split()) & set(KERNEL_FLAGS)
+    assert set(found) == named | ({HALF_WIDTH_AVX512} if half_width else set())
+
+
 def test_thresholds_are_shares_and_flags_are_known() -> None:
     for crossover in CROSSOVERS.values():
-        assert 0.0 < crossover.vector <= 1.0 and (crossover.amx is None or 0.0 < crossover.amx <= 1.0)
+        assert 0.0 < crossover.vector <= 1.0 and 0.0 < crossover.half_width <= 1.0
+        assert crossover.amx is None or 0.0 < crossover.amx <= 1.0
         assert crossover.amx_flag is None or crossover.amx_flag in KERNEL_FLAGS
     assert set(cpu_flags()) <= set(KERNEL_FLAGS)
     assert default_min_sparsity("int8") == default_min_sparsity("int8", cpu_flags())
