@@ -22,7 +22,8 @@ namespace vitsparse {
 enum class Isa { scalar = 0, avx2 = 1, avxvnni = 2, avx512 = 3 };
 
 // The best instruction set this CPU runs, lowered by VITSPARSE_KERNEL_ISA=scalar|avx2|avxvnni|avx512 if set
-// (an ISA the CPU lacks is never used; an unknown value throws std::invalid_argument).
+// (a path the CPU lacks is never used: the next one down runs; an unknown value throws
+// std::invalid_argument).
 Isa selected_isa();
 Isa best_cpu_isa();
 const char* isa_name(Isa isa);

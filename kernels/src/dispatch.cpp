@@ -30,18 +30,38 @@ const char* isa_name(Isa isa) {
     }
 }
 
+namespace {
+
+// Whether this CPU (and this build) runs `isa`'s path. The paths are ordered by speed, not by what a
+// CPU has: AMD Zen 4 has AVX-512 VNNI but not AVX-VNNI, its 256-bit form.
+bool cpu_runs(Isa isa) {
+    __builtin_cpu_init();
+    switch (isa) {
+        case Isa::avx512: return best_cpu_isa() == Isa::avx512;
+#ifdef VITSPARSE_HAVE_AVXVNNI
+        case Isa::avxvnni: return cpu_runs(Isa::avx2) && __builtin_cpu_supports("avxvnni");
+#else
+        case Isa::avxvnni: return false;
+#endif
+        case Isa::avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        default: return true;
+    }
+}
+
+}  // namespace
+
 Isa selected_isa() {
-    Isa best = best_cpu_isa();
     const char* forced = std::getenv("VITSPARSE_KERNEL_ISA");
-    if (forced == nullptr || *forced == '\0') return best;
+    if (forced == nullptr || *forced == '\0') return best_cpu_isa();
     std::string name(forced);
-    Isa wanted;
-    if (name == "scalar") wanted = Isa::scalar;
-    else if (name == "avx2") wanted = Isa::avx2;
-    else if (name == "avxvnni") wanted = Isa::avxvnni;
-    else if (name == "avx512") wanted = Isa::avx512;
+    Isa isa;
+    if (name == "scalar") isa = Isa::scalar;
+    else if (name == "avx2") isa = Isa::avx2;
+    else if (name == "avxvnni") isa = Isa::avxvnni;
+    else if (name == "avx512") isa = Isa::avx512;
     else throw std::invalid_argument("VITSPARSE_KERNEL_ISA must be scalar, avx2, avxvnni or avx512, not '" + name + "'");
-    return static_cast<int>(wanted) < static_cast<int>(best) ? wanted : best;
+    while (!cpu_runs(isa)) isa = static_cast<Isa>(static_cast<int>(isa) - 1);  // scalar always runs
+    return isa;
 }
 
 ParallelFor serial_for() {
