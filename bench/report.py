@@ -382,6 +382,14 @@ def _kernel_threshold_note(thresholds: dict[str, float] | None) -> str:
             f"without one, the export keeps every layer dense and the model would run as on openvino.")
 
 
+def _cpu_note(meta: dict[str, Any]) -> str:
+    """"; AMD EPYC, flags avx2 avx512f ...": the CPU and the flags the kernels and engines choose by, so
+    that a report says which CPU its speeds belong to (the VM's CPU changes between runs)."""
+    model, flags = meta.get("cpu_model"), meta.get("cpu_flags")
+    parts = ([model] if model else []) + ([f"flags {' '.join(flags)}"] if flags else [])
+    return "".join(f"; {part}" for part in parts)
+
+
 def markdown_report(meta: dict[str, Any], rows: list[Row]) -> str:
     """The lead table, then each method's section (one per spec, in registry order), then what every row
     measured and what the run left out."""
@@ -389,7 +397,8 @@ def markdown_report(meta: dict[str, Any], rows: list[Row]) -> str:
 
     sections = [
         f"# prune-and-bench, profile `{meta['profile']}`",
-        f"Run {meta['date']} on {meta['machine']} ({meta['cpu_cores']} cores), {meta['wall_s']:.0f} s, "
+        f"Run {meta['date']} on {meta['machine']} ({meta['cpu_cores']} cores{_cpu_note(meta)}), "
+        f"{meta['wall_s']:.0f} s, "
         f"peak memory {meta['peak_rss_mb'] / 1024:.1f} GiB. Speed model: {meta['speed_model']}, weights "
         f"{meta['speed_weights']}. All speeds come from this one run, engines timed in alternating blocks."
         + "".join(f" No {name} columns: {why}." for name, why in meta.get("engines_left_out", {}).items())

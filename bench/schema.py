@@ -1,6 +1,6 @@
 """results.json: the versioned record of one prune-and-bench run (documented in docs/results-schema.md).
 
-{"schema": 11, "meta": {...}, "rows": [{"model", "method", "entry", "settings", "top1", "top1_oneshot",
+{"schema": 12, "meta": {...}, "rows": [{"model", "method", "entry", "settings", "top1", "top1_oneshot",
  "top1_sparse_trained", "top1_seeds", "macs", "attention_macs", "params", "nonzero_params",
  "prune_seconds", "calibration_samples", "verification", "stages", "artifact", "speed": [{"engine",
  "batch", "items_per_sec", "latency_ms": {"mean", "p50", "p90", "p99"}, "speedup_vs_dense_torch",
@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 
 
 @dataclass

@@ -26,6 +26,7 @@ from vitsparse.models.pretrained import cached_weights_path
 from vitsparse.pruners import make_calibration
 from vitsparse.runtime import ENGINES as RUNTIME_ENGINES
 from vitsparse.runtime import RuntimeInputError, check_engine_spec, engine_status, engine_versions
+from vitsparse.runtime.kernel_crossover import cpu_flags, cpu_model
 
 from .accuracy import MODEL as DIGITS
 from .accuracy import dense_digits_row
@@ -288,6 +289,8 @@ def _meta(opts: BenchOptions, plan: TimingPlan, entries: list[Entry], progress: 
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
         "cpu_cores": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "cpu_flags": list(cpu_flags()),
         "num_cores": plan.num_cores,
         "entries": [{"entry": e.label, "digits": e.digits, "speed": e.speed} for e in entries],
         "left_out": left_out(entries),

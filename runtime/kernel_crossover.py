@@ -53,21 +53,26 @@ CROSSOVERS: dict[str, Crossover] = {
 @cache
 def cpu_flags() -> tuple[str, ...]:
     """This CPU's KERNEL_FLAGS, from /proc/cpuinfo (empty where there is none); read once per process."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ()
-    fields = _first_cpu_fields(text)
+    fields = _cpuinfo_fields()
     flags = set(fields.get("flags", "").split())
     if fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "25" and "avx512f" in flags:
         flags.add(HALF_WIDTH_AVX512)  # family 25 with AVX-512 is Zen 4 (Zen 3, the same family, has none)
     return tuple(flag for flag in KERNEL_FLAGS if flag in flags)
 
 
-def _first_cpu_fields(cpuinfo: str) -> dict[str, str]:
-    """The `name : value` lines of /proc/cpuinfo's first processor."""
+def cpu_model() -> str:
+    """This CPU's model name as /proc/cpuinfo gives it ("AMD EPYC"), or "" where there is none."""
+    return _cpuinfo_fields().get("model name", "")
+
+
+def _cpuinfo_fields() -> dict[str, str]:
+    """The `name : value` lines of /proc/cpuinfo's first processor (empty where there is no such file)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
     fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
+    for line in text.splitlines():
         if not line.strip():
             if fields:
                 break

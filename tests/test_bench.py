@@ -27,6 +27,7 @@ from vitsparse.bench.speed import MODELS_PER_GROUP, engine_name, kernel_threshol
 from vitsparse.bench.workflow import BenchOptions, available_engines, run_prune_and_bench
 from vitsparse.compiler.export import ARTIFACT_FILES
 from vitsparse.models import digits_loaders
+from vitsparse.runtime.kernel_crossover import cpu_flags, cpu_model
 
 STAGES = ["vtp", "head-channels", "token-drop", "masks"]
 
@@ -81,7 +82,8 @@ def timed(rows: list[dict], method: str, **settings) -> dict:
 def test_results_follow_the_schema(run_dir: Path) -> None:
     doc = json.loads((run_dir / "results.json").read_text())
     meta = doc["meta"]
-    assert doc["schema"] == 11 and meta["profile"] == "default" and meta["speed_weights"] == "random (seed 0)"
+    assert doc["schema"] == 12 and meta["profile"] == "default" and meta["speed_weights"] == "random (seed 0)"
+    assert meta["cpu_flags"] == list(cpu_flags()) and meta["cpu_model"] == cpu_model()
     assert 0 < meta["wall_s"] and 100 < meta["peak_rss_mb"] < 64 * 1024
     assert "vtp=0.2+int8" in meta["left_out"] and "vtp=0.4+int8" not in meta["left_out"]
     kernels = "openvino-sparse" in map(engine_name, meta["engines"])
@@ -383,6 +385,17 @@ def test_the_report_says_which_models_openvino_sparse_times() -> None:
     report = markdown_report({**meta, "sparse_kernel_thresholds": {"int8": 0.85, "f32": 0.75}}, rows)
     assert ("openvino-sparse times a model only where a layer reaches this CPU's sparse-kernel threshold "
             "(85% all-zero 1×4 blocks in INT8, 75% zeros in f32)") in report
+
+
+def test_the_report_names_the_cpu_its_speeds_belong_to() -> None:
+    timed = SpeedEntry("openvino", 1, 10.0, {"p50": 100.0, "p99": 120.0}, 1.0, 1.0)
+    rows = [Row("deit_small_patch16_224", "dense", speed=[timed])]
+    meta = {"profile": "full", "date": "2026-12-07", "machine": "vm x86_64", "cpu_cores": 2, "wall_s": 1.0,
+            "peak_rss_mb": 900.0, "speed_model": "deit_small_patch16_224", "speed_weights": "random (seed 0)"}
+    cpu = {"cpu_model": "AMD EPYC", "cpu_flags": ["avx2", "avx512f", "half_width_avx512"]}
+    report = markdown_report({**meta, **cpu}, rows)
+    assert "on vm x86_64 (2 cores; AMD EPYC; flags avx2 avx512f half_width_avx512), 1 s" in report
+    assert "on vm x86_64 (2 cores), 1 s" in markdown_report({**meta, "cpu_model": "", "cpu_flags": []}, rows)
 
 
 def test_each_combined_seed_calibrates_on_its_own_draw() -> None:
