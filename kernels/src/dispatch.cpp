@@ -8,28 +8,6 @@
 
 namespace vitsparse {
 
-Isa best_cpu_isa() {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni")) {
-        return Isa::avx512;
-    }
-    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return Isa::scalar;
-#ifdef VITSPARSE_HAVE_AVXVNNI
-    if (__builtin_cpu_supports("avxvnni")) return Isa::avxvnni;
-#endif
-    return Isa::avx2;
-}
-
-const char* isa_name(Isa isa) {
-    switch (isa) {
-        case Isa::avx512: return "avx512";
-        case Isa::avxvnni: return "avxvnni";
-        case Isa::avx2: return "avx2";
-        default: return "scalar";
-    }
-}
-
 namespace {
 
 // Whether this CPU (and this build) runs `isa`'s path. The paths are ordered by speed, not by what a
@@ -37,7 +15,9 @@ namespace {
 bool cpu_runs(Isa isa) {
     __builtin_cpu_init();
     switch (isa) {
-        case Isa::avx512: return best_cpu_isa() == Isa::avx512;
+        case Isa::avx512:
+            return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 #ifdef VITSPARSE_HAVE_AVXVNNI
         case Isa::avxvnni: return cpu_runs(Isa::avx2) && __builtin_cpu_supports("avxvnni");
 #else
@@ -48,7 +28,24 @@ bool cpu_runs(Isa isa) {
     }
 }
 
+// `isa`, or the fastest path below it that this CPU runs (scalar always runs).
+Isa runnable_from(Isa isa) {
+    while (!cpu_runs(isa)) isa = static_cast<Isa>(static_cast<int>(isa) - 1);
+    return isa;
+}
+
 }  // namespace
+
+Isa best_cpu_isa() { return runnable_from(Isa::avx512); }
+
+const char* isa_name(Isa isa) {
+    switch (isa) {
+        case Isa::avx512: return "avx512";
+        case Isa::avxvnni: return "avxvnni";
+        case Isa::avx2: return "avx2";
+        default: return "scalar";
+    }
+}
 
 Isa selected_isa() {
     const char* forced = std::getenv("VITSPARSE_KERNEL_ISA");
@@ -60,8 +57,7 @@ Isa selected_isa() {
     else if (name == "avxvnni") isa = Isa::avxvnni;
     else if (name == "avx512") isa = Isa::avx512;
     else throw std::invalid_argument("VITSPARSE_KERNEL_ISA must be scalar, avx2, avxvnni or avx512, not '" + name + "'");
-    while (!cpu_runs(isa)) isa = static_cast<Isa>(static_cast<int>(isa) - 1);  // scalar always runs
-    return isa;
+    return runnable_from(isa);
 }
 
 ParallelFor serial_for() {
