@@ -52,7 +52,7 @@ CROSSOVERS: dict[str, Crossover] = {
 
 @cache
 def cpu_flags() -> tuple[str, ...]:
-    """This CPU's KERNEL_FLAGS, from /proc/cpuinfo (empty where there is none); read once per process."""
+    """This CPU's KERNEL_FLAGS, from /proc/cpuinfo (empty where there is none)."""
     fields = _cpuinfo_fields()
     flags = set(fields.get("flags", "").split())
     if fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "25" and "avx512f" in flags:
@@ -65,8 +65,10 @@ def cpu_model() -> str:
     return _cpuinfo_fields().get("model name", "")
 
 
+@cache
 def _cpuinfo_fields() -> dict[str, str]:
-    """The `name : value` lines of /proc/cpuinfo's first processor (empty where there is no such file)."""
+    """The `name : value` lines of /proc/cpuinfo's first processor (empty where there is no such file);
+    read once per process, for cpu_flags and cpu_model both."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

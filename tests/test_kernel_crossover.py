@@ -68,11 +68,14 @@ def test_cpu_flags_name_half_width_avx512_for_zen4_only(tmp_path, monkeypatch, v
     cpuinfo.write_text(_cpuinfo(vendor, family, flags))
     real_path = kernel_crossover.Path
     monkeypatch.setattr(kernel_crossover, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
-    kernel_crossover.cpu_flags.cache_clear()
+    caches = (kernel_crossover.cpu_flags, kernel_crossover._cpuinfo_fields)
+    for cached in caches:
+        cached.cache_clear()
     try:
         found = kernel_crossover.cpu_flags()
     finally:
-        kernel_crossover.cpu_flags.cache_clear()
+        for cached in caches:
+            cached.cache_clear()
     assert (HALF_WIDTH_AVX512 in found) == half_width
     named = set(flags.split()) & set(KERNEL_FLAGS)
     assert set(found) == named | ({HALF_WIDTH_AVX512} if half_width else set())
